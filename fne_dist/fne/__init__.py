@@ -1,0 +1,72 @@
+"""The FNE algorithm as pure tensor functions: no ranks, devices or collectives.
+
+A researcher can use the sampler in their own loop::
+
+    from fne_dist.fne import (Anchors, Candidates, FneConfig, SimilarityStats,
+                              mutual_top1_stats, retrieval_loss, step_uniforms)
+
+    stats = SimilarityStats()
+    stats.add(mutual_top1_stats(img_BD @ txt_BD.T, ids_B))     # all-reduce first if distributed
+    g = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+    out = retrieval_loss(Anchors(img_BD, txt_BD, ids_B, torch.arange(B)),
+                         Candidates.concat(batch_cands, memory_cands), cfg, g,
+                         step_uniforms(seed, step, B, cfg.negatives))
+    out.loss.backward()
+
+See fne-algorithm.md (shared with the project) for the maths each function implements.
+"""
+
+from .loss import (
+    Anchors,
+    Candidates,
+    LossOutput,
+    RetrievalLoss,
+    gaussian_diagnostics,
+    negative_mask,
+    retrieval_loss,
+)
+from .params import LOSSES, FneConfig
+from .posterior import fn_log_odds, fn_posterior, gaussian_log_density
+from .sampling import Draw, draw_negatives, hardest_violator, inverse_cdf_draw, step_uniforms
+from .stats import (
+    Gaussians,
+    SimilarityStats,
+    empty_stats,
+    gaussians_from_stats,
+    merge_stats,
+    mutual_top1_stats,
+    stats_of,
+)
+from .weights import Weights, fn_weight, hard_cut_mask, kernel_weight, sampling_weights
+
+__all__ = [
+    "LOSSES",
+    "Anchors",
+    "Candidates",
+    "Draw",
+    "FneConfig",
+    "Gaussians",
+    "LossOutput",
+    "RetrievalLoss",
+    "SimilarityStats",
+    "Weights",
+    "draw_negatives",
+    "empty_stats",
+    "fn_log_odds",
+    "fn_posterior",
+    "fn_weight",
+    "gaussian_diagnostics",
+    "gaussian_log_density",
+    "gaussians_from_stats",
+    "hard_cut_mask",
+    "hardest_violator",
+    "inverse_cdf_draw",
+    "kernel_weight",
+    "merge_stats",
+    "mutual_top1_stats",
+    "negative_mask",
+    "retrieval_loss",
+    "sampling_weights",
+    "stats_of",
+    "step_uniforms",
+]

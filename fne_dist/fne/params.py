@@ -1,0 +1,83 @@
+"""Hyper-parameters of the FNE loss and its baselines (defaults = the paper's reference values).
+
+Kept here, next to the math, so a researcher can import the sampler without the rest of the
+project. ``fne_dist.config`` embeds this dataclass as the ``fne`` section and reads the
+``metadata`` of each field (``ge``/``gt``/``le``/``lt``/``choices``) to validate YAML input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+LOSSES = ("fne", "window", "vse_pp", "vse0", "infonce")
+
+
+def setting(default: Any, doc: str, **limits: Any) -> Any:
+    """A dataclass field whose metadata carries its documentation and valid range."""
+    return field(default=default, metadata={"doc": doc, **limits})
+
+
+@dataclass
+class FneConfig:
+    """Loss selection and every constant of fne-algorithm.md §2-4 (one line of YAML each)."""
+
+    loss: str = setting("fne", "training loss after warm-up", choices=LOSSES)
+    margin: float = setting(0.2, "triplet margin m", ge=0.0)
+    prior: float = setting(1e-4, "prior π that a non-paired candidate is a match", gt=0.0, lt=1.0)
+    eps: float = setting(
+        1e-3, "ε: FN weight is used where P_fn > ε (cut-down strategy)", ge=0.0, lt=1.0
+    )
+    tau_kernel: float = setting(0.5, "τ of the kernel weight exp(-τ (s - s⁺)²)", ge=0.0)
+    tau_fn: float = setting(0.5, "τ of the FN weight exp(-τ P_fn)", ge=0.0)
+    hard_cut: bool = setting(True, "zero weight where s <= μ⁺ - hard_cut_margin")
+    hard_cut_margin: float | None = setting(None, "margin of the hard cut (null = margin)", ge=0.0)
+    gate_size: int = setting(200, "the Bayes part is used once n⁺ > gate_size this epoch", ge=0)
+    variance: str = setting(
+        "separate", "σ⁺ and σ⁻ separate (paper) or pooled", choices=("separate", "pooled")
+    )
+    var_floor: float = setting(1e-8, "floor of the variance estimates", gt=0.0)
+    negatives: int = setting(
+        1, "negatives per anchor and direction (k > 1: mean of k hinges)", ge=1
+    )
+    stats_reset: str = setting(
+        "epoch", "reset the statistics every epoch or never", choices=("epoch", "never")
+    )
+    no_pos_mu: str = setting(
+        "skip",
+        "before this epoch's first positive: skip the hard cut or carry last μ⁺",
+        choices=("skip", "carry"),
+    )
+    stats_scope: str = setting(
+        "local",
+        "mutual-top-1 rule per rank (B×B, reference meaning) or over the gathered G×G",
+        choices=("local", "global"),
+    )
+    mask_groups: bool = setting(False, "oracle: mask candidates sharing the anchor's group label")
+    vse_pp_memory: bool = setting(True, "vse_pp takes its hardest negative over [batch ; memory]")
+    temperature: float = setting(0.07, "infonce: initial temperature (learnable)", gt=0.0)
+    temperature_min: float = setting(0.001, "infonce: temperature clamp, lower end", gt=0.0)
+    temperature_max: float = setting(0.5, "infonce: temperature clamp, upper end", gt=0.0)
+    block_rows: int = setting(
+        256, "anchors per similarity matmul of the sampler (bounds B×N memory)", ge=1
+    )
+    compile: bool = setting(False, "fuse the sampler's element-wise pipeline with torch.compile")
+    chunk_rows: int = setting(
+        8, "anchors per element-wise chunk of the sampler (cache-sized)", ge=1
+    )
+
+    @property
+    def cut_margin(self) -> float:
+        return self.margin if self.hard_cut_margin is None else self.hard_cut_margin
+
+    def check(self) -> None:
+        """Cross-field rules that a per-field range cannot express."""
+        if self.temperature_min > self.temperature_max:
+            raise ValueError(
+                f"fne.temperature_min ({self.temperature_min}) > fne.temperature_max "
+                f"({self.temperature_max})"
+            )
+        if not self.temperature_min <= self.temperature <= self.temperature_max:
+            raise ValueError(
+                f"fne.temperature={self.temperature} outside [temperature_min, temperature_max]"
+            )

@@ -1,0 +1,186 @@
+"""Mergeable sufficient statistics of positive / negative similarities (fne-algorithm.md §3).
+
+Legend: B anchors of one batch (or G for the gathered global batch).
+
+The running Gaussians N(μ⁺, σ⁺²) and N(μ⁻, σ⁻²) are kept as six float64 sums
+``(n⁺, Σs⁺, Σs⁺², n⁻, Σs⁻, Σs⁻²)``: adding two of them is exactly the statistics of the union, so
+ranks can all-reduce them (SUM) and every rank derives the same Gaussians and gate. The reference
+code uses an approximate online variance; the sums are exact (up to float64 rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+STATS_FIELDS = ("n_pos", "sum_pos", "sumsq_pos", "n_neg", "sum_neg", "sumsq_neg")
+
+
+def empty_stats(device: torch.device | str | None = None) -> Tensor:
+    """Statistics of no samples: a float64 vector of 6 zeros."""
+    return torch.zeros(len(STATS_FIELDS), dtype=torch.float64, device=device)
+
+
+def stats_of(pos: Tensor, neg: Tensor) -> Tensor:
+    """Statistics of explicit positive and negative samples (1-D tensors of any length)."""
+    pos, neg = pos.detach().to(torch.float64), neg.detach().to(torch.float64)
+    n_pos = torch.tensor(float(pos.numel()), dtype=torch.float64, device=pos.device)
+    n_neg = torch.tensor(float(neg.numel()), dtype=torch.float64, device=pos.device)
+    return torch.stack([n_pos, pos.sum(), pos.square().sum(), n_neg, neg.sum(), neg.square().sum()])
+
+
+def merge_stats(a: Tensor, b: Tensor) -> Tensor:
+    """Statistics of the union of two sample sets (what an all-reduce SUM computes)."""
+    return a + b
+
+
+def mutual_top1_stats(sim_BB: Tensor, ids_B: Tensor | None = None) -> Tensor:
+    """Statistics contributed by one in-batch online-vs-online matrix A = V·Tᵀ.
+
+    Only pairs that are each other's top-1 in both directions contribute: one positive sample
+    A_ii and two negatives, the hardest other caption of image i (max_j A_ij) and the hardest
+    other image of caption i (max_j A_ji). Items sharing the anchor's id (other captions of the
+    same image) are neither negatives nor competitors for top-1; ties go to the diagonal. A pair
+    with no valid negative in the batch (B = 1, or all one id) contributes nothing.
+
+    sim_BB: rows = images, columns = captions of the same batch; ids_B: image id per row.
+    Returns a float64 vector of 6 sums, on sim_BB's device, without any host sync.
+    """
+    assert sim_BB.ndim == 2 and sim_BB.shape[0] == sim_BB.shape[1], sim_BB.shape
+    a_BB = sim_BB.detach().to(torch.float64)
+    B = a_BB.shape[0]
+    eye_BB = torch.eye(B, dtype=torch.bool, device=a_BB.device)
+    same_BB = eye_BB if ids_B is None else (ids_B[:, None] == ids_B[None, :]) | eye_BB
+    neg_BB = a_BB.masked_fill(same_BB, -math.inf)
+    hard_row_B = neg_BB.amax(dim=1)  # hardest other caption of image i
+    hard_col_B = neg_BB.amax(dim=0)  # hardest other image of caption i
+    diag_B = a_BB.diagonal()
+    # ">=" is the tie rule: the diagonal wins a tie, so a duplicate does not hide a good pair.
+    sel_B = (diag_B >= hard_row_B) & (diag_B >= hard_col_B) & torch.isfinite(hard_row_B)
+    sel_B &= torch.isfinite(hard_col_B)
+    w_B = sel_B.to(torch.float64)
+    # where(), not multiplication: -inf * 0 would be NaN for rows without negatives.
+    hr_B = torch.where(sel_B, hard_row_B, 0.0)
+    hc_B = torch.where(sel_B, hard_col_B, 0.0)
+    n = w_B.sum()
+    return torch.stack(
+        [
+            n,
+            (diag_B * w_B).sum(),
+            (diag_B.square() * w_B).sum(),
+            2.0 * n,
+            hr_B.sum() + hc_B.sum(),
+            hr_B.square().sum() + hc_B.square().sum(),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class Gaussians:
+    """The two fitted similarity distributions and the gate, as 0-dim tensors (no host sync).
+
+    ``has_mu_pos`` is false until a positive sample exists (this epoch, or carried over):
+    the hard cut is skipped then. ``gate_open`` is n⁺ > gate_size: the Bayes part is used.
+    With ``variance == "pooled"``, var_pos and var_neg hold the same pooled variance.
+    """
+
+    mu_pos: Tensor
+    var_pos: Tensor
+    mu_neg: Tensor
+    var_neg: Tensor
+    n_pos: Tensor
+    has_mu_pos: Tensor
+    gate_open: Tensor
+    variance: str = "separate"
+
+
+def _mean_var(n: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unfloored ddof=1 variance from sums (the variance is 0 for n <= 1)."""
+    mean = s / n.clamp_min(1.0)
+    var = (ss - n * mean.square()).clamp_min(0.0) / (n - 1.0).clamp_min(1.0)
+    return mean, var
+
+
+def gaussians_from_stats(
+    stats: Tensor,
+    gate_size: int = 200,
+    var_floor: float = 1e-8,
+    variance: str = "separate",
+    carried_mu_pos: Tensor | None = None,
+) -> Gaussians:
+    """Derive μ±, σ±² (ddof = 1, floored), the gate and "is there a μ⁺" from 6 sums."""
+    if variance not in ("separate", "pooled"):
+        raise ValueError(f"variance must be 'separate' or 'pooled', got {variance!r}")
+    n_pos, n_neg = stats[0], stats[3]
+    mu_pos, var_pos = _mean_var(n_pos, stats[1], stats[2])
+    mu_neg, var_neg = _mean_var(n_neg, stats[4], stats[5])
+    if variance == "pooled":
+        dof_pos, dof_neg = (n_pos - 1.0).clamp_min(0.0), (n_neg - 1.0).clamp_min(0.0)
+        pooled = (dof_pos * var_pos + dof_neg * var_neg) / (dof_pos + dof_neg).clamp_min(1.0)
+        var_pos = var_neg = pooled
+    has_pos = n_pos > 0
+    if carried_mu_pos is not None:
+        mu_pos = torch.where(has_pos, mu_pos, carried_mu_pos.to(mu_pos))
+        has_pos = has_pos | torch.isfinite(carried_mu_pos)
+    return Gaussians(
+        mu_pos=mu_pos,
+        var_pos=var_pos.clamp_min(var_floor),
+        mu_neg=mu_neg,
+        var_neg=var_neg.clamp_min(var_floor),
+        n_pos=n_pos,
+        has_mu_pos=has_pos,
+        gate_open=n_pos > gate_size,
+        variance=variance,
+    )
+
+
+class SimilarityStats:
+    """Running statistics since the start of the epoch, with the reset and "no μ⁺ yet" policies.
+
+    Holds no rank knowledge: the training loop all-reduces a batch's statistics before ``add``.
+    reset: "epoch" (reference: fresh estimates each (virtual) epoch) or "never".
+    no_pos_mu: "skip" (no hard cut until this epoch has a positive) or "carry" (use the last
+    epoch's μ⁺ meanwhile).
+    """
+
+    def __init__(
+        self,
+        reset: str = "epoch",
+        no_pos_mu: str = "skip",
+        device: torch.device | str | None = None,
+    ) -> None:
+        if reset not in ("epoch", "never"):
+            raise ValueError(f"reset must be 'epoch' or 'never', got {reset!r}")
+        if no_pos_mu not in ("skip", "carry"):
+            raise ValueError(f"no_pos_mu must be 'skip' or 'carry', got {no_pos_mu!r}")
+        self.reset_policy = reset
+        self.no_pos_mu = no_pos_mu
+        self.totals = empty_stats(device)
+        self.carried_mu_pos = torch.tensor(math.nan, dtype=torch.float64, device=device)
+
+    def add(self, batch_stats: Tensor) -> None:
+        self.totals = merge_stats(self.totals, batch_stats.to(self.totals))
+
+    def new_epoch(self) -> None:
+        if self.reset_policy == "never":
+            return
+        n = self.totals[0]
+        mu = self.totals[1] / n.clamp_min(1.0)
+        self.carried_mu_pos = torch.where(n > 0, mu, self.carried_mu_pos)
+        self.totals = torch.zeros_like(self.totals)
+
+    def gaussians(
+        self, gate_size: int = 200, var_floor: float = 1e-8, variance: str = "separate"
+    ) -> Gaussians:
+        carried = self.carried_mu_pos if self.no_pos_mu == "carry" else None
+        return gaussians_from_stats(self.totals, gate_size, var_floor, variance, carried)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"totals": self.totals.clone(), "carried_mu_pos": self.carried_mu_pos.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.totals = state["totals"].to(self.totals)
+        self.carried_mu_pos = state["carried_mu_pos"].to(self.carried_mu_pos)

@@ -1,0 +1,41 @@
+"""Momentum (EMA) copies of the encoders (MoCo / ALBEF; fne-algorithm.md §1 and "Step order").
+
+The momentum parameters are kept in float32 even when the online model trains in bf16: at
+m = 0.995 the increment (1 − m)·(p − p̂) is below bf16 resolution and a bf16 copy would freeze.
+ZeRO-3 partitioned parameters are handled by the engine module (issue 4), which gathers the
+online partitions before calling ``ema_update``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def make_momentum_copy(model: nn.Module) -> nn.Module:
+    """A float32 copy of ``model`` with gradients off, to be updated only by ``ema_update``."""
+    twin = copy.deepcopy(model).float()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update(momentum: nn.Module, online: nn.Module, m: float) -> None:
+    """p̂ ← m·p̂ + (1 − m)·p for every parameter pair (same order, same shapes).
+
+    Buffers (e.g. batch-norm statistics) are copied, not averaged: they are not learned.
+    """
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {m}")
+    targets = list(momentum.parameters())
+    sources = [p.detach().to(torch.float32) for p in online.parameters()]
+    if len(targets) != len(sources):
+        raise ValueError(f"momentum has {len(targets)} parameters, online has {len(sources)}")
+    if targets:
+        torch._foreach_mul_(targets, m)
+        torch._foreach_add_(targets, sources, alpha=1.0 - m)
+    for b_m, b_o in zip(momentum.buffers(), online.buffers(), strict=True):
+        b_m.copy_(b_o)
