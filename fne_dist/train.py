@@ -1,7 +1,8 @@
 """``python -m fne_dist.train [--config FILE] [key=value ...]``: the main job.
 
-Placeholder until the end-to-end issue lands: it validates the configuration and writes the
-resolved config into a new run directory, and trains nothing (see README, Quickstart).
+Without ``--config`` it runs ``configs/default.yaml`` (the run tuned for the embedded emoji data;
+its deviations from the paper's values are commented there), or the library defaults when the
+package is installed without the repository's configs.
 """
 
 from __future__ import annotations
@@ -10,28 +11,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config, save_config
+from .config import ConfigError, load_config
+from .data.pairs import DataError
+from .encoders import EncoderUnavailable
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fne_dist.train", description=__doc__)
-    parser.add_argument("--config", help="YAML config file (default: library defaults)")
+    parser.add_argument("--config", help=f"YAML config file (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fne.prior=1e-3")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        cfg = load_config(path, args.overrides)
+        from .loop import train
+
+        train(cfg)
+    except (ConfigError, DataError, EncoderUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    print(f"resolved config written to {run_dir / 'config.yaml'}")
-    print("placeholder: the training loop arrives with the end-to-end issue; nothing was trained")
     return 0
 
 

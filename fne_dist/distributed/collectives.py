@@ -1,0 +1,49 @@
+"""The project's only collectives (fne-algorithm.md §5): identities at world size 1.
+
+Legend: B local batch, G = W·B gathered batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@torch.no_grad()
+def all_gather_no_grad(x_B: Tensor) -> Tensor:
+    """Concatenate every rank's ``x_B`` in rank order (G rows); no gradient flows back.
+
+    All ranks must pass the same shape (the data path equalises batches per rank).
+    """
+    if not _active():
+        return x_B
+    parts = [torch.empty_like(x_B) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x_B.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Elementwise sum over ranks (a new tensor; ``x`` is left untouched)."""
+    if not _active():
+        return x
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()

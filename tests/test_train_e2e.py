@@ -1,0 +1,118 @@
+"""The main job end to end, and the user errors it must report before training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fne_dist.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(var, None)  # a plain single-process run, whatever launched pytest
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.system
+@pytest.mark.timeout(600)
+def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
+    """Invariant: `python -m fne_dist.train` trains through DeepSpeed (warm-up then FNE with the
+    memory), evaluates on val and test, prints the summary, and leaves a run directory whose
+    weights `python -m fne_dist.evaluate` turns into the same test metrics."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fne_dist.train",
+            "--config",
+            str(TINY),
+            f"run.output_dir={tmp_path}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "tiny"
+    assert {"config.yaml", "metrics.json", "model.safetensors", "train_log.jsonl"} <= {
+        p.name for p in run.iterdir()
+    }
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] > 3  # past the warm-up: the configured loss ran
+    assert any(h.get("warmup") == 0.0 and "frac_pfn_gt_eps" in h for h in metrics["history"])
+    assert any("val" in h for h in metrics["history"])  # periodic evaluation happened
+    test = metrics["test"]
+    assert 0 <= test["rsum"] <= 600 and test["group_rsum"] >= test["rsum"] - 1e-9
+    assert "rsum" in out.stdout and "gate" in out.stdout and "wall time" in out.stdout
+    assert load_file(str(run / "model.safetensors"))
+
+    again = subprocess.run(
+        [sys.executable, "-m", "fne_dist.evaluate", str(run)],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    recomputed = json.loads(again.stdout)
+    for key in ("rsum", "group_rsum", "i2t_r1", "t2i_r10"):
+        assert recomputed[key] == pytest.approx(test[key], abs=1e-6), key
+
+
+def _fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *needles: str) -> None:
+    assert main(["--config", str(TINY), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err  # one line
+    for needle in needles:
+        assert needle in err
+
+
+def test_missing_shard_path_fails_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    """Invariant: a shard pattern matching nothing fails with one line naming the config key."""
+    _fails_with(capsys, ["data.val=/nonexistent/val-*.tar"], "data.val", "/nonexistent/val-*.tar")
+
+
+def test_empty_shard_fails_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Invariant: a shard without samples is named in a one-line error."""
+    empty = tmp_path / "empty-000000.tar"
+    with tarfile.open(empty, "w"):
+        pass
+    _fails_with(
+        capsys,
+        [f"data.train={empty}", f"run.output_dir={tmp_path}"],
+        "data.train",
+        "contains no samples",
+    )
+
+
+def test_unknown_encoder_fails_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    """Invariant: an encoder that is not installed offline is refused by name."""
+    _fails_with(
+        capsys,
+        ["model.text.name_or_path=bert-base-uncased"],
+        "not available offline: bert-base-uncased",
+    )
+
+
+def test_out_of_range_value_fails_before_training(capsys: pytest.CaptureFixture[str]) -> None:
+    """Invariant: an out-of-range value names its key."""
+    _fails_with(capsys, ["memory.momentum=1.5"], "memory.momentum", "<= 1.0")
