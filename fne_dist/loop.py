@@ -88,6 +88,7 @@ def prepare_splits(
             cfg.data.caption_key,
         )
         identity = {
+            "format": 1,  # bump when preprocessing or pooling changes what a feature means
             "shards": [(Path(p).name, Path(p).stat().st_size) for p in shards],
             "caption_key": cfg.data.caption_key,
             "image": [
