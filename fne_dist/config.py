@@ -97,6 +97,24 @@ class EngineConfig:
 
 
 @dataclass
+class DistConfig:
+    launcher: str = setting(
+        "auto",
+        "auto: launcher variables → in place; else workers > 1 → Ray; else local",
+        choices=("auto", "local", "ray"),
+    )
+    workers: int = setting(1, "Ray Train workers (ranks) when the launcher is Ray", ge=1)
+    cpus_per_worker: float = setting(1.0, "CPUs Ray reserves per worker", gt=0.0)
+    use_gpu: bool = setting(False, "Ray: one GPU per worker (NCCL)")
+    ray_address: str | None = setting(
+        None, "Ray cluster to join (null: RAY_ADDRESS, the current Ray job, else a local Ray)"
+    )
+    worker_start_timeout_s: float = setting(
+        60.0, "Ray: wait this long for the worker group", gt=0.0
+    )
+
+
+@dataclass
 class ImageEncoderConfig:
     type: str = setting("hf", "image backbone kind", choices=("efficientnet_lite", "hf"))
     name_or_path: str = setting(
@@ -135,10 +153,21 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def check(self) -> None:
-        """Rules that span fields or sections."""
+        """Rules that span fields or sections (raised as one-line ValueErrors)."""
         self.fne.check()
+        world = self.dist.workers if self.dist.launcher != "local" else 1
+        if 0 < self.memory.size < self.train.batch_size * world:
+            raise ValueError(
+                f"memory.size={self.memory.size} is smaller than the global batch "
+                f"({self.train.batch_size} × {world} workers): one step would overwrite itself"
+            )
+        if self.engine.precision == "fp16" and self.engine.device == "cpu":
+            raise ValueError("engine.precision=fp16 is not supported on the CPU (use bf16 or fp32)")
+        if self.dist.use_gpu and self.engine.device == "cpu":
+            raise ValueError("dist.use_gpu=true contradicts engine.device=cpu")
 
 
 def _describe(tp: Any) -> str:

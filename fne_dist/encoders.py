@@ -452,3 +452,15 @@ def _probe_dim(backbone: ImageBackbone, name: str, image_size: int) -> int:
     finally:
         backbone.train(was_training)
     return int(dim)
+
+
+def check_available(image: ImageEncoderConfig, text: TextEncoderConfig) -> None:
+    """Raise ``EncoderUnavailable`` now if a configured encoder is not on this machine (cheap:
+    no weights are loaded), so a launcher can refuse a run before starting workers."""
+    if image.name_or_path != TINY:
+        if image.type == "efficientnet_lite":
+            _efficientnet_weights(image.name_or_path)
+        else:
+            resolve_offline(image.name_or_path)
+    if text.name_or_path != TINY:
+        resolve_offline(text.name_or_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -58,3 +59,18 @@ def build_engine(model: nn.Module, cfg: Config, total_steps: int):
         dist_init_required=False,
     )
     return engine
+
+
+def gathered_parameters(engine):
+    """Context in which ``engine.module``'s parameters are whole on every rank.
+
+    Under ZeRO-3 each rank holds a shard and ``p.data`` is empty outside forward: gather them
+    (read-only) for the EMA. Stages 0-2 keep full parameters: nothing to do.
+    """
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(
+            list(engine.module.parameters()), modifier_rank=None
+        )
+    return contextlib.nullcontext()

@@ -32,14 +32,21 @@ from .config import Config, save_config
 from .data.pairs import PairTable, load_pairs, resolve_shards
 from .distributed.device import backend_for, select_device
 from .distributed.launch import init_process_group, rank_env
-from .encoders import ImageBackbone, TextBackbone, build_image_backbone, build_text_backbone
-from .fne import Anchors, Candidates, SimilarityStats, mutual_top1_stats, retrieval_loss
-from .fne.sampling import step_uniforms
+from .encoders import (
+    ImageBackbone,
+    TextBackbone,
+    build_image_backbone,
+    build_text_backbone,
+    check_available,
+)
+from .engine import build_engine, gathered_parameters
+from .fne import SimilarityStats
 from .memory import MomentumMemory
 from .model import DualEncoder, cached_features
 from .momentum import ema_update, make_momentum_copy
 from .reporting import ConsoleReporter, FanOut, JsonLinesReporter, Reporter
 from .retrieval_metrics import retrieval_metrics
+from .step import forward_step
 
 SPLITS = ("train", "val", "test")
 
@@ -151,12 +158,23 @@ def _model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, T
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train(cfg: Config, reporter: Reporter | None = None) -> dict:
-    """Train and evaluate as configured; returns the metrics written to metrics.json."""
-    t_start = time.perf_counter()
-    # 1. fail fast on what a user can get wrong: every shard path, every encoder name
+def preflight(cfg: Config) -> None:
+    """Checks that need no process group: every shard pattern matches, every encoder is here.
+    Launchers call it before starting workers."""
     for split in SPLITS:
         resolve_shards(getattr(cfg.data, split), f"data.{split}")
+    check_available(cfg.model.image, cfg.model.text)
+
+
+def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
+    """Train and evaluate as configured; returns the metrics written to metrics.json.
+
+    extra_reporter receives the logged metrics on every rank (e.g. Ray's); rank 0 also reports
+    to the console and to the run's train_log.jsonl.
+    """
+    t_start = time.perf_counter()
+    # 1. fail fast on what a user can get wrong: every shard path, every encoder name
+    preflight(cfg)
     image_backbone = build_image_backbone(cfg.model.image)
     text_backbone = build_text_backbone(cfg.model.text)
 
@@ -167,7 +185,7 @@ def train(cfg: Config, reporter: Reporter | None = None) -> dict:
     seed_everything(cfg.run.seed)
     created_group = init_process_group(env, backend_for(device), cfg.engine.init_timeout_s)
     try:
-        return _train(cfg, reporter, image_backbone, text_backbone, device, t_start)
+        return _train(cfg, extra_reporter, image_backbone, text_backbone, device, t_start)
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -208,16 +226,16 @@ def _train(
         cfg.fne.temperature,
     )
     momentum = make_momentum_copy(model).to(device)
-    engine = build_engine_for(model, cfg, total_steps)
+    engine = build_engine(model, cfg, total_steps)
     memory = MomentumMemory(cfg.memory.size, cfg.model.embed_dim, seed=cfg.run.seed, device=device)
     stats = SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device)
-    if reporter is None:
-        reporter = Reporter()
-        if is_main:
-            reporter = FanOut(
-                ConsoleReporter(total_steps, G * cfg.engine.grad_accum, cfg.train.log_every),
-                JsonLinesReporter(run_dir / "train_log.jsonl"),
-            )
+    reporters = [reporter or Reporter()]
+    if is_main:
+        reporters += [
+            ConsoleReporter(total_steps, G * cfg.engine.grad_accum, cfg.train.log_every),
+            JsonLinesReporter(run_dir / "train_log.jsonl"),
+        ]
+    reporter = FanOut(*reporters)
     reporter.message(
         f"rank {rank}/{world} on {device}: {n_train} train pairs, {total_steps} steps of "
         f"{G} pairs, loss={cfg.fne.loss} after {cfg.train.warmup_steps} warm-up steps, "
@@ -227,6 +245,7 @@ def _train(
     # 4. the loop
     sums: dict[str, Tensor] = {}
     history: list[dict] = []
+    last_logged: dict[str, float] = {}
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     epoch = -1
     order = torch.empty(0, dtype=torch.long)
@@ -239,44 +258,21 @@ def _train(
             order = torch.randperm(n_train, generator=gen)  # the same on every rank
         first = (micro % micro_per_epoch) * G + rank * B
         batch = _model_inputs(train_split.batch(order[first : first + B]), device)
-        ids_B, groups_B = batch["ids"], batch["groups"]
-
-        img_BD, txt_BD = engine(batch)  # 1
-        with torch.no_grad():
-            m_img_BD, m_txt_BD = momentum(batch)  # 2
-        g_img_GD, g_txt_GD = D.all_gather_no_grad(m_img_BD), D.all_gather_no_grad(m_txt_BD)  # 3
-        g_ids_G, g_groups_G = D.all_gather_no_grad(ids_B), D.all_gather_no_grad(groups_B)
-        local = mutual_top1_stats(img_BD.detach() @ txt_BD.detach().T, ids_B)  # 4
-        stats.add(D.all_reduce_sum(local))
-        gauss = stats.gaussians(cfg.fne.gate_size, cfg.fne.var_floor, cfg.fne.variance)
         warm = opt_step < cfg.train.warmup_steps
-        if warm:  # 5: reference epoch 0: in-batch online-vs-online VSE++, per rank
-            out = retrieval_loss(
-                Anchors(img_BD, txt_BD, ids_B, torch.arange(B, device=device), groups_B),
-                Candidates(img_BD, txt_BD, ids_B, B, groups_B),
-                cfg.fne,
-                loss="vse_pp",
-            )
-        else:
-            stale += torch.stack(memory.staleness(ids_B, m_img_BD))
-            out = retrieval_loss(
-                Anchors(img_BD, txt_BD, ids_B, rank * B + torch.arange(B, device=device), groups_B),
-                Candidates.concat(
-                    Candidates(g_img_GD, g_txt_GD, g_ids_G, G, g_groups_G), memory.candidates()
-                ),
-                cfg.fne,
-                gauss,
-                step_uniforms(cfg.run.seed, micro, G, cfg.fne.negatives, rank, B),
-                temperature=engine.module.temperature,
-            )
+        out = forward_step(  # phases 1-5
+            engine, momentum, batch, memory, stats, cfg.fne, cfg.run.seed, micro, warm
+        )
         engine.backward(out.loss)  # 6
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
         boundary = (micro + 1) % cfg.engine.grad_accum == 0
         if boundary:
-            ema_update(momentum, engine.module, cfg.memory.momentum)  # 7
+            with gathered_parameters(engine):  # ZeRO-3: the full online parameters
+                ema_update(momentum, engine.module, cfg.memory.momentum)  # 7
             opt_step += 1
-        if not warm:
-            memory.enqueue(g_img_GD, g_txt_GD, g_ids_G, g_groups_G)  # 8
+        if not warm:  # 8: the reference fills the memory only after the warm-up
+            g = out.gathered
+            memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+        stale += out.staleness
 
         for key, value in {"loss": out.loss.detach(), **out.diagnostics}.items():
             sums[key] = sums.get(key, 0.0) + value.detach().to(torch.float64)
@@ -289,6 +285,7 @@ def _train(
             if float(stale[1]) > 0:
                 metrics["staleness"] = float(stale[0] / stale[1])
             history.append({"step": opt_step, **metrics})
+            last_logged = metrics
             reporter.step(micro, metrics)
             sums = {}
         if boundary and is_main and cfg.train.eval_every and opt_step % cfg.train.eval_every == 0:
@@ -305,7 +302,7 @@ def _train(
         result = {
             "val": evaluate(engine.module, splits["val"]),
             "test": evaluate(engine.module, splits["test"]),
-            "diagnostics": history[-1] if history else {},
+            "diagnostics": last_logged,
             "staleness": float(stale[0] / stale[1]) if float(stale[1]) > 0 else None,
             "steps": opt_step,
             "world_size": world,
@@ -317,6 +314,7 @@ def _train(
         save_file(weights, str(run_dir / "model.safetensors"))
         (run_dir / "metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))
         reporter.message(format_summary(result, run_dir))
+    reporter.finish(result)
     reporter.close()
     return result
 

@@ -86,8 +86,10 @@ class DualEncoder(nn.Module):
             feat_BF = self.text_backbone(batch["input_ids"], batch["attention_mask"])
         return F.normalize(self.text_head(feat_BF.float()), dim=-1)
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        return self.encode_image(batch), self.encode_text(batch)
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(image embeddings B×D, text embeddings B×D, temperature). The temperature leaves
+        through forward so that it is gathered under ZeRO-3 like every other parameter."""
+        return self.encode_image(batch), self.encode_text(batch), self.temperature * 1.0
 
 
 def _fingerprint(parts: dict) -> str:

@@ -19,6 +19,9 @@ class Reporter:
     def message(self, text: str) -> None:
         pass
 
+    def finish(self, result: dict[str, Any]) -> None:
+        """The run's final metrics (called on every rank; empty on ranks other than 0)."""
+
     def close(self) -> None:
         pass
 
@@ -83,6 +86,10 @@ class FanOut(Reporter):
     def message(self, text: str) -> None:
         for r in self.reporters:
             r.message(text)
+
+    def finish(self, result: dict[str, Any]) -> None:
+        for r in self.reporters:
+            r.finish(result)
 
     def close(self) -> None:
         for r in self.reporters:

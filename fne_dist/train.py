@@ -11,8 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .data.pairs import DataError
+from .distributed.launch import rank_env
 from .encoders import EncoderUnavailable
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -25,14 +26,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def choose_launcher(cfg: Config, environ: dict[str, str] | None = None) -> str:
+    """ "inplace" when a launcher set rank variables, else "ray" for several workers, else
+    "local" (``dist.launcher`` forces local or ray)."""
+    if cfg.dist.launcher != "auto":
+        return cfg.dist.launcher
+    if rank_env(environ).source != "none":
+        return "inplace"
+    return "ray" if cfg.dist.workers > 1 else "local"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
         cfg = load_config(path, args.overrides)
-        from .loop import train
+        launcher = choose_launcher(cfg)
+        if launcher == "ray":
+            from .distributed.ray_launcher import run_with_ray
 
-        train(cfg)
+            run_with_ray(cfg)
+        else:  # in place: a plain process, or one rank of torchrun/deepspeed/accelerate/srun
+            from .loop import train
+
+            train(cfg)
     except (ConfigError, DataError, EncoderUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -73,6 +73,10 @@ def resolve_shards(spec: str, key: str) -> list[str]:
     return paths
 
 
+def _every_rank(urls: list[str]) -> list[str]:  # a webdataset nodesplitter
+    return urls
+
+
 def _image_bytes(sample: dict) -> bytes | None:
     for key in IMAGE_KEYS:
         if key in sample:
@@ -97,7 +101,11 @@ def load_pairs(
         n_before = len(captions)
         # handler=reraise: a corrupt shard is reported with its name, not skipped silently here.
         dataset = wds.WebDataset(
-            path, shardshuffle=False, handler=wds.reraise_exception, empty_check=False
+            path,
+            shardshuffle=False,
+            handler=wds.reraise_exception,
+            empty_check=False,
+            nodesplitter=_every_rank,  # each rank holds the whole split; batches are split later
         )
         try:
             for sample in dataset:

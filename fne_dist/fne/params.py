@@ -50,7 +50,8 @@ class FneConfig:
     )
     stats_scope: str = setting(
         "local",
-        "mutual-top-1 rule per rank (B×B, reference meaning) or over the gathered G×G",
+        "mutual-top-1 rule per rank (online B×B, reference meaning) or over the gathered G×G "
+        "momentum matrix",
         choices=("local", "global"),
     )
     mask_groups: bool = setting(False, "oracle: mask candidates sharing the anchor's group label")

@@ -1,0 +1,101 @@
+"""Run the training loop on Ray Train workers (``launcher: ray``).
+
+The driver only validates, connects to Ray and starts a ``TorchTrainer``; each worker rebuilds
+everything from the config dict it receives (never from module globals) and runs the same loop
+as every other launcher. Ray Train sets up torch.distributed (gloo or NCCL) before the loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError, config_from_dict, config_to_dict
+from ..reporting import Reporter
+
+
+class RayReporter(Reporter):
+    """Forwards logged metrics to ``ray.train.report`` (called by every worker, same count)."""
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        ray.train.report({"step": step + 1, **metrics})
+
+    def finish(self, result: dict[str, Any]) -> None:
+        import ray.train
+
+        flat = {
+            f"{split}_{k}": v for split in ("val", "test") for k, v in result.get(split, {}).items()
+        }
+        ray.train.report({"final": 1, **flat, "wall_time_s": result.get("wall_time_s", 0.0)})
+
+
+def _worker(loop_config: dict[str, Any]) -> None:
+    from ..loop import train
+
+    train(config_from_dict(loop_config["config"]), extra_reporter=RayReporter())
+
+
+def _absolute(cfg: Config) -> dict[str, Any]:
+    """The config with paths made absolute, so workers find them from any working directory."""
+    data = config_to_dict(cfg)
+    data["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
+    data["data"]["cache_dir"] = str(Path(cfg.data.cache_dir).resolve())
+    for split in ("train", "val", "test"):
+        spec = data["data"][split]
+        if "://" not in spec and not Path(spec).is_absolute() and Path(spec).parent.exists():
+            data["data"][split] = str(Path(spec).resolve())
+    return data
+
+
+def run_with_ray(cfg: Config) -> dict[str, Any]:
+    """Start ``cfg.dist.workers`` Ray Train workers and wait for them; returns final metrics."""
+    from ..loop import preflight
+
+    preflight(cfg)  # bad paths and missing encoders fail here, before any worker starts
+    # Read by Ray Train's controller: fail fast when the worker group cannot be scheduled.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.worker_start_timeout_s)
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
+    started_here = not ray.is_initialized() and not address
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:  # a local Ray instance for this run, on loopback
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            ray.init(include_dashboard=False, log_to_driver=True)
+    needed = cfg.dist.workers * cfg.dist.cpus_per_worker
+    available = ray.cluster_resources().get("CPU", 0.0)
+    if not address and needed > available:
+        raise ConfigError(
+            f"dist.workers={cfg.dist.workers} × dist.cpus_per_worker={cfg.dist.cpus_per_worker} "
+            f"needs {needed:g} CPUs; the local Ray instance has {available:g}"
+        )
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"config": _absolute(cfg)},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.dist.workers,
+            use_gpu=cfg.dist.use_gpu,
+            resources_per_worker={"CPU": cfg.dist.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(
+            backend="nccl" if cfg.dist.use_gpu else "gloo",
+            timeout_s=int(cfg.engine.init_timeout_s),
+        ),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str((Path(cfg.run.output_dir) / "ray").resolve()),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()  # a local instance we started must not outlive the run
+    return dict(result.metrics or {})

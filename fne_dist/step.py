@@ -1,0 +1,92 @@
+"""Phases 1-5 of one training step (fne-algorithm.md "Step order"), shared by the loop and the
+multi-rank tests.
+
+Legend: B local batch, G = W·B global batch, K memory, D embedding dim.
+
+Only the two calls into ``distributed`` communicate (all_gather, all_reduce); at world size 1
+both are identities. The caller does backward/optimizer step, the EMA and ``memory.enqueue``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as D
+from .fne import (
+    Anchors,
+    Candidates,
+    FneConfig,
+    SimilarityStats,
+    mutual_top1_stats,
+    retrieval_loss,
+)
+from .fne.sampling import step_uniforms
+from .memory import MomentumMemory
+
+Encoder = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor, Tensor]]
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    diagnostics: dict[str, Tensor]
+    gathered: Candidates  # the momentum block of the global batch, to enqueue after the step
+    staleness: Tensor  # (sum of cosines, count) of this rank's anchors found in the memory
+
+
+def forward_step(
+    online: Encoder,
+    momentum: nn.Module,
+    batch: dict[str, Tensor],
+    memory: MomentumMemory,
+    stats: SimilarityStats,
+    cfg: FneConfig,
+    seed: int,
+    step: int,
+    warmup: bool,
+) -> StepOutput:
+    """The loss of one micro-batch; ``batch`` holds this rank's B pairs (model inputs + ids)."""
+    ids_B, groups_B = batch["ids"], batch["groups"]
+    B, device = ids_B.shape[0], ids_B.device
+    rank = D.rank()
+    img_BD, txt_BD, temperature = online(batch)  # 1. online embeddings
+    with torch.no_grad():
+        m_img_BD, m_txt_BD, _ = momentum(batch)  # 2. momentum embeddings
+    gathered = Candidates(  # 3. gather momentum embeddings and ids, in rank order
+        D.all_gather_no_grad(m_img_BD.float()),
+        D.all_gather_no_grad(m_txt_BD.float()),
+        D.all_gather_no_grad(ids_B),
+        B * D.world_size(),
+        D.all_gather_no_grad(groups_B),
+    )
+    G = gathered.n_batch
+    if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
+        # every rank computes the same sums, so no reduction is needed.
+        stats.add(mutual_top1_stats(gathered.img_ND @ gathered.txt_ND.T, gathered.ids_N))
+    else:  # 4. reference meaning: each rank's own B×B online matrix, then SUM over ranks
+        local = mutual_top1_stats(img_BD.detach() @ txt_BD.detach().T, ids_B)
+        stats.add(D.all_reduce_sum(local))
+    gauss = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+    stale = torch.zeros(2, dtype=torch.float64, device=device)
+    if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
+        out = retrieval_loss(
+            Anchors(img_BD, txt_BD, ids_B, torch.arange(B, device=device), groups_B),
+            Candidates(img_BD, txt_BD, ids_B, B, groups_B),
+            cfg,
+            loss="vse_pp",
+        )
+    else:  # 5b. the configured loss over [gathered batch ; memory]
+        stale = torch.stack(memory.staleness(ids_B, m_img_BD))
+        out = retrieval_loss(
+            Anchors(img_BD, txt_BD, ids_B, rank * B + torch.arange(B, device=device), groups_B),
+            Candidates.concat(gathered, memory.candidates()),
+            cfg,
+            gauss,
+            step_uniforms(seed, step, G, cfg.negatives, rank, B),
+            temperature=temperature,
+        )
+    return StepOutput(out.loss, out.diagnostics, gathered, stale)
