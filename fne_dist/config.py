@@ -83,12 +83,16 @@ class TrainConfig:
     )
     eval_every: int = setting(0, "evaluate on val every N optimizer steps (0: at the end)", ge=0)
     log_every: int = setting(50, "log a progress line every N steps when not on a terminal", ge=1)
+    profile_phases: bool = setting(False, "time each phase of the step (metrics.json)")
 
 
 @dataclass
 class EngineConfig:
     device: str = setting(
         "auto", "auto (CUDA if present), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    kind: str = setting(
+        "deepspeed", "deepspeed, or plain torch DDP (for comparison)", choices=("deepspeed", "ddp")
     )
     zero_stage: int = setting(0, "DeepSpeed ZeRO stage", ge=0, le=3)
     precision: str = setting("fp32", "training precision", choices=("fp32", "bf16", "fp16"))
@@ -166,6 +170,10 @@ class Config:
             )
         if self.engine.precision == "fp16" and self.engine.device == "cpu":
             raise ValueError("engine.precision=fp16 is not supported on the CPU (use bf16 or fp32)")
+        if self.engine.kind == "ddp" and (
+            self.engine.zero_stage or self.engine.precision != "fp32"
+        ):
+            raise ValueError("engine.kind=ddp supports neither ZeRO nor bf16/fp16 (use deepspeed)")
         if self.dist.use_gpu and self.engine.device == "cpu":
             raise ValueError("dist.use_gpu=true contradicts engine.device=cpu")
 

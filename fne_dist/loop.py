@@ -47,6 +47,7 @@ from .momentum import ema_update, make_momentum_copy
 from .reporting import ConsoleReporter, FanOut, JsonLinesReporter, Reporter
 from .retrieval_metrics import retrieval_metrics
 from .step import forward_step
+from .timing import NullTimer, PhaseTimer
 
 SPLITS = ("train", "val", "test")
 
@@ -250,6 +251,8 @@ def _train(
     epoch = -1
     order = torch.empty(0, dtype=torch.long)
     opt_step = 0
+    timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
+    t_loop = time.perf_counter()
     for micro in range(total_micro):
         if micro // micro_per_epoch != epoch:
             epoch = micro // micro_per_epoch
@@ -257,21 +260,24 @@ def _train(
             gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + epoch)
             order = torch.randperm(n_train, generator=gen)  # the same on every rank
         first = (micro % micro_per_epoch) * G + rank * B
-        batch = _model_inputs(train_split.batch(order[first : first + B]), device)
+        with timer.phase("data"):
+            batch = _model_inputs(train_split.batch(order[first : first + B]), device)
         warm = opt_step < cfg.train.warmup_steps
         out = forward_step(  # phases 1-5
-            engine, momentum, batch, memory, stats, cfg.fne, cfg.run.seed, micro, warm
+            engine, momentum, batch, memory, stats, cfg.fne, cfg.run.seed, micro, warm, timer
         )
-        engine.backward(out.loss)  # 6
-        engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
+        with timer.phase("backward_step"):
+            engine.backward(out.loss)  # 6
+            engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
         boundary = (micro + 1) % cfg.engine.grad_accum == 0
         if boundary:
-            with gathered_parameters(engine):  # ZeRO-3: the full online parameters
+            with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
                 ema_update(momentum, engine.module, cfg.memory.momentum)  # 7
             opt_step += 1
         if not warm:  # 8: the reference fills the memory only after the warm-up
             g = out.gathered
-            memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+            with timer.phase("enqueue"):
+                memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
         stale += out.staleness
 
         for key, value in {"loss": out.loss.detach(), **out.diagnostics}.items():
@@ -296,6 +302,7 @@ def _train(
             history.append({"step": opt_step, "val": val})
 
     # 5. final evaluation, summary and run directory
+    loop_time = time.perf_counter() - t_loop
     D.barrier()
     result: dict = {}
     if is_main:
@@ -305,6 +312,9 @@ def _train(
             "diagnostics": last_logged,
             "staleness": float(stale[0] / stale[1]) if float(stale[1]) > 0 else None,
             "steps": opt_step,
+            "loop_time_s": loop_time,
+            "samples_per_s": total_micro * G / max(loop_time, 1e-9),
+            "phase_seconds": timer.totals(),
             "world_size": world,
             "wall_time_s": time.perf_counter() - t_start,
         }

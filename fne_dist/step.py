@@ -26,6 +26,7 @@ from .fne import (
 )
 from .fne.sampling import step_uniforms
 from .memory import MomentumMemory
+from .timing import NullTimer
 
 Encoder = Callable[[dict[str, Tensor]], tuple[Tensor, Tensor, Tensor]]
 
@@ -48,45 +49,53 @@ def forward_step(
     seed: int,
     step: int,
     warmup: bool,
+    timer: NullTimer | None = None,
 ) -> StepOutput:
-    """The loss of one micro-batch; ``batch`` holds this rank's B pairs (model inputs + ids)."""
+    """The loss of one micro-batch; ``batch`` holds this rank's B pairs (model inputs + ids).
+
+    ``timer`` (optional) receives the phases online/momentum/gather/reduce/loss."""
+    t = timer or NullTimer()
     ids_B, groups_B = batch["ids"], batch["groups"]
     B, device = ids_B.shape[0], ids_B.device
     rank = D.rank()
-    img_BD, txt_BD, temperature = online(batch)  # 1. online embeddings
-    with torch.no_grad():
+    with t.phase("online_forward"):
+        img_BD, txt_BD, temperature = online(batch)  # 1. online embeddings
+    with t.phase("momentum_forward"), torch.no_grad():
         m_img_BD, m_txt_BD, _ = momentum(batch)  # 2. momentum embeddings
-    gathered = Candidates(  # 3. gather momentum embeddings and ids, in rank order
-        D.all_gather_no_grad(m_img_BD.float()),
-        D.all_gather_no_grad(m_txt_BD.float()),
-        D.all_gather_no_grad(ids_B),
-        B * D.world_size(),
-        D.all_gather_no_grad(groups_B),
-    )
+    with t.phase("gather"):  # 3. gather momentum embeddings and ids, in rank order
+        gathered = Candidates(
+            D.all_gather_no_grad(m_img_BD.float()),
+            D.all_gather_no_grad(m_txt_BD.float()),
+            D.all_gather_no_grad(ids_B),
+            B * D.world_size(),
+            D.all_gather_no_grad(groups_B),
+        )
     G = gathered.n_batch
     if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
         # every rank computes the same sums, so no reduction is needed.
         stats.add(mutual_top1_stats(gathered.img_ND @ gathered.txt_ND.T, gathered.ids_N))
     else:  # 4. reference meaning: each rank's own B×B online matrix, then SUM over ranks
         local = mutual_top1_stats(img_BD.detach() @ txt_BD.detach().T, ids_B)
-        stats.add(D.all_reduce_sum(local))
+        with t.phase("reduce"):
+            stats.add(D.all_reduce_sum(local))
     gauss = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
     stale = torch.zeros(2, dtype=torch.float64, device=device)
-    if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
-        out = retrieval_loss(
-            Anchors(img_BD, txt_BD, ids_B, torch.arange(B, device=device), groups_B),
-            Candidates(img_BD, txt_BD, ids_B, B, groups_B),
-            cfg,
-            loss="vse_pp",
-        )
-    else:  # 5b. the configured loss over [gathered batch ; memory]
-        stale = torch.stack(memory.staleness(ids_B, m_img_BD))
-        out = retrieval_loss(
-            Anchors(img_BD, txt_BD, ids_B, rank * B + torch.arange(B, device=device), groups_B),
-            Candidates.concat(gathered, memory.candidates()),
-            cfg,
-            gauss,
-            step_uniforms(seed, step, G, cfg.negatives, rank, B),
-            temperature=temperature,
-        )
+    with t.phase("fne_loss"):
+        if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
+            out = retrieval_loss(
+                Anchors(img_BD, txt_BD, ids_B, torch.arange(B, device=device), groups_B),
+                Candidates(img_BD, txt_BD, ids_B, B, groups_B),
+                cfg,
+                loss="vse_pp",
+            )
+        else:  # 5b. the configured loss over [gathered batch ; memory]
+            stale = torch.stack(memory.staleness(ids_B, m_img_BD))
+            out = retrieval_loss(
+                Anchors(img_BD, txt_BD, ids_B, rank * B + torch.arange(B, device=device), groups_B),
+                Candidates.concat(gathered, memory.candidates()),
+                cfg,
+                gauss,
+                step_uniforms(seed, step, G, cfg.negatives, rank, B),
+                temperature=temperature,
+            )
     return StepOutput(out.loss, out.diagnostics, gathered, stale)

@@ -23,6 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m fne_dist.train", description=__doc__)
     parser.add_argument("--config", help=f"YAML config file (default: {DEFAULT_CONFIG.name})")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fne.prior=1e-3")
+    # The deepspeed launcher (and torch.distributed.launch) append --local_rank=N to the command;
+    # LOCAL_RANK in the environment says the same and is what distributed.launch reads.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

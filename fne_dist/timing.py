@@ -1,0 +1,46 @@
+"""Per-phase wall-clock timing of the training step (``train.profile_phases``).
+
+The null timer costs nothing; the real one synchronises CUDA at phase boundaries so GPU time is
+attributed to the phase that queued it (on the CPU there is nothing to wait for).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+import torch
+
+
+class NullTimer:
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        yield
+
+    def totals(self) -> dict[str, float]:
+        return {}
+
+
+class PhaseTimer(NullTimer):
+    """Accumulates seconds per phase name."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - start
+
+    def totals(self) -> dict[str, float]:
+        return dict(self.seconds)
