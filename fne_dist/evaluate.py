@@ -53,19 +53,13 @@ def evaluate_weights(cfg, weights: dict, split: str, fold_size: int = 0) -> dict
     """Rebuild the model from its config, load weights, and evaluate one split."""
     from .encoders import build_image_backbone, build_text_backbone
     from .loop import prepare_splits
-    from .model import DualEncoder
+    from .model import build_dual_encoder
     from .retrieval_metrics import fold_metrics, retrieval_metrics
 
     torch.set_num_threads(cfg.run.threads)
     image_backbone = build_image_backbone(cfg.model.image)
     text_backbone = build_text_backbone(cfg.model.text)
-    model = DualEncoder(
-        None if cfg.model.image.frozen else image_backbone,
-        None if cfg.model.text.frozen else text_backbone,
-        image_backbone.out_dim,
-        text_backbone.out_dim,
-        cfg.model,
-    )
+    model = build_dual_encoder(cfg.model, image_backbone, text_backbone)
     model.load_state_dict(weights)
     data = prepare_splits(cfg, image_backbone, text_backbone, only=(split,))[split]
     from .loop import embed_split

@@ -42,7 +42,7 @@ from .encoders import (
 from .engine import build_engine, gathered_parameters
 from .fne import SimilarityStats
 from .memory import MomentumMemory
-from .model import DualEncoder, cached_features
+from .model import DualEncoder, build_dual_encoder, cached_features
 from .momentum import ema_update, make_momentum_copy
 from .reporting import ConsoleReporter, FanOut, JsonLinesReporter, Reporter
 from .retrieval_metrics import retrieval_metrics
@@ -218,14 +218,7 @@ def _train(
         raise ValueError(f"train.batch_size × world size = {G} exceeds the {n_train} train pairs")
     total_micro = max(1, math.ceil(cfg.train.epochs * micro_per_epoch))
     total_steps = max(1, total_micro // cfg.engine.grad_accum)
-    model = DualEncoder(
-        None if cfg.model.image.frozen else image_backbone,
-        None if cfg.model.text.frozen else text_backbone,
-        image_backbone.out_dim,
-        text_backbone.out_dim,
-        cfg.model,
-        cfg.fne.temperature,
-    )
+    model = build_dual_encoder(cfg.model, image_backbone, text_backbone, cfg.fne.temperature)
     momentum = make_momentum_copy(model).to(device)
     engine = build_engine(model, cfg, total_steps)
     memory = MomentumMemory(cfg.memory.size, cfg.model.embed_dim, seed=cfg.run.seed, device=device)

@@ -92,6 +92,21 @@ class DualEncoder(nn.Module):
         return self.encode_image(batch), self.encode_text(batch), self.temperature * 1.0
 
 
+def build_dual_encoder(
+    cfg: ModelConfig, image_backbone: nn.Module, text_backbone: nn.Module, temperature: float = 0.07
+) -> DualEncoder:
+    """The trainable model for ``cfg``: a frozen tower's backbone stays outside (its features
+    are cached), a trainable one goes inside."""
+    return DualEncoder(
+        None if cfg.image.frozen else image_backbone,
+        None if cfg.text.frozen else text_backbone,
+        image_backbone.out_dim,
+        text_backbone.out_dim,
+        cfg,
+        temperature,
+    )
+
+
 def _fingerprint(parts: dict) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
