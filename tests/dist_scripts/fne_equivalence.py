@@ -177,7 +177,6 @@ def run(mode: str, rank: int, world: int, block_reference: bool) -> dict:
     model, momentum, memory, base_stats = build_state(mode, data)
     stats = BlockStats(base_stats)
     G = GLOBAL_BATCH[mode]
-    B = G // world
     steps = []
     for step in range(STEPS[mode]):
         warm = step < WARMUP_STEPS[mode]
@@ -222,6 +221,7 @@ def run(mode: str, rank: int, world: int, block_reference: bool) -> dict:
         if not warm:
             g = out.gathered
             memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+        rec["memory"] = memory.state_dict()
         rec["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         rec["momentum"] = {n: p.detach().clone() for n, p in momentum.named_parameters()}
         steps.append(rec)
