@@ -162,12 +162,8 @@ class Config:
     def check(self) -> None:
         """Rules that span fields or sections (raised as one-line ValueErrors)."""
         self.fne.check()
-        world = self.dist.workers if self.dist.launcher != "local" else 1
-        if 0 < self.memory.size < self.train.batch_size * world:
-            raise ValueError(
-                f"memory.size={self.memory.size} is smaller than the global batch "
-                f"({self.train.batch_size} × {world} workers): one step would overwrite itself"
-            )
+        # memory.size against the global batch needs the launched world size: see
+        # fne_dist.train.check_launch, which runs before any worker starts.
         if self.engine.precision == "fp16" and self.engine.device == "cpu":
             raise ValueError("engine.precision=fp16 is not supported on the CPU (use bf16 or fp32)")
         if self.engine.kind == "ddp" and (

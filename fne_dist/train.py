@@ -8,8 +8,11 @@ package is installed without the repository's configs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 from .config import Config, ConfigError, load_config
 from .data.pairs import DataError
@@ -39,12 +42,41 @@ def choose_launcher(cfg: Config, environ: dict[str, str] | None = None) -> str:
     return "ray" if cfg.dist.workers > 1 else "local"
 
 
+def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = None) -> None:
+    """What ``Config.check`` cannot know, checked before any worker starts (one-line
+    ConfigErrors): the world size an in-place launcher chose, and this machine's devices.
+
+    Devices are not checked for a Ray cluster given by address: its workers may have GPUs that
+    the driver lacks.
+    """
+    world = {"inplace": rank_env(environ).world_size, "ray": cfg.dist.workers}.get(launcher, 1)
+    if 0 < cfg.memory.size < cfg.train.batch_size * world:
+        raise ConfigError(
+            f"memory.size={cfg.memory.size} is smaller than the global batch "
+            f"({cfg.train.batch_size} × {world} ranks): one step would overwrite itself"
+        )
+    env = os.environ if environ is None else environ
+    if launcher == "ray" and (cfg.dist.ray_address or env.get("RAY_ADDRESS")):
+        return
+    cuda = torch.cuda.is_available()
+    ray_gpu = launcher == "ray" and cfg.dist.use_gpu
+    if not cuda and (cfg.engine.device == "cuda" or ray_gpu):
+        key = "dist.use_gpu=true" if ray_gpu else "engine.device=cuda"
+        raise ConfigError(f"{key} but no CUDA device is visible (use engine.device=auto or cpu)")
+    if cfg.engine.precision == "fp16" and (cfg.engine.device == "cpu" or not cuda):
+        raise ConfigError(
+            "engine.precision=fp16 is not supported on the CPU and no CUDA device is visible "
+            "(use bf16 or fp32)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
         cfg = load_config(path, args.overrides)
         launcher = choose_launcher(cfg)
+        check_launch(cfg, launcher)
         if launcher == "ray":
             from .distributed.ray_launcher import run_with_ray
 

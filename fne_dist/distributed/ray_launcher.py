@@ -72,6 +72,8 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
     needed = cfg.dist.workers * cfg.dist.cpus_per_worker
     available = ray.cluster_resources().get("CPU", 0.0)
     if not address and needed > available:
+        if started_here:
+            ray.shutdown()  # a local instance we started must not outlive the run
         raise ConfigError(
             f"dist.workers={cfg.dist.workers} × dist.cpus_per_worker={cfg.dist.cpus_per_worker} "
             f"needs {needed:g} CPUs; the local Ray instance has {available:g}"
