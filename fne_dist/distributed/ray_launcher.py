@@ -68,7 +68,7 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
             ray.init(address=address, log_to_driver=True)
         else:  # a local Ray instance for this run, on loopback
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     needed = cfg.dist.workers * cfg.dist.cpus_per_worker
     available = ray.cluster_resources().get("CPU", 0.0)
     if not address and needed > available:
