@@ -155,6 +155,17 @@ def evaluate(model: DualEncoder, split: Split) -> dict[str, float]:
     return retrieval_metrics(img_ID @ txt_TD.T, t.text_to_image_T, t.groups_I)
 
 
+def evaluate_in_run(engine, split: Split, is_main: bool) -> dict[str, float] | None:
+    """Evaluate the engine's model during a run: on rank 0, or under ZeRO-3 on every rank
+    (each forward gathers partitioned parameters collectively, so all ranks must take part)."""
+    if engine.zero_optimization_stage() == 3:
+        metrics = evaluate(engine.module, split)
+        return metrics if is_main else None
+    metrics = evaluate(engine.module, split) if is_main else None
+    D.barrier()
+    return metrics
+
+
 def _model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -287,21 +298,30 @@ def _train(
             last_logged = metrics
             reporter.step(micro, metrics)
             sums = {}
-        if boundary and is_main and cfg.train.eval_every and opt_step % cfg.train.eval_every == 0:
-            val = evaluate(engine.module, splits["val"])
-            reporter.message(
-                f"step {opt_step}: val rsum {val['rsum']:.2f} group rsum {val['group_rsum']:.2f}"
-            )
-            history.append({"step": opt_step, "val": val})
+        if boundary and cfg.train.eval_every and opt_step % cfg.train.eval_every == 0:
+            val = evaluate_in_run(engine, splits["val"], is_main)
+            if is_main:
+                reporter.message(
+                    f"step {opt_step}: val rsum {val['rsum']:.2f} "
+                    f"group rsum {val['group_rsum']:.2f}"
+                )
+                history.append({"step": opt_step, "val": val})
 
     # 5. final evaluation, summary and run directory
     loop_time = time.perf_counter() - t_loop
     D.barrier()
     result: dict = {}
+    final_val = evaluate_in_run(engine, splits["val"], is_main)
+    final_test = evaluate_in_run(engine, splits["test"], is_main)
+    with gathered_parameters(engine):  # ZeRO-3: whole tensors, on every rank (collective)
+        weights = {
+            k: v.detach().float().cpu().clone().contiguous()
+            for k, v in engine.module.state_dict().items()
+        }
     if is_main:
         result = {
-            "val": evaluate(engine.module, splits["val"]),
-            "test": evaluate(engine.module, splits["test"]),
+            "val": final_val,
+            "test": final_test,
             "diagnostics": last_logged,
             "staleness": float(stale[0] / stale[1]) if float(stale[1]) > 0 else None,
             "steps": opt_step,
@@ -310,9 +330,6 @@ def _train(
             "phase_seconds": timer.totals(),
             "world_size": world,
             "wall_time_s": time.perf_counter() - t_start,
-        }
-        weights = {
-            k: v.detach().float().cpu().contiguous() for k, v in engine.module.state_dict().items()
         }
         save_file(weights, str(run_dir / "model.safetensors"))
         (run_dir / "metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))
