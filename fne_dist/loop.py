@@ -197,7 +197,10 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     seed_everything(cfg.run.seed)
     created_group = init_process_group(env, backend_for(device), cfg.engine.init_timeout_s)
     try:
-        return _train(cfg, extra_reporter, image_backbone, text_backbone, device, t_start)
+        result = _train(cfg, extra_reporter, image_backbone, text_backbone, device, t_start)
+        if created_group:
+            D.barrier()  # no rank tears the group down while another still uses it
+        return result
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()

@@ -255,6 +255,7 @@ def main() -> None:
     result = run(mode, rank, world, block_reference=mode == "equiv" and world == 1)
     if mode == "equiv" and world == 1:
         result["plain_with_group"] = plain_first_step()
+    dist.barrier()
     dist.destroy_process_group()
     if mode == "equiv" and world == 1:
         result["plain_without_group"] = plain_first_step()

@@ -178,9 +178,15 @@ def main() -> int:
     ok = torch.tensor([0 if failures else 1])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # every rank must pass
     print(f"rank {env.rank}: stage {stage}: {len(failures)} failure(s)", flush=True)
+    dist.barrier()  # nobody tears down while the other rank still talks
     dist.destroy_process_group()
     return 0 if int(ok) == 1 else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip C++ static destructors: a gloo/DeepSpeed worker thread torn down at interpreter exit
+    # aborted a passing run once ("terminate called without an active exception").
+    os._exit(code)
