@@ -58,7 +58,7 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
     # Read by Ray Train's controller: fail fast when the worker group cannot be scheduled.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.worker_start_timeout_s)
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
@@ -92,6 +92,9 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
         ),
         run_config=RunConfig(
             name=cfg.run.name,
+            # A worker group that cannot start within dist.worker_start_timeout_s (e.g. an
+            # autoscaler that never delivers) ends the run; Ray's default retries forever.
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
             storage_path=str((Path(cfg.run.output_dir) / "ray").resolve()),
         ),
     )
