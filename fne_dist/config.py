@@ -64,12 +64,43 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     train: str = setting(
-        "shards/emoji/emoji-train-*.tar.gz", "training shards: glob and/or {a..b} braces"
+        "shards/emoji/emoji-train-*.tar.gz",
+        "training shards: glob and/or {a..b} braces, local or fsspec URL; sources joined by '::'",
     )
     val: str = setting("shards/emoji/emoji-val-*.tar.gz", "validation shards (defaults tuned here)")
     test: str = setting("shards/emoji/emoji-test-*.tar.gz", "test shards (final evaluation only)")
+    mode: str = setting(
+        "exact",
+        "exact: each sample at most once per epoch; resampled: shards drawn with replacement",
+        choices=("exact", "resampled"),
+    )
+    train_weights: list[float] | None = setting(
+        None, "resampled mode: one weight per '::' source of data.train (null = equal)"
+    )
+    samples_per_epoch: int = setting(
+        0, "resampled mode: samples per virtual epoch (0 = the size of data.train)", ge=0
+    )
+    loader_workers: int = setting(
+        1, "DataLoader worker processes per rank (0 = read in the training process)", ge=0
+    )
+    shuffle_buffer: int = setting(1000, "samples in the shuffle buffer (per shard piece)", ge=1)
     caption_key: str = setting("txt", "caption member of a sample (emoji: txt or full.txt)")
-    cache_dir: str = setting(".cache/features", "where frozen-backbone features are cached")
+    max_pixels: int = setting(
+        50_000_000, "images with more pixels are skipped as bad (decompression bombs)", ge=1
+    )
+    max_bad_fraction: float = setting(
+        0.05,
+        "stop the run when more than this fraction of a shard's samples is bad",
+        ge=0.0,
+        le=1.0,
+    )
+    allow_pipe: bool = setting(
+        False, "allow 'pipe:' shard URLs (they run a shell command from the config)"
+    )
+    cache_dir: str = setting(".cache/features", "where frozen-backbone feature shards are cached")
+    cache_wait_s: float = setting(
+        3600.0, "how long other ranks wait for local rank 0 to build the feature cache", gt=0.0
+    )
 
 
 @dataclass
@@ -172,6 +203,24 @@ class Config:
             raise ValueError("engine.kind=ddp supports neither ZeRO nor bf16/fp16 (use deepspeed)")
         if self.dist.use_gpu and self.engine.device == "cpu":
             raise ValueError("dist.use_gpu=true contradicts engine.device=cpu")
+        for split in ("train", "val", "test"):
+            spec = getattr(self.data, split)
+            if not self.data.allow_pipe and any(
+                part.strip().startswith("pipe:") for part in spec.split("::")
+            ):
+                raise ValueError(
+                    f"data.{split}: 'pipe:' URLs run a shell command and are refused "
+                    "(set data.allow_pipe=true to allow them)"
+                )
+        if self.data.train_weights is not None:
+            n_sources = len([p for p in self.data.train.split("::") if p.strip()])
+            if self.data.mode != "resampled":
+                raise ValueError("data.train_weights needs data.mode=resampled")
+            if len(self.data.train_weights) != n_sources or min(self.data.train_weights) <= 0:
+                raise ValueError(
+                    f"data.train_weights: expected {n_sources} positive weight(s), one per "
+                    f"'::' source of data.train, got {self.data.train_weights}"
+                )
 
 
 def _describe(tp: Any) -> str:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from .config import ConfigError, load_config
-from .data.pairs import DataError
+from .data.sources import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,26 +50,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_weights(cfg, weights: dict, split: str, fold_size: int = 0) -> dict[str, float]:
-    """Rebuild the model from its config, load weights, and evaluate one split."""
+    """Rebuild the model from its config, load weights, and evaluate one split (one process)."""
     from .encoders import build_image_backbone, build_text_backbone
-    from .loop import prepare_splits
+    from .evaluation import evaluate_table
+    from .inputs import eval_table, split_shards
     from .model import build_dual_encoder
-    from .retrieval_metrics import fold_metrics, retrieval_metrics
 
     torch.set_num_threads(cfg.run.threads)
     image_backbone = build_image_backbone(cfg.model.image)
     text_backbone = build_text_backbone(cfg.model.text)
     model = build_dual_encoder(cfg.model, image_backbone, text_backbone)
     model.load_state_dict(weights)
-    data = prepare_splits(cfg, image_backbone, text_backbone, only=(split,))[split]
-    from .loop import embed_split
-
-    img_ID, txt_TD = embed_split(model, data)
-    sim_IT = img_ID @ txt_TD.T
-    t = data.table
-    if fold_size:
-        return fold_metrics(sim_IT, t.text_to_image_T, t.groups_I, fold_size=fold_size)
-    return retrieval_metrics(sim_IT, t.text_to_image_T, t.groups_I)
+    shards = split_shards(cfg, split, image_backbone, text_backbone, log=lambda m: None)
+    table = eval_table(cfg, split, shards, image_backbone, rank=0, world=1)
+    return evaluate_table(model, table, fold_size)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,6 @@ from torch import Tensor
 
 from . import distributed as D
 from .config import Config, save_config
-from .data.pairs import PairTable, load_pairs, resolve_shards
 from .distributed.device import backend_for, select_device
 from .distributed.launch import init_process_group, rank_env
 from .encoders import (
@@ -40,130 +38,22 @@ from .encoders import (
     check_available,
 )
 from .engine import build_engine, gathered_parameters
+from .epochs import DataLog, agreed_batches
+from .evaluation import evaluate_table
 from .fne import SimilarityStats
+from .inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
 from .memory import MomentumMemory
-from .model import DualEncoder, build_dual_encoder, cached_features
+from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .reporting import ConsoleReporter, FanOut, JsonLinesReporter, Reporter
-from .retrieval_metrics import retrieval_metrics
 from .step import forward_step
 from .timing import NullTimer, PhaseTimer
-
-SPLITS = ("train", "val", "test")
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class Split:
-    """A split ready for the loop: its table plus either cached features or raw inputs."""
-
-    table: PairTable
-    inputs: dict[str, Tensor]  # img_feat/txt_feat (frozen towers) or pixels/input_ids/mask
-
-    def batch(self, caption_idx_B: Tensor) -> dict[str, Tensor]:
-        """The training pairs of the given captions: each with its image."""
-        image_idx_B = self.table.text_to_image_T[caption_idx_B]
-        out = {
-            "ids": self.table.image_ids_I[image_idx_B],
-            "groups": self.table.groups_I[image_idx_B],
-        }
-        for key, value in self.inputs.items():
-            out[key] = value[image_idx_B] if key in ("img_feat", "pixels") else value[caption_idx_B]
-        return out
-
-
-def prepare_splits(
-    cfg: Config,
-    image_backbone: ImageBackbone,
-    text_backbone: TextBackbone,
-    only: tuple[str, ...] = SPLITS,
-) -> dict[str, Split]:
-    """Load splits and cache the features of frozen towers (fail fast on bad paths)."""
-    for split in only:  # every path is checked before any heavy work starts
-        resolve_shards(getattr(cfg.data, split), f"data.{split}")
-    splits = {}
-    for split in only:
-        shards = resolve_shards(getattr(cfg.data, split), f"data.{split}")
-        table = load_pairs(
-            getattr(cfg.data, split),
-            f"data.{split}",
-            image_backbone.preprocess,
-            cfg.data.caption_key,
-        )
-        identity = {
-            "format": 1,  # bump when preprocessing or pooling changes what a feature means
-            "shards": [(Path(p).name, Path(p).stat().st_size) for p in shards],
-            "caption_key": cfg.data.caption_key,
-            "image": [
-                cfg.model.image.type,
-                cfg.model.image.name_or_path,
-                cfg.model.image.image_size,
-            ],
-            "text": [cfg.model.text.type, cfg.model.text.name_or_path, cfg.model.text.max_length],
-        }
-        inputs = cached_features(
-            table,
-            image_backbone if cfg.model.image.frozen else None,
-            text_backbone if cfg.model.text.frozen else None,
-            Path(cfg.data.cache_dir),
-            identity,
-        )
-        if not cfg.model.image.frozen:
-            inputs["pixels"] = table.images_I
-        if not cfg.model.text.frozen:
-            tokens = text_backbone.tokenize(table.captions)
-            inputs.update(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        splits[split] = Split(table, inputs)
-    return splits
-
-
-@torch.no_grad()
-def embed_split(model: DualEncoder, split: Split, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Online embeddings of a split's images (I×D) and captions (T×D), in eval mode."""
-    was_training = model.training
-    model.eval()
-    t = split.table
-    device = next(model.parameters()).device
-    img_parts, txt_parts = [], []
-    for start in range(0, t.num_images, batch_size):
-        idx = torch.arange(start, min(start + batch_size, t.num_images))
-        batch = {
-            k: v[idx].to(device) for k, v in split.inputs.items() if k in ("img_feat", "pixels")
-        }
-        img_parts.append(model.encode_image(batch).float().cpu())
-    for start in range(0, t.num_captions, batch_size):
-        idx = torch.arange(start, min(start + batch_size, t.num_captions))
-        batch = {
-            k: v[idx].to(device)
-            for k, v in split.inputs.items()
-            if k in ("txt_feat", "input_ids", "attention_mask")
-        }
-        txt_parts.append(model.encode_text(batch).float().cpu())
-    model.train(was_training)
-    return torch.cat(img_parts), torch.cat(txt_parts)
-
-
-def evaluate(model: DualEncoder, split: Split) -> dict[str, float]:
-    """Strict and group-aware R@K both ways on a whole split, with the online encoders."""
-    img_ID, txt_TD = embed_split(model, split)
-    t = split.table
-    return retrieval_metrics(img_ID @ txt_TD.T, t.text_to_image_T, t.groups_I)
-
-
-def evaluate_in_run(engine, split: Split, is_main: bool) -> dict[str, float] | None:
-    """Evaluate the engine's model during a run: on rank 0, or under ZeRO-3 on every rank
-    (each forward gathers partitioned parameters collectively, so all ranks must take part)."""
-    if engine.zero_optimization_stage() == 3:
-        metrics = evaluate(engine.module, split)
-        return metrics if is_main else None
-    metrics = evaluate(engine.module, split) if is_main else None
-    D.barrier()
-    return metrics
 
 
 def _model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -174,7 +64,7 @@ def preflight(cfg: Config) -> None:
     """Checks that need no process group: every shard pattern matches, every encoder is here.
     Launchers call it before starting workers."""
     for split in SPLITS:
-        resolve_shards(getattr(cfg.data, split), f"data.{split}")
+        raw_shards(cfg, split)
     check_available(cfg.model.image, cfg.model.text)
 
 
@@ -221,15 +111,28 @@ def _train(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    splits = prepare_splits(cfg, image_backbone, text_backbone)  # frozen towers: cached
-    train_split = splits["train"]
+    env = rank_env()
+    shards = {
+        split: split_shards(
+            cfg,
+            split,
+            image_backbone,
+            text_backbone,
+            env.local_rank,
+            env.local_world_size,
+            log=lambda m: print(m, flush=True),
+        )
+        for split in SPLITS
+    }
+    stream = train_stream(cfg, shards["train"], image_backbone, text_backbone, rank, world)
+    tables = {
+        s: eval_table(cfg, s, shards[s], image_backbone, rank, world) for s in ("val", "test")
+    }
 
     # 3. model, momentum model, engine, memory, statistics
-    B, G = cfg.train.batch_size, cfg.train.batch_size * world
-    n_train = train_split.table.num_captions
-    micro_per_epoch = n_train // G
-    if micro_per_epoch == 0:
-        raise ValueError(f"train.batch_size × world size = {G} exceeds the {n_train} train pairs")
+    G = cfg.train.batch_size * world
+    n_train = stream.samples_per_epoch
+    micro_per_epoch = stream.steps_per_epoch
     total_micro = max(1, math.ceil(cfg.train.epochs * micro_per_epoch))
     total_steps = max(1, total_micro // cfg.engine.grad_accum)
     model = build_dual_encoder(cfg.model, image_backbone, text_backbone, cfg.fne.temperature)
@@ -255,20 +158,30 @@ def _train(
     history: list[dict] = []
     last_logged: dict[str, float] = {}
     stale = torch.zeros(2, dtype=torch.float64, device=device)
-    epoch = -1
-    order = torch.empty(0, dtype=torch.long)
     opt_step = 0
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
+    data_log = DataLog(stream, reporter)
+    n_micro, epoch = 0, -1
+
+    def log_window(micro: int, epoch: int, warm: bool) -> dict[str, float]:
+        """Mean of the diagnostics since the last log line → reporters and history."""
+        n = float(sums.pop("_n"))
+        metrics = {k: float(v) / n for k, v in sums.items()}
+        metrics.update(epoch=epoch, lr=engine.get_lr()[0], warmup=float(warm))
+        if float(stale[1]) > 0:
+            metrics["staleness"] = float(stale[0] / stale[1])
+        history.append({"step": opt_step, **metrics})
+        reporter.step(micro, metrics)
+        sums.clear()
+        return metrics
+
     t_loop = time.perf_counter()
-    for micro in range(total_micro):
-        if micro // micro_per_epoch != epoch:
-            epoch = micro // micro_per_epoch
+    for micro, batch_epoch, batch in agreed_batches(stream, total_micro, data_log, timer, device):
+        if batch_epoch != epoch:
+            epoch = batch_epoch
             stats.new_epoch()
-            gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + epoch)
-            order = torch.randperm(n_train, generator=gen)  # the same on every rank
-        first = (micro % micro_per_epoch) * G + rank * B
-        with timer.phase("data"):
-            batch = _model_inputs(train_split.batch(order[first : first + B]), device)
+        n_micro += 1
+        batch = _model_inputs(batch, device)
         warm = opt_step < cfg.train.warmup_steps
         out = forward_step(  # phases 1-5
             engine, momentum, batch, memory, stats, cfg.fne, cfg.run.seed, micro, warm, timer
@@ -290,19 +203,10 @@ def _train(
         for key, value in {"loss": out.loss.detach(), **out.diagnostics}.items():
             sums[key] = sums.get(key, 0.0) + value.detach().to(torch.float64)
         sums["_n"] = sums.get("_n", 0.0) + 1.0
-        log_now = (micro + 1) % cfg.train.log_every == 0 or micro + 1 == total_micro
-        if log_now:
-            n = float(sums.pop("_n"))
-            metrics = {k: float(v) / n for k, v in sums.items()}
-            metrics.update(epoch=epoch, lr=engine.get_lr()[0], warmup=float(warm))
-            if float(stale[1]) > 0:
-                metrics["staleness"] = float(stale[0] / stale[1])
-            history.append({"step": opt_step, **metrics})
-            last_logged = metrics
-            reporter.step(micro, metrics)
-            sums = {}
+        if (micro + 1) % cfg.train.log_every == 0 or micro + 1 == total_micro:
+            last_logged = log_window(micro, epoch, warm)
         if boundary and cfg.train.eval_every and opt_step % cfg.train.eval_every == 0:
-            val = evaluate_in_run(engine, splits["val"], is_main)
+            val = evaluate_table(engine.module, tables["val"])
             if is_main:
                 reporter.message(
                     f"step {opt_step}: val rsum {val['rsum']:.2f} "
@@ -310,12 +214,16 @@ def _train(
                 )
                 history.append({"step": opt_step, "val": val})
 
+    if sums:  # the last epoch ended early (bad samples): log what is left
+        last_logged = log_window(micro, epoch, warm)
+
     # 5. final evaluation, summary and run directory
     loop_time = time.perf_counter() - t_loop
     D.barrier()
     result: dict = {}
-    final_val = evaluate_in_run(engine, splits["val"], is_main)
-    final_test = evaluate_in_run(engine, splits["test"], is_main)
+    final_val = evaluate_table(engine.module, tables["val"])
+    final_test = evaluate_table(engine.module, tables["test"])
+    data_counts = data_log.totals(device)
     with gathered_parameters(engine):  # ZeRO-3: whole tensors, on every rank (collective)
         weights = {
             k: v.detach().float().cpu().clone().contiguous()
@@ -329,8 +237,9 @@ def _train(
             "staleness": float(stale[0] / stale[1]) if float(stale[1]) > 0 else None,
             "steps": opt_step,
             "loop_time_s": loop_time,
-            "samples_per_s": total_micro * G / max(loop_time, 1e-9),
+            "samples_per_s": n_micro * G / max(loop_time, 1e-9),
             "phase_seconds": timer.totals(),
+            "data": data_counts,
             "world_size": world,
             "wall_time_s": time.perf_counter() - t_start,
         }

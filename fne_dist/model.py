@@ -3,24 +3,18 @@
 Legend: B batch, F backbone feature dim, D shared embedding dim, I images, T captions.
 
 No loss, no memory, no collectives here. A frozen tower's backbone is evaluated once per split
-(``cached_features``) and training then feeds its features to the head: the backbone would give
-the same output every epoch, and its momentum copy equals itself. A trainable tower keeps its
+(``data/feature_shards.py``) and training then feeds its features to the head: the backbone
+would give the same output every epoch, and its momentum copy equals itself. A trainable tower keeps its
 backbone inside the module so DeepSpeed trains (and partitions) it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import ModelConfig
-from .data.pairs import PairTable
 
 
 class ProjectionHead(nn.Module):
@@ -65,6 +59,7 @@ class DualEncoder(nn.Module):
         temperature: float = 0.07,
     ) -> None:
         super().__init__()
+        self.embed_dim = cfg.embed_dim
         self.image_backbone = image_backbone
         self.text_backbone = text_backbone
         self.image_head = ProjectionHead(image_dim, cfg.embed_dim, cfg.head)
@@ -105,60 +100,3 @@ def build_dual_encoder(
         cfg,
         temperature,
     )
-
-
-def _fingerprint(parts: dict) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@torch.no_grad()
-def backbone_features(
-    backbone: nn.Module, inputs: list[Tensor] | Tensor, batch_size: int = 64
-) -> Tensor:
-    """Run a frozen backbone over inputs in batches (eval mode, no grad) → N×F float32."""
-    was_training = backbone.training
-    backbone.eval()
-    outs = []
-    n = len(inputs) if isinstance(inputs, list) else inputs.shape[0]
-    for start in range(0, n, batch_size):
-        chunk = inputs[start : start + batch_size]
-        outs.append(backbone(chunk if isinstance(chunk, Tensor) else torch.stack(chunk)).float())
-    backbone.train(was_training)
-    return torch.cat(outs)
-
-
-def cached_features(
-    table: PairTable,
-    image_backbone: nn.Module | None,
-    text_backbone: nn.Module | None,
-    cache_dir: Path,
-    identity: dict,
-    batch_size: int = 64,
-) -> dict[str, Tensor]:
-    """Features of a split's images (I×F) and captions (T×F) from frozen backbones.
-
-    Stored as safetensors under ``cache_dir`` keyed by ``identity`` (shard contents + encoder
-    settings), so a second run on the same data starts training at once.
-    """
-    path = Path(cache_dir) / f"features-{_fingerprint(identity)}.safetensors"
-    if path.is_file():
-        return load_file(str(path))
-    out: dict[str, Tensor] = {}
-    if image_backbone is not None:
-        out["img_feat"] = backbone_features(image_backbone, table.images_I, batch_size)
-    if text_backbone is not None:
-        tokens = text_backbone.tokenize(table.captions)
-        feats = []
-        with torch.no_grad():
-            text_backbone.eval()
-            for start in range(0, table.num_captions, batch_size):
-                sl = slice(start, start + batch_size)
-                feats.append(
-                    text_backbone(tokens["input_ids"][sl], tokens["attention_mask"][sl]).float()
-                )
-        out["txt_feat"] = torch.cat(feats)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp))
-    tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
-    return out

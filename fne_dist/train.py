@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError, load_config
-from .data.pairs import DataError
+from .data.sources import DataError
 from .distributed.launch import rank_env
 from .encoders import EncoderUnavailable
 

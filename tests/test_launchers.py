@@ -477,17 +477,21 @@ def test_more_ray_workers_than_cpus_fails_before_workers(sandbox: Sandbox) -> No
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_worker_error_brings_the_ray_run_down(sandbox: Sandbox) -> None:
-    """Invariant: a corrupt val shard passes the driver's preflight (the path exists) and is
-    only found when the Ray workers read it; the run then ends promptly with a non-zero exit,
-    the worker's traceback text (the DataError naming data.val and the shard) in the driver's
-    output, no metrics.json, and no process left behind."""
+    """Invariant: a truncated val shard passes the driver's preflight (the path exists, the size
+    index is fine) and is only found when the Ray workers read it; with half its samples
+    missing (above data.max_bad_fraction) the run then ends promptly with a non-zero exit, the
+    worker's traceback (the DataError naming data.val, the shard and the reason) in the
+    driver's output, no metrics.json, and no process left behind."""
     corrupt = sandbox.base / "corrupt" / "emoji-val-000000.tar.gz"
     corrupt.parent.mkdir(parents=True)
     data = VAL_SHARD.read_bytes()
     corrupt.write_bytes(data[: len(data) // 2])  # a truncated gzip stream
+    # its size index still promises every sample, so only reading it shows half are missing
+    (corrupt.parent / "sizes.json").write_text(json.dumps({corrupt.name: 366}))
     run = launch(sandbox, "ray", 2, f"data.val={corrupt}", suffix="corrupt-val")
     assert run.returncode not in (0, None), run.tail()
-    assert "Traceback" in run.stderr and "load_pairs" in run.stderr, run.tail()
-    assert f"data.val: cannot read shard {corrupt}" in run.stderr, run.tail()
+    assert "Traceback" in run.stderr and "load_split" in run.stderr, run.tail()
+    assert f"data.val: shard {corrupt}" in run.stderr, run.tail()
+    assert "truncated_tar" in run.stderr, run.tail()
     assert not (run.run_dir / "metrics.json").exists()
     assert run.leftovers == [], run.leftovers

@@ -100,7 +100,7 @@ def test_empty_shard_fails_before_training(
         capsys,
         [f"data.train={empty}", f"run.output_dir={tmp_path}"],
         "data.train",
-        "contains no samples",
+        "contain no samples",
     )
 
 

@@ -1,5 +1,18 @@
-"""Data: WebDataset shards of image-caption pairs → in-memory splits and batches."""
+"""Data: shard sources, the epoch plan, explicit decoders, the streaming training pipeline,
+evaluation splits and the frozen-tower feature cache (see each module's docstring)."""
 
-from .pairs import PairTable, load_pairs, resolve_shards
+from .sources import DataError, ShardList, resolve_shards, shard_list
+from .splits import PairTable, load_split
+from .stream import RankPosition, StreamOptions, TrainStream
 
-__all__ = ["PairTable", "load_pairs", "resolve_shards"]
+__all__ = [
+    "DataError",
+    "PairTable",
+    "RankPosition",
+    "ShardList",
+    "StreamOptions",
+    "TrainStream",
+    "load_split",
+    "resolve_shards",
+    "shard_list",
+]

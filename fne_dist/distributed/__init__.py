@@ -4,6 +4,22 @@ Every collective here is the identity at world size 1 (no process group needed),
 loop and its single-process tests run unchanged without any launcher.
 """
 
-from .collectives import all_gather_no_grad, all_reduce_sum, barrier, rank, world_size
+from .collectives import (
+    all_gather_no_grad,
+    all_gather_varlen,
+    all_min_int,
+    all_reduce_sum,
+    barrier,
+    rank,
+    world_size,
+)
 
-__all__ = ["all_gather_no_grad", "all_reduce_sum", "barrier", "rank", "world_size"]
+__all__ = [
+    "all_gather_no_grad",
+    "all_gather_varlen",
+    "all_min_int",
+    "all_reduce_sum",
+    "barrier",
+    "rank",
+    "world_size",
+]

@@ -47,3 +47,31 @@ def all_reduce_sum(x: Tensor) -> Tensor:
 def barrier() -> None:
     if _active():
         dist.barrier()
+
+
+@torch.no_grad()
+def all_gather_varlen(x_N: Tensor) -> Tensor:
+    """Concatenate every rank's rows in rank order when ranks hold different row counts
+    (evaluation shares); pads to the longest and strips the padding again."""
+    if not _active():
+        return x_N
+    world = dist.get_world_size()
+    n = torch.tensor([x_N.shape[0]], dtype=torch.long, device=x_N.device)
+    counts = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(counts, n)
+    longest = int(max(int(c) for c in counts))
+    padded = x_N.new_zeros((longest, *x_N.shape[1:]))
+    padded[: x_N.shape[0]] = x_N
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
+
+
+def all_min_int(value: int, device: torch.device | None = None) -> int:
+    """The smallest of every rank's ``value`` (e.g. "I have a batch" = 1, "I am out" = 0,
+    "my data failed" = -1): ranks agree before anyone enters the step's collectives."""
+    if not _active():
+        return value
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t)

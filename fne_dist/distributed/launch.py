@@ -21,6 +21,7 @@ class RankEnv:
     world_size: int
     local_rank: int
     source: str  # "torch" (RANK/WORLD_SIZE), "slurm", or "none"
+    local_world_size: int = 1  # processes on this node (they share the node's cores and disk)
 
 
 def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
@@ -28,7 +29,11 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return RankEnv(
-            int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torch"
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            "torch",
+            int(env.get("LOCAL_WORLD_SIZE", 1)),
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return RankEnv(
@@ -36,6 +41,8 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
             int(env["SLURM_NTASKS"]),
             int(env.get("SLURM_LOCALID", 0)),
             "slurm",
+            # "2(x3)" = 2 tasks on each of 3 nodes; a heterogeneous list starts with ours
+            int(env.get("SLURM_TASKS_PER_NODE", "1").split("(")[0].split(",")[0]),
         )
     return RankEnv(0, 1, 0, "none")
 

@@ -1,0 +1,163 @@
+"""Frozen towers: their features, computed once, stored as shards that the stream reads.
+
+A frozen backbone gives the same output every epoch (and its momentum copy equals itself), so
+its features are computed once per split and written as WebDataset shards, one per source
+shard, with the same keys: ``img_feat.npy`` (F) replaces the image of a frozen image tower,
+``txt_feat.npy`` (K×F, one row per caption) sits next to ``txt`` for a frozen text tower, and
+``json`` keeps the ids. Training then streams these shards through the same pipeline as raw
+ones (the ``features`` writer of ``python -m fne_dist.shards`` makes the same members).
+
+The directory is keyed by a fingerprint of the source shards (names and sizes) and the encoder
+settings; it is built in a private temporary directory and renamed into place, so concurrent
+builders (one per node) and crashes never leave a half-written cache that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .decode import BadSample, BadSampleLog, Decoded, decode_sample
+from .plan import Piece
+from .sources import DataError, ShardList
+from .stream import raw_samples
+
+FORMAT = 2  # bump when preprocessing, pooling or the layout changes what a cache holds
+
+
+def cache_fingerprint(identity: dict) -> str:
+    return hashlib.sha1(
+        json.dumps({"format": FORMAT, **identity}, sort_keys=True).encode()
+    ).hexdigest()[:16]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+@torch.no_grad()
+def _features(
+    chunk: list[Decoded], image_backbone: nn.Module | None, text_backbone: nn.Module | None
+) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    img: list[np.ndarray | None] = [None] * len(chunk)
+    txt: list[np.ndarray | None] = [None] * len(chunk)
+    if image_backbone is not None:
+        pixels = torch.stack([image_backbone.preprocess(d.image) for d in chunk])
+        image_backbone.eval()
+        feats = image_backbone(pixels).float().numpy()
+        img = [feats[i] for i in range(len(chunk))]
+    if text_backbone is not None:
+        captions = [c for d in chunk for c in d.captions]
+        tokens = text_backbone.tokenize(captions)
+        text_backbone.eval()
+        feats = text_backbone(tokens["input_ids"], tokens["attention_mask"]).float().numpy()
+        start = 0
+        for i, d in enumerate(chunk):
+            txt[i] = feats[start : start + len(d.captions)]
+            start += len(d.captions)
+    return img, txt
+
+
+def _write_chunk(tar: tarfile.TarFile, chunk: list[Decoded], img, txt) -> None:
+    for d, f_img, f_txt in zip(chunk, img, txt, strict=True):
+        if f_img is not None:
+            _add(tar, f"{d.key}.img_feat.npy", _npy(f_img))
+        elif d.img_feat is not None:
+            _add(tar, f"{d.key}.img_feat.npy", _npy(d.img_feat))
+        else:
+            ext, raw = d.raw_image
+            _add(tar, f"{d.key}.{ext}", raw)
+        if f_txt is not None:
+            _add(tar, f"{d.key}.txt_feat.npy", _npy(f_txt))
+        _add(tar, f"{d.key}.txt", d.captions[0].encode("utf-8"))
+        meta = {"image_id": d.image_id, "caption_id": d.caption_id, "group_id": d.group}
+        if len(d.captions) > 1:
+            meta["captions"] = d.captions
+        _add(tar, f"{d.key}.json", json.dumps(meta).encode("utf-8"))
+
+
+def build_feature_shards(
+    shards: ShardList,
+    out_dir: Path,
+    image_backbone: nn.Module | None,
+    text_backbone: nn.Module | None,
+    caption_key: str,
+    all_captions: bool,
+    max_pixels: int,
+    max_bad_fraction: float,
+    batch_size: int = 64,
+) -> Counter[str]:
+    """Write the feature shards of ``shards`` to ``out_dir`` (atomically); returns bad counts."""
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log = BadSampleLog()
+    sizes = {}
+    for n, (url, size) in enumerate(zip(shards.urls, shards.sizes, strict=True)):
+        name = f"feat-{n:06d}.tar"
+        bad: Counter[str] = Counter()
+        written = seen = 0
+        with tarfile.open(tmp / name, "w", format=tarfile.PAX_FORMAT) as tar:
+            chunk: list[Decoded] = []
+            for sample in raw_samples(url, Piece(0, 0, size)):
+                seen += 1
+                try:
+                    chunk.append(
+                        decode_sample(
+                            sample,
+                            caption_key,
+                            max_pixels,
+                            all_captions,
+                            decode_image=image_backbone is not None,
+                        )
+                    )
+                except BadSample as err:
+                    bad[err.reason] += 1
+                    log.add(err.reason, url, str(err))
+                if len(chunk) == batch_size or (chunk and seen == size):
+                    _write_chunk(tar, chunk, *_features(chunk, image_backbone, text_backbone))
+                    written += len(chunk)
+                    chunk = []
+            if chunk:
+                _write_chunk(tar, chunk, *_features(chunk, image_backbone, text_backbone))
+                written += len(chunk)
+        if seen < size:
+            bad["truncated_tar"] += size - seen
+            log.add("truncated_tar", url, f"{size - seen} of {size} samples missing", size - seen)
+        if sum(bad.values()) > max_bad_fraction * size:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(
+                f"shard {url}: {sum(bad.values())} of {size} samples are bad ({dict(bad)}), "
+                f"above data.max_bad_fraction={max_bad_fraction}"
+            )
+        sizes[name] = written
+    (tmp / "sources.json").write_text(json.dumps(list(shards.urls), indent=1))
+    (tmp / "sizes.json").write_text(json.dumps(sizes, indent=1))  # last: marks a complete build
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another builder finished first: its cache is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return log.counts
+
+
+def is_complete(out_dir: Path) -> bool:
+    return (out_dir / "sizes.json").is_file()

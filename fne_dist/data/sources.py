@@ -1,0 +1,224 @@
+"""Where shards live: patterns → shard URLs, opening them, and their sample counts.
+
+A data spec is one or more sources separated by ``::`` (open_clip's convention), each a brace
+pattern and/or glob: ``/data/cc3m/{00000..00331}.tar::s3://bucket/laion/*.tar``. Local paths and
+fsspec URLs (``s3://``, ``gs://``, ``file://``, ``memory://`` ...) are accepted. ``pipe:`` URLs
+run a shell command, so they are refused unless the config explicitly allows them.
+
+Sample counts come from a ``sizes.json`` next to the shards (open_clip's size index, written by
+``python -m fne_dist.shards``); shards it does not list are counted by reading their tar headers
+(nothing is decoded). The exact-mode plan needs the counts to give every rank the same number of
+batches before any sample is read.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import posixpath
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import braceexpand
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+log = logging.getLogger("fne_dist.data")
+
+
+class DataError(ValueError):
+    """A user-caused data problem (bad path, empty or unreadable shard); one line."""
+
+
+def _is_url(pattern: str) -> bool:
+    return "://" in pattern
+
+
+def _has_magic(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def split_sources(spec: str) -> list[str]:
+    """``a::b`` → ``[a, b]`` (empty parts dropped)."""
+    return [part.strip() for part in spec.split("::") if part.strip()]
+
+
+def _expand_url(pattern: str) -> list[str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(pattern)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if _has_magic(path):
+        return [
+            f"{protocol}://{p.lstrip('/') if protocol != 'file' else p}"
+            for p in sorted(fs.glob(path))
+        ]
+    return [pattern] if fs.exists(path) else []
+
+
+def resolve_source(pattern_spec: str, key: str, allow_pipe: bool = False) -> list[str]:
+    """Shard URLs of one source. Relative local paths are tried from the working directory, then
+    from the repository root, so the shipped configs work from anywhere. Raises DataError naming
+    ``key`` if nothing matches."""
+    if pattern_spec.startswith("pipe:"):
+        if not allow_pipe:
+            raise DataError(
+                f"{key}: 'pipe:' shard URLs run shell commands and are refused "
+                f"(set data.allow_pipe=true to allow them): {pattern_spec}"
+            )
+        return list(braceexpand.braceexpand(pattern_spec))
+    urls: list[str] = []
+    for pattern in braceexpand.braceexpand(pattern_spec):
+        if _is_url(pattern):
+            urls += _expand_url(pattern)
+            continue
+        candidates = [Path(pattern)]
+        if not Path(pattern).is_absolute():
+            candidates.append(REPO_ROOT / pattern)
+        for candidate in candidates:
+            found = sorted(glob.glob(str(candidate)))
+            if found:
+                urls += found
+                break
+    if not urls:
+        raise DataError(f"{key}: no shard matches {pattern_spec!r}")
+    return urls
+
+
+def resolve_shards(spec: str, key: str, allow_pipe: bool = False) -> list[str]:
+    """Every shard of every ``::`` source of ``spec`` in order."""
+    return [url for part in split_sources(spec) for url in resolve_source(part, key, allow_pipe)]
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """A readable binary stream for a local path, an fsspec URL or (if allowed) a pipe."""
+    if url.startswith("pipe:"):
+        import webdataset as wds
+
+        return wds.gopen(url, "rb")
+    if _is_url(url):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return open(url, "rb", buffering=1 << 20)
+
+
+def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular member of a tar or tar.gz stream, in order (no seeking)."""
+    import tarfile
+
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg():
+                member = tar.extractfile(info)
+                yield info.name, member.read() if member else b""
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``dir/key.full.txt`` → (``dir/key``, ``full.txt``): webdataset's key/extension rule
+    (the extension starts at the first dot of the file name)."""
+    directory, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ""
+
+
+def count_samples(url: str) -> int:
+    """Samples (runs of members with one key) in a shard, read from the tar headers only.
+
+    A truncated shard counts the samples that are there (with a warning): without a size index
+    nothing says more were meant to be, and the readable part is still data.
+    """
+    import tarfile
+
+    n, last = 0, None
+    with open_shard(url) as stream:
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for info in tar:
+                    if not info.isreg():
+                        continue
+                    key, _ = split_member_name(info.name)
+                    if key != last:
+                        n, last = n + 1, key
+        except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+            if n == 0:
+                raise
+            log.warning("shard %s is truncated after %d samples (%s)", url, n, err)
+    return n
+
+
+def _sizes_json_for(url: str) -> dict[str, int]:
+    directory = posixpath.dirname(url) if _is_url(url) else str(Path(url).parent)
+    index = (
+        posixpath.join(directory, "sizes.json")
+        if _is_url(url)
+        else str(Path(directory) / "sizes.json")
+    )
+    try:
+        if _is_url(index):
+            import fsspec
+
+            with fsspec.open(index, "rb") as f:
+                raw = f.read()
+        else:
+            raw = Path(index).read_bytes()
+    except (FileNotFoundError, OSError):
+        return {}
+    try:
+        sizes = json.loads(raw.decode("utf-8"))
+        return {str(k): int(v) for k, v in sizes.items()}
+    except (ValueError, AttributeError) as err:
+        raise DataError(f"{index}: not a valid sizes.json ({err})") from None
+
+
+@dataclass(frozen=True)
+class ShardList:
+    """Shard URLs with their sample counts and source index (for per-source weights)."""
+
+    urls: tuple[str, ...]
+    sizes: tuple[int, ...]
+    source_of: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+
+def shard_list(spec: str, key: str, allow_pipe: bool = False) -> ShardList:
+    """Resolve ``spec`` and look up each shard's sample count (sizes.json, else counted)."""
+    urls, sizes, source_of = [], [], []
+    counted = 0
+    for source, part in enumerate(split_sources(spec)):
+        index_cache: dict[str, dict[str, int]] = {}
+        for url in resolve_source(part, key, allow_pipe):
+            directory = posixpath.dirname(url) if _is_url(url) else str(Path(url).parent)
+            if directory not in index_cache:
+                index_cache[directory] = {} if url.startswith("pipe:") else _sizes_json_for(url)
+            name = posixpath.basename(url) if _is_url(url) else Path(url).name
+            size = index_cache[directory].get(name)
+            if size is None:
+                if url.startswith("pipe:"):
+                    raise DataError(f"{key}: pipe: shards need a sizes.json next to them ({url})")
+                try:
+                    size = count_samples(url)
+                except Exception as err:  # a shard that cannot even be listed: name it
+                    raise DataError(
+                        f"{key}: cannot read shard {url}: {err}".splitlines()[0]
+                    ) from None
+                counted += 1
+            urls.append(url)
+            sizes.append(size)
+            source_of.append(source)
+    if counted:
+        log.info(
+            "%s: counted the samples of %d shard(s) that no sizes.json lists "
+            "(write one with `python -m fne_dist.shards index DIR`)",
+            key,
+            counted,
+        )
+    if sum(sizes) == 0:
+        raise DataError(f"{key}: the shards matching {spec!r} contain no samples")
+    return ShardList(tuple(urls), tuple(sizes), tuple(source_of))

@@ -1,0 +1,140 @@
+"""Evaluation splits: each rank reads every W-th sample of a split into memory.
+
+Legend: I images, T captions (each caption belongs to one image: ``text_to_image_T``), W ranks.
+
+Evaluation splits by *sample* (not by shard): val/test sets are small and often one shard, and
+every rank must hold a share for ZeRO-3's collective forward passes. Each rank embeds its share
+and ``evaluation.py`` gathers the embeddings. A sample may list every caption of its image in
+its json (``captions``, the ``image`` layout of ``python -m fne_dist.shards``); otherwise its
+caption member is its one caption, and samples with the same image id are one image.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .decode import BadSample, BadSampleLog, Decoded, decode_sample
+from .plan import Piece
+from .sources import DataError, ShardList
+from .stream import raw_samples
+
+
+@dataclass
+class PairTable:
+    """One split (or one rank's share of it) in memory: model inputs per image and caption."""
+
+    image_inputs: dict[str, Tensor]  # pixels I×3×S×S uint8, or img_feat I×F
+    captions: list[str]  # T captions
+    text_inputs: dict[str, Tensor]  # txt_feat T×F, or nothing (tokenised when embedded)
+    text_to_image_T: Tensor  # int64: index of each caption's image in 0..I-1
+    image_ids_I: Tensor  # int64: the dataset's image id (the positive mask key)
+    groups_I: Tensor  # int64: group label (-1 = unknown), e.g. the emoji family
+    # Global sample index of each image's first sample and of each caption (×1024 + position in
+    # the sample): gathered shares are put back in this order, so W ranks evaluate exactly
+    # like one (the COCO 1K folds depend on image order).
+    order_I: Tensor
+    order_T: Tensor
+    bad: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_ids_I.shape[0])
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+
+def load_split(
+    shards: ShardList,
+    key: str,
+    preprocess: Callable[[Image.Image], Tensor] | None,
+    caption_key: str = "txt",
+    max_pixels: int = 50_000_000,
+    rank: int = 0,
+    world: int = 1,
+    max_bad_fraction: float = 0.05,
+) -> PairTable:
+    """Rank ``rank``'s share (global sample index ≡ rank mod W) of the split in ``shards``.
+
+    ``preprocess`` turns a PIL image into model pixels (None when the shards hold ``img_feat``).
+    Bad samples are skipped and counted like in training; above ``max_bad_fraction`` of a shard
+    the split fails with a DataError naming it.
+    """
+    images: list[Tensor] = []
+    captions: list[str] = []
+    txt_feats: list[Tensor] = []
+    text_to_image: list[int] = []
+    image_ids: list[int] = []
+    groups: list[int] = []
+    order_I: list[int] = []
+    order_T: list[int] = []
+    index_of: dict[int, int] = {}
+    log = BadSampleLog()
+    offset = 0
+    for url, size in zip(shards.urls, shards.sizes, strict=True):
+        bad: Counter[str] = Counter()
+        seen = 0
+        mine = sum(1 for i in range(size) if (offset + i) % world == rank)
+        for i, sample in enumerate(raw_samples(url, Piece(0, 0, size))):
+            seen += 1
+            if (offset + i) % world != rank:
+                continue
+            try:
+                d: Decoded = decode_sample(
+                    sample,
+                    caption_key,
+                    max_pixels,
+                    all_captions=True,
+                    decode_image=preprocess is not None,
+                )
+                if d.image_id not in index_of:
+                    if d.img_feat is not None:
+                        pixels = torch.from_numpy(d.img_feat)
+                    elif preprocess is not None and d.image is not None:
+                        pixels = preprocess(d.image)
+                    else:
+                        raise BadSample("missing_image", d.key)
+                    index_of[d.image_id] = len(image_ids)
+                    image_ids.append(d.image_id)
+                    groups.append(d.group)
+                    order_I.append(offset + i)
+                    images.append(pixels)
+            except BadSample as err:
+                bad[err.reason] += 1
+                log.add(err.reason, url, str(err))
+                continue
+            for k, caption in enumerate(d.captions):
+                captions.append(caption)
+                text_to_image.append(index_of[d.image_id])
+                order_T.append((offset + i) * 1024 + k)
+                if d.txt_feat is not None:
+                    txt_feats.append(torch.from_numpy(d.txt_feat[k]))
+        missing = sum(1 for i in range(seen, size) if (offset + i) % world == rank)
+        if missing:
+            bad["truncated_tar"] += missing
+            log.add("truncated_tar", url, f"{size - seen} of {size} samples missing", missing)
+        if sum(bad.values()) > max_bad_fraction * max(mine, 1):
+            raise DataError(
+                f"{key}: shard {url}: {sum(bad.values())} of {mine} samples read are bad "
+                f"({dict(bad)}), above data.max_bad_fraction={max_bad_fraction}"
+            )
+        offset += size
+    image_key = "img_feat" if images and images[0].dtype != torch.uint8 else "pixels"
+    return PairTable(
+        image_inputs={image_key: torch.stack(images)} if images else {},
+        captions=captions,
+        text_inputs={"txt_feat": torch.stack(txt_feats)} if txt_feats else {},
+        text_to_image_T=torch.tensor(text_to_image, dtype=torch.long),
+        image_ids_I=torch.tensor(image_ids, dtype=torch.long),
+        groups_I=torch.tensor(groups, dtype=torch.long),
+        order_I=torch.tensor(order_I, dtype=torch.long),
+        order_T=torch.tensor(order_T, dtype=torch.long),
+        bad=log.counts,
+    )

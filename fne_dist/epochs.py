@@ -1,0 +1,117 @@
+"""Epochs of batches that every rank agrees on.
+
+The step's all-gather needs every rank to bring a full batch of the same size. The plan gives
+every rank the same number of batches, but bad samples can leave one rank short, and a data
+error on one rank must not leave the others blocked in a collective. So before each step the
+ranks all-reduce one integer (1 = "I have a batch", 0 = "my epoch is over", −1 = "my data
+failed"): on 0 every rank ends the epoch there (the batches others held are counted as
+dropped), on −1 every rank stops with an error. One 8-byte all-reduce per step; the identity at
+world size 1.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import torch
+
+from . import distributed as D
+from .data.decode import REASONS
+from .data.sources import DataError
+from .data.stream import RankPosition, TrainStream
+from .reporting import Reporter
+from .timing import NullTimer, PhaseTimer
+
+
+class DataLog:
+    """Data counters of a run on one rank: bad samples per reason, dropped samples, epochs cut
+    short, and the position after the last batch the loop consumed."""
+
+    def __init__(self, stream: TrainStream, reporter: Reporter) -> None:
+        self.stream, self.reporter = stream, reporter
+        self.bad: Counter[str] = Counter()
+        self.dropped = 0  # planned for this rank but never in a batch (cut-short epochs)
+        self.dropped_by_plan = 0  # global: N − S·G per epoch (the same on every rank)
+        self.epochs_cut_short = 0
+        self.position: RankPosition | None = None
+
+    def epoch_started(self, epoch: int, first: bool) -> None:
+        plan = self.stream.plan(epoch)
+        self.dropped_by_plan += plan.dropped
+        if first:
+            self.reporter.message(self.stream.describe(plan))
+
+    def epoch_done(self, epoch: int, steps_run: int, steps_planned: int) -> None:
+        self.bad.update(self.stream.counters.bad)
+        if steps_run < steps_planned:
+            self.epochs_cut_short += 1
+            self.dropped += (steps_planned - steps_run) * self.stream.opts.batch
+            self.reporter.message(
+                f"epoch {epoch} ended after {steps_run} of {steps_planned} steps: a rank ran out "
+                f"of samples (bad samples so far on this rank: {dict(self.bad)})"
+            )
+
+    def totals(self, device: torch.device) -> dict:
+        """Counts summed over ranks (a collective: every rank calls it)."""
+        local = torch.tensor(
+            [self.bad.get(r, 0) for r in REASONS] + [self.dropped],
+            dtype=torch.float64,
+            device=device,
+        )
+        total = D.all_reduce_sum(local).tolist()
+        bad = {r: int(n) for r, n in zip(REASONS, total, strict=False) if n}
+        return {
+            "bad_samples": bad,
+            "dropped_by_plan": self.dropped_by_plan,
+            "dropped_cut_short": int(total[len(REASONS)]),
+            "epochs_cut_short": self.epochs_cut_short,  # the same on every rank
+            "position": self.position.to_dict() if self.position else None,
+        }
+
+
+def agreed_batches(
+    stream: TrainStream,
+    total_micro: int,
+    data_log: DataLog,
+    timer: PhaseTimer | NullTimer,
+    device: torch.device,
+    resume: RankPosition | None = None,
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+    """(micro step, epoch, batch) until ``total_micro`` micro steps have been planned; micro =
+    epoch · S + step, so a step's number (and its sampler uniforms) never depends on how
+    earlier epochs ended. ``resume`` continues inside its epoch."""
+    steps = stream.steps_per_epoch
+    epoch = resume.epoch if resume else 0
+    first = True
+    while epoch * steps < total_micro:
+        data_log.epoch_started(epoch, first)
+        start = resume if resume is not None and epoch == resume.epoch else None
+        step = start.step if start else 0
+        batches = stream.epoch(epoch, start)
+        try:
+            while step < steps and epoch * steps + step < total_micro:
+                error: DataError | None = None
+                with timer.phase("data"):
+                    try:
+                        batch, position = next(batches)
+                        status = 1
+                    except StopIteration:
+                        status = 0
+                    except DataError as err:
+                        status, error = -1, err
+                    agreed = D.all_min_int(status, device)
+                if agreed < 0:
+                    raise error or DataError(
+                        "a data error on another rank stopped the run (see that rank's log)"
+                    )
+                if agreed == 0:
+                    break
+                data_log.position = position
+                yield epoch * steps + step, epoch, batch
+                step += 1
+        finally:
+            batches.close()
+        data_log.epoch_done(epoch, step, min(steps, total_micro - epoch * steps))
+        epoch += 1
+        first = False

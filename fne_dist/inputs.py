@@ -1,0 +1,138 @@
+"""What the loop feeds the model: shard lists (raw or cached features), the training stream and
+the evaluation tables, assembled from the config for one rank.
+
+A frozen tower's features are computed once per split into feature shards
+(``data/feature_shards.py``) by local rank 0 of each node while the other ranks wait; training
+and evaluation then read those shards instead of the raw ones.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import distributed as D
+from .config import Config
+from .data.batching import PairCollate, PairTransform
+from .data.feature_shards import build_feature_shards, cache_fingerprint, is_complete
+from .data.sources import DataError, ShardList, shard_list
+from .data.splits import PairTable, load_split
+from .data.stream import StreamOptions, TrainStream
+from .encoders import ImageBackbone, TextBackbone
+
+SPLITS = ("train", "val", "test")
+
+
+def raw_shards(cfg: Config, split: str) -> ShardList:
+    return shard_list(getattr(cfg.data, split), f"data.{split}", cfg.data.allow_pipe)
+
+
+def _cache_dir(cfg: Config, split: str, shards: ShardList) -> Path:
+    identity = {
+        "split": split,
+        "shards": [(Path(u).name, n) for u, n in zip(shards.urls, shards.sizes, strict=True)],
+        "caption_key": cfg.data.caption_key,
+        "image": [cfg.model.image.type, cfg.model.image.name_or_path, cfg.model.image.image_size]
+        if cfg.model.image.frozen
+        else None,
+        "text": [cfg.model.text.type, cfg.model.text.name_or_path, cfg.model.text.max_length]
+        if cfg.model.text.frozen
+        else None,
+    }
+    return Path(cfg.data.cache_dir) / f"{split}-{cache_fingerprint(identity)}"
+
+
+def split_shards(
+    cfg: Config,
+    split: str,
+    image_backbone: ImageBackbone,
+    text_backbone: TextBackbone,
+    local_rank: int = 0,
+    local_world: int = 1,
+    log=print,
+) -> ShardList:
+    """The shards a split is read from: the raw ones, or (frozen towers) its feature shards,
+    built here by local rank 0 if missing. Every rank must call it (it waits for the build)."""
+    shards = raw_shards(cfg, split)
+    if not (cfg.model.image.frozen or cfg.model.text.frozen):
+        return shards
+    out = _cache_dir(cfg, split, shards)
+    if local_rank == 0 and not is_complete(out):
+        threads = torch.get_num_threads()
+        # the other local ranks only wait: lend their cores to the build
+        torch.set_num_threads(min(os.cpu_count() or 1, threads * local_world))
+        t0 = time.perf_counter()
+        bad = build_feature_shards(
+            shards,
+            out,
+            image_backbone if cfg.model.image.frozen else None,
+            text_backbone if cfg.model.text.frozen else None,
+            cfg.data.caption_key,
+            all_captions=split != "train",
+            max_pixels=cfg.data.max_pixels,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
+        torch.set_num_threads(threads)
+        log(
+            f"data.{split}: cached frozen-tower features of {shards.total} samples in "
+            f"{time.perf_counter() - t0:.1f} s → {out}"
+            + (f" (bad samples skipped: {dict(bad)})" if bad else "")
+        )
+    deadline = time.monotonic() + cfg.data.cache_wait_s
+    while not is_complete(out):  # another process on this node is building it
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"data.{split}: feature cache {out} not complete after "
+                f"data.cache_wait_s={cfg.data.cache_wait_s:.0f} s"
+            )
+        time.sleep(0.5)
+    D.barrier()
+    return shard_list(str(out / "feat-*.tar"), f"data.{split} (feature cache)")
+
+
+def train_stream(
+    cfg: Config,
+    shards: ShardList,
+    image_backbone: ImageBackbone,
+    text_backbone: TextBackbone,
+    rank: int,
+    world: int,
+) -> TrainStream:
+    """This rank's training stream over ``shards``."""
+    d = cfg.data
+    opts = StreamOptions(
+        batch=cfg.train.batch_size,
+        seed=cfg.run.seed,
+        rank=rank,
+        world=world,
+        workers=d.loader_workers,
+        mode=d.mode,
+        samples_per_epoch=d.samples_per_epoch,
+        weights=tuple(d.train_weights or ()),
+        shuffle_buffer=d.shuffle_buffer,
+        caption_key=d.caption_key,
+        max_pixels=d.max_pixels,
+        max_bad_fraction=d.max_bad_fraction,
+    )
+    transform = PairTransform(None if cfg.model.image.frozen else image_backbone.preprocess)
+    collate = PairCollate(None if cfg.model.text.frozen else text_backbone.tokenize)
+    return TrainStream(shards, opts, transform, collate)
+
+
+def eval_table(
+    cfg: Config, split: str, shards: ShardList, image_backbone: ImageBackbone, rank: int, world: int
+) -> PairTable:
+    """This rank's share of an evaluation split (every W-th sample)."""
+    return load_split(
+        shards,
+        f"data.{split}",
+        None if cfg.model.image.frozen else image_backbone.preprocess,
+        cfg.data.caption_key,
+        cfg.data.max_pixels,
+        rank,
+        world,
+        cfg.data.max_bad_fraction,
+    )
