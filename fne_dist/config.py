@@ -81,7 +81,7 @@ class DataConfig:
         0, "resampled mode: samples per virtual epoch (0 = the size of data.train)", ge=0
     )
     loader_workers: int = setting(
-        1, "DataLoader worker processes per rank (0 = read in the training process)", ge=0
+        2, "DataLoader worker processes per rank (0 = read in the training process)", ge=0
     )
     shuffle_buffer: int = setting(1000, "samples in the shuffle buffer (per shard piece)", ge=1)
     caption_key: str = setting("txt", "caption member of a sample (emoji: txt or full.txt)")

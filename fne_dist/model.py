@@ -4,8 +4,8 @@ Legend: B batch, F backbone feature dim, D shared embedding dim, I images, T cap
 
 No loss, no memory, no collectives here. A frozen tower's backbone is evaluated once per split
 (``data/feature_shards.py``) and training then feeds its features to the head: the backbone
-would give the same output every epoch, and its momentum copy equals itself. A trainable tower keeps its
-backbone inside the module so DeepSpeed trains (and partitions) it.
+would give the same output every epoch, and its momentum copy equals itself. A trainable tower
+keeps its backbone inside the module so DeepSpeed trains (and partitions) it.
 """
 
 from __future__ import annotations

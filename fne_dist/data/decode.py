@@ -120,12 +120,19 @@ def _npy(raw: bytes, key: str) -> np.ndarray:
     return arr.reshape(shape).astype(np.float32)
 
 
-def open_image(raw: bytes, max_pixels: int) -> Image.Image:
-    """Decode an image, refusing oversized ones before their pixels are decoded."""
+_PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def open_image(raw: bytes, max_pixels: int, ext: str = "") -> Image.Image:
+    """Decode an image, refusing oversized ones before their pixels are decoded. The member's
+    extension is tried first: PIL otherwise probes several formats before the right one."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw))
+            try:
+                img = Image.open(io.BytesIO(raw), formats=[_PIL_FORMAT[ext]] if ext else None)
+            except Image.UnidentifiedImageError:  # mislabelled (a PNG named .jpg): probe all
+                img = Image.open(io.BytesIO(raw))
             width, height = img.size
             if width * height > max_pixels:
                 raise BadSample("too_many_pixels", f"{width}×{height}")
@@ -176,7 +183,7 @@ def decode_sample(
             raise BadSample("missing_image" if ext is None else "corrupt_image", key)
         raw_image = (ext, sample[ext])
         if decode_image:
-            image = open_image(sample[ext], max_pixels)
+            image = open_image(sample[ext], max_pixels, ext)
 
     captions: list[str]
     listed = meta.get("captions") if all_captions else None

@@ -1,0 +1,96 @@
+"""Ranks agree on every step: a rank that runs out of samples (bad samples) or whose data fails
+never leaves the other blocked in a collective. Two real gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fne_dist.distributed.launch import free_port
+
+from .shard_factory import sample_members, write_tar
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist_scripts" / "data_agreement.py"
+pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
+
+
+def _shards(root: Path) -> str:
+    """Two shards of 16 samples: with W=2, B=4 each rank reads one whole shard (4 steps);
+    shard b has 3 corrupt images, so its rank has only 3 full batches."""
+    good = [(f"a{k:03d}", sample_members(k)) for k in range(16)]
+    write_tar(root / "part-000000.tar", good)
+    bad = []
+    for k in range(16):
+        members = sample_members(100 + k)
+        if k in (3, 8, 12):
+            members["png"] = b"corrupt"
+        bad.append((f"b{k:03d}", members))
+    write_tar(root / "part-000001.tar", bad)
+    (root / "sizes.json").write_text(json.dumps({"part-000000.tar": 16, "part-000001.tar": 16}))
+    return str(root / "part-*.tar")
+
+
+def _run(spec: str, frac: float, out: Path) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        env.update(
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), spec, str(frac), str(out)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    deadline = time.monotonic() + 90
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = [p.stdout.read() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_a_rank_out_of_samples_ends_the_epoch_for_all(tmp_path: Path) -> None:
+    """Invariant: when bad samples leave one rank with 3 full batches and the other with 4,
+    both ranks train exactly 3 steps (no rank waits in a collective for a batch that never
+    comes), the epoch is counted as cut short on both, and no sample is seen twice."""
+    ranks = _run(_shards(tmp_path / "shards"), 1.0, tmp_path / "out")
+    assert [len(r["batches"]) for r in ranks] == [3, 3]
+    assert [r["cut_short"] for r in ranks] == [1, 1]
+    assert all(r["error"] is None for r in ranks)
+    ids = [i for r in ranks for b in r["batches"] for i in b]
+    assert len(ids) == len(set(ids)) == 24
+
+
+def test_a_data_error_on_one_rank_stops_both(tmp_path: Path) -> None:
+    """Invariant: when one rank's shard exceeds data.max_bad_fraction, that rank stops with the
+    error naming the shard and the other stops too (told that another rank failed), promptly."""
+    ranks = _run(_shards(tmp_path / "shards"), 0.1, tmp_path / "out")
+    errors = sorted(r["error"] or "" for r in ranks)
+    assert "another rank" in errors[0] and "part-000001.tar" in errors[1], errors
+    assert "max_bad_fraction=0.1" in errors[1]
