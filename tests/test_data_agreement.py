@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fne_dist.distributed.launch import free_port
 
@@ -37,7 +38,7 @@ def _shards(root: Path) -> str:
     return str(root / "part-*.tar")
 
 
-def _run(spec: str, frac: float, out: Path) -> list[dict]:
+def _run(spec: str, frac: float | str, out: Path) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -72,6 +73,8 @@ def _run(spec: str, frac: float, out: Path) -> list[dict]:
                 p.wait()
     logs = [p.stdout.read() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
+    if frac == "eval":
+        return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -94,3 +97,37 @@ def test_a_data_error_on_one_rank_stops_both(tmp_path: Path) -> None:
     errors = sorted(r["error"] or "" for r in ranks)
     assert "another rank" in errors[0] and "part-000001.tar" in errors[1], errors
     assert "max_bad_fraction=0.1" in errors[1]
+
+
+def test_sharded_evaluation_gathers_exactly_the_one_rank_split(tmp_path: Path) -> None:
+    """Invariant: two ranks that each read every second sample of a split (images appearing in
+    samples on both ranks, 1 and 3 captions per sample) and gather their embeddings get exactly
+    the split one rank reads alone: same images once each in the same order, same captions in
+    the same order, same caption→image map and groups."""
+    from fne_dist.data import load_split, shard_list
+    from fne_dist.evaluation import gather_split
+
+    samples = []
+    for k in range(11):
+        members = sample_members(k // 2, group=k % 3)  # two samples per image
+        if k % 4 == 0:
+            meta = json.loads(members["json"])
+            meta["captions"] = [f"c{k}-{j}" for j in range(3)]
+            members["json"] = json.dumps(meta).encode()
+        samples.append((f"s{k:03d}", members))
+    write_tar(tmp_path / "val-000000.tar", samples[:6])
+    write_tar(tmp_path / "val-000001.tar", samples[6:])
+    spec = str(tmp_path / "val-*.tar")
+    ranks = _run(spec, "eval", tmp_path / "out")
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from data_agreement import fake_embedding
+
+    table = load_split(shard_list(spec, "v"), "v", lambda img: torch.zeros(3, 2, 2))
+    img, txt, t2i, groups = gather_split(
+        table, fake_embedding(table.image_ids_I), fake_embedding(table.order_T)
+    )
+    assert img.shape[0] == 6 and txt.shape[0] == 11 + 3 * 2  # 3 samples carry 3 captions
+    for r in ranks:
+        assert torch.equal(r["img"], img) and torch.equal(r["txt"], txt)
+        assert torch.equal(r["text_to_image"], t2i) and torch.equal(r["groups"], groups)

@@ -1,9 +1,12 @@
-"""One rank of tests/test_data_agreement.py: stream an epoch through ``agreed_batches``.
+"""One rank of tests/test_data_agreement.py.
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python data_agreement.py SPEC FRAC OUT
+    RANK=r ... python data_agreement.py SPEC eval OUT
 
-Writes OUT/rank{r}.json: the ids of every batch this rank trained on, and the DataError it
-stopped with (if any).
+Default mode: stream an epoch through ``agreed_batches``; writes OUT/rank{r}.json with the ids
+of every batch this rank trained on and the DataError it stopped with (if any).
+``eval``: read this rank's share of SPEC, give every image and caption an embedding that is a
+function of its ids only, gather the split and write what ``evaluation.gather_split`` returns.
 """
 
 from __future__ import annotations
@@ -24,10 +27,43 @@ from fne_dist.reporting import Reporter
 from fne_dist.timing import NullTimer
 
 
+def fake_embedding(keys: torch.Tensor, dim: int = 8) -> torch.Tensor:
+    """An embedding that depends only on an integer key (the same on every rank)."""
+    rows = [torch.Generator().manual_seed(int(k) + 1) for k in keys.tolist()]
+    return (
+        torch.stack([torch.randn(dim, generator=g) for g in rows]) if rows else torch.zeros(0, dim)
+    )
+
+
+def gather_eval(spec: str, rank: int, world: int, out: Path) -> None:
+    from fne_dist.data import load_split
+    from fne_dist.evaluation import gather_split
+
+    table = load_split(
+        shard_list(spec, "data.val"),
+        "data.val",
+        lambda img: torch.zeros(3, 2, 2),
+        rank=rank,
+        world=world,
+    )
+    img = fake_embedding(table.image_ids_I)
+    txt = fake_embedding(table.order_T)  # a caption's key: its global position
+    img, txt, text_to_image, groups = gather_split(table, img, txt)
+    torch.save(
+        {"img": img, "txt": txt, "text_to_image": text_to_image, "groups": groups},
+        out / f"rank{rank}.pt",
+    )
+
+
 def main() -> None:
-    spec, frac, out = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+    spec, frac, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+    if frac == "eval":
+        gather_eval(spec, rank, world, out)
+        dist.destroy_process_group()
+        return
+    frac = float(frac)
     opts = StreamOptions(batch=4, seed=5, rank=rank, world=world, max_bad_fraction=frac)
     stream = TrainStream(
         shard_list(spec, "data.train"),
