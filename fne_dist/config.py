@@ -36,6 +36,11 @@ class RunConfig:
     threads: int = setting(
         2, "torch intra-op threads per process (pinned: results depend on it)", ge=1
     )
+    id: str | None = setting(
+        None,
+        "set by the Ray launcher: after a worker-group restart, checkpoints written by this "
+        "run id are resumed even before Ray registered them",
+    )
 
 
 @dataclass
@@ -132,6 +137,19 @@ class EngineConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str | None = setting(
+        None, "where checkpoints go (null: <run.output_dir>/<run.name>/checkpoints)"
+    )
+    every_steps: int = setting(0, "write a checkpoint every N optimizer steps (0: off)", ge=0)
+    at_epoch_end: bool = setting(True, "write a checkpoint after every epoch and at the end")
+    keep_last: int = setting(3, "keep the newest K checkpoints (0: keep all)", ge=0)
+    resume: str | None = setting(
+        None, "resume from 'latest' (newest valid checkpoint in checkpoint.dir) or a path"
+    )
+
+
+@dataclass
 class DistConfig:
     launcher: str = setting(
         "auto",
@@ -146,6 +164,9 @@ class DistConfig:
     )
     worker_start_timeout_s: float = setting(
         60.0, "Ray: wait this long for the worker group", gt=0.0
+    )
+    max_failures: int = setting(
+        0, "Ray: restart the worker group from the latest checkpoint this many times", ge=0
     )
 
 
@@ -189,6 +210,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def check(self) -> None:
         """Rules that span fields or sections (raised as one-line ValueErrors)."""
@@ -381,6 +403,10 @@ def _fix_yaml_floats(node: Any) -> Any:
     return node
 
 
+def config_text(cfg: Config) -> str:
+    """The resolved config (every field, defaults included) as YAML."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config (every field, defaults included) as YAML."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_text(cfg))

@@ -42,10 +42,13 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
 
 
 def build_engine(model: nn.Module, cfg: Config, total_steps: int):
-    """Wrap ``model`` in a DeepSpeed engine with Adam(W), the lr schedule and clipping.
+    """Wrap ``model`` in a DeepSpeed engine with Adam(W), the lr schedule and clipping (or, with
+    ``engine.kind=ddp``, in the plain-DDP twin below).
 
     A torch optimizer is passed in (not DeepSpeed's fused ones, which need compiled ops).
     """
+    if cfg.engine.kind == "ddp":
+        return DDPEngine(model, cfg, total_steps)
     import deepspeed  # imported late: the accelerator must be chosen first (distributed.device)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -74,3 +77,110 @@ def gathered_parameters(engine):
             list(engine.module.parameters()), modifier_rank=None
         )
     return contextlib.nullcontext()
+
+
+class DDPEngine:
+    """Plain torch DDP behind the small part of DeepSpeed's engine interface the loop uses
+    (call, ``module``, ``backward``, ``step``, ``get_lr``, ``zero_optimization_stage``,
+    ``save_checkpoint``/``load_checkpoint``): the comparison twin of ``engine.kind=ddp``.
+
+    Same optimizer (AdamW), schedule, clipping and gradient accumulation (the loss is divided
+    by the accumulation steps, as DeepSpeed does); DDP averages gradients over ranks like
+    DeepSpeed. Its checkpoint is safetensors + JSON (no pickle).
+    """
+
+    def __init__(self, model: nn.Module, cfg: Config, total_steps: int) -> None:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.module = model
+        active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.wrapped = DistributedDataParallel(model) if active else model
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.optim, total_steps)
+        )
+        self.accum, self.clip, self.micro = cfg.engine.grad_accum, cfg.optim.grad_clip, 0
+
+    def __call__(self, batch):
+        return self.wrapped(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum).backward()
+
+    def step(self) -> None:
+        self.micro += 1
+        if self.micro % self.accum:
+            return
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
+        """Rank 0 writes model, optimizer tensors and the rest as JSON (every rank holds the
+        same state under DDP)."""
+        import json
+        from pathlib import Path
+
+        import torch.distributed as dist
+        from safetensors.torch import save_file
+
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        out = Path(save_dir) / tag
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in self.module.state_dict().items()},
+            str(out / "ddp_model.safetensors"),
+        )
+        opt = self.optimizer.state_dict()
+        tensors, plain = {}, {}
+        for pid, state in opt["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors[f"{pid}.{key}"] = value.contiguous()
+                else:
+                    plain[f"{pid}.{key}"] = value
+        save_file(tensors, str(out / "ddp_optimizer.safetensors"))
+        doc = {
+            "param_groups": opt["param_groups"],
+            "state_scalars": plain,
+            "scheduler": self.scheduler.state_dict() | {"lr_lambdas": None},
+            "micro": self.micro,
+        }
+        (out / "ddp_state.json").write_text(json.dumps(doc))
+
+    def load_checkpoint(self, load_dir: str, tag: str, **_: object) -> tuple[str | None, dict]:
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        src = Path(load_dir) / tag
+        if not (src / "ddp_state.json").is_file():
+            return None, {}
+        self.module.load_state_dict(load_file(str(src / "ddp_model.safetensors")))
+        doc = json.loads((src / "ddp_state.json").read_text())
+        state: dict[int, dict] = {}
+        for name, value in load_file(str(src / "ddp_optimizer.safetensors")).items():
+            pid, key = name.split(".", 1)
+            state.setdefault(int(pid), {})[key] = value
+        for name, value in doc["state_scalars"].items():
+            pid, key = name.split(".", 1)
+            state.setdefault(int(pid), {})[key] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+        scheduler = {k: v for k, v in doc["scheduler"].items() if k != "lr_lambdas"}
+        self.scheduler.load_state_dict({**scheduler, "lr_lambdas": [None]})
+        self.micro = doc["micro"]
+        return str(src), {}

@@ -26,8 +26,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import Tensor
 
+from . import checkpoint as ckpt
 from . import distributed as D
-from .config import Config, save_config
+from .config import Config, config_text, save_config
+from .data.stream import RankPosition
 from .distributed.device import backend_for, select_device
 from .distributed.launch import init_process_group, rank_env
 from .encoders import (
@@ -153,7 +155,7 @@ def _train(
         f"K={memory.capacity}"
     )
 
-    # 4. the loop
+    # 4. resume (Ray's checkpoint after a restart, else checkpoint.resume), then the loop
     sums: dict[str, Tensor] = {}
     history: list[dict] = []
     last_logged: dict[str, float] = {}
@@ -162,6 +164,72 @@ def _train(
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
     data_log = DataLog(stream, reporter)
     n_micro, epoch = 0, -1
+    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    layout = {
+        "world_size": world,
+        "loader_workers": stream.opts.consumers,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.engine.grad_accum,
+    }
+    position = None
+    resume_dir = _resume_dir(cfg, reporter, ckpt_root)
+    if resume_dir is not None:
+        meta = ckpt.validate(resume_dir)
+        restored = ckpt.load_run_checkpoint(
+            resume_dir, meta, layout, engine, momentum, memory, stats, rank
+        )
+        c = restored.counters
+        opt_step, n_micro, epoch = c["opt_step"], c["n_micro"], c["epoch"]
+        stale = torch.tensor(c["stale"], dtype=torch.float64, device=device)
+        sums = {
+            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in c["sums"].items()
+        }
+        history, last_logged = c["history"], c["last_logged"]
+        position = RankPosition.from_dict(restored.data_position)
+        if position.step >= stream.steps_per_epoch:
+            epoch = -1  # saved at an epoch's end: the next epoch resets the statistics
+        reporter.message(
+            f"resumed from {resume_dir} (optimizer step {opt_step}, epoch {position.epoch}, "
+            f"batch {position.step} of {stream.steps_per_epoch})"
+        )
+
+    def save_checkpoint(micro: int) -> None:
+        counters = {
+            "opt_step": opt_step,
+            "n_micro": n_micro,
+            "micro": micro,
+            "epoch": epoch,
+            "stale": stale.tolist(),
+            "sums": {k: float(v) for k, v in sums.items()},
+            "history": history if is_main else [],
+            "last_logged": last_logged,
+            "samples_seen": n_micro * G,
+        }
+        position_dict = data_log.position.to_dict() if data_log.position else None
+        path = ckpt.save_run_checkpoint(
+            ckpt_root,
+            opt_step,
+            engine,
+            momentum,
+            memory,
+            stats,
+            config_text(cfg),
+            ckpt.RankState(counters, position_dict),
+            full_weights(engine),
+            {
+                **layout,
+                "run_id": cfg.run.id,
+                "step": opt_step,
+                "micro": micro,
+                "epoch": epoch,
+                "samples_seen": n_micro * G,
+            },
+            cfg.checkpoint.keep_last,
+            rank,
+            D.barrier,
+        )
+        reporter.checkpoint(path, opt_step, is_main)
+        reporter.message(f"checkpoint {path}")
 
     def log_window(micro: int, epoch: int, warm: bool) -> dict[str, float]:
         """Mean of the diagnostics since the last log line → reporters and history."""
@@ -176,7 +244,10 @@ def _train(
         return metrics
 
     t_loop = time.perf_counter()
-    for micro, batch_epoch, batch in agreed_batches(stream, total_micro, data_log, timer, device):
+    micro, saved_at = -1, opt_step
+    warm = opt_step < cfg.train.warmup_steps
+    batches = agreed_batches(stream, total_micro, data_log, timer, device, resume=position)
+    for micro, batch_epoch, batch in batches:
         if batch_epoch != epoch:
             epoch = batch_epoch
             stats.new_epoch()
@@ -205,6 +276,13 @@ def _train(
         sums["_n"] = sums.get("_n", 0.0) + 1.0
         if (micro + 1) % cfg.train.log_every == 0 or micro + 1 == total_micro:
             last_logged = log_window(micro, epoch, warm)
+        epoch_end = data_log.position.step == micro_per_epoch
+        if boundary and (
+            (cfg.checkpoint.every_steps and opt_step % cfg.checkpoint.every_steps == 0)
+            or (cfg.checkpoint.at_epoch_end and epoch_end)
+        ):
+            save_checkpoint(micro)
+            saved_at = opt_step
         if boundary and cfg.train.eval_every and opt_step % cfg.train.eval_every == 0:
             val = evaluate_table(engine.module, tables["val"])
             if is_main:
@@ -216,6 +294,8 @@ def _train(
 
     if sums:  # the last epoch ended early (bad samples): log what is left
         last_logged = log_window(micro, epoch, warm)
+    if cfg.checkpoint.at_epoch_end and saved_at != opt_step and micro >= 0:
+        save_checkpoint(micro)  # the end of training is an epoch end too
 
     # 5. final evaluation, summary and run directory
     loop_time = time.perf_counter() - t_loop
@@ -224,11 +304,7 @@ def _train(
     final_val = evaluate_table(engine.module, tables["val"])
     final_test = evaluate_table(engine.module, tables["test"])
     data_counts = data_log.totals(device)
-    with gathered_parameters(engine):  # ZeRO-3: whole tensors, on every rank (collective)
-        weights = {
-            k: v.detach().float().cpu().clone().contiguous()
-            for k, v in engine.module.state_dict().items()
-        }
+    weights = full_weights(engine)
     if is_main:
         result = {
             "val": final_val,
@@ -251,10 +327,35 @@ def _train(
     return result
 
 
-def build_engine_for(model, cfg: Config, total_steps: int):
-    from .engine import build_engine
+def _resume_dir(cfg: Config, reporter: Reporter, root: Path) -> Path | None:
+    """Where to resume from: after a Ray worker-group restart, the newer of the checkpoint Ray
+    registered and the newest valid one this run (``run.id``) wrote to checkpoint.dir — a
+    worker can die between writing a checkpoint and Ray registering it; otherwise
+    ``checkpoint.resume`` (``latest`` or a path), else nothing."""
+    candidates = []
+    registered = reporter.resume_source()
+    if registered is not None:
+        candidates.append((ckpt.validate(registered)["step"], registered))
+    if cfg.run.id and ckpt.list_checkpoints(root):
+        try:
+            path, meta = ckpt.find_resumable("latest", root, reporter.message, cfg.run.id)
+            candidates.append((meta["step"], path))
+        except ckpt.CheckpointError:
+            pass  # nothing of this run yet: a first attempt
+    if candidates:
+        return max(candidates)[1]
+    if cfg.checkpoint.resume:
+        return ckpt.find_resumable(cfg.checkpoint.resume, root, reporter.message)[0]
+    return None
 
-    return build_engine(model, cfg, total_steps)
+
+def full_weights(engine) -> dict[str, Tensor]:
+    """The model's fp32 weights, whole (ZeRO-3 gathers them: a collective on every rank)."""
+    with gathered_parameters(engine):
+        return {
+            k: v.detach().float().cpu().clone().contiguous()
+            for k, v in engine.module.state_dict().items()
+        }
 
 
 def format_summary(result: dict, run_dir: Path) -> str:

@@ -19,6 +19,13 @@ class Reporter:
     def message(self, text: str) -> None:
         pass
 
+    def checkpoint(self, path: Path, step: int, is_main: bool) -> None:
+        """A checkpoint was written at ``path`` (every rank calls this, same count)."""
+
+    def resume_source(self) -> Path | None:
+        """A checkpoint the launcher wants this run to resume from (Ray after a failure)."""
+        return None
+
     def finish(self, result: dict[str, Any]) -> None:
         """The run's final metrics (called on every rank; empty on ranks other than 0)."""
 
@@ -78,6 +85,13 @@ class JsonLinesReporter(Reporter):
 class FanOut(Reporter):
     def __init__(self, *reporters: Reporter) -> None:
         self.reporters = reporters
+
+    def checkpoint(self, path: Path, step: int, is_main: bool) -> None:
+        for r in self.reporters:
+            r.checkpoint(path, step, is_main)
+
+    def resume_source(self) -> Path | None:
+        return next((p for r in self.reporters if (p := r.resume_source()) is not None), None)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         for r in self.reporters:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 from .data.sources import DataError
 from .distributed.launch import rank_env
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             from .loop import train
 
             train(cfg)
-    except (ConfigError, DataError, EncoderUnavailable) as err:
+    except (ConfigError, DataError, EncoderUnavailable, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

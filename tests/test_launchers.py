@@ -495,3 +495,61 @@ def test_worker_error_brings_the_ray_run_down(sandbox: Sandbox) -> None:
     assert "truncated_tar" in run.stderr, run.tail()
     assert not (run.run_dir / "metrics.json").exists()
     assert run.leftovers == [], run.leftovers
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. fault tolerance: a Ray worker killed with SIGKILL mid-run
+
+
+def _kill_a_ray_worker_after(sandbox: Sandbox, checkpoint: Path, killed: list[int]) -> None:
+    """Wait (bounded) for ``checkpoint`` to exist, then SIGKILL one of this session's Ray Train
+    worker processes (found by the marker variable and Ray's process title)."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not checkpoint.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in sorted(_marked_pids(sandbox.marker), reverse=True):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if title.startswith(b"ray::RayTrainWorker"):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ray_restarts_a_killed_worker_from_the_latest_checkpoint(sandbox: Sandbox) -> None:
+    """Invariant: with dist.max_failures=1, a 2-worker Ray run whose worker process is killed
+    with SIGKILL after the step-10 checkpoint restarts its worker group, resumes from the latest
+    checkpoint (step ≥ 10; the log says from where), and completes with the right final step
+    count."""
+    import threading
+
+    name = "ray-w2-kill9"
+    checkpoint = sandbox.base / name / "out" / "tiny" / "checkpoints" / "step-00000010"
+    killed: list[int] = []
+    killer = threading.Thread(
+        target=_kill_a_ray_worker_after, args=(sandbox, checkpoint, killed), daemon=True
+    )
+    killer.start()
+    run = launch(
+        sandbox,
+        "ray",
+        2,
+        "train.epochs=0.25",
+        "checkpoint.every_steps=10",
+        "dist.max_failures=1",
+        "train.eval_every=0",
+        suffix="kill9",
+    )
+    killer.join(timeout=5)
+    assert killed, run.tail()
+    assert run.returncode == 0, run.tail()
+    resumed = [ln for ln in run.output.splitlines() if "resumed from" in ln]
+    assert resumed, run.tail()
+    step = int(resumed[0].split("(optimizer step ")[1].split(",")[0])
+    assert step >= 10, resumed[0]
+    assert run.metrics()["steps"] == 46  # ceil(0.25 epoch × 182 steps of 2 × 8)
+    print(f"\nkill -9 of Ray worker PID {killed[0]}; restart log: {resumed[0].strip()}")

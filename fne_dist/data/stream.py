@@ -363,6 +363,9 @@ class TrainStream:
             worker_init_fn=_worker_init if o.workers else None,
             prefetch_factor=2 if o.workers else None,
             persistent_workers=False,
+            # its own generator: a DataLoader otherwise draws its base seed from the global
+            # torch RNG each epoch, and a resumed run would then drift from the original
+            generator=torch.Generator().manual_seed(o.seed),
         )
         self.counters = EpochCounters()
         expected = position.step

@@ -8,6 +8,7 @@ as every other launcher. Ray Train sets up torch.distributed (gloo or NCCL) befo
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,25 @@ class RayReporter(Reporter):
         import ray.train
 
         ray.train.report({"step": step + 1, **metrics})
+
+    def checkpoint(self, path: Path, step: int, is_main: bool) -> None:
+        """Hand the checkpoint to Ray Train, which copies it to its storage path and gives it
+        back through ``get_checkpoint`` when it restarts the worker group after a failure.
+        Rank 0 reports the directory (every rank wrote its part of it on the shared
+        checkpoint.dir); the others report none, as Ray requires every worker to report."""
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if is_main else None
+        ray.train.report({"checkpoint_step": step}, checkpoint=checkpoint)
+
+    def resume_source(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        local = Path(checkpoint.path)
+        return local if local.is_dir() else Path(checkpoint.to_directory())
 
     def finish(self, result: dict[str, Any]) -> None:
         import ray.train
@@ -39,8 +59,10 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
 
 def _absolute(cfg: Config) -> dict[str, Any]:
-    """The config with paths made absolute, so workers find them from any working directory."""
+    """The config with paths made absolute, so workers find them from any working directory,
+    and a run id (a restarted worker group resumes only this run's checkpoints)."""
     data = config_to_dict(cfg)
+    data["run"]["id"] = cfg.run.id or uuid.uuid4().hex
     data["run"]["output_dir"] = str(Path(cfg.run.output_dir).resolve())
     data["data"]["cache_dir"] = str(Path(cfg.data.cache_dir).resolve())
     for split in ("train", "val", "test"):
@@ -58,7 +80,7 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
     # Read by Ray Train's controller: fail fast when the worker group cannot be scheduled.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.worker_start_timeout_s)
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
@@ -94,7 +116,12 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
             name=cfg.run.name,
             # A worker group that cannot start within dist.worker_start_timeout_s (e.g. an
             # autoscaler that never delivers) ends the run; Ray's default retries forever.
-            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
+            # A worker that dies restarts the group (from the latest checkpoint) at most
+            # dist.max_failures times.
+            failure_config=FailureConfig(
+                max_failures=cfg.dist.max_failures, controller_failure_limit=0
+            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last or None),
             storage_path=str((Path(cfg.run.output_dir) / "ray").resolve()),
         ),
     )

@@ -1,0 +1,82 @@
+"""Encode and retrieve with a trained model: no DeepSpeed, no Ray, no process group.
+
+    from fne_dist.api import Retriever, top_k
+    r = Retriever.load("exported/")            # a run directory or `fne_dist.export` output
+    img_ND = r.encode_images([Image.open(p) for p in paths])
+    txt_MD = r.encode_texts(["a dog on a beach", "two people at a table"])
+    scores_MK, index_MK = top_k(txt_MD, img_ND, k=5)   # text → image retrieval
+
+Embeddings are L2-normalised, so scores are cosine similarities. A frozen tower (whose
+features were cached during training) runs its backbone here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .config import Config, load_config
+from .encoders import build_image_backbone, build_text_backbone
+from .model import DualEncoder, build_dual_encoder
+
+
+class Retriever:
+    """A dual encoder loaded from ``config.yaml`` + ``model.safetensors``."""
+
+    def __init__(self, cfg: Config, weights: dict[str, Tensor], device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.image_backbone = build_image_backbone(cfg.model.image).to(self.device).eval()
+        self.text_backbone = build_text_backbone(cfg.model.text).to(self.device).eval()
+        self.model: DualEncoder = build_dual_encoder(
+            cfg.model, self.image_backbone, self.text_backbone
+        )
+        self.model.load_state_dict(weights)
+        self.model.to(self.device).eval()
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> Retriever:
+        directory = Path(directory)
+        cfg = load_config(directory / "config.yaml")
+        return cls(cfg, load_file(str(directory / "model.safetensors")), device)
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image], batch_size: int = 64) -> Tensor:
+        """N×D image embeddings."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            pixels = torch.stack(
+                [self.image_backbone.preprocess(img) for img in images[start : start + batch_size]]
+            ).to(self.device)
+            if self.cfg.model.image.frozen:
+                batch = {"img_feat": self.image_backbone(pixels)}
+            else:
+                batch = {"pixels": pixels}
+            out.append(self.model.encode_image(batch).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], batch_size: int = 256) -> Tensor:
+        """M×D caption embeddings."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.text_backbone.tokenize(list(texts[start : start + batch_size]))
+            tokens = {k: v.to(self.device) for k, v in tokens.items()}
+            if self.cfg.model.text.frozen:
+                batch = {
+                    "txt_feat": self.text_backbone(tokens["input_ids"], tokens["attention_mask"])
+                }
+            else:
+                batch = tokens
+            out.append(self.model.encode_text(batch).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
+
+
+def top_k(queries_QD: Tensor, keys_ND: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k most similar keys of each query: (scores Q×k, key indices Q×k), best first."""
+    sim_QN = queries_QD @ keys_ND.T
+    return sim_QN.topk(min(k, keys_ND.shape[0]), dim=1)

@@ -1,0 +1,297 @@
+"""Checkpoints: one layout, written atomically, validated before anything is loaded.
+
+Layout of ``<checkpoint.dir>/step-<optimizer step, 8 digits>/``:
+
+    meta.json             written last: step, micro step, epoch, samples seen, world size,
+                          loader workers, ZeRO stage, and size + sha256 of every file below
+    config.yaml           the resolved config of the run that wrote it
+    model.safetensors     the model's fp32 weights, gathered (what `fne_dist.export` copies)
+    engine/ ...           DeepSpeed's own files (model, optimizer, lr scheduler, every ZeRO
+                          partition), written by ``engine.save_checkpoint``
+    momentum.safetensors  the momentum encoders (identical on every rank)
+    memory.safetensors    the memory: embeddings, ids, groups, write order, pointer
+    stats.safetensors     the FNE sufficient statistics (all-reduced: identical on every rank)
+    rank-<r>.json         per rank: data position, Python/NumPy RNG states, loop counters
+    rank-<r>.safetensors  per rank: torch RNG state(s)
+
+The project's own state is safetensors + JSON, never pickled. DeepSpeed 0.19 writes and reads
+its files with pickle (``torch.load(weights_only=False)``), so before DeepSpeed may load them
+each is opened with ``torch.load(weights_only=True)`` plus the few DeepSpeed/python types its
+files legitimately hold; a file that needs anything else is refused, naming the file.
+
+Atomicity: every rank writes into ``step-N.tmp/``; after a barrier rank 0 hashes the files,
+writes meta.json and renames the directory into place. A crash at any point leaves either no
+``step-N`` or a complete one; a later truncation or corruption is caught by the hashes, and
+resume falls back to the newest valid checkpoint with a warning naming the bad one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = 1
+META = "meta.json"
+ENGINE_TAG = "engine"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (none valid, wrong world size, unsafe file): one line."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != META)
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Python and NumPy generator states (JSON) and torch's (tensors)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    as_json = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    return as_json, tensors
+
+
+def set_rng_state(as_json: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = as_json["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = as_json["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(tensors["torch_cpu"])
+    if "torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["torch_cuda"])
+
+
+@dataclass
+class RankState:
+    """What one rank adds to a checkpoint besides the engine: counters, position, RNG."""
+
+    counters: dict[str, Any]  # micro, opt_step, epoch, samples_seen, staleness sums, ...
+    data_position: dict[str, Any] | None
+
+
+def write_rank_files(directory: Path, rank: int, state: RankState) -> None:
+    rng_json, rng_tensors = rng_state()
+    doc = {"counters": state.counters, "data_position": state.data_position, "rng": rng_json}
+    (directory / f"rank-{rank:05d}.json").write_text(json.dumps(doc))
+    save_file(rng_tensors, str(directory / f"rank-{rank:05d}.safetensors"))
+
+
+def read_rank_files(directory: Path, rank: int) -> RankState:
+    doc = json.loads((directory / f"rank-{rank:05d}.json").read_text())
+    set_rng_state(doc["rng"], load_file(str(directory / f"rank-{rank:05d}.safetensors")))
+    return RankState(doc["counters"], doc["data_position"])
+
+
+def save_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / name))
+
+
+def finalize(tmp: Path, final: Path, meta: dict[str, Any], keep_last: int) -> None:
+    """Rank 0, after every rank has written: hash, write meta.json last, rename into place,
+    drop the oldest checkpoints beyond ``keep_last``."""
+    files = {
+        str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in _files(tmp)
+    }
+    (tmp / META).write_text(json.dumps({"format": FORMAT, **meta, "files": files}, indent=1))
+    if final.exists():  # a previous attempt at the same step (after a restart)
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep_last > 0:
+        for old in list_checkpoints(final.parent)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, oldest first (by step)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    return sorted(found, key=lambda p: p.name)
+
+
+def validate(directory: Path) -> dict[str, Any]:
+    """meta.json, then every listed file's size and sha256; returns the meta or raises."""
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{directory}: no readable {META} ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{directory}: checkpoint format {meta.get('format')}, need {FORMAT}")
+    for name, info in meta["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: {name} is missing")
+        if path.stat().st_size != info["size"]:
+            raise CheckpointError(f"{directory}: {name} is truncated or changed (size)")
+        if _sha256(path) != info["sha256"]:
+            raise CheckpointError(f"{directory}: {name} is corrupt (sha256 mismatch)")
+    return meta
+
+
+def find_resumable(
+    spec: str, root: Path, warn, run_id: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """``latest`` → the newest valid checkpoint under ``root`` (warning about each invalid
+    newer one; only those of ``run_id`` if given); a path → that checkpoint, which must be
+    valid."""
+    if spec != "latest":
+        path = Path(spec)
+        return path, validate(path)
+    candidates = list_checkpoints(root)
+    for path in reversed(candidates):
+        try:
+            meta = validate(path)
+        except CheckpointError as err:
+            warn(f"warning: skipping invalid checkpoint: {err}")
+            continue
+        if run_id is None or meta.get("run_id") == run_id:
+            return path, meta
+    raise CheckpointError(
+        f"checkpoint.resume=latest: no valid checkpoint under {root}"
+        + (f" ({len(candidates)} invalid)" if candidates else "")
+    )
+
+
+# Types DeepSpeed 0.19's own checkpoint files hold besides tensors and containers.
+def _deepspeed_safe_globals() -> list:
+    import argparse
+    import collections
+
+    safe: list = [argparse.Namespace, collections.OrderedDict, collections.defaultdict]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        safe += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        safe.append(fragment_address)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        safe.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    return safe
+
+
+def check_engine_files_safe(directory: Path) -> None:
+    """Open every DeepSpeed file with ``weights_only=True`` (plus DeepSpeed's own types) so
+    that a pickle that would run code or build other objects is refused before DeepSpeed
+    unpickles it with ``weights_only=False``."""
+    safe = _deepspeed_safe_globals()
+    for path in sorted((directory / ENGINE_TAG).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(safe):
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{path}: refused to load: it holds more than tensors and DeepSpeed's own "
+                f"types ({first})"
+            ) from None
+
+
+def save_run_checkpoint(
+    root: Path,
+    step: int,
+    engine,
+    momentum: torch.nn.Module,
+    memory,
+    stats,
+    config_yaml: str,
+    state: RankState,
+    weights: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    keep_last: int,
+    rank: int,
+    barrier,
+) -> Path:
+    """Every rank calls this at the same optimizer step; returns the final directory."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)  # collective
+    if rank == 0:
+        save_tensors(tmp, "momentum.safetensors", momentum.state_dict())
+        save_tensors(tmp, "memory.safetensors", memory.state_dict())
+        save_tensors(tmp, "stats.safetensors", stats.state_dict())
+        save_tensors(tmp, "model.safetensors", weights)  # for export: no DeepSpeed needed
+        (tmp / "config.yaml").write_text(config_yaml)
+    write_rank_files(tmp, rank, state)
+    barrier()
+    if rank == 0:
+        finalize(tmp, final, meta, keep_last)
+    barrier()
+    return final
+
+
+def load_run_checkpoint(
+    directory: Path,
+    meta: dict[str, Any],
+    expect: dict[str, Any],
+    engine,
+    momentum: torch.nn.Module,
+    memory,
+    stats,
+    rank: int,
+) -> RankState:
+    """Restore everything ``save_run_checkpoint`` wrote; ``expect`` holds this run's world size,
+    loader workers, batch size and ZeRO stage, which must match (a different world size would
+    silently mis-assign data positions, RNG states and ZeRO partitions)."""
+    for key, value in expect.items():
+        if meta.get(key) != value:
+            raise CheckpointError(
+                f"checkpoint {directory} was written with {key}={meta.get(key)}, this run has "
+                f"{key}={value}: resume with the same setting (data positions, per-rank RNG "
+                f"states and ZeRO partitions belong to that layout), or export its weights "
+                f"(python -m fne_dist.export) and start a new run from them"
+            )
+    check_engine_files_safe(directory)
+    load_path, _ = engine.load_checkpoint(
+        str(directory),
+        tag=ENGINE_TAG,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise CheckpointError(f"{directory}: DeepSpeed found no engine state under {ENGINE_TAG}/")
+    momentum.load_state_dict(load_file(str(directory / "momentum.safetensors")))
+    memory.load_state_dict(load_file(str(directory / "memory.safetensors")))
+    stats.load_state_dict(load_file(str(directory / "stats.safetensors")))
+    return read_rank_files(directory, rank)

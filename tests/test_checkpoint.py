@@ -1,0 +1,260 @@
+"""Checkpoints and exact resume with real processes (`python -m fne_dist.train`, DeepSpeed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fne_dist import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+# 19 steps of 16 pairs (0.1 epoch), a loss per log line, checkpoints at steps 8 and 16 + end
+COMMON = ["train.log_every=1", "checkpoint.every_steps=8", "checkpoint.keep_last=0"]
+
+
+def _train(tmp: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fne_dist.train",
+            "--config",
+            str(TINY),
+            f"run.output_dir={tmp}",
+            f"run.name={name}",
+            f"data.cache_dir={tmp / 'cache'}",
+            *COMMON,
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 19-step run with checkpoints at steps 8, 16 and 19."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    run = _train(tmp, "straight")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return tmp / "straight"
+
+
+@pytest.mark.timeout(300)
+def test_resume_in_a_new_process_equals_the_uninterrupted_run(
+    straight: Path, tmp_path: Path
+) -> None:
+    """Invariant: resuming from the step-8 checkpoint (mid-epoch: the data position, shuffle
+    buffer, memory, statistics, optimizer, scheduler and RNG all restored) in a new process
+    gives bit-identical losses for steps 9..19, final memory, statistics and weights."""
+    names = [p.name for p in ckpt.list_checkpoints(straight / "checkpoints")]
+    assert names == ["step-00000008", "step-00000016", "step-00000019"]
+    start = straight / "checkpoints" / "step-00000008"
+    run = _train(tmp_path, "resumed", f"checkpoint.resume={start}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resumed from" in run.stdout + run.stderr
+    resumed = tmp_path / "resumed"
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(b) == list(range(9, 20))
+    assert all(a[s] == b[s] for s in b), {s: (a[s], b[s]) for s in b if a[s] != b[s]}
+    for name in ("memory.safetensors", "stats.safetensors", "momentum.safetensors"):
+        x = load_file(str(straight / "checkpoints" / "step-00000019" / name))
+        y = load_file(str(resumed / "checkpoints" / "step-00000019" / name))
+        assert x.keys() == y.keys(), name
+        for k in x:  # bitwise; NaN (no μ⁺ yet) counts as equal to NaN
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=True, msg=name)
+    wa, wb = (
+        load_file(str(straight / "model.safetensors")),
+        load_file(str(resumed / "model.safetensors")),
+    )
+    assert all((wa[k] == wb[k]).all() for k in wa)
+    ma = json.loads((straight / "metrics.json").read_text())
+    mb = json.loads((resumed / "metrics.json").read_text())
+    assert ma["test"] == mb["test"]
+
+
+@pytest.mark.timeout(300)
+def test_corrupt_latest_falls_back_to_the_previous_valid_one(
+    straight: Path, tmp_path: Path
+) -> None:
+    """Invariant: with the newest checkpoint truncated, resume=latest warns naming it and resumes
+    from the previous valid one; with every checkpoint broken, it fails with one clear line."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(straight / "checkpoints", root)
+    memory = root / "step-00000019" / "memory.safetensors"
+    memory.write_bytes(memory.read_bytes()[:100])  # truncated
+    run = _train(tmp_path, "fallback", "checkpoint.resume=latest", f"checkpoint.dir={root}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout + run.stderr
+    assert "skipping invalid checkpoint" in out and "step-00000019" in out
+    assert "resumed from" in out and "step-00000016" in out
+    assert sorted(_losses(tmp_path / "fallback")) == [17, 18, 19]
+
+    for step in ("step-00000008", "step-00000016"):
+        (root / step / "meta.json").unlink()  # an interrupted write never got its meta.json
+    memory.write_bytes(b"")
+    run = _train(tmp_path, "none", "checkpoint.resume=latest", f"checkpoint.dir={root}")
+    assert run.returncode == 2
+    assert (
+        run.stderr.strip().splitlines()[-1].startswith("error: checkpoint.resume=latest: no valid")
+    )
+
+
+class _Trap:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.timeout(300)
+def test_a_foreign_pickle_in_engine_files_is_refused(straight: Path, tmp_path: Path) -> None:
+    """Invariant: a checkpoint whose DeepSpeed file holds a pickle that builds an arbitrary
+    object (here one that would create a file) is refused naming the file, even with matching
+    hashes, and the pickle never runs."""
+    bad = tmp_path / "step-00000016"
+    shutil.copytree(straight / "checkpoints" / "step-00000016", bad)
+    marker = tmp_path / "pwned"
+    target = next((bad / ckpt.ENGINE_TAG).rglob("*model_states.pt"))
+    target.write_bytes(pickle.dumps({"module": _Trap(str(marker))}))
+    meta = json.loads((bad / "meta.json").read_text())
+    name = str(target.relative_to(bad))
+    meta["files"][name] = {"size": target.stat().st_size, "sha256": ckpt._sha256(target)}
+    (bad / "meta.json").write_text(json.dumps(meta))
+    run = _train(tmp_path, "foreign", f"checkpoint.resume={bad}")
+    assert run.returncode == 2, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "refused to load" in last and target.name in last
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(300)
+def test_resume_with_another_world_size_fails_clearly(straight: Path, tmp_path: Path) -> None:
+    """Invariant: a checkpoint of 1 rank resumed by 2 ranks (torchrun) is refused with a line
+    naming both world sizes, before any step: data positions, per-rank RNG states and ZeRO
+    partitions belong to the saved layout, so continuing would be silently wrong."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    run = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "fne_dist.train",
+            "--config",
+            str(TINY),
+            f"run.output_dir={tmp_path}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "run.threads=1",
+            "train.batch_size=8",
+            f"checkpoint.resume={straight / 'checkpoints' / 'step-00000008'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert run.returncode != 0
+    out = run.stdout + run.stderr
+    assert "was written with world_size=1, this run has world_size=2" in out, out[-3000:]
+    assert not (tmp_path / "tiny" / "train_log.jsonl").exists() or not _losses(tmp_path / "tiny")
+
+
+def _free_port() -> int:
+    from fne_dist.distributed.launch import free_port
+
+    return free_port()
+
+
+def _evaluate(directory: Path) -> dict:
+    run = subprocess.run(
+        [sys.executable, "-m", "fne_dist.evaluate", str(directory)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+@pytest.mark.timeout(300)
+def test_export_loads_without_deepspeed_and_retrieves(straight: Path, tmp_path: Path) -> None:
+    """Invariant: `python -m fne_dist.export` of the run and of a checkpoint writes fp32
+    safetensors + config that `fne_dist.evaluate` reads (the run's export reproduces its test
+    metrics), and the encode/retrieve API over the test split reproduces the run's i2t R@1."""
+    from fne_dist.api import Retriever, top_k
+    from fne_dist.data import shard_list
+    from fne_dist.data.decode import decode_sample
+    from fne_dist.data.plan import Piece
+    from fne_dist.data.stream import raw_samples
+    from fne_dist.export import main as export_main
+    from fne_dist.retrieval_metrics import retrieval_metrics
+
+    run_out, step_out = tmp_path / "from-run", tmp_path / "from-step16"
+    assert export_main([str(straight), str(run_out)]) == 0
+    assert export_main([str(straight / "checkpoints" / "step-00000016"), str(step_out)]) == 0
+    expected = json.loads((straight / "metrics.json").read_text())["test"]
+    got = _evaluate(run_out)
+    assert all(got[k] == pytest.approx(expected[k], abs=1e-6) for k in expected)
+    assert 0 <= _evaluate(step_out)["rsum"] <= 600
+
+    retriever = Retriever.load(run_out)
+    test = shard_list(str(ROOT / "shards" / "emoji" / "emoji-test-*.tar.gz"), "t")
+    images, captions, groups_of = [], [], []
+    for url, size in zip(test.urls, test.sizes, strict=True):
+        for sample in raw_samples(url, Piece(0, 0, size)):
+            d = decode_sample(sample, all_captions=True)
+            images.append(d.image)
+            captions.append(d.captions)
+            groups_of.append(d.group)
+    assert all(len(c) == 1 for c in captions)  # the emoji test split: one caption per image
+    img, txt = retriever.encode_images(images), retriever.encode_texts([c[0] for c in captions])
+    groups = torch.tensor(groups_of)
+    metrics = retrieval_metrics(img @ txt.T, torch.arange(len(images)), groups)
+    assert all(metrics[k] == pytest.approx(expected[k], abs=1e-6) for k in expected)
+    scores, index = top_k(img, txt, k=5)
+    torch.testing.assert_close(scores, (img @ txt.T).gather(1, index))
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+
+
+@pytest.mark.timeout(300)
+def test_ddp_twin_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
+    """Invariant: the plain-DDP comparison engine (engine.kind=ddp) trains, writes its
+    safetensors/JSON checkpoint, and a resumed run repeats the losses of steps 9..19 bitwise."""
+    run = _train(tmp_path, "ddp", "engine.kind=ddp")
+    assert run.returncode == 0, run.stderr[-3000:]
+    step8 = tmp_path / "ddp" / "checkpoints" / "step-00000008"
+    assert (step8 / ckpt.ENGINE_TAG / "ddp_optimizer.safetensors").is_file()
+    run = _train(tmp_path, "ddp-resumed", "engine.kind=ddp", f"checkpoint.resume={step8}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = _losses(tmp_path / "ddp"), _losses(tmp_path / "ddp-resumed")
+    assert sorted(b) == list(range(9, 20)) and all(a[s] == b[s] for s in b)
