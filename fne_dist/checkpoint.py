@@ -295,3 +295,74 @@ def load_run_checkpoint(
     memory.load_state_dict(load_file(str(directory / "memory.safetensors")))
     stats.load_state_dict(load_file(str(directory / "stats.safetensors")))
     return read_rank_files(directory, rank)
+
+
+# ------------------------------------------------------------------ checkpoint.dir as a URL
+# checkpoint.dir may be an fsspec URL (s3://, gs://, file://, ...): checkpoints are written
+# locally as above, then uploaded by rank 0 with meta.json last (object stores cannot rename:
+# a checkpoint without meta.json is incomplete and skipped), and downloaded again to resume.
+
+
+def is_url(root: str | Path) -> bool:
+    return "://" in str(root)
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def upload(local: Path, root_url: str, keep_last: int) -> str:
+    """Copy a finished checkpoint to ``root_url``/step-N (meta.json last); prune old ones."""
+    fs, root = _fs(root_url)
+    target = f"{root.rstrip('/')}/{local.name}"
+    for path in _files(local):
+        remote = f"{target}/{path.relative_to(local).as_posix()}"
+        fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        fs.put_file(str(path), remote)
+    fs.put_file(str(local / META), f"{target}/{META}")
+    if keep_last > 0:
+        for old in remote_checkpoints(root_url)[:-keep_last]:
+            fs.rm(f"{root.rstrip('/')}/{old}", recursive=True)
+    return target
+
+
+def remote_checkpoints(root_url: str) -> list[str]:
+    """Names of the step-N directories under ``root_url``, oldest first."""
+    fs, root = _fs(root_url)
+    if not fs.exists(root):
+        return []
+    names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    return sorted(n for n in names if n.startswith("step-") and not n.endswith(".tmp"))
+
+
+def download(root_url: str, name: str, local_root: Path) -> Path:
+    """Fetch ``root_url``/``name`` into ``local_root``/``name`` (replacing an older copy)."""
+    fs, root = _fs(root_url)
+    src = f"{root.rstrip('/')}/{name}"
+    dest = local_root / name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for remote in fs.find(src):  # paths in the filesystem's own form, like ``src``
+        rel = remote[len(src) :].lstrip("/")
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(dest / rel))
+    return dest
+
+
+def find_resumable_remote(
+    root_url: str, local_root: Path, warn, run_id: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Like ``find_resumable('latest')`` for a URL: the newest valid checkpoint, downloaded."""
+    names = remote_checkpoints(root_url)
+    for name in reversed(names):
+        local = download(root_url, name, local_root)
+        try:
+            meta = validate(local)
+        except CheckpointError as err:
+            warn(f"warning: skipping invalid checkpoint: {root_url}/{name}: {err}")
+            continue
+        if run_id is None or meta.get("run_id") == run_id:
+            return local, meta
+    raise CheckpointError(f"checkpoint.resume=latest: no valid checkpoint under {root_url}")

@@ -164,7 +164,9 @@ def _train(
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
     data_log = DataLog(stream, reporter)
     n_micro, epoch = 0, -1
-    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    ckpt_root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
+    # a URL checkpoint.dir: written here first, then uploaded (and downloaded to resume)
+    local_root = run_dir / "checkpoints-local" if ckpt.is_url(ckpt_root) else Path(ckpt_root)
     layout = {
         "world_size": world,
         "loader_workers": stream.opts.consumers,
@@ -172,7 +174,7 @@ def _train(
         "grad_accum": cfg.engine.grad_accum,
     }
     position = None
-    resume_dir = _resume_dir(cfg, reporter, ckpt_root)
+    resume_dir = _resume_dir(cfg, reporter, ckpt_root, local_root / f"resume-rank{rank}")
     if resume_dir is not None:
         meta = ckpt.validate(resume_dir)
         restored = ckpt.load_run_checkpoint(
@@ -207,7 +209,7 @@ def _train(
         }
         position_dict = data_log.position.to_dict() if data_log.position else None
         path = ckpt.save_run_checkpoint(
-            ckpt_root,
+            local_root,
             opt_step,
             engine,
             momentum,
@@ -224,12 +226,16 @@ def _train(
                 "epoch": epoch,
                 "samples_seen": n_micro * G,
             },
-            cfg.checkpoint.keep_last,
+            1 if ckpt.is_url(ckpt_root) else cfg.checkpoint.keep_last,
             rank,
             D.barrier,
         )
         reporter.checkpoint(path, opt_step, is_main)
-        reporter.message(f"checkpoint {path}")
+        where = str(path)
+        if ckpt.is_url(ckpt_root) and is_main:
+            where = ckpt.upload(path, ckpt_root, cfg.checkpoint.keep_last)
+        D.barrier()  # resuming ranks must never see a half-uploaded newest checkpoint
+        reporter.message(f"checkpoint {where}")
 
     def log_window(micro: int, epoch: int, warm: bool) -> dict[str, float]:
         """Mean of the diagnostics since the last log line → reporters and history."""
@@ -327,26 +333,39 @@ def _train(
     return result
 
 
-def _resume_dir(cfg: Config, reporter: Reporter, root: Path) -> Path | None:
+def _resume_dir(cfg: Config, reporter: Reporter, root: str, local_root: Path) -> Path | None:
     """Where to resume from: after a Ray worker-group restart, the newer of the checkpoint Ray
     registered and the newest valid one this run (``run.id``) wrote to checkpoint.dir — a
     worker can die between writing a checkpoint and Ray registering it; otherwise
-    ``checkpoint.resume`` (``latest`` or a path), else nothing."""
+    ``checkpoint.resume`` (``latest`` or a path), else nothing. A checkpoint.dir URL is read
+    through fsspec (downloaded to ``local_root``)."""
+
+    def newest(run_id: str | None) -> tuple[Path, dict]:
+        if ckpt.is_url(root):
+            return ckpt.find_resumable_remote(root, local_root, reporter.message, run_id)
+        return ckpt.find_resumable("latest", Path(root), reporter.message, run_id)
+
     candidates = []
     registered = reporter.resume_source()
     if registered is not None:
         candidates.append((ckpt.validate(registered)["step"], registered))
-    if cfg.run.id and ckpt.list_checkpoints(root):
+    if cfg.run.id:
         try:
-            path, meta = ckpt.find_resumable("latest", root, reporter.message, cfg.run.id)
+            path, meta = newest(cfg.run.id)
             candidates.append((meta["step"], path))
         except ckpt.CheckpointError:
             pass  # nothing of this run yet: a first attempt
     if candidates:
         return max(candidates)[1]
-    if cfg.checkpoint.resume:
-        return ckpt.find_resumable(cfg.checkpoint.resume, root, reporter.message)[0]
-    return None
+    spec = cfg.checkpoint.resume
+    if not spec:
+        return None
+    if spec == "latest":
+        return newest(None)[0]
+    if ckpt.is_url(spec):
+        parent, name = spec.rstrip("/").rsplit("/", 1)
+        return ckpt.download(parent, name, local_root)
+    return Path(spec)
 
 
 def full_weights(engine) -> dict[str, Tensor]:

@@ -258,3 +258,20 @@ def test_ddp_twin_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = _losses(tmp_path / "ddp"), _losses(tmp_path / "ddp-resumed")
     assert sorted(b) == list(range(9, 20)) and all(a[s] == b[s] for s in b)
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_dir_as_fsspec_url(tmp_path: Path) -> None:
+    """Invariant: with checkpoint.dir an fsspec URL (file:// here: the same code path as s3://)
+    checkpoints are uploaded complete (meta.json last, keep_last honoured) and
+    checkpoint.resume=latest downloads the newest valid one and resumes exactly."""
+    url = f"file://{tmp_path / 'remote'}"
+    run = _train(tmp_path, "url", f"checkpoint.dir={url}", "checkpoint.keep_last=2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ckpt.remote_checkpoints(url) == ["step-00000016", "step-00000019"]
+    assert ckpt.validate(tmp_path / "remote" / "step-00000016")["step"] == 16
+    shutil.rmtree(tmp_path / "remote" / "step-00000019")  # as if lost: resume from 16
+    run = _train(tmp_path, "url-resumed", f"checkpoint.dir={url}", "checkpoint.resume=latest")
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = _losses(tmp_path / "url"), _losses(tmp_path / "url-resumed")
+    assert sorted(b) == [17, 18, 19] and all(a[s] == b[s] for s in b)
