@@ -95,7 +95,11 @@ class DDPEngine:
 
         self.module = model
         active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.wrapped = DistributedDataParallel(model) if active else model
+        # find_unused_parameters: the temperature only gets a gradient from infonce (never in
+        # the warm-up), and DDP otherwise waits forever for its gradient
+        self.wrapped = (
+            DistributedDataParallel(model, find_unused_parameters=True) if active else model
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
