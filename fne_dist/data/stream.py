@@ -186,12 +186,8 @@ class _ConsumerReader:
                 continue
             url = self.shards.urls[piece.shard]
             seed = derive_seed("buffer", o.seed, self.epoch, o.rank, c, i)
-            raw = wds.filters._shuffle(  # the stage behind wds.shuffle(bufsize, initial)
-                raw_samples(url, piece),
-                bufsize=o.shuffle_buffer,
-                initial=o.shuffle_buffer,
-                seed=seed,
-            )
+            shuffle = wds.shuffle(o.shuffle_buffer, initial=o.shuffle_buffer, seed=seed)
+            raw = shuffle(iter(raw_samples(url, piece)))
             skip = pos.consumed if i == pos.piece else 0
             n = 0
             bad: Counter[str] = Counter()
