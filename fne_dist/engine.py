@@ -1,4 +1,5 @@
-"""The DeepSpeed engine (the project's only DeepSpeed import) and the learning-rate schedules."""
+"""The training engine: DeepSpeed (imported here and, for its checkpoint types, in
+``checkpoint.py``), its plain-DDP twin, and the learning-rate schedules."""
 
 from __future__ import annotations
 
