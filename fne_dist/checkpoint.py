@@ -156,6 +156,20 @@ def validate(directory: Path) -> dict[str, Any]:
     return meta
 
 
+def _newest_valid(paths, warn, run_id: str | None) -> tuple[Path, dict[str, Any]] | None:
+    """The first of ``paths`` (newest first, possibly fetched lazily) that validates and, if
+    ``run_id`` is given, was written by that run; a warning for each invalid one."""
+    for path in paths:
+        try:
+            meta = validate(path)
+        except CheckpointError as err:
+            warn(f"warning: skipping invalid checkpoint: {err}")
+            continue
+        if run_id is None or meta.get("run_id") == run_id:
+            return path, meta
+    return None
+
+
 def find_resumable(
     spec: str, root: Path, warn, run_id: str | None = None
 ) -> tuple[Path, dict[str, Any]]:
@@ -166,18 +180,13 @@ def find_resumable(
         path = Path(spec)
         return path, validate(path)
     candidates = list_checkpoints(root)
-    for path in reversed(candidates):
-        try:
-            meta = validate(path)
-        except CheckpointError as err:
-            warn(f"warning: skipping invalid checkpoint: {err}")
-            continue
-        if run_id is None or meta.get("run_id") == run_id:
-            return path, meta
-    raise CheckpointError(
-        f"checkpoint.resume=latest: no valid checkpoint under {root}"
-        + (f" ({len(candidates)} invalid)" if candidates else "")
-    )
+    found = _newest_valid(reversed(candidates), warn, run_id)
+    if found is None:
+        raise CheckpointError(
+            f"checkpoint.resume=latest: no valid checkpoint under {root}"
+            + (f" ({len(candidates)} invalid)" if candidates else "")
+        )
+    return found
 
 
 # Types DeepSpeed 0.19's own checkpoint files hold besides tensors and containers.
@@ -354,15 +363,10 @@ def download(root_url: str, name: str, local_root: Path) -> Path:
 def find_resumable_remote(
     root_url: str, local_root: Path, warn, run_id: str | None = None
 ) -> tuple[Path, dict[str, Any]]:
-    """Like ``find_resumable('latest')`` for a URL: the newest valid checkpoint, downloaded."""
-    names = remote_checkpoints(root_url)
-    for name in reversed(names):
-        local = download(root_url, name, local_root)
-        try:
-            meta = validate(local)
-        except CheckpointError as err:
-            warn(f"warning: skipping invalid checkpoint: {root_url}/{name}: {err}")
-            continue
-        if run_id is None or meta.get("run_id") == run_id:
-            return local, meta
-    raise CheckpointError(f"checkpoint.resume=latest: no valid checkpoint under {root_url}")
+    """Like ``find_resumable('latest')`` for a URL: the newest valid checkpoint, downloaded
+    (one at a time, newest first, until one validates)."""
+    names = reversed(remote_checkpoints(root_url))
+    found = _newest_valid((download(root_url, n, local_root) for n in names), warn, run_id)
+    if found is None:
+        raise CheckpointError(f"checkpoint.resume=latest: no valid checkpoint under {root_url}")
+    return found

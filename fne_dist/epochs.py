@@ -6,7 +6,7 @@ error on one rank must not leave the others blocked in a collective. So before e
 ranks all-reduce one integer (1 = "I have a batch", 0 = "my epoch is over", −1 = "my data
 failed"): on 0 every rank ends the epoch there (the batches others held are counted as
 dropped), on −1 every rank stops with an error. One 8-byte all-reduce per step; the identity at
-world size 1.
+world size 1, and on the host (a gloo group under NCCL), so it never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ def agreed_batches(
     total_micro: int,
     data_log: DataLog,
     timer: PhaseTimer | NullTimer,
-    device: torch.device,
     resume: RankPosition | None = None,
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """(micro step, epoch, batch) until ``total_micro`` micro steps have been planned; micro =
@@ -100,7 +99,7 @@ def agreed_batches(
                         status = 0
                     except DataError as err:
                         status, error = -1, err
-                    agreed = D.all_min_int(status, device)
+                    agreed = D.all_min_int(status)
                 if agreed < 0:
                     raise error or DataError(
                         "a data error on another rank stopped the run (see that rank's log)"

@@ -252,7 +252,7 @@ def _train(
     t_loop = time.perf_counter()
     micro, saved_at = -1, opt_step
     warm = opt_step < cfg.train.warmup_steps
-    batches = agreed_batches(stream, total_micro, data_log, timer, device, resume=position)
+    batches = agreed_batches(stream, total_micro, data_log, timer, resume=position)
     for micro, batch_epoch, batch in batches:
         if batch_epoch != epoch:
             epoch = batch_epoch

@@ -24,8 +24,15 @@ pytestmark = [pytest.mark.system, pytest.mark.slow]
 COMMON = ["train.log_every=1", "checkpoint.every_steps=8", "checkpoint.keep_last=0"]
 
 
-def _train(tmp: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
+    """No launcher variables from whatever started pytest; the venv's tools (torchrun) first."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _train(tmp: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
+    env = _env()
     return subprocess.run(
         [
             sys.executable,
@@ -155,37 +162,14 @@ def test_resume_with_another_world_size_fails_clearly(straight: Path, tmp_path: 
     """Invariant: a checkpoint of 1 rank resumed by 2 ranks (torchrun) is refused with a line
     naming both world sizes, before any step: data positions, per-rank RNG states and ZeRO
     partitions belong to the saved layout, so continuing would be silently wrong."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    run = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "fne_dist.train",
-            "--config",
-            str(TINY),
-            f"run.output_dir={tmp_path}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "run.threads=1",
-            "train.batch_size=8",
-            f"checkpoint.resume={straight / 'checkpoints' / 'step-00000008'}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=280,
+    run = _torchrun(
+        tmp_path, "other-world", f"checkpoint.resume={straight / 'checkpoints' / 'step-00000008'}"
     )
     assert run.returncode != 0
     out = run.stdout + run.stderr
     assert "was written with world_size=1, this run has world_size=2" in out, out[-3000:]
-    assert not (tmp_path / "tiny" / "train_log.jsonl").exists() or not _losses(tmp_path / "tiny")
+    log = tmp_path / "other-world" / "train_log.jsonl"
+    assert not log.exists() or not _losses(tmp_path / "other-world")
 
 
 def _free_port() -> int:
@@ -278,9 +262,7 @@ def test_checkpoint_dir_as_fsspec_url(tmp_path: Path) -> None:
 
 
 def _torchrun(tmp: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [
             str(Path(sys.executable).parent / "torchrun"),

@@ -184,3 +184,25 @@ def test_truncated_count_without_index(tmp_path: Path) -> None:
     assert 0 < n < 12
     batches, _ = run_epoch(make_stream(str(path), batch=2))
     assert len(batches) == n // 2
+
+
+def test_size_counting_matches_what_the_reader_yields(tmp_path: Path) -> None:
+    """Invariant: a shard without sizes.json is counted with the reader's own grouping rule, so
+    members webdataset's reader skips (a ``__meta__`` member, a name without an extension) are
+    not counted as samples — the exact plan would otherwise promise samples the reader never
+    yields and report them as truncated — and the shard tooling's `index` counts the same."""
+    import tarfile
+
+    from fne_dist.shards import count_samples as index_count
+
+    path = write_tar(tmp_path / "meta-000000.tar", [(f"k{k}", sample_members(k)) for k in range(6)])
+    with tarfile.open(path, "a") as tar:  # appended after the samples
+        for name in ("__meta__", "README"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    assert shard_list(str(path), "k").total == 6 == index_count(path)
+    stream = make_stream(str(path), batch=2)
+    batches, _ = run_epoch(stream)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    assert stream.counters.bad == {}

@@ -17,6 +17,7 @@ import glob
 import json
 import logging
 import posixpath
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,11 +126,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem) if directory else stem, ext.lower() if dot else ""
 
 
-def count_samples(url: str) -> int:
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar reader skips these members
+
+
+def sample_key(member_name: str) -> str | None:
+    """The sample a tar member belongs to, as webdataset groups them; None for members its
+    reader skips (``__meta__`` names, names without an extension)."""
+    if _META.match(member_name) or "." not in posixpath.basename(member_name):
+        return None
+    return split_member_name(member_name)[0]
+
+
+def count_samples(url: str, strict: bool = False) -> int:
     """Samples (runs of members with one key) in a shard, read from the tar headers only.
 
-    A truncated shard counts the samples that are there (with a warning): without a size index
-    nothing says more were meant to be, and the readable part is still data.
+    A truncated shard counts the samples that are there (with a warning) unless ``strict``:
+    without a size index nothing says more were meant to be, and the readable part is data.
     """
     import tarfile
 
@@ -138,13 +150,11 @@ def count_samples(url: str) -> int:
         try:
             with tarfile.open(fileobj=stream, mode="r|*") as tar:
                 for info in tar:
-                    if not info.isreg():
-                        continue
-                    key, _ = split_member_name(info.name)
-                    if key != last:
+                    key = sample_key(info.name) if info.isreg() else None
+                    if key is not None and key != last:
                         n, last = n + 1, key
         except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-            if n == 0:
+            if strict or n == 0:
                 raise
             log.warning("shard %s is truncated after %d samples (%s)", url, n, err)
     return n

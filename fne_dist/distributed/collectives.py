@@ -67,11 +67,29 @@ def all_gather_varlen(x_N: Tensor) -> Tensor:
     return torch.cat([p[: int(c)] for p, c in zip(parts, counts, strict=True)])
 
 
-def all_min_int(value: int, device: torch.device | None = None) -> int:
+_CPU_GROUP: dict[str, object] = {}
+
+
+def _cpu_group():
+    """A gloo group for small host-side agreements when the default backend is NCCL (None:
+    the default group is already gloo). Created on first use, which every rank reaches at the
+    same point (the first step)."""
+    if dist.get_backend() == "gloo":
+        return None
+    if "gloo" not in _CPU_GROUP:
+        _CPU_GROUP["gloo"] = dist.new_group(backend="gloo")
+    return _CPU_GROUP["gloo"]
+
+
+def all_min_int(value: int) -> int:
     """The smallest of every rank's ``value`` (e.g. "I have a batch" = 1, "I am out" = 0,
-    "my data failed" = -1): ranks agree before anyone enters the step's collectives."""
+    "my data failed" = -1): ranks agree before anyone enters the step's collectives.
+
+    On the host (gloo), never on a CUDA tensor: reading a CUDA result would wait for all the
+    GPU work queued so far and stall the CPU/GPU overlap once per step.
+    """
     if not _active():
         return value
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_cpu_group())
     return int(t)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import json
-import re
 import sys
 import tarfile
 import zlib
@@ -20,38 +19,20 @@ from pathlib import Path
 import braceexpand
 from tqdm import tqdm
 
+from ..data.sources import count_samples as _count_samples
 from .entries import ShardError
 from .writer import SIZES_FILE, write_json_atomic
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-# As webdataset.tariterators: key = everything before the first dot of the base name.
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-_META_RE = re.compile(r"__[^/]*__($|/)")
-
-
-def sample_key(member_name: str) -> str | None:
-    """The webdataset sample key of a tar member name; None for members webdataset ignores."""
-    if _META_RE.match(member_name):
-        return None
-    match = _KEY_RE.match(member_name)
-    return match.group(1) if match else None
 
 
 def count_samples(path: Path) -> int:
-    """Number of samples in a .tar/.tar.gz shard, streamed (constant memory)."""
-    count, current = 0, None
+    """Number of samples in a .tar/.tar.gz shard, streamed (constant memory), counted exactly
+    as the training loader counts them; an unreadable or truncated tar is an error here."""
     try:
-        with tarfile.open(path, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key = sample_key(info.name)
-                if key is not None and key != current:
-                    count += 1
-                    current = key
+        return _count_samples(str(path), strict=True)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise ShardError(f"{path}: not a readable tar file ({err})") from None
-    return count
 
 
 def find_shards(spec: str) -> list[Path]:

@@ -74,9 +74,7 @@ def main() -> None:
     batches, error = [], None
     log = DataLog(stream, Reporter())
     try:
-        for _, _, batch in agreed_batches(
-            stream, stream.steps_per_epoch, log, NullTimer(), torch.device("cpu")
-        ):
+        for _, _, batch in agreed_batches(stream, stream.steps_per_epoch, log, NullTimer()):
             batches.append(batch["ids"].tolist())
     except DataError as err:
         error = str(err)
