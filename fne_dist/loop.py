@@ -394,6 +394,7 @@ def format_summary(result: dict, run_dir: Path) -> str:
         lines.append(
             f"FNE   gate {gate}, positives this epoch {d.get('n_pos', float('nan')):.0f}, "
             f"P_fn>eps {100 * d.get('frac_pfn_gt_eps', float('nan')):.2f}% of candidates, "
+            f"in the hard-cut window {100 * d.get('frac_in_window', float('nan')):.2f}%, "
             f"sampled negatives sharing the anchor's family "
             f"{100 * d.get('frac_neg_same_group', float('nan')):.1f}%"
         )

@@ -61,13 +61,15 @@ def test_weights_equal_plain_loop(n_pos: int, pooled: bool, hard_cut: bool) -> N
 
 @pytest.mark.parametrize("n_pos", [0, 400])
 @pytest.mark.parametrize("k", [1, 3])
-def test_draws_equal_plain_loop(n_pos: int, k: int) -> None:
+@pytest.mark.parametrize("form", ["listed", "dense"])
+def test_draws_equal_plain_loop(n_pos: int, k: int, form: str) -> None:
     """Invariant: given the same uniforms, the vectorised draw picks exactly the plain loop's
-    candidates (k > 1: without replacement), and a masked candidate is never drawn."""
+    candidates (k > 1: without replacement), and a masked candidate is never drawn; in both
+    forms of the sampler (CPU: window only; dense: every candidate)."""
     cfg = FneConfig(negatives=k, prior=0.2, eps=0.05)
     sim, ids, cand_ids, pos_col, mask, g, g_ref = _problem(3 + n_pos, n_pos)
     u = torch.rand(B, k, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    picks = select_chunk(sim, pos_col, ids, cand_ids, None, None, u, g, cfg, "fne")
+    picks = select_chunk(sim, pos_col, ids, cand_ids, None, None, u, g, cfg, "fne", form=form)
     pos_sim = sim[torch.arange(B), pos_col]
     for i in range(B):
         w = ref.weights_row(sim[i].tolist(), float(pos_sim[i]), mask[i].tolist(), g_ref, cfg)

@@ -23,6 +23,7 @@ No host sync: diagnostics are returned as 0-dim tensors for the caller to log wh
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -31,9 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .params import LOSSES, FneConfig
-from .sampling import draw_negatives, hardest_violator
+from .sampling import draw_negatives, first_argmax
 from .stats import Gaussians
-from .weights import sampling_weights
+from .weights import Weights, WindowWeights, count_true, sampling_weights, window_weights
+
+# On the CPU, weights are computed on the hard-cut window alone while it holds at most this
+# fraction of the candidates (bench/sampler.py measures both forms).
+WINDOW_MAX_FRACTION = 0.25
 
 
 @dataclass
@@ -107,6 +112,58 @@ def negative_mask(
     return mask_BN
 
 
+class CandidateIndex(NamedTuple):
+    """Candidate ids (and groups) sorted once per step, to list the masked entries of any anchor
+    in O(log N) instead of comparing it with every candidate."""
+
+    order_N: Tensor
+    sorted_ids_N: Tensor
+    group_order_N: Tensor | None
+    sorted_groups_N: Tensor | None
+
+
+def candidate_index(cand_ids_N: Tensor, cand_groups_N: Tensor | None = None) -> CandidateIndex:
+    sorted_ids_N, order_N = cand_ids_N.sort(stable=True)
+    if cand_groups_N is None:
+        return CandidateIndex(order_N, sorted_ids_N, None, None)
+    sorted_groups_N, group_order_N = cand_groups_N.sort(stable=True)
+    return CandidateIndex(order_N, sorted_ids_N, group_order_N, sorted_groups_N)
+
+
+def _equal_entries(keys_b: Tensor, sorted_N: Tensor, order_N: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) of every candidate whose key equals its row's key."""
+    lo_b = torch.searchsorted(sorted_N, keys_b)
+    count_b = torch.searchsorted(sorted_N, keys_b, right=True) - lo_b
+    rows_M = torch.repeat_interleave(torch.arange(keys_b.shape[0], device=keys_b.device), count_b)
+    start_b = count_b.cumsum(0) - count_b
+    offset_M = torch.arange(rows_M.shape[0], device=keys_b.device) - start_b[rows_M]
+    return rows_M, order_N[lo_b[rows_M] + offset_M]
+
+
+def masked_positions(
+    ids_b: Tensor,
+    pos_col_b: Tensor,
+    index: CandidateIndex,
+    n_candidates: int,
+    groups_b: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The True entries of ``negative_mask`` as (rows, columns), each once, row-major: the same
+    set, found by binary search in the sorted candidate ids (a few entries per anchor)."""
+    rows, cols = _equal_entries(ids_b, index.sorted_ids_N, index.order_N)
+    parts_r = [rows, torch.arange(ids_b.shape[0], device=ids_b.device)]
+    parts_c = [cols, pos_col_b]
+    if groups_b is not None and index.sorted_groups_N is not None:
+        assert index.group_order_N is not None
+        # A negative group label is "unknown" and matches nothing: give it a key no
+        # candidate has (below every label).
+        key_b = torch.where(groups_b >= 0, groups_b, index.sorted_groups_N[0] - 1)
+        g_rows, g_cols = _equal_entries(key_b, index.sorted_groups_N, index.group_order_N)
+        parts_r.append(g_rows)
+        parts_c.append(g_cols)
+    flat_M = torch.unique(torch.cat(parts_r) * n_candidates + torch.cat(parts_c))  # sorted
+    return flat_M // n_candidates, flat_M % n_candidates
+
+
 class _Picks(NamedTuple):
     """Per-anchor result of the selection for one chunk of anchor rows (b rows)."""
 
@@ -118,6 +175,7 @@ class _Picks(NamedTuple):
     no_violator_b: Tensor
     n_fn_b: Tensor  # unmasked candidates with P_fn > ε
     n_unmasked_b: Tensor
+    n_window_b: Tensor  # candidates in the hard-cut window (0 for the hardest rule)
 
 
 def select_chunk(
@@ -131,27 +189,67 @@ def select_chunk(
     g: Gaussians | None,
     cfg: FneConfig,
     rule: str,
+    index: CandidateIndex | None = None,
+    form: str = "auto",
 ) -> _Picks:
     """Select the negatives of b anchors from their similarity rows (no gradient).
 
-    rule: "hardest" (VSE++), "fne" or "window". Tensors in, tensors out, so that the whole
-    element-wise pipeline can be fused by ``torch.compile`` (``FneConfig.compile``).
+    rule: "hardest" (VSE++), "fne" or "window". Two forms with the same picks: on a CPU tensor
+    outside torch.compile, the masked entries are listed by binary search (``index``: the
+    sorted candidate ids, built here if not given) and the weights are evaluated inside the
+    hard-cut window only (``window_weights``); elsewhere (CUDA, or ``FneConfig.compile``) the
+    pipeline is dense B×N element-wise work, with no host sync, which torch.compile fuses.
+    ``form`` ("auto", "listed" or "dense") forces one form, for tests and benchmarks.
     """
+    b, n = sim_bN.shape
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
-    mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
-    h_b, has_violator_b = hardest_violator(sim_bN, mask_bN, pos_sim_b, cfg.margin)
+    if form not in ("auto", "listed", "dense"):
+        raise ValueError(f"unknown sampler form {form!r} (valid: auto, listed, dense)")
+    listed = form == "listed" or (
+        form == "auto" and sim_bN.device.type == "cpu" and not torch.compiler.is_compiling()
+    )
+    mask_bN: Tensor | None = None
+    if listed:
+        if index is None:
+            index = candidate_index(cand_ids_N, None if groups_b is None else cand_groups_N)
+        rows_M, cols_M = masked_positions(ids_b, pos_col_b, index, n, groups_b)
+        masked_sim_bN = sim_bN.index_put((rows_M, cols_M), sim_bN.new_full((), -math.inf))
+    else:
+        mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
+        masked_sim_bN = sim_bN.masked_fill(mask_bN, -math.inf)
+    # The hardest unmasked candidate, found in two levels (block maxima, then one block):
+    # cheaper than an argmax over B×N. VSE++'s negative and FNE's fallback.
+    best_b, h_b = first_argmax(masked_sim_bN)
+    has_violator_b = (cfg.margin + best_b - pos_sim_b) > 0
     zeros_b = torch.zeros_like(pos_col_b)
     if rule == "hardest":
         idx_bk, valid_bk = h_b[:, None], has_violator_b[:, None]
         fallback_b, no_violator_b, n_fn_b = zeros_b.bool(), ~has_violator_b, zeros_b
-        n_unmasked_b = zeros_b
+        n_unmasked_b = n_window_b = zeros_b
     else:
         assert g is not None and u_bk is not None
-        w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule)
-        d = draw_negatives(w.w_BN, u_bk, h_b, has_violator_b)
+        w: Weights | WindowWeights | None = None
+        if listed:
+            n_unmasked_b = n - torch.bincount(rows_M, minlength=b)
+            w = window_weights(
+                sim_bN, pos_sim_b, masked_sim_bN, rows_M, cols_M, g, cfg, rule, WINDOW_MAX_FRACTION
+            )
+            if w is None:  # a wide window: the dense form
+                mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(
+                    (rows_M, cols_M), torch.tensor(True)
+                )
+        else:
+            assert mask_bN is not None
+            n_unmasked_b = n - count_true(mask_bN)
+        if isinstance(w, WindowWeights):
+            d = draw_negatives(w.w_BM, u_bk, h_b, has_violator_b, w.col_BM)
+        else:
+            assert mask_bN is not None
+            w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN)
+            d = draw_negatives(w.w_BN, u_bk, h_b, has_violator_b)
         idx_bk, valid_bk = d.index_Bk, d.valid_Bk
         fallback_b, no_violator_b, n_fn_b = d.fallback_B, d.no_violator_B, w.n_fn_B
-        n_unmasked_b = mask_bN.shape[1] - mask_bN.count_nonzero(dim=1)
+        n_window_b = w.n_window_B
     neg_sim_bk = sim_bN.gather(1, idx_bk)
     return _Picks(
         index_bk=idx_bk,
@@ -162,6 +260,7 @@ def select_chunk(
         no_violator_b=no_violator_b,
         n_fn_b=n_fn_b,
         n_unmasked_b=n_unmasked_b,
+        n_window_b=n_window_b,
     )
 
 
@@ -191,9 +290,15 @@ def _one_direction(
     """Mean over anchors of the selected hinges for one direction, plus diagnostic sums."""
     B = anchor_BD.shape[0]
     groups_B = a.groups_B if cfg.mask_groups else None
-    select = _selector(cfg)
+    on_cpu = cand_ND.device.type == "cpu"
+    # On the CPU the eager window form beats the compiled dense one (bench/sampler.py): compile
+    # serves accelerators, where the dense form is the one without host syncs.
+    select = select_chunk if on_cpu else _selector(cfg)
     picks: list[_Picks] = []
     cand_detached_ND = cand_ND.detach()
+    index = None
+    if on_cpu:  # candidate ids sorted once for every chunk
+        index = candidate_index(c.ids_N, None if groups_B is None else c.groups_N)
     with torch.no_grad():
         for b0 in range(0, B, cfg.block_rows):
             # One matmul per block of rows (a chunked matmul would re-read all N×D candidates
@@ -213,6 +318,7 @@ def _one_direction(
                         g,
                         cfg,
                         rule,
+                        index,
                     )
                 )
     p = _Picks(*(torch.cat(parts) for parts in zip(*picks, strict=True)))
@@ -230,6 +336,7 @@ def _one_direction(
         "no_violator": p.no_violator_b.sum().to(torch.float64),
         "fn": p.n_fn_b.sum().to(torch.float64),
         "unmasked": p.n_unmasked_b.sum().to(torch.float64),
+        "window": p.n_window_b.sum().to(torch.float64),
     }
     if a.groups_B is not None and c.groups_N is not None:
         sums["same_group"] = ((c.groups_N[p.index_bk] == a.groups_B[:, None]) * v).sum()
@@ -322,6 +429,8 @@ def retrieval_loss(
         diag["frac_neg_same_group"] = s["same_group"] / draws  # group mates among negatives
     if rule == "fne":
         diag["frac_pfn_gt_eps"] = s["fn"] / s["unmasked"].clamp_min(1.0)
+    if rule != "hardest":  # the share of candidates the draw spreads over
+        diag["frac_in_window"] = s["window"] / s["unmasked"].clamp_min(1.0)
     if gaussians is not None:
         diag.update(gaussian_diagnostics(gaussians))
     return LossOutput(i2t + t2i, diag)

@@ -62,7 +62,11 @@ class FneConfig:
     block_rows: int = setting(
         256, "anchors per similarity matmul of the sampler (bounds B×N memory)", ge=1
     )
-    compile: bool = setting(False, "fuse the sampler's element-wise pipeline with torch.compile")
+    compile: bool = setting(
+        False,
+        "fuse the dense sampler with torch.compile on accelerators (CPU runs always use the "
+        "eager window sampler, which is faster there)",
+    )
     chunk_rows: int = setting(
         8, "anchors per element-wise chunk of the sampler (cache-sized)", ge=1
     )

@@ -38,20 +38,81 @@ def step_uniforms(
     return u_2Gk[:, rank * B : (rank + 1) * B]
 
 
-def inverse_cdf_draw(w_BN: Tensor, u_B: Tensor) -> tuple[Tensor, Tensor]:
+DRAW_BLOCK = 128
+"""Columns per block of the two-level draw: the full-row pass is a block-sum reduction (it fuses
+with the weight computation), and only one block per row is ever scanned."""
+
+
+def block_reduce(x_BN: Tensor, block: int, op: str) -> Tensor:
+    """Per-row reduction over consecutive column blocks of ``block``: "sum" (float64) or "max".
+
+    A last partial block (N not a multiple of ``block``) is reduced on its own, so nothing is
+    padded or copied.
+    """
+    n = x_BN.shape[1]
+    full = (n // block) * block
+
+    def reduce(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
+        if op == "sum":  # a short sum in the input dtype; the sums of blocks in float64
+            return t.sum(dim, keepdim=keepdim).to(torch.float64)
+        return t.amax(dim, keepdim=keepdim)
+
+    parts = [reduce(x_BN[:, :full].unflatten(1, (-1, block)), -1)] if full else []
+    if full < n:
+        parts.append(reduce(x_BN[:, full:], -1, keepdim=True))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def block_columns(x_BN: Tensor, block_B: Tensor, block: int, fill: float) -> Tensor:
+    """The ``block`` columns of block ``block_B[i]`` of each row (B × block); ``fill`` past N."""
+    n = x_BN.shape[1]
+    cols_Bc = block_B[:, None] * block + torch.arange(block, device=x_BN.device)
+    inside_Bc = cols_Bc < n
+    return x_BN.gather(1, cols_Bc.clamp_max(n - 1)).masked_fill_(~inside_Bc, fill)
+
+
+def inverse_cdf_draw(w_BN: Tensor, u_B: Tensor, block: int = DRAW_BLOCK) -> tuple[Tensor, Tensor]:
     """Draw j ~ Categorical(w_i / Σ_j w_ij) per row: the first j with cdf_j > u·total.
 
+    Two levels, so no B×N cumulative sum is ever written: float64 sums of column blocks, the
+    first block whose cumulative sum exceeds the target, then the cumulative sum inside that
+    block only (started from the blocks before it). The cdf is the plain left-to-right sum up
+    to float64 rounding of the summation order.
+
     A zero-weight column is never returned while the row total is positive: its cdf equals its
-    left neighbour's, so it can never be the first to exceed the target. Returns (index_B,
-    total_B); a row with total 0 returns an arbitrary index and must use the fallback.
+    left neighbour's exactly, so it can never be the first to exceed the target; if rounding of
+    the block sums leaves no column of the chosen block above the target, the block's last
+    positive weight is taken. Returns (index_B, total_B float64); a row with total 0 returns an
+    arbitrary index and must use the fallback.
     """
-    cdf_BN = w_BN.cumsum(dim=1)
-    total_B = cdf_BN[:, -1]
+    n = w_BN.shape[1]
+    cdf_Bb = block_reduce(w_BN, block, "sum").cumsum(dim=1)
+    total_B = cdf_Bb[:, -1]
     # Keep the target strictly below the total: u·total can round up to it for u near 1, and
     # then no cdf entry would exceed it.
-    target_B = torch.minimum(u_B.to(cdf_BN.dtype) * total_B, torch.nextafter(total_B, 0 * total_B))
-    idx_B = torch.searchsorted(cdf_BN, target_B[:, None], right=True).squeeze(1)
-    return idx_B.clamp_max(w_BN.shape[1] - 1), total_B
+    target_B = torch.minimum(u_B.to(torch.float64) * total_B, torch.nextafter(total_B, 0 * total_B))
+    blk_B = torch.searchsorted(cdf_Bb, target_B[:, None], right=True).squeeze(1)
+    blk_B = blk_B.clamp_max(cdf_Bb.shape[1] - 1)
+    before_B = torch.where(
+        blk_B > 0, cdf_Bb.gather(1, (blk_B - 1).clamp_min(0)[:, None]).squeeze(1), 0.0
+    )
+    w_Bc = block_columns(w_BN, blk_B, block, 0.0).to(torch.float64)
+    cdf_Bc = torch.cat([before_B[:, None], w_Bc], dim=1).cumsum(dim=1)[:, 1:]
+    j_B = torch.searchsorted(cdf_Bc.contiguous(), target_B[:, None], right=True).squeeze(1)
+    # argmax of a non-decreasing row = its first maximum = the block's last positive weight.
+    j_B = torch.where(j_B < block, j_B, cdf_Bc.argmax(dim=1))
+    return (blk_B * block + j_B).clamp_max(n - 1), total_B
+
+
+def first_argmax(x_BN: Tensor, block: int = DRAW_BLOCK) -> tuple[Tensor, Tensor]:
+    """(max, index of its first occurrence) per row, like ``x.max(dim=1)``, in two levels: block
+    maxima (a plain reduction that fuses with the pass producing x) and one block scanned."""
+    bmax_Bb = block_reduce(x_BN, block, "max")
+    best_B = bmax_Bb.amax(dim=1)
+    blk_B = (bmax_Bb == best_B[:, None]).to(torch.uint8).argmax(dim=1)
+    x_Bc = block_columns(x_BN, blk_B, block, -math.inf)
+    j_B = (x_Bc == best_B[:, None]).to(torch.uint8).argmax(dim=1)
+    return best_B, (blk_B * block + j_B).clamp_max(x_BN.shape[1] - 1)
 
 
 def hardest_violator(
@@ -74,27 +135,38 @@ class Draw(NamedTuple):
     no_violator_B: Tensor  # weights summed to 0 and no unmasked candidate violates the margin
 
 
-def draw_negatives(w_BN: Tensor, u_Bk: Tensor, hardest_B: Tensor, has_violator_B: Tensor) -> Draw:
+def draw_negatives(
+    w_BN: Tensor,
+    u_Bk: Tensor,
+    hardest_B: Tensor,
+    has_violator_B: Tensor,
+    columns_BN: Tensor | None = None,
+) -> Draw:
     """k draws per anchor without replacement, by inverse CDF, with the fallback rule.
 
     First draw: from w; if the row sums to 0, all weight goes on the hardest unmasked violator
     (if there is none, the anchor is counted as "no violator" and contributes 0). Draws 2..k
     remove the previous picks and are invalid once the row's weight is exhausted.
-    hardest_B, has_violator_B: from ``hardest_violator``.
+    hardest_B, has_violator_B: from ``hardest_violator``; columns_BN: the candidate column of
+    each weight when w is compacted (``window_weights``), None when w spans all candidates.
     """
     k = u_Bk.shape[1]
-    idx_B, total_B = inverse_cdf_draw(w_BN, u_Bk[:, 0])
+    pos_B, total_B = inverse_cdf_draw(w_BN, u_Bk[:, 0])
     empty_B = total_B <= 0
-    indices, valids = [torch.where(empty_B, hardest_B, idx_B)], [~empty_B | has_violator_B]
+    positions, valids = [pos_B], [~empty_B | has_violator_B]
     if k > 1:
         w_BN = w_BN.clone()
         for t in range(1, k):  # a loop over k (small), never over anchors
-            w_BN.scatter_(1, indices[-1][:, None], 0.0)
-            idx_B, total_B = inverse_cdf_draw(w_BN, u_Bk[:, t])
-            indices.append(idx_B)
+            w_BN.scatter_(1, positions[-1][:, None], 0.0)
+            pos_B, total_B = inverse_cdf_draw(w_BN, u_Bk[:, t])
+            positions.append(pos_B)
             valids.append((total_B > 0) & ~empty_B)
+    index_Bk = torch.stack(positions, dim=1)
+    if columns_BN is not None:
+        index_Bk = columns_BN.gather(1, index_Bk)
+    index_Bk[:, 0] = torch.where(empty_B, hardest_B, index_Bk[:, 0])
     return Draw(
-        index_Bk=torch.stack(indices, dim=1),
+        index_Bk=index_Bk,
         valid_Bk=torch.stack(valids, dim=1),
         fallback_B=empty_B & has_violator_B,
         no_violator_B=empty_B & ~has_violator_B,

@@ -33,14 +33,39 @@ def fn_weight(p_fn: Tensor, tau: float) -> Tensor:
 
 def hard_cut_mask(sim_BN: Tensor, g: Gaussians, cut_margin: float) -> Tensor:
     """True where the hard cut zeroes a candidate: s ≤ μ⁺ − margin, once a μ⁺ exists."""
-    # "no μ⁺ yet" folded into the threshold: −inf cuts nothing.
-    threshold = torch.where(g.has_mu_pos, g.mu_pos - cut_margin, -math.inf).to(sim_BN.dtype)
-    return sim_BN <= threshold
+    return sim_BN <= cut_threshold(g, cut_margin, sim_BN.dtype)
+
+
+def cut_threshold(g: Gaussians, cut_margin: float, dtype: torch.dtype) -> Tensor:
+    """μ⁺ − margin as a 0-dim tensor; "no μ⁺ yet" folded in as −inf, which cuts no finite s."""
+    return torch.where(g.has_mu_pos, g.mu_pos - cut_margin, -math.inf).to(dtype)
+
+
+def fn_log_odds_threshold(eps: float) -> float:
+    """logit(ε): P_fn > ε exactly where the log-odds exceed it (sigmoid is increasing)."""
+    return math.log(eps) - math.log1p(-eps) if eps > 0 else -math.inf
 
 
 class Weights(NamedTuple):
     w_BN: Tensor
     n_fn_B: Tensor  # per anchor: unmasked candidates with P_fn > ε (0 for the window rule)
+    n_window_B: Tensor  # per anchor: candidates in the hard-cut window (unmasked, not cut)
+
+
+def _uncut_weight(sim: Tensor, pos_sim: Tensor, log_odds: Tensor, g: Gaussians, cfg: FneConfig):
+    """FNE's weight before the cut, element-wise on any shape (pos_sim broadcast to sim).
+
+    The one formula both the dense and the compacted sampler use, so they agree per element.
+    The sigmoid sees the log-odds clamped just below logit(ε): every P_fn that is used (> ε)
+    is unchanged, and no exp overflows on far tails (several times slower on CPUs).
+    """
+    log_eps = fn_log_odds_threshold(cfg.eps)
+    use_fn = (log_odds > log_eps) & g.gate_open
+    p_fn = log_odds.clamp_min(log_eps - 1.0).sigmoid_()
+    exponent = sim - pos_sim
+    exponent.mul_(exponent).mul_(-cfg.tau_kernel)  # kernel weight = exp(this)
+    # FN weight = exp(−τ P): one exp for both weights, through the exponent.
+    return torch.where(use_fn, p_fn.mul_(-cfg.tau_fn), exponent).exp_()
 
 
 def sampling_weights(
@@ -50,36 +75,137 @@ def sampling_weights(
     g: Gaussians,
     cfg: FneConfig,
     rule: str = "fne",
+    masked_sim_BN: Tensor | None = None,
 ) -> Weights:
     """Unnormalised sampling weights over candidates; rule "fne" (the paper) or "window".
 
     "window" is FNE without the Bayes part: uniform weight inside the hard-cut window.
     sim_BN: anchor-candidate similarities (no gradient needed); pos_sim_B: s⁺ per anchor;
-    mask_BN: candidates that are never negatives (positives, and the oracle's group mates).
+    mask_BN: candidates that are never negatives (positives, and the oracle's group mates);
+    masked_sim_BN: sim with −inf on the mask, if the caller has it already.
 
-    This is the hot path of the sampler (about 20 passes over B×N): it works in place on its own
-    temporaries, folds the gate and "no μ⁺ yet" into scalar thresholds, and evaluates the
-    log-odds as one quadratic αs² + βs + γ. The plain formulas are ``kernel_weight``,
-    ``fn_posterior`` and ``fn_weight`` above; the tests hold this function equal to them.
+    The dense form, for any device and for torch.compile: the gate and "no μ⁺ yet" are folded
+    into scalar thresholds (a masked candidate has similarity −inf, so the cut removes it too)
+    and the log-odds are one quadratic αs² + βs + γ. The cut is applied after the exp: an exp
+    of −inf is several times slower than of a finite number on CPUs. The plain formulas are
+    ``kernel_weight``, ``fn_posterior`` and ``fn_weight`` above; the tests hold this function
+    equal to them.
     """
+    if masked_sim_BN is None:
+        masked_sim_BN = sim_BN.masked_fill(mask_BN, -math.inf)
+    cut_BN = hard_cut_mask(masked_sim_BN, g, cfg.cut_margin) if cfg.hard_cut else mask_BN
     n_fn_B = torch.zeros(sim_BN.shape[0], dtype=torch.long, device=sim_BN.device)
+    n_window_B = sim_BN.shape[1] - count_true(cut_BN)
     if rule == "window":
-        exponent_BN = torch.zeros_like(sim_BN)
-    elif rule == "fne":
-        exponent_BN = sim_BN - pos_sim_B[:, None]
-        exponent_BN.mul_(exponent_BN).mul_(-cfg.tau_kernel)  # kernel weight = exp(this)
-        p_fn_BN = _log_odds_quadratic(sim_BN, g, cfg.prior)
-        p_fn_BN.masked_fill_(mask_BN, -math.inf).sigmoid_()  # masked → P = 0, not counted
-        is_fn_BN = p_fn_BN > cfg.eps
-        n_fn_B = is_fn_BN.count_nonzero(dim=1)
-        is_fn_BN &= g.gate_open
-        # FN weight = exp(−τ P): one exp for both weights, through the exponent.
-        exponent_BN = torch.where(is_fn_BN, p_fn_BN.mul_(-cfg.tau_fn), exponent_BN)
+        return Weights((~cut_BN).to(sim_BN.dtype), n_fn_B, n_window_B)
+    if rule != "fne":
+        raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
+    log_odds_BN = _log_odds_quadratic(sim_BN, g, cfg.prior)
+    n_fn_B = _count_fn(log_odds_BN, mask_BN, cfg.eps)
+    w_BN = _uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, g, cfg)
+    return Weights(w_BN.masked_fill_(cut_BN, 0.0), n_fn_B, n_window_B)
+
+
+def _count_fn(log_odds_BN: Tensor, mask_BN: Tensor, eps: float) -> Tensor:
+    """Per row: unmasked candidates with P_fn > ε (a diagnostic; the gate does not matter)."""
+    is_fn_BN = log_odds_BN > fn_log_odds_threshold(eps)
+    is_fn_BN &= ~mask_BN
+    return count_true(is_fn_BN)
+
+
+class WindowWeights(NamedTuple):
+    """Weights of the candidates inside the window only, left-aligned per row (B × M, M the
+    largest window; zero-padded) with their columns: the compacted form of ``Weights``."""
+
+    w_BM: Tensor
+    col_BM: Tensor
+    n_fn_B: Tensor
+    n_window_B: Tensor
+
+
+def count_true(x_BN: Tensor) -> Tensor:
+    """Per row: how many entries are True (int64). Eager: summed as bytes into int32, several
+    times faster on CPUs than ``sum`` or ``count_nonzero`` (they widen every bool to int64);
+    under torch.compile a plain sum, which the compiler fuses (it scalarises the byte view)."""
+    if torch.compiler.is_compiling():
+        return x_BN.sum(dim=1)
+    return x_BN.view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
+
+
+def window_weights(
+    sim_BN: Tensor,
+    pos_sim_B: Tensor,
+    masked_sim_BN: Tensor,
+    masked_rows_M: Tensor,
+    masked_cols_M: Tensor,
+    g: Gaussians,
+    cfg: FneConfig,
+    rule: str,
+    max_fraction: float,
+) -> WindowWeights | None:
+    """``sampling_weights`` evaluated only inside the hard-cut window, where weights can be > 0.
+
+    The window (s > μ⁺ − margin, unmasked) is usually a small fraction of [batch ; memory]: the
+    exps, sigmoids and the cumulative sum then run on that fraction, and only the log-odds
+    (for the P_fn > ε count over all candidates) and the window test touch every candidate.
+    masked_sim_BN: sim with −inf at the masked positions (masked_rows_M, masked_cols_M: each
+    masked entry once). Needs the window's size on the host (``nonzero``): meant for CPU
+    tensors, where that costs no device sync. Returns None when the hard cut is off or the
+    window holds more than ``max_fraction`` of the candidates: the dense form is then faster.
+    """
+    if not cfg.hard_cut:
+        return None
+    b, n = sim_BN.shape
+    dev = sim_BN.device
+    threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype)
+    inside_BN = masked_sim_BN > threshold
+    count_B = count_true(inside_BN)
+    if int(count_B.sum()) > max_fraction * b * n:
+        return None
+    # Flat positions, row-major: each row's window in column order, so a compacted row's
+    # left-to-right sum is the dense row's with its zeros left out. (1-D indexing is several
+    # times faster than (row, column) pairs.)
+    flat_W = inside_BN.view(-1).nonzero().squeeze(1)
+    rows_W = flat_W // n
+    if rule == "fne":
+        sim_W = sim_BN.reshape(-1).take(flat_W)
+        log_odds_W = _log_odds_quadratic(sim_W, g, cfg.prior)
+        is_fn_W = log_odds_W > fn_log_odds_threshold(cfg.eps)
+        if fn_region_inside_window(g, cfg.prior, cfg.eps, float(threshold)):
+            # Every candidate with P_fn > ε is in the window: count it there.
+            n_fn_B = torch.bincount(rows_W, weights=is_fn_W.to(torch.float64), minlength=b)
+            n_fn_B = n_fn_B.long()
+        else:  # over all candidates, less the masked ones (a few per row, listed)
+            is_fn_BN = _log_odds_quadratic(sim_BN, g, cfg.prior) > fn_log_odds_threshold(cfg.eps)
+            fn_masked_M = is_fn_BN[masked_rows_M, masked_cols_M].to(torch.float64)
+            n_fn_B = count_true(is_fn_BN)
+            n_fn_B -= torch.bincount(masked_rows_M, weights=fn_masked_M, minlength=b).long()
+        w_W = _uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, g, cfg)
+    elif rule == "window":
+        n_fn_B = torch.zeros(b, dtype=torch.long, device=dev)
+        w_W = torch.ones(flat_W.shape, dtype=sim_BN.dtype, device=dev)
     else:
         raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
-    if cfg.hard_cut:
-        exponent_BN.masked_fill_(hard_cut_mask(sim_BN, g, cfg.cut_margin), -math.inf)
-    return Weights(exponent_BN.masked_fill_(mask_BN, -math.inf).exp_(), n_fn_B)
+    m = max(int(count_B.max()) if b else 0, 1)
+    start_B = count_B.cumsum(0) - count_B
+    # Slot of each window entry in its row of the B × m layout, flattened.
+    slot_W = torch.arange(flat_W.numel(), device=dev) + (rows_W * m - start_B[rows_W])
+    w_BM = sim_BN.new_zeros(b, m)
+    col_BM = torch.zeros(b, m, dtype=torch.long, device=dev)
+    w_BM.view(-1)[slot_W] = w_W
+    col_BM.view(-1)[slot_W] = flat_W - rows_W * n
+    return WindowWeights(w_BM, col_BM, n_fn_B, count_B)
+
+
+def _log_odds_coefficients(g: Gaussians, prior: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(α, β, γ) of ``fn_log_odds`` = αs² + βs + γ, float64 0-dim tensors; α = 0 if pooled."""
+    inv_p, inv_n = 1.0 / g.var_pos, 1.0 / g.var_neg
+    log_prior_odds = math.log(prior) - math.log1p(-prior)
+    beta = g.mu_pos * inv_p - g.mu_neg * inv_n
+    gamma = log_prior_odds + 0.5 * (torch.log(g.var_neg) - torch.log(g.var_pos))
+    gamma = gamma - 0.5 * g.mu_pos.square() * inv_p + 0.5 * g.mu_neg.square() * inv_n
+    alpha = torch.zeros_like(beta) if g.variance == "pooled" else 0.5 * (inv_n - inv_p)
+    return alpha, beta, gamma
 
 
 def _log_odds_quadratic(sim_BN: Tensor, g: Gaussians, prior: float) -> Tensor:
@@ -89,15 +215,32 @@ def _log_odds_quadratic(sim_BN: Tensor, g: Gaussians, prior: float) -> Tensor:
     long before that matters.
     """
     dt = sim_BN.dtype
-    inv_p, inv_n = 1.0 / g.var_pos, 1.0 / g.var_neg
-    log_prior_odds = math.log(prior) - math.log1p(-prior)
-    beta = (g.mu_pos * inv_p - g.mu_neg * inv_n).to(dt)
-    gamma = log_prior_odds + 0.5 * (torch.log(g.var_neg) - torch.log(g.var_pos))
-    gamma = (gamma - 0.5 * g.mu_pos.square() * inv_p + 0.5 * g.mu_neg.square() * inv_n).to(dt)
+    alpha, beta, gamma = (t.to(dt) for t in _log_odds_coefficients(g, prior))
     if g.variance == "pooled":  # α = 0 exactly, so P_fn stays monotone under rounding
         return torch.addcmul(gamma, sim_BN, beta)
-    alpha = (0.5 * (inv_n - inv_p)).to(dt)
     # Horner form (αs + β)s + γ with 0-dim tensor coefficients: no host sync.
     out_BN = torch.addcmul(beta, sim_BN, alpha)
     out_BN.mul_(sim_BN).add_(gamma)
     return out_BN
+
+
+def fn_region_inside_window(g: Gaussians, prior: float, eps: float, threshold: float) -> bool:
+    """True when no similarity in [−1, threshold] can have P_fn > ε, with a wide margin for
+    float32 rounding of the log-odds: every candidate with P_fn > ε is then in the window.
+
+    Host values (CPU path only). The log-odds are a quadratic in s, so their maximum over the
+    interval is at an end or at the vertex.
+    """
+    alpha, beta, gamma = (float(t) for t in _log_odds_coefficients(g, prior))
+    lo, hi = -1.0 - 1e-3, threshold + 1e-6
+    if hi < lo:
+        return True
+
+    def log_odds(x: float) -> float:
+        return (alpha * x + beta) * x + gamma
+
+    peak = max(log_odds(lo), log_odds(hi))
+    if alpha < 0 and lo < -beta / (2 * alpha) < hi:
+        peak = max(peak, log_odds(-beta / (2 * alpha)))
+    slack = 1e-5 * (abs(alpha) + abs(beta) + abs(gamma) + 1.0)
+    return peak + slack < fn_log_odds_threshold(eps)

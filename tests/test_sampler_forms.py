@@ -1,0 +1,181 @@
+"""The CPU sampler (masked entries listed by binary search, weights in the hard-cut window only)
+picks exactly what the dense sampler picks, and its building blocks equal their plain forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fne_dist.fne import FneConfig, gaussians_from_stats, negative_mask, stats_of
+from fne_dist.fne.loss import candidate_index, masked_positions, select_chunk
+from fne_dist.fne.sampling import first_argmax, inverse_cdf_draw
+from fne_dist.fne.weights import (
+    _log_odds_quadratic,
+    count_true,
+    fn_log_odds_threshold,
+    fn_region_inside_window,
+)
+
+B, N = 10, 701  # N not a multiple of the draw's block of 128
+
+
+def _gaussians(mu_pos: float, sd_pos: float, sd_neg: float, n_pos: int, pooled: bool = False):
+    gen = torch.Generator().manual_seed(n_pos)
+    pos = mu_pos + sd_pos * torch.randn(n_pos, generator=gen, dtype=torch.float64)
+    neg = mu_pos - 0.3 + sd_neg * torch.randn(2 * n_pos, generator=gen, dtype=torch.float64)
+    return gaussians_from_stats(
+        stats_of(pos, neg), gate_size=200, variance="pooled" if pooled else "separate"
+    )
+
+
+def _problem(seed: int, dtype: torch.dtype = torch.float32, groups: bool = False):
+    """Similarities spread over [-0.9, 0.9], repeated ids (other captions of an image), the
+    positive column somewhere in the row, and optional group labels with unknowns (-1)."""
+    gen = torch.Generator().manual_seed(seed)
+    sim = ((torch.rand(B, N, generator=gen, dtype=torch.float64) * 2 - 1) * 0.9).to(dtype)
+    ids = torch.arange(B) * 3
+    cand_ids = torch.randint(0, 3 * B, (N,), generator=gen)
+    pos_col = torch.randperm(N, generator=gen)[:B]
+    cand_ids[pos_col[:-1]] = ids[:-1]  # the last anchor's positive column has another id
+    sim[torch.arange(B), pos_col] = (0.6 + 0.3 * torch.rand(B, generator=gen)).to(dtype)
+    g_b = g_n = None
+    if groups:
+        g_b = torch.randint(-1, 4, (B,), generator=gen)
+        g_n = torch.randint(-1, 4, (N,), generator=gen)
+    return sim, ids, cand_ids, pos_col, g_b, g_n
+
+
+REGIMES = {
+    "fn region inside the window": dict(mu_pos=0.5, sd_pos=0.05, sd_neg=0.05, n_pos=400),
+    "sigma+ > sigma-: easy negatives have P_fn > eps": dict(
+        mu_pos=0.5, sd_pos=0.15, sd_neg=0.05, n_pos=400
+    ),
+    "gate closed": dict(mu_pos=0.4, sd_pos=0.1, sd_neg=0.1, n_pos=50),
+    "no mu+ yet: window = every candidate": dict(mu_pos=0.5, sd_pos=0.1, sd_neg=0.1, n_pos=0),
+}
+
+
+CASES = [
+    (regime, rule, k, hard_cut)
+    for regime in REGIMES
+    for rule in ("fne", "window")
+    for k in (1, 3)
+    for hard_cut in (True, False)
+] + [(regime, "hardest", 1, True) for regime in REGIMES]
+
+
+@pytest.mark.parametrize(("regime", "rule", "k", "hard_cut"), CASES)
+def test_listed_form_picks_what_the_dense_form_picks(
+    regime: str, rule: str, k: int, hard_cut: bool
+) -> None:
+    """Invariant: given the same uniforms, the CPU form and the dense form draw the same
+    negatives and report the same counts (P_fn > ε, unmasked, window, fallbacks), in every
+    regime of the statistics, with and without the oracle's group mask."""
+    g = _gaussians(**REGIMES[regime])
+    for seed, groups in ((0, False), (1, True)):
+        sim, ids, cand_ids, pos_col, g_b, g_n = _problem(seed, groups=groups)
+        cfg = FneConfig(negatives=k, hard_cut=hard_cut, prior=0.05, eps=0.01)
+        u = torch.rand(B, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        args = (sim, pos_col, ids, cand_ids, g_b, g_n, u, g, cfg, rule)
+        dense = select_chunk(*args, form="dense")
+        listed = select_chunk(*args, form="listed")
+        for field in dense._fields:
+            assert torch.equal(getattr(dense, field), getattr(listed, field)), (field, groups)
+        if rule == "fne" and regime.startswith("sigma"):
+            assert int(dense.n_fn_b.sum()) > 0  # the count outside the window is exercised
+
+
+def test_masked_positions_are_the_negative_mask() -> None:
+    """Invariant: the listed entries are exactly the True entries of ``negative_mask`` (same
+    id, the explicit positive column even with another id, the oracle's groups with unknown
+    labels matching nothing), each once, row-major."""
+    for groups in (False, True):
+        _, ids, cand_ids, pos_col, g_b, g_n = _problem(3, groups=groups)
+        mask = negative_mask(ids, pos_col, cand_ids, g_b, g_n)
+        rows, cols = masked_positions(ids, pos_col, candidate_index(cand_ids, g_n), N, g_b)
+        expected_rows, expected_cols = mask.nonzero(as_tuple=True)
+        assert torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)
+
+
+def _plain_draw(w: list[float], u: float) -> int | None:
+    total = sum(w)  # left to right, as the cdf
+    if total <= 0:
+        return None
+    target, acc = min(u * total, math.nextafter(total, 0.0)), 0.0
+    for j, x in enumerate(w):
+        acc += x
+        if acc > target:
+            return j
+    raise AssertionError("unreachable")
+
+
+def test_two_level_draw_equals_the_plain_cumulative_sum() -> None:
+    """Invariant: the block-sum draw returns the plain loop's first column with cdf > u·total
+    (float64 weights, zeros in runs, N not a multiple of the block), and never a zero-weight
+    column, also for uniforms next to 0 and 1 and for rows whose last blocks are all zero."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.rand(40, N, generator=gen, dtype=torch.float64)
+    w[w < 0.7] = 0.0  # 70 % zeros
+    w[1] = 0.0  # an empty row
+    w[2, 300:] = 0.0  # trailing zero blocks
+    w[3, :] = 0.0
+    w[3, 5] = 1e-300  # one tiny weight
+    for u_value in (None, 0.0, 1.0 - 1e-12):
+        u = (
+            torch.rand(40, generator=gen, dtype=torch.float64)
+            if u_value is None
+            else torch.full((40,), u_value, dtype=torch.float64)
+        )
+        idx, total = inverse_cdf_draw(w, u)
+        for i in range(40):
+            j = _plain_draw(w[i].tolist(), float(u[i]))
+            if j is None:
+                assert total[i] == 0
+            else:
+                assert int(idx[i]) == j, (i, u_value)
+                assert w[i, idx[i]] > 0
+
+
+def test_rounding_of_block_sums_never_lands_on_a_zero_weight() -> None:
+    """Invariant: when the block sum (summed pairwise) exceeds the block's left-to-right cdf,
+    so that no cdf entry exceeds a target near the total, the draw still takes a positive
+    weight: 1 + 60 × 1e-16 is 1 left to right but not pairwise, and 67 zeros follow."""
+    w = torch.zeros(1, 128, dtype=torch.float64)
+    w[0, 0], w[0, 1:61] = 1.0, 1e-16
+    assert float(w.sum()) > float(w.cumsum(1)[0, -1])  # the rounding this test is about
+    idx, _ = inverse_cdf_draw(w, torch.tensor([1.0 - 1e-15], dtype=torch.float64))
+    assert w[0, idx[0]] > 0
+
+
+def test_first_argmax_equals_max() -> None:
+    """Invariant: the two-level argmax returns torch.max's value and first index, with ties,
+    −inf entries, all-(−inf) rows and N not a multiple of the block."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 50, (30, N), generator=gen).float()  # many ties
+    x[x < 5] = -math.inf
+    x[4] = -math.inf
+    best, idx = first_argmax(x)
+    ref_best, ref_idx = x.max(dim=1)
+    assert torch.equal(best, ref_best) and torch.equal(idx, ref_idx)
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_fn_region_check_is_sound(regime: str) -> None:
+    """Invariant: whenever the check says every P_fn > ε candidate is in the window, no float32
+    similarity in [−1, μ⁺ − margin] has log-odds above logit(ε)."""
+    g = _gaussians(**REGIMES[regime])
+    cfg = FneConfig(prior=0.05, eps=0.01)
+    s = torch.linspace(-1.0, 1.0, 200_001, dtype=torch.float32)
+    for threshold in (-0.5, 0.0, 0.2, 0.3, 0.45):
+        if fn_region_inside_window(g, cfg.prior, cfg.eps, threshold):
+            outside = s[s <= threshold]
+            log_odds = _log_odds_quadratic(outside, g, cfg.prior)
+            assert not (log_odds > fn_log_odds_threshold(cfg.eps)).any(), threshold
+
+
+def test_count_true_equals_sum() -> None:
+    """Invariant: the byte-sum count equals ``sum`` on rows longer than 255 (no uint8 wrap)."""
+    x = torch.rand(7, 5000, generator=torch.Generator().manual_seed(0)) > 0.1
+    assert torch.equal(count_true(x), x.sum(dim=1))
