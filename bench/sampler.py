@@ -1,6 +1,6 @@
 """Sampler micro-benchmark: FNE fwd+bwd ÷ vse_pp fwd+bwd over [batch ; memory].
 
-    python bench/sampler.py [--batch 128 --memory 65536 --dim 256 --repeats 7 --threads 2]
+    python bench/sampler.py [--batch 128 --memory 65536 --dim 256 --repeats 11 --threads 2]
 
 One fwd+bwd of the bidirectional loss, the losses interleaved in one process (this machine is
 shared and noisy), ratios of medians. vse_pp is ours: selection under no_grad, gradient through
@@ -47,9 +47,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--memory", type=int, default=65536)
     ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk-rows", type=int, default=FneConfig().chunk_rows)
+    ap.add_argument("--window-chunk-rows", type=int, default=FneConfig().window_chunk_rows)
+    ap.add_argument(
+        "--forms",
+        action="store_true",
+        help="also time the selection alone (issue scenario) in its three forms: the CPU window "
+        "form, the dense form eager and the dense form under torch.compile",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     B, K, D = args.batch, args.memory, args.dim
@@ -104,7 +111,7 @@ def main() -> None:
         return time.perf_counter() - t0
 
     def loss_of(cfg: FneConfig, g) -> Callable[[], torch.Tensor]:
-        cfg.chunk_rows = args.chunk_rows
+        cfg.chunk_rows, cfg.window_chunk_rows = args.chunk_rows, args.window_chunk_rows
         return lambda: retrieval_loss(anchors, cands, cfg, g, u).loss
 
     scenarios = {
@@ -116,18 +123,15 @@ def main() -> None:
     }
     print(
         f"B={B} K={K} D={D} threads={args.threads} repeats={args.repeats} "
-        f"chunk_rows={args.chunk_rows}"
+        f"chunk_rows={args.chunk_rows} window_chunk_rows={args.window_chunk_rows}"
     )
     print("scenario                window  P>ε  vse_pp ms  fne ms  window ms   fne÷vse  window÷vse")
-    textbook_ratio = None
     for name, (g, hard_cut) in scenarios.items():
         losses = {
             "vse_pp": loss_of(FneConfig(loss="vse_pp"), g),
             "fne": loss_of(FneConfig(hard_cut=hard_cut), g),
             "window": loss_of(FneConfig(loss="window", hard_cut=hard_cut), g),
         }
-        if textbook_ratio is None:
-            losses["textbook"] = textbook_vse_pp
         out = retrieval_loss(anchors, cands, FneConfig(hard_cut=hard_cut), g, u)
         for loss in losses.values():  # warm-up
             run(loss)
@@ -136,8 +140,6 @@ def main() -> None:
             for key, loss in losses.items():
                 times[key].append(run(loss))
         med = {key: statistics.median(ts) for key, ts in times.items()}
-        if "textbook" in med:
-            textbook_ratio = med["textbook"] / med["vse_pp"]
         cut = g.mu_pos - FneConfig().cut_margin if hard_cut else -2.0
         window = float((sims > cut).double().mean())
         p_fn = float(out.diagnostics["frac_pfn_gt_eps"])
@@ -146,7 +148,65 @@ def main() -> None:
             f"{med['fne'] * 1e3:7.1f} {med['window'] * 1e3:9.1f}   "
             f"{med['fne'] / med['vse_pp']:6.2f}x  {med['window'] / med['vse_pp']:6.2f}x"
         )
-    print(f"textbook vse_pp ÷ our vse_pp: {textbook_ratio:.2f}x (first scenario)")
+    # Apart from the scenarios: the textbook's B×N autograd buffers disturb what runs next.
+    ours = loss_of(FneConfig(loss="vse_pp"), scenarios["issue (μ⁺ = 0.5)"][0])
+    times = {"ours": [], "textbook": []}
+    for _ in range(args.repeats):
+        times["ours"].append(run(ours))
+        times["textbook"].append(run(textbook_vse_pp))
+    ratio = statistics.median(times["textbook"]) / statistics.median(times["ours"])
+    print(f"textbook vse_pp ÷ our vse_pp: {ratio:.2f}x")
+    if args.forms:
+        forms(args, img, cands, anchors, u, scenarios["issue (μ⁺ = 0.5)"][0])
+
+
+def forms(args, img, cands, anchors, u, g) -> None:
+    """The FNE selection of one direction alone (no matmul, no backward), per form. The
+    compiled form runs last: Inductor's OpenMP threads slow the eager ops that follow them."""
+    from fne_dist.fne.loss import _selector, candidate_index, select_chunk
+
+    with torch.no_grad():
+        sim_BN = img @ cands.txt_ND.T
+    cfg = FneConfig(compile=True)
+    index = candidate_index(cands.ids_N)
+    B = sim_BN.shape[0]
+
+    def selection(form: str, rows: int):
+        select = _selector(cfg) if form == "compiled" else select_chunk
+        extra = {} if form == "compiled" else {"form": form, "index": index}
+
+        def once() -> torch.Tensor:
+            picks = []
+            for r in range(0, B, rows):
+                part = slice(r, r + rows)
+                picks.append(
+                    select(
+                        sim_BN[part], anchors.pos_col_B[part], anchors.ids_B[part], cands.ids_N,
+                        None, None, u[0, part], g, cfg, "fne", **extra,
+                    ).index_bk
+                )  # fmt: skip
+            return torch.cat(picks)
+
+        return once
+
+    timings = {}
+    for form, rows in (("listed", cfg.window_chunk_rows), ("dense", cfg.chunk_rows)):
+        timings[form] = timed(selection(form, rows), args.repeats)
+    timings["compiled"] = timed(selection("compiled", cfg.chunk_rows), args.repeats)
+    print(
+        "selection of one direction: "
+        + ", ".join(f"{form} {ms * 1e3:.1f} ms" for form, ms in timings.items())
+    )
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (and compilation)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
 
 
 if __name__ == "__main__":

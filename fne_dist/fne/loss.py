@@ -15,10 +15,20 @@ Triplet losses are the mean over anchors of i2t + t2i (the paper's sum of the tw
 infonce is the mean of the two directions (ALBEF). ``mask_groups`` (the oracle) additionally
 masks candidates sharing the anchor's group label.
 
-Cost: the selection runs under no_grad on B×N similarities in row chunks (``chunk_rows``) so no
-B×N temporary outlives a chunk, and the gradient is taken through the k selected similarities
-only (a B×k×D product), not through a B×N matrix: same gradient, a fraction of the backward.
-No host sync: diagnostics are returned as 0-dim tensors for the caller to log when it wants.
+Cost: the selection runs under no_grad on B×N similarities in row chunks so no B×N temporary
+outlives a chunk, and the gradient is taken through the k selected similarities only (a B×k×D
+product), not through a B×N matrix: same gradient, a fraction of the backward. The selection
+has two forms with the same picks (``select_chunk``):
+
+- dense (accelerators, torch.compile): every step is B×N element-wise work or a reduction, with
+  no host sync; the draw and the hardest candidate are found in two levels (block sums/maxima,
+  then one block), so no B×N cumulative sum or argmax is written;
+- CPU: the masked entries (a few per anchor) are listed by binary search in the sorted ids, and
+  the weights are computed in the hard-cut window only, which holds ~0.1-2 % of the candidates
+  in our runs (``frac_in_window``); a wide window (no μ⁺ yet, ``hard_cut: false``) falls back to
+  the dense form. bench/sampler.py measures both.
+
+Diagnostics are returned as 0-dim tensors for the caller to log when it wants.
 """
 
 from __future__ import annotations
@@ -234,6 +244,24 @@ def select_chunk(
             w = window_weights(
                 sim_bN, pos_sim_b, masked_sim_bN, rows_M, cols_M, g, cfg, rule, WINDOW_MAX_FRACTION
             )
+            if w is None and b > cfg.chunk_rows:  # a wide window: the dense form, cache-sized
+                parts = [
+                    select_chunk(
+                        sim_bN[r0 : r0 + cfg.chunk_rows],
+                        pos_col_b[r0 : r0 + cfg.chunk_rows],
+                        ids_b[r0 : r0 + cfg.chunk_rows],
+                        cand_ids_N,
+                        None if groups_b is None else groups_b[r0 : r0 + cfg.chunk_rows],
+                        cand_groups_N,
+                        u_bk[r0 : r0 + cfg.chunk_rows],
+                        g,
+                        cfg,
+                        rule,
+                        form="dense",
+                    )
+                    for r0 in range(0, b, cfg.chunk_rows)
+                ]
+                return _Picks(*(torch.cat(p) for p in zip(*parts, strict=True)))
             if w is None:  # a wide window: the dense form
                 mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(
                     (rows_M, cols_M), torch.tensor(True)
@@ -300,15 +328,19 @@ def _one_direction(
     if on_cpu:  # candidate ids sorted once for every chunk
         index = candidate_index(c.ids_N, None if groups_B is None else c.groups_N)
     with torch.no_grad():
+        # The CPU window form makes few passes over B×N, so it takes larger chunks (less
+        # per-op overhead); it falls back to the dense form in chunks of chunk_rows.
+        chunk = cfg.window_chunk_rows if on_cpu and (rule == "hardest" or cfg.hard_cut) else None
+        chunk = chunk or cfg.chunk_rows
         for b0 in range(0, B, cfg.block_rows):
             # One matmul per block of rows (a chunked matmul would re-read all N×D candidates
             # per chunk), then the element-wise pipeline in cache-sized chunks of that block.
             sim_bN = anchor_BD[b0 : b0 + cfg.block_rows].detach() @ cand_detached_ND.T
-            for r0 in range(0, sim_bN.shape[0], cfg.chunk_rows):
-                rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + cfg.chunk_rows))
+            for r0 in range(0, sim_bN.shape[0], chunk):
+                rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
                 picks.append(
                     select(
-                        sim_bN[r0 : r0 + cfg.chunk_rows],
+                        sim_bN[r0 : r0 + chunk],
                         a.pos_col_B[rows],
                         a.ids_B[rows],
                         c.ids_N,

@@ -68,7 +68,13 @@ class FneConfig:
         "eager window sampler, which is faster there)",
     )
     chunk_rows: int = setting(
-        8, "anchors per element-wise chunk of the sampler (cache-sized)", ge=1
+        8, "anchors per element-wise chunk of the dense sampler (cache-sized)", ge=1
+    )
+    window_chunk_rows: int = setting(
+        32,
+        "anchors per chunk of the CPU window sampler (a few passes over B×N, so larger chunks "
+        "cost less per-op overhead)",
+        ge=1,
     )
 
     @property

@@ -124,12 +124,8 @@ class WindowWeights(NamedTuple):
 
 
 def count_true(x_BN: Tensor) -> Tensor:
-    """Per row: how many entries are True (int64). Eager: summed as bytes into int32, several
-    times faster on CPUs than ``sum`` or ``count_nonzero`` (they widen every bool to int64);
-    under torch.compile a plain sum, which the compiler fuses (it scalarises the byte view)."""
-    if torch.compiler.is_compiling():
-        return x_BN.sum(dim=1)
-    return x_BN.view(torch.uint8).sum(dim=1, dtype=torch.int32).long()
+    """Per row: how many entries are True (int64)."""
+    return x_BN.sum(dim=1)
 
 
 def window_weights(
@@ -159,14 +155,14 @@ def window_weights(
     dev = sim_BN.device
     threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype)
     inside_BN = masked_sim_BN > threshold
-    count_B = count_true(inside_BN)
-    if int(count_B.sum()) > max_fraction * b * n:
-        return None
     # Flat positions, row-major: each row's window in column order, so a compacted row's
     # left-to-right sum is the dense row's with its zeros left out. (1-D indexing is several
-    # times faster than (row, column) pairs.)
+    # times faster than (row, column) pairs; nonzero's size is the count, so no count pass.)
     flat_W = inside_BN.view(-1).nonzero().squeeze(1)
+    if flat_W.numel() > max_fraction * b * n:
+        return None
     rows_W = flat_W // n
+    count_B = torch.bincount(rows_W, minlength=b)
     if rule == "fne":
         sim_W = sim_BN.reshape(-1).take(flat_W)
         log_odds_W = _log_odds_quadratic(sim_W, g, cfg.prior)
@@ -175,10 +171,18 @@ def window_weights(
             # Every candidate with P_fn > ε is in the window: count it there.
             n_fn_B = torch.bincount(rows_W, weights=is_fn_W.to(torch.float64), minlength=b)
             n_fn_B = n_fn_B.long()
-        else:  # over all candidates, less the masked ones (a few per row, listed)
-            is_fn_BN = _log_odds_quadratic(sim_BN, g, cfg.prior) > fn_log_odds_threshold(cfg.eps)
-            fn_masked_M = is_fn_BN[masked_rows_M, masked_cols_M].to(torch.float64)
-            n_fn_B = count_true(is_fn_BN)
+        else:  # over all candidates (in cache-sized slices), less the masked ones (listed)
+            log_eps = fn_log_odds_threshold(cfg.eps)
+            n_fn_B = torch.cat(
+                [
+                    count_true(
+                        _log_odds_quadratic(sim_BN[r : r + cfg.chunk_rows], g, cfg.prior) > log_eps
+                    )
+                    for r in range(0, b, cfg.chunk_rows)
+                ]
+            )
+            sim_M = sim_BN[masked_rows_M, masked_cols_M]
+            fn_masked_M = (_log_odds_quadratic(sim_M, g, cfg.prior) > log_eps).to(torch.float64)
             n_fn_B -= torch.bincount(masked_rows_M, weights=fn_masked_M, minlength=b).long()
         w_W = _uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, g, cfg)
     elif rule == "window":
