@@ -257,7 +257,8 @@ def select_chunk(
                         g,
                         cfg,
                         rule,
-                        form="dense",
+                        index,
+                        form="listed",
                     )
                     for r0 in range(0, b, cfg.chunk_rows)
                 ]
@@ -273,7 +274,16 @@ def select_chunk(
             d = draw_negatives(w.w_BM, u_bk, h_b, has_violator_b, w.col_BM)
         else:
             assert mask_bN is not None
-            w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN)
+            w = sampling_weights(
+                sim_bN,
+                pos_sim_b,
+                mask_bN,
+                g,
+                cfg,
+                rule,
+                masked_sim_bN,
+                (rows_M, cols_M) if listed else None,
+            )
             d = draw_negatives(w.w_BN, u_bk, h_b, has_violator_b)
         idx_bk, valid_bk = d.index_Bk, d.valid_Bk
         fallback_b, no_violator_b, n_fn_b = d.fallback_B, d.no_violator_B, w.n_fn_B

@@ -52,7 +52,14 @@ class Weights(NamedTuple):
     n_window_B: Tensor  # per anchor: candidates in the hard-cut window (unmasked, not cut)
 
 
-def _uncut_weight(sim: Tensor, pos_sim: Tensor, log_odds: Tensor, g: Gaussians, cfg: FneConfig):
+def _uncut_weight(
+    sim: Tensor,
+    pos_sim: Tensor,
+    log_odds: Tensor,
+    g: Gaussians,
+    cfg: FneConfig,
+    is_fn: Tensor | None = None,
+) -> Tensor:
     """FNE's weight before the cut, element-wise on any shape (pos_sim broadcast to sim).
 
     The one formula both the dense and the compacted sampler use, so they agree per element.
@@ -60,7 +67,7 @@ def _uncut_weight(sim: Tensor, pos_sim: Tensor, log_odds: Tensor, g: Gaussians, 
     is unchanged, and no exp overflows on far tails (several times slower on CPUs).
     """
     log_eps = fn_log_odds_threshold(cfg.eps)
-    use_fn = (log_odds > log_eps) & g.gate_open
+    use_fn = (log_odds > log_eps if is_fn is None else is_fn) & g.gate_open
     p_fn = log_odds.clamp_min(log_eps - 1.0).sigmoid_()
     exponent = sim - pos_sim
     exponent.mul_(exponent).mul_(-cfg.tau_kernel)  # kernel weight = exp(this)
@@ -76,13 +83,16 @@ def sampling_weights(
     cfg: FneConfig,
     rule: str = "fne",
     masked_sim_BN: Tensor | None = None,
+    masked_entries: tuple[Tensor, Tensor] | None = None,
 ) -> Weights:
     """Unnormalised sampling weights over candidates; rule "fne" (the paper) or "window".
 
     "window" is FNE without the Bayes part: uniform weight inside the hard-cut window.
     sim_BN: anchor-candidate similarities (no gradient needed); pos_sim_B: s⁺ per anchor;
     mask_BN: candidates that are never negatives (positives, and the oracle's group mates);
-    masked_sim_BN: sim with −inf on the mask, if the caller has it already.
+    masked_sim_BN: sim with −inf on the mask, if the caller has it already; masked_entries:
+    the mask's True entries as (rows, columns), if the caller has them (counts then skip a
+    pass over the mask).
 
     The dense form, for any device and for torch.compile: the gate and "no μ⁺ yet" are folded
     into scalar thresholds (a masked candidate has similarity −inf, so the cut removes it too)
@@ -93,24 +103,31 @@ def sampling_weights(
     """
     if masked_sim_BN is None:
         masked_sim_BN = sim_BN.masked_fill(mask_BN, -math.inf)
-    cut_BN = hard_cut_mask(masked_sim_BN, g, cfg.cut_margin) if cfg.hard_cut else mask_BN
-    n_fn_B = torch.zeros(sim_BN.shape[0], dtype=torch.long, device=sim_BN.device)
-    n_window_B = sim_BN.shape[1] - count_true(cut_BN)
+    b = sim_BN.shape[0]
+    if cfg.hard_cut:
+        threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype)
+        cut_BN = masked_sim_BN <= threshold
+    else:
+        threshold, cut_BN = sim_BN.new_full((), -math.inf), mask_BN
+    n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
+    n_window_B = count_greater(masked_sim_BN, threshold)
     if rule == "window":
         return Weights((~cut_BN).to(sim_BN.dtype), n_fn_B, n_window_B)
     if rule != "fne":
         raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
+    log_eps = fn_log_odds_threshold(cfg.eps)
     log_odds_BN = _log_odds_quadratic(sim_BN, g, cfg.prior)
-    n_fn_B = _count_fn(log_odds_BN, mask_BN, cfg.eps)
-    w_BN = _uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, g, cfg)
+    is_fn_BN = log_odds_BN > log_eps
+    # Unmasked candidates with P_fn > ε (a diagnostic: the gate does not matter).
+    if masked_entries is None:
+        n_fn_B = count_true(is_fn_BN & ~mask_BN)
+    else:
+        rows_M, cols_M = masked_entries
+        fn_masked_M = is_fn_BN[rows_M, cols_M].to(torch.float64)
+        n_fn_B = count_greater(log_odds_BN, log_eps)
+        n_fn_B -= torch.bincount(rows_M, weights=fn_masked_M, minlength=b).long()
+    w_BN = _uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, g, cfg, is_fn_BN)
     return Weights(w_BN.masked_fill_(cut_BN, 0.0), n_fn_B, n_window_B)
-
-
-def _count_fn(log_odds_BN: Tensor, mask_BN: Tensor, eps: float) -> Tensor:
-    """Per row: unmasked candidates with P_fn > ε (a diagnostic; the gate does not matter)."""
-    is_fn_BN = log_odds_BN > fn_log_odds_threshold(eps)
-    is_fn_BN &= ~mask_BN
-    return count_true(is_fn_BN)
 
 
 class WindowWeights(NamedTuple):
@@ -126,6 +143,17 @@ class WindowWeights(NamedTuple):
 def count_true(x_BN: Tensor) -> Tensor:
     """Per row: how many entries are True (int64)."""
     return x_BN.sum(dim=1)
+
+
+def count_greater(x_BN: Tensor, threshold: Tensor | float) -> Tensor:
+    """Per row: how many entries exceed ``threshold`` (int64).
+
+    On the CPU through a 0/1 tensor of x's float dtype: summing bools widens them to int64 in
+    a copy, which costs several times more there. Exact while rows are shorter than 2^24.
+    """
+    if x_BN.device.type != "cpu" or torch.compiler.is_compiling() or x_BN.shape[1] >= 2**24:
+        return count_true(x_BN > threshold)
+    return torch.gt(x_BN, threshold, out=torch.empty_like(x_BN)).sum(dim=1).long()
 
 
 def window_weights(
