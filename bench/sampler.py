@@ -161,42 +161,45 @@ def main() -> None:
 
 
 def forms(args, img, cands, anchors, u, g) -> None:
-    """The FNE selection of one direction alone (no matmul, no backward), per form. The
+    """The FNE selection of one direction alone (no matmul, no backward), per form, for all
+    candidates and for the default config's size (16 anchors, 32 + 1,024 candidates). The
     compiled form runs last: Inductor's OpenMP threads slow the eager ops that follow them."""
     from fne_dist.fne.loss import _selector, candidate_index, select_chunk
 
     with torch.no_grad():
         sim_BN = img @ cands.txt_ND.T
     cfg = FneConfig(compile=True)
-    index = candidate_index(cands.ids_N)
-    B = sim_BN.shape[0]
+    sizes = {"B×N": (sim_BN.shape[0], sim_BN.shape[1]), "16 × 1,056": (16, 1056)}
 
-    def selection(form: str, rows: int):
+    def selection(form: str, rows: int, b: int, n: int):
         select = _selector(cfg) if form == "compiled" else select_chunk
+        index = candidate_index(cands.ids_N[:n])
         extra = {} if form == "compiled" else {"form": form, "index": index}
 
         def once() -> torch.Tensor:
             picks = []
-            for r in range(0, B, rows):
-                part = slice(r, r + rows)
+            for r in range(0, b, rows):
+                part = slice(r, min(b, r + rows))
                 picks.append(
                     select(
-                        sim_BN[part], anchors.pos_col_B[part], anchors.ids_B[part], cands.ids_N,
-                        None, None, u[0, part], g, cfg, "fne", **extra,
+                        sim_BN[part, :n], anchors.pos_col_B[part], anchors.ids_B[part],
+                        cands.ids_N[:n], None, None, u[0, part], g, cfg, "fne", **extra,
                     ).index_bk
                 )  # fmt: skip
             return torch.cat(picks)
 
         return once
 
-    timings = {}
-    for form, rows in (("listed", cfg.window_chunk_rows), ("dense", cfg.chunk_rows)):
-        timings[form] = timed(selection(form, rows), args.repeats)
-    timings["compiled"] = timed(selection("compiled", cfg.chunk_rows), args.repeats)
-    print(
-        "selection of one direction: "
-        + ", ".join(f"{form} {ms * 1e3:.1f} ms" for form, ms in timings.items())
-    )
+    timings: dict[str, dict[str, float]] = {size: {} for size in sizes}
+    for form in ("listed", "dense", "compiled"):
+        rows = cfg.window_chunk_rows if form == "listed" else cfg.chunk_rows
+        for size, (b, n) in sizes.items():
+            timings[size][form] = timed(selection(form, rows, b, n), args.repeats)
+    for size, by_form in timings.items():
+        print(
+            f"selection of one direction, {size}: "
+            + ", ".join(f"{form} {sec * 1e3:.2f} ms" for form, sec in by_form.items())
+        )
 
 
 def timed(fn, repeats: int) -> float:
