@@ -44,7 +44,14 @@ from torch import Tensor, nn
 from .params import LOSSES, FneConfig
 from .sampling import draw_negatives, first_argmax
 from .stats import Gaussians
-from .weights import Weights, WindowWeights, count_true, sampling_weights, window_weights
+from .weights import (
+    Weights,
+    WindowWeights,
+    count_true,
+    sampling_weights,
+    window_is_everything,
+    window_weights,
+)
 
 # On the CPU, weights are computed on the hard-cut window alone while it holds at most this
 # fraction of the candidates (bench/sampler.py measures both forms).
@@ -219,6 +226,27 @@ def select_chunk(
         form == "auto" and sim_bN.device.type == "cpu" and not torch.compiler.is_compiling()
     )
     mask_bN: Tensor | None = None
+    if listed and rule != "hardest" and b > cfg.chunk_rows:
+        assert g is not None
+        if window_is_everything(g, cfg):  # the dense form throughout, in cache-sized chunks
+            parts = [
+                select_chunk(
+                    sim_bN[r0 : r0 + cfg.chunk_rows],
+                    pos_col_b[r0 : r0 + cfg.chunk_rows],
+                    ids_b[r0 : r0 + cfg.chunk_rows],
+                    cand_ids_N,
+                    None if groups_b is None else groups_b[r0 : r0 + cfg.chunk_rows],
+                    cand_groups_N,
+                    None if u_bk is None else u_bk[r0 : r0 + cfg.chunk_rows],
+                    g,
+                    cfg,
+                    rule,
+                    index,
+                    form="listed",
+                )
+                for r0 in range(0, b, cfg.chunk_rows)
+            ]
+            return _Picks(*(torch.cat(p) for p in zip(*parts, strict=True)))
     if listed:
         if index is None:
             index = candidate_index(cand_ids_N, None if groups_b is None else cand_groups_N)
@@ -244,25 +272,6 @@ def select_chunk(
             w = window_weights(
                 sim_bN, pos_sim_b, masked_sim_bN, rows_M, cols_M, g, cfg, rule, WINDOW_MAX_FRACTION
             )
-            if w is None and b > cfg.chunk_rows:  # a wide window: the dense form, cache-sized
-                parts = [
-                    select_chunk(
-                        sim_bN[r0 : r0 + cfg.chunk_rows],
-                        pos_col_b[r0 : r0 + cfg.chunk_rows],
-                        ids_b[r0 : r0 + cfg.chunk_rows],
-                        cand_ids_N,
-                        None if groups_b is None else groups_b[r0 : r0 + cfg.chunk_rows],
-                        cand_groups_N,
-                        u_bk[r0 : r0 + cfg.chunk_rows],
-                        g,
-                        cfg,
-                        rule,
-                        index,
-                        form="listed",
-                    )
-                    for r0 in range(0, b, cfg.chunk_rows)
-                ]
-                return _Picks(*(torch.cat(p) for p in zip(*parts, strict=True)))
             if w is None:  # a wide window: the dense form
                 mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(
                     (rows_M, cols_M), torch.tensor(True)

@@ -140,6 +140,12 @@ class WindowWeights(NamedTuple):
     n_window_B: Tensor
 
 
+def window_is_everything(g: Gaussians, cfg: FneConfig) -> bool:
+    """No hard cut applies (it is off, or there is no μ⁺ yet): every unmasked candidate is in
+    the window. Reads a host value (CPU form only)."""
+    return not cfg.hard_cut or not bool(g.has_mu_pos)
+
+
 def count_true(x_BN: Tensor) -> Tensor:
     """Per row: how many entries are True (int64)."""
     return x_BN.sum(dim=1)
@@ -177,7 +183,7 @@ def window_weights(
     tensors, where that costs no device sync. Returns None when the hard cut is off or the
     window holds more than ``max_fraction`` of the candidates: the dense form is then faster.
     """
-    if not cfg.hard_cut:
+    if window_is_everything(g, cfg):
         return None
     b, n = sim_BN.shape
     dev = sim_BN.device

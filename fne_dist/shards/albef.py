@@ -16,7 +16,15 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from .entries import Caption, ImageEntry, ShardError, is_int_like, normalize_caption, parse_int
+from .entries import (
+    Caption,
+    ImageEntry,
+    ShardError,
+    is_int_like,
+    normalize_caption,
+    parse_int,
+    record_once,
+)
 from .inputs import read_json, require_dir
 
 
@@ -51,13 +59,7 @@ def load_albef(captions: Path, images: Path) -> list[ImageEntry]:
             continue
         if isinstance(raw_id, bool) or not isinstance(raw_id, (int, str)):
             raise ShardError(f"{where}: image_id must be an int or a string, got {raw_id!r}")
-        if path not in raw_id_of:
-            raw_id_of[path] = (raw_id, where)
-        elif raw_id_of[path][0] != raw_id:
-            raise ShardError(
-                f"{where}: image {path!r} has image_id {raw_id!r} here but "
-                f"{raw_id_of[path][0]!r} at {raw_id_of[path][1]}"
-            )
+        record_once(raw_id_of, path, raw_id, where, f"image {path!r} has image_id")
 
     path_of_id: dict[object, str] = {}
     for path, (raw_id, where) in raw_id_of.items():

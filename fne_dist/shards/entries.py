@@ -90,6 +90,17 @@ def is_int_like(value: object) -> bool:
     return False
 
 
+def record_once(
+    seen: dict[Any, tuple[object, str]], key: object, value: object, where: str, what: str
+) -> None:
+    """Remember ``value`` for ``key`` (first seen at ``where``); a different value for the same
+    key later fails with one line naming both places. ``what``: e.g. "image 'a.jpg' has group"."""
+    if key not in seen:
+        seen[key] = (value, where)
+    elif seen[key][0] != value:
+        raise ShardError(f"{where}: {what} {value!r} here but {seen[key][0]!r} at {seen[key][1]}")
+
+
 def group_ids(labels: Sequence[object]) -> tuple[list[int | None], bool]:
     """Int group ids for per-image raw group labels (None or "" = no label).
 

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .entries import Caption, ImageEntry, ShardError, group_ids, normalize_caption, parse_int
+from .entries import (
+    Caption,
+    ImageEntry,
+    ShardError,
+    group_ids,
+    normalize_caption,
+    parse_int,
+    record_once,
+)
 from .inputs import read_rows
 
 
@@ -63,13 +71,7 @@ def load_feature_captions(
         captions_of[image_id].append(Caption(caption_id, text))
         if group_column and _given(row, group_column):
             group = row[group_column]
-            if image_id not in label_of:
-                label_of[image_id] = (group, where)
-            elif label_of[image_id][0] != group:
-                raise ShardError(
-                    f"{where}: image_id {image_id} has group {group!r} here but "
-                    f"{label_of[image_id][0]!r} at {label_of[image_id][1]}"
-                )
+            record_once(label_of, image_id, group, where, f"image_id {image_id} has group")
 
     labels = [label_of.get(image_id, (None, ""))[0] for image_id in order]
     ids, named = group_ids(labels)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
-from .entries import Caption, ImageEntry, ShardError, group_ids, normalize_caption
+from .entries import Caption, ImageEntry, ShardError, group_ids, normalize_caption, record_once
 from .inputs import read_rows, require_dir
 
 
@@ -61,13 +61,7 @@ def load_folder(
         captions_of[path].append(Caption(row_index, text))
         if group is None or group == "":
             continue
-        if path not in label_of:
-            label_of[path] = (group, where)
-        elif label_of[path][0] != group:
-            raise ShardError(
-                f"{where}: image {path!r} has group {group!r} here but "
-                f"{label_of[path][0]!r} at {label_of[path][1]}"
-            )
+        record_once(label_of, path, group, where, f"image {path!r} has group")
 
     labels = [label_of.get(path, (None, ""))[0] for path in paths]
     ids, named = group_ids(labels)
