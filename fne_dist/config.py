@@ -447,9 +447,11 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen = set()
         for key, _ in node.value:  # a repeated key would silently drop the first value
-            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # a list or mapping as a key: the constructor refuses it
+            if key.value in seen:
                 raise _Refused(problem=f"duplicate key '{key.value}'", problem_mark=key.start_mark)
-            seen.add(getattr(key, "value", None))
+            seen.add(key.value)
         return super().construct_mapping(node, deep)
 
 
@@ -499,8 +501,9 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """One line: PyYAML's problem and line (its str() spans several lines with a caret)."""
     if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        what = f"{err.context}, {err.problem}" if err.context else err.problem
         mark = err.problem_mark
-        return err.problem + (f" (line {mark.line + 1})" if mark is not None else "")
+        return what + (f" (line {mark.line + 1})" if mark is not None else "")
     return (str(err).splitlines() or [type(err).__name__])[0]
 
 

@@ -390,6 +390,9 @@ def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
     dup.write_text("fne:\n  prior: 0.1\noptim:\n  lr: 0.1\nfne:\n  eps: 0.01\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: duplicate key 'fne' \(line 5\)"):
         load_config(dup)
+    dup.write_text("? [a]\n: 1\n? [a]\n: 2\n")  # keys that are lists: refused, not a crash
+    with pytest.raises(ConfigError, match=r"dup.yaml is not valid YAML: .*unhashable key"):
+        load_config(dup)
 
 
 def test_base_inheritance_and_errors_one_line(tmp_path: Path) -> None:
