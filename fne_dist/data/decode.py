@@ -236,7 +236,9 @@ def _captions(
     return captions
 
 
-def _image(sample: dict, key: str, max_pixels: int, decode_image: bool) -> tuple:
+def _image(
+    sample: dict, key: str, max_pixels: int, decode_image: bool
+) -> tuple[Image.Image | None, np.ndarray | None, tuple[str, bytes] | None]:
     """(PIL image or None, img_feat or None, raw (ext, bytes) or None)."""
     if "img_feat.npy" in sample:
         return None, _npy(sample["img_feat.npy"], "img_feat.npy"), None
