@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import Config, load_config
 from .encoders import build_image_backbone, build_text_backbone
+from .export import WEIGHTS, fit_weights, load_weights
 from .model import DualEncoder, build_dual_encoder
 
 
@@ -35,14 +35,14 @@ class Retriever:
         self.model: DualEncoder = build_dual_encoder(
             cfg.model, self.image_backbone, self.text_backbone
         )
-        self.model.load_state_dict(weights)
+        fit_weights(self.model, weights, "Retriever")
         self.model.to(self.device).eval()
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> Retriever:
         directory = Path(directory)
         cfg = load_config(directory / "config.yaml")
-        return cls(cfg, load_file(str(directory / "model.safetensors")), device)
+        return cls(cfg, load_weights(directory / WEIGHTS), device)
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image], batch_size: int = 64) -> Tensor:

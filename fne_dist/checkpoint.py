@@ -137,14 +137,34 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def _files_table_error(files: Any) -> str | None:
+    """Why meta.json's ``files`` is not a table of relative name → {size: int, sha256: str}
+    (None if it is): a meta.json of another shape is an invalid checkpoint, not a KeyError."""
+    if not isinstance(files, dict):
+        return "no 'files' table"
+    for name, info in files.items():
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int):
+            return f"'files' entry {name[:80]!r} has no integer size"
+        if not isinstance(info.get("sha256"), str):
+            return f"'files' entry {name[:80]!r} has no sha256"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"'files' entry {name[:80]!r} lies outside the checkpoint"
+    return None
+
+
 def validate(directory: Path) -> dict[str, Any]:
     """meta.json, then every listed file's size and sha256; returns the meta or raises."""
     try:
         meta = json.loads((directory / META).read_text())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{directory}: no readable {META} ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{directory}: {META} is not a JSON object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{directory}: checkpoint format {meta.get('format')}, need {FORMAT}")
+    problem = _files_table_error(meta.get("files"))
+    if problem is not None:
+        raise CheckpointError(f"{directory}: {META} is malformed ({problem})")
     for name, info in meta["files"].items():
         path = directory / name
         if not path.is_file():

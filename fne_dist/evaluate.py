@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .config import ConfigError, load_config
 from .data.sources import DataError
+from .export import fit_weights, load_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             weights, config = Path(args.weights), Path(args.config)
         else:
             raise ConfigError("give a run directory, or --weights and --config")
-        if not weights.is_file():
-            raise ConfigError(f"weights not found: {weights}")
+        tensors = load_weights(weights)  # checked (hash file, safetensors) before any model
         overrides = [f"data.{args.split}={args.shards}"] if args.shards else []
         cfg = load_config(config, overrides)
-        metrics = evaluate_weights(cfg, load_file(str(weights)), args.split, args.fold_size)
+        metrics = evaluate_weights(cfg, tensors, args.split, args.fold_size, str(weights))
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -49,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate_weights(cfg, weights: dict, split: str, fold_size: int = 0) -> dict[str, float]:
+def evaluate_weights(
+    cfg, weights: dict, split: str, fold_size: int = 0, where: str = "weights"
+) -> dict[str, float]:
     """Rebuild the model from its config, load weights, and evaluate one split (one process)."""
     from .encoders import build_image_backbone, build_text_backbone
     from .evaluation import evaluate_table
@@ -60,7 +61,7 @@ def evaluate_weights(cfg, weights: dict, split: str, fold_size: int = 0) -> dict
     image_backbone = build_image_backbone(cfg.model.image)
     text_backbone = build_text_backbone(cfg.model.text)
     model = build_dual_encoder(cfg.model, image_backbone, text_backbone)
-    model.load_state_dict(weights)
+    fit_weights(model, weights, where)
     shards = split_shards(cfg, split, image_backbone, text_backbone, log=lambda m: None)
     table = eval_table(cfg, split, shards, image_backbone, rank=0, world=1)
     return evaluate_table(model, table, fold_size)

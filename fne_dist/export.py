@@ -1,21 +1,104 @@
 """``python -m fne_dist.export RUN_OR_CHECKPOINT OUT``
 
-Writes consolidated fp32 weights (``model.safetensors``) and the resolved config
-(``config.yaml``) to OUT, loadable without DeepSpeed or Ray by ``python -m fne_dist.evaluate
-OUT`` and by ``fne_dist.api.Retriever.load(OUT)``. The source is a run directory (its final
-weights) or one checkpoint directory (validated first; every checkpoint holds the gathered
-fp32 weights next to DeepSpeed's partitioned state).
+Writes consolidated fp32 weights (``model.safetensors``), their hash (``model.safetensors.sha256``,
+sha256sum's format) and the resolved config (``config.yaml``) to OUT, loadable without DeepSpeed
+or Ray by ``python -m fne_dist.evaluate OUT`` and by ``fne_dist.api.Retriever.load(OUT)``. The
+source is a run directory (its final weights) or one checkpoint directory (validated first;
+every checkpoint holds the gathered fp32 weights next to DeepSpeed's partitioned state).
+
+Weights are checked before they are copied or used: a ``.sha256`` file next to them must match,
+and the file must load as safetensors (a truncated or corrupt file fails with one line naming
+it, exit status 2). OUT may not be the source nor an existing file; files are replaced
+atomically.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
+from torch import Tensor, nn
+
 from .checkpoint import META, CheckpointError, _sha256, validate
+
+WEIGHTS = "model.safetensors"
+
+
+def sidecar(weights: Path) -> Path:
+    """``model.safetensors`` → ``model.safetensors.sha256``."""
+    return weights.with_name(weights.name + ".sha256")
+
+
+def write_sidecar(weights: Path) -> str:
+    """Hash ``weights`` into its ``.sha256`` file (written atomically); returns the hash. Code
+    that writes weights (the training loop's run directory) calls this after writing them."""
+    digest = _sha256(weights)
+    tmp = sidecar(weights).with_name(sidecar(weights).name + ".tmp")
+    tmp.write_text(f"{digest}  {weights.name}\n")
+    os.replace(tmp, sidecar(weights))
+    return digest
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors file, after checking its ``.sha256`` file if there is one;
+    a missing, corrupt or truncated file is a CheckpointError naming it (one line)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"weights not found: {path}")
+    if sidecar(path).is_file():
+        try:
+            expected = sidecar(path).read_text().split()[0].lower()
+        except (OSError, UnicodeDecodeError, IndexError):
+            raise CheckpointError(f"{sidecar(path)}: unreadable hash file") from None
+        if _sha256(path) != expected:
+            raise CheckpointError(f"{path}: corrupt (sha256 differs from {sidecar(path).name})")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first})") from None
+
+
+def fit_weights(model: nn.Module, weights: dict[str, Tensor], where: str) -> None:
+    """Load ``weights`` into ``model``; names or shapes that do not fit fail with one line."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{len(names)} {what} (e.g. {names[0]!r})"
+            for names, what in (
+                (missing, "missing"),
+                (unexpected, "unexpected"),
+                (wrong, "of another shape"),
+            )
+            if names
+        ]
+        raise CheckpointError(
+            f"{where}: the weights do not fit the config's model: {', '.join(parts)} tensors"
+        )
+    model.load_state_dict(weights)
+
+
+def _check_out(source: Path, out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"OUT {out} exists and is not a directory")
+    if out.resolve() == source.resolve():
+        raise CheckpointError(f"OUT {out} is the source: export into another directory")
+
+
+def _copy_into(src: Path, out: Path) -> None:
+    """Copy ``src`` to ``out/<name>`` through a temporary file and a rename."""
+    tmp = out / f".{src.name}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, out / src.name)
 
 
 def export(source: Path, out: Path) -> dict:
@@ -23,18 +106,24 @@ def export(source: Path, out: Path) -> dict:
     if (source / META).is_file():
         meta = validate(source)
         origin = {"checkpoint": str(source), "step": meta.get("step")}
-    elif (source / "model.safetensors").is_file():
+    elif (source / WEIGHTS).is_file():
         origin = {"run": str(source)}
     else:
         raise CheckpointError(f"{source}: neither a run directory nor a checkpoint")
-    for name in ("model.safetensors", "config.yaml"):
+    for name in (WEIGHTS, "config.yaml"):
         if not (source / name).is_file():
             raise CheckpointError(f"{source}: {name} is missing")
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.yaml"):
-        shutil.copyfile(source / name, out / name)
-    info = {**origin, "sha256": {n: _sha256(out / n) for n in ("model.safetensors", "config.yaml")}}
-    (out / "export.json").write_text(json.dumps(info, indent=1))
+    _check_out(source, out)
+    load_weights(source / WEIGHTS)  # a run directory's weights have no meta.json hash
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS, "config.yaml"):
+            _copy_into(source / name, out)
+        write_sidecar(out / WEIGHTS)
+        info = {**origin, "sha256": {n: _sha256(out / n) for n in (WEIGHTS, "config.yaml")}}
+        (out / "export.json").write_text(json.dumps(info, indent=1))
+    except OSError as err:
+        raise CheckpointError(f"{out}: cannot write the export ({err.strerror or err})") from None
     return info
 
 

@@ -5,7 +5,15 @@ check), text is UTF-8, json is ``json.loads``, ``.npy`` uses ``allow_pickle=Fals
 with any other extension makes the sample bad ("unknown_extension"): webdataset's default
 decoders would unpickle ``.pyd``/``.pickle`` and ``torch.load`` ``.pth`` members.
 
-A bad sample raises ``BadSample(reason)``; the stream skips it and counts it per reason.
+A bad sample raises ``BadSample(reason)``; the stream skips it and counts it per reason. Every
+value taken from a sample is checked for type and range here, where it enters:
+
+* ids are JSON integers (not floats, strings or booleans: ``3.7`` is bad, not truncated to 3);
+  ``image_id`` lies in 0..2^63−1 (negative ids are reserved: the memory marks empty slots with
+  −100), ``caption_id`` and ``group_id``/``family_id`` are −1 (unknown) or in 0..2^63−1;
+* a caption is text after replacing control characters by spaces and collapsing whitespace;
+  one with nothing left but whitespace, control or format characters is empty;
+* ``.npy`` features are finite floats.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import json
 import logging
 import re
 import time
+import unicodedata
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -41,8 +50,13 @@ REASONS = (
     "empty_caption",
     "bad_utf8",
     "bad_json",
+    "bad_id",
     "bad_npy",
+    "duplicate_member",
 )
+MAX_ID = 2**63 - 1  # ids are int64 tensors
+DUPLICATE = "__duplicate__"  # set by the stream's grouping: a member name repeated in a sample
+RESERVED = "__reserved__"  # set by the grouping: a member extension that looks like ``__x__``
 
 log = logging.getLogger("fne_dist.data")
 
@@ -72,14 +86,48 @@ def stable_id(key: str) -> int:
     """A 62-bit id from a sample key, for shards without ids (img2dataset): decimal keys are used
     as they are, others hashed (blake2b), so every rank derives the same id."""
     tail = key.rsplit("/", 1)[-1]
-    if tail.isdigit():
+    # ASCII digits only (str.isdigit accepts "²"), and small enough for an int64
+    if tail.isascii() and tail.isdigit() and len(tail.lstrip("0")) <= 19 and int(tail) <= MAX_ID:
         return int(tail)
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 2
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def clean_caption(text: str) -> str:
-    """Strip and collapse whitespace (captions from the web carry newlines and tabs)."""
-    return " ".join(text.split())
+    """Control characters become spaces, then whitespace is stripped and collapsed (captions
+    from the web carry newlines, tabs and NUL bytes)."""
+    return " ".join(_CONTROL.sub(" ", text).split())
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has nothing but whitespace, control and format characters (a
+    caption of NUL bytes or zero-width spaces says nothing)."""
+    return all(unicodedata.category(ch) in ("Cc", "Cf") or ch.isspace() for ch in text)
+
+
+def describe_value(value: object) -> str:
+    """A short, safe rendering of a JSON value for a message (never a 10 MB string)."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    if isinstance(value, (bool, float)) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**40 else f"an integer of {value.bit_length()} bits"
+    return f"a JSON {type(value).__name__}"
+
+
+def json_int(meta: dict, field: str, key: str, default: int, low: int) -> int:
+    """``meta[field]`` (``default`` if absent) as an int in ``low``..MAX_ID, else BadSample."""
+    value = meta.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadSample("bad_id", f"{key}.json {field}: not an integer ({describe_value(value)})")
+    if not low <= value <= MAX_ID:
+        raise BadSample(
+            "bad_id", f"{key}.json {field}: {describe_value(value)} is outside {low}..2^63-1"
+        )
+    return value
 
 
 def _text(sample: dict, key: str) -> str:
@@ -115,9 +163,13 @@ def _npy(raw: bytes, key: str) -> np.ndarray:
             _NPY_HEADERS[header] = (shape, dtype, stream.tell())
         shape, dtype, offset = _NPY_HEADERS[header]
         arr = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape)), offset=offset)
+        with np.errstate(over="ignore"):  # float64 beyond float32's range: caught below
+            out = arr.reshape(shape).astype(np.float32)
     except Exception as err:
         raise BadSample("bad_npy", f"{key}: {err}") from None
-    return arr.reshape(shape).astype(np.float32)
+    if out.size == 0 or not np.isfinite(out).all():  # also float64 beyond float32's range
+        raise BadSample("bad_npy", f"{key}: empty or non-finite values")
+    return out
 
 
 _PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -147,6 +199,56 @@ def open_image(raw: bytes, max_pixels: int, ext: str = "") -> Image.Image:
     return img  # the backbone's preprocess handles modes and alpha
 
 
+def _meta(sample: dict, key: str) -> dict:
+    """The json member as an object ({} without one); unparseable, too deeply nested or not an
+    object → bad_json. ``Infinity``/``NaN`` parse to floats and fail the id checks."""
+    if "json" not in sample:
+        return {}
+    try:
+        meta = json.loads(_text(sample, "json"))
+    except (ValueError, RecursionError) as err:  # RecursionError: 100k nested '['
+        raise BadSample("bad_json", f"{key}.json: {type(err).__name__}") from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"{key}.json: not an object")
+    return meta
+
+
+def _captions(
+    sample: dict, meta: dict, key: str, caption_key: str, all_captions: bool
+) -> list[str]:
+    listed = meta.get("captions") if all_captions else None
+    if isinstance(listed, list) and listed:
+        captions = []
+        for i, text in enumerate(listed):
+            if not isinstance(text, str):
+                raise BadSample("bad_json", f"{key}.json captions[{i}]: not a string")
+            try:
+                text.encode("utf-8")  # a lone surrogate ("\ud800") would fail the tokenizer
+            except UnicodeEncodeError:
+                raise BadSample("bad_utf8", f"{key}.json captions[{i}]") from None
+            captions.append(clean_caption(text))
+    elif caption_key in sample:
+        captions = [clean_caption(_text(sample, caption_key))]
+    else:
+        raise BadSample("missing_caption", f"{key}.{caption_key}")
+    if any(is_blank(c) for c in captions):
+        raise BadSample("empty_caption", key)
+    return captions
+
+
+def _image(
+    sample: dict, key: str, max_pixels: int, decode_image: bool
+) -> tuple[Image.Image | None, np.ndarray | None, tuple[str, bytes] | None]:
+    """(PIL image or None, img_feat or None, raw (ext, bytes) or None)."""
+    if "img_feat.npy" in sample:
+        return None, _npy(sample["img_feat.npy"], "img_feat.npy"), None
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None or not sample[ext]:
+        raise BadSample("missing_image" if ext is None else "corrupt_image", key)
+    image = open_image(sample[ext], max_pixels, ext) if decode_image else None
+    return image, None, (ext, sample[ext])
+
+
 def decode_sample(
     sample: dict,
     caption_key: str = "txt",
@@ -160,55 +262,27 @@ def decode_sample(
     present; training reads ``caption_key`` (one caption per sample).
     """
     key = str(sample.get("__key__", "?"))
-    members = [k for k in sample if not k.startswith("__")]
-    for ext in members:
+    if DUPLICATE in sample:
+        raise BadSample("duplicate_member", f"{key}.{sample[DUPLICATE]} appears twice")
+    if RESERVED in sample:
+        raise BadSample("unknown_extension", f"{key}.{sample[RESERVED]}")
+    for ext in (k for k in sample if not k.startswith("__")):
         if not _SAFE_EXT.match(ext):
             raise BadSample("unknown_extension", f"{key}.{ext}")
-    meta: dict = {}
-    if "json" in sample:
-        try:
-            meta = json.loads(_text(sample, "json"))
-        except ValueError:
-            raise BadSample("bad_json", key) from None
-        if not isinstance(meta, dict):
-            raise BadSample("bad_json", f"{key}: not an object")
-
-    image = img_feat = None
-    raw_image = None
-    if "img_feat.npy" in sample:
-        img_feat = _npy(sample["img_feat.npy"], "img_feat.npy")
-    else:
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if ext is None or not sample[ext]:
-            raise BadSample("missing_image" if ext is None else "corrupt_image", key)
-        raw_image = (ext, sample[ext])
-        if decode_image:
-            image = open_image(sample[ext], max_pixels, ext)
-
-    captions: list[str]
-    listed = meta.get("captions") if all_captions else None
-    if isinstance(listed, list) and listed:
-        captions = [clean_caption(str(c)) for c in listed]
-    elif caption_key in sample:
-        captions = [clean_caption(_text(sample, caption_key))]
-    else:
-        raise BadSample("missing_caption", f"{key}.{caption_key}")
-    if not all(captions):
-        raise BadSample("empty_caption", key)
+    meta = _meta(sample, key)
+    image_id = json_int(meta, "image_id", key, -1, 0) if "image_id" in meta else stable_id(key)
+    caption_id = json_int(meta, "caption_id", key, -1, -1)
+    group_field = "group_id" if "group_id" in meta else "family_id"
+    group = json_int(meta, group_field, key, -1, -1)
+    image, img_feat, raw_image = _image(sample, key, max_pixels, decode_image)
+    captions = _captions(sample, meta, key, caption_key, all_captions)
     txt_feat = _npy(sample["txt_feat.npy"], "txt_feat.npy") if "txt_feat.npy" in sample else None
     if txt_feat is not None:
-        txt_feat = txt_feat.reshape(-1, txt_feat.shape[-1])
-        if txt_feat.shape[0] != len(captions):
+        txt_feat = txt_feat.reshape(-1, txt_feat.shape[-1]) if txt_feat.ndim else txt_feat
+        if txt_feat.ndim != 2 or txt_feat.shape[0] != len(captions):
             raise BadSample(
-                "bad_npy", f"{key}: {txt_feat.shape[0]} features, {len(captions)} captions"
+                "bad_npy", f"{key}: txt_feat shape {txt_feat.shape}, {len(captions)} captions"
             )
-
-    try:
-        image_id = int(meta["image_id"]) if "image_id" in meta else stable_id(key)
-        caption_id = int(meta.get("caption_id", -1))
-        group = int(meta.get("group_id", meta.get("family_id", -1)))
-    except (TypeError, ValueError):
-        raise BadSample("bad_json", f"{key}: non-integer id") from None
     return Decoded(key, image, img_feat, captions, txt_feat, image_id, caption_id, group, raw_image)
 
 

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from .decode import BadSample, BadSampleLog, Decoded, decode_sample
-from .plan import Piece
-from .sources import DataError, ShardList
+from .sources import DataError, ShardList, warn_if_more
 from .stream import raw_samples
 
 FORMAT = 2  # bump when preprocessing, pooling or the layout changes what a cache holds
@@ -118,7 +117,7 @@ def build_feature_shards(
         written = seen = 0
         with tarfile.open(tmp / name, "w", format=tarfile.PAX_FORMAT) as tar:
             chunk: list[Decoded] = []
-            for sample in raw_samples(url, Piece(0, 0, size)):
+            for sample in raw_samples(url):  # every sample present (see load_split)
                 seen += 1
                 try:
                     chunk.append(
@@ -133,7 +132,7 @@ def build_feature_shards(
                 except BadSample as err:
                     bad[err.reason] += 1
                     log.add(err.reason, url, str(err))
-                if len(chunk) == batch_size or (chunk and seen == size):
+                if len(chunk) == batch_size:
                     _write_chunk(tar, chunk, *_features(chunk, image_backbone, text_backbone))
                     written += len(chunk)
                     chunk = []
@@ -143,6 +142,8 @@ def build_feature_shards(
         if seen < size:
             bad["truncated_tar"] += size - seen
             log.add("truncated_tar", url, f"{size - seen} of {size} samples missing", size - seen)
+        warn_if_more(url, size, seen)
+        size = max(size, seen)
         if sum(bad.values()) > max_bad_fraction * size:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(

@@ -26,6 +26,8 @@ from typing import IO
 
 import braceexpand
 
+from .decode import describe_value
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 log = logging.getLogger("fne_dist.data")
 
@@ -160,6 +162,51 @@ def count_samples(url: str, strict: bool = False) -> int:
     return n
 
 
+MAX_SHARD_SAMPLES = 100_000_000  # a sane bound for one shard's count in a sizes.json
+
+
+def warn_if_more(url: str, claimed: int, found: int) -> None:
+    """A shard holding more samples than its sizes.json says was read whole: say so."""
+    if found > claimed:
+        log.warning(
+            "shard %s holds %d samples, its sizes.json says %d: read all %d "
+            "(rebuild the index with `python -m fne_dist.shards index DIR`)",
+            url,
+            found,
+            claimed,
+            found,
+        )
+
+
+def sample_count(value: object) -> int | None:
+    """A sizes.json value as a count: an integer (not a float or boolean) in
+    0..MAX_SHARD_SAMPLES; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if 0 <= value <= MAX_SHARD_SAMPLES else None
+
+
+def _parse_sizes(raw: bytes, index: str) -> dict[str, int]:
+    """Shard name → count from a sizes.json's bytes; any bad value fails with one line."""
+    try:
+        sizes = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"{index}: not a valid sizes.json ({detail})") from None
+    if not isinstance(sizes, dict):
+        raise DataError(
+            f"{index}: not a valid sizes.json (a JSON object of shard name → sample count, "
+            f"not a {type(sizes).__name__})"
+        )
+    for name, value in sizes.items():
+        if sample_count(value) is None:
+            raise DataError(
+                f"{index}: shard {name[:100]!r} has sample count {describe_value(value)}: "
+                f"expected an integer from 0 to {MAX_SHARD_SAMPLES}"
+            )
+    return sizes
+
+
 def _sizes_json_for(url: str) -> dict[str, int]:
     directory = posixpath.dirname(url) if _is_url(url) else str(Path(url).parent)
     index = (
@@ -177,11 +224,7 @@ def _sizes_json_for(url: str) -> dict[str, int]:
             raw = Path(index).read_bytes()
     except (FileNotFoundError, OSError):
         return {}
-    try:
-        sizes = json.loads(raw.decode("utf-8"))
-        return {str(k): int(v) for k, v in sizes.items()}
-    except (ValueError, AttributeError) as err:
-        raise DataError(f"{index}: not a valid sizes.json ({err})") from None
+    return _parse_sizes(raw, index)
 
 
 @dataclass(frozen=True)

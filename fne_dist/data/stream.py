@@ -27,15 +27,15 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, tar_file_expander, valid_sample
 
-from .decode import BadSample, BadSampleLog, Decoded, decode_sample
+from .decode import DUPLICATE, RESERVED, BadSample, BadSampleLog, Decoded, decode_sample
 from .plan import (
     ConsumerPlan,
     EpochPlan,
@@ -123,15 +123,47 @@ Transform = Callable[[Decoded], dict[str, Any]]
 Collate = Callable[[list[dict[str, Any]]], dict[str, torch.Tensor]]
 
 
-def raw_samples(url: str, piece: Piece) -> Iterator[dict]:
-    """Grouped raw samples [start, stop) of a shard (tar → group by key → slice); the samples
-    before ``start`` are read but not decoded. Stops quietly at a truncated tar: the caller
-    counts what is missing against the plan."""
+def group_members(members: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Tar members → samples, by webdataset's rule (a run of members with one key, the key
+    being the name up to the first dot of its base name, the extension lower-cased).
+
+    Unlike webdataset's ``group_by_keys``, which raises on a member name repeated inside one
+    sample and so ends the whole shard, the sample is marked (``DUPLICATE``) for the decoder
+    to count as bad, and the samples after it are read. An extension like ``__key__`` would
+    overwrite the sample's own fields, so it is marked (``RESERVED``) too.
+    """
+    current: dict[str, Any] | None = None
+    for member in members:
+        prefix, suffix = base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"]:
+            if valid_sample(current):
+                yield current
+            current = {"__key__": prefix, "__url__": member.get("__url__")}
+        if suffix.startswith("__"):
+            current.setdefault(RESERVED, suffix)
+        elif suffix in current:
+            current.setdefault(DUPLICATE, suffix)  # keep the first; the sample is bad anyway
+        else:
+            current[suffix] = member["data"]
+    if valid_sample(current):
+        yield current
+
+
+def raw_samples(url: str, piece: Piece | None = None) -> Iterator[dict]:
+    """Grouped raw samples [start, stop) of a shard (tar → group by key → slice; every sample
+    without ``piece``); the samples before ``start`` are read but not decoded. Stops quietly at
+    a truncated tar: the caller counts what is missing against the plan."""
     stream = open_shard(url)
     try:
         members = tar_file_expander([{"url": url, "stream": stream}], eof_value=None)
-        samples = group_by_keys(members)
-        yield from itertools.islice(samples, piece.start, piece.stop)
+        samples = group_members(members)
+        if piece is None:
+            yield from samples
+        else:
+            yield from itertools.islice(samples, piece.start, piece.stop)
     except Exception as err:  # truncated or corrupt archive: read what was there
         log.warning("shard %s ends early: %s", url, str(err).splitlines()[0] if str(err) else err)
     finally:

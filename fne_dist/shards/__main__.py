@@ -30,7 +30,13 @@ from .folder import load_folder
 from .index import index_shards
 from .karpathy import DEFAULT_LAYOUT, SPLITS, load_karpathy
 from .layout import LAYOUTS, write_entries
-from .media import SKIP_MISSING_IMAGE, FeatureRows, ImageFiles, MediaSource
+from .media import (
+    SKIP_MISSING_IMAGE,
+    SKIP_OUTSIDE_IMAGES,
+    FeatureRows,
+    ImageFiles,
+    MediaSource,
+)
 from .writer import SUMMARY_FILE, ShardOptions, ShardSummary, format_summary, write_json_atomic
 
 
@@ -69,12 +75,35 @@ def _nothing_written(summaries: Sequence[ShardSummary], images: Path | None) -> 
     hint = ""
     if set(skipped) == {SKIP_MISSING_IMAGE} and images is not None:
         hint = f"; image paths are looked up under --images {images.absolute()}"
+    if SKIP_OUTSIDE_IMAGES in skipped:
+        hint = "; image paths outside --images are refused unless --allow-outside-images"
     return ShardError(f"nothing written: every pair was skipped ({reasons}){hint}")
 
 
 def _captions_dir(args: argparse.Namespace) -> Path | None:
     # folder's --images defaults to the directory of the captions file; features has no images.
     return args.captions.parent if args.command == "folder" else None
+
+
+def _image_files(args: argparse.Namespace) -> ImageFiles:
+    """Image files confined to --images (the captions file's directory for ``folder``)."""
+    root = args.images if args.images is not None else args.captions.parent
+    return ImageFiles(root, allow_outside=args.allow_outside_images)
+
+
+def _with_outside(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    # Only when set: progress files of earlier runs (without the key) still resume.
+    return {**settings, "allow_outside_images": True} if args.allow_outside_images else settings
+
+
+def _print_summary(summary: ShardSummary) -> None:
+    print(format_summary(summary))
+    refused = summary.skipped.get(SKIP_OUTSIDE_IMAGES, 0)
+    if refused:
+        print(
+            f"{summary.out}: refused {refused} pairs whose image path lies outside --images "
+            "('../', absolute); pass --allow-outside-images if the annotation file is trusted"
+        )
 
 
 def _write_one(
@@ -89,7 +118,7 @@ def _write_one(
     summary = write_entries(
         entries, media, args.layout or "pair", _options(args, out, prefix), settings
     )
-    print(format_summary(summary))
+    _print_summary(summary)
     if summary.samples == 0:
         raise _nothing_written([summary], getattr(args, "images", None) or _captions_dir(args))
     return 0
@@ -106,19 +135,19 @@ def run_folder(args: argparse.Namespace) -> int:
         fmt=args.format,
         delimiter=args.delimiter,
     )
-    return _write_one(args, entries, ImageFiles(), {"command": "folder"})
+    return _write_one(args, entries, _image_files(args), _with_outside(args, {"command": "folder"}))
 
 
 def run_coco(args: argparse.Namespace) -> int:
     """``coco``: COCO captions JSON + images."""
     entries = load_coco(args.captions, args.images)
-    return _write_one(args, entries, ImageFiles(), {"command": "coco"})
+    return _write_one(args, entries, _image_files(args), _with_outside(args, {"command": "coco"}))
 
 
 def run_albef(args: argparse.Namespace) -> int:
     """``albef``: ALBEF/FNE annotation list + images."""
     entries = load_albef(args.captions, args.images)
-    return _write_one(args, entries, ImageFiles(), {"command": "albef"})
+    return _write_one(args, entries, _image_files(args), _with_outside(args, {"command": "albef"}))
 
 
 def run_features(args: argparse.Namespace) -> int:
@@ -155,9 +184,9 @@ def run_karpathy(args: argparse.Namespace) -> int:
         entries = limit_entries(data.splits[split], args.limit)
         layout = args.layout or DEFAULT_LAYOUT[split]
         options = _options(args, args.out / split, f"{base}-{split}")
-        settings = {"command": "karpathy", "split": split}
-        summary = write_entries(entries, ImageFiles(), layout, options, settings)
-        print(format_summary(summary))
+        settings = _with_outside(args, {"command": "karpathy", "split": split})
+        summary = write_entries(entries, _image_files(args), layout, options, settings)
+        _print_summary(summary)
         summaries.append(summary)
     write_json_atomic(
         args.out / SUMMARY_FILE,
@@ -218,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
             required=required,
             help="image directory the paths are relative to"
             + ("" if required else " (default: the captions file's directory)"),
+        )
+        p.add_argument(
+            "--allow-outside-images",
+            action="store_true",
+            help="copy images whose path leaves --images ('../', absolute paths); refused by "
+            "default, since an untrusted annotation file could name any file of this machine",
         )
 
     p = sub.add_parser(

@@ -20,6 +20,7 @@ import braceexpand
 from tqdm import tqdm
 
 from ..data.sources import count_samples as _count_samples
+from ..data.sources import sample_count
 from .entries import ShardError
 from .writer import SIZES_FILE, write_json_atomic
 
@@ -70,13 +71,13 @@ def index_shards(spec: str, progress: bool = True) -> dict[Path, dict[str, int]]
         if old_path.is_file():
             try:
                 old = json.loads(old_path.read_text(encoding="utf-8"))
-            except ValueError:
+            except (ValueError, RecursionError):
                 old = {}  # an unreadable index is exactly what this command replaces
             if isinstance(old, dict):
                 sizes = {
                     name: n
                     for name, n in old.items()
-                    if isinstance(n, int) and (directory / name).is_file()
+                    if sample_count(n) is not None and (directory / name).is_file()
                 }
         sizes.update(fresh)
         sizes = dict(sorted(sizes.items()))

@@ -13,6 +13,7 @@ constants); the writer counts the reasons.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ SKIP_CORRUPT_IMAGE = "corrupt_image"
 SKIP_UNSUPPORTED_IMAGE = "unsupported_image_type"
 SKIP_MISSING_FEATURE = "missing_feature"
 SKIP_CORRUPT_FEATURE = "corrupt_feature"
+SKIP_OUTSIDE_IMAGES = "outside_images"
 
 # Member extension by file suffix: only the formats the training loader decodes.
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -54,12 +56,32 @@ class MediaSource(Protocol):
         ...
 
 
+def inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies under ``root`` once ``..`` is resolved lexically. Lexically, not
+    by resolving links: the image directory and its links are the user's own, the paths in an
+    annotation file may not be (``../../home/me/.ssh/id_rsa``, ``/etc/shadow``)."""
+    base = os.path.normpath(os.path.abspath(root))
+    target = os.path.normpath(os.path.abspath(path))
+    return os.path.commonpath([base, target]) == base and target != base
+
+
 class ImageFiles:
-    """Image files on disk, copied unchanged after a PIL ``verify()``."""
+    """Image files on disk, copied unchanged after a PIL ``verify()``.
+
+    With ``root`` (the ``--images`` directory), a path outside it (``../``, absolute) is
+    refused (``outside_images``) unless ``allow_outside``: converting an untrusted annotation
+    file must not copy arbitrary files of the machine into shards.
+    """
+
+    def __init__(self, root: Path | None = None, allow_outside: bool = False) -> None:
+        self.root = root
+        self.allow_outside = allow_outside
 
     def read(self, entry: ImageEntry) -> Media | str:
         """The image bytes with their real extension, or a skip reason."""
         assert entry.path is not None, "ImageFiles needs entries with a path"
+        if self.root is not None and not self.allow_outside and not inside(entry.path, self.root):
+            return SKIP_OUTSIDE_IMAGES
         if entry.path.suffix.lower() not in IMAGE_SUFFIXES:
             return SKIP_UNSUPPORTED_IMAGE
         try:
