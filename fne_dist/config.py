@@ -168,6 +168,15 @@ class DistConfig:
     max_failures: int = setting(
         0, "Ray: restart the worker group from the latest checkpoint this many times", ge=0
     )
+    rendezvous_timeout_s: float = setting(
+        600.0, "how long ranks wait for each other at start-up (process-group rendezvous)", gt=0.0
+    )
+    collective_timeout_s: float = setting(
+        300.0, "how long one step's collective (all-gather, all-reduce) may wait", gt=0.0
+    )
+    barrier_timeout_s: float = setting(
+        3600.0, "how long ranks wait at barriers around a feature-cache build or upload", gt=0.0
+    )
 
 
 @dataclass
