@@ -19,6 +19,7 @@ from .config import Config, ConfigError, load_config
 from .data.sources import DataError
 from .distributed.launch import RendezvousError, rank_env, rendezvous
 from .encoders import EncoderUnavailable
+from .run_identity import check_new_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -61,6 +62,7 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
         rendezvous(rank_env(env), env)  # none for a multi-process launch: one line, now
     check_ray_job_paths(cfg, env)
     check_accelerate_world(env)
+    check_new_run(cfg, env)  # a new submission never silently becomes an old run
     if launcher == "ray" and (cfg.dist.ray_address or env.get("RAY_ADDRESS")):
         return
     cuda = torch.cuda.is_available()
