@@ -45,10 +45,14 @@ def _is_launcher_var(key: str) -> bool:
     ) or key.startswith(("SLURM_", "PMI_", "OMPI_", "TORCHELASTIC_", "ACCELERATE_", "RAY_"))
 
 
-def job_env(cluster: SlurmCluster, work: Path, **extra: str) -> dict[str, str]:
+def job_env(cluster: SlurmCluster, work: Path, engine: str, **extra: str) -> dict[str, str]:
     """The submitting shell: our Slurm, the venv first on PATH, the tiny config through the
     scripts' FNE_* variables, gloo on loopback, DeepSpeed on the CPU with the shared
-    extension cache (see tests/test_launchers.py), and no launcher variables at all."""
+    extension cache (see tests/test_launchers.py), and no launcher variables at all.
+
+    ``engine``: the launch path is what these tests check, so only the deepspeed script runs
+    the DeepSpeed engine (its JIT-built comm op costs ~40 s cold); the others run the DDP twin.
+    """
     env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
     args = [
         f"run.output_dir={work}/out",
@@ -59,6 +63,7 @@ def job_env(cluster: SlurmCluster, work: Path, **extra: str) -> dict[str, str]:
         "dist.rendezvous_timeout_s=120",
         "dist.collective_timeout_s=120",
         "dist.worker_start_timeout_s=60",
+        f"engine.kind={engine}",
     ]
     env.update(
         cluster.env,
@@ -90,12 +95,19 @@ class Job:
         return f"[{self.name}: rc={self.returncode}, {self.seconds:.1f} s]\n{self.output[-n:]}"
 
 
-def sbatch(cluster: SlurmCluster, work: Path, script: str, options: list[str], **extra: str) -> Job:
+def sbatch(
+    cluster: SlurmCluster,
+    work: Path,
+    script: str,
+    options: list[str],
+    engine: str = "ddp",
+    **extra: str,
+) -> Job:
     """`sbatch --wait` from the repository root (the scripts' submit dir); the job's output
     file is read back. At the timeout the job is cancelled (scancel by its id)."""
     work.mkdir(parents=True)
     out = work / "slurm.out"
-    env = job_env(cluster, work, **extra)
+    env = job_env(cluster, work, engine, **extra)
     cmd = ["sbatch", "--wait", "--parsable", f"--output={out}", "--time=6", *options]
     start = time.monotonic()
     proc = subprocess.Popen(
@@ -115,6 +127,11 @@ def sbatch(cluster: SlurmCluster, work: Path, script: str, options: list[str], *
         returncode = None
         job_id = submitted.strip().split(";")[0]
         if job_id.isdigit():
+            state = subprocess.run(
+                ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True,
+                timeout=30, check=False,
+            ).stdout  # fmt: skip
+            submitted += f"\n(timed out; scontrol show job:)\n{state}"
             subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
     seconds = time.monotonic() - start
     TIMINGS[script] = seconds
@@ -179,6 +196,7 @@ def test_deepspeed_script(slurm_cluster: SlurmCluster, work: Path) -> None:
         work / "deepspeed",
         "deepspeed.sbatch",
         ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"],
+        engine="deepspeed",
         FNE_NPROC_PER_NODE="2",
     )
     assert_trained_two_ranks(job)
