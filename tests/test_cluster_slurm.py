@@ -223,6 +223,15 @@ def test_ray_script(slurm_cluster: SlurmCluster, work: Path, tmp_path: Path) -> 
         FNE_RAY_PORT=str(free_port()),
         FNE_RAY_DASHBOARD_PORT=str(free_port()),
         FNE_RAY_TMP=str(ray_tmp),
+        FNE_RAY_START_ARGS=" ".join(
+            f"--{opt}={free_port()}"
+            for opt in (
+                "ray-client-server-port",
+                "metrics-export-port",
+                "dashboard-agent-grpc-port",
+                "dashboard-agent-listen-port",
+            )
+        ),
         HOME=str(home),
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
