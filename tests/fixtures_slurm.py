@@ -136,12 +136,17 @@ def _start_munge(base: Path) -> tuple[subprocess.Popen, Path]:
     key.chmod(0o600)
     mdir.chmod(0o755)  # munged insists that every client can reach its socket
     sock = mdir / "munge.socket"
+    # As the munge user, in the foreground: the PID we hold is munged's own (no runuser/su in
+    # between that might not pass the stop signal on).
     proc = subprocess.Popen(
-        ["runuser", "-u", "munge", "--", _which("munged"), "-F", f"--socket={sock}",
-         f"--key-file={key}", f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log",
+        [_which("munged"), "-F", f"--socket={sock}", f"--key-file={key}",
+         f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log",
          f"--seed-file={mdir}/munged.seed"],
+        user=user.pw_uid,
+        group=user.pw_gid,
+        extra_groups=[],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(base / "munged.out").open("w"),
     )  # fmt: skip
     _wait(lambda: sock.exists(), "munged socket", proc, mdir / "munged.log")
     return proc, sock
