@@ -118,6 +118,7 @@ SlurmdLogFile={base}/slurmd.log
 SlurmctldTimeout=30
 SlurmdTimeout=30
 KillWait=5
+MinJobAge=10
 JobRequeue=1
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=2000 State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES

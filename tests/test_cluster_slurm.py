@@ -54,12 +54,17 @@ def job_env(cluster: SlurmCluster, work: Path, engine: str, **extra: str) -> dic
     the DeepSpeed engine (its JIT-built comm op costs ~40 s cold); the others run the DDP twin.
     """
     env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
+    # ray.sbatch sets the output paths itself, from FNE_SHARED
+    paths = (
+        []
+        if "FNE_SHARED" in extra
+        else [f"run.output_dir={work}/out", f"data.cache_dir={work}/cache"]
+    )
     args = [
-        f"run.output_dir={work}/out",
-        f"data.cache_dir={work}/cache",
+        *paths,
         "run.threads=1",
         "train.batch_size=8",
-        "train.epochs=0.05",
+        "train.epochs=0.02",  # 4 steps at world size 2 (3 warm-up): launch paths, not training
         "dist.rendezvous_timeout_s=120",
         "dist.collective_timeout_s=120",
         "dist.worker_start_timeout_s=60",
