@@ -210,6 +210,13 @@ def test_multi_process_launch_without_rendezvous_fails_in_one_line() -> None:
     assert where.source == "local" and where.port > 0
 
 
+def test_one_task_srun_step_needs_no_derived_port() -> None:
+    """Invariant: a one-task srun step (nobody to meet) takes a free loopback port, not the
+    job-derived one that another one-task step of the same job might hold."""
+    env = srun_env(0, 1)
+    assert rendezvous(rank_env(env), env).source == "local"
+
+
 def test_srun_step_without_node_list_fails_in_one_line() -> None:
     env = srun_env(0)
     del env["SLURM_STEP_NODELIST"], env["SLURM_JOB_NODELIST"]

@@ -132,10 +132,10 @@ def rendezvous(rank: RankEnv, environ: Mapping[str, str] | None = None) -> Rende
     addr, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
     if addr and port:
         return Rendezvous(addr, int(port), "environment")
+    if rank.world_size == 1:  # nobody to meet (also a one-task srun step): any free port
+        return Rendezvous(addr or "127.0.0.1", int(port) if port else free_port(), "local")
     if rank.source == "slurm":
         return _slurm_rendezvous(env)
-    if rank.world_size == 1:
-        return Rendezvous(addr or "127.0.0.1", int(port) if port else free_port(), "local")
     if port and rank.local_world_size >= rank.world_size:  # every rank on this host
         return Rendezvous("127.0.0.1", int(port), "environment")
     missing = " and ".join(k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k))
