@@ -11,6 +11,7 @@ the srun script's tasks derive the rendezvous from Slurm's variables, the others
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -242,10 +243,11 @@ def test_ray_script(slurm_cluster: SlurmCluster, work: Path, tmp_path: Path) -> 
         RAY_USAGE_STATS_ENABLED="0",
     )
     job.run_dir = shared / "shared" / "runs" / "tiny"
-    assert (home / ".ray" / "auth_token").is_file(), job.tail()
-    assert_trained_two_ranks(job)
-    assert "outputs: run.output_dir=" in job.output, job.tail()
     leftovers = subprocess.run(
         ["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True, check=False
     ).stdout.split()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert (home / ".ray" / "auth_token").is_file(), job.tail()
+    assert_trained_two_ranks(job)
+    assert "outputs: run.output_dir=" in job.output, job.tail()
     assert leftovers == [], f"Ray processes outlived the job: {leftovers}"
