@@ -203,6 +203,15 @@ class DistConfig:
         ge=0,
         le=1000,
     )
+    rendezvous_timeout_s: float = setting(
+        600.0, "how long ranks wait for each other at start-up (process-group rendezvous)", gt=0.0
+    )
+    collective_timeout_s: float = setting(
+        300.0, "how long one step's collective (all-gather, all-reduce) may wait", gt=0.0
+    )
+    barrier_timeout_s: float = setting(
+        3600.0, "how long ranks wait at barriers around a feature-cache build or upload", gt=0.0
+    )
 
 
 @dataclass

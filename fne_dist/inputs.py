@@ -89,7 +89,7 @@ def split_shards(
                 f"data.cache_wait_s={cfg.data.cache_wait_s:.0f} s"
             )
         time.sleep(0.5)
-    D.barrier()
+    D.long_barrier()  # other nodes may still be building theirs: dist.barrier_timeout_s
     return shard_list(str(out / "feat-*.tar"), f"data.{split} (feature cache)")
 
 

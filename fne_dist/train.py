@@ -17,8 +17,9 @@ import torch
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 from .data.sources import DataError
-from .distributed.launch import rank_env
+from .distributed.launch import RendezvousError, rank_env, rendezvous
 from .encoders import EncoderUnavailable
+from .run_identity import check_new_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -57,6 +58,11 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
             f"({cfg.train.batch_size} × {world} ranks): one step would overwrite itself"
         )
     env = os.environ if environ is None else environ
+    if launcher == "inplace" and world > 1:
+        rendezvous(rank_env(env), env)  # none for a multi-process launch: one line, now
+    check_ray_job_paths(cfg, env)
+    check_accelerate_world(env)
+    check_new_run(cfg, env)  # a new submission never silently becomes an old run
     if launcher == "ray" and (cfg.dist.ray_address or env.get("RAY_ADDRESS")):
         return
     cuda = torch.cuda.is_available()
@@ -71,6 +77,66 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
         )
 
 
+# Set by Ray's job supervisor for the entrypoint of `ray job submit` (its JobConfig as JSON).
+RAY_JOB_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def output_paths(cfg: Config) -> dict[str, str]:
+    """Where the run writes: its directory, checkpoints, and the feature cache."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    return {
+        "run.output_dir": str(run_dir),
+        "checkpoint.dir": cfg.checkpoint.dir or str(run_dir / "checkpoints"),
+        "data.cache_dir": cfg.data.cache_dir,
+    }
+
+
+def check_ray_job_paths(cfg: Config, environ: dict[str, str] | None = None) -> None:
+    """Under ``ray job submit`` the entrypoint runs inside Ray's temporary copy of the working
+    dir, which Ray deletes: a relative output, checkpoint or cache path would write there and be
+    lost (the cache rebuilt by every job). Refuse it, naming what to pass instead."""
+    env = os.environ if environ is None else environ
+    if RAY_JOB_VAR not in env:
+        return
+    given = {
+        "run.output_dir": cfg.run.output_dir,
+        "checkpoint.dir": cfg.checkpoint.dir,
+        "data.cache_dir": cfg.data.cache_dir,
+    }
+    relative = [
+        f"{key}={value}"
+        for key, value in given.items()
+        if value and "://" not in value and not Path(value).is_absolute()
+    ]
+    if relative:
+        raise ConfigError(
+            f"under a Ray job the working dir is Ray's temporary copy ({Path.cwd()}), deleted "
+            f"after the job: {', '.join(relative)} would be lost; pass absolute paths on "
+            "storage every node sees, e.g. run.output_dir=/shared/fne/runs "
+            "data.cache_dir=/shared/fne/cache"
+        )
+
+
+def check_accelerate_world(environ: dict[str, str] | None = None) -> None:
+    """``accelerate launch --cpu --num_processes N`` (N > 1) starts ONE plain process (its
+    simple launcher; N CPU processes would need its mpirun path), which would then train alone
+    as if one rank had been asked for. That launcher's only trace of N > 1 is MASTER_ADDR/PORT
+    next to ACCELERATE_USE_CPU without any rank variable: refuse it."""
+    env = os.environ if environ is None else environ
+    mpi = any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+    if (
+        env.get("ACCELERATE_USE_CPU", "").lower() == "true"
+        and env.get("MASTER_PORT")
+        and rank_env(env).source == "none"
+        and not mpi
+    ):
+        raise ConfigError(
+            "accelerate launch --cpu --num_processes N starts one process, not N: for N ranks "
+            "on the CPU use `accelerate launch --multi_gpu --num_processes N ...` with "
+            "engine.device=cpu (or cluster/accelerate/*.yaml), or torchrun"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
@@ -78,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(path, args.overrides)
         launcher = choose_launcher(cfg)
         check_launch(cfg, launcher)
+        if RAY_JOB_VAR in os.environ and rank_env().rank == 0:
+            print(
+                "outputs: " + ", ".join(f"{k}={v}" for k, v in output_paths(cfg).items()),
+                flush=True,
+            )
         if launcher == "ray":
             from .distributed.ray_launcher import run_with_ray
 
@@ -86,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             from .loop import train
 
             train(cfg)
-    except (ConfigError, DataError, EncoderUnavailable, CheckpointError) as err:
+    except (ConfigError, DataError, EncoderUnavailable, CheckpointError, RendezvousError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -257,6 +257,7 @@ def launch(sandbox: Sandbox, launcher: str, world: int, *extra: str, **kw: Any) 
             {
                 "SLURM_PROCID": str(r),
                 "SLURM_NTASKS": str(world),
+                "SLURM_STEP_NUM_TASKS": str(world),  # an srun step, not the sbatch shell
                 "SLURM_LOCALID": str(r),
                 "SLURM_NODEID": "0",
                 "MASTER_ADDR": "127.0.0.1",
@@ -401,7 +402,12 @@ def test_world_size_one_every_launcher_matches_single_process(world1: dict[str, 
 # 4. bad input: one line, non-zero, before any worker starts, never a hang
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-SRUN_2 = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0"}
+SRUN_2 = {
+    "SLURM_PROCID": "0",
+    "SLURM_NTASKS": "2",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_LOCALID": "0",
+}
 
 
 @pytest.mark.timeout(120)

@@ -10,6 +10,7 @@ from .collectives import (
     all_min_int,
     all_reduce_sum,
     barrier,
+    long_barrier,
     rank,
     world_size,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "all_min_int",
     "all_reduce_sum",
     "barrier",
+    "long_barrier",
     "rank",
     "world_size",
 ]

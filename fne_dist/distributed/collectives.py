@@ -45,8 +45,32 @@ def all_reduce_sum(x: Tensor) -> Tensor:
 
 
 def barrier() -> None:
+    """Every rank waits for the others, at most the collective timeout."""
     if _active():
         dist.barrier()
+
+
+_LONG_GROUP: dict[str, object] = {}
+
+
+def set_long_barrier_group(group: object | None) -> None:
+    """Installed by ``launch.init_process_group``: a gloo group with the long-barrier timeout."""
+    _LONG_GROUP.clear()
+    if group is not None:
+        _LONG_GROUP["group"] = group
+
+
+def long_barrier() -> None:
+    """A barrier around long one-rank work (a feature-cache build, an upload): it waits
+    dist.barrier_timeout_s, not the per-step collective timeout. A plain barrier when no long
+    group was installed (e.g. a process group made by someone else)."""
+    if not _active():
+        return
+    group = _LONG_GROUP.get("group")
+    if group is None:
+        dist.barrier()
+    else:
+        dist.barrier(group=group)
 
 
 @torch.no_grad()

@@ -19,10 +19,21 @@ def select_device(requested: str, local_rank: int = 0) -> torch.device:
         raise ValueError("engine.device=cuda but no CUDA device is visible (use auto or cpu)")
     if use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cuda")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = cuda_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     os.environ["DS_ACCELERATOR"] = "cpu"
     return torch.device("cpu")
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """This rank's GPU among the ``visible`` ones. One task per GPU under Slurm
+    (``--gpus-per-task=1``) sees only its own device, index 0, whatever its local rank; a task
+    that sees all of the node's GPUs takes its local rank's; more ranks than GPUs share them
+    round-robin rather than fail."""
+    if visible < 1:
+        raise ValueError("no CUDA device is visible")
+    return local_rank % visible
 
 
 def backend_for(device: torch.device) -> str:

@@ -110,7 +110,7 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
         ),
         torch_config=TorchConfig(
             backend="nccl" if cfg.dist.use_gpu else "gloo",
-            timeout_s=int(cfg.engine.init_timeout_s),
+            timeout_s=int(cfg.dist.collective_timeout_s),  # per-step collectives
         ),
         run_config=RunConfig(
             name=cfg.run.name,

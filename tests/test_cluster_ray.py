@@ -1,0 +1,228 @@
+"""cluster/ray: the cluster launcher config passes Ray's own validator, and `ray job submit`
+works against a real Ray head with token authentication.
+
+The head (one per module) runs on loopback on non-default ports with its own --temp-dir and
+$HOME (where `ray get-auth-token --generate` writes the token); every process it starts carries
+a marker variable and is stopped by PID at the end, never with `ray stop` (which would stop
+other Ray users of the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fne_dist import checkpoint as ckpt
+from fne_dist.distributed.launch import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLUSTER_YAML = ROOT / "cluster" / "ray" / "cluster.yaml"
+RUNTIME_ENV = ROOT / "cluster" / "ray" / "runtime_env.yaml"
+MARKER = "FNE_RAY_HEAD_TEST"
+JOB_TIMEOUT_S = 300
+
+
+def _prepared(config: dict) -> dict:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_cluster_yaml_passes_rays_validator() -> None:
+    """Invariant: cluster/ray/cluster.yaml, filled out with the provider's defaults as `ray up`
+    does, passes Ray's own schema validation (offline) with a head and a GPU worker type; the
+    same file with a misspelt key or a head type that does not exist is refused (the check
+    can fail)."""
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    prepared = _prepared(config)
+    types = prepared["available_node_types"]
+    assert prepared["head_node_type"] in types
+    assert any(t["resources"].get("GPU", 0) > 0 for t in types.values())
+    assert any("/shared" in cmd for cmd in prepared["setup_commands"])
+    bad = copy.deepcopy(config)
+    bad["available_node_types"]["gpu_worker"]["resourcez"] = {"GPU": 4}
+    with pytest.raises(Exception, match="resourcez"):
+        _prepared(bad)
+    bad = copy.deepcopy(config)
+    bad["head_node_type"] = "nope"
+    with pytest.raises(ValueError, match="head_node_type"):
+        _prepared(bad)
+
+
+def test_runtime_env_is_accepted_by_ray() -> None:
+    """Invariant: cluster/ray/runtime_env.yaml is a valid Ray runtime environment."""
+    from ray.runtime_env import RuntimeEnv
+
+    data = yaml.safe_load(RUNTIME_ENV.read_text())
+    env = RuntimeEnv(**data)
+    assert ".venv" in env["excludes"] and env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# a real head with token authentication
+
+
+@dataclass
+class RayHead:
+    env: dict[str, str]
+    address: str
+    temp: Path
+    marker: str
+    base: Path
+
+    def submit(self, name: str, *args: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple[int, str]:
+        """`ray job submit` (waits for the job; returns its exit status and logs)."""
+        cmd = [str(BIN / "ray"), "job", "submit", f"--address={self.address}"]
+        cmd += [f"--submission-id={name}-{uuid.uuid4().hex[:6]}", "--working-dir=."]
+        cmd += [f"--runtime-env={RUNTIME_ENV}", "--", sys.executable, "-m", "fne_dist.train"]
+        out = subprocess.run(
+            [*cmd, *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        return out.returncode, out.stdout + out.stderr
+
+
+def _marked(marker: str) -> list[int]:
+    needle = f"{MARKER}={marker}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+    return pids
+
+
+def _stop(marker: str) -> None:
+    """SIGTERM, then SIGKILL after 3 s, to every process the head started (by PID)."""
+    for sig, wait_s in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        for pid in _marked(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.3)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    base = tmp_path_factory.mktemp("ray-head")
+    temp = Path(tempfile.mkdtemp(prefix="fnh", dir="/tmp"))  # short: socket paths
+    marker = uuid.uuid4().hex
+    home = base / "home"
+    home.mkdir()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_", "SLURM_", "MASTER_"))
+        and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    }
+    env.update(
+        HOME=str(home),
+        PATH=os.pathsep.join([str(BIN), env.get("PATH", "")]),
+        PYTHONPATH=str(ROOT),
+        RAY_AUTH_MODE="token",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        GLOO_SOCKET_IFNAME="lo",
+        DS_ACCELERATOR="cpu",
+        **{MARKER: marker},
+    )
+    ray = str(BIN / "ray")
+    subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True,
+                   check=True, timeout=60)  # fmt: skip
+    gcs, dash, client, metrics, agent_grpc, agent_http = (free_port() for _ in range(6))
+    cmd = [ray, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
+           f"--dashboard-agent-grpc-port={agent_grpc}",
+           f"--dashboard-agent-listen-port={agent_http}",
+           f"--temp-dir={temp}", "--disable-usage-stats"]  # fmt: skip
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield RayHead(env, f"http://127.0.0.1:{dash}", temp, marker, base)
+    finally:
+        _stop(marker)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _tiny(head: RayHead, name: str, *extra: str) -> list[str]:
+    out = head.base / "shared"
+    return [
+        "--config",
+        "tests/configs/tiny.yaml",
+        f"run.name={name}",
+        f"run.output_dir={out}/runs",
+        f"data.cache_dir={out}/cache",
+        "run.threads=1",
+        "dist.workers=2",
+        "train.batch_size=8",
+        "train.epochs=0.02",  # 4 steps at world size 2 (3 warm-up): launch paths, not training
+        "engine.kind=ddp",
+        "dist.worker_start_timeout_s=60",
+        "dist.collective_timeout_s=120",
+        *extra,
+    ]
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_ray_job_submit_with_token_auth(ray_head: RayHead) -> None:
+    """Invariant: with token authentication on, `ray job submit --working-dir .` of the tiny
+    run (2 Ray Train workers) succeeds, prints where its outputs go, and leaves a valid
+    checkpoint on the absolute storage path it was given; a second submission with the same
+    run name and no checkpoint.resume is refused in one line instead of silently resuming the
+    finished run."""
+    t0 = time.monotonic()
+    rc, out = ray_head.submit("tiny", *_tiny(ray_head, "tiny"))
+    first_s = time.monotonic() - t0
+    assert rc == 0, out[-5000:]
+    run_dir = ray_head.base / "shared" / "runs" / "tiny"
+    assert f"outputs: run.output_dir={run_dir}" in out, out[-3000:]
+    assert "on 2 rank(s)" in out, out[-3000:]
+    path, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
+    assert meta["world_size"] == 2 and ckpt.validate(path) == meta
+
+    rc, out = ray_head.submit("again", *_tiny(ray_head, "tiny"))
+    assert rc != 0, out[-3000:]
+    assert "run.name=tiny already holds a run" in out, out[-3000:]
+    assert "resumed from" not in out
+    print(f"\nray job submit: first run {first_s:.1f} s")
+
+
+@pytest.mark.system
+@pytest.mark.timeout(JOB_TIMEOUT_S)
+def test_relative_paths_under_a_ray_job_are_refused(ray_head: RayHead) -> None:
+    """Invariant: a job submitted with the default relative run.output_dir/data.cache_dir
+    fails before any worker starts, with one line saying to pass absolute paths (they would
+    land in Ray's temporary copy of the working dir, which Ray deletes)."""
+    rc, out = ray_head.submit(
+        "relative", "--config", "tests/configs/tiny.yaml", "dist.workers=2", timeout_s=180
+    )
+    assert rc != 0, out[-3000:]
+    assert "error: under a Ray job the working dir is Ray's temporary copy" in out, out[-3000:]
+    assert "run.output_dir=runs" in out and "RayTrainWorker" not in out

@@ -1,0 +1,253 @@
+"""Every cluster/slurm/*.sbatch script runs as written against a real single-node Slurm.
+
+`sbatch --wait` of each script (one session-wide Slurm: tests/fixtures_slurm.py) with the tiny
+config and 2 ranks on the CPU. What differs from a real cluster is given the way a user would
+give it: sbatch options on the command line (1 node, no GPUs, a time limit) and the scripts'
+FNE_* variables (config, overrides, interpreter, ports). Nothing exports MASTER_ADDR/PORT:
+the srun script's tasks derive the rendezvous from Slurm's variables, the others from
+`scontrol`. Each run leaves a run directory whose newest checkpoint validates.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fne_dist import checkpoint as ckpt
+from fne_dist.distributed.launch import free_port
+from tests.fixtures_slurm import SlurmCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+JOB_TIMEOUT_S = 300  # sbatch --wait of one tiny run (30-90 s on 2 busy cores)
+TIMINGS: dict[str, float] = {}
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+
+def _is_launcher_var(key: str) -> bool:
+    return key in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES",
+    ) or key.startswith(("SLURM_", "PMI_", "OMPI_", "TORCHELASTIC_", "ACCELERATE_", "RAY_"))
+
+
+def job_env(cluster: SlurmCluster, work: Path, engine: str, **extra: str) -> dict[str, str]:
+    """The submitting shell: our Slurm, the venv first on PATH, the tiny config through the
+    scripts' FNE_* variables, gloo on loopback, DeepSpeed on the CPU with the shared
+    extension cache (see tests/test_launchers.py), and no launcher variables at all.
+
+    ``engine``: the launch path is what these tests check, so only the deepspeed script runs
+    the DeepSpeed engine (its JIT-built comm op costs ~40 s cold); the others run the DDP twin.
+    """
+    env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
+    # ray.sbatch sets the output paths itself, from FNE_SHARED
+    paths = (
+        []
+        if "FNE_SHARED" in extra
+        else [f"run.output_dir={work}/out", f"data.cache_dir={work}/cache"]
+    )
+    args = [
+        *paths,
+        "run.threads=1",
+        "train.batch_size=8",
+        "train.epochs=0.02",  # 4 steps at world size 2 (3 warm-up): launch paths, not training
+        "dist.rendezvous_timeout_s=120",
+        "dist.collective_timeout_s=120",
+        "dist.worker_start_timeout_s=60",
+        f"engine.kind={engine}",
+    ]
+    env.update(
+        cluster.env,
+        PATH=os.pathsep.join([str(BIN), env.get("PATH", ""), "/usr/sbin"]),
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+        DS_ACCELERATOR="cpu",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR")
+        or str(Path(tempfile.gettempdir()) / "fne_dist-torch-extensions"),
+        HF_HUB_OFFLINE="1",
+        GLOO_SOCKET_IFNAME="lo",
+        FNE_PYTHON=sys.executable,
+        FNE_CONFIG="tests/configs/tiny.yaml",
+        FNE_ARGS=" ".join(args),
+        **extra,
+    )
+    return env
+
+
+@dataclass
+class Job:
+    name: str
+    returncode: int | None
+    output: str
+    seconds: float
+    run_dir: Path
+
+    def tail(self, n: int = 5000) -> str:
+        return f"[{self.name}: rc={self.returncode}, {self.seconds:.1f} s]\n{self.output[-n:]}"
+
+
+def sbatch(
+    cluster: SlurmCluster,
+    work: Path,
+    script: str,
+    options: list[str],
+    engine: str = "ddp",
+    **extra: str,
+) -> Job:
+    """`sbatch --wait` from the repository root (the scripts' submit dir); the job's output
+    file is read back. At the timeout the job is cancelled (scancel by its id)."""
+    work.mkdir(parents=True)
+    out = work / "slurm.out"
+    env = job_env(cluster, work, engine, **extra)
+    cmd = ["sbatch", "--wait", "--parsable", f"--output={out}", "--time=6", *options]
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [*cmd, f"cluster/slurm/{script}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        submitted, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
+        returncode: int | None = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        submitted, _ = proc.communicate()
+        returncode = None
+        job_id = submitted.strip().split(";")[0]
+        if job_id.isdigit():
+            state = subprocess.run(
+                ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True,
+                timeout=30, check=False,
+            ).stdout  # fmt: skip
+            submitted += f"\n(timed out; scontrol show job:)\n{state}"
+            subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
+    seconds = time.monotonic() - start
+    TIMINGS[script] = seconds
+    log = out.read_text(errors="replace") if out.is_file() else "(no job output)"
+    return Job(script, returncode, f"{submitted}\n{log}", seconds, work / "out" / "tiny")
+
+
+def assert_trained_two_ranks(job: Job) -> None:
+    """Exit 0, world size 2 in the summary, and a newest checkpoint that validates."""
+    assert job.returncode == 0, job.tail()
+    assert "on 2 rank(s)" in job.output, job.tail()
+    assert (job.run_dir / "metrics.json").is_file(), job.tail()
+    path, meta = ckpt.find_resumable("latest", job.run_dir / "checkpoints", print, None)
+    assert ckpt.validate(path) == meta
+    assert meta["world_size"] == 2 and meta["step"] > 0, meta
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    base = tmp_path_factory.mktemp("slurm-jobs")
+    yield base
+    if TIMINGS:
+        print("\nslurm jobs (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in TIMINGS.items()))
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_srun_script_derives_the_rendezvous(slurm_cluster: SlurmCluster, work: Path) -> None:
+    """Invariant: cluster/slurm/srun.sbatch with 2 tasks, and no MASTER_* anywhere in the
+    submitting environment, trains 2 ranks that found each other through Slurm's variables
+    (first host of the step's node list at its NodeAddr, a port from the job id)."""
+    job = sbatch(
+        slurm_cluster,
+        work / "srun",
+        "srun.sbatch",
+        ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"],
+    )
+    assert_trained_two_ranks(job)
+    assert "rank 0/2 on cpu" in job.output, job.tail()
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_torchrun_script(slurm_cluster: SlurmCluster, work: Path) -> None:
+    """Invariant: cluster/slurm/torchrun.sbatch (one srun task per node running torchrun with
+    a c10d rendezvous on the first node) trains 2 ranks."""
+    job = sbatch(
+        slurm_cluster,
+        work / "torchrun",
+        "torchrun.sbatch",
+        ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"],
+        FNE_NPROC_PER_NODE="2",
+    )
+    assert_trained_two_ranks(job)
+    assert "rendezvous 127.0.0.1:" in job.output, job.tail()  # the node's NodeAddr
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_deepspeed_script(slurm_cluster: SlurmCluster, work: Path) -> None:
+    """Invariant: cluster/slurm/deepspeed.sbatch (a hostfile from the allocation, the deepspeed
+    launcher with --no_ssh on each node, the script entry) trains 2 ranks without ssh."""
+    job = sbatch(
+        slurm_cluster,
+        work / "deepspeed",
+        "deepspeed.sbatch",
+        ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"],
+        engine="deepspeed",
+        FNE_NPROC_PER_NODE="2",
+    )
+    assert_trained_two_ranks(job)
+    assert f"{slurm_cluster.node} slots=2" in job.output, job.tail()
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_ray_script(slurm_cluster: SlurmCluster, work: Path, tmp_path: Path) -> None:
+    """Invariant: cluster/slurm/ray.sbatch starts a Ray head inside the allocation (token
+    authentication, non-default ports), submits the training as a Ray job with 2 Ray Train
+    workers, writes to the absolute shared path it was given, and tears Ray down: the job
+    exits 0 and no Ray process of its temp dir survives."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fsr", dir="/tmp"))  # short: socket paths
+    home = tmp_path / "home"  # the generated token goes to $HOME/.ray/auth_token
+    home.mkdir()
+    shared = work / "ray"
+    job = sbatch(
+        slurm_cluster,
+        shared,
+        "ray.sbatch",
+        ["--nodes=1", "--gpus-per-task=0", "--cpus-per-task=2"],
+        FNE_WORKERS="2",
+        FNE_SHARED=str(shared / "shared"),
+        FNE_RAY_PORT=str(free_port()),
+        FNE_RAY_DASHBOARD_PORT=str(free_port()),
+        FNE_RAY_TMP=str(ray_tmp),
+        FNE_RAY_START_ARGS=" ".join(
+            f"--{opt}={free_port()}"
+            for opt in (
+                "ray-client-server-port",
+                "metrics-export-port",
+                "dashboard-agent-grpc-port",
+                "dashboard-agent-listen-port",
+            )
+        ),
+        HOME=str(home),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    job.run_dir = shared / "shared" / "runs" / "tiny"
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True, check=False
+    ).stdout.split()
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert (home / ".ray" / "auth_token").is_file(), job.tail()
+    assert_trained_two_ranks(job)
+    assert "outputs: run.output_dir=" in job.output, job.tail()
+    assert leftovers == [], f"Ray processes outlived the job: {leftovers}"
