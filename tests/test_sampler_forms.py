@@ -9,14 +9,10 @@ import pytest
 import torch
 
 from fne_dist.fne import FneConfig, gaussians_from_stats, negative_mask, stats_of
-from fne_dist.fne.loss import candidate_index, masked_positions, select_chunk
+from fne_dist.fne.posterior import fn_log_odds, fn_log_odds_threshold
 from fne_dist.fne.sampling import first_argmax, inverse_cdf_draw
-from fne_dist.fne.weights import (
-    _log_odds_quadratic,
-    count_true,
-    fn_log_odds_threshold,
-    fn_region_inside_window,
-)
+from fne_dist.fne.selection import candidate_index, masked_positions, select_dense, select_listed
+from fne_dist.fne.weights import count_true, fn_region_inside_window
 
 B, N = 10, 701  # N not a multiple of the draw's block of 128
 
@@ -79,8 +75,8 @@ def test_listed_form_picks_what_the_dense_form_picks(
         cfg = FneConfig(negatives=k, hard_cut=hard_cut, prior=0.05, eps=0.01)
         u = torch.rand(B, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         args = (sim, pos_col, ids, cand_ids, g_b, g_n, u, g, cfg, rule)
-        dense = select_chunk(*args, form="dense")
-        listed = select_chunk(*args, form="listed")
+        dense = select_dense(*args)
+        listed = select_listed(*args)
         for field in dense._fields:
             assert torch.equal(getattr(dense, field), getattr(listed, field)), (field, groups)
         if rule == "fne" and regime.startswith("sigma"):
@@ -171,7 +167,7 @@ def test_fn_region_check_is_sound(regime: str) -> None:
     for threshold in (-0.5, 0.0, 0.2, 0.3, 0.45):
         if fn_region_inside_window(g, cfg.prior, cfg.eps, threshold):
             outside = s[s <= threshold]
-            log_odds = _log_odds_quadratic(outside, g, cfg.prior)
+            log_odds = fn_log_odds(outside, g, cfg.prior)
             assert not (log_odds > fn_log_odds_threshold(cfg.eps)).any(), threshold
 
 
