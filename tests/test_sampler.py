@@ -34,6 +34,7 @@ REGIMES = {
     "no positive yet, reference (cut at -margin)": (0.5, 0.05, 0.2, 0.08, 0, "zero", True),
     "no positive yet, skip the cut": (0.5, 0.05, 0.2, 0.08, 0, "skip", True),
     "gate closed": (0.5, 0.05, 0.2, 0.08, 50, "zero", True),
+    "gate closed at its edge (n+ = gate)": (0.5, 0.05, 0.2, 0.08, 200, "zero", True),
     "gate open": (0.5, 0.05, 0.2, 0.08, 400, "zero", True),
     "gate open, no hard cut": (0.5, 0.05, 0.2, 0.08, 400, "zero", False),
     "sigma+ > sigma-": (0.5, 0.15, 0.2, 0.05, 400, "zero", True),

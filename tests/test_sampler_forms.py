@@ -12,7 +12,7 @@ from fne_dist.fne import FneConfig, gaussians_from_stats, negative_mask, stats_o
 from fne_dist.fne.posterior import fn_log_odds, fn_log_odds_threshold
 from fne_dist.fne.sampling import first_argmax, inverse_cdf_draw
 from fne_dist.fne.selection import candidate_index, masked_positions, select_dense, select_listed
-from fne_dist.fne.weights import count_true, fn_region_inside_window
+from fne_dist.fne.weights import count_greater, count_true, fn_region_inside_window
 
 B, N = 10, 701  # N not a multiple of the draw's block of 128
 
@@ -169,6 +169,16 @@ def test_fn_region_check_is_sound(regime: str) -> None:
             outside = s[s <= threshold]
             log_odds = fn_log_odds(outside, g, cfg.prior)
             assert not (log_odds > fn_log_odds_threshold(cfg.eps)).any(), threshold
+
+
+def test_count_greater_paths_agree_at_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant: both paths of ``count_greater`` (the CPU 0/1 float sum, and the bool count of
+    accelerators and torch.compile) count x > threshold: an entry equal to it is not counted."""
+    x = torch.tensor([[0.3, 0.3, 0.30000001, -0.5], [0.3, 0.2, 0.1, 0.0]], dtype=torch.float64)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    assert count_greater(x, t).tolist() == [1, 0]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert count_greater(x, t).tolist() == [1, 0]
 
 
 def test_count_true_equals_sum() -> None:
