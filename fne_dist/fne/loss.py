@@ -17,7 +17,7 @@ masks candidates sharing the anchor's group label.
 
 Read top to bottom: ``retrieval_loss`` → ``_one_direction`` (the hinges of the picks) →
 ``_select`` (the one place that chunks rows and picks the selector of ``fne.selection``) →
-the other losses → the module form.
+the full-matrix losses (vse0, infonce) → the module form.
 
 Cost: the selection runs under no_grad on B×N similarities in row chunks so no B×N temporary
 outlives a chunk, and the gradient is taken through the k selected similarities only (a B×k×D
@@ -114,24 +114,8 @@ def retrieval_loss(
     name = cfg.loss if loss is None else loss
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r} (valid: {', '.join(LOSSES)})")
-    diag: dict[str, Tensor] = {}
     if name in ("vse0", "infonce"):
-        cands = c.batch_only() if name == "vse0" else c
-        if name == "vse0":
-            i2t = _sum_of_hinges(a.img_BD, cands.txt_ND, a, cands, cfg)
-            t2i = _sum_of_hinges(a.txt_BD, cands.img_ND, a, cands, cfg)
-            total = i2t + t2i
-        else:
-            if temperature is None:
-                raise ValueError("infonce needs a temperature tensor")
-            temp = temperature.clamp(cfg.temperature_min, cfg.temperature_max)
-            i2t = _info_nce(a.img_BD, cands.txt_ND, a, cands, cfg, temp)
-            t2i = _info_nce(a.txt_BD, cands.img_ND, a, cands, cfg, temp)
-            total = 0.5 * (i2t + t2i)
-            diag["temperature"] = temp.detach()
-        diag.update(loss_i2t=i2t.detach(), loss_t2i=t2i.detach())
-        return LossOutput(total, diag)
-
+        return _full_matrix_loss(name, a, c, cfg, temperature)
     rule = {"fne": "fne", "window": "window", "vse_pp": "hardest"}[name]
     cands = c.batch_only() if name == "vse_pp" and not cfg.vse_pp_memory else c
     if rule != "hardest" and (gaussians is None or uniforms_2Bk is None):
@@ -141,7 +125,7 @@ def retrieval_loss(
     t2i, s2 = _one_direction(a.txt_BD, cands.img_ND, a, cands, cfg, rule, gaussians, u[1])
     s = {key: s1[key] + s2[key] for key in s1}
     draws = s["draws"].clamp_min(1.0)
-    diag.update(
+    diag = dict(
         loss_i2t=i2t.detach(),
         loss_t2i=t2i.detach(),
         fallback=s["fallback"],
@@ -267,6 +251,29 @@ def _compiled_dense():
     if _compiled_select_dense is None:
         _compiled_select_dense = torch.compile(select_dense, dynamic=False)
     return _compiled_select_dense
+
+
+def _full_matrix_loss(
+    name: str, a: Anchors, c: Candidates, cfg: FneConfig, temperature: Tensor | None
+) -> LossOutput:
+    """vse0 (over the batch) or infonce (over [batch ; memory]): losses over every candidate,
+    with autograd through the B×N matrix."""
+    diag: dict[str, Tensor] = {}
+    if name == "vse0":
+        cands = c.batch_only()
+        i2t = _sum_of_hinges(a.img_BD, cands.txt_ND, a, cands, cfg)
+        t2i = _sum_of_hinges(a.txt_BD, cands.img_ND, a, cands, cfg)
+        total = i2t + t2i
+    else:
+        if temperature is None:
+            raise ValueError("infonce needs a temperature tensor")
+        temp = temperature.clamp(cfg.temperature_min, cfg.temperature_max)
+        i2t = _info_nce(a.img_BD, c.txt_ND, a, c, cfg, temp)
+        t2i = _info_nce(a.txt_BD, c.img_ND, a, c, cfg, temp)
+        total = 0.5 * (i2t + t2i)
+        diag["temperature"] = temp.detach()
+    diag.update(loss_i2t=i2t.detach(), loss_t2i=t2i.detach())
+    return LossOutput(total, diag)
 
 
 def _sum_of_hinges(
