@@ -142,7 +142,9 @@ def _drawn_picks(
     )
 
 
-def _hardest_violator(masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float):
+def _hardest_violator(
+    masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float
+) -> tuple[Tensor, Tensor]:
     """(column of the most similar unmasked candidate, whether it violates the margin). Found
     in two levels (block maxima, then one block): cheaper than an argmax over b×N."""
     best_b, h_b = first_argmax(masked_sim_bN)
