@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fne_dist.fne import FneConfig, gaussians_from_stats, negative_mask, stats_of
+from fne_dist.fne import reference as ref
 from fne_dist.fne.posterior import fn_log_odds, fn_log_odds_threshold
 from fne_dist.fne.sampling import first_argmax, inverse_cdf_draw
 from fne_dist.fne.selection import candidate_index, masked_positions, select_dense, select_listed
@@ -95,20 +96,8 @@ def test_masked_positions_are_the_negative_mask() -> None:
         assert torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)
 
 
-def _plain_draw(w: list[float], u: float) -> int | None:
-    total = sum(w)  # left to right, as the cdf
-    if total <= 0:
-        return None
-    target, acc = min(u * total, math.nextafter(total, 0.0)), 0.0
-    for j, x in enumerate(w):
-        acc += x
-        if acc > target:
-            return j
-    raise AssertionError("unreachable")
-
-
 def test_two_level_draw_equals_the_plain_cumulative_sum() -> None:
-    """Invariant: the block-sum draw returns the plain loop's first column with cdf > u·total
+    """Invariant: the block-sum draw returns the reference's first column with cdf > u·total
     (float64 weights, zeros in runs, N not a multiple of the block), and never a zero-weight
     column, also for uniforms next to 0 and 1 and for rows whose last blocks are all zero."""
     gen = torch.Generator().manual_seed(5)
@@ -126,7 +115,7 @@ def test_two_level_draw_equals_the_plain_cumulative_sum() -> None:
         )
         idx, total = inverse_cdf_draw(w, u)
         for i in range(40):
-            j = _plain_draw(w[i].tolist(), float(u[i]))
+            j = ref.draw(w[i].tolist(), [0.0] * N, float(u[i]))  # no fallback: None if empty
             if j is None:
                 assert total[i] == 0
             else:
