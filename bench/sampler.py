@@ -164,7 +164,8 @@ def forms(args, img, cands, anchors, u, g) -> None:
     """The FNE selection of one direction alone (no matmul, no backward), per form, for all
     candidates and for the default config's size (16 anchors, 32 + 1,024 candidates). The
     compiled form runs last: Inductor's OpenMP threads slow the eager ops that follow them."""
-    from fne_dist.fne.loss import _selector, candidate_index, select_chunk
+    from fne_dist.fne.loss import _compiled_dense
+    from fne_dist.fne.selection import candidate_index, select_dense, select_listed
 
     with torch.no_grad():
         sim_BN = img @ cands.txt_ND.T
@@ -172,16 +173,15 @@ def forms(args, img, cands, anchors, u, g) -> None:
     sizes = {"B×N": (sim_BN.shape[0], sim_BN.shape[1]), "16 × 1,056": (16, 1056)}
 
     def selection(form: str, rows: int, b: int, n: int):
-        select = _selector(cfg) if form == "compiled" else select_chunk
-        index = candidate_index(cands.ids_N[:n])
-        extra = {} if form == "compiled" else {"form": form, "index": index}
+        select = {"listed": select_listed, "dense": select_dense, "compiled": _compiled_dense()}
+        extra = {"index": candidate_index(cands.ids_N[:n])} if form == "listed" else {}
 
         def once() -> torch.Tensor:
             picks = []
             for r in range(0, b, rows):
                 part = slice(r, min(b, r + rows))
                 picks.append(
-                    select(
+                    select[form](
                         sim_BN[part, :n], anchors.pos_col_B[part], anchors.ids_B[part],
                         cands.ids_N[:n], None, None, u[0, part], g, cfg, "fne", **extra,
                     ).index_bk

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fne_dist.fne import FneConfig, fn_log_odds, fn_posterior, gaussians_from_stats, stats_of
-from fne_dist.fne.weights import _log_odds_quadratic, sampling_weights
+from fne_dist.fne import reference as ref
+from fne_dist.fne.weights import sampling_weights
 
 
 def _g(pos: list[float], neg: list[float], variance: str = "separate"):
@@ -17,25 +18,29 @@ def _g(pos: list[float], neg: list[float], variance: str = "separate"):
     return gaussians_from_stats(stats_of(t(pos), t(neg)), variance=variance)
 
 
-def test_log_odds_equal_closed_form() -> None:
-    """Invariant: L(s) = log π/(1−π) + log N(s; μ⁺, σ⁺²) − log N(s; μ⁻, σ⁻²), and the fast
-    quadratic form used by the sampler agrees with it."""
-    g = _g([0.6, 0.7, 0.65, 0.5], [0.2, 0.35, 0.1, 0.3, 0.25])
-    mp, vp, mn, vn = (float(x) for x in (g.mu_pos, g.var_pos, g.mu_neg, g.var_neg))
+def test_log_odds_equal_the_reference() -> None:
+    """Invariant: the package's one log-odds (the expanded quadratic αs² + βs + γ) equals
+    log π/(1−π) + log N(s; μ⁺, σ⁺²) − log N(s; μ⁻, σ⁻²) as ``fne.reference`` writes it, and
+    P_fn equals the reference's Bayes rule (float64; float32 to its resolution), separate and
+    pooled, at the paper's prior."""
     prior = 1e-4
-    s = torch.linspace(-1, 1, 201, dtype=torch.float64)
-    expected = [
-        math.log(prior / (1 - prior))
-        - 0.5 * ((x - mp) ** 2 / vp + math.log(2 * math.pi * vp))
-        + 0.5 * ((x - mn) ** 2 / vn + math.log(2 * math.pi * vn))
-        for x in s.tolist()
-    ]
-    torch.testing.assert_close(
-        fn_log_odds(s, g, prior), torch.tensor(expected, dtype=torch.float64)
-    )
-    torch.testing.assert_close(_log_odds_quadratic(s, g, prior), fn_log_odds(s, g, prior))
-    p = fn_posterior(s, g, prior)
-    torch.testing.assert_close(p, torch.sigmoid(torch.tensor(expected, dtype=torch.float64)))
+    for variance in ("separate", "pooled"):
+        g = _g([0.6, 0.7, 0.65, 0.5], [0.2, 0.35, 0.1, 0.3, 0.25], variance)
+        g_ref = ref.Gaussians(*(float(x) for x in (g.mu_pos, g.var_pos, g.mu_neg, g.var_neg)), 4)
+        s = torch.linspace(-1, 1, 201, dtype=torch.float64)
+        expected = [
+            math.log(prior / (1 - prior))
+            + ref.log_normal(x, g_ref.mu_pos, g_ref.var_pos)
+            - ref.log_normal(x, g_ref.mu_neg, g_ref.var_neg)
+            for x in s.tolist()
+        ]
+        torch.testing.assert_close(
+            fn_log_odds(s, g, prior), torch.tensor(expected, dtype=torch.float64)
+        )
+        p_ref = torch.tensor([ref.p_fn(x, g_ref, prior) for x in s.tolist()], dtype=torch.float64)
+        torch.testing.assert_close(fn_posterior(s, g, prior), p_ref, rtol=1e-9, atol=1e-15)
+        p32 = fn_posterior(s.float(), g, prior).double()
+        torch.testing.assert_close(p32, p_ref, rtol=1e-4, atol=1e-6)
 
 
 def test_separate_variance_is_not_monotone_but_pooled_is() -> None:

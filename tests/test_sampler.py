@@ -1,105 +1,266 @@
-"""The vectorised FNE sampler equals a plain loop written from fne-algorithm.md."""
+"""The fast sampler (dense and CPU window forms) equals ``fne.reference``, the paper's equations
+written one candidate at a time, at the paper's constants; and its boundaries are where the
+paper puts them (these tests fail if a `<=` becomes `<`)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from fne_dist.fne import (
     FneConfig,
+    SimilarityStats,
     draw_negatives,
     gaussians_from_stats,
     hardest_violator,
     negative_mask,
     sampling_weights,
     stats_of,
+    window_weights,
 )
-from fne_dist.fne.loss import select_chunk
+from fne_dist.fne import reference as ref
+from fne_dist.fne.selection import candidate_index, masked_positions, select_dense, select_listed
 
-from . import reference_sampler as ref
+B, N = 12, 400
+PAPER = FneConfig()  # prior 1e-4, ε 1e-3, τ 0.5, margin 0.2, gate 200
+assert (PAPER.prior, PAPER.eps, PAPER.tau_kernel, PAPER.tau_fn, PAPER.margin, PAPER.gate_size) == (
+    1e-4, 1e-3, 0.5, 0.5, 0.2, 200,
+)  # fmt: skip
 
-B, N = 12, 300
+# (μ⁺, σ⁺, μ⁻, σ⁻, n⁺, no_pos_mu, hard_cut); Gaussians fitted from n⁺ and 2n⁺ samples.
+REGIMES = {
+    "no positive yet, reference (cut at -margin)": (0.5, 0.05, 0.2, 0.08, 0, "zero", True),
+    "no positive yet, skip the cut": (0.5, 0.05, 0.2, 0.08, 0, "skip", True),
+    "gate closed": (0.5, 0.05, 0.2, 0.08, 50, "zero", True),
+    "gate closed at its edge (n+ = gate)": (0.5, 0.05, 0.2, 0.08, 200, "zero", True),
+    "gate open": (0.5, 0.05, 0.2, 0.08, 400, "zero", True),
+    "gate open, no hard cut": (0.5, 0.05, 0.2, 0.08, 400, "zero", False),
+    "sigma+ > sigma-": (0.5, 0.15, 0.2, 0.05, 400, "zero", True),
+    "mu+ ~ mu-": (0.3, 0.1, 0.29, 0.05, 400, "zero", True),
+}
+GATE_OPEN = {name for name, r in REGIMES.items() if r[4] > PAPER.gate_size}
 
 
-def _problem(seed: int, n_pos: int, pooled: bool = False):
-    """Random similarities with a few masked columns per row, and fitted Gaussians."""
-    gen = torch.Generator().manual_seed(seed)
-    sim = (torch.rand(B, N, generator=gen, dtype=torch.float64) * 2 - 1) * 0.9
-    ids = torch.arange(B) * 7
-    cand_ids = torch.randint(0, 7 * B, (N,), generator=gen)
-    pos_col = torch.randperm(N, generator=gen)[:B]
-    sim[torch.arange(B), pos_col] = 0.6 + 0.3 * torch.rand(B, generator=gen, dtype=torch.float64)
-    pos = (0.55 + 0.1 * torch.randn(n_pos, generator=gen, dtype=torch.float64)).tolist()
-    neg = (0.3 + 0.15 * torch.randn(2 * n_pos, generator=gen, dtype=torch.float64)).tolist()
-    variance = "pooled" if pooled else "separate"
-    g = gaussians_from_stats(
-        stats_of(torch.tensor(pos, dtype=torch.float64), torch.tensor(neg, dtype=torch.float64)),
-        gate_size=200,
-        variance=variance,
+def _gaussians(regime: str):
+    """The production Gaussians of a regime, and the same numbers for the reference."""
+    mu_p, sd_p, mu_n, sd_n, n_pos, no_pos_mu, _ = REGIMES[regime]
+    gen = torch.Generator().manual_seed(n_pos)
+    stats = SimilarityStats(no_pos_mu=no_pos_mu)
+    stats.add(
+        stats_of(
+            mu_p + sd_p * torch.randn(n_pos, generator=gen, dtype=torch.float64),
+            mu_n + sd_n * torch.randn(2 * n_pos, generator=gen, dtype=torch.float64),
+        )
     )
-    g_ref = ref.gaussians(pos, neg, 1e-8, pooled)
+    g = stats.gaussians(PAPER.gate_size, PAPER.var_floor, PAPER.variance)
+    # The reference's running mean of positives starts at 0; "skip" turns the cut off.
+    g_ref = ref.Gaussians(
+        float(g.mu_pos) if n_pos else 0.0,
+        float(g.var_pos),
+        float(g.mu_neg),
+        float(g.var_neg),
+        n_pos,
+        skip_cut=n_pos == 0 and no_pos_mu == "skip",
+    )
+    return g, g_ref
+
+
+def _problem(seed: int, dtype: torch.dtype):
+    """Mostly easy negatives (window ~5 %, so the CPU form compacts), a few near μ⁺ (where
+    P_fn > ε), masked candidates among the most similar ones, and two rows with nothing in
+    the window at μ⁺ = 0.5 (row 0: no violator; row 1: the fallback to its hardest violator)."""
+    gen = torch.Generator().manual_seed(seed)
+    sim = (0.05 + 0.15 * torch.randn(B, N, generator=gen, dtype=torch.float64)).clamp(-1, 1)
+    near = torch.rand(B, N, generator=gen) < 0.03
+    sim[near] = 0.35 + 0.4 * torch.rand(int(near.sum()), generator=gen, dtype=torch.float64)
+    ids = torch.arange(B) * 3
+    cand_ids = torch.randint(0, 3 * B, (N,), generator=gen)
+    pos_col = torch.randperm(N, generator=gen)[:B]
     mask = negative_mask(ids, pos_col, cand_ids)
-    return sim, ids, cand_ids, pos_col, mask, g, g_ref
+    sim[mask & (torch.rand(B, N, generator=gen) < 0.5)] = 0.55  # masked, would weigh most
+    sim[0].clamp_(max=0.25)
+    sim[1].clamp_(max=0.28)
+    sim[torch.arange(B), pos_col] = 0.6 + 0.3 * torch.rand(B, generator=gen, dtype=torch.float64)
+    sim[1, pos_col[1]] = 0.45
+    return sim.to(dtype), ids, cand_ids, pos_col, mask
 
 
-@pytest.mark.parametrize("n_pos", [0, 1, 50, 400])  # no μ⁺, one sample, gate closed, gate open
-@pytest.mark.parametrize("pooled", [False, True])
-@pytest.mark.parametrize("hard_cut", [True, False])
-def test_weights_equal_plain_loop(n_pos: int, pooled: bool, hard_cut: bool) -> None:
-    """Invariant: every weight w_ij equals the plain-loop formula (kernel, FN weight, ε switch,
-    gate, hard cut, positive mask), in every regime of the statistics."""
-    cfg = FneConfig(hard_cut=hard_cut, eps=0.05, prior=0.2)  # a large prior makes P > ε common
-    sim, _, _, pos_col, mask, g, g_ref = _problem(n_pos + 10 * pooled, n_pos, pooled)
-    pos_sim = sim[torch.arange(B), pos_col]
-    w = sampling_weights(sim, pos_sim, mask, g, cfg, "fne").w_BN
+def _reference_rows(sim, pos_col, mask, g_ref, hard_cut: bool):
+    """Per anchor: reference weights, hinges, and the counts the sampler reports."""
+    rows = []
     for i in range(B):
-        expected = ref.weights_row(sim[i].tolist(), float(pos_sim[i]), mask[i].tolist(), g_ref, cfg)
-        torch.testing.assert_close(w[i], torch.tensor(expected, dtype=torch.float64))
-    if n_pos == 400:  # the regime is really exercised: some FN weights are in play
-        assert (w[(w > 0) & (w < torch.exp(torch.tensor(-0.5 * 0.05)))]).numel() > 0
-
-
-@pytest.mark.parametrize("n_pos", [0, 400])
-@pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("form", ["listed", "dense"])
-def test_draws_equal_plain_loop(n_pos: int, k: int, form: str) -> None:
-    """Invariant: given the same uniforms, the vectorised draw picks exactly the plain loop's
-    candidates (k > 1: without replacement), and a masked candidate is never drawn; in both
-    forms of the sampler (CPU: window only; dense: every candidate)."""
-    cfg = FneConfig(negatives=k, prior=0.2, eps=0.05)
-    sim, ids, cand_ids, pos_col, mask, g, g_ref = _problem(3 + n_pos, n_pos)
-    u = torch.rand(B, k, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
-    picks = select_chunk(sim, pos_col, ids, cand_ids, None, None, u, g, cfg, "fne", form=form)
-    pos_sim = sim[torch.arange(B), pos_col]
-    for i in range(B):
-        w = ref.weights_row(sim[i].tolist(), float(pos_sim[i]), mask[i].tolist(), g_ref, cfg)
-        hinges = [
-            0.0 if m else max(0.0, cfg.margin + s - float(pos_sim[i]))
-            for s, m in zip(sim[i].tolist(), mask[i].tolist(), strict=True)
+        s_row, m_row, s_pos = sim[i].double().tolist(), mask[i].tolist(), float(sim[i, pos_col[i]])
+        w = [
+            ref.weight(s, s_pos, m, g_ref, hard_cut=hard_cut)
+            for s, m in zip(s_row, m_row, strict=True)
         ]
-        for t in range(k):
-            j, how = ref.draw_row(w, hinges, float(u[i, t]))
-            if t > 0 and how != "draw":
-                assert not picks.valid_bk[i, t]
-                break
-            assert how != "no_violator" or not picks.valid_bk[i, t]
-            if j is not None:
-                assert int(picks.index_bk[i, t]) == j, (i, t, how)
-                assert not mask[i, j]
-                w[j] = 0.0  # without replacement
+        hinges = [ref.hinge(s, s_pos, m) for s, m in zip(s_row, m_row, strict=True)]
+        p_gt_eps = [
+            not m and ref.p_fn(s, g_ref) > PAPER.eps for s, m in zip(s_row, m_row, strict=True)
+        ]
+        cut = hard_cut and not g_ref.skip_cut
+        window = [
+            not m and not (cut and s <= g_ref.mu_pos - PAPER.margin)
+            for s, m in zip(s_row, m_row, strict=True)
+        ]
+        fn_weighted = [
+            p and x > 0 and g_ref.n_pos > PAPER.gate_size for p, x in zip(p_gt_eps, w, strict=True)
+        ]
+        rows.append(
+            (w, hinges, sum(p_gt_eps), sum(window), sum(not m for m in m_row), sum(fn_weighted))
+        )
+    return rows
+
+
+def _reference_draws(w: list[float], hinges: list[float], u: list[float]) -> list[int | None]:
+    """k draws without replacement; draws after the first are invalid once w is exhausted."""
+    w, out = list(w), []
+    for t, u_t in enumerate(u):
+        if t > 0 and sum(w) == 0:
+            out.append(None)
+            continue
+        j = ref.draw(w, hinges, u_t)
+        out.append(j)
+        if j is not None and sum(w) > 0:
+            w[j] = 0.0
+        elif t == 0:  # the fallback (or nothing): no further draws
+            return out + [None] * (len(u) - 1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_fast_forms_equal_the_reference(regime: str, dtype: torch.dtype) -> None:
+    """Invariant: at the paper's constants, in every regime of the statistics, the dense
+    weights and the CPU window weights equal ``fne.reference.weight`` per candidate; both
+    selectors draw the reference's negatives from the same uniforms (k = 1 and 3, without
+    replacement, with the fallback) and report its counts (P_fn > ε, window, unmasked)."""
+    hard_cut = REGIMES[regime][6]
+    g, g_ref = _gaussians(regime)
+    sim, ids, cand_ids, pos_col, mask = _problem(len(regime), dtype)
+    cfg = FneConfig(hard_cut=hard_cut)
+    expected = _reference_rows(sim, pos_col, mask, g_ref, hard_cut)
+    w_ref = torch.tensor([r[0] for r in expected], dtype=torch.float64)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
+
+    pos_sim = sim[torch.arange(B), pos_col]
+    dense = sampling_weights(sim, pos_sim, mask, g, cfg)
+    torch.testing.assert_close(dense.w_BN.double(), w_ref, **tol)
+    masked = masked_positions(ids, pos_col, candidate_index(cand_ids), N)
+    masked_sim = sim.masked_fill(mask, -math.inf)
+    window = window_weights(sim, pos_sim, masked_sim, masked, g, cfg, "fne", max_fraction=0.25)
+    wide = sum(r[3] for r in expected) > 0.25 * B * N
+    assert (window is None) == (not hard_cut or g_ref.skip_cut or wide)  # compacted when narrow
+    if window is not None:
+        w_window = torch.zeros_like(sim).scatter_add_(1, window.col_BM, window.w_BM)
+        torch.testing.assert_close(w_window.double(), w_ref, **tol)
+
+    for k in (1, 3):
+        u = torch.rand(B, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
+        args = (
+            sim,
+            pos_col,
+            ids,
+            cand_ids,
+            None,
+            None,
+            u,
+            g,
+            FneConfig(negatives=k, hard_cut=hard_cut),
+            "fne",
+        )
+        for picks in (select_dense(*args), select_listed(*args)):
+            for i, (w, hinges, n_fn, n_window, n_unmasked, _) in enumerate(expected):
+                draws = _reference_draws(w, hinges, u[i].tolist())
+                got = [
+                    int(j) if ok else None
+                    for j, ok in zip(picks.index_bk[i], picks.valid_bk[i], strict=True)
+                ]
+                assert got == draws, (i, k)
+                counts = (
+                    int(picks.n_fn_b[i]),
+                    int(picks.n_window_b[i]),
+                    int(picks.n_unmasked_b[i]),
+                )
+                assert counts == (n_fn, n_window, n_unmasked), i
+    if regime in GATE_OPEN:  # the Bayes branch really ran: some weights are FN weights
+        assert sum(r[5] for r in expected) > 0
+    if REGIMES[regime][4] > 0:  # and the P_fn > ε count is not trivially 0
+        assert sum(r[2] for r in expected) > 0
+
+
+def test_hard_cut_boundary_is_inclusive() -> None:
+    """Invariant: the hard cut removes s ≤ μ⁺ − margin, the boundary included (s exactly
+    μ⁺ − margin in float64 gets weight 0 and is outside the window), while the next float up
+    is kept; in both forms, as in the reference."""
+    g = gaussians_from_stats(stats_of(torch.tensor([0.5], dtype=torch.float64), torch.zeros(2)))
+    assert g.mu_pos.item() == 0.5 and bool(g.has_mu_pos)
+    edge = 0.5 - PAPER.margin
+    row = [edge, math.nextafter(edge, 1.0), math.nextafter(edge, -1.0)] + [-0.5] * 20 + [0.9]
+    sim = torch.tensor([row], dtype=torch.float64)
+    pos_col = torch.tensor([len(row) - 1])
+    mask = negative_mask(torch.tensor([0]), pos_col, torch.arange(1, len(row) + 1))
+    w = sampling_weights(sim, sim[:, -1], mask, g, PAPER)
+    assert w.w_BN[0, 0] == 0 and w.w_BN[0, 1] > 0 and w.w_BN[0, 2] == 0
+    assert w.n_window_B.tolist() == [1]
+    masked = mask.nonzero(as_tuple=True)
+    ww = window_weights(
+        sim, sim[:, -1], sim.masked_fill(mask, -math.inf), masked, g, PAPER, "fne", 0.25
+    )
+    assert ww is not None and ww.col_BM.tolist() == [[1]] and ww.n_window_B.tolist() == [1]
+    g_ref = ref.Gaussians(0.5, float(g.var_pos), float(g.mu_neg), float(g.var_neg), 1)
+    assert ref.weight(edge, 0.9, False, g_ref) == 0 < ref.weight(row[1], 0.9, False, g_ref)
+
+
+def test_fn_weight_needs_p_fn_strictly_above_eps() -> None:
+    """Invariant: the FN weight applies where P_fn > ε, not at P_fn = ε: with π = ε and equal
+    Gaussians, every log-odds is exactly logit(ε), so every candidate keeps its kernel weight
+    and none is counted as P_fn > ε (dense and window forms)."""
+    cfg = FneConfig(prior=1e-3, eps=1e-3)
+    # n⁺ = 201 (gate open), both means 0 and both variances floored to the same 1e-8.
+    g = gaussians_from_stats(torch.tensor([201.0, 0, 0, 402, 0, 0], dtype=torch.float64))
+    assert bool(g.gate_open) and g.var_pos.item() == g.var_neg.item()
+    sim = torch.tensor([[0.9, 0.1, 0.3, -0.1] + [-0.5] * 20], dtype=torch.float64)
+    pos_col = torch.tensor([0])
+    mask = negative_mask(torch.tensor([0]), pos_col, torch.arange(1, sim.shape[1] + 1))
+    kernel = torch.exp(-cfg.tau_kernel * (sim - 0.9).square()).masked_fill(mask | (sim <= -0.2), 0)
+    w = sampling_weights(sim, sim[:, 0], mask, g, cfg)
+    torch.testing.assert_close(w.w_BN, kernel, rtol=1e-15, atol=0)
+    assert w.n_fn_B.tolist() == [0]
+    masked = mask.nonzero(as_tuple=True)
+    ww = window_weights(
+        sim, sim[:, 0], sim.masked_fill(mask, -math.inf), masked, g, cfg, "fne", 0.25
+    )
+    assert ww is not None and ww.n_fn_B.tolist() == [0]
+    torch.testing.assert_close(ww.w_BM, kernel[:, 1:4], rtol=1e-15, atol=0)
+
+
+def test_a_candidate_exactly_at_the_margin_is_no_violator() -> None:
+    """Invariant: the hinge m + s − s⁺ must be > 0 for a violator: at s = s⁺ − m exactly the
+    hinge is 0, so VSE++ has no valid negative and the draw counts it as zero-hinge."""
+    sim = torch.tensor([[0.5, 0.3, -0.4]], dtype=torch.float64)  # 0.2 + 0.3 − 0.5 == 0 exactly
+    assert PAPER.margin + 0.3 - 0.5 == 0.0
+    args = (sim, torch.tensor([0]), torch.tensor([0]), torch.tensor([0, 1, 2]), None, None)
+    for select in (select_dense, select_listed):
+        picks = select(*args, None, None, PAPER, "hardest")
+        assert picks.index_bk.tolist() == [[1]] and picks.valid_bk.tolist() == [[False]]
+        assert picks.no_violator_b.tolist() == [True] and picks.zero_hinge_bk.tolist() == [[True]]
 
 
 def test_masked_candidates_are_never_drawn() -> None:
     """Invariant: over many uniforms, no draw lands on a masked column, even when the masked
     columns have the highest similarity (they would carry the largest weight)."""
     cfg = FneConfig(negatives=2)
-    sim, ids, cand_ids, pos_col, mask, g, _ = _problem(5, 0)
+    g, _ = _gaussians("gate open")
+    sim, ids, cand_ids, pos_col, mask = _problem(5, torch.float64)
     sim = sim.masked_fill(mask, 0.95)  # masked = the most similar candidates
-    for seed in range(20):
+    for seed in range(5):
         u = torch.rand(B, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        picks = select_chunk(sim, pos_col, ids, cand_ids, None, None, u, g, cfg, "fne")
-        hit = mask.gather(1, picks.index_bk) & picks.valid_bk
-        assert not hit.any()
+        for select in (select_dense, select_listed):
+            picks = select(sim, pos_col, ids, cand_ids, None, None, u, g, cfg, "fne")
+            assert not (mask.gather(1, picks.index_bk) & picks.valid_bk).any()
 
 
 def test_fallback_and_no_violator() -> None:
@@ -128,7 +289,8 @@ def test_window_rule_is_uniform_over_the_window() -> None:
     """Invariant: the "window" ablation puts weight 1 exactly on unmasked candidates above
     μ⁺ − margin and 0 elsewhere."""
     cfg = FneConfig(loss="window")
-    sim, _, _, pos_col, mask, g, _ = _problem(7, 50)
+    g, _ = _gaussians("gate closed")
+    sim, _, _, pos_col, mask = _problem(7, torch.float64)
     pos_sim = sim[torch.arange(B), pos_col]
     w = sampling_weights(sim, pos_sim, mask, g, cfg, "window").w_BN
     inside = (sim > g.mu_pos - cfg.margin) & ~mask
@@ -138,17 +300,16 @@ def test_window_rule_is_uniform_over_the_window() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_compiled_sampler_matches_eager() -> None:
-    """Invariant: the torch.compile-fused sampler (fne.compile) draws what the eager one draws."""
-    sim, ids, cand_ids, pos_col, _, g, _ = _problem(11, 400)
-    u = torch.rand(B, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    eager_cfg, compiled_cfg = FneConfig(negatives=2, prior=0.2), FneConfig(negatives=2, prior=0.2)
-    compiled_cfg.compile = True
-    from fne_dist.fne.loss import _selector
+    """Invariant: the torch.compile-fused dense selector (fne.compile) draws what the eager
+    one draws."""
+    from fne_dist.fne.loss import _compiled_dense
 
-    eager = select_chunk(sim, pos_col, ids, cand_ids, None, None, u, g, eager_cfg, "fne")
-    fused = _selector(compiled_cfg)(
-        sim, pos_col, ids, cand_ids, None, None, u, g, compiled_cfg, "fne"
-    )
+    g, _ = _gaussians("gate open")
+    sim, ids, cand_ids, pos_col, _ = _problem(11, torch.float64)
+    u = torch.rand(B, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cfg = FneConfig(negatives=2)
+    args = (sim, pos_col, ids, cand_ids, None, None, u, g, cfg, "fne")
+    eager, fused = select_dense(*args), _compiled_dense()(*args)
     assert torch.equal(eager.index_bk, fused.index_bk)
     assert torch.equal(eager.valid_bk, fused.valid_bk)
     assert torch.equal(eager.n_fn_b, fused.n_fn_b)

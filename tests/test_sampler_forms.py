@@ -9,14 +9,11 @@ import pytest
 import torch
 
 from fne_dist.fne import FneConfig, gaussians_from_stats, negative_mask, stats_of
-from fne_dist.fne.loss import candidate_index, masked_positions, select_chunk
+from fne_dist.fne import reference as ref
+from fne_dist.fne.posterior import fn_log_odds, fn_log_odds_threshold
 from fne_dist.fne.sampling import first_argmax, inverse_cdf_draw
-from fne_dist.fne.weights import (
-    _log_odds_quadratic,
-    count_true,
-    fn_log_odds_threshold,
-    fn_region_inside_window,
-)
+from fne_dist.fne.selection import candidate_index, masked_positions, select_dense, select_listed
+from fne_dist.fne.weights import count_greater, count_true, fn_region_inside_window
 
 B, N = 10, 701  # N not a multiple of the draw's block of 128
 
@@ -79,8 +76,8 @@ def test_listed_form_picks_what_the_dense_form_picks(
         cfg = FneConfig(negatives=k, hard_cut=hard_cut, prior=0.05, eps=0.01)
         u = torch.rand(B, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         args = (sim, pos_col, ids, cand_ids, g_b, g_n, u, g, cfg, rule)
-        dense = select_chunk(*args, form="dense")
-        listed = select_chunk(*args, form="listed")
+        dense = select_dense(*args)
+        listed = select_listed(*args)
         for field in dense._fields:
             assert torch.equal(getattr(dense, field), getattr(listed, field)), (field, groups)
         if rule == "fne" and regime.startswith("sigma"):
@@ -99,20 +96,8 @@ def test_masked_positions_are_the_negative_mask() -> None:
         assert torch.equal(rows, expected_rows) and torch.equal(cols, expected_cols)
 
 
-def _plain_draw(w: list[float], u: float) -> int | None:
-    total = sum(w)  # left to right, as the cdf
-    if total <= 0:
-        return None
-    target, acc = min(u * total, math.nextafter(total, 0.0)), 0.0
-    for j, x in enumerate(w):
-        acc += x
-        if acc > target:
-            return j
-    raise AssertionError("unreachable")
-
-
 def test_two_level_draw_equals_the_plain_cumulative_sum() -> None:
-    """Invariant: the block-sum draw returns the plain loop's first column with cdf > u·total
+    """Invariant: the block-sum draw returns the reference's first column with cdf > u·total
     (float64 weights, zeros in runs, N not a multiple of the block), and never a zero-weight
     column, also for uniforms next to 0 and 1 and for rows whose last blocks are all zero."""
     gen = torch.Generator().manual_seed(5)
@@ -130,7 +115,7 @@ def test_two_level_draw_equals_the_plain_cumulative_sum() -> None:
         )
         idx, total = inverse_cdf_draw(w, u)
         for i in range(40):
-            j = _plain_draw(w[i].tolist(), float(u[i]))
+            j = ref.draw(w[i].tolist(), [0.0] * N, float(u[i]))  # no fallback: None if empty
             if j is None:
                 assert total[i] == 0
             else:
@@ -171,8 +156,18 @@ def test_fn_region_check_is_sound(regime: str) -> None:
     for threshold in (-0.5, 0.0, 0.2, 0.3, 0.45):
         if fn_region_inside_window(g, cfg.prior, cfg.eps, threshold):
             outside = s[s <= threshold]
-            log_odds = _log_odds_quadratic(outside, g, cfg.prior)
+            log_odds = fn_log_odds(outside, g, cfg.prior)
             assert not (log_odds > fn_log_odds_threshold(cfg.eps)).any(), threshold
+
+
+def test_count_greater_paths_agree_at_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant: both paths of ``count_greater`` (the CPU 0/1 float sum, and the bool count of
+    accelerators and torch.compile) count x > threshold: an entry equal to it is not counted."""
+    x = torch.tensor([[0.3, 0.3, 0.30000001, -0.5], [0.3, 0.2, 0.1, 0.0]], dtype=torch.float64)
+    t = torch.tensor(0.3, dtype=torch.float64)
+    assert count_greater(x, t).tolist() == [1, 0]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert count_greater(x, t).tolist() == [1, 0]
 
 
 def test_count_true_equals_sum() -> None:

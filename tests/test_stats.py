@@ -79,17 +79,22 @@ def test_no_negatives_means_no_contribution() -> None:
 
 
 def test_reset_and_carry_policies() -> None:
-    """Invariant: "epoch" resets the sums (no μ⁺ until a new positive; hard cut skipped), "carry"
-    keeps last epoch's μ⁺ meanwhile, and "never" keeps accumulating."""
+    """Invariant: "epoch" resets the sums; until a new positive, "zero" (the reference's running
+    mean, the default) has μ⁺ = 0 (so the hard cut is s ≤ −margin), "skip" has no μ⁺ (no hard
+    cut), "carry" keeps last epoch's μ⁺; "never" keeps accumulating."""
     batch = stats_of(torch.tensor([0.6, 0.8]), torch.tensor([0.1, 0.2, 0.3, 0.4]))
-    skip, carry, never = (
+    zero, skip, carry, never = (
+        SimilarityStats("epoch"),
         SimilarityStats("epoch", "skip"),
         SimilarityStats("epoch", "carry"),
         SimilarityStats("never"),
     )
-    for s in (skip, carry, never):
+    assert zero.no_pos_mu == "zero"
+    for s in (zero, skip, carry, never):
         s.add(batch)
         s.new_epoch()
+    g0 = zero.gaussians()
+    assert bool(g0.has_mu_pos) and g0.mu_pos.item() == 0.0 and not bool(g0.gate_open)
     assert not bool(skip.gaussians().has_mu_pos)
     g = carry.gaussians()
     assert bool(g.has_mu_pos) and g.mu_pos.item() == pytest.approx(0.7)
@@ -107,3 +112,16 @@ def test_gate_opens_strictly_above_gate_size() -> None:
     pos = torch.full((201,), 0.5, dtype=torch.float64)
     g = gaussians_from_stats(stats_of(pos, pos), gate_size=200)
     assert bool(g.gate_open) and g.var_pos.item() == 1e-8  # zero variance is floored
+
+
+def test_pooled_variance_equals_numpy() -> None:
+    """Invariant: "pooled" gives both Gaussians the pooled ddof=1 variance
+    ((n⁺−1)σ⁺² + (n⁻−1)σ⁻²) / (n⁺ + n⁻ − 2), means unchanged."""
+    gen = np.random.default_rng(2)
+    pos, neg = gen.normal(0.6, 0.05, 30), gen.normal(0.2, 0.1, 60)
+    g = gaussians_from_stats(stats_of(torch.tensor(pos), torch.tensor(neg)), variance="pooled")
+    pooled = ((len(pos) - 1) * pos.var(ddof=1) + (len(neg) - 1) * neg.var(ddof=1)) / (
+        len(pos) + len(neg) - 2
+    )
+    assert g.var_pos.item() == pytest.approx(pooled, rel=1e-9) == g.var_neg.item()
+    assert g.mu_pos.item() == pytest.approx(pos.mean(), rel=1e-12)

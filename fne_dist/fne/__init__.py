@@ -13,7 +13,9 @@ A researcher can use the sampler in their own loop::
                          step_uniforms(seed, step, B, cfg.negatives))
     out.loss.backward()
 
-See fne-algorithm.md (shared with the project) for the maths each function implements.
+See fne-algorithm.md (shared with the project) for the maths each function implements, and
+``fne.reference`` for the whole sampling rule on one screen (the definition the tests hold the
+fast forms equal to).
 """
 
 from .loss import (
@@ -22,12 +24,12 @@ from .loss import (
     LossOutput,
     RetrievalLoss,
     gaussian_diagnostics,
-    negative_mask,
     retrieval_loss,
 )
 from .params import LOSSES, FneConfig
-from .posterior import fn_log_odds, fn_posterior, gaussian_log_density
+from .posterior import fn_log_odds, fn_posterior
 from .sampling import Draw, draw_negatives, hardest_violator, inverse_cdf_draw, step_uniforms
+from .selection import negative_mask
 from .stats import (
     Gaussians,
     SimilarityStats,
@@ -37,7 +39,7 @@ from .stats import (
     mutual_top1_stats,
     stats_of,
 )
-from .weights import Weights, fn_weight, hard_cut_mask, kernel_weight, sampling_weights
+from .weights import Weights, sampling_weights, window_weights
 
 __all__ = [
     "LOSSES",
@@ -54,14 +56,10 @@ __all__ = [
     "empty_stats",
     "fn_log_odds",
     "fn_posterior",
-    "fn_weight",
     "gaussian_diagnostics",
-    "gaussian_log_density",
     "gaussians_from_stats",
-    "hard_cut_mask",
     "hardest_violator",
     "inverse_cdf_draw",
-    "kernel_weight",
     "merge_stats",
     "mutual_top1_stats",
     "negative_mask",
@@ -69,4 +67,5 @@ __all__ = [
     "sampling_weights",
     "stats_of",
     "step_uniforms",
+    "window_weights",
 ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .stats import NO_POS_MU
+
 LOSSES = ("fne", "window", "vse_pp", "vse0", "infonce")
 
 
@@ -56,9 +58,10 @@ class FneConfig:
         "epoch", "reset the statistics every epoch or never", choices=("epoch", "never")
     )
     no_pos_mu: str = setting(
-        "skip",
-        "before this epoch's first positive: skip the hard cut or carry last μ⁺",
-        choices=("skip", "carry"),
+        "zero",
+        "μ⁺ before this epoch's first positive: zero (the reference's running mean starts at 0: "
+        "cut at s <= -hard_cut_margin), skip (no hard cut) or carry (last epoch's μ⁺)",
+        choices=NO_POS_MU,
     )
     stats_scope: str = setting(
         "local",

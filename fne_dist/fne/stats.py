@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+NO_POS_MU = ("zero", "skip", "carry")
+"""What μ⁺ is before this epoch's first positive sample (see ``SimilarityStats``)."""
+
 STATS_FIELDS = ("n_pos", "sum_pos", "sumsq_pos", "n_neg", "sum_neg", "sumsq_neg")
 
 
@@ -82,9 +85,10 @@ def mutual_top1_stats(sim_BB: Tensor, ids_B: Tensor | None = None) -> Tensor:
 class Gaussians:
     """The two fitted similarity distributions and the gate, as 0-dim tensors (no host sync).
 
-    ``has_mu_pos`` is false until a positive sample exists (this epoch, or carried over):
-    the hard cut is skipped then. ``gate_open`` is n⁺ > gate_size: the Bayes part is used.
-    With ``variance == "pooled"``, var_pos and var_neg hold the same pooled variance.
+    ``has_mu_pos`` is false until a μ⁺ exists (a positive sample this epoch, a carried μ⁺, or
+    the reference's running mean that starts at 0): the hard cut is skipped then.
+    ``gate_open`` is n⁺ > gate_size: the Bayes part is used. With ``variance == "pooled"``,
+    var_pos and var_neg hold the same pooled variance.
     """
 
     mu_pos: Tensor
@@ -142,20 +146,21 @@ class SimilarityStats:
 
     Holds no rank knowledge: the training loop all-reduces a batch's statistics before ``add``.
     reset: "epoch" (reference: fresh estimates each (virtual) epoch) or "never".
-    no_pos_mu: "skip" (no hard cut until this epoch has a positive) or "carry" (use the last
-    epoch's μ⁺ meanwhile).
+    no_pos_mu, before this epoch's first positive sample: "zero" (the reference: its running
+    mean starts at 0, so the hard cut is s ≤ −margin), "skip" (no hard cut) or "carry" (the
+    last epoch's μ⁺; skip before any).
     """
 
     def __init__(
         self,
         reset: str = "epoch",
-        no_pos_mu: str = "skip",
+        no_pos_mu: str = "zero",
         device: torch.device | str | None = None,
     ) -> None:
         if reset not in ("epoch", "never"):
             raise ValueError(f"reset must be 'epoch' or 'never', got {reset!r}")
-        if no_pos_mu not in ("skip", "carry"):
-            raise ValueError(f"no_pos_mu must be 'skip' or 'carry', got {no_pos_mu!r}")
+        if no_pos_mu not in NO_POS_MU:
+            raise ValueError(f"no_pos_mu must be one of {NO_POS_MU}, got {no_pos_mu!r}")
         self.reset_policy = reset
         self.no_pos_mu = no_pos_mu
         self.totals = empty_stats(device)
@@ -175,7 +180,11 @@ class SimilarityStats:
     def gaussians(
         self, gate_size: int = 200, var_floor: float = 1e-8, variance: str = "separate"
     ) -> Gaussians:
-        carried = self.carried_mu_pos if self.no_pos_mu == "carry" else None
+        carried = None
+        if self.no_pos_mu == "carry":
+            carried = self.carried_mu_pos
+        elif self.no_pos_mu == "zero":
+            carried = torch.zeros_like(self.carried_mu_pos)
         return gaussians_from_stats(self.totals, gate_size, var_floor, variance, carried)
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -1,12 +1,16 @@
 """Sampling weights of FNE and of the "window" ablation (fne-algorithm.md §4).
 
-Legend: B anchors, N candidates.
+Legend: B anchors, N candidates, W entries inside the hard-cut window.
 
     k(s)  = exp(−τ_k (s − s⁺)²)          kernel weight: largest for negatives as similar as s⁺
     f(s)  = exp(−τ_fn P_fn(s))            FN weight, in [e^−τ_fn, 1]: down-weights, never removes
     w     = f  where gate open and P_fn > ε   (the cut-down strategy, the paper's Figure 2)
           = k  elsewhere
     w     = 0  where s ≤ μ⁺ − margin_cut (hard cut; only once a μ⁺ exists), and on positives.
+
+These are the fast forms; ``fne.reference`` writes the same rule one candidate at a time, and
+the tests hold both forms here equal to it. Two forms with the same weights: ``sampling_weights``
+(dense B×N, any device, torch.compile) and ``window_weights`` (CPU: compacted to the window).
 """
 
 from __future__ import annotations
@@ -18,61 +22,44 @@ import torch
 from torch import Tensor
 
 from .params import FneConfig
+from .posterior import fn_log_odds, fn_log_odds_threshold, log_odds_coefficients
 from .stats import Gaussians
 
 
-def kernel_weight(sim_BN: Tensor, pos_sim_B: Tensor, tau: float) -> Tensor:
-    """exp(−τ (s − s⁺)²) per candidate."""
-    return torch.exp(-tau * (sim_BN - pos_sim_B[:, None]).square())
-
-
-def fn_weight(p_fn: Tensor, tau: float) -> Tensor:
-    """exp(−τ P_fn) per candidate."""
-    return torch.exp(-tau * p_fn)
-
-
-def hard_cut_mask(sim_BN: Tensor, g: Gaussians, cut_margin: float) -> Tensor:
-    """True where the hard cut zeroes a candidate: s ≤ μ⁺ − margin, once a μ⁺ exists."""
-    return sim_BN <= cut_threshold(g, cut_margin, sim_BN.dtype)
-
-
 def cut_threshold(g: Gaussians, cut_margin: float, dtype: torch.dtype) -> Tensor:
-    """μ⁺ − margin as a 0-dim tensor; "no μ⁺ yet" folded in as −inf, which cuts no finite s."""
+    """μ⁺ − margin as a 0-dim tensor; "no μ⁺ yet" folded in as −inf, which cuts no finite s.
+
+    A candidate is cut where s ≤ this and inside the window where s > this.
+    """
     return torch.where(g.has_mu_pos, g.mu_pos - cut_margin, -math.inf).to(dtype)
 
 
-def fn_log_odds_threshold(eps: float) -> float:
-    """logit(ε): P_fn > ε exactly where the log-odds exceed it (sigmoid is increasing)."""
-    return math.log(eps) - math.log1p(-eps) if eps > 0 else -math.inf
+def is_false_negative(log_odds: Tensor, eps: float) -> Tensor:
+    """P_fn > ε, decided on the log-odds (sigmoid is increasing): where the FN weight applies."""
+    return log_odds > fn_log_odds_threshold(eps)
+
+
+def uncut_weight(
+    sim: Tensor, pos_sim: Tensor, log_odds: Tensor, is_fn: Tensor, g: Gaussians, cfg: FneConfig
+) -> Tensor:
+    """FNE's weight before the cut, element-wise on any shape (pos_sim broadcast to sim).
+
+    The one formula both forms use, so they agree per element. The sigmoid sees the log-odds
+    clamped just below logit(ε): every P_fn that is used (> ε) is unchanged, and no exp
+    overflows on far tails (several times slower on CPUs).
+    """
+    use_fn = is_fn & g.gate_open
+    p_fn = log_odds.clamp_min(fn_log_odds_threshold(cfg.eps) - 1.0).sigmoid_()
+    exponent = sim - pos_sim
+    exponent.mul_(exponent).mul_(-cfg.tau_kernel)  # kernel weight = exp(this)
+    # FN weight = exp(−τ P): one exp for both weights, through the exponent.
+    return torch.where(use_fn, p_fn.mul_(-cfg.tau_fn), exponent).exp_()
 
 
 class Weights(NamedTuple):
     w_BN: Tensor
     n_fn_B: Tensor  # per anchor: unmasked candidates with P_fn > ε (0 for the window rule)
     n_window_B: Tensor  # per anchor: candidates in the hard-cut window (unmasked, not cut)
-
-
-def _uncut_weight(
-    sim: Tensor,
-    pos_sim: Tensor,
-    log_odds: Tensor,
-    g: Gaussians,
-    cfg: FneConfig,
-    is_fn: Tensor | None = None,
-) -> Tensor:
-    """FNE's weight before the cut, element-wise on any shape (pos_sim broadcast to sim).
-
-    The one formula both the dense and the compacted sampler use, so they agree per element.
-    The sigmoid sees the log-odds clamped just below logit(ε): every P_fn that is used (> ε)
-    is unchanged, and no exp overflows on far tails (several times slower on CPUs).
-    """
-    log_eps = fn_log_odds_threshold(cfg.eps)
-    use_fn = (log_odds > log_eps if is_fn is None else is_fn) & g.gate_open
-    p_fn = log_odds.clamp_min(log_eps - 1.0).sigmoid_()
-    exponent = sim - pos_sim
-    exponent.mul_(exponent).mul_(-cfg.tau_kernel)  # kernel weight = exp(this)
-    # FN weight = exp(−τ P): one exp for both weights, through the exponent.
-    return torch.where(use_fn, p_fn.mul_(-cfg.tau_fn), exponent).exp_()
 
 
 def sampling_weights(
@@ -97,9 +84,7 @@ def sampling_weights(
     The dense form, for any device and for torch.compile: the gate and "no μ⁺ yet" are folded
     into scalar thresholds (a masked candidate has similarity −inf, so the cut removes it too)
     and the log-odds are one quadratic αs² + βs + γ. The cut is applied after the exp: an exp
-    of −inf is several times slower than of a finite number on CPUs. The plain formulas are
-    ``kernel_weight``, ``fn_posterior`` and ``fn_weight`` above; the tests hold this function
-    equal to them.
+    of −inf is several times slower than of a finite number on CPUs.
     """
     if masked_sim_BN is None:
         masked_sim_BN = sim_BN.masked_fill(mask_BN, -math.inf)
@@ -115,35 +100,18 @@ def sampling_weights(
         return Weights((~cut_BN).to(sim_BN.dtype), n_fn_B, n_window_B)
     if rule != "fne":
         raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
-    log_eps = fn_log_odds_threshold(cfg.eps)
-    log_odds_BN = _log_odds_quadratic(sim_BN, g, cfg.prior)
-    is_fn_BN = log_odds_BN > log_eps
+    log_odds_BN = fn_log_odds(sim_BN, g, cfg.prior)
+    is_fn_BN = is_false_negative(log_odds_BN, cfg.eps)
     # Unmasked candidates with P_fn > ε (a diagnostic: the gate does not matter).
     if masked_entries is None:
         n_fn_B = count_true(is_fn_BN & ~mask_BN)
     else:
         rows_M, cols_M = masked_entries
         fn_masked_M = is_fn_BN[rows_M, cols_M].to(torch.float64)
-        n_fn_B = count_greater(log_odds_BN, log_eps)
+        n_fn_B = count_greater(log_odds_BN, fn_log_odds_threshold(cfg.eps))
         n_fn_B -= torch.bincount(rows_M, weights=fn_masked_M, minlength=b).long()
-    w_BN = _uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, g, cfg, is_fn_BN)
+    w_BN = uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, is_fn_BN, g, cfg)
     return Weights(w_BN.masked_fill_(cut_BN, 0.0), n_fn_B, n_window_B)
-
-
-class WindowWeights(NamedTuple):
-    """Weights of the candidates inside the window only, left-aligned per row (B × M, M the
-    largest window; zero-padded) with their columns: the compacted form of ``Weights``."""
-
-    w_BM: Tensor
-    col_BM: Tensor
-    n_fn_B: Tensor
-    n_window_B: Tensor
-
-
-def window_is_everything(g: Gaussians, cfg: FneConfig) -> bool:
-    """No hard cut applies (it is off, or there is no μ⁺ yet): every unmasked candidate is in
-    the window. Reads a host value (CPU form only)."""
-    return not cfg.hard_cut or not bool(g.has_mu_pos)
 
 
 def count_true(x_BN: Tensor) -> Tensor:
@@ -162,12 +130,27 @@ def count_greater(x_BN: Tensor, threshold: Tensor | float) -> Tensor:
     return torch.gt(x_BN, threshold, out=torch.empty_like(x_BN)).sum(dim=1).long()
 
 
+class WindowWeights(NamedTuple):
+    """Weights of the candidates inside the window only, left-aligned per row (B × M, M the
+    largest window; zero-padded) with their columns: the compacted form of ``Weights``."""
+
+    w_BM: Tensor
+    col_BM: Tensor
+    n_fn_B: Tensor
+    n_window_B: Tensor
+
+
+def window_is_everything(g: Gaussians, cfg: FneConfig) -> bool:
+    """No hard cut applies (it is off, or there is no μ⁺ yet): every unmasked candidate is in
+    the window. Reads a host value (CPU form only)."""
+    return not cfg.hard_cut or not bool(g.has_mu_pos)
+
+
 def window_weights(
     sim_BN: Tensor,
     pos_sim_B: Tensor,
     masked_sim_BN: Tensor,
-    masked_rows_M: Tensor,
-    masked_cols_M: Tensor,
+    masked_entries: tuple[Tensor, Tensor],
     g: Gaussians,
     cfg: FneConfig,
     rule: str,
@@ -178,88 +161,79 @@ def window_weights(
     The window (s > μ⁺ − margin, unmasked) is usually a small fraction of [batch ; memory]: the
     exps, sigmoids and the cumulative sum then run on that fraction, and only the log-odds
     (for the P_fn > ε count over all candidates) and the window test touch every candidate.
-    masked_sim_BN: sim with −inf at the masked positions (masked_rows_M, masked_cols_M: each
-    masked entry once). Needs the window's size on the host (``nonzero``): meant for CPU
-    tensors, where that costs no device sync. Returns None when the hard cut is off or the
+    masked_sim_BN: sim with −inf at the masked positions; masked_entries: those positions as
+    (rows, columns), each once. Needs the window's size on the host (``nonzero``): meant for
+    CPU tensors, where that costs no device sync. Returns None when no hard cut applies or the
     window holds more than ``max_fraction`` of the candidates: the dense form is then faster.
     """
     if window_is_everything(g, cfg):
         return None
     b, n = sim_BN.shape
-    dev = sim_BN.device
     threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype)
-    inside_BN = masked_sim_BN > threshold
     # Flat positions, row-major: each row's window in column order, so a compacted row's
     # left-to-right sum is the dense row's with its zeros left out. (1-D indexing is several
     # times faster than (row, column) pairs; nonzero's size is the count, so no count pass.)
-    flat_W = inside_BN.view(-1).nonzero().squeeze(1)
+    flat_W = (masked_sim_BN > threshold).view(-1).nonzero().squeeze(1)
     if flat_W.numel() > max_fraction * b * n:
         return None
     rows_W = flat_W // n
-    count_B = torch.bincount(rows_W, minlength=b)
     if rule == "fne":
         sim_W = sim_BN.reshape(-1).take(flat_W)
-        log_odds_W = _log_odds_quadratic(sim_W, g, cfg.prior)
-        is_fn_W = log_odds_W > fn_log_odds_threshold(cfg.eps)
+        log_odds_W = fn_log_odds(sim_W, g, cfg.prior)
+        is_fn_W = is_false_negative(log_odds_W, cfg.eps)
         if fn_region_inside_window(g, cfg.prior, cfg.eps, float(threshold)):
             # Every candidate with P_fn > ε is in the window: count it there.
             n_fn_B = torch.bincount(rows_W, weights=is_fn_W.to(torch.float64), minlength=b)
             n_fn_B = n_fn_B.long()
-        else:  # over all candidates (in cache-sized slices), less the masked ones (listed)
-            log_eps = fn_log_odds_threshold(cfg.eps)
-            n_fn_B = torch.cat(
-                [
-                    count_true(
-                        _log_odds_quadratic(sim_BN[r : r + cfg.chunk_rows], g, cfg.prior) > log_eps
-                    )
-                    for r in range(0, b, cfg.chunk_rows)
-                ]
-            )
-            sim_M = sim_BN[masked_rows_M, masked_cols_M]
-            fn_masked_M = (_log_odds_quadratic(sim_M, g, cfg.prior) > log_eps).to(torch.float64)
-            n_fn_B -= torch.bincount(masked_rows_M, weights=fn_masked_M, minlength=b).long()
-        w_W = _uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, g, cfg)
+        else:
+            n_fn_B = _count_fn_listed(sim_BN, masked_entries, g, cfg)
+        w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
     elif rule == "window":
-        n_fn_B = torch.zeros(b, dtype=torch.long, device=dev)
-        w_W = torch.ones(flat_W.shape, dtype=sim_BN.dtype, device=dev)
+        n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
+        w_W = torch.ones(flat_W.shape, dtype=sim_BN.dtype, device=sim_BN.device)
     else:
         raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
+    return _left_aligned(w_W, flat_W, rows_W, n, n_fn_B)
+
+
+def _count_fn_listed(
+    sim_BN: Tensor, masked_entries: tuple[Tensor, Tensor], g: Gaussians, cfg: FneConfig
+) -> Tensor:
+    """Per row: unmasked candidates with P_fn > ε, over all candidates (in cache-sized slices
+    of rows), less the masked ones (listed)."""
+    b = sim_BN.shape[0]
+    rows_M, cols_M = masked_entries
+    n_fn_B = torch.cat(
+        [
+            count_true(
+                is_false_negative(
+                    fn_log_odds(sim_BN[r : r + cfg.chunk_rows], g, cfg.prior), cfg.eps
+                )
+            )
+            for r in range(0, b, cfg.chunk_rows)
+        ]
+    )
+    is_fn_M = is_false_negative(fn_log_odds(sim_BN[rows_M, cols_M], g, cfg.prior), cfg.eps)
+    return n_fn_B - torch.bincount(rows_M, weights=is_fn_M.to(torch.float64), minlength=b).long()
+
+
+def _left_aligned(
+    w_W: Tensor, flat_W: Tensor, rows_W: Tensor, n: int, n_fn_B: Tensor
+) -> WindowWeights:
+    """The window's weights (flat row-major positions ``flat_W`` in a b × n matrix, rows_W
+    their rows) packed left-aligned into b × m rows, m the largest window (zero-padded), with
+    their columns."""
+    b = n_fn_B.shape[0]
+    count_B = torch.bincount(rows_W, minlength=b)
     m = max(int(count_B.max()) if b else 0, 1)
     start_B = count_B.cumsum(0) - count_B
-    # Slot of each window entry in its row of the B × m layout, flattened.
-    slot_W = torch.arange(flat_W.numel(), device=dev) + (rows_W * m - start_B[rows_W])
-    w_BM = sim_BN.new_zeros(b, m)
-    col_BM = torch.zeros(b, m, dtype=torch.long, device=dev)
+    # Slot of each window entry in its row of the b × m layout, flattened.
+    slot_W = torch.arange(flat_W.numel(), device=w_W.device) + (rows_W * m - start_B[rows_W])
+    w_BM = w_W.new_zeros(b, m)
+    col_BM = torch.zeros(b, m, dtype=torch.long, device=w_W.device)
     w_BM.view(-1)[slot_W] = w_W
     col_BM.view(-1)[slot_W] = flat_W - rows_W * n
     return WindowWeights(w_BM, col_BM, n_fn_B, count_B)
-
-
-def _log_odds_coefficients(g: Gaussians, prior: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(α, β, γ) of ``fn_log_odds`` = αs² + βs + γ, float64 0-dim tensors; α = 0 if pooled."""
-    inv_p, inv_n = 1.0 / g.var_pos, 1.0 / g.var_neg
-    log_prior_odds = math.log(prior) - math.log1p(-prior)
-    beta = g.mu_pos * inv_p - g.mu_neg * inv_n
-    gamma = log_prior_odds + 0.5 * (torch.log(g.var_neg) - torch.log(g.var_pos))
-    gamma = gamma - 0.5 * g.mu_pos.square() * inv_p + 0.5 * g.mu_neg.square() * inv_n
-    alpha = torch.zeros_like(beta) if g.variance == "pooled" else 0.5 * (inv_n - inv_p)
-    return alpha, beta, gamma
-
-
-def _log_odds_quadratic(sim_BN: Tensor, g: Gaussians, prior: float) -> Tensor:
-    """``fn_log_odds`` expanded to αs² + βs + γ (3 passes instead of 8); a new tensor.
-
-    The expansion loses a few float32 ulps of the largest term when σ² is tiny; P_fn saturates
-    long before that matters.
-    """
-    dt = sim_BN.dtype
-    alpha, beta, gamma = (t.to(dt) for t in _log_odds_coefficients(g, prior))
-    if g.variance == "pooled":  # α = 0 exactly, so P_fn stays monotone under rounding
-        return torch.addcmul(gamma, sim_BN, beta)
-    # Horner form (αs + β)s + γ with 0-dim tensor coefficients: no host sync.
-    out_BN = torch.addcmul(beta, sim_BN, alpha)
-    out_BN.mul_(sim_BN).add_(gamma)
-    return out_BN
 
 
 def fn_region_inside_window(g: Gaussians, prior: float, eps: float, threshold: float) -> bool:
@@ -269,7 +243,7 @@ def fn_region_inside_window(g: Gaussians, prior: float, eps: float, threshold: f
     Host values (CPU path only). The log-odds are a quadratic in s, so their maximum over the
     interval is at an end or at the vertex.
     """
-    alpha, beta, gamma = (float(t) for t in _log_odds_coefficients(g, prior))
+    alpha, beta, gamma = (float(t) for t in log_odds_coefficients(g, prior))
     lo, hi = -1.0 - 1e-3, threshold + 1e-6
     if hi < lo:
         return True

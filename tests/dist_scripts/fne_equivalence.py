@@ -32,8 +32,8 @@ from torch import Tensor
 from fne_dist import distributed as D
 from fne_dist.config import ModelConfig
 from fne_dist.fne import Candidates, FneConfig, SimilarityStats, mutual_top1_stats, stats_of
-from fne_dist.fne.loss import select_chunk
 from fne_dist.fne.sampling import step_uniforms
+from fne_dist.fne.selection import select_listed
 from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
@@ -149,7 +149,7 @@ def recompute_picks(model, batch, cands: Candidates, stats, step, rank, world) -
             ("t2i", txt, cands.img_ND, u[1]),
         ):
             sim = anchor @ cand.T
-            p = select_chunk(
+            p = select_listed(
                 sim, pos_col, batch["ids"], cands.ids_N, None, cands.groups_N, u_Bk, g,
                 FNE_CFG, "fne",
             )  # fmt: skip

@@ -1,0 +1,244 @@
+"""Selecting the negatives of a chunk of anchors from their similarity rows (no gradient).
+
+Legend: b anchors of one chunk, N candidates, k negatives per anchor, M masked entries.
+
+Two selectors with the same picks (``tests/test_sampler.py`` holds both equal to
+``fne.reference``); ``loss._select`` chooses one per step and feeds it chunks of rows:
+
+- ``select_dense`` (accelerators, torch.compile): every step is b×N element-wise work or a
+  reduction, with no host sync; the draw and the hardest candidate are found in two levels
+  (block sums/maxima, then one block), so no b×N cumulative sum or argmax is written;
+- ``select_listed`` (CPU): the masked entries (a few per anchor) are listed by binary search in
+  the sorted ids, and the weights are computed in the hard-cut window only, which holds
+  ~0.1-2 % of the candidates in our runs (``frac_in_window``); a wide window (no hard cut, or
+  more than ``WINDOW_MAX_FRACTION`` of the candidates) takes the dense weights.
+
+rule: "hardest" (VSE++: the most similar unmasked candidate), "fne" or "window" (a draw).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .params import FneConfig
+from .sampling import draw_negatives, first_argmax
+from .stats import Gaussians
+from .weights import count_true, sampling_weights, window_weights
+
+# On the CPU, weights are computed on the hard-cut window alone while it holds at most this
+# fraction of the candidates (bench/sampler.py measures both forms).
+WINDOW_MAX_FRACTION = 0.25
+
+
+class Picks(NamedTuple):
+    """Per-anchor result of the selection for one chunk of anchor rows (b rows)."""
+
+    index_bk: Tensor  # drawn candidate columns
+    valid_bk: Tensor  # the draw exists (see sampling.draw_negatives)
+    zero_hinge_bk: Tensor  # the drawn candidate does not violate the margin
+    sim_bk: Tensor  # similarity of the drawn candidate
+    fallback_b: Tensor
+    no_violator_b: Tensor
+    n_fn_b: Tensor  # unmasked candidates with P_fn > ε
+    n_unmasked_b: Tensor
+    n_window_b: Tensor  # candidates in the hard-cut window (0 for the hardest rule)
+
+
+def select_dense(
+    sim_bN: Tensor,
+    pos_col_b: Tensor,
+    ids_b: Tensor,
+    cand_ids_N: Tensor,
+    groups_b: Tensor | None,
+    cand_groups_N: Tensor | None,
+    u_bk: Tensor | None,
+    g: Gaussians | None,
+    cfg: FneConfig,
+    rule: str,
+) -> Picks:
+    """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device)."""
+    n = sim_bN.shape[1]
+    pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
+    mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
+    masked_sim_bN = sim_bN.masked_fill(mask_bN, -math.inf)
+    if rule == "hardest":
+        return _hardest_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin)
+    assert g is not None and u_bk is not None
+    w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN)
+    counts = (w.n_fn_B, n - count_true(mask_bN), w.n_window_B)
+    return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin, u_bk, w.w_BN, None, counts)
+
+
+def select_listed(
+    sim_bN: Tensor,
+    pos_col_b: Tensor,
+    ids_b: Tensor,
+    cand_ids_N: Tensor,
+    groups_b: Tensor | None,
+    cand_groups_N: Tensor | None,
+    u_bk: Tensor | None,
+    g: Gaussians | None,
+    cfg: FneConfig,
+    rule: str,
+    index: CandidateIndex | None = None,
+) -> Picks:
+    """The picks of b anchors, listed: the masked entries by binary search (``index``: the
+    sorted candidate ids, built here if not given), the weights inside the hard-cut window
+    only. Reads the window's size on the host: for CPU tensors."""
+    b, n = sim_bN.shape
+    if index is None:
+        index = candidate_index(cand_ids_N, None if groups_b is None else cand_groups_N)
+    pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
+    masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
+    masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
+    if rule == "hardest":
+        return _hardest_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin)
+    assert g is not None and u_bk is not None
+    n_unmasked_b = n - torch.bincount(masked[0], minlength=b)
+    m = cfg.margin
+    ww = window_weights(sim_bN, pos_sim_b, masked_sim_bN, masked, g, cfg, rule, WINDOW_MAX_FRACTION)
+    if ww is not None:
+        counts = (ww.n_fn_B, n_unmasked_b, ww.n_window_B)
+        return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, m, u_bk, ww.w_BM, ww.col_BM, counts)
+    # A wide window: the dense weights, with the listed mask.
+    mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(masked, torch.tensor(True))
+    w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN, masked)
+    counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
+    return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, m, u_bk, w.w_BN, None, counts)
+
+
+def _hardest_picks(
+    sim_bN: Tensor, masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float
+) -> Picks:
+    """VSE++: the hardest unmasked candidate of each anchor, valid if it violates the margin."""
+    h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, margin)
+    zeros_b = torch.zeros_like(h_b)
+    return _picks(
+        sim_bN, pos_sim_b, margin, h_b[:, None], has_violator_b[:, None],
+        zeros_b.bool(), ~has_violator_b, (zeros_b, zeros_b, zeros_b),
+    )  # fmt: skip
+
+
+def _drawn_picks(
+    sim_bN: Tensor,
+    masked_sim_bN: Tensor,
+    pos_sim_b: Tensor,
+    margin: float,
+    u_bk: Tensor,
+    w_bM: Tensor,
+    col_bM: Tensor | None,
+    counts: tuple[Tensor, Tensor, Tensor],
+) -> Picks:
+    """k draws from the weights w_bM (col_bM: their columns when compacted to the window),
+    with the hardest violator as the fallback of a row whose weights sum to 0."""
+    h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, margin)
+    d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+    return _picks(
+        sim_bN, pos_sim_b, margin, d.index_Bk, d.valid_Bk, d.fallback_B, d.no_violator_B, counts
+    )
+
+
+def _hardest_violator(
+    masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float
+) -> tuple[Tensor, Tensor]:
+    """(column of the most similar unmasked candidate, whether it violates the margin). Found
+    in two levels (block maxima, then one block): cheaper than an argmax over b×N."""
+    best_b, h_b = first_argmax(masked_sim_bN)
+    return h_b, (margin + best_b - pos_sim_b) > 0
+
+
+def _picks(
+    sim_bN: Tensor,
+    pos_sim_b: Tensor,
+    margin: float,
+    idx_bk: Tensor,
+    valid_bk: Tensor,
+    fallback_b: Tensor,
+    no_violator_b: Tensor,
+    counts: tuple[Tensor, Tensor, Tensor],
+) -> Picks:
+    neg_sim_bk = sim_bN.gather(1, idx_bk)
+    n_fn_b, n_unmasked_b, n_window_b = counts
+    return Picks(
+        index_bk=idx_bk,
+        valid_bk=valid_bk,
+        zero_hinge_bk=(margin + neg_sim_bk - pos_sim_b[:, None]) <= 0,
+        sim_bk=neg_sim_bk,
+        fallback_b=fallback_b,
+        no_violator_b=no_violator_b,
+        n_fn_b=n_fn_b,
+        n_unmasked_b=n_unmasked_b,
+        n_window_b=n_window_b,
+    )
+
+
+def negative_mask(
+    ids_B: Tensor,
+    pos_col_B: Tensor,
+    cand_ids_N: Tensor,
+    groups_B: Tensor | None = None,
+    cand_groups_N: Tensor | None = None,
+) -> Tensor:
+    """M_BN: candidates that are never negatives: same image id, the explicit positive column,
+    and (when both group tensors are given: the oracle) candidates of the anchor's group."""
+    mask_BN = ids_B[:, None] == cand_ids_N[None, :]
+    mask_BN.scatter_(1, pos_col_B[:, None], True)
+    if groups_B is not None and cand_groups_N is not None:
+        mask_BN |= (groups_B[:, None] == cand_groups_N[None, :]) & (groups_B[:, None] >= 0)
+    return mask_BN
+
+
+class CandidateIndex(NamedTuple):
+    """Candidate ids (and groups) sorted once per step, to list the masked entries of any anchor
+    in O(log N) instead of comparing it with every candidate."""
+
+    order_N: Tensor
+    sorted_ids_N: Tensor
+    group_order_N: Tensor | None
+    sorted_groups_N: Tensor | None
+
+
+def candidate_index(cand_ids_N: Tensor, cand_groups_N: Tensor | None = None) -> CandidateIndex:
+    sorted_ids_N, order_N = cand_ids_N.sort(stable=True)
+    if cand_groups_N is None:
+        return CandidateIndex(order_N, sorted_ids_N, None, None)
+    sorted_groups_N, group_order_N = cand_groups_N.sort(stable=True)
+    return CandidateIndex(order_N, sorted_ids_N, group_order_N, sorted_groups_N)
+
+
+def masked_positions(
+    ids_b: Tensor,
+    pos_col_b: Tensor,
+    index: CandidateIndex,
+    n_candidates: int,
+    groups_b: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The True entries of ``negative_mask`` as (rows, columns), each once, row-major: the same
+    set, found by binary search in the sorted candidate ids (a few entries per anchor)."""
+    rows, cols = _equal_entries(ids_b, index.sorted_ids_N, index.order_N)
+    parts_r = [rows, torch.arange(ids_b.shape[0], device=ids_b.device)]
+    parts_c = [cols, pos_col_b]
+    if groups_b is not None and index.sorted_groups_N is not None:
+        assert index.group_order_N is not None
+        # A negative group label is "unknown" and matches nothing: give it a key no
+        # candidate has (below every label).
+        key_b = torch.where(groups_b >= 0, groups_b, index.sorted_groups_N[0] - 1)
+        g_rows, g_cols = _equal_entries(key_b, index.sorted_groups_N, index.group_order_N)
+        parts_r.append(g_rows)
+        parts_c.append(g_cols)
+    flat_M = torch.unique(torch.cat(parts_r) * n_candidates + torch.cat(parts_c))  # sorted
+    return flat_M // n_candidates, flat_M % n_candidates
+
+
+def _equal_entries(keys_b: Tensor, sorted_N: Tensor, order_N: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) of every candidate whose key equals its row's key."""
+    lo_b = torch.searchsorted(sorted_N, keys_b)
+    count_b = torch.searchsorted(sorted_N, keys_b, right=True) - lo_b
+    rows_M = torch.repeat_interleave(torch.arange(keys_b.shape[0], device=keys_b.device), count_b)
+    start_b = count_b.cumsum(0) - count_b
+    offset_M = torch.arange(rows_M.shape[0], device=keys_b.device) - start_b[rows_M]
+    return rows_M, order_N[lo_b[rows_M] + offset_M]
