@@ -172,6 +172,8 @@ def setup_run(
     text_backbone: TextBackbone,
     device: torch.device,
 ) -> Run:
+    """Everything a run builds before its first step, in the order the seeded initialisation
+    relies on; rank 0 also writes the run directory's config and reports to the console."""
     rank, world = dist_ops.rank(), dist_ops.world_size()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if rank == 0:
@@ -206,10 +208,21 @@ def setup_run(
     ckpt_root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
     return Run(
-        cfg, rank, world, device, run_dir, stream, tables, total_micro, parts,
-        checkpoint_target(cfg, ckpt_root, run_dir, stream, rank), ckpt_root,
-        fan_out, timer, DataLog(stream, fan_out),
-    )  # fmt: skip
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        run_dir=run_dir,
+        stream=stream,
+        tables=tables,
+        total_micro=total_micro,
+        parts=parts,
+        checkpoints=checkpoint_target(cfg, ckpt_root, run_dir, stream, rank),
+        ckpt_root=ckpt_root,
+        reporter=fan_out,
+        timer=timer,
+        data_log=DataLog(stream, fan_out),
+    )
 
 
 def open_data(
