@@ -6,8 +6,9 @@ Layout of ``<checkpoint.dir>/step-<optimizer step, 8 digits>/``:
                           loader workers, ZeRO stage, and size + sha256 of every file below
     config.yaml           the resolved config of the run that wrote it
     model.safetensors     the model's fp32 weights, gathered (what `fne_dist.export` copies)
-    engine/ ...           DeepSpeed's own files (model, optimizer, lr scheduler, every ZeRO
-                          partition), written by ``engine.save_checkpoint``
+    engine/ ...           the engine's state, written by ``engine.save_checkpoint``: DeepSpeed's
+                          own files (model, optimizer, lr scheduler, every ZeRO partition), or
+                          for the plain-DDP twin state.safetensors + state.json (``save_state``)
     momentum.safetensors  the momentum encoders (identical on every rank)
     memory.safetensors    the memory: embeddings, ids, groups, write order, pointer
     stats.safetensors     the FNE sufficient statistics (all-reduced: identical on every rank)
@@ -31,6 +32,7 @@ import hashlib
 import json
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +113,48 @@ def read_rank_files(directory: Path, rank: int) -> RankState:
 
 def save_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / name))
+
+
+def save_state(directory: Path, stem: str, state: Any) -> None:
+    """A nested torch state (dicts, lists, tuples, JSON scalars, tensors; e.g. an optimizer's
+    ``state_dict()``) as ``stem.safetensors`` (every tensor, under its path) and ``stem.json``
+    (the structure, each tensor replaced by its path). Key and container types survive: an
+    optimizer's integer parameter ids stay integers."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, path: str) -> Any:
+        if torch.is_tensor(value):
+            tensors[path] = value.detach().cpu().contiguous()
+            return {"tensor": path}
+        if isinstance(value, dict):
+            return {"dict": [[k, encode(v, f"{path}.{k}")] for k, v in value.items()]}
+        if isinstance(value, list | tuple):
+            kind = "tuple" if isinstance(value, tuple) else "list"
+            return {kind: [encode(v, f"{path}.{i}") for i, v in enumerate(value)]}
+        return {"value": value}
+
+    directory.mkdir(parents=True, exist_ok=True)
+    doc = encode(state, stem)
+    save_file(tensors, str(directory / f"{stem}.safetensors"))
+    (directory / f"{stem}.json").write_text(json.dumps(doc))
+
+
+def load_state(directory: Path, stem: str) -> Any:
+    """What ``save_state`` wrote."""
+    tensors = load_file(str(directory / f"{stem}.safetensors"))
+
+    def decode(node: dict[str, Any]) -> Any:
+        ((kind, value),) = node.items()
+        if kind == "tensor":
+            return tensors[value]
+        if kind == "dict":
+            return {k: decode(v) for k, v in value}
+        if kind in ("list", "tuple"):
+            items = [decode(v) for v in value]
+            return tuple(items) if kind == "tuple" else items
+        return value
+
+    return decode(json.loads((directory / f"{stem}.json").read_text()))
 
 
 def finalize(tmp: Path, final: Path, meta: dict[str, Any], keep_last: int) -> None:
@@ -253,52 +297,67 @@ def check_engine_files_safe(directory: Path) -> None:
             ) from None
 
 
-def save_run_checkpoint(
-    root: Path,
-    step: int,
-    engine,
-    momentum: torch.nn.Module,
-    memory,
-    stats,
-    config_yaml: str,
-    state: RankState,
-    weights: dict[str, torch.Tensor],
-    meta: dict[str, Any],
-    keep_last: int,
-    rank: int,
-    barrier,
-) -> Path:
-    """Every rank calls this at the same optimizer step; returns the final directory."""
-    final = step_dir(root, step)
+@dataclass
+class Parts:
+    """The run's stateful objects a checkpoint saves and restores besides the per-rank state."""
+
+    engine: Any  # DeepSpeed's engine or the plain-DDP twin
+    momentum: torch.nn.Module
+    memory: Any  # MomentumMemory
+    stats: Any  # SimilarityStats
+
+
+@dataclass
+class Target:
+    """Where and how this run writes checkpoints (the same on every rank but ``rank``)."""
+
+    root: Path  # written here (a URL checkpoint.dir is uploaded afterwards)
+    config_yaml: str
+    layout: dict[str, Any]  # world size, loader workers, batch size, ...: must match on resume
+    run_id: str | None
+    keep_last: int
+    rank: int
+    barrier: Callable[[], None]
+
+
+def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
+    """Every rank calls this at the same optimizer step (``state.counters["opt_step"]``);
+    returns the final directory."""
+    from .engine import full_weights
+
+    c = state.counters
+    weights = full_weights(parts.engine)  # a collective under ZeRO-3: before any rank writes
+    final = step_dir(target.root, c["opt_step"])
     tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
+    if target.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier()
-    engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)  # collective
-    if rank == 0:
-        save_tensors(tmp, "momentum.safetensors", momentum.state_dict())
-        save_tensors(tmp, "memory.safetensors", memory.state_dict())
-        save_tensors(tmp, "stats.safetensors", stats.state_dict())
+    target.barrier()
+    parts.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)  # collective
+    if target.rank == 0:
+        save_tensors(tmp, "momentum.safetensors", parts.momentum.state_dict())
+        save_tensors(tmp, "memory.safetensors", parts.memory.state_dict())
+        save_tensors(tmp, "stats.safetensors", parts.stats.state_dict())
         save_tensors(tmp, "model.safetensors", weights)  # for export: no DeepSpeed needed
-        (tmp / "config.yaml").write_text(config_yaml)
-    write_rank_files(tmp, rank, state)
-    barrier()
-    if rank == 0:
-        finalize(tmp, final, meta, keep_last)
-    barrier()
+        (tmp / "config.yaml").write_text(target.config_yaml)
+    write_rank_files(tmp, target.rank, state)
+    target.barrier()
+    if target.rank == 0:
+        meta = {
+            **target.layout,
+            "run_id": target.run_id,
+            "step": c["opt_step"],
+            "micro": c["micro"],
+            "epoch": c["epoch"],
+            "samples_seen": c["samples_seen"],
+        }
+        finalize(tmp, final, meta, target.keep_last)
+    target.barrier()
     return final
 
 
 def load_run_checkpoint(
-    directory: Path,
-    meta: dict[str, Any],
-    expect: dict[str, Any],
-    engine,
-    momentum: torch.nn.Module,
-    memory,
-    stats,
-    rank: int,
+    directory: Path, meta: dict[str, Any], expect: dict[str, Any], parts: Parts, rank: int
 ) -> RankState:
     """Restore everything ``save_run_checkpoint`` wrote; ``expect`` holds this run's world size,
     loader workers, batch size and ZeRO stage, which must match (a different world size would
@@ -312,17 +371,17 @@ def load_run_checkpoint(
                 f"(python -m fne_dist.export) and start a new run from them"
             )
     check_engine_files_safe(directory)
-    load_path, _ = engine.load_checkpoint(
+    load_path, _ = parts.engine.load_checkpoint(
         str(directory),
         tag=ENGINE_TAG,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise CheckpointError(f"{directory}: DeepSpeed found no engine state under {ENGINE_TAG}/")
-    momentum.load_state_dict(load_file(str(directory / "momentum.safetensors")))
-    memory.load_state_dict(load_file(str(directory / "memory.safetensors")))
-    stats.load_state_dict(load_file(str(directory / "stats.safetensors")))
+        raise CheckpointError(f"{directory}: found no engine state under {ENGINE_TAG}/")
+    parts.momentum.load_state_dict(load_file(str(directory / "momentum.safetensors")))
+    parts.memory.load_state_dict(load_file(str(directory / "memory.safetensors")))
+    parts.stats.load_state_dict(load_file(str(directory / "stats.safetensors")))
     return read_rank_files(directory, rank)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .config import Config, OptimConfig
+from .distributed import rank
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -87,7 +88,8 @@ class DDPEngine:
 
     Same optimizer (AdamW), schedule, clipping and gradient accumulation (the loss is divided
     by the accumulation steps, as DeepSpeed does); DDP averages gradients over ranks like
-    DeepSpeed. Its checkpoint is safetensors + JSON (no pickle).
+    DeepSpeed. Its checkpoint goes through ``checkpoint.save_state`` (safetensors + JSON, no
+    pickle) into the engine's directory of the one checkpoint layout.
     """
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int) -> None:
@@ -132,60 +134,48 @@ class DDPEngine:
     def zero_optimization_stage(self) -> int:
         return 0
 
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
-        """Rank 0 writes model, optimizer tensors and the rest as JSON (every rank holds the
-        same state under DDP)."""
-        import json
-        from pathlib import Path
-
-        import torch.distributed as dist
-        from safetensors.torch import save_file
-
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        out = Path(save_dir) / tag
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.contiguous() for k, v in self.module.state_dict().items()},
-            str(out / "ddp_model.safetensors"),
-        )
-        opt = self.optimizer.state_dict()
-        tensors, plain = {}, {}
-        for pid, state in opt["state"].items():
-            for key, value in state.items():
-                if torch.is_tensor(value):
-                    tensors[f"{pid}.{key}"] = value.contiguous()
-                else:
-                    plain[f"{pid}.{key}"] = value
-        save_file(tensors, str(out / "ddp_optimizer.safetensors"))
-        doc = {
-            "param_groups": opt["param_groups"],
-            "state_scalars": plain,
-            "scheduler": self.scheduler.state_dict() | {"lr_lambdas": None},
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, schedule and accumulation counter: what a checkpoint restores."""
+        scheduler = self.scheduler.state_dict()
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": scheduler,  # its lr_lambdas are plain functions: stored as None
             "micro": self.micro,
         }
-        (out / "ddp_state.json").write_text(json.dumps(doc))
 
-    def load_checkpoint(self, load_dir: str, tag: str, **_: object) -> tuple[str | None, dict]:
-        import json
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro = state["micro"]
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
+        """Rank 0 writes ``state_dict()`` through the checkpoint's own writer (safetensors +
+        JSON, no pickle) as ``<tag>/state.*``; every rank holds the same state under DDP."""
         from pathlib import Path
 
-        from safetensors.torch import load_file
+        from .checkpoint import save_state
+
+        if rank() == 0:
+            save_state(Path(save_dir) / tag, "state", self.state_dict())
+
+    def load_checkpoint(self, load_dir: str, tag: str, **_: object) -> tuple[str | None, dict]:
+        from pathlib import Path
+
+        from .checkpoint import load_state
 
         src = Path(load_dir) / tag
-        if not (src / "ddp_state.json").is_file():
+        if not (src / "state.json").is_file():
             return None, {}
-        self.module.load_state_dict(load_file(str(src / "ddp_model.safetensors")))
-        doc = json.loads((src / "ddp_state.json").read_text())
-        state: dict[int, dict] = {}
-        for name, value in load_file(str(src / "ddp_optimizer.safetensors")).items():
-            pid, key = name.split(".", 1)
-            state.setdefault(int(pid), {})[key] = value
-        for name, value in doc["state_scalars"].items():
-            pid, key = name.split(".", 1)
-            state.setdefault(int(pid), {})[key] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
-        scheduler = {k: v for k, v in doc["scheduler"].items() if k != "lr_lambdas"}
-        self.scheduler.load_state_dict({**scheduler, "lr_lambdas": [None]})
-        self.micro = doc["micro"]
+        self.load_state_dict(load_state(src, "state"))
         return str(src), {}
+
+
+def full_weights(engine) -> dict[str, torch.Tensor]:
+    """The model's fp32 weights, whole (ZeRO-3 gathers them: a collective on every rank)."""
+    with gathered_parameters(engine):
+        return {
+            k: v.detach().float().cpu().clone().contiguous()
+            for k, v in engine.module.state_dict().items()
+        }

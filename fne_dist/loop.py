@@ -15,21 +15,23 @@ The loop never learns which launcher started it: it reads ranks from torch.distr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import distributed as D
+from . import distributed as dist_ops
 from .config import Config, config_text, save_config
-from .data.stream import RankPosition
+from .data.splits import PairTable
+from .data.stream import TrainStream
 from .distributed.device import backend_for, select_device
 from .distributed.launch import init_process_group, rank_env
 from .encoders import (
@@ -39,7 +41,7 @@ from .encoders import (
     build_text_backbone,
     check_available,
 )
-from .engine import build_engine, gathered_parameters
+from .engine import build_engine, full_weights, gathered_parameters
 from .epochs import DataLog, agreed_batches
 from .evaluation import evaluate_table
 from .fne import SimilarityStats
@@ -47,27 +49,19 @@ from .inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
 from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
-from .reporting import ConsoleReporter, FanOut, JsonLinesReporter, Reporter
+from .reporting import (
+    ConsoleReporter,
+    FanOut,
+    JsonLinesReporter,
+    Reporter,
+    format_summary,
+    setup_logging,
+)
+from .state import TrainState
 from .step import forward_step
 from .timing import NullTimer, PhaseTimer
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _model_inputs(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def preflight(cfg: Config) -> None:
-    """Checks that need no process group: every shard pattern matches, every encoder is here.
-    Launchers call it before starting workers."""
-    for split in SPLITS:
-        raw_shards(cfg, split)
-    check_available(cfg.model.image, cfg.model.text)
+log = logging.getLogger("fne_dist")
 
 
 def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
@@ -77,6 +71,7 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     to the console and to the run's train_log.jsonl.
     """
     t_start = time.perf_counter()
+    setup_logging()  # every launcher's process passes here: "[rank r] ..." on stdout
     # 1. fail fast on what a user can get wrong: every shard path, every encoder name
     preflight(cfg)
     image_backbone = build_image_backbone(cfg.model.image)
@@ -91,11 +86,25 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     try:
         result = _train(cfg, extra_reporter, image_backbone, text_backbone, device, t_start)
         if created_group:
-            D.barrier()  # no rank tears the group down while another still uses it
+            dist_ops.barrier()  # no rank tears the group down while another still uses it
         return result
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def preflight(cfg: Config) -> None:
+    """Checks that need no process group: every shard pattern matches, every encoder is here.
+    Launchers call it before starting workers."""
+    for split in SPLITS:
+        raw_shards(cfg, split)
+    check_available(cfg.model.image, cfg.model.text)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def _train(
@@ -106,13 +115,125 @@ def _train(
     device: torch.device,
     t_start: float,
 ) -> dict:
-    """Phases 2-5 of ``train`` inside an initialised process group."""
-    rank, world = D.rank(), D.world_size()
-    is_main = rank == 0
+    """Phases 3-5 of ``train`` inside an initialised process group."""
+    # 3. run directory, data, model, momentum model, engine, memory, statistics, reporters
+    run = setup_run(cfg, reporter, image_backbone, text_backbone, device)
+    # 4. resume (Ray's checkpoint after a restart, else checkpoint.resume), then the loop
+    state = resume_or_start(run)
+    t_loop = time.perf_counter()
+    batches = agreed_batches(
+        run.stream, run.total_micro, run.data_log, run.timer, resume=state.position
+    )
+    for micro, epoch, batch in batches:
+        boundary = train_step(run, state, micro, epoch, batch)
+        if (micro + 1) % cfg.train.log_every == 0 or micro + 1 == run.total_micro:
+            log_window(run, state)
+        if boundary:
+            maybe_checkpoint(run, state)
+            maybe_evaluate(run, state)
+    end_of_training(run, state)
+    # 5. final evaluation, summary and run directory
+    return finish(run, state, time.perf_counter() - t_loop, t_start)
+
+
+@dataclass
+class Run:
+    """What stays fixed during a run: the config, this rank's place, the data, the stateful
+    parts a checkpoint holds, where checkpoints go, and where reports go."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: Path
+    stream: TrainStream
+    tables: dict[str, PairTable]  # val and test, evaluated during and after training
+    total_micro: int
+    parts: ckpt.Parts  # engine, momentum model, memory, statistics
+    checkpoints: ckpt.Target
+    ckpt_root: str  # checkpoint.dir, a directory or a URL (uploaded to after each save)
+    reporter: Reporter
+    timer: PhaseTimer | NullTimer
+    data_log: DataLog
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.world
+
+
+def setup_run(
+    cfg: Config,
+    reporter: Reporter | None,
+    image_backbone: ImageBackbone,
+    text_backbone: TextBackbone,
+    device: torch.device,
+) -> Run:
+    """Everything a run builds before its first step, in the order the seeded initialisation
+    relies on; rank 0 also writes the run directory's config and reports to the console."""
+    rank, world = dist_ops.rank(), dist_ops.world_size()
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if is_main:
+    if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    stream, tables = open_data(cfg, image_backbone, text_backbone, rank, world)
+    total_micro = max(1, math.ceil(cfg.train.epochs * stream.steps_per_epoch))
+    total_steps = max(1, total_micro // cfg.engine.grad_accum)
+    model = build_dual_encoder(cfg.model, image_backbone, text_backbone, cfg.fne.temperature)
+    momentum = make_momentum_copy(model).to(device)  # before the engine: the order seeds use
+    parts = ckpt.Parts(
+        engine=build_engine(model, cfg, total_steps),
+        momentum=momentum,
+        memory=MomentumMemory(
+            cfg.memory.size, cfg.model.embed_dim, seed=cfg.run.seed, device=device
+        ),
+        stats=SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device),
+    )
+    G = cfg.train.batch_size * world
+    reporters = [reporter or Reporter()]
+    if rank == 0:
+        reporters += [
+            ConsoleReporter(total_steps, G * cfg.engine.grad_accum, cfg.train.log_every),
+            JsonLinesReporter(run_dir / "train_log.jsonl"),
+        ]
+    fan_out = FanOut(*reporters)
+    fan_out.message(
+        f"rank {rank}/{world} on {device}: {stream.samples_per_epoch} train pairs, "
+        f"{total_steps} steps of {G} pairs, loss={cfg.fne.loss} after "
+        f"{cfg.train.warmup_steps} warm-up steps, K={parts.memory.capacity}"
+    )
+    ckpt_root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
+    timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
+    return Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        run_dir=run_dir,
+        stream=stream,
+        tables=tables,
+        total_micro=total_micro,
+        parts=parts,
+        checkpoints=checkpoint_target(cfg, ckpt_root, run_dir, stream, rank),
+        ckpt_root=ckpt_root,
+        reporter=fan_out,
+        timer=timer,
+        data_log=DataLog(stream, fan_out),
+    )
+
+
+def open_data(
+    cfg: Config,
+    image_backbone: ImageBackbone,
+    text_backbone: TextBackbone,
+    rank: int,
+    world: int,
+) -> tuple[TrainStream, dict[str, PairTable]]:
+    """The training stream of this rank and the val/test tables (feature caches built first
+    when a tower is frozen)."""
     env = rank_env()
     shards = {
         split: split_shards(
@@ -122,7 +243,7 @@ def _train(
             text_backbone,
             env.local_rank,
             env.local_world_size,
-            log=lambda m: print(m, flush=True),
+            log=log.info,
         )
         for split in SPLITS
     }
@@ -130,207 +251,49 @@ def _train(
     tables = {
         s: eval_table(cfg, s, shards[s], image_backbone, rank, world) for s in ("val", "test")
     }
+    return stream, tables
 
-    # 3. model, momentum model, engine, memory, statistics
-    G = cfg.train.batch_size * world
-    n_train = stream.samples_per_epoch
-    micro_per_epoch = stream.steps_per_epoch
-    total_micro = max(1, math.ceil(cfg.train.epochs * micro_per_epoch))
-    total_steps = max(1, total_micro // cfg.engine.grad_accum)
-    model = build_dual_encoder(cfg.model, image_backbone, text_backbone, cfg.fne.temperature)
-    momentum = make_momentum_copy(model).to(device)
-    engine = build_engine(model, cfg, total_steps)
-    memory = MomentumMemory(cfg.memory.size, cfg.model.embed_dim, seed=cfg.run.seed, device=device)
-    stats = SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device)
-    reporters = [reporter or Reporter()]
-    if is_main:
-        reporters += [
-            ConsoleReporter(total_steps, G * cfg.engine.grad_accum, cfg.train.log_every),
-            JsonLinesReporter(run_dir / "train_log.jsonl"),
-        ]
-    reporter = FanOut(*reporters)
-    reporter.message(
-        f"rank {rank}/{world} on {device}: {n_train} train pairs, {total_steps} steps of "
-        f"{G} pairs, loss={cfg.fne.loss} after {cfg.train.warmup_steps} warm-up steps, "
-        f"K={memory.capacity}"
+
+def checkpoint_target(
+    cfg: Config, ckpt_root: str, run_dir: Path, stream: TrainStream, rank: int
+) -> ckpt.Target:
+    """Where this rank writes checkpoints; a URL checkpoint.dir is written locally first, then
+    uploaded (and downloaded to resume), keeping one local copy."""
+    url = ckpt.is_url(ckpt_root)
+    return ckpt.Target(
+        root=run_dir / "checkpoints-local" if url else Path(ckpt_root),
+        config_yaml=config_text(cfg),
+        layout={  # a checkpoint resumes only with the same values
+            "world_size": dist_ops.world_size(),
+            "loader_workers": stream.opts.consumers,
+            "batch_size": cfg.train.batch_size,
+            "grad_accum": cfg.engine.grad_accum,
+        },
+        run_id=cfg.run.id,
+        keep_last=1 if url else cfg.checkpoint.keep_last,
+        rank=rank,
+        barrier=dist_ops.barrier,
     )
 
-    # 4. resume (Ray's checkpoint after a restart, else checkpoint.resume), then the loop
-    sums: dict[str, Tensor] = {}
-    history: list[dict] = []
-    last_logged: dict[str, float] = {}
-    stale = torch.zeros(2, dtype=torch.float64, device=device)
-    opt_step = 0
-    timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
-    data_log = DataLog(stream, reporter)
-    n_micro, epoch = 0, -1
-    ckpt_root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
-    # a URL checkpoint.dir: written here first, then uploaded (and downloaded to resume)
-    local_root = run_dir / "checkpoints-local" if ckpt.is_url(ckpt_root) else Path(ckpt_root)
-    layout = {
-        "world_size": world,
-        "loader_workers": stream.opts.consumers,
-        "batch_size": cfg.train.batch_size,
-        "grad_accum": cfg.engine.grad_accum,
-    }
-    position = None
-    resume_dir = _resume_dir(cfg, reporter, ckpt_root, local_root / f"resume-rank{rank}")
-    if resume_dir is not None:
-        meta = ckpt.validate(resume_dir)
-        restored = ckpt.load_run_checkpoint(
-            resume_dir, meta, layout, engine, momentum, memory, stats, rank
-        )
-        c = restored.counters
-        opt_step, n_micro, epoch = c["opt_step"], c["n_micro"], c["epoch"]
-        stale = torch.tensor(c["stale"], dtype=torch.float64, device=device)
-        sums = {
-            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in c["sums"].items()
-        }
-        history, last_logged = c["history"], c["last_logged"]
-        position = RankPosition.from_dict(restored.data_position)
-        if position.step >= stream.steps_per_epoch:
-            epoch = -1  # saved at an epoch's end: the next epoch resets the statistics
-        reporter.message(
-            f"resumed from {resume_dir} (optimizer step {opt_step}, epoch {position.epoch}, "
-            f"batch {position.step} of {stream.steps_per_epoch})"
-        )
 
-    def save_checkpoint(micro: int) -> None:
-        counters = {
-            "opt_step": opt_step,
-            "n_micro": n_micro,
-            "micro": micro,
-            "epoch": epoch,
-            "stale": stale.tolist(),
-            "sums": {k: float(v) for k, v in sums.items()},
-            "history": history if is_main else [],
-            "last_logged": last_logged,
-            "samples_seen": n_micro * G,
-        }
-        position_dict = data_log.position.to_dict() if data_log.position else None
-        path = ckpt.save_run_checkpoint(
-            local_root,
-            opt_step,
-            engine,
-            momentum,
-            memory,
-            stats,
-            config_text(cfg),
-            ckpt.RankState(counters, position_dict),
-            full_weights(engine),
-            {
-                **layout,
-                "run_id": cfg.run.id,
-                "step": opt_step,
-                "micro": micro,
-                "epoch": epoch,
-                "samples_seen": n_micro * G,
-            },
-            1 if ckpt.is_url(ckpt_root) else cfg.checkpoint.keep_last,
-            rank,
-            D.barrier,
-        )
-        reporter.checkpoint(path, opt_step, is_main)
-        where = str(path)
-        if ckpt.is_url(ckpt_root) and is_main:
-            where = ckpt.upload(path, ckpt_root, cfg.checkpoint.keep_last)
-        D.barrier()  # resuming ranks must never see a half-uploaded newest checkpoint
-        reporter.message(f"checkpoint {where}")
-
-    def log_window(micro: int, epoch: int, warm: bool) -> dict[str, float]:
-        """Mean of the diagnostics since the last log line → reporters and history."""
-        n = float(sums.pop("_n"))
-        metrics = {k: float(v) / n for k, v in sums.items()}
-        metrics.update(epoch=epoch, lr=engine.get_lr()[0], warmup=float(warm))
-        if float(stale[1]) > 0:
-            metrics["staleness"] = float(stale[0] / stale[1])
-        history.append({"step": opt_step, **metrics})
-        reporter.step(micro, metrics)
-        sums.clear()
-        return metrics
-
-    t_loop = time.perf_counter()
-    micro, saved_at = -1, opt_step
-    warm = opt_step < cfg.train.warmup_steps
-    batches = agreed_batches(stream, total_micro, data_log, timer, resume=position)
-    for micro, batch_epoch, batch in batches:
-        if batch_epoch != epoch:
-            epoch = batch_epoch
-            stats.new_epoch()
-        n_micro += 1
-        batch = _model_inputs(batch, device)
-        warm = opt_step < cfg.train.warmup_steps
-        out = forward_step(  # phases 1-5
-            engine, momentum, batch, memory, stats, cfg.fne, cfg.run.seed, micro, warm, timer
-        )
-        with timer.phase("backward_step"):
-            engine.backward(out.loss)  # 6
-            engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
-        boundary = (micro + 1) % cfg.engine.grad_accum == 0
-        if boundary:
-            with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
-                ema_update(momentum, engine.module, cfg.memory.momentum)  # 7
-            opt_step += 1
-        if not warm:  # 8: the reference fills the memory only after the warm-up
-            g = out.gathered
-            with timer.phase("enqueue"):
-                memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
-        stale += out.staleness
-
-        for key, value in {"loss": out.loss.detach(), **out.diagnostics}.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().to(torch.float64)
-        sums["_n"] = sums.get("_n", 0.0) + 1.0
-        if (micro + 1) % cfg.train.log_every == 0 or micro + 1 == total_micro:
-            last_logged = log_window(micro, epoch, warm)
-        epoch_end = data_log.position.step == micro_per_epoch
-        if boundary and (
-            (cfg.checkpoint.every_steps and opt_step % cfg.checkpoint.every_steps == 0)
-            or (cfg.checkpoint.at_epoch_end and epoch_end)
-        ):
-            save_checkpoint(micro)
-            saved_at = opt_step
-        if boundary and cfg.train.eval_every and opt_step % cfg.train.eval_every == 0:
-            val = evaluate_table(engine.module, tables["val"])
-            if is_main:
-                reporter.message(
-                    f"step {opt_step}: val rsum {val['rsum']:.2f} "
-                    f"group rsum {val['group_rsum']:.2f}"
-                )
-                history.append({"step": opt_step, "val": val})
-
-    if sums:  # the last epoch ended early (bad samples): log what is left
-        last_logged = log_window(micro, epoch, warm)
-    if cfg.checkpoint.at_epoch_end and saved_at != opt_step and micro >= 0:
-        save_checkpoint(micro)  # the end of training is an epoch end too
-
-    # 5. final evaluation, summary and run directory
-    loop_time = time.perf_counter() - t_loop
-    D.barrier()
-    result: dict = {}
-    final_val = evaluate_table(engine.module, tables["val"])
-    final_test = evaluate_table(engine.module, tables["test"])
-    data_counts = data_log.totals(device)
-    weights = full_weights(engine)
-    if is_main:
-        result = {
-            "val": final_val,
-            "test": final_test,
-            "diagnostics": last_logged,
-            "staleness": float(stale[0] / stale[1]) if float(stale[1]) > 0 else None,
-            "steps": opt_step,
-            "loop_time_s": loop_time,
-            "samples_per_s": n_micro * G / max(loop_time, 1e-9),
-            "phase_seconds": timer.totals(),
-            "data": data_counts,
-            "world_size": world,
-            "wall_time_s": time.perf_counter() - t_start,
-        }
-        save_file(weights, str(run_dir / "model.safetensors"))
-        (run_dir / "metrics.json").write_text(json.dumps({**result, "history": history}, indent=1))
-        reporter.message(format_summary(result, run_dir))
-    reporter.finish(result)
-    reporter.close()
-    return result
+def resume_or_start(run: Run) -> TrainState:
+    """The state restored from the checkpoint to resume from (with the engine, memory,
+    statistics and RNG states), or a fresh one."""
+    warmup = run.cfg.train.warmup_steps
+    resume_dir = _resume_dir(
+        run.cfg, run.reporter, run.ckpt_root, run.checkpoints.root / f"resume-rank{run.rank}"
+    )
+    if resume_dir is None:
+        return TrainState.fresh(run.device, warm=warmup > 0)
+    meta = ckpt.validate(resume_dir)
+    saved = ckpt.load_run_checkpoint(resume_dir, meta, run.checkpoints.layout, run.parts, run.rank)
+    state = TrainState.from_rank_state(saved, run.device, run.stream.steps_per_epoch, warmup)
+    position = state.position
+    run.reporter.message(
+        f"resumed from {resume_dir} (optimizer step {state.opt_step}, epoch {position.epoch}, "
+        f"batch {position.step} of {run.stream.steps_per_epoch})"
+    )
+    return state
 
 
 def _resume_dir(cfg: Config, reporter: Reporter, root: str, local_root: Path) -> Path | None:
@@ -368,44 +331,128 @@ def _resume_dir(cfg: Config, reporter: Reporter, root: str, local_root: Path) ->
     return Path(spec)
 
 
-def full_weights(engine) -> dict[str, Tensor]:
-    """The model's fp32 weights, whole (ZeRO-3 gathers them: a collective on every rank)."""
-    with gathered_parameters(engine):
-        return {
-            k: v.detach().float().cpu().clone().contiguous()
-            for k, v in engine.module.state_dict().items()
+def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict) -> bool:
+    """Phases 1-8 of one micro step; True when it ended with an optimizer step."""
+    cfg, engine, timer = run.cfg, run.parts.engine, run.timer
+    if epoch != state.epoch:
+        state.epoch = epoch
+        run.parts.stats.new_epoch()
+    state.n_micro += 1
+    state.micro, state.position = micro, run.data_log.position
+    batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+    state.warm = state.opt_step < cfg.train.warmup_steps
+    out = forward_step(  # phases 1-5
+        engine,
+        run.parts.momentum,
+        batch,
+        run.parts.memory,
+        run.parts.stats,
+        cfg.fne,
+        cfg.run.seed,
+        micro,
+        state.warm,
+        timer,
+    )
+    with timer.phase("backward_step"):
+        engine.backward(out.loss)  # 6
+        engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
+    boundary = (micro + 1) % cfg.engine.grad_accum == 0
+    if boundary:
+        with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
+            ema_update(run.parts.momentum, engine.module, cfg.memory.momentum)  # 7
+        state.opt_step += 1
+    if not state.warm:  # 8: the reference fills the memory only after the warm-up
+        g = out.gathered
+        with timer.phase("enqueue"):
+            run.parts.memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+    state.stale += out.staleness
+    state.add_diagnostics(out.loss, out.diagnostics)
+    return boundary
+
+
+def log_window(run: Run, state: TrainState) -> None:
+    """Mean of the diagnostics since the last log line → reporters and history."""
+    metrics = state.take_window()
+    metrics.update(epoch=state.epoch, lr=run.parts.engine.get_lr()[0], warmup=float(state.warm))
+    staleness = state.staleness()
+    if staleness is not None:
+        metrics["staleness"] = staleness
+    state.history.append({"step": state.opt_step, **metrics})
+    run.reporter.step(state.micro, metrics)
+    state.last_logged = metrics
+
+
+def maybe_checkpoint(run: Run, state: TrainState) -> None:
+    """After an optimizer step: a checkpoint every checkpoint.every_steps, and at epoch ends."""
+    every, at_epoch_end = run.cfg.checkpoint.every_steps, run.cfg.checkpoint.at_epoch_end
+    epoch_end = run.data_log.position.step == run.stream.steps_per_epoch
+    if (every and state.opt_step % every == 0) or (at_epoch_end and epoch_end):
+        save_checkpoint(run, state)
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    """Every rank writes its part (a collective); a URL checkpoint.dir then gets rank 0's
+    upload before any rank goes on."""
+    path = ckpt.save_run_checkpoint(
+        run.checkpoints, run.parts, state.to_rank_state(run.global_batch, run.is_main)
+    )
+    state.saved_at = state.opt_step
+    run.reporter.checkpoint(path, state.opt_step, run.is_main)
+    where = str(path)
+    if ckpt.is_url(run.ckpt_root) and run.is_main:
+        where = ckpt.upload(path, run.ckpt_root, run.cfg.checkpoint.keep_last)
+    dist_ops.barrier()  # resuming ranks must never see a half-uploaded newest checkpoint
+    run.reporter.message(f"checkpoint {where}")
+
+
+def maybe_evaluate(run: Run, state: TrainState) -> None:
+    """After an optimizer step: the val retrieval metrics every train.eval_every steps."""
+    every = run.cfg.train.eval_every
+    if not every or state.opt_step % every:
+        return
+    val = evaluate_table(run.parts.engine.module, run.tables["val"])  # every rank
+    if run.is_main:
+        run.reporter.message(
+            f"step {state.opt_step}: val rsum {val['rsum']:.2f} group rsum {val['group_rsum']:.2f}"
+        )
+        state.history.append({"step": state.opt_step, "val": val})
+
+
+def end_of_training(run: Run, state: TrainState) -> None:
+    """The last log window and the last checkpoint, where the loop's own did not fall."""
+    if state.sums:  # the last epoch ended early (bad samples): log what is left
+        log_window(run, state)
+    if run.cfg.checkpoint.at_epoch_end and state.saved_at != state.opt_step and state.micro >= 0:
+        save_checkpoint(run, state)  # the end of training is an epoch end too
+
+
+def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dict:
+    """Final val/test evaluation and data counts (collectives); rank 0 writes the weights and
+    metrics.json and reports the summary. Returns the metrics ({} on other ranks)."""
+    dist_ops.barrier()
+    final_val = evaluate_table(run.parts.engine.module, run.tables["val"])
+    final_test = evaluate_table(run.parts.engine.module, run.tables["test"])
+    data_counts = run.data_log.totals(run.device)
+    weights = full_weights(run.parts.engine)
+    result: dict = {}
+    if run.is_main:
+        result = {
+            "val": final_val,
+            "test": final_test,
+            "diagnostics": state.last_logged,
+            "staleness": state.staleness(),
+            "steps": state.opt_step,
+            "loop_time_s": loop_time,
+            "samples_per_s": state.n_micro * run.global_batch / max(loop_time, 1e-9),
+            "phase_seconds": run.timer.totals(),
+            "data": data_counts,
+            "world_size": run.world,
+            "wall_time_s": time.perf_counter() - t_start,
         }
-
-
-def format_summary(result: dict, run_dir: Path) -> str:
-    """The printed summary: strict and group-aware retrieval, FNE diagnostics, wall time."""
-    t, d = result["test"], result["diagnostics"]
-    staleness = float("nan") if result["staleness"] is None else result["staleness"]
-    lines = [
-        "=" * 72,
-        f"test  i2t R@1/5/10 {t['i2t_r1']:.1f}/{t['i2t_r5']:.1f}/{t['i2t_r10']:.1f}   "
-        f"t2i R@1/5/10 {t['t2i_r1']:.1f}/{t['t2i_r5']:.1f}/{t['t2i_r10']:.1f}   "
-        f"rsum {t['rsum']:.1f}",
-        f"test  group-aware rsum {t['group_rsum']:.1f}   (val rsum {result['val']['rsum']:.1f}, "
-        f"group {result['val']['group_rsum']:.1f})",
-    ]
-    if d:
-        gate = "open" if d.get("gate_open", 0) >= 0.5 else "closed"
-        lines.append(
-            f"FNE   gate {gate}, positives this epoch {d.get('n_pos', float('nan')):.0f}, "
-            f"P_fn>eps {100 * d.get('frac_pfn_gt_eps', float('nan')):.2f}% of candidates, "
-            f"in the hard-cut window {100 * d.get('frac_in_window', float('nan')):.2f}%, "
-            f"sampled negatives sharing the anchor's family "
-            f"{100 * d.get('frac_neg_same_group', float('nan')):.1f}%"
-        )
-        lines.append(
-            f"FNE   zero-hinge draws {100 * d.get('frac_zero_hinge', float('nan')):.1f}%, "
-            f"fallbacks {d.get('fallback', 0):.2f}/step, "
-            f"no violator {d.get('no_violator', 0):.2f}/step, staleness {staleness:.3f}"
-        )
-    lines += [
-        f"steps {result['steps']} on {result['world_size']} rank(s), wall time "
-        f"{result['wall_time_s']:.1f} s, run directory {run_dir}",
-        "=" * 72,
-    ]
-    return "\n".join(lines)
+        save_file(weights, str(run.run_dir / "model.safetensors"))
+        history = {**result, "history": state.history}
+        (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+        run.reporter.message(format_summary(result, run.run_dir))
+    run.reporter.finish(result)
+    run.reporter.close()
+    return result

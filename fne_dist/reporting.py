@@ -1,13 +1,62 @@
-"""Where step metrics go: a null reporter, the console/progress bar, a JSON-lines file, or a
-fan-out of several (Prometheus and Ray reporters plug in the same way)."""
+"""Where step metrics and messages go: a null reporter, the console/progress bar, a JSON-lines
+file, or a fan-out of several (Prometheus and Ray reporters plug in the same way).
+
+Every line a run prints goes through Python ``logging``: the ``fne_dist`` logger (the data
+stream's ``fne_dist.data`` is its child) writes ``[rank r] message`` to stdout through one
+handler, set up once per process by ``setup_logging`` (the loop's entry point calls it). The
+console reporter logs through it; its progress bar, on a terminal, has log lines written above it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
+
+from .distributed.launch import rank_env
+
+log = logging.getLogger("fne_dist")
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a record arrives, not the object it was when
+    the handler was made (pytest and tqdm replace it), so one handler serves the process."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass  # always the current sys.stdout
+
+
+class _RankFilter(logging.Filter):
+    """Sets ``record.rank``: the process group's rank once there is one, else the launcher's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        initialized = dist.is_available() and dist.is_initialized()
+        record.rank = dist.get_rank() if initialized else rank_env().rank
+        return True
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """One handler for the ``fne_dist`` loggers: ``[rank r] message`` on stdout (the summary
+    and the progress lines stay on stdout, where launchers and Ray collect them). Idempotent:
+    a second run in the same process reuses the handler."""
+    log.setLevel(level)
+    log.propagate = False  # not twice through a root handler someone else configured
+    if not any(isinstance(h, _StdoutHandler) for h in log.handlers):
+        handler = _StdoutHandler()
+        handler.addFilter(_RankFilter())
+        handler.setFormatter(logging.Formatter("[rank %(rank)s] %(message)s"))
+        log.addHandler(handler)
 
 
 class Reporter:
@@ -34,16 +83,20 @@ class Reporter:
 
 
 class ConsoleReporter(Reporter):
-    """A progress bar with samples/s on a terminal; a line every ``every`` steps otherwise."""
+    """A progress bar with samples/s on a terminal; a log line every ``every`` steps otherwise.
+    Messages are log lines (written above the bar while there is one)."""
 
     def __init__(self, total_steps: int, samples_per_step: int, every: int = 50) -> None:
         self.total, self.samples_per_step, self.every = total_steps, samples_per_step, every
         self.start = time.perf_counter()
         self.bar = None
+        self.redirect = contextlib.ExitStack()
         if sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+            self.redirect.enter_context(logging_redirect_tqdm(loggers=[log]))
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         rate = (step + 1) * self.samples_per_step / max(1e-9, time.perf_counter() - self.start)
@@ -54,15 +107,13 @@ class ConsoleReporter(Reporter):
             )
         elif (step + 1) % self.every == 0 or step + 1 == self.total:
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            print(f"step {step + 1}/{self.total} {rate:.0f} samples/s {shown}", flush=True)
+            log.info("step %d/%d %.0f samples/s %s", step + 1, self.total, rate, shown)
 
     def message(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
+        log.info(text)
 
     def close(self) -> None:
+        self.redirect.close()
         if self.bar is not None:
             self.bar.close()
 
@@ -108,3 +159,37 @@ class FanOut(Reporter):
     def close(self) -> None:
         for r in self.reporters:
             r.close()
+
+
+def format_summary(result: dict, run_dir: Path) -> str:
+    """The printed summary: strict and group-aware retrieval, FNE diagnostics, wall time."""
+    t, d = result["test"], result["diagnostics"]
+    staleness = float("nan") if result["staleness"] is None else result["staleness"]
+    lines = [
+        "=" * 72,
+        f"test  i2t R@1/5/10 {t['i2t_r1']:.1f}/{t['i2t_r5']:.1f}/{t['i2t_r10']:.1f}   "
+        f"t2i R@1/5/10 {t['t2i_r1']:.1f}/{t['t2i_r5']:.1f}/{t['t2i_r10']:.1f}   "
+        f"rsum {t['rsum']:.1f}",
+        f"test  group-aware rsum {t['group_rsum']:.1f}   (val rsum {result['val']['rsum']:.1f}, "
+        f"group {result['val']['group_rsum']:.1f})",
+    ]
+    if d:
+        gate = "open" if d.get("gate_open", 0) >= 0.5 else "closed"
+        lines.append(
+            f"FNE   gate {gate}, positives this epoch {d.get('n_pos', float('nan')):.0f}, "
+            f"P_fn>eps {100 * d.get('frac_pfn_gt_eps', float('nan')):.2f}% of candidates, "
+            f"in the hard-cut window {100 * d.get('frac_in_window', float('nan')):.2f}%, "
+            f"sampled negatives sharing the anchor's family "
+            f"{100 * d.get('frac_neg_same_group', float('nan')):.1f}%"
+        )
+        lines.append(
+            f"FNE   zero-hinge draws {100 * d.get('frac_zero_hinge', float('nan')):.1f}%, "
+            f"fallbacks {d.get('fallback', 0):.2f}/step, "
+            f"no violator {d.get('no_violator', 0):.2f}/step, staleness {staleness:.3f}"
+        )
+    lines += [
+        f"steps {result['steps']} on {result['world_size']} rank(s), wall time "
+        f"{result['wall_time_s']:.1f} s, run directory {run_dir}",
+        "=" * 72,
+    ]
+    return "\n".join(lines)

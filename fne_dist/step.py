@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import distributed as D
+from . import distributed as dist_ops
 from .fne import (
     Anchors,
     Candidates,
@@ -57,18 +57,18 @@ def forward_step(
     t = timer or NullTimer()
     ids_B, groups_B = batch["ids"], batch["groups"]
     B, device = ids_B.shape[0], ids_B.device
-    rank = D.rank()
+    rank = dist_ops.rank()
     with t.phase("online_forward"):
         img_BD, txt_BD, temperature = online(batch)  # 1. online embeddings
     with t.phase("momentum_forward"), torch.no_grad():
         m_img_BD, m_txt_BD, _ = momentum(batch)  # 2. momentum embeddings
     with t.phase("gather"):  # 3. gather momentum embeddings and ids, in rank order
         gathered = Candidates(
-            D.all_gather_no_grad(m_img_BD.float()),
-            D.all_gather_no_grad(m_txt_BD.float()),
-            D.all_gather_no_grad(ids_B),
-            B * D.world_size(),
-            D.all_gather_no_grad(groups_B),
+            dist_ops.all_gather_no_grad(m_img_BD.float()),
+            dist_ops.all_gather_no_grad(m_txt_BD.float()),
+            dist_ops.all_gather_no_grad(ids_B),
+            B * dist_ops.world_size(),
+            dist_ops.all_gather_no_grad(groups_B),
         )
     G = gathered.n_batch
     if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
@@ -77,7 +77,7 @@ def forward_step(
     else:  # 4. reference meaning: each rank's own B×B online matrix, then SUM over ranks
         local = mutual_top1_stats(img_BD.detach() @ txt_BD.detach().T, ids_B)
         with t.phase("reduce"):
-            stats.add(D.all_reduce_sum(local))
+            stats.add(dist_ops.all_reduce_sum(local))
     gauss = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):

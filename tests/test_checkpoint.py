@@ -128,6 +128,51 @@ def test_corrupt_latest_falls_back_to_the_previous_valid_one(
     )
 
 
+@pytest.mark.timeout(120)
+def test_a_flipped_byte_is_refused_by_its_hash(straight: Path, tmp_path: Path) -> None:
+    """Invariant: a checkpoint file with one byte changed at the same size (which the size check
+    cannot see) is refused by its sha256, naming the file, and resume=latest falls back past it
+    to the previous valid checkpoint with a warning (the function the loop resumes through)."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(straight / "checkpoints", root)
+    newest = root / "step-00000019"
+    for name in ("memory.safetensors", f"{ckpt.ENGINE_TAG}/mp_rank_00_model_states.pt"):
+        path = newest / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        assert path.stat().st_size == len(data)
+        with pytest.raises(ckpt.CheckpointError, match="sha256") as refused:
+            ckpt.validate(newest)
+        assert Path(name).name in str(refused.value)
+        shutil.copy2(straight / "checkpoints" / "step-00000019" / name, path)  # undo
+    memory = newest / "memory.safetensors"
+    data = bytearray(memory.read_bytes())
+    data[-1] ^= 0xFF
+    memory.write_bytes(bytes(data))
+    warnings: list[str] = []
+    path, meta = ckpt.find_resumable("latest", root, warnings.append)
+    assert path.name == "step-00000016" and meta["step"] == 16
+    assert len(warnings) == 1 and "step-00000019" in warnings[0] and "sha256" in warnings[0]
+
+
+@pytest.mark.timeout(120)
+def test_checkpoint_counters_survive_the_train_state(straight: Path) -> None:
+    """Invariant: the loop's TrainState reads a real checkpoint's counters and data position
+    and writes them back unchanged (the same JSON), so a resumed run saves what it loaded:
+    the checkpoint layout did not change with the state object."""
+    from fne_dist.state import TrainState
+
+    for directory in ckpt.list_checkpoints(straight / "checkpoints"):
+        doc = json.loads((directory / "rank-00000.json").read_text())
+        saved = ckpt.RankState(doc["counters"], doc["data_position"])
+        # mid-epoch checkpoints (0.1 epoch): no epoch reset on load
+        state = TrainState.from_rank_state(saved, torch.device("cpu"), 10**9, 3)
+        again = state.to_rank_state(global_batch=16, with_history=True)
+        assert json.dumps(again.counters) == json.dumps(doc["counters"]), directory.name
+        assert again.data_position == doc["data_position"], directory.name
+
+
 class _Trap:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -232,12 +277,16 @@ def test_export_loads_without_deepspeed_and_retrieves(straight: Path, tmp_path: 
 
 @pytest.mark.timeout(300)
 def test_ddp_twin_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
-    """Invariant: the plain-DDP comparison engine (engine.kind=ddp) trains, writes its
-    safetensors/JSON checkpoint, and a resumed run repeats the losses of steps 9..19 bitwise."""
+    """Invariant: the plain-DDP comparison engine (engine.kind=ddp) trains, writes its state
+    through the checkpoint's own writer (engine/state.safetensors + state.json, no pickle: the
+    one layout), and a resumed run repeats the losses of steps 9..19 bitwise."""
     run = _train(tmp_path, "ddp", "engine.kind=ddp")
     assert run.returncode == 0, run.stderr[-3000:]
     step8 = tmp_path / "ddp" / "checkpoints" / "step-00000008"
-    assert (step8 / ckpt.ENGINE_TAG / "ddp_optimizer.safetensors").is_file()
+    assert {p.name for p in (step8 / ckpt.ENGINE_TAG).iterdir()} == {
+        "state.safetensors",
+        "state.json",
+    }
     run = _train(tmp_path, "ddp-resumed", "engine.kind=ddp", f"checkpoint.resume={step8}")
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = _losses(tmp_path / "ddp"), _losses(tmp_path / "ddp-resumed")

@@ -1,0 +1,94 @@
+"""The training loop's state: what it carries from one step to the next, and the part of it a
+checkpoint holds (``rank-<r>.json``'s counters and data position; the RNG states, engine,
+memory and statistics are saved next to it by ``checkpoint``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoint import RankState
+from .data.stream import RankPosition
+
+
+@dataclass
+class TrainState:
+    """Counters, sums and history of one rank's run."""
+
+    opt_step: int = 0  # optimizer steps taken
+    n_micro: int = 0  # micro-batches trained on (in every process of this run)
+    epoch: int = -1  # epoch of the last micro-batch; −1: the next batch starts a new one
+    # (sum of cosines, count) of this rank's anchors found in the memory, since the start
+    stale: Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.float64))
+    # diagnostics summed since the last log line, and "_n" the micro-batches summed
+    sums: dict[str, Tensor | float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # log lines and evaluations
+    last_logged: dict[str, float] = field(default_factory=dict)
+    position: RankPosition | None = None  # data position after the last batch
+    micro: int = -1  # the last micro step run (−1: none yet)
+    # this process only, never in a checkpoint:
+    warm: bool = True  # whether the last step was a warm-up step
+    saved_at: int = -1  # optimizer step of the last checkpoint written or resumed from
+
+    @classmethod
+    def fresh(cls, device: torch.device, warm: bool) -> TrainState:
+        return cls(stale=torch.zeros(2, dtype=torch.float64, device=device), warm=warm, saved_at=0)
+
+    def add_diagnostics(self, loss: Tensor, diagnostics: dict[str, Tensor]) -> None:
+        """Sum one micro-batch's loss and diagnostics (float64, on the device: no host sync)."""
+        for key, value in {"loss": loss.detach(), **diagnostics}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().to(torch.float64)
+        self.sums["_n"] = self.sums.get("_n", 0.0) + 1.0
+
+    def take_window(self) -> dict[str, float]:
+        """The means of the sums since the last log line; the sums start again."""
+        n = float(self.sums.pop("_n"))
+        means = {k: float(v) / n for k, v in self.sums.items()}
+        self.sums.clear()
+        return means
+
+    def staleness(self) -> float | None:
+        """Mean cosine between an anchor's momentum embedding and its entry in the memory."""
+        return float(self.stale[0] / self.stale[1]) if float(self.stale[1]) > 0 else None
+
+    def to_rank_state(self, global_batch: int, with_history: bool) -> RankState:
+        """The checkpoint's counters (``rank-<r>.json``) and data position."""
+        counters = {
+            "opt_step": self.opt_step,
+            "n_micro": self.n_micro,
+            "micro": self.micro,
+            "epoch": self.epoch,
+            "stale": self.stale.tolist(),
+            "sums": {k: float(v) for k, v in self.sums.items()},
+            "history": self.history if with_history else [],
+            "last_logged": self.last_logged,
+            "samples_seen": self.n_micro * global_batch,
+        }
+        return RankState(counters, self.position.to_dict() if self.position else None)
+
+    @classmethod
+    def from_rank_state(
+        cls, saved: RankState, device: torch.device, steps_per_epoch: int, warmup_steps: int
+    ) -> TrainState:
+        """The state ``to_rank_state`` saved, continuing in this process."""
+        c = saved.counters
+        position = RankPosition.from_dict(saved.data_position)
+        return cls(
+            opt_step=c["opt_step"],
+            n_micro=c["n_micro"],
+            # saved at an epoch's end: the next batch starts an epoch (the statistics reset)
+            epoch=-1 if position.step >= steps_per_epoch else c["epoch"],
+            stale=torch.tensor(c["stale"], dtype=torch.float64, device=device),
+            sums={
+                k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in c["sums"].items()
+            },
+            history=c["history"],
+            last_logged=c["last_logged"],
+            position=position,
+            micro=c["micro"],
+            warm=c["opt_step"] < warmup_steps,
+            saved_at=c["opt_step"],
+        )
