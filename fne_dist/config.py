@@ -163,9 +163,6 @@ class EngineConfig:
     zero_stage: int = setting(0, "DeepSpeed ZeRO stage", ge=0, le=3)
     precision: str = setting("fp32", "training precision", choices=("fp32", "bf16", "fp16"))
     grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1, le=65_536)
-    init_timeout_s: float = setting(
-        120.0, "process-group init / collective timeout", gt=0.0, le=MAX_WAIT_S
-    )
 
 
 @dataclass
@@ -204,13 +201,22 @@ class DistConfig:
         le=1000,
     )
     rendezvous_timeout_s: float = setting(
-        600.0, "how long ranks wait for each other at start-up (process-group rendezvous)", gt=0.0
+        600.0,
+        "how long ranks wait for each other at start-up (process-group rendezvous)",
+        gt=0.0,
+        le=MAX_WAIT_S,
     )
     collective_timeout_s: float = setting(
-        300.0, "how long one step's collective (all-gather, all-reduce) may wait", gt=0.0
+        300.0,
+        "how long one step's collective (all-gather, all-reduce) may wait",
+        gt=0.0,
+        le=MAX_WAIT_S,
     )
     barrier_timeout_s: float = setting(
-        3600.0, "how long ranks wait at barriers around a feature-cache build or upload", gt=0.0
+        3600.0,
+        "how long ranks wait at barriers around a feature-cache build or upload",
+        gt=0.0,
+        le=MAX_WAIT_S,
     )
 
 

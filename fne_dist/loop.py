@@ -33,7 +33,7 @@ from .config import Config, config_text, save_config
 from .data.splits import PairTable
 from .data.stream import TrainStream
 from .distributed.device import backend_for, select_device
-from .distributed.launch import init_process_group, rank_env
+from .distributed.launch import Timeouts, init_process_group, rank_env
 from .encoders import (
     ImageBackbone,
     TextBackbone,
@@ -44,6 +44,7 @@ from .encoders import (
 from .engine import build_engine, full_weights, gathered_parameters
 from .epochs import DataLog, agreed_batches
 from .evaluation import evaluate_table
+from .export import write_sidecar
 from .fne import SimilarityStats
 from .inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
 from .memory import MomentumMemory
@@ -57,6 +58,7 @@ from .reporting import (
     format_summary,
     setup_logging,
 )
+from .run_identity import resume_request
 from .state import TrainState
 from .step import forward_step
 from .timing import NullTimer, PhaseTimer
@@ -82,7 +84,7 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     device = select_device(cfg.engine.device, env.local_rank)
     torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
-    created_group = init_process_group(env, backend_for(device), cfg.engine.init_timeout_s)
+    created_group = init_process_group(env, backend_for(device), Timeouts.from_config(cfg))
     try:
         result = _train(cfg, extra_reporter, image_backbone, text_backbone, device, t_start)
         if created_group:
@@ -320,7 +322,7 @@ def _resume_dir(cfg: Config, reporter: Reporter, root: str, local_root: Path) ->
             pass  # nothing of this run yet: a first attempt
     if candidates:
         return max(candidates)[1]
-    spec = cfg.checkpoint.resume
+    spec = resume_request(cfg)  # checkpoint.resume, or "latest" after a Slurm requeue
     if not spec:
         return None
     if spec == "latest":
@@ -401,7 +403,7 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     where = str(path)
     if ckpt.is_url(run.ckpt_root) and run.is_main:
         where = ckpt.upload(path, run.ckpt_root, run.cfg.checkpoint.keep_last)
-    dist_ops.barrier()  # resuming ranks must never see a half-uploaded newest checkpoint
+    dist_ops.long_barrier()  # resuming ranks must never see a half-uploaded newest checkpoint
     run.reporter.message(f"checkpoint {where}")
 
 
@@ -450,6 +452,7 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
             "wall_time_s": time.perf_counter() - t_start,
         }
         save_file(weights, str(run.run_dir / "model.safetensors"))
+        write_sidecar(run.run_dir / "model.safetensors")  # export and evaluate check it
         history = {**result, "history": state.history}
         (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
         run.reporter.message(format_summary(result, run.run_dir))

@@ -8,13 +8,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "fne_dist"
 MAX_LINES = 80
 
-# Functions known to be longer, each with the change that removes it from this list.
-ALLOWED_LONG = {
-    ("fne/loss.py", "select_chunk"),  # removed when the selector split lands
-    ("data/splits.py", "load_split"),  # removed when the data-hostile branch (split) lands
-    ("shards/writer.py", "write_shards"),  # not split yet: the coordinator decides who does
-}
-
 # Command-line entry points: their stdout is their output (JSON, a summary), and their error
 # line goes to stderr. Everything else reports through logging (fne_dist.reporting).
 PRINTING_MODULES = {"train.py", "evaluate.py", "export.py", "shards/__main__.py"}
@@ -43,13 +36,9 @@ def _long_functions(modules: list[tuple[str, ast.Module]]) -> set[tuple[str, str
 
 def test_no_function_is_over_80_lines() -> None:
     """Invariant: no function in fne_dist/ spans more than 80 lines (argument parsers
-    excepted), but for the listed ones awaiting their split; and every listed one still exists
-    and is still long (a stale entry must be dropped, not kept as a loophole)."""
-    long = _long_functions(_modules())
-    unexpected = sorted(f for f in long if f[:2] not in ALLOWED_LONG)
-    assert not unexpected, f"functions over {MAX_LINES} lines: {unexpected}"
-    stale = ALLOWED_LONG - {f[:2] for f in long}
-    assert not stale, f"no longer over {MAX_LINES} lines, drop from ALLOWED_LONG: {stale}"
+    excepted): a reader follows each on one screen (issue "The core in one sitting")."""
+    long = sorted(_long_functions(_modules()))
+    assert not long, f"functions over {MAX_LINES} lines: {long}"
 
 
 def test_the_check_sees_a_long_function() -> None:

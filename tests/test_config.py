@@ -218,7 +218,7 @@ def test_types_are_strict(key: str, tp: Any, meta: dict[str, Any]) -> None:
         "optim.lr=-.inf",
         "optim.weight_decay=.inf",
         "train.epochs=.inf",
-        "engine.init_timeout_s=.inf",
+        "dist.rendezvous_timeout_s=.inf",
         "fne.prior=.nan",
         "fne.hard_cut_margin=.inf",
         "data.train_weights=[1, .inf]",
@@ -239,7 +239,7 @@ def test_non_finite_floats_are_refused(override: str) -> None:
         ("memory.size=1e3", ["memory.size", "expected int"]),
         ("run.seed=9223372036854775808", ["run.seed", "< 9223372036854775808"]),
         ("fne.gate_size=9223372036854775808", ["fne.gate_size", "< 9223372036854775808"]),
-        ("engine.init_timeout_s=604801", ["engine.init_timeout_s", "<= 604800.0"]),
+        ("dist.rendezvous_timeout_s=604801", ["dist.rendezvous_timeout_s", "<= 604800.0"]),
         ("dist.worker_start_timeout_s=1e9", ["dist.worker_start_timeout_s", "<= 604800.0"]),
         ("data.cache_wait_s=1e9", ["data.cache_wait_s", "<= 604800.0"]),
         ("train.epochs=1e6", ["train.epochs", "<= 10000.0"]),
@@ -264,12 +264,12 @@ def test_bounds_take_their_largest_value() -> None:
         None,
         [
             "run.seed=9223372036854775807",
-            "engine.init_timeout_s=604800",
+            "dist.rendezvous_timeout_s=604800",
             "dist.worker_start_timeout_s=604800.0",
             "train.epochs=10000",
         ],
     )
-    assert cfg.run.seed == 2**63 - 1 and cfg.engine.init_timeout_s == 604800.0
+    assert cfg.run.seed == 2**63 - 1 and cfg.dist.rendezvous_timeout_s == 604800.0
     assert isinstance(cfg.train.epochs, float) and cfg.train.epochs == 10_000.0
 
 

@@ -221,7 +221,7 @@ def train_args(workers: int, *extra: str) -> list[str]:
         "train.batch_size=8",
         "train.epochs=0.05",  # 10 steps at world size 2 (3 warm-up), 19 at world size 1
         "dist.worker_start_timeout_s=30",
-        "engine.init_timeout_s=60",
+        "dist.collective_timeout_s=60",
         *extra,
     ]
 

@@ -40,7 +40,7 @@ def _torchrun(tmp: Path, stage: int) -> dict:
         "run.threads=1",
         "train.batch_size=8",
         f"engine.zero_stage={stage}",
-        "engine.init_timeout_s=60",
+        "dist.collective_timeout_s=60",
     ]
     out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-4000:]

@@ -376,6 +376,42 @@ def write_shards(
     cover everything that changes the output (the caller adds a fingerprint of the input).
     Items are built in order; a shard is closed as soon as it holds ``shard_size`` samples.
     """
+    out = options.out
+    run_settings = _prepare_output(options, settings)
+    records = _resume_point(out, options, run_settings)
+    kept_shards = len(records)
+
+    def save_progress(complete: bool) -> None:
+        shards = [r.to_json() for r in records]
+        state = {"settings": run_settings, "complete": complete, "shards": shards}
+        write_json_atomic(out / PROGRESS_FILE, state)
+
+    # A stale sizes.json would describe shards that are about to change; it returns at the end.
+    (out / SIZES_FILE).unlink(missing_ok=True)
+    save_progress(complete=False)
+    skipped = _write_items(total_items, build, options, records, save_progress)
+    for record in records:
+        skipped.update(record.skipped)
+    summary = ShardSummary(
+        out=str(out),
+        prefix=options.prefix,
+        samples=sum(r.samples for r in records),
+        pairs=sum(r.pairs for r in records),
+        shards=len(records),
+        skipped={k: v for k, v in sorted(skipped.items()) if v},
+        input_items=total_items,
+        kept_shards=kept_shards,
+        settings=run_settings,
+    )
+    write_json_atomic(out / SIZES_FILE, {r.name: r.samples for r in records})
+    write_json_atomic(out / SUMMARY_FILE, summary.to_json())
+    save_progress(complete=True)
+    return summary
+
+
+def _prepare_output(options: ShardOptions, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the options, create ``--out`` (emptied with ``--overwrite``) and return the run's
+    full settings: the caller's plus every option that changes the output."""
     check_prefix(options.prefix)
     if options.shard_size < 1:
         raise ShardError(f"--shard-size must be at least 1, got {options.shard_size}")
@@ -383,32 +419,26 @@ def write_shards(
     if out.exists() and not out.is_dir():
         raise ShardError(f"--out: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    settings = {
+    if options.overwrite:
+        remove_outputs(out, options.prefix)
+    return {
         "format_version": FORMAT_VERSION,
         **settings,
         "prefix": options.prefix,
         "shard_size": options.shard_size,
         "gzip": options.gzip,
     }
-    if options.overwrite:
-        remove_outputs(out, options.prefix)
-    records = _resume_point(out, options, settings)
-    kept_shards = len(records)
 
-    def save_progress(complete: bool) -> None:
-        write_json_atomic(
-            out / PROGRESS_FILE,
-            {
-                "settings": settings,
-                "complete": complete,
-                "shards": [r.to_json() for r in records],
-            },
-        )
 
-    # A stale sizes.json would describe shards that are about to change; it returns at the end.
-    (out / SIZES_FILE).unlink(missing_ok=True)
-    save_progress(complete=False)
-
+def _write_items(
+    total_items: int,
+    build: Callable[[int], BuiltSample],
+    options: ShardOptions,
+    records: list[ShardRecord],
+    save_progress: Callable[[bool], None],
+) -> Counter:
+    """Build items from where ``records`` end and append each finished shard to ``records``
+    (saving progress after each); returns what the items after the last shard skipped."""
     start = records[-1].items[1] if records else 0
     sample_index = sum(r.samples for r in records)
     pending = _PendingShard(start)
@@ -430,7 +460,7 @@ def write_shards(
                 continue
             if pending.file is None:
                 name = shard_name(options.prefix, len(records), options.gzip)
-                pending.file = _ShardFile(out / name, options.gzip)
+                pending.file = _ShardFile(options.out / name, options.gzip)
             key = sample_key(options.prefix, sample_index)
             for ext, data in built.members:
                 pending.file.add(f"{key}.{ext}", data)
@@ -439,11 +469,11 @@ def write_shards(
             pending.pairs += built.pairs
             if pending.samples == options.shard_size:
                 records.append(pending.finish(end=item + 1))
-                save_progress(complete=False)
+                save_progress(False)
                 pending = _PendingShard(item + 1)
         if pending.file is not None:
             records.append(pending.finish(end=total_items))
-            save_progress(complete=False)
+            save_progress(False)
             pending = _PendingShard(total_items)
     except BaseException:
         # Also on KeyboardInterrupt: no partial shard survives; the progress file already
@@ -453,25 +483,7 @@ def write_shards(
         raise
     finally:
         bar.close()
-
-    skipped = Counter(pending.skipped)  # items after the last shard skip, too
-    for record in records:
-        skipped.update(record.skipped)
-    summary = ShardSummary(
-        out=str(out),
-        prefix=options.prefix,
-        samples=sum(r.samples for r in records),
-        pairs=sum(r.pairs for r in records),
-        shards=len(records),
-        skipped={k: v for k, v in sorted(skipped.items()) if v},
-        input_items=total_items,
-        kept_shards=kept_shards,
-        settings=settings,
-    )
-    write_json_atomic(out / SIZES_FILE, {r.name: r.samples for r in records})
-    write_json_atomic(out / SUMMARY_FILE, summary.to_json())
-    save_progress(complete=True)
-    return summary
+    return Counter(pending.skipped)  # items after the last shard skip, too
 
 
 def format_summary(summary: ShardSummary) -> str:

@@ -97,7 +97,7 @@ def run(stage: int) -> list[str]:
         [
             f"engine.zero_stage={stage}",
             "engine.device=cpu",
-            "engine.init_timeout_s=60",
+            "dist.collective_timeout_s=60",
             f"train.batch_size={B}",
             "memory.size=20",
             f"memory.momentum={M}",
