@@ -20,10 +20,17 @@ its files with pickle (``torch.load(weights_only=False)``), so before DeepSpeed 
 each is opened with ``torch.load(weights_only=True)`` plus the few DeepSpeed/python types its
 files legitimately hold; a file that needs anything else is refused, naming the file.
 
-Atomicity: every rank writes into ``step-N.tmp/``; after a barrier rank 0 hashes the files,
-writes meta.json and renames the directory into place. A crash at any point leaves either no
-``step-N`` or a complete one; a later truncation or corruption is caught by the hashes, and
-resume falls back to the newest valid checkpoint with a warning naming the bad one.
+Atomicity: every rank writes into ``step-N.tmp/``; after a barrier every rank lists what it
+sees, the files are shared out (each to one rank that sees it) and hashed, the hashes are
+gathered (JSON over the process group), and rank 0 writes meta.json, listing every rank's files,
+and renames the directory into place. A checkpoint is valid only when meta.json lists
+``rank-<r>.*`` of every rank and every listed file matches its hash. A crash at any point leaves
+either no ``step-N`` or a complete one; a later truncation or corruption is caught by the hashes,
+and resume falls back to the newest valid checkpoint with a warning naming the bad one.
+
+Several nodes: a local checkpoint.dir must be one directory that every node sees
+(``check_shared_dir`` fails at launch otherwise); with a URL checkpoint.dir each node writes to
+its own scratch directory, every rank uploads its share, and rank 0 uploads meta.json last.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,14 +165,38 @@ def load_state(directory: Path, stem: str) -> Any:
     return decode(json.loads((directory / f"{stem}.json").read_text()))
 
 
-def finalize(tmp: Path, final: Path, meta: dict[str, Any], keep_last: int) -> None:
-    """Rank 0, after every rank has written: hash, write meta.json last, rename into place,
-    drop the oldest checkpoints beyond ``keep_last``."""
-    files = {
-        str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
-        for p in _files(tmp)
+def hash_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of each of ``names`` (relative to ``directory``)."""
+    return {
+        name: {"size": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+        for name in names
     }
-    (tmp / META).write_text(json.dumps({"format": FORMAT, **meta, "files": files}, indent=1))
+
+
+def assign_files(listings: list[list[str]]) -> list[list[str]]:
+    """Split the hashing (and uploading) among ranks: ``listings[r]`` are the files rank r
+    sees; every file goes to exactly one rank that sees it, spread round-robin over those.
+    A shared directory spreads the work; node-local directories give each file to a rank of
+    the node that wrote it."""
+    seen_by: dict[str, list[int]] = {}
+    for r, names in enumerate(listings):
+        for name in names:
+            seen_by.setdefault(name, []).append(r)
+    mine: list[list[str]] = [[] for _ in listings]
+    for i, name in enumerate(sorted(seen_by)):
+        owners = seen_by[name]
+        mine[owners[i % len(owners)]].append(name)
+    return mine
+
+
+def finalize(tmp: Path, final: Path, meta: dict[str, Any], keep_last: int, files=None) -> None:
+    """Rank 0, after every rank has written: write meta.json last (with ``files``, every
+    rank's hashes; hashed here when not given), rename into place, drop the oldest
+    checkpoints beyond ``keep_last``."""
+    if files is None:
+        files = hash_files(tmp, [str(p.relative_to(tmp)) for p in _files(tmp)])
+    table = dict(sorted(files.items()))
+    (tmp / META).write_text(json.dumps({"format": FORMAT, **meta, "files": table}, indent=1))
     if final.exists():  # a previous attempt at the same step (after a restart)
         shutil.rmtree(final)
     tmp.rename(final)
@@ -209,6 +241,13 @@ def validate(directory: Path) -> dict[str, Any]:
     problem = _files_table_error(meta.get("files"))
     if problem is not None:
         raise CheckpointError(f"{directory}: {META} is malformed ({problem})")
+    world = meta.get("world_size")
+    for r in range(world if isinstance(world, int) else 0):  # every rank's part, or invalid
+        for name in (f"rank-{r:05d}.json", f"rank-{r:05d}.safetensors"):
+            if name not in meta["files"]:
+                raise CheckpointError(
+                    f"{directory}: incomplete: {META} lists no {name} (world size {world})"
+                )
     for name, info in meta["files"].items():
         path = directory / name
         if not path.is_file():
@@ -307,32 +346,47 @@ class Parts:
     stats: Any  # SimilarityStats
 
 
+def _gather_json(value: Any) -> list[Any]:
+    from .distributed import all_gather_json
+
+    return all_gather_json(value)
+
+
+def _local_rank() -> int:
+    from .distributed.launch import rank_env
+
+    return rank_env().local_rank
+
+
 @dataclass
 class Target:
-    """Where and how this run writes checkpoints (the same on every rank but ``rank``)."""
+    """Where and how this run writes checkpoints (the same on every rank but the ranks)."""
 
-    root: Path  # written here (a URL checkpoint.dir is uploaded afterwards)
+    root: Path  # written here (node-local with a URL checkpoint.dir: uploaded from here)
     config_yaml: str
     layout: dict[str, Any]  # world size, loader workers, batch size, ...: must match on resume
     run_id: str | None
-    keep_last: int
+    keep_last: int  # of checkpoint.dir (a URL's local scratch copy keeps only the newest)
     rank: int
     barrier: Callable[[], None]
+    url: str | None = None  # a URL checkpoint.dir: every rank uploads its part, meta.json last
+    gather: Callable[[Any], list[Any]] = field(default=_gather_json)  # every rank's JSON
+    local_rank: int = field(default_factory=_local_rank)
 
 
-def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
-    """Every rank calls this at the same optimizer step (``state.counters["opt_step"]``);
-    returns the final directory."""
+def _write_parts(target: Target, parts: Parts, state: RankState, tmp: Path) -> None:
+    """Every rank writes its files into ``tmp`` (on its own node when not shared)."""
     from .engine import full_weights
 
-    c = state.counters
     weights = full_weights(parts.engine)  # a collective under ZeRO-3: before any rank writes
-    final = step_dir(target.root, c["opt_step"])
-    tmp = final.with_name(final.name + ".tmp")
-    if target.rank == 0:
+    if target.local_rank == 0:  # one rank per node: a stale attempt on a node-local disk too
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    if target.rank == 0 and target.url is not None:  # an earlier attempt's remote step-N
+        fs, remote = _remote_dir(target.url, f"{tmp.name.removesuffix('.tmp')}/{META}")
+        if fs.exists(remote):
+            fs.rm(remote)
     target.barrier()
+    tmp.mkdir(parents=True, exist_ok=True)
     parts.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)  # collective
     if target.rank == 0:
         save_tensors(tmp, "momentum.safetensors", parts.momentum.state_dict())
@@ -341,7 +395,33 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
         save_tensors(tmp, "model.safetensors", weights)  # for export: no DeepSpeed needed
         (tmp / "config.yaml").write_text(target.config_yaml)
     write_rank_files(tmp, target.rank, state)
+
+
+def _hash_and_upload(target: Target, tmp: Path) -> dict[str, dict[str, Any]]:
+    """After every rank wrote: each rank hashes (and, to a URL, uploads) its share of the
+    files it can see; rank 0 gets every rank's hashes, so meta.json covers files that only
+    another node holds. Returns the merged table (on every rank)."""
     target.barrier()
+    visible = [str(p.relative_to(tmp)) for p in _files(tmp)]
+    mine = assign_files(target.gather(visible))[target.rank]
+    hashes = hash_files(tmp, mine)
+    if target.url is not None:
+        upload_files(tmp, mine, target.url)
+    files: dict[str, dict[str, Any]] = {}
+    for part in target.gather(hashes):  # every rank has hashed and uploaded its share
+        files.update(part)
+    return files
+
+
+def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
+    """Every rank calls this at the same optimizer step (``state.counters["opt_step"]``);
+    returns the final (local) directory. Valid only once meta.json, written last by rank 0,
+    lists every rank's files."""
+    c = state.counters
+    final = step_dir(target.root, c["opt_step"])
+    tmp = final.with_name(final.name + ".tmp")
+    _write_parts(target, parts, state, tmp)
+    files = _hash_and_upload(target, tmp)
     if target.rank == 0:
         meta = {
             **target.layout,
@@ -351,9 +431,43 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
             "epoch": c["epoch"],
             "samples_seen": c["samples_seen"],
         }
-        finalize(tmp, final, meta, target.keep_last)
+        finalize(tmp, final, meta, 1 if target.url else target.keep_last, files)
+        if target.url is not None:  # last: a remote checkpoint without meta.json is skipped
+            publish_meta(final, target.url, target.keep_last)
+    elif target.local_rank == 0 and target.url is not None:
+        shutil.rmtree(tmp, ignore_errors=True)  # another node's scratch copy: uploaded
     target.barrier()
     return final
+
+
+def check_shared_dir(
+    root: Path, rank: int, node_rank: int, gather: Callable[[Any], list[Any]] = _gather_json
+) -> None:
+    """Every rank, at launch: a local ``checkpoint.dir`` must be one directory for all nodes
+    (each node writes its ranks' files there, rank 0 hashes and renames them). Rank 0 writes
+    a marker with a fresh random name; every rank must see it, else every rank fails with one
+    line naming the directory and the nodes that do not see it."""
+    token = None
+    if rank == 0:
+        token = f".shared-check-{secrets.token_hex(8)}"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / token).write_text("written by rank 0 to check that every node sees it\n")
+        except OSError as err:
+            token = f"error: {err.strerror or err}"
+    token = gather(token)[0]
+    if token.startswith("error: "):
+        raise CheckpointError(f"checkpoint.dir={root} is not writable by rank 0 ({token[7:]})")
+    seen = gather([node_rank, (root / token).is_file()])
+    if rank == 0:
+        (root / token).unlink(missing_ok=True)
+    blind = sorted({node for node, ok in seen if not ok})
+    if blind:
+        raise CheckpointError(
+            f"checkpoint.dir={root} is not shared between nodes: node(s) "
+            f"{', '.join(map(str, blind))} do not see what rank 0 (node {seen[0][0]}) wrote "
+            "there; use a directory every node mounts, or a URL (s3://, gs://, ...)"
+        )
 
 
 def load_run_checkpoint(
@@ -401,19 +515,36 @@ def _fs(url: str):
     return fsspec.core.url_to_fs(url)
 
 
-def upload(local: Path, root_url: str, keep_last: int) -> str:
-    """Copy a finished checkpoint to ``root_url``/step-N (meta.json last); prune old ones."""
+def _remote_dir(root_url: str, name: str) -> tuple[Any, str]:
     fs, root = _fs(root_url)
-    target = f"{root.rstrip('/')}/{local.name}"
-    for path in _files(local):
-        remote = f"{target}/{path.relative_to(local).as_posix()}"
+    return fs, f"{root.rstrip('/')}/{name}"
+
+
+def upload_files(local: Path, names: list[str], root_url: str) -> None:
+    """Copy ``names`` (relative to the checkpoint directory ``local``, named step-N or
+    step-N.tmp) to ``root_url``/step-N: one rank's part of a checkpoint."""
+    fs, target = _remote_dir(root_url, local.name.removesuffix(".tmp"))
+    for name in names:
+        remote = f"{target}/{Path(name).as_posix()}"
         fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(path), remote)
+        fs.put_file(str(local / name), remote)
+
+
+def publish_meta(local: Path, root_url: str, keep_last: int) -> str:
+    """meta.json last (every rank's part is up), then prune the oldest remote checkpoints."""
+    fs, target = _remote_dir(root_url, local.name)
+    fs.makedirs(target, exist_ok=True)
     fs.put_file(str(local / META), f"{target}/{META}")
     if keep_last > 0:
         for old in remote_checkpoints(root_url)[:-keep_last]:
-            fs.rm(f"{root.rstrip('/')}/{old}", recursive=True)
+            fs.rm(_remote_dir(root_url, old)[1], recursive=True)
     return target
+
+
+def upload(local: Path, root_url: str, keep_last: int) -> str:
+    """Copy a finished local checkpoint to ``root_url``/step-N (meta.json last); prune."""
+    upload_files(local, [str(p.relative_to(local)) for p in _files(local)], root_url)
+    return publish_meta(local, root_url, keep_last)
 
 
 def remote_checkpoints(root_url: str) -> list[str]:

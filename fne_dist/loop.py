@@ -181,6 +181,9 @@ def setup_run(
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+    ckpt_root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
+    if world > 1 and not ckpt.is_url(ckpt_root):  # before any work: one dir for every node
+        ckpt.check_shared_dir(Path(ckpt_root), rank, rank_env().node_rank)
     stream, tables = open_data(cfg, image_backbone, text_backbone, rank, world)
     total_micro = max(1, math.ceil(cfg.train.epochs * stream.steps_per_epoch))
     total_steps = max(1, total_micro // cfg.engine.grad_accum)
@@ -207,7 +210,6 @@ def setup_run(
         f"{total_steps} steps of {G} pairs, loss={cfg.fne.loss} after "
         f"{cfg.train.warmup_steps} warm-up steps, K={parts.memory.capacity}"
     )
-    ckpt_root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
     return Run(
         cfg=cfg,
@@ -272,9 +274,10 @@ def checkpoint_target(
             "grad_accum": cfg.engine.grad_accum,
         },
         run_id=cfg.run.id,
-        keep_last=1 if url else cfg.checkpoint.keep_last,
+        keep_last=cfg.checkpoint.keep_last,  # a URL's; its local scratch keeps 1
         rank=rank,
         barrier=dist_ops.barrier,
+        url=ckpt_root if url else None,  # every rank uploads its part, rank 0 meta.json last
     )
 
 
@@ -393,17 +396,13 @@ def maybe_checkpoint(run: Run, state: TrainState) -> None:
 
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
-    """Every rank writes its part (a collective); a URL checkpoint.dir then gets rank 0's
-    upload before any rank goes on."""
+    """Every rank writes (and, to a URL checkpoint.dir, uploads) its part (a collective)."""
     path = ckpt.save_run_checkpoint(
         run.checkpoints, run.parts, state.to_rank_state(run.global_batch, run.is_main)
     )
     state.saved_at = state.opt_step
     run.reporter.checkpoint(path, state.opt_step, run.is_main)
-    where = str(path)
-    if ckpt.is_url(run.ckpt_root) and run.is_main:
-        where = ckpt.upload(path, run.ckpt_root, run.cfg.checkpoint.keep_last)
-    dist_ops.long_barrier()  # resuming ranks must never see a half-uploaded newest checkpoint
+    where = f"{run.ckpt_root.rstrip('/')}/{path.name}" if ckpt.is_url(run.ckpt_root) else path
     run.reporter.message(f"checkpoint {where}")
 
 

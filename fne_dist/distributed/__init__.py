@@ -5,6 +5,7 @@ loop and its single-process tests run unchanged without any launcher.
 """
 
 from .collectives import (
+    all_gather_json,
     all_gather_no_grad,
     all_gather_varlen,
     all_min_int,
@@ -16,6 +17,7 @@ from .collectives import (
 )
 
 __all__ = [
+    "all_gather_json",
     "all_gather_no_grad",
     "all_gather_varlen",
     "all_min_int",

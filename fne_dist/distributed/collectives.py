@@ -5,6 +5,9 @@ Legend: B local batch, G = W·B gathered batch.
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -117,3 +120,22 @@ def all_min_int(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=_cpu_group())
     return int(t)
+
+
+def all_gather_json(value: Any) -> list[Any]:
+    """Every rank's small JSON-serialisable ``value``, in rank order (a list of one at world
+    size 1). Sent as JSON bytes over the long-barrier (else a gloo) group, never pickled:
+    ranks may arrive after long one-rank work (hashing, uploading a checkpoint part)."""
+    if not _active():
+        return [value]
+    group = _LONG_GROUP.get("group") or _cpu_group()
+    data = torch.tensor(list(json.dumps(value).encode()), dtype=torch.uint8)
+    world = dist.get_world_size()
+    n = torch.tensor([data.numel()], dtype=torch.long)
+    counts = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(counts, n, group=group)
+    padded = torch.zeros(max(int(c) for c in counts), dtype=torch.uint8)
+    padded[: data.numel()] = data
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return [json.loads(bytes(p[: int(c)].tolist())) for p, c in zip(parts, counts, strict=True)]

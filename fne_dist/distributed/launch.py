@@ -35,6 +35,24 @@ class RankEnv:
     local_rank: int
     source: str  # "torch" (RANK/WORLD_SIZE), "slurm" (an srun step), or "none"
     local_world_size: int = 1  # processes on this node (they share the node's cores and disk)
+    node_rank: int = 0  # this node's index, from the launcher (never the host name)
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.world_size > self.local_world_size
+
+
+# Node index as each launcher announces it: torchrun (GROUP_RANK), Ray Train and accelerate
+# (NODE_RANK), the deepspeed launcher (CROSS_RANK). Host names are no identity: two "nodes" of
+# one machine, and many containers, share one.
+NODE_RANK_VARS = ("GROUP_RANK", "NODE_RANK", "CROSS_RANK")
+
+
+def _torch_node_rank(env: Mapping[str, str], rank: int, local_world: int) -> int:
+    for var in NODE_RANK_VARS:
+        if env.get(var, "").strip().isdigit():
+            return int(env[var])
+    return rank // max(1, local_world)  # launchers place ranks node by node
 
 
 @dataclass(frozen=True)
@@ -77,12 +95,14 @@ def rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
     """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
+        rank, local_world = int(env["RANK"]), int(env.get("LOCAL_WORLD_SIZE", 1))
         return RankEnv(
-            int(env["RANK"]),
+            rank,
             int(env["WORLD_SIZE"]),
             int(env.get("LOCAL_RANK", 0)),
             "torch",
-            int(env.get("LOCAL_WORLD_SIZE", 1)),
+            local_world,
+            _torch_node_rank(env, rank, local_world),
         )
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         return RankEnv(
@@ -91,6 +111,7 @@ def rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
             int(env.get("SLURM_LOCALID", 0)),
             "slurm",
             _slurm_local_world(env),
+            int(env.get("SLURM_NODEID", 0)),
         )
     return RankEnv(0, 1, 0, "none")
 
@@ -136,11 +157,16 @@ def rendezvous(rank: RankEnv, environ: Mapping[str, str] | None = None) -> Rende
         return Rendezvous(addr or "127.0.0.1", int(port) if port else free_port(), "local")
     if rank.source == "slurm":
         return _slurm_rendezvous(env)
-    if port and rank.local_world_size >= rank.world_size:  # every rank on this host
+    if port and not rank.spans_nodes:  # every rank on this host: loopback is rank 0's host
         return Rendezvous("127.0.0.1", int(port), "environment")
     missing = " and ".join(k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k))
+    spans = (
+        f" on several nodes (LOCAL_WORLD_SIZE={rank.local_world_size}: no loopback default)"
+        if rank.spans_nodes
+        else ""
+    )
     raise ConfigError(
-        f"{rank.world_size} processes (RANK/WORLD_SIZE set) but {missing} not set: "
+        f"{rank.world_size} processes{spans} (RANK/WORLD_SIZE set) but {missing} not set: "
         "launch with torchrun, the deepspeed launcher or srun, or export MASTER_ADDR and "
         "MASTER_PORT (the address and a free port of rank 0's host)"
     )

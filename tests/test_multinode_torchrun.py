@@ -1,0 +1,191 @@
+"""Two "nodes" on one machine: two torchrun agents (``--nnodes 2 --nproc_per_node 1``), each with
+its own node-local directories (cwd, run.output_dir, data.cache_dir), rendezvous at 127.0.0.2
+(a loopback address standing for the first node's), and one shared directory standing for the
+cluster file system. Only such a layout shows the faults of a run that spans nodes: a
+checkpoint holding only the files rank 0 can see, a node-local checkpoint.dir, a resume that
+finds its checkpoint on one node only.
+
+Processes: every command runs in its own session and is killed by process group at its
+timeout; marked stragglers are reaped by PID (the launcher tests' helpers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fne_dist.distributed.launch import free_port
+from tests.test_launchers import BIN, _reap, _sandbox_env, train_args
+
+pytestmark = pytest.mark.system
+
+RUN_TIMEOUT_S = 240.0
+STEPS = 10  # train_args: 0.05 epochs at world size 2
+EVERY = 3  # a checkpoint every 3 optimizer steps: 3, 6, 9 and the end (10)
+NODE_ADDR = "127.0.0.2"  # node 0's address; loopback, so the test reaches nothing outside
+
+
+def _node_cmd(node: int, port: int, *extra: str) -> list[str]:
+    cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1"]
+    cmd += ["--node_rank", str(node), "--master_addr", NODE_ADDR, "--master_port", str(port)]
+    return cmd + train_args(2, "train.log_every=1", "run.id=two-nodes", *extra)
+
+
+class TwoNodes:
+    """Starts both nodes' torchrun agents, each in its own directory, and waits for them."""
+
+    def __init__(self, base: Path, env: dict[str, str], marker: str) -> None:
+        self.base, self.env, self.marker = base, env, marker
+        self.shared = base / "shared"  # the cluster file system
+
+    def node_dir(self, node: int) -> Path:
+        return self.base / f"node{node}"
+
+    def start(self, name: str, *extra: str) -> list[subprocess.Popen]:
+        port = free_port()
+        procs = []
+        for node in (0, 1):
+            work = self.node_dir(node)
+            work.mkdir(parents=True, exist_ok=True)
+            log = (work / f"{name}.log").open("w")
+            cmd = [c.replace("{work}", str(work)) for c in _node_cmd(node, port, *extra)]
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=work,
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+            log.close()
+        return procs
+
+    def wait(self, procs: list[subprocess.Popen], timeout_s: float = RUN_TIMEOUT_S) -> list:
+        """Exit codes (None: killed at the timeout); one failing node stops the other
+        within 90 s (its collectives fail), else it is killed too."""
+        deadline = time.monotonic() + timeout_s
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                deadline = min(deadline, time.monotonic() + 90)
+            time.sleep(0.5)
+        codes = [p.poll() for p in procs]
+        for p in procs:
+            kill(p)
+        _reap(self.marker, grace_s=10)
+        return codes
+
+    def log(self, node: int, name: str) -> str:
+        return (self.node_dir(node) / f"{name}.log").read_text()
+
+
+def kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
+    marker = uuid.uuid4().hex
+    ray_tmp = tmp_path_factory.mktemp("ray")
+    env = _sandbox_env(ray_tmp, marker)
+    env["GLOO_SOCKET_IFNAME"] = "lo"  # 127.0.0.2 lives on lo
+    yield TwoNodes(tmp_path_factory.mktemp("twonodes"), env, marker)
+    _reap(marker, grace_s=5)
+
+
+def history(node_dir: Path) -> list[dict]:
+    path = node_dir / "out" / "tiny" / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def meta(step_dir: Path) -> dict:
+    return json.loads((step_dir / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(nodes: TwoNodes) -> dict:
+    """An uninterrupted two-node run with a shared checkpoint.dir."""
+    ckpt = nodes.shared / "straight"
+    extra = (f"checkpoint.dir={ckpt}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=0")
+    procs = nodes.start("straight", *extra)
+    codes = nodes.wait(procs)
+    assert codes == [0, 0], nodes.log(0, "straight")[-3000:] + nodes.log(1, "straight")[-3000:]
+    return {"ckpt": ckpt, "history": history(nodes.node_dir(0))}
+
+
+@pytest.mark.timeout(600)
+def test_two_node_checkpoint_lists_every_ranks_files(nodes: TwoNodes, straight: dict) -> None:
+    """Invariant: a checkpoint of a run spanning two nodes is complete: meta.json lists and
+    hashes both ranks' files (rank-00000.* and rank-00001.*, written on different nodes),
+    the shared directory holds no leftover step-N.tmp, and every step-N validates."""
+    from fne_dist.checkpoint import list_checkpoints, validate
+
+    found = list_checkpoints(straight["ckpt"])
+    assert [p.name for p in found] == [f"step-{s:08d}" for s in (3, 6, 9, STEPS)]
+    for step_dir in found:
+        files = validate(step_dir)["files"]
+        for rank in (0, 1):
+            assert f"rank-{rank:05d}.json" in files and f"rank-{rank:05d}.safetensors" in files
+    assert not list(nodes.base.rglob("step-*.tmp")), list(nodes.base.rglob("step-*.tmp"))
+    assert meta(found[-1])["world_size"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_node_local_checkpoint_dirs_fail_at_launch(nodes: TwoNodes) -> None:
+    """Invariant: with checkpoint.dir left to its default under each node's own
+    run.output_dir, both nodes stop before training with one line naming the directory and
+    the node that does not see rank 0's marker."""
+    procs = nodes.start("local-ckpt")
+    codes = nodes.wait(procs, timeout_s=180)
+    assert all(c not in (0, None) for c in codes), codes
+    for node in (0, 1):
+        log = nodes.log(node, "local-ckpt")
+        lines = [ln for ln in log.splitlines() if "is not shared between nodes" in ln]
+        assert lines, log[-3000:]
+        assert "node(s) 1 do not see" in lines[0] and "checkpoint.dir=" in lines[0]
+        assert "loss=" not in log  # failed before the first step
+
+
+@pytest.mark.timeout(600)
+def test_kill_one_node_then_resume_both_continues(nodes: TwoNodes, straight: dict) -> None:
+    """Invariant: node 1's process killed mid-run after a checkpoint exists; both nodes then
+    resumed with checkpoint.resume=latest continue from that complete checkpoint: the logged
+    steps after the resume continue the sequence up to the end, and their losses equal the
+    uninterrupted run's at the same steps."""
+    ckpt = nodes.shared / "killed"
+    extra = (f"checkpoint.dir={ckpt}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=0")
+    procs = nodes.start("killed", *extra)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    first = ckpt / f"step-{EVERY:08d}" / "meta.json"
+    while not first.is_file() and time.monotonic() < deadline and procs[1].poll() is None:
+        time.sleep(0.2)
+    assert first.is_file(), nodes.log(0, "killed")[-3000:]
+    kill(procs[1])  # node 1 dies mid-run; node 0 loses its peer
+    nodes.wait(procs, timeout_s=120)
+    before = history(nodes.node_dir(0))
+    assert before and before[-1]["step"] < STEPS, before
+
+    codes = nodes.wait(nodes.start("resumed", *extra, "checkpoint.resume=latest"))
+    log0 = nodes.log(0, "resumed")
+    assert codes == [0, 0], log0[-3000:] + nodes.log(1, "resumed")[-3000:]
+    resumed = [ln for ln in log0.splitlines() if "resumed from" in ln]
+    assert resumed, log0[-3000:]
+    step = int(resumed[0].split("optimizer step ")[1].split(",")[0])
+    assert step >= EVERY and step % EVERY == 0
+    after = history(nodes.node_dir(0))[len(before) :]
+    assert [h["step"] for h in after] == list(range(step + 1, STEPS + 1)), after
+    reference = {h["step"]: h["loss"] for h in straight["history"]}
+    assert [h["loss"] for h in after] == [reference[h["step"]] for h in after]
