@@ -1,9 +1,10 @@
 """What the loop feeds the model: shard lists (raw or cached features), the training stream and
 the evaluation tables, assembled from the config for one rank.
 
-A frozen tower's features are computed once per split into feature shards
-(``data/feature_shards.py``) by local rank 0 of each node while the other ranks wait; training
-and evaluation then read those shards instead of the raw ones.
+A frozen tower's features are computed once per content (splits over the same shards share
+them) into feature shards (``data/feature_shards.py``) by local rank 0 of each node, under a lock
+so that nodes sharing data.cache_dir build it once, while the other ranks wait; training and
+evaluation then read those shards instead of the raw ones.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import torch
 from . import distributed as D
 from .config import Config
 from .data.batching import PairCollate, PairTransform
-from .data.feature_shards import build_feature_shards, cache_fingerprint, is_complete
+from .data.feature_shards import (
+    build_feature_shards,
+    build_once,
+    cache_fingerprint,
+    is_complete,
+)
 from .data.sources import DataError, ShardList, shard_list
 from .data.splits import PairTable, load_split
 from .data.stream import StreamOptions, TrainStream
@@ -30,19 +36,26 @@ def raw_shards(cfg: Config, split: str) -> ShardList:
     return shard_list(getattr(cfg.data, split), f"data.{split}", cfg.data.allow_pipe)
 
 
-def _cache_dir(cfg: Config, split: str, shards: ShardList) -> Path:
+def _shard_identity(url: str, samples: int) -> list:
+    """A source shard as the cache key sees it: name, sample count, and byte size when it is
+    a local file (a rewritten shard of the same name gets a new cache)."""
+    path = Path(url)
+    return [path.name, samples, path.stat().st_size if path.is_file() else None]
+
+
+def cache_dir(cfg: Config, split: str, shards: ShardList) -> Path:
+    """Where ``split``'s feature shards go: keyed by content (shards, encoders, sizes,
+    caption choice), not by split name, so splits over the same shards share one cache."""
+    image, text = cfg.model.image, cfg.model.text
     identity = {
-        "split": split,
-        "shards": [(Path(u).name, n) for u, n in zip(shards.urls, shards.sizes, strict=True)],
+        "shards": [_shard_identity(u, n) for u, n in zip(shards.urls, shards.sizes, strict=True)],
         "caption_key": cfg.data.caption_key,
-        "image": [cfg.model.image.type, cfg.model.image.name_or_path, cfg.model.image.image_size]
-        if cfg.model.image.frozen
-        else None,
-        "text": [cfg.model.text.type, cfg.model.text.name_or_path, cfg.model.text.max_length]
-        if cfg.model.text.frozen
-        else None,
+        "all_captions": split != "train",  # evaluation keeps every caption of an image
+        "max_pixels": cfg.data.max_pixels,
+        "image": [image.type, image.name_or_path, image.image_size] if image.frozen else None,
+        "text": [text.type, text.name_or_path, text.max_length] if text.frozen else None,
     }
-    return Path(cfg.data.cache_dir) / f"{split}-{cache_fingerprint(identity)}"
+    return Path(cfg.data.cache_dir) / f"feat-{cache_fingerprint(identity)}"
 
 
 def split_shards(
@@ -59,13 +72,48 @@ def split_shards(
     shards = raw_shards(cfg, split)
     if not (cfg.model.image.frozen or cfg.model.text.frozen):
         return shards
-    out = _cache_dir(cfg, split, shards)
-    if local_rank == 0 and not is_complete(out):
-        threads = torch.get_num_threads()
-        # the other local ranks only wait: lend their cores to the build
-        torch.set_num_threads(min(os.cpu_count() or 1, threads * local_world))
+    out = cache_dir(cfg, split, shards)
+    if local_rank == 0:  # one builder per node; one per cluster on a shared data.cache_dir
         t0 = time.perf_counter()
-        bad = build_feature_shards(
+        bad = {}
+
+        def build() -> None:
+            threads = torch.get_num_threads()
+            # the other local ranks only wait: lend their cores to the build
+            torch.set_num_threads(min(os.cpu_count() or 1, threads * local_world))
+            try:
+                bad.update(_build(cfg, split, shards, out, image_backbone, text_backbone))
+            finally:
+                torch.set_num_threads(threads)
+
+        if build_once(out, build, cfg.data.cache_wait_s):
+            log(
+                f"data.{split}: cached frozen-tower features of {shards.total} samples in "
+                f"{time.perf_counter() - t0:.1f} s → {out}"
+                + (f" (bad samples skipped: {bad})" if bad else "")
+            )
+    deadline = time.monotonic() + cfg.data.cache_wait_s
+    while not is_complete(out):  # local rank 0 of this node is building it or waiting
+        if time.monotonic() > deadline:
+            raise DataError(
+                f"data.{split}: feature cache {out} not complete after "
+                f"data.cache_wait_s={cfg.data.cache_wait_s:.0f} s"
+            )
+        time.sleep(0.5)
+    D.long_barrier()  # other nodes may still be building theirs: dist.barrier_timeout_s
+    return shard_list(str(out / "feat-*.tar"), f"data.{split} (feature cache)")
+
+
+def _build(
+    cfg: Config,
+    split: str,
+    shards: ShardList,
+    out: Path,
+    image_backbone: ImageBackbone,
+    text_backbone: TextBackbone,
+) -> dict[str, int]:
+    return dict(
+        build_feature_shards(
             shards,
             out,
             image_backbone if cfg.model.image.frozen else None,
@@ -75,22 +123,7 @@ def split_shards(
             max_pixels=cfg.data.max_pixels,
             max_bad_fraction=cfg.data.max_bad_fraction,
         )
-        torch.set_num_threads(threads)
-        log(
-            f"data.{split}: cached frozen-tower features of {shards.total} samples in "
-            f"{time.perf_counter() - t0:.1f} s → {out}"
-            + (f" (bad samples skipped: {dict(bad)})" if bad else "")
-        )
-    deadline = time.monotonic() + cfg.data.cache_wait_s
-    while not is_complete(out):  # another process on this node is building it
-        if time.monotonic() > deadline:
-            raise DataError(
-                f"data.{split}: feature cache {out} not complete after "
-                f"data.cache_wait_s={cfg.data.cache_wait_s:.0f} s"
-            )
-        time.sleep(0.5)
-    D.long_barrier()  # other nodes may still be building theirs: dist.barrier_timeout_s
-    return shard_list(str(out / "feat-*.tar"), f"data.{split} (feature cache)")
+    )
 
 
 def train_stream(

@@ -7,21 +7,27 @@ shard, with the same keys: ``img_feat.npy`` (F) replaces the image of a frozen i
 ``json`` keeps the ids. Training then streams these shards through the same pipeline as raw
 ones (the ``features`` writer of ``python -m fne_dist.shards`` makes the same members).
 
-The directory is keyed by a fingerprint of the source shards (names and sizes) and the encoder
-settings; it is built in a private temporary directory and renamed into place, so concurrent
-builders (one per node) and crashes never leave a half-written cache that looks complete.
+The directory is keyed by what it holds (the source shards' names, sample counts and byte sizes,
+the encoder settings, the caption choice), never by split name: val and test over the same shards
+share one cache. It is built in a private temporary directory and renamed into place, so a crash
+never leaves a half-written cache that looks complete; ``build_once`` holds a lock next to it
+while building, so on a cache directory shared by several nodes one node builds and the others
+wait (a lock held by a process that died is released by the kernel).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
-import socket
 import tarfile
+import time
+import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +112,8 @@ def build_feature_shards(
     batch_size: int = 64,
 ) -> Counter[str]:
     """Write the feature shards of ``shards`` to ``out_dir`` (atomically); returns bad counts."""
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    # a random name: host name and pid identify nothing across containers or nodes
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log = BadSampleLog()
@@ -162,3 +169,33 @@ def build_feature_shards(
 
 def is_complete(out_dir: Path) -> bool:
     return (out_dir / "sizes.json").is_file()
+
+
+def build_once(
+    out_dir: Path, build: Callable[[], object], timeout_s: float, poll_s: float = 0.5
+) -> bool:
+    """Run ``build`` (which must leave ``out_dir`` complete) unless ``out_dir`` is complete,
+    holding an exclusive lock on ``<out_dir>.lock`` meanwhile: several builders on one shared
+    cache directory build it once; the others wait for it (at most ``timeout_s``). Returns
+    True when this call built it."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    while not is_complete(out_dir):
+        with open(out_dir.with_name(f"{out_dir.name}.lock"), "a") as lock:
+            try:  # POSIX record locks: honoured across NFS clients, unlike flock on some
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise DataError(
+                        f"feature cache {out_dir}: another builder holds {lock.name} for "
+                        f"more than data.cache_wait_s={timeout_s:.0f} s"
+                    ) from None
+                time.sleep(poll_s)
+                continue
+            try:
+                if not is_complete(out_dir):  # the holder before us may have finished it
+                    build()
+                    return True
+            finally:
+                fcntl.lockf(lock, fcntl.LOCK_UN)
+    return False
