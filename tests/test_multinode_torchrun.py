@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from fne_dist.distributed.launch import free_port
-from tests.test_launchers import BIN, _reap, _sandbox_env, train_args
+from tests.test_launchers import BIN, _marked_pids, _reap, _sandbox_env, train_args
 
 pytestmark = pytest.mark.system
 
@@ -34,10 +34,11 @@ EVERY = 3  # a checkpoint every 3 optimizer steps: 3, 6, 9 and the end (10)
 NODE_ADDR = "127.0.0.2"  # node 0's address; loopback, so the test reaches nothing outside
 
 
-def _node_cmd(node: int, port: int, *extra: str) -> list[str]:
+def _node_cmd(node: int, port: int, run: str, *extra: str) -> list[str]:
     cmd = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1"]
     cmd += ["--node_rank", str(node), "--master_addr", NODE_ADDR, "--master_port", str(port)]
-    return cmd + train_args(2, "train.log_every=1", "run.id=two-nodes", *extra)
+    short = ("train.log_every=1", "dist.rendezvous_timeout_s=60", f"run.name={run}")
+    return cmd + train_args(2, *short, *extra)
 
 
 class TwoNodes:
@@ -50,14 +51,15 @@ class TwoNodes:
     def node_dir(self, node: int) -> Path:
         return self.base / f"node{node}"
 
-    def start(self, name: str, *extra: str) -> list[subprocess.Popen]:
+    def start(self, name: str, run: str, *extra: str) -> list[subprocess.Popen]:
+        """Both nodes of run ``run`` (logs: ``<node dir>/<name>.log``)."""
         port = free_port()
         procs = []
         for node in (0, 1):
             work = self.node_dir(node)
             work.mkdir(parents=True, exist_ok=True)
             log = (work / f"{name}.log").open("w")
-            cmd = [c.replace("{work}", str(work)) for c in _node_cmd(node, port, *extra)]
+            cmd = [c.replace("{work}", str(work)) for c in _node_cmd(node, port, run, *extra)]
             procs.append(
                 subprocess.Popen(
                     cmd,
@@ -85,6 +87,17 @@ class TwoNodes:
         _reap(self.marker, grace_s=10)
         return codes
 
+    def kill_node(self, node: int) -> list[int]:
+        """SIGKILL every process of ours running in node ``node``'s directory: its torchrun
+        agent and the training process (which torchrun starts in a session of its own)."""
+        killed = []
+        for pid in _marked_pids(self.marker):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/cwd").resolve() == self.node_dir(node).resolve():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+        return killed
+
     def log(self, node: int, name: str) -> str:
         return (self.node_dir(node) / f"{name}.log").read_text()
 
@@ -106,8 +119,8 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     _reap(marker, grace_s=5)
 
 
-def history(node_dir: Path) -> list[dict]:
-    path = node_dir / "out" / "tiny" / "train_log.jsonl"
+def history(node_dir: Path, run: str) -> list[dict]:
+    path = node_dir / "out" / run / "train_log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -120,10 +133,10 @@ def straight(nodes: TwoNodes) -> dict:
     """An uninterrupted two-node run with a shared checkpoint.dir."""
     ckpt = nodes.shared / "straight"
     extra = (f"checkpoint.dir={ckpt}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=0")
-    procs = nodes.start("straight", *extra)
+    procs = nodes.start("straight", "straight", *extra)
     codes = nodes.wait(procs)
     assert codes == [0, 0], nodes.log(0, "straight")[-3000:] + nodes.log(1, "straight")[-3000:]
-    return {"ckpt": ckpt, "history": history(nodes.node_dir(0))}
+    return {"ckpt": ckpt, "history": history(nodes.node_dir(0), "straight")}
 
 
 @pytest.mark.timeout(600)
@@ -148,7 +161,7 @@ def test_node_local_checkpoint_dirs_fail_at_launch(nodes: TwoNodes) -> None:
     """Invariant: with checkpoint.dir left to its default under each node's own
     run.output_dir, both nodes stop before training with one line naming the directory and
     the node that does not see rank 0's marker."""
-    procs = nodes.start("local-ckpt")
+    procs = nodes.start("local-ckpt", "local-ckpt")
     codes = nodes.wait(procs, timeout_s=180)
     assert all(c not in (0, None) for c in codes), codes
     for node in (0, 1):
@@ -167,25 +180,25 @@ def test_kill_one_node_then_resume_both_continues(nodes: TwoNodes, straight: dic
     uninterrupted run's at the same steps."""
     ckpt = nodes.shared / "killed"
     extra = (f"checkpoint.dir={ckpt}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=0")
-    procs = nodes.start("killed", *extra)
+    procs = nodes.start("killed", "killed", *extra)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     first = ckpt / f"step-{EVERY:08d}" / "meta.json"
     while not first.is_file() and time.monotonic() < deadline and procs[1].poll() is None:
         time.sleep(0.2)
     assert first.is_file(), nodes.log(0, "killed")[-3000:]
-    kill(procs[1])  # node 1 dies mid-run; node 0 loses its peer
+    assert nodes.kill_node(1), "node 1 had no process to kill"  # dies mid-run
     nodes.wait(procs, timeout_s=120)
-    before = history(nodes.node_dir(0))
+    before = history(nodes.node_dir(0), "killed")
     assert before and before[-1]["step"] < STEPS, before
 
-    codes = nodes.wait(nodes.start("resumed", *extra, "checkpoint.resume=latest"))
+    codes = nodes.wait(nodes.start("resumed", "killed", *extra, "checkpoint.resume=latest"))
     log0 = nodes.log(0, "resumed")
     assert codes == [0, 0], log0[-3000:] + nodes.log(1, "resumed")[-3000:]
     resumed = [ln for ln in log0.splitlines() if "resumed from" in ln]
     assert resumed, log0[-3000:]
     step = int(resumed[0].split("optimizer step ")[1].split(",")[0])
     assert step >= EVERY and step % EVERY == 0
-    after = history(nodes.node_dir(0))[len(before) :]
+    after = history(nodes.node_dir(0), "killed")[len(before) :]
     assert [h["step"] for h in after] == list(range(step + 1, STEPS + 1)), after
     reference = {h["step"]: h["loss"] for h in straight["history"]}
     assert [h["loss"] for h in after] == [reference[h["step"]] for h in after]
