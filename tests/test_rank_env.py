@@ -124,13 +124,13 @@ def test_torch_variables_win() -> None:
         "LOCAL_RANK": "1",
         "LOCAL_WORLD_SIZE": "4",
     }
-    assert rank_env(env) == RankEnv(5, 8, 1, "torch", 4)
+    assert rank_env(env) == RankEnv(5, 8, 1, "torch", 4, node_rank=1)  # 5 // 4 per node
 
 
 def test_srun_step_variables() -> None:
     """Invariant: an srun task is rank SLURM_PROCID of SLURM_STEP_NUM_TASKS; its node's task
     count comes from the (step's) tasks-per-node list at SLURM_NODEID."""
-    assert rank_env(srun_env(3)) == RankEnv(3, 4, 1, "slurm", 2)
+    assert rank_env(srun_env(3)) == RankEnv(3, 4, 1, "slurm", 2, node_rank=1)  # SLURM_NODEID
     six = srun_env(4, 7, SLURM_NODEID="3", SLURM_STEP_TASKS_PER_NODE="2(x3),1")
     assert rank_env(six).local_world_size == 1
     six["SLURM_NODEID"] = "2"
