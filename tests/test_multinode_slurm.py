@@ -11,11 +11,14 @@ The daemons are this module's children, stopped by their PIDs; jobs go through t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from tests.fixtures_slurm import (
     _which,
     missing_binaries,
 )
-from tests.test_cluster_slurm import JOB_TIMEOUT_S, assert_trained_two_ranks, sbatch
+from tests.test_cluster_slurm import JOB_TIMEOUT_S, ROOT, assert_trained_two_ranks, job_env, sbatch
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -139,3 +142,71 @@ def test_srun_script_on_two_nodes(two_nodes: SlurmCluster, tmp_path: Path) -> No
     for step_dir in ckpt.list_checkpoints(job.run_dir / "checkpoints"):
         files = ckpt.validate(step_dir)["files"]
         assert {"rank-00000.json", "rank-00001.json", "rank-00001.safetensors"} <= set(files)
+
+
+def _submit(env: dict[str, str], out: Path, options: list[str], wait: bool) -> tuple[str, int]:
+    """sbatch srun.sbatch from the repository root; (job id, sbatch's exit code)."""
+    cmd = ["sbatch", "--parsable", f"--output={out}", "--time=6", *options]
+    done = subprocess.run(
+        [*cmd, *(["--wait"] if wait else []), "cluster/slurm/srun.sbatch"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+        check=False,
+    )
+    return done.stdout.strip().split(";")[0], done.returncode
+
+
+def _task_pid(job_id: str, procid: int) -> int | None:
+    """The training process of task ``procid`` of ``job_id`` (from its environment)."""
+    want = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={procid}".encode()}
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if not proc.name.isdigit() or b"fne_dist.train" not in (proc / "cmdline").read_bytes():
+                continue
+            if want <= set((proc / "environ").read_bytes().split(b"\0")):
+                return int(proc.name)
+    return None
+
+
+def _until(ready, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return bool(ready())
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S + 120)
+def test_kill_a_rank_on_one_node_then_resubmit_resumes(
+    two_nodes: SlurmCluster, tmp_path: Path
+) -> None:
+    """Invariant: rank 1 (on n2) killed mid-run after a checkpoint exists ends the job; a
+    resubmission with checkpoint.resume=latest resumes on both nodes from that complete
+    checkpoint and logs the remaining steps, continuing the step sequence to the end."""
+    env = job_env(two_nodes, tmp_path, "ddp")
+    env["FNE_ARGS"] = env["FNE_ARGS"].replace("train.epochs=0.02", "train.epochs=0.05")
+    env["FNE_ARGS"] += " train.log_every=1 checkpoint.every_steps=2 checkpoint.keep_last=0"
+    opts = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0", "--cpus-per-task=1"]
+    run_dir = tmp_path / "out" / "tiny"
+    job, rc = _submit(env, tmp_path / "first.out", opts, wait=False)
+    assert rc == 0 and job.isdigit(), job
+    first = run_dir / "checkpoints" / "step-00000002" / "meta.json"
+    assert _until(first.is_file, JOB_TIMEOUT_S), (tmp_path / "first.out").read_text()[-3000:]
+    pid = _task_pid(job, 1)
+    assert pid is not None, "rank 1's process not found"
+    os.kill(pid, signal.SIGKILL)
+    assert _until(lambda: not two_nodes.scontrol("show", "job", job).count("RUNNING"), 120)
+    before = (run_dir / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(before[-1])["step"] < 10, before[-1]
+
+    env["FNE_ARGS"] += " checkpoint.resume=latest"
+    _, rc = _submit(env, tmp_path / "second.out", opts, wait=True)
+    second = (tmp_path / "second.out").read_text()
+    assert rc == 0, second[-3000:]
+    resumed = [ln for ln in second.splitlines() if "resumed from" in ln]
+    assert resumed, second[-3000:]
+    step = int(resumed[0].split("optimizer step ")[1].split(",")[0])
+    after = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in after[len(before) :]] == list(range(step + 1, 11))
