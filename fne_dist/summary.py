@@ -65,6 +65,7 @@ def diagnostic_lines(
             f"μ+ {d.get('mu_pos', math.nan):.3f} σ+ {d.get('sigma_pos', math.nan):.3f}, "
             f"μ- {d.get('mu_neg', math.nan):.3f} σ- {d.get('sigma_neg', math.nan):.3f}, "
             f"P_fn>eps {_pct(d, 'frac_pfn_gt_eps')} of candidates"
+            + (f", estimated prior {d['prior']:.2e}" if "prior" in d else "")
         )
     parts = []
     if "window" in kinds:

@@ -320,8 +320,9 @@ def _info_nce(
 
 
 def gaussian_diagnostics(g: Gaussians) -> dict[str, Tensor]:
-    """Gate state, positive count and μ±/σ± as 0-dim tensors."""
-    return {
+    """Gate state, positive count, μ±/σ± (and an estimated prior π) as 0-dim tensors."""
+    out = {} if g.prior is None else {"prior": g.prior}
+    return out | {
         "gate_open": g.gate_open.to(torch.float64),
         "n_pos": g.n_pos,
         "mu_pos": torch.where(g.has_mu_pos, g.mu_pos, torch.nan),
