@@ -139,7 +139,8 @@ def test_loss_reports_detection_sums_only_with_groups(loss: str) -> None:
     without = retrieval_loss(*_batch(False), cfg, g, u).diagnostics
     assert not any(k.startswith("fnd_") for k in without)
     has = {k[4:] for k in with_groups if k.startswith("fnd_")}
-    assert has == (set(COLUMNS) if loss != "vse_pp" else set())
+    no_posterior = {c for c in COLUMNS if not c.startswith(("pfn_", "rel"))}
+    assert has == {"fne": set(COLUMNS), "window": no_posterior, "vse_pp": set()}[loss]
     assert 0.0 <= float(with_groups["frac_neg_same_group"]) <= 1.0
     if loss != "vse_pp":
         # 4 labelled anchors × 2 directions; each sees 1 labelled group mate (not masked).

@@ -170,7 +170,7 @@ def detection_rates(totals: dict[str, float], prefix: str = "fnd_") -> dict[str,
     the reliability curve, from summed (or equally averaged) columns ``{prefix}{column}``.
 
     A ratio whose denominator is 0 is NaN (nothing predicted, or no FN to find). Returns {}
-    when the totals hold no detection columns.
+    when the totals hold no detection columns, and no P_fn rates without P_fn columns.
     """
     if f"{prefix}n_eval" not in totals:
         return {}
@@ -181,11 +181,13 @@ def detection_rates(totals: dict[str, float], prefix: str = "fnd_") -> dict[str,
     t = {c: float(totals.get(prefix + c, 0.0)) for c in COLUMNS}
     out = {
         "fn_rate": ratio(t["n_actual"], t["n_eval"]),
-        "pfn_precision": ratio(t["pfn_tp"], t["pfn_pred"]),
-        "pfn_recall": ratio(t["pfn_tp"], t["n_actual"]),
         "window_precision": ratio(t["window_tp"], t["window_pred"]),
         "window_recall": ratio(t["window_tp"], t["n_actual"]),
     }
+    if f"{prefix}pfn_pred" not in totals:  # a rule without a posterior (window)
+        return out
+    out["pfn_precision"] = ratio(t["pfn_tp"], t["pfn_pred"])
+    out["pfn_recall"] = ratio(t["pfn_tp"], t["n_actual"])
     for r in range(N_BINS):
         n = t[f"rel{r}_n"]
         out[f"rel{r}_predicted"] = ratio(t[f"rel{r}_p"], n)

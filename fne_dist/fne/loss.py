@@ -138,7 +138,8 @@ def retrieval_loss(
         # Group mates among the sampled negatives (over draws of labelled anchors).
         diag["frac_neg_same_group"] = s["same_group"] / s["labelled_draws"].clamp_min(1.0)
         for key in DETECTION_COLUMNS if rule != "hardest" else ():
-            diag[f"fnd_{key}"] = s[f"fnd_{key}"]  # per-step sums: fne.detection
+            if rule == "fne" or not key.startswith(("pfn_", "rel")):  # no posterior: no P_fn
+                diag[f"fnd_{key}"] = s[f"fnd_{key}"]  # per-step sums: fne.detection
     if rule == "fne":
         diag["frac_pfn_gt_eps"] = s["fn"] / s["unmasked"].clamp_min(1.0)
     if rule != "hardest":  # the share of candidates the draw spreads over
