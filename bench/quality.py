@@ -69,8 +69,8 @@ class Setup:
     img_dim: int = 48
     txt_dim: int = 32
     embed_dim: int = 64
-    instance: float = 0.6  # instance part relative to the class centre
-    noise: float = 0.35  # caption noise
+    instance: float = 1.5  # instance part relative to the class centre (N(0, 1) per dim)
+    noise: float = 1.0  # caption noise
     epochs: int = 8
     batch: int = 32
     memory: int = 256
