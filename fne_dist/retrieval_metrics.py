@@ -28,7 +28,8 @@ ground truth is in its own group, so group ranks are never worse than strict ran
 label means "no group label" (shards without ``group_id``): it is its own value, not a shared
 group. Group metrics are averaged over the labelled queries only (an image with a label, a
 caption whose image has one); an unlabelled candidate is relevant only as a strict ground truth;
-without any label the group keys are absent.
+without any label the group keys hold NaN (not measured; the keys stay, so metrics.json and
+monitoring see one schema).
 
 Group mAP (``group_i2t_map``, ``group_t2i_map``, their mean ``group_map``; percentages): the
 average precision of each labelled query over the full ranking with relevant = same group,
@@ -45,6 +46,7 @@ mAP sorts every row and column once per tie rule (two sorts each).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -312,12 +314,12 @@ def _metrics_of(
 def _group_metrics(
     sim_IT: Tensor, t2i_T: Tensor, g_I: Tensor, ks: tuple[int, ...], ties: str
 ) -> dict[str, float]:
-    """Group-aware R@K, rsum and mAP over the labelled queries (empty if none is labelled)."""
+    """Group-aware R@K, rsum and mAP over the labelled queries (NaN if none is labelled)."""
     labelled_I = g_I >= 0
     labelled_T = labelled_I[t2i_T]
-    if not bool(labelled_I.any()):
-        return {}
     suffix = "" if ties == "pessimistic" else OPTIMISTIC
+    if not bool(labelled_I.any()):  # not measured: NaN, so every consumer sees the same keys
+        return dict.fromkeys(group_metric_keys(ks, suffix), math.nan)
     r_I, r_T = _group_ranks(sim_IT, t2i_T, g_I, ties)
     out = _metrics_of(r_I[labelled_I], r_T[labelled_T], ks, "group_", suffix)
     ap_I, ap_T = _group_ap(sim_IT, t2i_T, g_I, ties)
@@ -327,6 +329,13 @@ def _group_metrics(
     out[f"group_t2i_map{suffix}"] = t2i_map
     out[f"group_map{suffix}"] = 0.5 * (i2t_map + t2i_map)
     return out
+
+
+def group_metric_keys(ks: Sequence[int] = DEFAULT_KS, suffix: str = "") -> list[str]:
+    """The group-aware keys of ``retrieval_metrics`` for one tie rule."""
+    recall = [f"group_{d}_r{k}{suffix}" for d in ("i2t", "t2i") for k in ks]
+    maps = [f"group_{m}{suffix}" for m in ("i2t_map", "t2i_map", "map")]
+    return [*recall, f"group_rsum{suffix}", *maps]
 
 
 def retrieval_metrics(
@@ -390,7 +399,10 @@ def fold_metrics(
             ks,
         )
         for key, value in fold.items():
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-    # A fold without any group label has no group keys: those average over the other folds.
-    return {key: total / counts[key] for key, total in sums.items()}
+            if not math.isnan(value):  # a fold without group labels has NaN group metrics
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+            sums.setdefault(key, 0.0)
+    return {
+        key: total / counts[key] if counts.get(key) else math.nan for key, total in sums.items()
+    }

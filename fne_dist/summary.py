@@ -112,7 +112,7 @@ def retrieval_lines(split: str, m: dict[str, float]) -> list[str]:
         f"rsum {m['rsum']:.1f} (ties against the match; {m.get('rsum_optimistic', math.nan):.1f}"
         " if ties counted as hits)"
     ]
-    if "group_rsum" in m:
+    if not math.isnan(m.get("group_rsum", math.nan)):
         lines.append(
             f"{split:<5} group-aware rsum {m['group_rsum']:.1f}   group mAP {m['group_map']:.1f}"
         )

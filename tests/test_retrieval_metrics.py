@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -219,8 +221,8 @@ def test_vectorised_matches_sorted_list_reference(
             if ref_gi2t:
                 assert m[f"group_i2t_r{k}{suffix}"] == _reference_recall(ref_gi2t, k)
                 assert m[f"group_t2i_r{k}{suffix}"] == _reference_recall(ref_gt2i, k)
-        if not ref_gi2t:
-            assert not any(key.startswith("group_") for key in m)
+        if not ref_gi2t:  # no label at all: every group metric is NaN (not measured)
+            assert all(math.isnan(v) for key, v in m.items() if key.startswith("group_"))
             continue
         ap_i, ap_t = _reference_ranks(sim, t2i, groups, ties, of=_ap_by_sorting)
         ap_i = [a for a, ok in zip(ap_i, lab_i, strict=True) if ok]
@@ -349,7 +351,7 @@ def test_permuting_captions_or_images_changes_nothing(
     base = retrieval_metrics(sim_IT, t2i_T, groups_I)
     perm_T = torch.randperm(n_txt, generator=gen)
     # mAP is a float mean over queries: equal up to the order of the summation.
-    base = pytest.approx(base, rel=1e-12)
+    base = pytest.approx(base, rel=1e-12, nan_ok=True)
     assert retrieval_metrics(sim_IT[:, perm_T], t2i_T[perm_T], groups_I) == base
     perm_I = torch.randperm(n_img, generator=gen)  # new row r holds old image perm_I[r]
     new_index_I = torch.argsort(perm_I)  # old image → its new row
@@ -374,23 +376,30 @@ def test_rsum_is_the_sum_of_the_six_recalls(
     """Invariant: rsum (group_rsum) is exactly the sum of the six strict (group) recalls."""
     m = retrieval_metrics(*bench)
     assert m["rsum"] == pytest.approx(sum(m[k] for k in STRICT_KEYS))
-    if "group_rsum" in m:
+    if not math.isnan(m["group_rsum"]):
         assert m["group_rsum"] == pytest.approx(sum(m[k] for k in GROUP_KEYS))
         assert m["group_map"] == pytest.approx((m["group_i2t_map"] + m["group_t2i_map"]) / 2)
     strict = {*STRICT_KEYS, "rsum"}
     group = {*GROUP_KEYS, "group_rsum", "group_i2t_map", "group_t2i_map", "group_map"}
-    both = strict | (group if bool((bench[2] >= 0).any()) else set())
+    both = strict | group  # the same keys with or without labels (NaN without)
     assert set(m) == both | {k + "_optimistic" for k in both}
+    assert set(rm.group_metric_keys()) == group
     assert set(retrieval_metrics(*bench[:2])) == strict | {k + "_optimistic" for k in strict}
 
 
 def test_unlabelled_groups_are_not_one_group() -> None:
-    """Invariant ("no group label" is its own value): with every label −1, no group metric is
-    reported (not a perfect 600 from one shared group); an unlabelled image is relevant only to
-    its own captions, so labelled queries never score a hit on it."""
+    """Invariant ("no group label" is its own value): with every label −1, every group metric
+    is NaN (not measured; not a perfect 600 from one shared group), also through the folds; an
+    unlabelled image is relevant only to its own captions, so labelled queries never score a
+    hit on it."""
     sim_IT, t2i_T = torch.rand(4, 4), torch.arange(4)
     m = retrieval_metrics(sim_IT, t2i_T, torch.full((4,), -1))
-    assert not any(k.startswith("group_") for k in m)
+    assert all(math.isnan(v) for k, v in m.items() if k.startswith("group_"))
+    folds = fold_metrics(sim_IT, t2i_T, torch.tensor([-1, -1, 3, 3]), fold_size=2)
+    assert (
+        folds["group_rsum"]
+        == retrieval_metrics(sim_IT[2:, 2:], t2i_T[:2], torch.tensor([3, 3]))["group_rsum"]
+    )  # the unlabelled fold is left out of the mean
     sim_IT = torch.eye(4) * 0.1
     sim_IT[0, 1] = sim_IT[1, 0] = 0.9  # images 0 and 1 unlabelled, swapped best captions
     m = retrieval_metrics(sim_IT, t2i_T, torch.tensor([-1, -1, 5, 5]))

@@ -61,6 +61,7 @@ def test_retrieval_lines_without_group_labels() -> None:
     strict = {f"{d}_r{k}": 10.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
     strict |= {"rsum": 60.0, "rsum_optimistic": 70.0}
     assert "no group labels" in retrieval_lines("test", strict)[1]
+    assert "no group labels" in retrieval_lines("test", strict | {"group_rsum": math.nan})[1]
     line = retrieval_lines("test", strict | {"group_rsum": 80.0, "group_map": 40.0})[1]
     assert "group mAP 40.0" in line
 
