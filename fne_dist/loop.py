@@ -337,6 +337,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     """Phases 1-8 of one micro step; True when it ended with an optimizer step."""
     cfg, engine, timer = run.cfg, run.parts.engine, run.timer
     if epoch != state.epoch:
+        state.close_epoch()  # the summary and metrics.json report whole epochs
         state.epoch = epoch
         run.parts.stats.new_epoch()
     state.n_micro += 1
@@ -424,6 +425,7 @@ def end_of_training(run: Run, state: TrainState) -> None:
     """The last log window and the last checkpoint, where the loop's own did not fall."""
     if state.sums:  # the last epoch ended early (bad samples): log what is left
         log_window(run, state)
+    state.close_epoch()
     if run.cfg.checkpoint.at_epoch_end and state.saved_at != state.opt_step and state.micro >= 0:
         save_checkpoint(run, state)  # the end of training is an epoch end too
 
@@ -441,7 +443,8 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
         result = {
             "val": final_val,
             "test": final_test,
-            "diagnostics": state.last_logged,
+            "diagnostics": state.epoch_diag.epochs[-1] if state.epoch_diag.epochs else {},
+            "loss": "vse_pp" if state.warm else run.cfg.fne.loss,
             "staleness": state.staleness(),
             "steps": state.opt_step,
             "loop_time_s": loop_time,
@@ -453,9 +456,9 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
         }
         save_file(weights, str(run.run_dir / "model.safetensors"))
         write_sidecar(run.run_dir / "model.safetensors")  # export and evaluate check it
-        history = {**result, "history": state.history}
+        history = {**result, "epochs": state.epoch_diag.epochs, "history": state.history}
         (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
-        run.reporter.message(format_summary(result, run.run_dir))
+        run.reporter.message(format_summary(result, run.run_dir, run.cfg.fne.vse_pp_memory))
     run.reporter.finish(result)
     run.reporter.close()
     return result

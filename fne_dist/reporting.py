@@ -20,6 +20,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .distributed.launch import rank_env
+from .summary import diagnostic_lines, retrieval_lines
 
 log = logging.getLogger("fne_dist")
 
@@ -161,32 +162,17 @@ class FanOut(Reporter):
             r.close()
 
 
-def format_summary(result: dict, run_dir: Path) -> str:
-    """The printed summary: strict and group-aware retrieval, FNE diagnostics, wall time."""
-    t, d = result["test"], result["diagnostics"]
-    staleness = float("nan") if result["staleness"] is None else result["staleness"]
+def format_summary(result: dict, run_dir: Path, vse_pp_memory: bool = True) -> str:
+    """The printed summary: strict and group-aware retrieval (ties against the match), the
+    last epoch's diagnostics of the loss in use (``result["loss"]``), wall time."""
+    t, v, d = result["test"], result["val"], result["diagnostics"]
     lines = [
         "=" * 72,
-        f"test  i2t R@1/5/10 {t['i2t_r1']:.1f}/{t['i2t_r5']:.1f}/{t['i2t_r10']:.1f}   "
-        f"t2i R@1/5/10 {t['t2i_r1']:.1f}/{t['t2i_r5']:.1f}/{t['t2i_r10']:.1f}   "
-        f"rsum {t['rsum']:.1f}",
-        f"test  group-aware rsum {t['group_rsum']:.1f}   (val rsum {result['val']['rsum']:.1f}, "
-        f"group {result['val']['group_rsum']:.1f})",
+        *retrieval_lines("test", t),
+        f"val   rsum {v['rsum']:.1f}, group-aware rsum {v['group_rsum']:.1f}",
     ]
     if d:
-        gate = "open" if d.get("gate_open", 0) >= 0.5 else "closed"
-        lines.append(
-            f"FNE   gate {gate}, positives this epoch {d.get('n_pos', float('nan')):.0f}, "
-            f"P_fn>eps {100 * d.get('frac_pfn_gt_eps', float('nan')):.2f}% of candidates, "
-            f"in the hard-cut window {100 * d.get('frac_in_window', float('nan')):.2f}%, "
-            f"sampled negatives sharing the anchor's family "
-            f"{100 * d.get('frac_neg_same_group', float('nan')):.1f}%"
-        )
-        lines.append(
-            f"FNE   zero-hinge draws {100 * d.get('frac_zero_hinge', float('nan')):.1f}%, "
-            f"fallbacks {d.get('fallback', 0):.2f}/step, "
-            f"no violator {d.get('no_violator', 0):.2f}/step, staleness {staleness:.3f}"
-        )
+        lines += diagnostic_lines(result["loss"], d, result["staleness"], vse_pp_memory)
     lines += [
         f"steps {result['steps']} on {result['world_size']} rank(s), wall time "
         f"{result['wall_time_s']:.1f} s, run directory {run_dir}",
