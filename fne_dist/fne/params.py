@@ -1,8 +1,10 @@
 """Hyper-parameters of the FNE loss and its baselines (defaults = the paper's reference values).
 
 Kept here, next to the math, so a researcher can import the sampler without the rest of the
-project. ``fne_dist.config`` embeds this dataclass as the ``fne`` section and reads the
-``metadata`` of each field (``ge``/``gt``/``le``/``lt``/``choices``) to validate YAML input.
+project (this module needs no pydantic). ``fne_dist.config`` embeds this dataclass as the ``fne``
+section and turns the ``metadata`` of each field (``ge``/``gt``/``le``/``lt``/``choices``) into
+a pydantic validator for YAML input; every int field is also bounded to int64 and every float
+to finite values there.
 """
 
 from __future__ import annotations
@@ -13,8 +15,18 @@ from typing import Any
 LOSSES = ("fne", "window", "vse_pp", "vse0", "infonce")
 
 
+LIMITS = frozenset({"ge", "gt", "le", "lt", "choices"})
+
+
 def setting(default: Any, doc: str, **limits: Any) -> Any:
-    """A dataclass field whose metadata carries its documentation and valid range."""
+    """A dataclass field whose metadata carries its documentation and valid range.
+
+    ``limits`` are ``ge``/``gt``/``le``/``lt`` (bounds) and ``choices`` (a tuple); any other
+    name is a typo that would silently leave the field unchecked, so it raises here.
+    """
+    unknown = set(limits) - LIMITS
+    if unknown:
+        raise TypeError(f"setting(): unknown limit(s) {sorted(unknown)}; use {sorted(LIMITS)}")
     return field(default=default, metadata={"doc": doc, **limits})
 
 
