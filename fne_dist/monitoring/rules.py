@@ -8,6 +8,8 @@ the catalog (a test checks the committed file is current).
 
 from __future__ import annotations
 
+import sys
+
 import yaml
 
 from .catalog import METRICS
@@ -31,4 +33,4 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    print(render(), end="")
+    sys.stdout.write(render())  # the file's text is this command's output
