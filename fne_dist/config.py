@@ -226,6 +226,13 @@ class MonitorConfig:
     targets_file: str | None = setting(
         None, "also write the file-discovery JSON here (a path the Prometheus server reads)"
     )
+    linger_s: float = setting(
+        0.0,
+        "keep /metrics up this long after training so the final values are scraped "
+        "(about two scrape intervals)",
+        ge=0.0,
+        le=3600.0,
+    )
     stall_after_s: float = setting(
         600.0,
         "the NoStep alert fires after this long without a logged step",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -72,12 +73,15 @@ def mode(cfg: Config, launcher: str) -> str:
 
 class _Served(MetricsReporter):
     """The reporter of the http path, owning its server (stopped at close). Rank 0 empties
-    the discovery files at close: a finished run's targets are gone, not down."""
+    the discovery files at close (a finished run's targets are gone, not down), after
+    monitor.linger_s."""
 
     server = None
     targets: tuple[Path, ...] = ()
+    linger_s = 0.0
 
     def close(self) -> None:
+        time.sleep(self.linger_s)  # the final values (test evaluation) get scraped
         for path in self.targets:
             write_targets(path, "", [])
         if self.server is not None:
@@ -118,6 +122,7 @@ def build_monitor(
 
     sink = PromSink(base)
     reporter = _Served(sink, info, limits, REASONS, cuda)
+    reporter.linger_s = cfg.monitor.linger_s
     port = cfg.monitor.port + rank_env().local_rank
     reporter.server, port = serve_metrics(sink.registry, cfg.monitor.host, port)
     targets = gather_targets(advertised_address(cfg.monitor.host), port, int(base["node"]), device)
