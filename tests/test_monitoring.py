@@ -14,6 +14,7 @@ import math
 import shutil
 import socket
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -268,3 +269,40 @@ def test_promtool_alert_unit_tests_cover_every_alert() -> None:
         mine = [c for c in cases if c["alertname"] == alert]
         assert any(not c["exp_alerts"] for c in mine), f"{alert}: no silent case"
         assert any(c["exp_alerts"] for c in mine), f"{alert}: no firing case"
+
+
+# ---- Grafana dashboard -----------------------------------------------------------------------
+
+GRAFANA = ROOT / "cluster" / "grafana"
+
+
+def dashboard_queries() -> list[tuple[str, str, bool]]:
+    """(panel title, PromQL expression, GPU only) of every panel target."""
+    board = json.loads((GRAFANA / "fne_dashboard.json").read_text())
+    return [
+        (p["title"], t["expr"], p["description"].startswith("GPU only"))
+        for p in board["panels"]
+        for t in p["targets"]
+    ]
+
+
+def test_dashboard_is_generated_and_shows_every_metric() -> None:
+    """Invariant: the committed dashboard equals its generator's output, has run and rank
+    variables, and every catalog metric appears in a panel query (fne_run_info feeds the
+    variables)."""
+    out = subprocess.run(
+        [sys.executable, str(GRAFANA / "dashboard.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    board = json.loads((GRAFANA / "fne_dashboard.json").read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert "fne_run_info" in variables["run"]["definition"]
+    assert variables["rank"]["multi"] and variables["rank"]["includeAll"]
+    text = " ".join(expr for _, expr, _ in dashboard_queries())
+    for m in METRICS:
+        if m.name != "fne_run_info":
+            assert any(name in text for name in m.exported), f"no panel shows {m.name}"

@@ -232,3 +232,39 @@ def test_nan_at_step_fires_the_non_finite_loss_alert(
     assert alerts, prometheus.get("/api/v1/rules")
     assert {a["state"] for a in alerts} <= {"pending", "firing"}
     print("\n".join(f"{a['labels']} {a['state']} value={a['value']}" for a in alerts))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_every_dashboard_query_returns_data(
+    torchrun_run: tuple[Run, float], prometheus: Prometheus
+) -> None:
+    """Invariant: with run = the run and rank = all, every query of every dashboard panel
+    returns at least one series over the run's time range (panels only a GPU feeds are
+    exempt on a CPU run), and the run/rank variables list the run and both ranks."""
+    run, seconds = torchrun_run
+    assert run.returncode == 0, run.tail()
+    assert RUN in prometheus.get("/api/v1/label/run/values", **{"match[]": "fne_run_info"})
+    ranks = prometheus.get(
+        "/api/v1/label/rank/values", **{"match[]": f'fne_run_info{{run="{RUN}"}}'}
+    )
+    assert set(ranks) == {"0", "1"}
+    board = json.loads((ROOT / "cluster" / "grafana" / "fne_dashboard.json").read_text())
+    end = time.time()
+    lines = []
+    for panel in board["panels"]:
+        if panel["description"].startswith("GPU only"):
+            continue
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$run", RUN).replace("$rank", ".*")
+            expr = expr.replace("$__rate_interval", "1m")
+            result = prometheus.get(
+                "/api/v1/query_range",
+                query=expr,
+                start=str(end - seconds - 120),
+                end=str(end),
+                step="2",
+            )["result"]
+            assert result, (panel["title"], expr)
+            lines.append(f"{panel['title']} [{target['refId']}]: {len(result)} series")
+    print("\n".join(lines))
