@@ -205,11 +205,12 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
     ),
     (
         "Checkpoints",
-        "Checkpoint duration and size",
+        "Checkpoints written, duration and size",
         "s",
         [
             (f"fne_checkpoint_seconds{SEL}", "seconds rank {{rank}}"),
             (f"fne_checkpoint_bytes{SEL} / 1e6", "MB rank {{rank}}"),
+            (f"fne_checkpoints_total{SEL}", "written rank {{rank}}"),
         ],
         "",
     ),
