@@ -37,6 +37,13 @@ PROMETHEUS = shutil.which("prometheus")
 READY_S = 30.0  # the server answers /-/ready
 QUERY_S = 60.0  # scraped samples and rule results become queryable (target sync takes ~5 s)
 RUN = "tiny"  # run.name of tests/configs/tiny.yaml: the series' run label
+RUN_ARGS = (
+    "train.epochs=0.5",  # 91 steps at world size 2: ~15 s of scrapes at 1 s
+    "train.log_every=2",
+    "train.eval_every=40",
+    "train.profile_phases=true",
+    "debug.nan_at_step=80",  # well after the first scrape saw the counter at 0
+)
 
 pytestmark = [
     pytest.mark.system,
@@ -48,6 +55,7 @@ pytestmark = [
 class Prometheus:
     url: str
     targets: Path  # file-discovery directory of the fne job
+    ray_tmp: Path  # RAY_TMPDIR of the Ray run: its discovery file is the ray job's
 
     def get(self, path: str, **params: str) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""
@@ -60,7 +68,7 @@ class Prometheus:
         return self.get("/api/v1/query", query=expr)["result"]
 
 
-def server_config(work: Path, port: int) -> Path:
+def server_config(work: Path, port: int, ray_tmp: Path) -> Path:
     """cluster/prometheus/prometheus.yml with 1 s intervals and this session's paths."""
     cfg = yaml.safe_load((PROM / "prometheus.yml").read_text())
     cfg["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
@@ -70,7 +78,8 @@ def server_config(work: Path, port: int) -> Path:
     jobs["fne"]["file_sd_configs"] = [
         {"files": [str(work / "targets" / "*.json")], "refresh_interval": "1s"}
     ]
-    jobs["ray"]["file_sd_configs"] = [{"files": [str(work / "ray" / "*.json")]}]
+    ray_file = ray_tmp / "ray" / "prom_metrics_service_discovery.json"
+    jobs["ray"]["file_sd_configs"] = [{"files": [str(ray_file)], "refresh_interval": "1s"}]
     path = work / "prometheus.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -80,16 +89,17 @@ def server_config(work: Path, port: int) -> Path:
 def prometheus() -> Iterator[Prometheus]:
     work = Path(tempfile.mkdtemp(prefix="fne-prom-"))
     (work / "targets").mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fnp", dir="/tmp"))  # short: Ray's socket paths
     port = free_port()
     cmd = [
         PROMETHEUS,
-        f"--config.file={server_config(work, port)}",
+        f"--config.file={server_config(work, port, ray_tmp)}",
         f"--storage.tsdb.path={work / 'data'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
     log = (work / "prometheus.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    server = Prometheus(f"http://127.0.0.1:{port}", work / "targets")
+    server = Prometheus(f"http://127.0.0.1:{port}", work / "targets", ray_tmp)
     try:
         deadline = time.monotonic() + READY_S
         while True:
@@ -109,6 +119,7 @@ def prometheus() -> Iterator[Prometheus]:
             proc.wait()
         log.close()
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +135,7 @@ def torchrun_run(
         _sandbox_env(ray_tmp, marker), tmp_path_factory.mktemp("monitor"), ray_tmp, marker
     )
     extra = [
-        "train.epochs=0.5",  # 91 steps at world size 2: ~15 s of scrapes at 1 s
-        "train.log_every=2",
-        "train.eval_every=40",
-        "train.profile_phases=true",
-        "debug.nan_at_step=80",  # well after the first scrape saw the counter at 0
+        *RUN_ARGS,
         "monitor.linger_s=4",  # the final evaluation's values get scraped
         f"monitor.port={free_port()}",
         f"monitor.targets_file={prometheus.targets / 'tiny.json'}",
@@ -140,6 +147,23 @@ def torchrun_run(
     finally:
         _reap(marker, grace_s=5.0)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_run(
+    prometheus: Prometheus, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Run, float]]:
+    """The same run with 2 Ray Train workers (Ray started by the driver under the RAY_TMPDIR
+    whose discovery file Prometheus watches; workers report every second)."""
+    marker = uuid.uuid4().hex
+    env = {**_sandbox_env(prometheus.ray_tmp, marker), "RAY_metrics_report_interval_ms": "1000"}
+    sandbox = Sandbox(env, tmp_path_factory.mktemp("monitor-ray"), prometheus.ray_tmp, marker)
+    t0 = time.monotonic()
+    run = launch(sandbox, "ray", 2, *RUN_ARGS)
+    try:
+        yield run, time.monotonic() - t0
+    finally:
+        _reap(marker, grace_s=5.0)
 
 
 def poll(prometheus: Prometheus, expr: str, want: int) -> list[dict]:
@@ -267,4 +291,32 @@ def test_every_dashboard_query_returns_data(
             )["result"]
             assert result, (panel["title"], expr)
             lines.append(f"{panel['title']} [{target['refId']}]: {len(result)} series")
+    print("\n".join(lines))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_run_arrives_under_the_same_names(
+    ray_run: tuple[Run, float], prometheus: Prometheus
+) -> None:
+    """Invariant: a 2-worker Ray Train run's metrics reach Prometheus through Ray's metrics
+    agent and its discovery file (job="ray", no port of ours), recorded under the fne_* names
+    for both ranks, and the per-run recording rules return data for it."""
+    run, seconds = ray_run
+    assert run.returncode == 0, run.tail()
+    info = poll(prometheus, recorded('fne_run_info{job="ray"}'), want=2)
+    assert {s["metric"]["rank"] for s in info} == {"0", "1"}, info
+    assert {s["metric"]["launcher"] for s in info} == {"ray"}
+    ray_run_label = info[0]["metric"]["run"]
+    lines = [f"Ray 2-worker run: {seconds:.1f} s, run label {ray_run_label}"]
+    for name in ("fne_samples_total", "fne_loss", "fne_fn_share", "fne_phase_seconds_total"):
+        result = poll(prometheus, recorded(f'{name}{{job="ray", run="{ray_run_label}"}}'), want=2)
+        assert {s["metric"]["rank"] for s in result} == {"0", "1"}, (name, result)
+        lines.append(f"{name}: {len(result)} series")
+    groups = yaml.safe_load((PROM / "rules" / "fne_recording.yml").read_text())["groups"]
+    for rule in (r for g in groups for r in g["rules"]):
+        expr = recorded(f'{rule["record"]}{{run="{ray_run_label}"}}')
+        result = poll(prometheus, expr, want=1)
+        assert len(result) == 1, (rule["record"], result)
+        lines.append(f"{rule['record']}: {result[0]['value'][1]}")
     print("\n".join(lines))

@@ -87,6 +87,7 @@ class _Served(MetricsReporter):
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+        super().close()
 
 
 def build_monitor(

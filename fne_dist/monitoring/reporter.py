@@ -27,6 +27,7 @@ class Sink(Protocol):
     def add(self, name: str, labels: tuple[str, ...], amount: float) -> None: ...
     def observe(self, name: str, labels: tuple[str, ...], value: float) -> None: ...
     def touch(self, name: str, labels: tuple[str, ...]) -> None: ...
+    def close(self) -> None: ...
 
 
 class MetricsReporter(Reporter):
@@ -144,6 +145,9 @@ class MetricsReporter(Reporter):
         self.sink.set("fne_checkpoint_seconds", (), seconds)
         self.sink.set("fne_checkpoint_bytes", (), float(size))
         self.sink.set("fne_checkpoint_timestamp_seconds", (), time.time())
+
+    def close(self) -> None:
+        self.sink.close()
 
     def _process_metrics(self) -> None:
         with self.process.oneshot():
