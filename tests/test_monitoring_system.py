@@ -153,13 +153,14 @@ def torchrun_run(
 def ray_run(
     prometheus: Prometheus, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Run, float]]:
-    """The same run with 2 Ray Train workers (Ray started by the driver under the RAY_TMPDIR
-    whose discovery file Prometheus watches; workers report every second)."""
+    """The same run, 46 steps, with 2 Ray Train workers (Ray started by the driver under the
+    RAY_TMPDIR whose discovery file Prometheus watches; workers report every second)."""
     marker = uuid.uuid4().hex
     env = {**_sandbox_env(prometheus.ray_tmp, marker), "RAY_metrics_report_interval_ms": "1000"}
     sandbox = Sandbox(env, tmp_path_factory.mktemp("monitor-ray"), prometheus.ray_tmp, marker)
     t0 = time.monotonic()
-    run = launch(sandbox, "ray", 2, *RUN_ARGS)
+    # half the steps (Ray's start-up and workers cost more on 2 cores); a longer limit
+    run = launch(sandbox, "ray", 2, *RUN_ARGS, "train.epochs=0.25", timeout_s=420.0)
     try:
         yield run, time.monotonic() - t0
     finally:
