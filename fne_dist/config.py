@@ -215,7 +215,7 @@ class MonitorConfig:
     )
     host: str = setting(
         "127.0.0.1",
-        "address each rank's /metrics listens on (0.0.0.0 lets a cluster's Prometheus reach it)",
+        "IPv4 address each rank's /metrics listens on (0.0.0.0: a cluster's Prometheus reaches it)",
     )
     port: int = setting(
         9400,

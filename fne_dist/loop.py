@@ -49,7 +49,7 @@ from .inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
 from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
-from .monitoring import build_monitor, launcher_name
+from .monitoring import build_monitor, process_launcher
 from .reporting import (
     ConsoleReporter,
     FanOut,
@@ -80,7 +80,7 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     text_backbone = build_text_backbone(cfg.model.text)
 
     # 2. process: ranks, device, threads, seeds (identical model init on every rank)
-    env, launcher = rank_env(), launcher_name()  # before the group sets RANK & co.
+    env, launcher = rank_env(), process_launcher()  # before the group sets RANK & co.
     device = select_device(cfg.engine.device, env.local_rank)
     torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)

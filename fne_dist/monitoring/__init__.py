@@ -9,6 +9,7 @@ single process exports nothing unless monitor.prometheus=always.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -47,6 +48,13 @@ def launcher_name(environ: dict[str, str] | None = None) -> str:
         return "torchrun"
     source = rank_env(env).source
     return {"slurm": "srun", "torch": "deepspeed", "none": "local"}[source]
+
+
+@functools.cache
+def process_launcher() -> str:
+    """``launcher_name()`` of this process, read once: ``init_process_group`` leaves RANK & co.
+    in the environment, so a second in-process run (tests) would otherwise look launched."""
+    return launcher_name()
 
 
 def node_rank(environ: dict[str, str] | None = None) -> int:
