@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,35 @@ def setup_logging(level: int = logging.INFO) -> None:
         log.addHandler(handler)
 
 
+@dataclass
+class Progress:
+    """Cumulative counts of this rank at a log line (and once before the first step), all host
+    values the loop already holds: reporting them adds no device sync."""
+
+    opt_step: int
+    micro_steps: int  # micro-batches this rank trained on (including before a resume)
+    samples: int  # samples this rank trained on
+    bad_samples: dict[str, int] = field(default_factory=dict)  # this process, by reason
+    dropped: dict[str, int] = field(default_factory=dict)  # plan (global), cut_short (rank)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # train.profile_phases
+    skipped_steps: int = 0  # optimizer steps the engine skipped (fp16 overflow)
+    memory_fill: float = 0.0  # share of the momentum memory written
+
+
 class Reporter:
     """The null reporter: accepts everything, does nothing."""
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         pass
+
+    def progress(self, progress: Progress) -> None:
+        """Cumulative counters, after each ``step`` and once before the first step."""
+
+    def evaluation(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """Retrieval metrics of ``split`` after optimizer step ``step`` (every rank)."""
+
+    def checkpoint_done(self, path: Path, step: int, seconds: float) -> None:
+        """The checkpoint at ``path`` is complete (written, uploaded) after ``seconds``."""
 
     def message(self, text: str) -> None:
         pass
@@ -148,6 +173,18 @@ class FanOut(Reporter):
     def step(self, step: int, metrics: dict[str, float]) -> None:
         for r in self.reporters:
             r.step(step, metrics)
+
+    def progress(self, progress: Progress) -> None:
+        for r in self.reporters:
+            r.progress(progress)
+
+    def evaluation(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        for r in self.reporters:
+            r.evaluation(step, split, metrics)
+
+    def checkpoint_done(self, path: Path, step: int, seconds: float) -> None:
+        for r in self.reporters:
+            r.checkpoint_done(path, step, seconds)
 
     def message(self, text: str) -> None:
         for r in self.reporters:
