@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import distributed as D
+from . import distributed as dist_ops
 from .data.decode import REASONS
 from .data.sources import DataError
 from .data.stream import RankPosition, TrainStream
@@ -66,7 +66,7 @@ class DataLog:
             dtype=torch.float64,
             device=device,
         )
-        total = D.all_reduce_sum(local).tolist()
+        total = dist_ops.all_reduce_sum(local).tolist()
         bad = {r: int(n) for r, n in zip(REASONS, total, strict=False) if n}
         return {
             "bad_samples": bad,
@@ -106,7 +106,7 @@ def agreed_batches(
                         status = 0
                     except DataError as err:
                         status, error = -1, err
-                    agreed = D.all_min_int(status)
+                    agreed = dist_ops.all_min_int(status)
                 if agreed < 0:
                     raise error or DataError(
                         "a data error on another rank stopped the run (see that rank's log)"
