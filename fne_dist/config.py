@@ -221,6 +221,59 @@ class DistConfig:
 
 
 @dataclass
+class MonitorConfig:
+    prometheus: str = setting(
+        "auto",
+        "auto: metrics under torchrun/deepspeed/srun/accelerate (a /metrics server per rank) "
+        "and Ray Train (Ray's metrics agent), none for a plain process; always; never",
+        choices=("auto", "always", "never"),
+    )
+    host: str = setting(
+        "127.0.0.1",
+        "IPv4 address each rank's /metrics listens on (0.0.0.0: a cluster's Prometheus reaches it)",
+    )
+    port: int = setting(
+        9400,
+        "/metrics port of local rank 0; local rank r uses port + r (busy: the next free)",
+        ge=1,
+        le=65_535,
+    )
+    targets_file: str | None = setting(
+        None, "also write the file-discovery JSON here (a path the Prometheus server reads)"
+    )
+    linger_s: float = setting(
+        0.0,
+        "keep /metrics up this long after training so the final values are scraped "
+        "(about two scrape intervals)",
+        ge=0.0,
+        le=3600.0,
+    )
+    stall_after_s: float = setting(
+        600.0,
+        "the NoStep alert fires after this long without a logged step",
+        gt=0.0,
+        le=MAX_WAIT_S,
+    )
+    checkpoint_max_age_s: float = setting(
+        0.0,
+        "the CheckpointTooOld alert's age (0: twice checkpoint.every_steps × the median step "
+        "time; no alert without every_steps)",
+        ge=0.0,
+        le=MAX_WAIT_S,
+    )
+
+
+@dataclass
+class DebugConfig:
+    nan_at_step: int = setting(
+        0,
+        "tests only: the reported loss of this micro step (1-based) is made NaN, so the "
+        "non-finite-loss alert can fire (training itself is untouched; 0: off)",
+        ge=0,
+    )
+
+
+@dataclass
 class ImageEncoderConfig:
     type: str = setting("hf", "image backbone kind", choices=("efficientnet_lite", "hf"))
     name_or_path: str = setting(
@@ -263,6 +316,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def check(self) -> None:
         """Rules that span fields or sections (raised as one-line ValueErrors)."""

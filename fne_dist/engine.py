@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import math
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +16,11 @@ from torch import nn
 
 from .config import Config, OptimConfig
 from .distributed import rank
+
+log = logging.getLogger("fne_dist")
+
+# DeepSpeed's CPU accelerator JIT-loads this op at every start (deepspeed.comm's TorchBackend).
+SHM_OP = "deepspeed_shm_comm"
 
 
 def lr_lambda(cfg: OptimConfig, total_steps: int):
@@ -56,14 +65,40 @@ def build_engine(model: nn.Module, cfg: Config, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg),
-        dist_init_required=False,
-    )
+    with jit_build_guard(SHM_OP):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg),
+            dist_init_required=False,
+        )
     return engine
+
+
+@contextlib.contextmanager
+def jit_build_guard(op: str) -> Iterator[None]:
+    """Hold an flock around a torch JIT extension load, and remove a stale build lock under it.
+
+    torch builds and loads JIT ops under a file baton (``<extensions dir>/<op>/lock``) that
+    only its creator removes: a process killed mid-build leaves it, and every later start on the
+    machine waits forever without a word (hardening issue, H1). An flock is released by the
+    kernel when its holder dies, so while we hold ours, a baton left by another of our processes
+    belongs to no live build: it is removed, with a warning naming it.
+    """
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own path rule
+
+    build_dir = Path(_get_build_directory(op, verbose=False))
+    with open(build_dir.parent / f"{op}.fne_dist.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits for a live build only; released on death
+        try:
+            baton = build_dir / "lock"
+            if baton.exists():
+                log.warning("removing a stale build lock left by a killed process: %s", baton)
+                baton.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def gathered_parameters(engine):

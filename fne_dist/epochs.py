@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import distributed as D
+from . import distributed as dist_ops
 from .data.decode import REASONS
 from .data.sources import DataError
 from .data.stream import RankPosition, TrainStream
@@ -35,15 +35,22 @@ class DataLog:
         self.dropped_by_plan = 0  # global: N − S·G per epoch (the same on every rank)
         self.epochs_cut_short = 0
         self.position: RankPosition | None = None
+        self.in_epoch = False  # the stream's counters hold an epoch not yet in ``bad``
+
+    def bad_so_far(self) -> Counter[str]:
+        """Bad samples by reason up to now, the running epoch's included (metrics)."""
+        return self.bad + self.stream.counters.bad if self.in_epoch else self.bad.copy()
 
     def epoch_started(self, epoch: int, first: bool) -> None:
         plan = self.stream.plan(epoch)
+        self.in_epoch = True
         self.dropped_by_plan += plan.dropped
         if first:
             self.reporter.message(self.stream.describe(plan))
 
     def epoch_done(self, epoch: int, steps_run: int, steps_planned: int) -> None:
         self.bad.update(self.stream.counters.bad)
+        self.in_epoch = False
         if steps_run < steps_planned:
             self.epochs_cut_short += 1
             self.dropped += (steps_planned - steps_run) * self.stream.opts.batch
@@ -59,7 +66,7 @@ class DataLog:
             dtype=torch.float64,
             device=device,
         )
-        total = D.all_reduce_sum(local).tolist()
+        total = dist_ops.all_reduce_sum(local).tolist()
         bad = {r: int(n) for r, n in zip(REASONS, total, strict=False) if n}
         return {
             "bad_samples": bad,
@@ -99,7 +106,7 @@ def agreed_batches(
                         status = 0
                     except DataError as err:
                         status, error = -1, err
-                    agreed = D.all_min_int(status)
+                    agreed = dist_ops.all_min_int(status)
                 if agreed < 0:
                     raise error or DataError(
                         "a data error on another rank stopped the run (see that rank's log)"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import distributed as D
+from . import distributed as dist_ops
 from .data.splits import PairTable
 from .model import DualEncoder
 from .retrieval_metrics import fold_metrics, retrieval_metrics
@@ -53,13 +53,13 @@ def gather_split(
     table: PairTable, img_ID: Tensor, txt_TD: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """All ranks' shares in global order: (img I×D, txt T×D, text_to_image T, groups I)."""
-    order_I = D.all_gather_varlen(table.order_I)
-    ids_I = D.all_gather_varlen(table.image_ids_I)
-    groups_I = D.all_gather_varlen(table.groups_I)
-    img_ID = D.all_gather_varlen(img_ID)
-    order_T = D.all_gather_varlen(table.order_T)
-    cap_ids_T = D.all_gather_varlen(table.image_ids_I[table.text_to_image_T])
-    txt_TD = D.all_gather_varlen(txt_TD)
+    order_I = dist_ops.all_gather_varlen(table.order_I)
+    ids_I = dist_ops.all_gather_varlen(table.image_ids_I)
+    groups_I = dist_ops.all_gather_varlen(table.groups_I)
+    img_ID = dist_ops.all_gather_varlen(img_ID)
+    order_T = dist_ops.all_gather_varlen(table.order_T)
+    cap_ids_T = dist_ops.all_gather_varlen(table.image_ids_I[table.text_to_image_T])
+    txt_TD = dist_ops.all_gather_varlen(txt_TD)
 
     by_order = torch.argsort(order_I)
     ids_I, groups_I, img_ID = ids_I[by_order], groups_I[by_order], img_ID[by_order]

@@ -50,10 +50,12 @@ from .inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
 from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
+from .monitoring import build_monitor, process_launcher
 from .reporting import (
     ConsoleReporter,
     FanOut,
     JsonLinesReporter,
+    Progress,
     Reporter,
     format_summary,
     setup_logging,
@@ -80,13 +82,14 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     text_backbone = build_text_backbone(cfg.model.text)
 
     # 2. process: ranks, device, threads, seeds (identical model init on every rank)
-    env = rank_env()
+    env, launcher = rank_env(), process_launcher()  # before the group sets RANK & co.
     device = select_device(cfg.engine.device, env.local_rank)
     torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     created_group = init_process_group(env, backend_for(device), Timeouts.from_config(cfg))
     try:
-        result = _train(cfg, extra_reporter, image_backbone, text_backbone, device, t_start)
+        backbones = (image_backbone, text_backbone)
+        result = _train(cfg, extra_reporter, backbones, device, launcher, t_start)
         if created_group:
             dist_ops.barrier()  # no rank tears the group down while another still uses it
         return result
@@ -112,16 +115,17 @@ def seed_everything(seed: int) -> None:
 def _train(
     cfg: Config,
     reporter: Reporter | None,
-    image_backbone: ImageBackbone,
-    text_backbone: TextBackbone,
+    backbones: tuple[ImageBackbone, TextBackbone],
     device: torch.device,
+    launcher: str,
     t_start: float,
 ) -> dict:
     """Phases 3-5 of ``train`` inside an initialised process group."""
     # 3. run directory, data, model, momentum model, engine, memory, statistics, reporters
-    run = setup_run(cfg, reporter, image_backbone, text_backbone, device)
+    run = setup_run(cfg, reporter, *backbones, device, launcher)
     # 4. resume (Ray's checkpoint after a restart, else checkpoint.resume), then the loop
     state = resume_or_start(run)
+    run.reporter.progress(progress(run, state))  # the metrics' baseline
     t_loop = time.perf_counter()
     batches = agreed_batches(
         run.stream, run.total_micro, run.data_log, run.timer, resume=state.position
@@ -173,6 +177,7 @@ def setup_run(
     image_backbone: ImageBackbone,
     text_backbone: TextBackbone,
     device: torch.device,
+    launcher: str,
 ) -> Run:
     """Everything a run builds before its first step, in the order the seeded initialisation
     relies on; rank 0 also writes the run directory's config and reports to the console."""
@@ -198,13 +203,7 @@ def setup_run(
         stats=SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device),
     )
     G = cfg.train.batch_size * world
-    reporters = [reporter or Reporter()]
-    if rank == 0:
-        reporters += [
-            ConsoleReporter(total_steps, G * cfg.engine.grad_accum, cfg.train.log_every),
-            JsonLinesReporter(run_dir / "train_log.jsonl"),
-        ]
-    fan_out = FanOut(*reporters)
+    fan_out = build_reporters(cfg, reporter, run_dir, total_steps, device, launcher)
     fan_out.message(
         f"rank {rank}/{world} on {device}: {stream.samples_per_epoch} train pairs, "
         f"{total_steps} steps of {G} pairs, loss={cfg.fne.loss} after "
@@ -227,6 +226,30 @@ def setup_run(
         timer=timer,
         data_log=DataLog(stream, fan_out),
     )
+
+
+def build_reporters(
+    cfg: Config,
+    extra: Reporter | None,
+    run_dir: Path,
+    total_steps: int,
+    device: torch.device,
+    launcher: str,
+) -> FanOut:
+    """The launcher's reporter (Ray's), the metrics reporter (monitor.*: a collective when it
+    serves /metrics), and on rank 0 the console and train_log.jsonl."""
+    rank, world = dist_ops.rank(), dist_ops.world_size()
+    reporters = [extra or Reporter()]
+    monitor = build_monitor(cfg, run_dir, launcher, device)
+    if monitor is not None:
+        reporters.append(monitor)
+    if rank == 0:
+        samples_per_step = cfg.train.batch_size * world * cfg.engine.grad_accum
+        reporters += [
+            ConsoleReporter(total_steps, samples_per_step, cfg.train.log_every),
+            JsonLinesReporter(run_dir / "train_log.jsonl"),
+        ]
+    return FanOut(*reporters)
 
 
 def open_data(
@@ -340,6 +363,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     """Phases 1-8 of one micro step; True when it ended with an optimizer step."""
     cfg, engine, timer = run.cfg, run.parts.engine, run.timer
     if epoch != state.epoch:
+        state.close_epoch()  # the summary and metrics.json report whole epochs
         state.epoch = epoch
         run.parts.stats.new_epoch()
     state.n_micro += 1
@@ -372,6 +396,8 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
             run.parts.memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
     state.stale += out.staleness
     state.add_diagnostics(out.loss, out.diagnostics)
+    if micro + 1 == cfg.debug.nan_at_step:  # tests only: a NaN in the reports, not the step
+        state.sums["loss"] = state.sums["loss"] + float("nan")
     return boundary
 
 
@@ -384,7 +410,23 @@ def log_window(run: Run, state: TrainState) -> None:
         metrics["staleness"] = staleness
     state.history.append({"step": state.opt_step, **metrics})
     run.reporter.step(state.micro, metrics)
+    run.reporter.progress(progress(run, state))
     state.last_logged = metrics
+
+
+def progress(run: Run, state: TrainState) -> Progress:
+    """This rank's cumulative counts, from host values (no device sync)."""
+    memory = run.parts.memory
+    return Progress(
+        opt_step=state.opt_step,
+        micro_steps=state.n_micro,
+        samples=state.n_micro * run.cfg.train.batch_size,
+        bad_samples=dict(run.data_log.bad_so_far()),
+        dropped={"plan": run.data_log.dropped_by_plan, "cut_short": run.data_log.dropped},
+        phase_seconds=run.timer.totals(),
+        skipped_steps=int(getattr(run.parts.engine, "skipped_steps", 0)),
+        memory_fill=min(memory.writes, memory.capacity) / memory.capacity if memory.capacity else 0,
+    )
 
 
 def maybe_checkpoint(run: Run, state: TrainState) -> None:
@@ -397,12 +439,14 @@ def maybe_checkpoint(run: Run, state: TrainState) -> None:
 
 def save_checkpoint(run: Run, state: TrainState) -> None:
     """Every rank writes (and, to a URL checkpoint.dir, uploads) its part (a collective)."""
+    t0 = time.perf_counter()
     path = ckpt.save_run_checkpoint(
         run.checkpoints, run.parts, state.to_rank_state(run.global_batch, run.is_main)
     )
     state.saved_at = state.opt_step
     run.reporter.checkpoint(path, state.opt_step, run.is_main)
     where = f"{run.ckpt_root.rstrip('/')}/{path.name}" if ckpt.is_url(run.ckpt_root) else path
+    run.reporter.checkpoint_done(path, state.opt_step, time.perf_counter() - t0)
     run.reporter.message(f"checkpoint {where}")
 
 
@@ -412,6 +456,7 @@ def maybe_evaluate(run: Run, state: TrainState) -> None:
     if not every or state.opt_step % every:
         return
     val = evaluate_table(run.parts.engine.module, run.tables["val"])  # every rank
+    run.reporter.evaluation(state.opt_step, "val", val)
     if run.is_main:
         run.reporter.message(
             f"step {state.opt_step}: val rsum {val['rsum']:.2f} group rsum {val['group_rsum']:.2f}"
@@ -423,6 +468,7 @@ def end_of_training(run: Run, state: TrainState) -> None:
     """The last log window and the last checkpoint, where the loop's own did not fall."""
     if state.sums:  # the last epoch ended early (bad samples): log what is left
         log_window(run, state)
+    state.close_epoch()
     if run.cfg.checkpoint.at_epoch_end and state.saved_at != state.opt_step and state.micro >= 0:
         save_checkpoint(run, state)  # the end of training is an epoch end too
 
@@ -433,6 +479,8 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
     dist_ops.barrier()
     final_val = evaluate_table(run.parts.engine.module, run.tables["val"])
     final_test = evaluate_table(run.parts.engine.module, run.tables["test"])
+    run.reporter.evaluation(state.opt_step, "val", final_val)
+    run.reporter.evaluation(state.opt_step, "test", final_test)
     data_counts = run.data_log.totals(run.device)
     weights = full_weights(run.parts.engine)
     result: dict = {}
@@ -440,7 +488,8 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
         result = {
             "val": final_val,
             "test": final_test,
-            "diagnostics": state.last_logged,
+            "diagnostics": state.epoch_diag.epochs[-1] if state.epoch_diag.epochs else {},
+            "loss": "vse_pp" if state.warm else run.cfg.fne.loss,
             "staleness": state.staleness(),
             "steps": state.opt_step,
             "loop_time_s": loop_time,
@@ -452,9 +501,9 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
         }
         save_file(weights, str(run.run_dir / "model.safetensors"))
         write_sidecar(run.run_dir / "model.safetensors")  # export and evaluate check it
-        history = {**result, "history": state.history}
+        history = {**result, "epochs": state.epoch_diag.epochs, "history": state.history}
         (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
-        run.reporter.message(format_summary(result, run.run_dir))
+        run.reporter.message(format_summary(result, run.run_dir, run.cfg.fne.vse_pp_memory))
     run.reporter.finish(result)
     run.reporter.close()
     return result

@@ -14,12 +14,14 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from .distributed.launch import rank_env
+from .summary import diagnostic_lines, retrieval_lines
 
 log = logging.getLogger("fne_dist")
 
@@ -59,11 +61,35 @@ def setup_logging(level: int = logging.INFO) -> None:
         log.addHandler(handler)
 
 
+@dataclass
+class Progress:
+    """Cumulative counts of this rank at a log line (and once before the first step), all host
+    values the loop already holds: reporting them adds no device sync."""
+
+    opt_step: int
+    micro_steps: int  # micro-batches this rank trained on (including before a resume)
+    samples: int  # samples this rank trained on
+    bad_samples: dict[str, int] = field(default_factory=dict)  # this process, by reason
+    dropped: dict[str, int] = field(default_factory=dict)  # plan (global), cut_short (rank)
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # train.profile_phases
+    skipped_steps: int = 0  # optimizer steps the engine skipped (fp16 overflow)
+    memory_fill: float = 0.0  # share of the momentum memory written
+
+
 class Reporter:
     """The null reporter: accepts everything, does nothing."""
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         pass
+
+    def progress(self, progress: Progress) -> None:
+        """Cumulative counters, after each ``step`` and once before the first step."""
+
+    def evaluation(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """Retrieval metrics of ``split`` after optimizer step ``step`` (every rank)."""
+
+    def checkpoint_done(self, path: Path, step: int, seconds: float) -> None:
+        """The checkpoint at ``path`` is complete (written, uploaded) after ``seconds``."""
 
     def message(self, text: str) -> None:
         pass
@@ -148,6 +174,18 @@ class FanOut(Reporter):
         for r in self.reporters:
             r.step(step, metrics)
 
+    def progress(self, progress: Progress) -> None:
+        for r in self.reporters:
+            r.progress(progress)
+
+    def evaluation(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        for r in self.reporters:
+            r.evaluation(step, split, metrics)
+
+    def checkpoint_done(self, path: Path, step: int, seconds: float) -> None:
+        for r in self.reporters:
+            r.checkpoint_done(path, step, seconds)
+
     def message(self, text: str) -> None:
         for r in self.reporters:
             r.message(text)
@@ -161,32 +199,17 @@ class FanOut(Reporter):
             r.close()
 
 
-def format_summary(result: dict, run_dir: Path) -> str:
-    """The printed summary: strict and group-aware retrieval, FNE diagnostics, wall time."""
-    t, d = result["test"], result["diagnostics"]
-    staleness = float("nan") if result["staleness"] is None else result["staleness"]
+def format_summary(result: dict, run_dir: Path, vse_pp_memory: bool = True) -> str:
+    """The printed summary: strict and group-aware retrieval (ties against the match), the
+    last epoch's diagnostics of the loss in use (``result["loss"]``), wall time."""
+    t, v, d = result["test"], result["val"], result["diagnostics"]
     lines = [
         "=" * 72,
-        f"test  i2t R@1/5/10 {t['i2t_r1']:.1f}/{t['i2t_r5']:.1f}/{t['i2t_r10']:.1f}   "
-        f"t2i R@1/5/10 {t['t2i_r1']:.1f}/{t['t2i_r5']:.1f}/{t['t2i_r10']:.1f}   "
-        f"rsum {t['rsum']:.1f}",
-        f"test  group-aware rsum {t['group_rsum']:.1f}   (val rsum {result['val']['rsum']:.1f}, "
-        f"group {result['val']['group_rsum']:.1f})",
+        *retrieval_lines("test", t),
+        f"val   rsum {v['rsum']:.1f}, group-aware rsum {v['group_rsum']:.1f}",
     ]
     if d:
-        gate = "open" if d.get("gate_open", 0) >= 0.5 else "closed"
-        lines.append(
-            f"FNE   gate {gate}, positives this epoch {d.get('n_pos', float('nan')):.0f}, "
-            f"P_fn>eps {100 * d.get('frac_pfn_gt_eps', float('nan')):.2f}% of candidates, "
-            f"in the hard-cut window {100 * d.get('frac_in_window', float('nan')):.2f}%, "
-            f"sampled negatives sharing the anchor's family "
-            f"{100 * d.get('frac_neg_same_group', float('nan')):.1f}%"
-        )
-        lines.append(
-            f"FNE   zero-hinge draws {100 * d.get('frac_zero_hinge', float('nan')):.1f}%, "
-            f"fallbacks {d.get('fallback', 0):.2f}/step, "
-            f"no violator {d.get('no_violator', 0):.2f}/step, staleness {staleness:.3f}"
-        )
+        lines += diagnostic_lines(result["loss"], d, result["staleness"], vse_pp_memory)
     lines += [
         f"steps {result['steps']} on {result['world_size']} rank(s), wall time "
         f"{result['wall_time_s']:.1f} s, run directory {run_dir}",

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .checkpoint import RankState
 from .data.stream import RankPosition
+from .summary import EpochDiagnostics
 
 
 @dataclass
@@ -29,6 +30,9 @@ class TrainState:
     last_logged: dict[str, float] = field(default_factory=dict)
     position: RankPosition | None = None  # data position after the last batch
     micro: int = -1  # the last micro step run (−1: none yet)
+    # every step's diagnostics since the epoch began, and one row of means per finished epoch
+    epoch_diag: EpochDiagnostics = field(default_factory=EpochDiagnostics)
+    diag_epoch: int = -1  # the epoch epoch_diag's open sums belong to
     # this process only, never in a checkpoint:
     warm: bool = True  # whether the last step was a warm-up step
     saved_at: int = -1  # optimizer step of the last checkpoint written or resumed from
@@ -42,6 +46,12 @@ class TrainState:
         for key, value in {"loss": loss.detach(), **diagnostics}.items():
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().to(torch.float64)
         self.sums["_n"] = self.sums.get("_n", 0.0) + 1.0
+        self.epoch_diag.add({"loss": loss, **diagnostics})
+        self.diag_epoch = self.epoch
+
+    def close_epoch(self) -> dict[str, Any]:
+        """The finished epoch's mean diagnostics (appended to ``epoch_diag.epochs``)."""
+        return self.epoch_diag.close_epoch(self.diag_epoch)
 
     def take_window(self) -> dict[str, float]:
         """The means of the sums since the last log line; the sums start again."""
@@ -65,6 +75,12 @@ class TrainState:
             "sums": {k: float(v) for k, v in self.sums.items()},
             "history": self.history if with_history else [],
             "last_logged": self.last_logged,
+            "epoch_diag": {
+                "epoch": self.diag_epoch,
+                "steps": self.epoch_diag.steps,
+                "sums": {k: float(v) for k, v in self.epoch_diag.sums.items()},
+                "epochs": self.epoch_diag.epochs,
+            },
             "samples_seen": self.n_micro * global_batch,
         }
         return RankState(counters, self.position.to_dict() if self.position else None)
@@ -89,6 +105,20 @@ class TrainState:
             last_logged=c["last_logged"],
             position=position,
             micro=c["micro"],
+            epoch_diag=_epoch_diag(c.get("epoch_diag"), device),
+            diag_epoch=c.get("epoch_diag", {}).get("epoch", -1),
             warm=c["opt_step"] < warmup_steps,
             saved_at=c["opt_step"],
         )
+
+
+def _epoch_diag(saved: dict[str, Any] | None, device: torch.device) -> EpochDiagnostics:
+    """The per-epoch diagnostics a checkpoint holds (none in checkpoints before they existed)."""
+    diag = EpochDiagnostics()
+    if saved:
+        diag.steps = saved["steps"]
+        diag.sums = {
+            k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in saved["sums"].items()
+        }
+        diag.epochs = saved["epochs"]
+    return diag

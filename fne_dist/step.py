@@ -24,6 +24,14 @@ from .fne import (
     mutual_top1_stats,
     retrieval_loss,
 )
+from .fne.estimators import (
+    all_pairs_stats,
+    em_sums,
+    prior_from_em,
+    random_candidate_sims,
+    sample_columns,
+    with_prior,
+)
 from .fne.sampling import step_uniforms
 from .memory import MomentumMemory
 from .timing import NullTimer
@@ -71,14 +79,21 @@ def forward_step(
             dist_ops.all_gather_no_grad(groups_B),
         )
     G = gathered.n_batch
+    candidates = Candidates.concat(gathered, memory.candidates())
     if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
         # every rank computes the same sums, so no reduction is needed.
-        stats.add(mutual_top1_stats(gathered.img_ND @ gathered.txt_ND.T, gathered.ids_N))
+        batch_stats = _batch_stats(
+            gathered.img_ND, gathered.txt_ND, gathered.ids_N, candidates, stats, cfg, seed, step
+        )
     else:  # 4. reference meaning: each rank's own B×B online matrix, then SUM over ranks
-        local = mutual_top1_stats(img_BD.detach() @ txt_BD.detach().T, ids_B)
+        local = _batch_stats(img_BD, txt_BD, ids_B, candidates, stats, cfg, seed, step, rank, G)
         with t.phase("reduce"):
-            stats.add(dist_ops.all_reduce_sum(local))
+            batch_stats = dist_ops.all_reduce_sum(local)
+    stats.add(batch_stats[:6])
     gauss = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+    if cfg.prior_mode == "em":
+        stats.add_em(batch_stats[6:])
+        gauss = with_prior(gauss, prior_from_em(stats.em_totals, cfg.prior))
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):
         if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
@@ -92,10 +107,48 @@ def forward_step(
             stale = torch.stack(memory.staleness(ids_B, m_img_BD))
             out = retrieval_loss(
                 Anchors(img_BD, txt_BD, ids_B, rank * B + torch.arange(B, device=device), groups_B),
-                Candidates.concat(gathered, memory.candidates()),
+                candidates,
                 cfg,
                 gauss,
                 step_uniforms(seed, step, G, cfg.negatives, rank, B),
                 temperature=temperature,
             )
     return StepOutput(out.loss, out.diagnostics, gathered, stale)
+
+
+def _batch_stats(
+    img_BD: Tensor,
+    txt_BD: Tensor,
+    ids_B: Tensor,
+    candidates: Candidates,
+    stats: SimilarityStats,
+    cfg: FneConfig,
+    seed: int,
+    step: int,
+    rank: int = 0,
+    global_batch: int | None = None,
+) -> Tensor:
+    """This batch's sums for the running estimates: the six Gaussian sums of
+    ``cfg.stats_source`` and, with ``prior_mode: em``, the EM sums (n, Σ r) of one E-step
+    under the estimates so far (counted only once their gate is open: before, the components
+    are not yet fitted). One vector, so one all-reduce carries all of it."""
+    sim_BB = img_BD.detach() @ txt_BD.detach().T
+    if cfg.stats_source == "mutual_top1" and cfg.prior_mode == "fixed":
+        return mutual_top1_stats(sim_BB, ids_B)
+    b = ids_B.shape[0]
+    cols = sample_columns(
+        seed, step, global_batch or b, cfg.stats_samples, candidates.ids_N.shape[0], rank, b
+    )
+    sims_S, valid_S = random_candidate_sims(
+        img_BD, txt_BD, ids_B, candidates.img_ND, candidates.txt_ND, candidates.ids_N, cols
+    )
+    if cfg.stats_source == "all_pairs":
+        gauss_sums = all_pairs_stats(sim_BB, ids_B, sims_S, valid_S)
+    else:
+        gauss_sums = mutual_top1_stats(sim_BB, ids_B)
+    if cfg.prior_mode == "fixed":
+        return gauss_sums
+    prev = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+    prior = prior_from_em(stats.em_totals, cfg.prior)
+    em = em_sums(sims_S, valid_S, prev, prior) * prev.gate_open.to(torch.float64)
+    return torch.cat([gauss_sums, em])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,26 +26,41 @@ GROUP_KEYS = ["group_" + k for k in STRICT_KEYS]
 # plain-Python reference: sorted lists, a different algorithm from the vectorised one
 
 
-def _rank_by_sorting(scores: list[float], relevant: list[bool]) -> int:
-    """Position of the first relevant item once sorted by descending score.
+def _sorted_relevance(scores: list[float], relevant: list[bool], ties: str) -> list[bool]:
+    """Relevance of the candidates once sorted by descending score; among equal scores the
+    irrelevant items come first (pessimistic) or last (optimistic): the tie rules, reached
+    here by sorting, not by counting."""
+    first = (lambda c: relevant[c]) if ties == "pessimistic" else (lambda c: not relevant[c])
+    order = sorted(range(len(scores)), key=lambda c: (-scores[c], first(c)))
+    return [relevant[c] for c in order]
 
-    Among equal scores the relevant items are placed first: that is the documented tie rule
-    (ties counted in favour of the ground truth), reached here by sorting, not by counting.
-    """
-    order = sorted(range(len(scores)), key=lambda c: (-scores[c], not relevant[c]))
-    return next(pos for pos, c in enumerate(order) if relevant[c])
+
+def _rank_by_sorting(scores: list[float], relevant: list[bool], ties: str = "pessimistic") -> int:
+    """Position of the first relevant item once sorted."""
+    return _sorted_relevance(scores, relevant, ties).index(True)
+
+
+def _ap_by_sorting(scores: list[float], relevant: list[bool], ties: str = "pessimistic") -> float:
+    """Average precision: mean over the relevant items of the precision at their position."""
+    rel = _sorted_relevance(scores, relevant, ties)
+    hits = [sum(rel[: pos + 1]) / (pos + 1) for pos, r in enumerate(rel) if r]
+    return sum(hits) / len(hits)
 
 
 def _reference_ranks(
-    sim: list[list[float]], t2i: list[int], groups: list[int] | None = None
-) -> tuple[list[int], list[int]]:
-    """(image→text ranks, text→image ranks); relevance by group when ``groups`` is given."""
+    sim: list[list[float]],
+    t2i: list[int],
+    groups: list[int] | None = None,
+    ties: str = "pessimistic",
+    of=_rank_by_sorting,
+) -> tuple[list, list]:
+    """(image→text, text→image) ranks (or ``of`` = AP) of every query; relevance by group when
+    ``groups`` is given (a negative label: relevant only to itself)."""
     imgs, txts = range(len(sim)), range(len(t2i))
-    key = groups if groups is not None else list(imgs)
-    i2t = [_rank_by_sorting(sim[i], [key[t2i[t]] == key[i] for t in txts]) for i in imgs]
+    key = list(imgs) if groups is None else [g if g >= 0 else -1 - i for i, g in enumerate(groups)]
+    i2t = [of(sim[i], [key[t2i[t]] == key[i] for t in txts], ties) for i in imgs]
     t2i_ranks = [
-        _rank_by_sorting([sim[i][t] for i in imgs], [key[i] == key[t2i[t]] for i in imgs])
-        for t in txts
+        of([sim[i][t] for i in imgs], [key[i] == key[t2i[t]] for i in imgs], ties) for t in txts
     ]
     return i2t, t2i_ranks
 
@@ -55,7 +72,7 @@ def _reference_recall(ranks: list[int], k: int) -> float:
 @st.composite
 def benchmarks(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sim_IT, text_to_image_T, groups_I): 1-7 captions per image, shuffled caption order,
-    scores on a coarse grid so that ties are frequent, random groups."""
+    scores on a coarse grid so that ties are frequent, random groups (some unlabelled)."""
     counts = draw(st.lists(st.integers(1, 7), min_size=1, max_size=6))
     seed = draw(st.integers(0, 2**31 - 1))
     levels = draw(st.sampled_from([3, 5, 1000]))  # 3 levels: ties everywhere
@@ -63,7 +80,7 @@ def benchmarks(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     t2i_T = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
     t2i_T = t2i_T[torch.randperm(t2i_T.numel(), generator=gen)]
     sim_IT = torch.randint(0, levels, (len(counts), t2i_T.numel()), generator=gen) / levels
-    groups_I = torch.randint(0, 3, (len(counts),), generator=gen)
+    groups_I = torch.randint(-1, 3, (len(counts),), generator=gen)  # -1: no group label
     return sim_IT, t2i_T, groups_I
 
 
@@ -117,32 +134,62 @@ def test_hand_made_group_ranks() -> None:
     sim_IT, t2i_T = _hand_made()
     groups_I = torch.tensor([0, 1, 1, 2])  # images 1 and 2 share a group
     m = retrieval_metrics(sim_IT, t2i_T, groups_I)
-    # image→text: image 1 now hits caption 6 (0.9), image 2 hits captions 1-3 (0.9);
-    # images 0 and 3 are alone in their group → ranks [0, 0, 0, 12].
-    assert (m["group_i2t_r1"], m["group_i2t_r10"]) == (100 * 3 / 4, 100 * 3 / 4)
-    # text→image, rank 0: captions 1-3 and 6 (a 0.9 in the group), 15-18 (8 captions);
-    # rank 1: caption 4, 5 (0.1 ties image 0's 0.1: not counted), 7-11, 13, 14 (9 captions);
-    # rank 2: caption 12; rank 3: caption 0.
-    assert m["group_t2i_r1"] == 100 * 8 / 19
+    # image→text: image 1 now hits caption 6 (0.9), tied by distractors 0 and 12 (rank 2);
+    # image 2 hits captions 1-3 (0.9), tied by distractors 0, 12, 13, 14 (rank 4); images 0
+    # and 3 are alone in their group → ranks [0, 2, 4, 12]. Optimistic: [0, 0, 0, 12].
+    assert (m["group_i2t_r1"], m["group_i2t_r5"]) == (100 * 1 / 4, 100 * 3 / 4)
+    assert (m["group_i2t_r1_optimistic"], m["group_i2t_r10_optimistic"]) == (75.0, 75.0)
+    # text→image, rank 0: captions 15-18 only (4); captions 1-3 and 6 hit a group image at
+    # 0.9 but image 3 ties it (0.9) and ranks ahead: rank 1, like 4, 7-11, 13, 14 (12 in all);
+    # rank 2: caption 12, and caption 5 (its best group image scores 0.1, tied by image 0's
+    # 0.1); rank 3: caption 0. Optimistic: the 4 tied captions move to rank 0, 5 to rank 1.
+    assert m["group_t2i_r1"] == 100 * 4 / 19
+    assert m["group_t2i_r1_optimistic"] == 100 * 8 / 19
     assert m["group_t2i_r5"] == 100.0
-    assert recall_at(torch.tensor([0] * 8 + [1] * 9 + [2] + [3]), (2, 3)) == {
-        2: 100 * 17 / 19,
-        3: 100 * 18 / 19,
-    }
+    g_i2t, g_t2i = rm._group_ranks(sim_IT, t2i_T, groups_I, "pessimistic")
+    assert g_i2t.tolist() == [0, 2, 4, 12]
+    assert recall_at(g_t2i, (2, 3)) == {2: 100 * 16 / 19, 3: 100 * 18 / 19}
+    assert rm._group_ranks(sim_IT, t2i_T, groups_I, "optimistic")[1][5] == 1
     # The strict metrics are unchanged by passing groups.
-    assert {k: m[k] for k in [*STRICT_KEYS, "rsum"]} == retrieval_metrics(sim_IT, t2i_T)
+    assert {k: v for k, v in m.items() if not k.startswith("group_")} == retrieval_metrics(
+        sim_IT, t2i_T
+    )
 
 
-def test_ties_count_for_the_ground_truth() -> None:
-    """Invariant (documented tie rule): a rank counts only strictly higher scores, so an
-    all-equal row ranks every query first."""
+def test_ties_count_against_the_ground_truth() -> None:
+    """Invariant (headline tie rule): a distractor tied with the match ranks ahead of it, so an
+    all-equal row ranks every query last among its distractors; the optimistic rule counts only
+    strictly higher scores (every query first)."""
     sim_IT = torch.zeros(3, 4)
     t2i_T = torch.tensor([0, 1, 2, 2])
-    assert ranks_i2t(sim_IT, t2i_T).tolist() == [0, 0, 0]
-    assert ranks_t2i(sim_IT, t2i_T).tolist() == [0, 0, 0, 0]
-    sim_IT[0, 1] = 1e-6  # one strictly better distractor
-    assert ranks_i2t(sim_IT, t2i_T).tolist() == [1, 0, 0]
-    assert ranks_t2i(sim_IT, t2i_T).tolist() == [0, 1, 0, 0]
+    # image 2 has 2 ground truths: the other 2 captions tie; images 0, 1: 3 others tie.
+    assert ranks_i2t(sim_IT, t2i_T).tolist() == [3, 3, 2]
+    assert ranks_t2i(sim_IT, t2i_T).tolist() == [2, 2, 2, 2]
+    assert ranks_i2t(sim_IT, t2i_T, ties="optimistic").tolist() == [0, 0, 0]
+    assert ranks_t2i(sim_IT, t2i_T, ties="optimistic").tolist() == [0, 0, 0, 0]
+    sim_IT[0, 0] = 1e-6  # image 0 now beats every other caption and image
+    assert ranks_i2t(sim_IT, t2i_T).tolist() == [0, 3, 2]
+    assert ranks_t2i(sim_IT, t2i_T).tolist() == [0, 2, 2, 2]
+    m = retrieval_metrics(sim_IT, t2i_T)
+    assert m["i2t_r1"] == 100 / 3 and m["i2t_r1_optimistic"] == 100.0
+
+
+def test_identical_captions_are_not_all_first() -> None:
+    """Invariant: N images each with one caption, all captions embedded identically (the same
+    sentence): pessimistic text→image R@1 is 0 and image→text R@1 is 0 (every caption ties),
+    not the 100 the optimistic rule reports; a plain loop agrees."""
+    n = 10
+    gen = torch.Generator().manual_seed(0)
+    img_ND = torch.nn.functional.normalize(torch.randn(n, 8, generator=gen), dim=1)
+    txt_D = torch.nn.functional.normalize(torch.randn(8, generator=gen), dim=0)
+    # Every caption column is the same vector of scores (a blocked matmul could round the
+    # identical columns differently, which is not what this test is about).
+    sim_IT, t2i_T = (img_ND @ txt_D)[:, None].expand(n, n).contiguous(), torch.arange(n)
+    m = retrieval_metrics(sim_IT, t2i_T)
+    assert m["i2t_r1"] == 0.0 and m["i2t_r1_optimistic"] == 100.0
+    ref_i2t, ref_t2i = _reference_ranks(sim_IT.tolist(), t2i_T.tolist())
+    assert ranks_i2t(sim_IT, t2i_T).tolist() == ref_i2t == [n - 1] * n
+    assert ranks_t2i(sim_IT, t2i_T).tolist() == ref_t2i
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,16 +205,43 @@ def test_vectorised_matches_sorted_list_reference(
     for any captions-per-image layout and frequent ties."""
     sim_IT, t2i_T, groups_I = bench
     sim, t2i, groups = sim_IT.tolist(), t2i_T.tolist(), groups_I.tolist()
-    ref_i2t, ref_t2i = _reference_ranks(sim, t2i)
-    ref_gi2t, ref_gt2i = _reference_ranks(sim, t2i, groups)
-    assert ranks_i2t(sim_IT, t2i_T).tolist() == ref_i2t
-    assert ranks_t2i(sim_IT, t2i_T).tolist() == ref_t2i
     m = retrieval_metrics(sim_IT, t2i_T, groups_I)
-    for k in (1, 5, 10):
-        assert m[f"i2t_r{k}"] == _reference_recall(ref_i2t, k)
-        assert m[f"t2i_r{k}"] == _reference_recall(ref_t2i, k)
-        assert m[f"group_i2t_r{k}"] == _reference_recall(ref_gi2t, k)
-        assert m[f"group_t2i_r{k}"] == _reference_recall(ref_gt2i, k)
+    for ties, suffix in (("pessimistic", ""), ("optimistic", "_optimistic")):
+        ref_i2t, ref_t2i = _reference_ranks(sim, t2i, ties=ties)
+        ref_gi2t, ref_gt2i = _reference_ranks(sim, t2i, groups, ties)
+        assert ranks_i2t(sim_IT, t2i_T, ties).tolist() == ref_i2t
+        assert ranks_t2i(sim_IT, t2i_T, ties).tolist() == ref_t2i
+        # Group metrics average over the labelled queries only.
+        lab_i = [g >= 0 for g in groups]
+        ref_gi2t = [r for r, ok in zip(ref_gi2t, lab_i, strict=True) if ok]
+        ref_gt2i = [r for r, t in zip(ref_gt2i, t2i, strict=True) if lab_i[t]]
+        for k in (1, 5, 10):
+            assert m[f"i2t_r{k}{suffix}"] == _reference_recall(ref_i2t, k)
+            assert m[f"t2i_r{k}{suffix}"] == _reference_recall(ref_t2i, k)
+            if ref_gi2t:
+                assert m[f"group_i2t_r{k}{suffix}"] == _reference_recall(ref_gi2t, k)
+                assert m[f"group_t2i_r{k}{suffix}"] == _reference_recall(ref_gt2i, k)
+        if not ref_gi2t:  # no label at all: every group metric is NaN (not measured)
+            assert all(math.isnan(v) for key, v in m.items() if key.startswith("group_"))
+            continue
+        ap_i, ap_t = _reference_ranks(sim, t2i, groups, ties, of=_ap_by_sorting)
+        ap_i = [a for a, ok in zip(ap_i, lab_i, strict=True) if ok]
+        ap_t = [a for a, t in zip(ap_t, t2i, strict=True) if lab_i[t]]
+        assert m[f"group_i2t_map{suffix}"] == pytest.approx(100 * sum(ap_i) / len(ap_i))
+        assert m[f"group_t2i_map{suffix}"] == pytest.approx(100 * sum(ap_t) / len(ap_t))
+
+
+def test_group_map_hand_made_with_ties() -> None:
+    """Invariant: group AP by hand. Image 0 (group 0) over captions scored [.9, .5, .5, .1],
+    relevant (group 0) = captions 0 and 2: pessimistic puts the tied irrelevant caption 1 ahead
+    of caption 2 → AP = (1/1 + 2/3)/2; optimistic → (1/1 + 2/2)/2."""
+    sim_IT = torch.tensor([[0.9, 0.5, 0.5, 0.1], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    t2i_T = torch.tensor([0, 1, 2, 1])  # caption 2 is image 2's, image 2 is in group 0
+    groups_I = torch.tensor([0, 1, 0])
+    ap_i, _ = rm._group_ap(sim_IT, t2i_T, groups_I, "pessimistic")
+    assert ap_i[0].item() == pytest.approx((1 + 2 / 3) / 2)
+    ap_i, _ = rm._group_ap(sim_IT, t2i_T, groups_I, "optimistic")
+    assert ap_i[0].item() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3])
@@ -201,6 +275,7 @@ def test_group_recall_bounds_strict_recall(
     """Invariant: group recall ≥ strict recall (a ground truth is always in its own group), and
     equal when every image is its own group."""
     sim_IT, t2i_T, groups_I = bench
+    groups_I = groups_I.clamp_min(0)  # every query labelled: the same queries both ways
     m = retrieval_metrics(sim_IT, t2i_T, groups_I)
     for key in STRICT_KEYS:
         assert m["group_" + key] >= m[key]
@@ -275,6 +350,8 @@ def test_permuting_captions_or_images_changes_nothing(
     gen = torch.Generator().manual_seed(seed)
     base = retrieval_metrics(sim_IT, t2i_T, groups_I)
     perm_T = torch.randperm(n_txt, generator=gen)
+    # mAP is a float mean over queries: equal up to the order of the summation.
+    base = pytest.approx(base, rel=1e-12, nan_ok=True)
     assert retrieval_metrics(sim_IT[:, perm_T], t2i_T[perm_T], groups_I) == base
     perm_I = torch.randperm(n_img, generator=gen)  # new row r holds old image perm_I[r]
     new_index_I = torch.argsort(perm_I)  # old image → its new row
@@ -299,9 +376,35 @@ def test_rsum_is_the_sum_of_the_six_recalls(
     """Invariant: rsum (group_rsum) is exactly the sum of the six strict (group) recalls."""
     m = retrieval_metrics(*bench)
     assert m["rsum"] == pytest.approx(sum(m[k] for k in STRICT_KEYS))
-    assert m["group_rsum"] == pytest.approx(sum(m[k] for k in GROUP_KEYS))
-    assert set(m) == {*STRICT_KEYS, *GROUP_KEYS, "rsum", "group_rsum"}
-    assert set(retrieval_metrics(*bench[:2])) == {*STRICT_KEYS, "rsum"}
+    if not math.isnan(m["group_rsum"]):
+        assert m["group_rsum"] == pytest.approx(sum(m[k] for k in GROUP_KEYS))
+        assert m["group_map"] == pytest.approx((m["group_i2t_map"] + m["group_t2i_map"]) / 2)
+    strict = {*STRICT_KEYS, "rsum"}
+    group = {*GROUP_KEYS, "group_rsum", "group_i2t_map", "group_t2i_map", "group_map"}
+    both = strict | group  # the same keys with or without labels (NaN without)
+    assert set(m) == both | {k + "_optimistic" for k in both}
+    assert set(rm.group_metric_keys()) == group
+    assert set(retrieval_metrics(*bench[:2])) == strict | {k + "_optimistic" for k in strict}
+
+
+def test_unlabelled_groups_are_not_one_group() -> None:
+    """Invariant ("no group label" is its own value): with every label −1, every group metric
+    is NaN (not measured; not a perfect 600 from one shared group), also through the folds; an
+    unlabelled image is relevant only to its own captions, so labelled queries never score a
+    hit on it."""
+    sim_IT, t2i_T = torch.rand(4, 4), torch.arange(4)
+    m = retrieval_metrics(sim_IT, t2i_T, torch.full((4,), -1))
+    assert all(math.isnan(v) for k, v in m.items() if k.startswith("group_"))
+    folds = fold_metrics(sim_IT, t2i_T, torch.tensor([-1, -1, 3, 3]), fold_size=2)
+    assert (
+        folds["group_rsum"]
+        == retrieval_metrics(sim_IT[2:, 2:], t2i_T[:2], torch.tensor([3, 3]))["group_rsum"]
+    )  # the unlabelled fold is left out of the mean
+    sim_IT = torch.eye(4) * 0.1
+    sim_IT[0, 1] = sim_IT[1, 0] = 0.9  # images 0 and 1 unlabelled, swapped best captions
+    m = retrieval_metrics(sim_IT, t2i_T, torch.tensor([-1, -1, 5, 5]))
+    assert m["group_i2t_r1"] == 100.0  # the labelled images 2 and 3 only
+    assert m["i2t_r1"] == 50.0
 
 
 def test_no_autograd_graph_and_int64_ranks() -> None:

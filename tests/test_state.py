@@ -40,6 +40,9 @@ def test_train_state_round_trips_through_a_checkpoint_file() -> None:
     for s in (a, b):
         s.add_diagnostics(torch.tensor(0.7), {"n_pos": torch.tensor(1.0)})
     assert a.take_window() == b.take_window()  # exact float equality, not approx
+    # the epoch's diagnostics continue too: the resumed epoch's means equal the uninterrupted
+    assert a.close_epoch() == b.close_epoch() and a.close_epoch() == {}
+    assert b.epoch_diag.epochs[-1]["epoch"] == 0 and b.epoch_diag.epochs[-1]["steps"] == 4
     assert a.staleness() == b.staleness()
     assert saved.counters["samples_seen"] == 14 * 16
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .detection import COLUMNS as DETECTION_COLUMNS
 from .params import LOSSES, FneConfig
 from .selection import Picks, candidate_index, negative_mask, select_dense, select_listed
 from .stats import Gaussians
@@ -134,7 +135,11 @@ def retrieval_loss(
         mean_neg_sim=s["neg_sim"] / draws,
     )
     if a.groups_B is not None and c.groups_N is not None:
-        diag["frac_neg_same_group"] = s["same_group"] / draws  # group mates among negatives
+        # Group mates among the sampled negatives (over draws of labelled anchors).
+        diag["frac_neg_same_group"] = s["same_group"] / s["labelled_draws"].clamp_min(1.0)
+        for key in DETECTION_COLUMNS if rule != "hardest" else ():
+            if rule == "fne" or not key.startswith(("pfn_", "rel")):  # no posterior: no P_fn
+                diag[f"fnd_{key}"] = s[f"fnd_{key}"]  # per-step sums: fne.detection
     if rule == "fne":
         diag["frac_pfn_gt_eps"] = s["fn"] / s["unmasked"].clamp_min(1.0)
     if rule != "hardest":  # the share of candidates the draw spreads over
@@ -173,7 +178,14 @@ def _one_direction(
         "window": p.n_window_b.sum().to(torch.float64),
     }
     if a.groups_B is not None and c.groups_N is not None:
-        sums["same_group"] = ((c.groups_N[p.index_bk] == a.groups_B[:, None]) * v).sum()
+        # A negative label is "no group label": it shares no group, not even with itself.
+        labelled_bk = (a.groups_B[:, None] >= 0) & (c.groups_N[p.index_bk] >= 0)
+        same_bk = (c.groups_N[p.index_bk] == a.groups_B[:, None]) & labelled_bk
+        sums["same_group"] = (same_bk * v).sum()
+        sums["labelled_draws"] = (labelled_bk * v).sum()
+        if p.detect_bF.shape[1]:  # measured (the fne and window rules)
+            detect_F = p.detect_bF.sum(0)
+            sums |= {f"fnd_{key}": detect_F[i] for i, key in enumerate(DETECTION_COLUMNS)}
     return per_anchor_B.mean(), sums
 
 
@@ -192,6 +204,7 @@ def _select(
     chunks of that block's rows, so no B×N temporary outlives a chunk."""
     groups_B = a.groups_B if cfg.mask_groups else None
     select, chunk = _selector(cand_ND.device, c, groups_B, cfg, rule, g)
+    measure = a.groups_B is not None and c.groups_N is not None and rule != "hardest"
     cand_detached_ND = cand_ND.detach()
     picks: list[Picks] = []
     with torch.no_grad():
@@ -211,6 +224,7 @@ def _select(
                         g,
                         cfg,
                         rule,
+                        detect_groups=(a.groups_B[rows], c.groups_N) if measure else None,
                     )
                 )
     return Picks(*(torch.cat(parts) for parts in zip(*picks, strict=True)))
@@ -307,8 +321,9 @@ def _info_nce(
 
 
 def gaussian_diagnostics(g: Gaussians) -> dict[str, Tensor]:
-    """Gate state, positive count and μ±/σ± as 0-dim tensors."""
-    return {
+    """Gate state, positive count, μ±/σ± (and an estimated prior π) as 0-dim tensors."""
+    out = {} if g.prior is None else {"prior": g.prior}
+    return out | {
         "gate_open": g.gate_open.to(torch.float64),
         "n_pos": g.n_pos,
         "mu_pos": torch.where(g.has_mu_pos, g.mu_pos, torch.nan),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .estimators import PRIOR_MODES, STATS_SOURCES
 from .stats import NO_POS_MU
 
 LOSSES = ("fne", "window", "vse_pp", "vse0", "infonce")
@@ -68,6 +69,22 @@ class FneConfig:
         "mutual-top-1 rule per rank (online B×B, reference meaning) or over the gathered G×G "
         "momentum matrix",
         choices=("local", "global"),
+    )
+    stats_source: str = setting(
+        "mutual_top1",
+        "what the Gaussians are fitted to: mutual_top1 (the paper: positives of mutually-top-1 "
+        "pairs, negatives their hardest in-batch negative) or all_pairs (positives every known "
+        "pair, negatives a random sample of [batch ; memory]; fne.estimators)",
+        choices=STATS_SOURCES,
+    )
+    prior_mode: str = setting(
+        "fixed",
+        "π of the posterior: fixed (the paper: fne.prior) or em (the mixing weight of the "
+        "candidate similarities, stepwise EM over each epoch; fne.estimators)",
+        choices=PRIOR_MODES,
+    )
+    stats_samples: int = setting(
+        4, "random candidates per anchor and direction for all_pairs and em", ge=1
     )
     mask_groups: bool = setting(False, "oracle: mask candidates sharing the anchor's group label")
     vse_pp_memory: bool = setting(True, "vse_pp takes its hardest negative over [batch ; memory]")

@@ -22,9 +22,14 @@ from .stats import Gaussians
 
 
 def log_odds_coefficients(g: Gaussians, prior: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(α, β, γ) of L(s) = αs² + βs + γ as float64 0-dim tensors (no host sync); α = 0 if pooled."""
+    """(α, β, γ) of L(s) = αs² + βs + γ as float64 0-dim tensors (no host sync); α = 0 if pooled.
+
+    π is ``g.prior`` when the Gaussians carry an estimated one, else ``prior``."""
     inv_p, inv_n = 1.0 / g.var_pos, 1.0 / g.var_neg
-    log_prior_odds = math.log(prior) - math.log1p(-prior)
+    if g.prior is None:
+        log_prior_odds = math.log(prior) - math.log1p(-prior)
+    else:  # a data-estimated π (prior_mode: em) replaces the configured one
+        log_prior_odds = torch.log(g.prior) - torch.log1p(-g.prior)
     beta = g.mu_pos * inv_p - g.mu_neg * inv_n
     gamma = log_prior_odds + 0.5 * (torch.log(g.var_neg) - torch.log(g.var_pos))
     gamma = gamma - 0.5 * g.mu_pos.square() * inv_p + 0.5 * g.mu_neg.square() * inv_n

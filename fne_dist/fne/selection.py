@@ -24,10 +24,17 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .detection import dense_detection, empty_detection, listed_detection
 from .params import FneConfig
 from .sampling import draw_negatives, first_argmax
 from .stats import Gaussians
-from .weights import count_true, sampling_weights, window_weights
+from .weights import (
+    count_true,
+    cut_threshold,
+    fn_region_inside_window,
+    sampling_weights,
+    window_weights,
+)
 
 # On the CPU, weights are computed on the hard-cut window alone while it holds at most this
 # fraction of the candidates (bench/sampler.py measures both forms).
@@ -46,6 +53,7 @@ class Picks(NamedTuple):
     n_fn_b: Tensor  # unmasked candidates with P_fn > ε
     n_unmasked_b: Tensor
     n_window_b: Tensor  # candidates in the hard-cut window (0 for the hardest rule)
+    detect_bF: Tensor  # false-negative detection sums (fne.detection; b×0 if not measured)
 
 
 def select_dense(
@@ -59,8 +67,12 @@ def select_dense(
     g: Gaussians | None,
     cfg: FneConfig,
     rule: str,
+    detect_groups: tuple[Tensor, Tensor] | None = None,
 ) -> Picks:
-    """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device)."""
+    """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device).
+
+    detect_groups: (anchor groups b, candidate groups N) to measure false-negative detection
+    (``fne.detection``) with the fne and window rules; None: not measured."""
     n = sim_bN.shape[1]
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
@@ -70,7 +82,30 @@ def select_dense(
     assert g is not None and u_bk is not None
     w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN)
     counts = (w.n_fn_B, n - count_true(mask_bN), w.n_window_B)
-    return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin, u_bk, w.w_BN, None, counts)
+    detect = _dense_detection(sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule)
+    return _drawn_picks(
+        sim_bN, masked_sim_bN, pos_sim_b, cfg.margin, u_bk, w.w_BN, None, counts, detect
+    )
+
+
+def _dense_detection(
+    sim_bN: Tensor,
+    mask_bN: Tensor,
+    masked_sim_bN: Tensor,
+    detect_groups: tuple[Tensor, Tensor] | None,
+    g: Gaussians,
+    cfg: FneConfig,
+    rule: str,
+) -> Tensor:
+    """``fne.detection.dense_detection`` with this step's window, or b×0 if not measured."""
+    if detect_groups is None:
+        return empty_detection(sim_bN.shape[0], sim_bN.device)
+    threshold = cut_threshold(g, cfg.cut_margin, sim_bN.dtype) if cfg.hard_cut else -math.inf
+    window_bN = masked_sim_bN > threshold
+    groups_b, cand_groups_N = detect_groups
+    return dense_detection(
+        sim_bN, mask_bN, groups_b, cand_groups_N, window_bN, g, cfg, rule == "fne"
+    )
 
 
 def select_listed(
@@ -85,6 +120,7 @@ def select_listed(
     cfg: FneConfig,
     rule: str,
     index: CandidateIndex | None = None,
+    detect_groups: tuple[Tensor, Tensor] | None = None,
 ) -> Picks:
     """The picks of b anchors, listed: the masked entries by binary search (``index``: the
     sorted candidate ids, built here if not given), the weights inside the hard-cut window
@@ -103,12 +139,41 @@ def select_listed(
     ww = window_weights(sim_bN, pos_sim_b, masked_sim_bN, masked, g, cfg, rule, WINDOW_MAX_FRACTION)
     if ww is not None:
         counts = (ww.n_fn_B, n_unmasked_b, ww.n_window_B)
-        return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, m, u_bk, ww.w_BM, ww.col_BM, counts)
+        detect = _listed_detection(sim_bN, masked, masked_sim_bN, detect_groups, ww, g, cfg, rule)
+        return _drawn_picks(
+            sim_bN, masked_sim_bN, pos_sim_b, m, u_bk, ww.w_BM, ww.col_BM, counts, detect
+        )
     # A wide window: the dense weights, with the listed mask.
     mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(masked, torch.tensor(True))
     w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN, masked)
     counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
-    return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, m, u_bk, w.w_BN, None, counts)
+    detect = _dense_detection(sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule)
+    return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, m, u_bk, w.w_BN, None, counts, detect)
+
+
+def _listed_detection(
+    sim_bN: Tensor,
+    masked: tuple[Tensor, Tensor],
+    masked_sim_bN: Tensor,
+    detect_groups: tuple[Tensor, Tensor] | None,
+    ww,
+    g: Gaussians,
+    cfg: FneConfig,
+    rule: str,
+) -> Tensor:
+    """Detection sums from the window's slots when every P_fn > ε candidate is inside the
+    window (the usual case); otherwise from the dense mask (same sums)."""
+    if detect_groups is None:
+        return empty_detection(sim_bN.shape[0], sim_bN.device)
+    groups_b, cand_groups_N = detect_groups
+    threshold = float(cut_threshold(g, cfg.cut_margin, sim_bN.dtype))
+    if rule == "window" or fn_region_inside_window(g, cfg.prior, cfg.eps, threshold):
+        return listed_detection(
+            sim_bN, masked, groups_b, cand_groups_N, ww.col_BM, ww.n_window_B, g, cfg,
+            rule == "fne",
+        )  # fmt: skip
+    mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(masked, torch.tensor(True))
+    return _dense_detection(sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule)
 
 
 def _hardest_picks(
@@ -120,6 +185,7 @@ def _hardest_picks(
     return _picks(
         sim_bN, pos_sim_b, margin, h_b[:, None], has_violator_b[:, None],
         zeros_b.bool(), ~has_violator_b, (zeros_b, zeros_b, zeros_b),
+        empty_detection(sim_bN.shape[0], sim_bN.device),
     )  # fmt: skip
 
 
@@ -132,14 +198,16 @@ def _drawn_picks(
     w_bM: Tensor,
     col_bM: Tensor | None,
     counts: tuple[Tensor, Tensor, Tensor],
+    detect_bF: Tensor,
 ) -> Picks:
     """k draws from the weights w_bM (col_bM: their columns when compacted to the window),
     with the hardest violator as the fallback of a row whose weights sum to 0."""
     h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, margin)
     d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
     return _picks(
-        sim_bN, pos_sim_b, margin, d.index_Bk, d.valid_Bk, d.fallback_B, d.no_violator_B, counts
-    )
+        sim_bN, pos_sim_b, margin, d.index_Bk, d.valid_Bk, d.fallback_B, d.no_violator_B,
+        counts, detect_bF,
+    )  # fmt: skip
 
 
 def _hardest_violator(
@@ -160,6 +228,7 @@ def _picks(
     fallback_b: Tensor,
     no_violator_b: Tensor,
     counts: tuple[Tensor, Tensor, Tensor],
+    detect_bF: Tensor,
 ) -> Picks:
     neg_sim_bk = sim_bN.gather(1, idx_bk)
     n_fn_b, n_unmasked_b, n_window_b = counts
@@ -173,6 +242,7 @@ def _picks(
         n_fn_b=n_fn_b,
         n_unmasked_b=n_unmasked_b,
         n_window_b=n_window_b,
+        detect_bF=detect_bF,
     )
 
 

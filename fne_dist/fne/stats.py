@@ -88,7 +88,8 @@ class Gaussians:
     ``has_mu_pos`` is false until a μ⁺ exists (a positive sample this epoch, a carried μ⁺, or
     the reference's running mean that starts at 0): the hard cut is skipped then.
     ``gate_open`` is n⁺ > gate_size: the Bayes part is used. With ``variance == "pooled"``,
-    var_pos and var_neg hold the same pooled variance.
+    var_pos and var_neg hold the same pooled variance. ``prior``: π estimated from data
+    (``fne.estimators``), used instead of the configured prior when set.
     """
 
     mu_pos: Tensor
@@ -99,6 +100,7 @@ class Gaussians:
     has_mu_pos: Tensor
     gate_open: Tensor
     variance: str = "separate"
+    prior: Tensor | None = None  # a data-estimated π (``prior_mode: em``); None: the config's
 
 
 def _mean_var(n: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor]:
@@ -164,10 +166,16 @@ class SimilarityStats:
         self.reset_policy = reset
         self.no_pos_mu = no_pos_mu
         self.totals = empty_stats(device)
+        # EM sums of the mixing weight (n, Σ responsibilities): ``fne.estimators``.
+        self.em_totals = torch.zeros(2, dtype=torch.float64, device=device)
         self.carried_mu_pos = torch.tensor(math.nan, dtype=torch.float64, device=device)
 
     def add(self, batch_stats: Tensor) -> None:
         self.totals = merge_stats(self.totals, batch_stats.to(self.totals))
+
+    def add_em(self, batch_em: Tensor) -> None:
+        """Add one step's (all-reduced) EM sums (n, Σ r) of the mixing weight."""
+        self.em_totals = self.em_totals + batch_em.to(self.em_totals)
 
     def new_epoch(self) -> None:
         if self.reset_policy == "never":
@@ -176,6 +184,7 @@ class SimilarityStats:
         mu = self.totals[1] / n.clamp_min(1.0)
         self.carried_mu_pos = torch.where(n > 0, mu, self.carried_mu_pos)
         self.totals = torch.zeros_like(self.totals)
+        self.em_totals = torch.zeros_like(self.em_totals)
 
     def gaussians(
         self, gate_size: int = 200, var_floor: float = 1e-8, variance: str = "separate"
@@ -188,8 +197,14 @@ class SimilarityStats:
         return gaussians_from_stats(self.totals, gate_size, var_floor, variance, carried)
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"totals": self.totals.clone(), "carried_mu_pos": self.carried_mu_pos.clone()}
+        return {
+            "totals": self.totals.clone(),
+            "carried_mu_pos": self.carried_mu_pos.clone(),
+            "em_totals": self.em_totals.clone(),
+        }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.totals = state["totals"].to(self.totals)
         self.carried_mu_pos = state["carried_mu_pos"].to(self.carried_mu_pos)
+        if "em_totals" in state:  # checkpoints written before prior_mode existed have none
+            self.em_totals = state["em_totals"].to(self.em_totals)

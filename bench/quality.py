@@ -1,0 +1,304 @@
+"""Does FNE earn its place? Every loss on the same data, model, budget and paired seeds.
+
+    python bench/quality.py --smoke                 # tiny, 1 seed: runs end to end in < 1 min
+    python bench/quality.py --seeds 0 1 2 --epochs 8 --classes 10 --out results/quality
+
+Data: a generator with a controllable false-negative rate (``--classes`` C: every candidate of
+the anchor's class is a false negative, rate ≈ 1/C). Frozen towers with cached features are
+what the default run trains (heads on fixed features), so the generator emits features
+directly: an image feature is its class centre plus an instance part, each of its captions
+a fixed linear map of it plus noise (another width), so strict retrieval needs the instance
+part and the class part makes false negatives.
+
+Each run uses the project's own step (``fne_dist.step.forward_step``: statistics, estimators,
+sampler, loss), momentum encoder, memory and metrics, with a plain Adam loop on one process
+(the loop's step order: forward → backward → step → EMA → enqueue; one warm-up epoch of
+in-batch VSE++ as the reference). Each run's epoch is selected on val (rsum) and its test
+metrics reported; the FN detection numbers are those of that run's last epoch.
+Prints mean ± std over seeds, a paired bootstrap interval of each difference to ``fne``, the
+share of the in-batch VSE++ → oracle gap each variant recovers (group-aware rsum) and the
+issue's goals as PASS/FAIL; writes ``results.md`` and ``runs.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fne_dist.config import ModelConfig
+from fne_dist.fne import FneConfig, SimilarityStats
+from fne_dist.memory import MomentumMemory
+from fne_dist.model import DualEncoder
+from fne_dist.momentum import ema_update, make_momentum_copy
+from fne_dist.retrieval_metrics import retrieval_metrics
+from fne_dist.step import forward_step
+from fne_dist.summary import EpochDiagnostics
+
+NEVER = 10**12  # a gate size no epoch reaches: the Bayes part stays off (kernel only)
+VARIANTS: dict[str, dict] = {
+    "vse_pp_batch": dict(loss="vse_pp", vse_pp_memory=False),
+    "vse_pp_memory": dict(loss="vse_pp", vse_pp_memory=True),
+    "vse0": dict(loss="vse0"),
+    "infonce": dict(loss="infonce"),
+    "window": dict(loss="window"),
+    "fne_kernel": dict(loss="fne", gate_size=NEVER),
+    "fne": dict(loss="fne"),
+    "fne_all_pairs": dict(loss="fne", stats_source="all_pairs"),
+    "fne_em": dict(loss="fne", prior_mode="em"),
+    "fne_all_pairs_em": dict(loss="fne", stats_source="all_pairs", prior_mode="em"),
+    "oracle": dict(loss="fne", mask_groups=True),
+}
+SMOKE_VARIANTS = ("vse_pp_batch", "window", "fne", "fne_all_pairs_em", "oracle")
+METRICS = ("rsum", "group_rsum", "group_map", "fn_pfn_precision", "fn_pfn_recall",
+           "fn_window_precision", "fn_window_recall", "frac_neg_same_group", "wall_s")  # fmt: skip
+
+
+@dataclass
+class Setup:
+    images: int = 1200
+    captions: int = 2
+    classes: int = 10
+    img_dim: int = 48
+    txt_dim: int = 32
+    embed_dim: int = 64
+    instance: float = 1.5  # instance part relative to the class centre (N(0, 1) per dim)
+    noise: float = 1.0  # caption noise
+    epochs: int = 8
+    batch: int = 32
+    memory: int = 256
+    momentum: float = 0.9  # heads from scratch need a fast momentum (fne-algorithm.md §8)
+    lr: float = 2e-3
+
+
+def make_data(s: Setup, seed: int = 1234) -> dict[str, dict[str, Tensor]]:
+    """train/val/test (60/20/20 % of the images) of cached-feature pairs with class groups."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(s.classes, s.img_dim, generator=gen)
+    cls = torch.randint(0, s.classes, (s.images,), generator=gen)
+    img = centres[cls] + s.instance * torch.randn(s.images, s.img_dim, generator=gen)
+    mix = torch.randn(s.img_dim, s.txt_dim, generator=gen) / math.sqrt(s.img_dim)
+    image_of = torch.arange(s.images).repeat_interleave(s.captions)
+    txt = img[image_of] @ mix + s.noise * torch.randn(len(image_of), s.txt_dim, generator=gen)
+    cut1, cut2 = int(0.6 * s.images), int(0.8 * s.images)
+    splits = {}
+    for name, (lo, hi) in {
+        "train": (0, cut1),
+        "val": (cut1, cut2),
+        "test": (cut2, s.images),
+    }.items():
+        rows = ((image_of >= lo) & (image_of < hi)).nonzero().flatten()
+        splits[name] = {
+            "img_feat": img[image_of[rows]], "txt_feat": txt[rows], "ids": image_of[rows],
+            "groups": cls[image_of[rows]], "img_only": img[lo:hi], "img_groups": cls[lo:hi],
+            "text_to_image": image_of[rows] - lo,
+        }  # fmt: skip
+    return splits
+
+
+@torch.no_grad()
+def evaluate(model: DualEncoder, split: dict[str, Tensor]) -> dict[str, float]:
+    """Strict and group-aware R@K and group mAP (pessimistic ties) of one split."""
+    img = model.encode_image({"img_feat": split["img_only"]})
+    txt = model.encode_text({"txt_feat": split["txt_feat"]})
+    return retrieval_metrics(img @ txt.T, split["text_to_image"], split["img_groups"])
+
+
+def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int) -> dict:
+    """One run: the loop's step order on one process; the val-selected epoch's test metrics."""
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model = DualEncoder(None, None, s.img_dim, s.txt_dim, ModelConfig(embed_dim=s.embed_dim,
+                        head="mlp"), cfg.temperature)  # fmt: skip
+    momentum = make_momentum_copy(model)
+    memory = MomentumMemory(s.memory, s.embed_dim, seed=seed)
+    stats = SimilarityStats(cfg.stats_reset, cfg.no_pos_mu)
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    train, n, step = data["train"], data["train"]["ids"].shape[0], 0
+    best: tuple[float, dict, dict] = (-math.inf, {}, {})
+    for epoch in range(s.epochs):
+        stats.new_epoch()
+        epoch_diag = EpochDiagnostics()
+        # Paired seeds: the same data order for every variant of a seed.
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        warm = epoch == 0  # one warm-up epoch of in-batch VSE++ (the reference's epoch 0)
+        for start in range(0, n - s.batch + 1, s.batch):
+            batch = {k: v[order[start : start + s.batch]] for k, v in train.items()
+                     if k in ("img_feat", "txt_feat", "ids", "groups")}  # fmt: skip
+            out = forward_step(model, momentum, batch, memory, stats, cfg, seed, step, warm)
+            opt.zero_grad()
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+            opt.step()
+            ema_update(momentum, model, s.momentum)
+            if not warm:
+                g = out.gathered
+                memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+                epoch_diag.add(out.diagnostics)
+            step += 1
+        row = epoch_diag.close_epoch(epoch)
+        val = evaluate(model, data["val"])
+        if val["rsum"] > best[0]:
+            best = (val["rsum"], evaluate(model, data["test"]), row)
+    _, test, diag = best
+    return {**test, **{k: v for k, v in diag.items() if k.startswith(("fn_", "frac_"))},
+            "wall_s": time.perf_counter() - t0}  # fmt: skip
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def paired_bootstrap(a: list[float], b: list[float], reps: int = 2000) -> tuple[float, float]:
+    """95 % interval of mean(a − b) over seeds, resampling the seed pairs."""
+    diffs = torch.tensor([x - y for x, y in zip(a, b, strict=True)], dtype=torch.float64)
+    if len(diffs) < 2 or torch.isnan(diffs).any():
+        return math.nan, math.nan
+    idx = torch.randint(
+        0, len(diffs), (reps, len(diffs)), generator=torch.Generator().manual_seed(0)
+    )
+    means = diffs[idx].mean(1)
+    return float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def _col(runs: dict[str, list[dict]], name: str, key: str) -> list[float]:
+    return [float(r.get(key, math.nan)) for r in runs[name]]
+
+
+def _beats(runs: dict, a: str, b: str, key: str) -> bool:
+    """mean(a − b) over paired seeds exceeds one standard deviation of the differences."""
+    diffs = [x - y for x, y in zip(_col(runs, a, key), _col(runs, b, key), strict=True)]
+    mean, std = mean_std(diffs)
+    return len(diffs) > 1 and not math.isnan(mean) and mean > std
+
+
+def goals(runs: dict[str, list[dict]]) -> list[str]:
+    """The issue's goals as PASS/FAIL lines (only those whose variants ran)."""
+    fne_like = [v for v in runs if v.startswith("fne") and v != "fne_kernel"]
+    if not fne_like:
+        return []
+    best = max(fne_like, key=lambda v: mean_std(_col(runs, v, "group_rsum"))[0])
+    lines = [f"best FNE configuration (group rsum): {best}"]
+    if len(runs[best]) < 2:
+        lines.append("(one seed: no standard deviation; the '> 1 sd' goals cannot pass)")
+    verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    for base in ("vse_pp_batch", "vse_pp_memory", "infonce"):
+        if base in runs:
+            ok = all(_beats(runs, best, base, k) for k in ("group_rsum", "group_map"))
+            lines.append(f"{verdict(ok)} {best} beats {base} on group rsum and group mAP by > 1 sd")
+    if "vse_pp_batch" in runs:
+        ok = (
+            mean_std(_col(runs, best, "rsum"))[0] >= mean_std(_col(runs, "vse_pp_batch", "rsum"))[0]
+        )
+        lines.append(f"{verdict(ok)} {best} not worse than vse_pp_batch on strict rsum")
+    if "vse_pp_batch" in runs and "oracle" in runs:
+        for key in ("group_rsum", "group_map"):
+            share = gap_share(runs, best, key)
+            lines.append(
+                f"{verdict(share >= 0.75)} {best} recovers {100 * share:.0f}% of the {key} gap"
+            )
+    if "fne_kernel" in runs:
+        ok = _beats(runs, best, "fne_kernel", "group_rsum")
+        lines.append(f"{verdict(ok)} posterior's share ({best} − fne_kernel, group rsum) > 1 sd")
+    p, r = (mean_std(_col(runs, best, k))[0] for k in ("fn_pfn_precision", "fn_pfn_recall"))
+    ok = p >= 0.5 and r >= 0.5
+    lines.append(f"{verdict(ok)} P_fn>eps precision {p:.2f} recall {r:.2f} (target ≥ 0.5 each)")
+    return lines
+
+
+def gap_share(runs: dict[str, list[dict]], name: str, key: str = "group_rsum") -> float:
+    """(x − in-batch VSE++) / (oracle − in-batch VSE++) of the means of ``key``."""
+    lo = mean_std(_col(runs, "vse_pp_batch", key))[0]
+    hi = mean_std(_col(runs, "oracle", key))[0]
+    x = mean_std(_col(runs, name, key))[0]
+    return (x - lo) / (hi - lo) if hi != lo else math.nan
+
+
+def table(runs: dict[str, list[dict]]) -> str:
+    """Markdown: mean ± std per metric, the gap share, and each seed's group rsum."""
+    head = "| variant | " + " | ".join(METRICS)
+    head += " | gap share (group rsum) | gap share (group mAP) | group rsum per seed |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 4)]
+    for name in runs:
+        cells = []
+        for key in METRICS:
+            m, sd = mean_std(_col(runs, name, key))
+            scale = 100.0 if key.startswith(("fn_", "frac_")) else 1.0
+            cells.append("n/a" if math.isnan(m) else f"{scale * m:.1f} ± {scale * sd:.1f}")
+        both = {"vse_pp_batch", "oracle"} <= set(runs)
+        for key in ("group_rsum", "group_map"):
+            share = gap_share(runs, name, key) if both else math.nan
+            cells.append(f"{100 * share:.0f}%")
+        seeds = " / ".join(f"{v:.1f}" for v in _col(runs, name, "group_rsum"))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {seeds} |")
+    return "\n".join(lines)
+
+
+def differences(runs: dict[str, list[dict]]) -> list[str]:
+    """Paired bootstrap 95 % interval of each variant minus fne (group rsum, group mAP)."""
+    if "fne" not in runs:
+        return []
+    out = []
+    for name in runs:
+        if name != "fne":
+            parts = []
+            for key in ("group_rsum", "group_map"):
+                lo, hi = paired_bootstrap(_col(runs, name, key), _col(runs, "fne", key))
+                parts.append(f"{key} [{lo:+.1f}, {hi:+.1f}]")
+            out.append(f"{name} − fne: " + ", ".join(parts))
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny data, 1 seed, 5 variants")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--epochs", type=int, default=Setup.epochs)
+    p.add_argument("--classes", type=int, default=Setup.classes, help="FN rate ≈ 1/classes")
+    p.add_argument("--images", type=int, default=Setup.images)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("results/quality"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    s = Setup(epochs=args.epochs, classes=args.classes, images=args.images)
+    variants, seeds = args.variants, args.seeds
+    if args.smoke:
+        s = replace(s, images=240, epochs=3, memory=64, batch=16)
+        variants, seeds = list(SMOKE_VARIANTS), seeds[:1]
+    data = make_data(s)
+    runs: dict[str, list[dict]] = {}
+    for name in variants:
+        cfg = FneConfig(**VARIANTS[name])
+        runs[name] = [train_run(cfg, data, s, seed) for seed in seeds]
+        m = runs[name]
+        per_seed = " / ".join(f"{r['group_rsum']:.1f}" for r in m)
+        wall = sum(r["wall_s"] for r in m)
+        print(f"{name:<18} group rsum {per_seed}  ({wall:.1f} s)", flush=True)
+    report = "\n".join([
+        f"# FNE quality benchmark ({len(seeds)} seed(s): {seeds}; {s})", "", table(runs), "",
+        *differences(runs), "", *goals(runs),
+    ])  # fmt: skip
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.md").write_text(report + "\n")
+    (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
+    return runs
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""How well FNE finds false negatives, measured against group labels (pure tensor functions).
+
+Legend: b anchors of one chunk, X candidate slots per row (all N candidates in the dense form,
+the hard-cut window's slots in the listed form), F the number of sums below.
+
+Where group labels exist, a candidate is a *true false negative* of an anchor when it shares
+the anchor's group. Only *evaluable* candidates count: not masked (same image id, the positive
+column; with the oracle's ``mask_groups`` the group mates too) and both labels known (a
+negative label is "no group label" and matches nothing). Two detectors are scored:
+
+* "P_fn > ε": the posterior's decision (whether or not the gate is open, like the
+  ``frac_pfn_gt_eps`` diagnostic);
+* "inside the hard-cut window" (s > μ⁺ − margin, every evaluable candidate when no cut applies).
+
+Per anchor the sums are, as the columns of a float64 b×F tensor (``COLUMNS``):
+
+    n_eval, n_actual                    evaluable candidates, and those sharing the group
+    pfn_pred, pfn_tp                    P_fn > ε, and those sharing the group
+    window_pred, window_tp              inside the window, and those sharing the group
+    rel{r}_n, rel{r}_p, rel{r}_fn       reliability bin r of P_fn (``RELIABILITY_EDGES``), over
+                                        the evaluable candidates *inside the window* (the ones
+                                        the weights act on): count, Σ P_fn, true FNs
+
+precision = tp / pred, recall = tp / n_actual; a bin's predicted FN rate is p / n, its observed
+rate fn / n. Sums, not ratios, so steps, windows and ranks add them exactly
+(``detection_rates`` turns the totals into rates).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .params import FneConfig
+from .posterior import fn_log_odds, fn_log_odds_threshold
+from .stats import Gaussians
+
+RELIABILITY_EDGES: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
+"""Bin edges of P_fn (log-spaced below 0.1: the posterior lives near the prior, 1e-4)."""
+
+N_BINS = len(RELIABILITY_EDGES) - 1
+COLUMNS: tuple[str, ...] = (
+    "n_eval",
+    "n_actual",
+    "pfn_pred",
+    "pfn_tp",
+    "window_pred",
+    "window_tp",
+    *(f"rel{r}_{s}" for r in range(N_BINS) for s in ("n", "p", "fn")),
+)
+N_COLUMNS = len(COLUMNS)
+
+
+def evaluable(groups_b: Tensor, cand_groups_X: Tensor, mask_bX: Tensor) -> Tensor:
+    """b×X: unmasked candidates of labelled anchors that carry a label themselves."""
+    known_bX = (groups_b[:, None] >= 0) & (cand_groups_X >= 0)
+    return known_bX & ~mask_bX
+
+
+def detection_sums(
+    sim_bX: Tensor,
+    eval_bX: Tensor,
+    same_bX: Tensor,
+    window_bX: Tensor,
+    g: Gaussians,
+    cfg: FneConfig,
+    with_posterior: bool,
+) -> Tensor:
+    """b×F per-anchor sums (float64) over the candidate slots X (see the module docstring).
+
+    eval_bX: evaluable slots; same_bX: the slot's candidate shares the anchor's group;
+    window_bX: inside the hard-cut window. with_posterior: score "P_fn > ε" and the
+    reliability (the "fne" rule); otherwise those columns are 0. Element-wise work and row
+    sums only: no host sync.
+    """
+    f64 = torch.float64
+    fn_bX = eval_bX & same_bX
+    in_win_bX = eval_bX & window_bX
+    cols = [eval_bX.sum(1), fn_bX.sum(1)]
+    if with_posterior:
+        log_odds_bX = fn_log_odds(sim_bX, g, cfg.prior)
+        pred_bX = eval_bX & (log_odds_bX > fn_log_odds_threshold(cfg.eps))
+        cols += [pred_bX.sum(1), (pred_bX & same_bX).sum(1)]
+    else:
+        zeros_b = torch.zeros_like(cols[0])
+        cols += [zeros_b, zeros_b]
+    cols += [in_win_bX.sum(1), (in_win_bX & same_bX).sum(1)]
+    out_bF = torch.stack(cols, dim=1).to(f64)
+    rel_bR3 = torch.zeros(sim_bX.shape[0], N_BINS, 3, dtype=f64, device=sim_bX.device)
+    if with_posterior:
+        p_bX = log_odds_bX.to(f64).sigmoid()
+        edges = torch.tensor(RELIABILITY_EDGES[1:-1], dtype=f64, device=sim_bX.device)
+        # bin r holds P_fn in [edge_r, edge_{r+1}); P_fn = 1 falls in the last bin.
+        bin_bX = torch.bucketize(p_bX, edges, right=True)
+        w_bX = in_win_bX.to(f64)
+        for value_bX, k in ((w_bX, 0), (w_bX * p_bX, 1), (w_bX * same_bX, 2)):
+            rel_bR3[:, :, k].scatter_add_(1, bin_bX, value_bX)
+    return torch.cat([out_bF, rel_bR3.flatten(1)], dim=1)
+
+
+def dense_detection(
+    sim_bN: Tensor,
+    mask_bN: Tensor,
+    groups_b: Tensor,
+    cand_groups_N: Tensor,
+    window_bN: Tensor,
+    g: Gaussians,
+    cfg: FneConfig,
+    with_posterior: bool,
+) -> Tensor:
+    """``detection_sums`` over every candidate: the definition (any device)."""
+    same_bN = groups_b[:, None] == cand_groups_N[None, :]
+    eval_bN = evaluable(groups_b, cand_groups_N, mask_bN)
+    return detection_sums(sim_bN, eval_bN, same_bN, window_bN, g, cfg, with_posterior)
+
+
+def listed_detection(
+    sim_bN: Tensor,
+    masked: tuple[Tensor, Tensor],
+    groups_b: Tensor,
+    cand_groups_N: Tensor,
+    col_bM: Tensor,
+    n_window_b: Tensor,
+    g: Gaussians,
+    cfg: FneConfig,
+    with_posterior: bool,
+) -> Tensor:
+    """``dense_detection`` from the hard-cut window's slots (col_bM, the first n_window_b of
+    each row) and the listed mask, for a window that holds every candidate with P_fn > ε.
+
+    Every predicted candidate is inside the window then, so the window's slots give every
+    column except n_eval and n_actual, which are counts of labels: labelled (same-group)
+    candidates of the whole row, by binary search in the sorted candidate labels, less the
+    masked entries that are labelled (same-group).
+    """
+    b, m = col_bM.shape
+    rows_M, cols_M = masked
+    slot_bM = torch.arange(m, device=col_bM.device)[None, :] < n_window_b[:, None]
+    cand_groups_bM = cand_groups_N[col_bM]
+    same_bM = groups_b[:, None] == cand_groups_bM
+    eval_bM = slot_bM & (groups_b[:, None] >= 0) & (cand_groups_bM >= 0)
+    out_bF = detection_sums(
+        sim_bN.gather(1, col_bM), eval_bM, same_bM, slot_bM, g, cfg, with_posterior
+    )
+    sorted_N = cand_groups_N.sort().values
+    n_same_b = torch.searchsorted(sorted_N, groups_b, right=True) - torch.searchsorted(
+        sorted_N, groups_b
+    )
+    n_labelled = (cand_groups_N >= 0).sum()
+    masked_groups_M = cand_groups_N[cols_M]
+    labelled_M = (masked_groups_M >= 0).to(torch.float64)
+    same_M = ((masked_groups_M == groups_b[rows_M]) & (masked_groups_M >= 0)).to(torch.float64)
+    anchor_known_b = groups_b >= 0
+    n_eval_b = n_labelled - torch.bincount(rows_M, weights=labelled_M, minlength=b)
+    n_actual_b = n_same_b - torch.bincount(rows_M, weights=same_M, minlength=b)
+    out_bF[:, 0] = torch.where(anchor_known_b, n_eval_b, 0.0)
+    out_bF[:, 1] = torch.where(anchor_known_b, n_actual_b, 0.0)
+    return out_bF
+
+
+def empty_detection(b: int, device: torch.device | str | None = None) -> Tensor:
+    """b×0: no detection measured (no group labels, or the hardest rule)."""
+    return torch.zeros(b, 0, dtype=torch.float64, device=device)
+
+
+def detection_rates(totals: dict[str, float], prefix: str = "fnd_") -> dict[str, float]:
+    """Precision/recall of both detectors, the share of evaluable candidates that are FNs, and
+    the reliability curve, from summed (or equally averaged) columns ``{prefix}{column}``.
+
+    A ratio whose denominator is 0 is NaN (nothing predicted, or no FN to find). Returns {}
+    when the totals hold no detection columns, and no P_fn rates without P_fn columns.
+    """
+    if f"{prefix}n_eval" not in totals:
+        return {}
+
+    def ratio(num: float, den: float) -> float:
+        return num / den if den > 0 else math.nan
+
+    t = {c: float(totals.get(prefix + c, 0.0)) for c in COLUMNS}
+    out = {
+        "fn_rate": ratio(t["n_actual"], t["n_eval"]),
+        "window_precision": ratio(t["window_tp"], t["window_pred"]),
+        "window_recall": ratio(t["window_tp"], t["n_actual"]),
+    }
+    if f"{prefix}pfn_pred" not in totals:  # a rule without a posterior (window)
+        return out
+    out["pfn_precision"] = ratio(t["pfn_tp"], t["pfn_pred"])
+    out["pfn_recall"] = ratio(t["pfn_tp"], t["n_actual"])
+    for r in range(N_BINS):
+        n = t[f"rel{r}_n"]
+        out[f"rel{r}_predicted"] = ratio(t[f"rel{r}_p"], n)
+        out[f"rel{r}_observed"] = ratio(t[f"rel{r}_fn"], n)
+        out[f"rel{r}_count"] = n
+    return out

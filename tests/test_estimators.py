@@ -1,0 +1,215 @@
+"""Estimator options beside the paper's: the EM prior on synthetic mixtures with a known
+prior, all-pairs statistics against plain computations, and their mergeability over ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fne_dist.fne import FneConfig, SimilarityStats, gaussians_from_stats, stats_of
+from fne_dist.fne.estimators import (
+    PRIOR_MAX,
+    all_pairs_stats,
+    em_prior,
+    em_sums,
+    prior_from_em,
+    random_candidate_sims,
+    sample_columns,
+    with_prior,
+)
+from fne_dist.fne.posterior import fn_posterior
+
+MU_POS, SD_POS, MU_NEG, SD_NEG = 0.8, 0.05, 0.3, 0.1
+
+
+def _mixture(prior: float, n: int, seed: int) -> torch.Tensor:
+    """n similarities, a share ``prior`` from N(μ⁺, σ⁺²) (false negatives), the rest N(μ⁻, σ⁻²)."""
+    gen = torch.Generator().manual_seed(seed)
+    is_pos = torch.rand(n, generator=gen, dtype=torch.float64) < prior
+    pos = MU_POS + SD_POS * torch.randn(n, generator=gen, dtype=torch.float64)
+    neg = MU_NEG + SD_NEG * torch.randn(n, generator=gen, dtype=torch.float64)
+    return torch.where(is_pos, pos, neg)
+
+
+def _components(n: int = 5000):
+    """Gaussians fitted to large samples of the two components (the gate open)."""
+    gen = torch.Generator().manual_seed(99)
+    pos = MU_POS + SD_POS * torch.randn(n, generator=gen, dtype=torch.float64)
+    neg = MU_NEG + SD_NEG * torch.randn(n, generator=gen, dtype=torch.float64)
+    return stats_of(pos, neg)
+
+
+@pytest.mark.parametrize("prior", [0.002, 0.02, 0.1, 0.3])
+def test_em_recovers_a_known_prior(prior: float) -> None:
+    """Invariant: batch EM for the mixing weight recovers the prior of a synthetic mixture
+    within 0.005 + 10 % (n = 20,000; the components fitted to separate samples), starting
+    from the paper's 1e-4."""
+    g = gaussians_from_stats(_components())
+    est = em_prior(_mixture(prior, 20_000, seed=1), g, prior0=1e-4)
+    assert abs(est - prior) < 0.005 + 0.1 * prior, (est, prior)
+
+
+@pytest.mark.parametrize("prior", [0.02, 0.1])
+def test_stepwise_em_over_steps_recovers_the_prior(prior: float) -> None:
+    """Invariant: the training form (one E-step per step on that step's sample, the M-step
+    over the epoch's sums in SimilarityStats) reaches the same prior within 0.01 + 15 %
+    after 400 steps of 512 samples."""
+    stats = SimilarityStats()
+    stats.add(_components())
+    g = stats.gaussians()
+    for step in range(400):
+        current = prior_from_em(stats.em_totals, 1e-4)
+        sims = _mixture(prior, 512, seed=1000 + step)
+        stats.add_em(em_sums(sims, torch.ones_like(sims, dtype=torch.bool), g, current))
+    est = float(prior_from_em(stats.em_totals, 1e-4))
+    assert abs(est - prior) < 0.01 + 0.15 * prior, (est, prior)
+    stats.new_epoch()  # the EM sums reset with the epoch: the configured prior again
+    assert float(prior_from_em(stats.em_totals, 1e-4)) == pytest.approx(1e-4)
+
+
+def test_estimated_prior_replaces_the_configured_one() -> None:
+    """Invariant: Gaussians carrying π give the posterior of that π, whatever the config's."""
+    g = gaussians_from_stats(_components())
+    s = torch.linspace(-0.5, 1.0, 31, dtype=torch.float64)
+    carried = fn_posterior(s, with_prior(g, torch.tensor(0.05, dtype=torch.float64)), 1e-4)
+    torch.testing.assert_close(carried, fn_posterior(s, g, 0.05))
+
+
+def test_prior_is_clamped_and_falls_back_before_samples() -> None:
+    """Invariant: no sample → the configured prior; a degenerate estimate is clamped."""
+    assert float(prior_from_em(torch.zeros(2, dtype=torch.float64), 3e-4)) == pytest.approx(3e-4)
+    assert float(prior_from_em(torch.tensor([10.0, 10.0], dtype=torch.float64), 1e-4)) == (
+        PRIOR_MAX
+    )
+
+
+def test_all_pairs_stats_equal_plain_lists() -> None:
+    """Invariant: all_pairs positives are every same-id entry of the in-batch matrix (diagonal
+    included) and negatives exactly the valid random samples: the six sums equal stats_of on
+    lists built by plain loops."""
+    gen = torch.Generator().manual_seed(0)
+    sim = torch.rand(6, 6, generator=gen, dtype=torch.float64)
+    ids = torch.tensor([0, 0, 1, 2, 2, 2])
+    neg = torch.rand(20, generator=gen, dtype=torch.float64)
+    valid = torch.rand(20, generator=gen) < 0.6
+    pos_list = [sim[i, j] for i in range(6) for j in range(6) if ids[i] == ids[j]]
+    neg_list = [neg[k] for k in range(20) if valid[k]]
+    expected = stats_of(torch.stack(pos_list), torch.stack(neg_list))
+    torch.testing.assert_close(all_pairs_stats(sim, ids, neg, valid), expected)
+
+
+def test_random_negatives_fit_the_candidate_population_not_the_hardest() -> None:
+    """Invariant (why all_pairs exists): with dense false negatives, the random-sample μ⁻
+    is the mean similarity of a random candidate, far below the positives' mean, while the
+    paper's hardest-negative μ⁻ sits next to μ⁺. Ten classes; an embedding is its class
+    centre plus noise, so a tenth of the candidates are false negatives."""
+    gen = torch.Generator().manual_seed(3)
+    b, n, d = 64, 512, 32
+    centres = torch.nn.functional.normalize(torch.randn(10, d, generator=gen), dim=1)
+    cls_b, cls_n = torch.arange(b) % 10, torch.randint(0, 10, (n,), generator=gen)
+    noisy = lambda c: torch.nn.functional.normalize(  # noqa: E731
+        centres[c] + 0.15 * torch.randn(len(c), d, generator=gen), dim=1
+    )
+    img, txt, cand = noisy(cls_b), noisy(cls_b), noisy(cls_n)
+    ids, cand_ids = torch.arange(b), 1000 + torch.arange(n)
+    cols = sample_columns(0, 0, b, 8, n)
+    sims, valid = random_candidate_sims(img, txt, ids, cand, cand, cand_ids, cols)
+    g_all = gaussians_from_stats(all_pairs_stats(img @ txt.T, ids, sims, valid))
+    from fne_dist.fne import mutual_top1_stats
+
+    g_paper = gaussians_from_stats(mutual_top1_stats(img @ txt.T, ids))
+    true_mean = float((img @ cand.T).mean())
+    assert abs(float(g_all.mu_neg) - true_mean) < 0.05
+    assert float(g_paper.mu_pos - g_paper.mu_neg) < 0.1  # the paper's Gaussians coincide
+    assert float(g_all.mu_pos - g_all.mu_neg) > 0.5
+
+
+def test_sampled_sums_add_up_over_ranks() -> None:
+    """Invariant (distributed exactness): rank r's random columns are rows r·B.. of the
+    global draw, so the negative sums and the EM sums of two ranks × B add up to one rank ×
+    2B exactly (what the all-reduce SUM relies on)."""
+    gen = torch.Generator().manual_seed(5)
+    big, n, d = 8, 30, 6
+    img, txt = torch.randn(big, d, generator=gen), torch.randn(big, d, generator=gen)
+    cand_img, cand_txt = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    ids, cand_ids = torch.arange(big), torch.randint(-100, big, (n,), generator=gen)
+    g = gaussians_from_stats(_components())
+    whole_cols = sample_columns(3, 7, big, 4, n)
+    whole = random_candidate_sims(img, txt, ids, cand_img, cand_txt, cand_ids, whole_cols)
+    parts_neg, parts_em = [], []
+    for rank in range(2):
+        rows = slice(rank * 4, rank * 4 + 4)
+        cols = sample_columns(3, 7, big, 4, n, rank, 4)
+        assert torch.equal(cols, whole_cols[:, rows])
+        sims, valid = random_candidate_sims(
+            img[rows], txt[rows], ids[rows], cand_img, cand_txt, cand_ids, cols
+        )
+        parts_neg.append(all_pairs_stats(torch.zeros(1, 1), ids[:1], sims, valid)[3:])
+        parts_em.append(em_sums(sims, valid, g, 0.05))
+    torch.testing.assert_close(
+        parts_neg[0] + parts_neg[1], all_pairs_stats(torch.zeros(1, 1), ids[:1], *whole)[3:]
+    )
+    torch.testing.assert_close(parts_em[0] + parts_em[1], em_sums(*whole, g, 0.05))
+
+
+def test_stats_state_round_trip_and_old_checkpoints() -> None:
+    """Invariant: the EM sums are saved and restored; a state without them (written before
+    prior_mode existed) still loads."""
+    stats = SimilarityStats()
+    stats.add_em(torch.tensor([10.0, 1.0], dtype=torch.float64))
+    fresh = SimilarityStats()
+    fresh.load_state_dict(stats.state_dict())
+    assert torch.equal(fresh.em_totals, stats.em_totals)
+    old = {k: v for k, v in stats.state_dict().items() if k != "em_totals"}
+    SimilarityStats().load_state_dict(old)
+
+
+def test_config_options_and_defaults() -> None:
+    """Invariant: the faithful estimator stays the default; the options validate."""
+    from fne_dist.config import ConfigError, config_from_dict
+
+    cfg = FneConfig()
+    assert (cfg.stats_source, cfg.prior_mode) == ("mutual_top1", "fixed")
+    ok = config_from_dict({"fne": {"stats_source": "all_pairs", "prior_mode": "em"}})
+    assert ok.fne.prior_mode == "em"
+    with pytest.raises(ConfigError, match="prior_mode"):
+        config_from_dict({"fne": {"prior_mode": "bayes"}})
+
+
+@pytest.mark.parametrize(
+    "source,mode", [("all_pairs", "fixed"), ("mutual_top1", "em"), ("all_pairs", "em")]
+)
+def test_forward_step_with_each_option(source: str, mode: str) -> None:
+    """Invariant: the training step runs with each option at world size 1, adds the sums it
+    documents (all_pairs: every same-id pair of the batch as a positive, B·r·2 random
+    negatives at most), and with em reports a prior estimated from the sample."""
+    from fne_dist.config import ModelConfig
+    from fne_dist.memory import MomentumMemory
+    from fne_dist.model import DualEncoder
+    from fne_dist.momentum import make_momentum_copy
+    from fne_dist.step import forward_step
+
+    torch.manual_seed(0)
+    model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
+    momentum, memory = make_momentum_copy(model), MomentumMemory(20, 4, seed=0)
+    stats = SimilarityStats()
+    stats.add(_components())  # an open gate, so the E-step counts
+    cfg = FneConfig(stats_source=source, prior_mode=mode, stats_samples=3, gate_size=10)
+    gen = torch.Generator().manual_seed(1)
+    batch = {
+        "img_feat": torch.randn(8, 6, generator=gen),
+        "txt_feat": torch.randn(8, 6, generator=gen),
+        "ids": torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]),
+        "groups": torch.tensor([0, 0, 0, 1, 1, 2, 2, -1]),
+    }
+    before = stats.totals.clone()
+    out = forward_step(model, momentum, batch, memory, stats, cfg, 0, 0, False)
+    added = stats.totals - before
+    if source == "all_pairs":
+        assert float(added[0]) == 8 + 2  # the diagonal and the two same-id entries
+        assert 0 < float(added[3]) <= 8 * 3 * 2
+    assert ("prior" in out.diagnostics) == (mode == "em")
+    if mode == "em":
+        assert float(stats.em_totals[0]) > 0
+        assert 0 < float(out.diagnostics["prior"]) <= PRIOR_MAX
+    assert torch.isfinite(out.loss)

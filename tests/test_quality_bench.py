@@ -1,0 +1,55 @@
+"""bench/quality.py --smoke runs end to end (the CI form of the quality benchmark)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_smoke_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Invariant: the smoke benchmark trains each smoke variant through the project's step,
+    reports finite strict/group rsum and group mAP for every run, P_fn precision/recall where
+    the posterior exists, and writes results.md and runs.json."""
+    quality = _bench()
+    runs = quality.main(["--smoke", "--out", str(tmp_path)])
+    assert list(runs) == list(quality.SMOKE_VARIANTS)
+    for name, seeds in runs.items():
+        assert len(seeds) == 1
+        for key in ("rsum", "group_rsum", "group_map", "wall_s"):
+            assert math.isfinite(seeds[0][key]), (name, key)
+        assert 0 <= seeds[0]["rsum"] <= seeds[0]["group_rsum"] + 1e-9 <= 600 + 1e-9
+    assert "fn_pfn_recall" in runs["fne"][0]  # measured where the posterior exists
+    assert "fn_pfn_recall" not in runs["window"][0]
+    text = (tmp_path / "results.md").read_text()
+    assert all(f"| {name} |" in text for name in quality.SMOKE_VARIANTS)
+    assert (tmp_path / "runs.json").exists() and "best FNE configuration" in capsys.readouterr().out
+
+
+def test_gap_share_and_bootstrap_by_hand() -> None:
+    """Invariant: the gap share is (x − vse_pp_batch)/(oracle − vse_pp_batch) on the means,
+    and the paired bootstrap interval of constant differences is that constant."""
+    quality = _bench()
+    runs = {
+        "vse_pp_batch": [{"group_rsum": 400.0}, {"group_rsum": 410.0}],
+        "oracle": [{"group_rsum": 500.0}, {"group_rsum": 510.0}],
+        "fne": [{"group_rsum": 480.0}, {"group_rsum": 490.0}],
+    }
+    assert quality.gap_share(runs, "fne") == pytest.approx(0.8)
+    assert quality.paired_bootstrap([3.0, 5.0, 7.0], [1.0, 3.0, 5.0]) == (2.0, 2.0)
