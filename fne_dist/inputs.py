@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as D
+from . import distributed as dist_ops
 from .config import Config
 from .data.batching import PairCollate, PairTransform
 from .data.feature_shards import (
@@ -100,7 +100,7 @@ def split_shards(
                 f"data.cache_wait_s={cfg.data.cache_wait_s:.0f} s"
             )
         time.sleep(0.5)
-    D.long_barrier()  # other nodes may still be building theirs: dist.barrier_timeout_s
+    dist_ops.long_barrier()  # other nodes may still be building theirs: dist.barrier_timeout_s
     return shard_list(str(out / "feat-*.tar"), f"data.{split} (feature cache)")
 
 
