@@ -65,15 +65,31 @@ def build_engine(model: nn.Module, cfg: Config, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
-    with jit_build_guard(SHM_OP):
-        engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(cfg),
-            dist_init_required=False,
-        )
+    preload_jit_ops()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg),
+        dist_init_required=False,
+    )
     return engine
+
+
+def preload_jit_ops() -> None:
+    """Load DeepSpeed's CPU comm op under ``jit_build_guard`` before ``deepspeed.initialize``,
+    which then finds it in DeepSpeed's cache of loaded ops. Only the load is guarded: the
+    initialisation runs collectives, and a rank holding the lock there would wait for a rank
+    waiting for the lock."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    with jit_build_guard(SHM_OP):
+        builder.load(verbose=False)
 
 
 @contextlib.contextmanager

@@ -38,21 +38,15 @@ def test_hostile_h1_stale_build_lock_is_removed(
 @pytest.mark.system
 @pytest.mark.timeout(420)
 def test_hostile_h1_deepspeed_op_loads_past_a_stale_lock(tmp_path: Path) -> None:
-    """Invariant: DeepSpeed's real JIT load of its CPU comm op (what every start runs) returns
-    under the guard although a killed process left the build lock behind (the issue's repro:
-    without the guard this waits forever)."""
+    """Invariant: DeepSpeed's real JIT load of its CPU comm op, as ``build_engine`` runs it
+    before ``deepspeed.initialize``, returns although a killed process left the build lock
+    behind (the issue's repro: without the guard this waits forever)."""
     extensions = tmp_path / "ext"
     if (SHARED_EXTENSIONS / SHM_OP / f"{SHM_OP}.so").exists():  # built already: no compile
         shutil.copytree(SHARED_EXTENSIONS / SHM_OP, extensions / SHM_OP)
     (extensions / SHM_OP).mkdir(parents=True, exist_ok=True)
     (extensions / SHM_OP / "lock").touch()
-    code = (
-        "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder\n"
-        "from fne_dist.engine import SHM_OP, jit_build_guard\n"
-        "with jit_build_guard(SHM_OP):\n"
-        "    ShareMemCommBuilder().load(verbose=False)\n"
-        "print('loaded')\n"
-    )
+    code = "from fne_dist.engine import preload_jit_ops\npreload_jit_ops()\nprint('loaded')\n"
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # ninja
     out = subprocess.run(
