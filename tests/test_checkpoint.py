@@ -50,7 +50,7 @@ def _train(tmp: Path, name: str, *overrides: str) -> subprocess.CompletedProcess
         env=env,
         capture_output=True,
         text=True,
-        timeout=280,
+        timeout=540,
     )
 
 
@@ -68,7 +68,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "straight"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # may build the module's `straight` run first
 def test_resume_in_a_new_process_equals_the_uninterrupted_run(
     straight: Path, tmp_path: Path
 ) -> None:
@@ -101,7 +101,7 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(
     assert ma["test"] == mb["test"]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # may build the module's `straight` run first
 def test_corrupt_latest_falls_back_to_the_previous_valid_one(
     straight: Path, tmp_path: Path
 ) -> None:
@@ -128,7 +128,7 @@ def test_corrupt_latest_falls_back_to_the_previous_valid_one(
     )
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)  # may build the module's `straight` run first
 def test_a_flipped_byte_is_refused_by_its_hash(straight: Path, tmp_path: Path) -> None:
     """Invariant: a checkpoint file with one byte changed at the same size (which the size check
     cannot see) is refused by its sha256, naming the file, and resume=latest falls back past it
@@ -156,7 +156,7 @@ def test_a_flipped_byte_is_refused_by_its_hash(straight: Path, tmp_path: Path) -
     assert len(warnings) == 1 and "step-00000019" in warnings[0] and "sha256" in warnings[0]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)  # may build the module's `straight` run first
 def test_checkpoint_counters_survive_the_train_state(straight: Path) -> None:
     """Invariant: the loop's TrainState reads a real checkpoint's counters and data position
     and writes them back unchanged (the same JSON), so a resumed run saves what it loaded:
@@ -181,7 +181,7 @@ class _Trap:
         return (Path.touch, (Path(self.path),))
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # may build the module's `straight` run first
 def test_a_foreign_pickle_in_engine_files_is_refused(straight: Path, tmp_path: Path) -> None:
     """Invariant: a checkpoint whose DeepSpeed file holds a pickle that builds an arbitrary
     object (here one that would create a file) is refused naming the file, even with matching
@@ -202,7 +202,7 @@ def test_a_foreign_pickle_in_engine_files_is_refused(straight: Path, tmp_path: P
     assert not marker.exists()
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # may build the module's `straight` run first
 def test_resume_with_another_world_size_fails_clearly(straight: Path, tmp_path: Path) -> None:
     """Invariant: a checkpoint of 1 rank resumed by 2 ranks (torchrun) is refused with a line
     naming both world sizes, before any step: data positions, per-rank RNG states and ZeRO
@@ -235,7 +235,7 @@ def _evaluate(directory: Path) -> dict:
     return json.loads(run.stdout)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # may build the module's `straight` run first
 def test_export_loads_without_deepspeed_and_retrieves(straight: Path, tmp_path: Path) -> None:
     """Invariant: `python -m fne_dist.export` of the run and of a checkpoint writes fp32
     safetensors + config that `fne_dist.evaluate` reads (the run's export reproduces its test
