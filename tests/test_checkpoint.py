@@ -275,7 +275,7 @@ def test_export_loads_without_deepspeed_and_retrieves(straight: Path, tmp_path: 
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # two tiny trainings
 def test_ddp_twin_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     """Invariant: the plain-DDP comparison engine (engine.kind=ddp) trains, writes its state
     through the checkpoint's own writer (engine/state.safetensors + state.json, no pickle: the
@@ -293,7 +293,7 @@ def test_ddp_twin_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     assert sorted(b) == list(range(9, 20)) and all(a[s] == b[s] for s in b)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # two tiny trainings
 def test_checkpoint_dir_as_fsspec_url(tmp_path: Path) -> None:
     """Invariant: with checkpoint.dir an fsspec URL (file:// here: the same code path as s3://)
     checkpoints are uploaded complete (meta.json last, keep_last honoured) and
