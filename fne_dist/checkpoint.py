@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT = 1
@@ -470,6 +471,27 @@ def check_shared_dir(
         )
 
 
+def check_memory_shape(directory: Path, size: int, dim: int) -> None:
+    """The checkpoint's memory is ``size``×``dim`` (memory.size × model.embed_dim), else one
+    CheckpointError naming the setting: read from the file's header, before anything loads."""
+    path = directory / "memory.safetensors"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = tuple(f.get_slice("img").get_shape())
+    except (OSError, SafetensorError, KeyError) as err:  # validate() checked hashes, not names
+        raise CheckpointError(f"{path}: no readable memory embeddings ({err})") from None
+    if len(saved) != 2:
+        raise CheckpointError(f"{path}: memory embeddings of shape {saved}, not 2-D")
+    for name, old, new in (("memory.size", saved[0], size), ("model.embed_dim", saved[1], dim)):
+        if old == new:
+            continue
+        raise CheckpointError(
+            f"checkpoint {directory} was written with {name}={old}, this run has {name}={new}: "
+            f"resume with the same setting (the memory and the weights have that shape), or "
+            f"export its weights (python -m fne_dist.export) and start a new run from them"
+        )
+
+
 def load_run_checkpoint(
     directory: Path, meta: dict[str, Any], expect: dict[str, Any], parts: Parts, rank: int
 ) -> RankState:
@@ -484,6 +506,7 @@ def load_run_checkpoint(
                 f"states and ZeRO partitions belong to that layout), or export its weights "
                 f"(python -m fne_dist.export) and start a new run from them"
             )
+    check_memory_shape(directory, parts.memory.capacity, parts.memory.dim)
     check_engine_files_safe(directory)
     load_path, _ = parts.engine.load_checkpoint(
         str(directory),
