@@ -61,6 +61,7 @@ from .reporting import (
     setup_logging,
 )
 from .run_identity import resume_request
+from .sizing import check_fits, launch_warnings
 from .state import TrainState
 from .step import forward_step
 from .timing import NullTimer, PhaseTimer
@@ -84,6 +85,7 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     # 2. process: ranks, device, threads, seeds (identical model init on every rank)
     env, launcher = rank_env(), process_launcher()  # before the group sets RANK & co.
     device = select_device(cfg.engine.device, env.local_rank)
+    check_fits(cfg, device, env.world_size, env.local_world_size)  # before anything allocates
     torch.set_num_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     created_group = init_process_group(env, backend_for(device), Timeouts.from_config(cfg))
@@ -209,6 +211,8 @@ def setup_run(
         f"{total_steps} steps of {G} pairs, loss={cfg.fne.loss} after "
         f"{cfg.train.warmup_steps} warm-up steps, K={parts.memory.capacity}"
     )
+    for line in launch_warnings(cfg, stream.samples_per_epoch, stream.steps_per_epoch, total_steps):
+        fan_out.message(line)
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
     return Run(
         cfg=cfg,
