@@ -5,12 +5,19 @@ check), text is UTF-8, json is ``json.loads``, ``.npy`` uses ``allow_pickle=Fals
 with any other extension makes the sample bad ("unknown_extension"): webdataset's default
 decoders would unpickle ``.pyd``/``.pickle`` and ``torch.load`` ``.pth`` members.
 
-A bad sample raises ``BadSample(reason)``; the stream skips it and counts it per reason. Every
-value taken from a sample is checked for type and range here, where it enters:
+A bad sample raises ``BadSample(reason)``; the stream skips it and counts it per reason; its
+detail names the member (``<key>.<extension>``) and, for json, the field. Every value taken
+from a sample is checked for type and range here, where it enters:
 
-* ids are JSON integers (not floats, strings or booleans: ``3.7`` is bad, not truncated to 3);
-  ``image_id`` lies in 0..2^63−1 (negative ids are reserved: the memory marks empty slots with
-  −100), ``caption_id`` and ``group_id``/``family_id`` are −1 (unknown) or in 0..2^63−1;
+* ids are JSON integers or strings (not floats or booleans: ``3.7`` is bad, not truncated to
+  3); ``image_id`` lies in 0..2^63−1 (negative ids are reserved: the memory marks empty slots
+  with −100), ``caption_id`` and ``group_id``/``family_id`` are −1 (no label, ``NO_GROUP``) or
+  in 0..2^63−1. A string id (a file name, ``"train-123"``, a hash) becomes an integer by
+  ``string_id``: ASCII decimal digits are their number, any other non-empty string a 62-bit
+  blake2b hash (never negative, so never the empty-slot marker nor "no label"). Two different
+  strings with one id are caught by an ``IdRegistry`` where the reader keeps one (the training
+  stream per loader consumer and epoch, evaluation per rank and split) and the later sample is
+  bad ("id_collision"), never silently merged with the other;
 * a caption is text after replacing control characters by spaces and collapsing whitespace;
   one with nothing left but whitespace, control or format characters is empty;
 * ``.npy`` features are finite floats.
@@ -53,8 +60,10 @@ REASONS = (
     "bad_id",
     "bad_npy",
     "duplicate_member",
+    "id_collision",
 )
 MAX_ID = 2**63 - 1  # ids are int64 tensors
+NO_GROUP = -1  # "no group label": its own value, never a group shared by unlabelled items
 DUPLICATE = "__duplicate__"  # set by the stream's grouping: a member name repeated in a sample
 RESERVED = "__reserved__"  # set by the grouping: a member extension that looks like ``__x__``
 
@@ -64,7 +73,7 @@ log = logging.getLogger("fne_dist.data")
 class BadSample(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -118,11 +127,57 @@ def describe_value(value: object) -> str:
     return f"a JSON {type(value).__name__}"
 
 
-def json_int(meta: dict, field: str, key: str, default: int, low: int) -> int:
-    """``meta[field]`` (``default`` if absent) as an int in ``low``..MAX_ID, else BadSample."""
+def string_id(value: str) -> int:
+    """The id of a string id: ASCII decimal digits (within int64) are their number, any other
+    string the top 62 bits of its blake2b digest (8 bytes), so ids are stable across ranks,
+    runs and machines and never negative."""
+    decimal = value.isascii() and value.isdigit() and len(value.lstrip("0")) <= 19
+    if decimal and int(value) <= MAX_ID:
+        return int(value)
+    raw = value.encode("utf-8", "surrogatepass")  # json may hold a lone surrogate
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 2
+
+
+class IdRegistry:
+    """Which string each hashed id came from, per field, to catch two different strings that
+    hash to one id (a 62-bit hash: about n²/2^63 collisions among n strings). Up to ``limit``
+    ids per field are remembered; beyond, ids are no longer checked (memory stays bounded)."""
+
+    def __init__(self, limit: int = 2_000_000) -> None:
+        self.limit = limit
+        self.seen: dict[str, dict[int, str]] = {}
+
+    def check(self, field: str, value: str, id_: int, key: str) -> None:
+        table = self.seen.setdefault(field, {})
+        previous = table.get(id_)
+        if previous is None:
+            if len(table) < self.limit:
+                table[id_] = value
+        elif previous != value:
+            raise BadSample(
+                "id_collision",
+                f"{key}.json {field}: {describe_value(value)} and {describe_value(previous)} "
+                f"have the same id {id_}",
+            )
+
+
+def json_int(
+    meta: dict, field: str, key: str, default: int, low: int, ids: IdRegistry | None = None
+) -> int:
+    """``meta[field]`` (``default`` if absent) as an int in ``low``..MAX_ID, or a non-empty
+    string id (``string_id``; checked against ``ids`` for collisions), else BadSample."""
     value = meta.get(field, default)
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadSample("bad_id", f"{key}.json {field}: an empty string")
+        id_ = string_id(value)
+        if ids is not None:
+            ids.check(field, value, id_, key)
+        return id_
     if isinstance(value, bool) or not isinstance(value, int):
-        raise BadSample("bad_id", f"{key}.json {field}: not an integer ({describe_value(value)})")
+        raise BadSample(
+            "bad_id", f"{key}.json {field}: not an integer or string ({describe_value(value)})"
+        )
     if not low <= value <= MAX_ID:
         raise BadSample(
             "bad_id", f"{key}.json {field}: {describe_value(value)} is outside {low}..2^63-1"
@@ -130,11 +185,12 @@ def json_int(meta: dict, field: str, key: str, default: int, low: int) -> int:
     return value
 
 
-def _text(sample: dict, key: str) -> str:
+def _text(sample: dict, ext: str) -> str:
     try:
-        return sample[key].decode("utf-8")
+        return sample[ext].decode("utf-8")
     except UnicodeDecodeError:
-        raise BadSample("bad_utf8", key) from None
+        where = f"{sample.get('__key__', '?')}.{ext}"
+        raise BadSample("bad_utf8", f"{where}: not UTF-8") from None
 
 
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, int]] = {}
@@ -229,10 +285,13 @@ def _captions(
             captions.append(clean_caption(text))
     elif caption_key in sample:
         captions = [clean_caption(_text(sample, caption_key))]
+        listed = None
     else:
-        raise BadSample("missing_caption", f"{key}.{caption_key}")
-    if any(is_blank(c) for c in captions):
-        raise BadSample("empty_caption", key)
+        raise BadSample("missing_caption", f"{key}.{caption_key}: no such member")
+    for i, caption in enumerate(captions):
+        if is_blank(caption):
+            where = f"{key}.json captions[{i}]" if listed else f"{key}.{caption_key}"
+            raise BadSample("empty_caption", f"{where}: nothing but whitespace or control")
     return captions
 
 
@@ -241,11 +300,16 @@ def _image(
 ) -> tuple[Image.Image | None, np.ndarray | None, tuple[str, bytes] | None]:
     """(PIL image or None, img_feat or None, raw (ext, bytes) or None)."""
     if "img_feat.npy" in sample:
-        return None, _npy(sample["img_feat.npy"], "img_feat.npy"), None
+        return None, _npy(sample["img_feat.npy"], f"{key}.img_feat.npy"), None
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None or not sample[ext]:
-        raise BadSample("missing_image" if ext is None else "corrupt_image", key)
-    image = open_image(sample[ext], max_pixels, ext) if decode_image else None
+    if ext is None:
+        raise BadSample("missing_image", f"{key}: no {'/'.join(IMAGE_EXTS)} or img_feat.npy member")
+    if not sample[ext]:
+        raise BadSample("corrupt_image", f"{key}.{ext}: empty")
+    try:
+        image = open_image(sample[ext], max_pixels, ext) if decode_image else None
+    except BadSample as err:  # open_image knows the bytes, not the member
+        raise BadSample(err.reason, f"{key}.{ext}: {err.detail}") from None
     return image, None, (ext, sample[ext])
 
 
@@ -255,11 +319,13 @@ def decode_sample(
     max_pixels: int = 50_000_000,
     all_captions: bool = False,
     decode_image: bool = True,
+    ids: IdRegistry | None = None,
 ) -> Decoded:
     """Decode one grouped sample (``{"__key__": ..., ext: bytes}``) or raise BadSample.
 
     ``all_captions``: evaluation reads json ``captions`` (every caption of the image) when
-    present; training reads ``caption_key`` (one caption per sample).
+    present; training reads ``caption_key`` (one caption per sample). ``ids``: where
+    string ids are checked for collisions (one registry per stream).
     """
     key = str(sample.get("__key__", "?"))
     if DUPLICATE in sample:
@@ -270,18 +336,19 @@ def decode_sample(
         if not _SAFE_EXT.match(ext):
             raise BadSample("unknown_extension", f"{key}.{ext}")
     meta = _meta(sample, key)
-    image_id = json_int(meta, "image_id", key, -1, 0) if "image_id" in meta else stable_id(key)
-    caption_id = json_int(meta, "caption_id", key, -1, -1)
+    image_id = json_int(meta, "image_id", key, -1, 0, ids) if "image_id" in meta else stable_id(key)
+    caption_id = json_int(meta, "caption_id", key, -1, -1, ids)
     group_field = "group_id" if "group_id" in meta else "family_id"
-    group = json_int(meta, group_field, key, -1, -1)
+    group = json_int(meta, group_field, key, NO_GROUP, NO_GROUP, ids)
     image, img_feat, raw_image = _image(sample, key, max_pixels, decode_image)
     captions = _captions(sample, meta, key, caption_key, all_captions)
-    txt_feat = _npy(sample["txt_feat.npy"], "txt_feat.npy") if "txt_feat.npy" in sample else None
+    has_txt_feat = "txt_feat.npy" in sample
+    txt_feat = _npy(sample["txt_feat.npy"], f"{key}.txt_feat.npy") if has_txt_feat else None
     if txt_feat is not None:
         txt_feat = txt_feat.reshape(-1, txt_feat.shape[-1]) if txt_feat.ndim else txt_feat
         if txt_feat.ndim != 2 or txt_feat.shape[0] != len(captions):
             raise BadSample(
-                "bad_npy", f"{key}: txt_feat shape {txt_feat.shape}, {len(captions)} captions"
+                "bad_npy", f"{key}.txt_feat.npy: shape {txt_feat.shape}, {len(captions)} captions"
             )
     return Decoded(key, image, img_feat, captions, txt_feat, image_id, caption_id, group, raw_image)
 

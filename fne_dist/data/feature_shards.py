@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .decode import BadSample, BadSampleLog, Decoded, decode_sample
+from .decode import BadSample, BadSampleLog, Decoded, IdRegistry, decode_sample
 from .sources import DataError, ShardList, warn_if_more
 from .stream import raw_samples
 
@@ -117,6 +117,7 @@ def build_feature_shards(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     log = BadSampleLog()
+    ids = IdRegistry()  # string ids of the whole split
     sizes = {}
     for n, (url, size) in enumerate(zip(shards.urls, shards.sizes, strict=True)):
         name = f"feat-{n:06d}.tar"
@@ -134,6 +135,7 @@ def build_feature_shards(
                             max_pixels,
                             all_captions,
                             decode_image=image_backbone is not None,
+                            ids=ids,
                         )
                     )
                 except BadSample as err:

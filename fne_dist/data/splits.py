@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .decode import BadSample, BadSampleLog, Decoded, decode_sample
+from .decode import BadSample, BadSampleLog, Decoded, IdRegistry, decode_sample
 from .sources import DataError, ShardList, warn_if_more
 from .stream import raw_samples
 
@@ -132,6 +132,7 @@ def load_split(
     """
     builder = _TableBuilder(preprocess)
     log = BadSampleLog()
+    ids = IdRegistry()  # this rank's share: two strings with one id would merge images
     offset = 0
     for url, size in zip(shards.urls, shards.sizes, strict=True):
         bad: Counter[str] = Counter()
@@ -147,6 +148,7 @@ def load_split(
                     max_pixels,
                     all_captions=True,
                     decode_image=preprocess is not None,
+                    ids=ids,
                 )
                 builder.add(d, offset + i)
             except BadSample as err:

@@ -35,7 +35,15 @@ import torch
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext, tar_file_expander, valid_sample
 
-from .decode import DUPLICATE, RESERVED, BadSample, BadSampleLog, Decoded, decode_sample
+from .decode import (
+    DUPLICATE,
+    RESERVED,
+    BadSample,
+    BadSampleLog,
+    Decoded,
+    IdRegistry,
+    decode_sample,
+)
 from .plan import (
     ConsumerPlan,
     EpochPlan,
@@ -188,6 +196,7 @@ class _ConsumerReader:
         self.start, self.transform, self.collate = start, transform, collate
         self.probabilities = probabilities
         self.bad = BadSampleLog()
+        self.ids = IdRegistry()  # string ids of this consumer's epoch: collisions are bad
 
     def _pieces(self) -> Iterator[tuple[int, Piece]]:
         if self.opts.mode == "exact":
@@ -228,7 +237,7 @@ class _ConsumerReader:
                 if n <= skip:  # consumed before the resume: no decoding
                     continue
                 try:
-                    decoded = decode_sample(sample, o.caption_key, o.max_pixels)
+                    decoded = decode_sample(sample, o.caption_key, o.max_pixels, ids=self.ids)
                     pending.append(self.transform(decoded))
                 except BadSample as err:
                     bad[err.reason] += 1
