@@ -64,6 +64,7 @@ from .run_identity import resume_request
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
 from .step import forward_step
+from .summary import group_rsum_text
 from .timing import NullTimer, PhaseTimer
 
 log = logging.getLogger("fne_dist")
@@ -463,7 +464,7 @@ def maybe_evaluate(run: Run, state: TrainState) -> None:
     run.reporter.evaluation(state.opt_step, "val", val)
     if run.is_main:
         run.reporter.message(
-            f"step {state.opt_step}: val rsum {val['rsum']:.2f} group rsum {val['group_rsum']:.2f}"
+            f"step {state.opt_step}: val rsum {val['rsum']:.2f}, {group_rsum_text(val)}"
         )
         state.history.append({"step": state.opt_step, "val": val})
 

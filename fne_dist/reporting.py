@@ -21,7 +21,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .distributed.launch import rank_env
-from .summary import diagnostic_lines, retrieval_lines
+from .summary import diagnostic_lines, group_rsum_text, retrieval_lines
 
 log = logging.getLogger("fne_dist")
 
@@ -206,7 +206,7 @@ def format_summary(result: dict, run_dir: Path, vse_pp_memory: bool = True) -> s
     lines = [
         "=" * 72,
         *retrieval_lines("test", t),
-        f"val   rsum {v['rsum']:.1f}, group-aware rsum {v['group_rsum']:.1f}",
+        f"val   rsum {v['rsum']:.1f}, " + group_rsum_text(v),
     ]
     if d:
         lines += diagnostic_lines(result["loss"], d, result["staleness"], vse_pp_memory)

@@ -25,11 +25,11 @@ Group-aware ("semantic") recall, for data rich in false negatives: with a group 
 (e.g. an emoji family), a retrieved caption is correct for image i when its image has the group
 of i, and a retrieved image is correct for caption t when it has the group of t's image. Every
 ground truth is in its own group, so group ranks are never worse than strict ranks. A negative
-label means "no group label" (shards without ``group_id``): it is its own value, not a shared
-group. Group metrics are averaged over the labelled queries only (an image with a label, a
-caption whose image has one); an unlabelled candidate is relevant only as a strict ground truth;
-without any label the group keys hold NaN (not measured; the keys stay, so metrics.json and
-monitoring see one schema).
+label means "no group label" (``fne.groups``; shards without ``group_id``): it is its own
+value, not a shared group. Group metrics are averaged over the labelled queries only (an
+image with a label, a caption whose image has one); an unlabelled candidate is relevant only
+as a strict ground truth; without any label the group keys hold NaN (not measured; the keys
+stay, so metrics.json and monitoring see one schema).
 
 Group mAP (``group_i2t_map``, ``group_t2i_map``, their mean ``group_map``; percentages): the
 average precision of each labelled query over the full ranking with relevant = same group,
@@ -51,6 +51,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from .fne.groups import labelled
 
 # Queries scored per block: 1,024 × 25,000 float32 = 100 MB of temporaries at most. Read at call
 # time (not a default argument) so tests can shrink it to exercise block boundaries.
@@ -210,7 +212,7 @@ def group_keys(g_I: Tensor) -> Tensor:
     """Relevance key per image: its group label, or a key of its own (below every label) when
     it has none (a negative label), so that an unlabelled image shares nothing."""
     own_I = -1 - torch.arange(g_I.shape[0], device=g_I.device)
-    return torch.where(g_I >= 0, g_I, own_I)
+    return torch.where(labelled(g_I), g_I, own_I)
 
 
 def _group_ranks(sim_IT: Tensor, t2i_T: Tensor, g_I: Tensor, ties: str) -> tuple[Tensor, Tensor]:
@@ -315,7 +317,7 @@ def _group_metrics(
     sim_IT: Tensor, t2i_T: Tensor, g_I: Tensor, ks: tuple[int, ...], ties: str
 ) -> dict[str, float]:
     """Group-aware R@K, rsum and mAP over the labelled queries (NaN if none is labelled)."""
-    labelled_I = g_I >= 0
+    labelled_I = labelled(g_I)
     labelled_T = labelled_I[t2i_T]
     suffix = "" if ties == "pessimistic" else OPTIMISTIC
     if not bool(labelled_I.any()):  # not measured: NaN, so every consumer sees the same keys

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .checkpoint import RankState
 from .data.stream import RankPosition
-from .summary import EpochDiagnostics
+from .summary import EpochDiagnostics, ratios_of_sums
 
 
 @dataclass
@@ -56,7 +56,7 @@ class TrainState:
     def take_window(self) -> dict[str, float]:
         """The means of the sums since the last log line; the sums start again."""
         n = float(self.sums.pop("_n"))
-        means = {k: float(v) / n for k, v in self.sums.items()}
+        means = ratios_of_sums({k: float(v) / n for k, v in self.sums.items()})
         self.sums.clear()
         return means
 

@@ -6,7 +6,8 @@ Two rules live here so the training loop only calls them:
   (gate, n⁺, P_fn > ε) belongs to ``fne`` alone, the hard-cut window to ``fne`` and
   ``window``, drawn-negative counts (zero hinge, fallbacks, no violator) to the sampling losses,
   the temperature to ``infonce``; group shares and false-negative detection only where group
-  labels exist (their keys are present), staleness only where a memory was read.
+  labels exist (measured over labelled items: ``fne.groups``), else one line saying there are
+  none; staleness only where a memory was read.
 * **The summary reports the whole last epoch** (``EpochDiagnostics``): every step's diagnostics
   are summed on the device (no host sync) and read once per epoch, so ``metrics.json`` can hold
   every epoch and the summary the last one, not the last log window.
@@ -31,6 +32,26 @@ DIAGNOSTICS_OF: dict[str, frozenset[str]] = {
 }
 """Diagnostic line kinds each loss produces; a line is printed only if its loss has it."""
 
+RATIOS: dict[str, tuple[str, str]] = {"frac_neg_same_group": ("neg_same_group", "neg_labelled")}
+"""Shares whose steps carry their numerator and denominator sums: over a window or an epoch
+the share is Σ numerator / Σ denominator (a step without labelled draws adds nothing), never
+a mean of per-step shares (NaN in such a step). NaN when the denominator is 0: not measured."""
+
+
+def ratios_of_sums(means: dict[str, float]) -> dict[str, float]:
+    """``means`` with each share of ``RATIOS`` recomputed from its (mean) sums."""
+    out = dict(means)
+    for key, (num, den) in RATIOS.items():
+        if num in means and den in means:
+            out[key] = means[num] / means[den] if means[den] > 0 else math.nan
+    return out
+
+
+def has_group_labels(diagnostics: dict[str, float]) -> bool:
+    """Whether the logged diagnostics saw any labelled draw (no key: a loss without draws)."""
+    n = diagnostics.get("neg_labelled", diagnostics.get("fnd_n_eval"))
+    return n is not None and not math.isnan(n) and n > 0
+
 
 def diagnostic_kinds(loss: str, diagnostics: dict[str, float], vse_pp_memory: bool = True) -> set:
     """The diagnostic line kinds to print for ``loss`` given the logged ``diagnostics``: those
@@ -38,9 +59,9 @@ def diagnostic_kinds(loss: str, diagnostics: dict[str, float], vse_pp_memory: bo
     if loss not in DIAGNOSTICS_OF:
         raise ValueError(f"unknown loss {loss!r} (valid: {', '.join(DIAGNOSTICS_OF)})")
     kinds = set(DIAGNOSTICS_OF[loss])
-    if "frac_neg_same_group" not in diagnostics:
+    if "frac_neg_same_group" not in diagnostics or not has_group_labels(diagnostics):
         kinds.discard("group_share")
-    if "fnd_n_eval" not in diagnostics:
+    if "fnd_n_eval" not in diagnostics or not has_group_labels(diagnostics):
         kinds.discard("detection")
     if loss == "vse_pp" and not vse_pp_memory:
         kinds.discard("memory")
@@ -84,6 +105,12 @@ def diagnostic_lines(
     if "memory" in kinds and staleness is not None:
         parts.append(f"memory staleness {staleness:.3f}")
     lines += [f"{loss:<5} {p}" for p in parts]
+    measured = "frac_neg_same_group" in d or "fnd_n_eval" in d
+    if measured and not has_group_labels(d) and DIAGNOSTICS_OF[loss] & {"group_share", "detection"}:
+        lines.append(
+            "groups no group labels in the training data: group shares and false-negative "
+            "detection not measured"
+        )
     if "detection" in kinds:
         lines += detection_lines(d, with_posterior="posterior" in kinds)
     return lines
@@ -104,6 +131,15 @@ def detection_lines(d: dict[str, float], with_posterior: bool) -> list[str]:
     return lines
 
 
+NO_GROUP_METRICS = "group-aware metrics: no group labels in this split"
+
+
+def group_rsum_text(m: dict[str, float]) -> str:
+    """The group rsum for a one-line report, or that the split has no group labels."""
+    value = m.get("group_rsum", math.nan)
+    return NO_GROUP_METRICS if math.isnan(value) else f"group-aware rsum {value:.1f}"
+
+
 def retrieval_lines(split: str, m: dict[str, float]) -> list[str]:
     """Strict R@K (pessimistic ties) and, where labels exist, group rsum and group mAP."""
     lines = [
@@ -117,7 +153,7 @@ def retrieval_lines(split: str, m: dict[str, float]) -> list[str]:
             f"{split:<5} group-aware rsum {m['group_rsum']:.1f}   group mAP {m['group_map']:.1f}"
         )
     else:
-        lines.append(f"{split:<5} no group labels: group-aware metrics not reported")
+        lines.append(f"{split:<5} {NO_GROUP_METRICS}")
     return lines
 
 
@@ -143,7 +179,7 @@ class EpochDiagnostics:
         """The epoch's means (and detection rates); {} if no step was added."""
         if not self.steps:
             return {}
-        means = {key: float(total) / self.steps for key, total in self.sums.items()}
+        means = ratios_of_sums({key: float(t) / self.steps for key, t in self.sums.items()})
         row = {"epoch": epoch, "steps": self.steps, **means}
         row |= {f"fn_{k}": v for k, v in detection_rates(means).items()}
         self.epochs.append(row)

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from ..fne.groups import NO_GROUP
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FEATURE_EXTS = ("img_feat.npy", "txt_feat.npy")
 # Members we know how to read safely. Other text fields (``full.txt``, ``url.txt``) and json
@@ -63,7 +65,6 @@ REASONS = (
     "id_collision",
 )
 MAX_ID = 2**63 - 1  # ids are int64 tensors
-NO_GROUP = -1  # "no group label": its own value, never a group shared by unlabelled items
 DUPLICATE = "__duplicate__"  # set by the stream's grouping: a member name repeated in a sample
 RESERVED = "__reserved__"  # set by the grouping: a member extension that looks like ``__x__``
 

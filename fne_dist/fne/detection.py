@@ -33,6 +33,7 @@ import math
 import torch
 from torch import Tensor
 
+from .groups import labelled, same_group
 from .params import FneConfig
 from .posterior import fn_log_odds, fn_log_odds_threshold
 from .stats import Gaussians
@@ -55,7 +56,7 @@ N_COLUMNS = len(COLUMNS)
 
 def evaluable(groups_b: Tensor, cand_groups_X: Tensor, mask_bX: Tensor) -> Tensor:
     """b×X: unmasked candidates of labelled anchors that carry a label themselves."""
-    known_bX = (groups_b[:, None] >= 0) & (cand_groups_X >= 0)
+    known_bX = labelled(groups_b)[:, None] & labelled(cand_groups_X)
     return known_bX & ~mask_bX
 
 
@@ -111,7 +112,7 @@ def dense_detection(
     with_posterior: bool,
 ) -> Tensor:
     """``detection_sums`` over every candidate: the definition (any device)."""
-    same_bN = groups_b[:, None] == cand_groups_N[None, :]
+    same_bN = same_group(groups_b[:, None], cand_groups_N[None, :])
     eval_bN = evaluable(groups_b, cand_groups_N, mask_bN)
     return detection_sums(sim_bN, eval_bN, same_bN, window_bN, g, cfg, with_posterior)
 
@@ -139,8 +140,8 @@ def listed_detection(
     rows_M, cols_M = masked
     slot_bM = torch.arange(m, device=col_bM.device)[None, :] < n_window_b[:, None]
     cand_groups_bM = cand_groups_N[col_bM]
-    same_bM = groups_b[:, None] == cand_groups_bM
-    eval_bM = slot_bM & (groups_b[:, None] >= 0) & (cand_groups_bM >= 0)
+    same_bM = same_group(groups_b[:, None], cand_groups_bM)
+    eval_bM = slot_bM & labelled(groups_b)[:, None] & labelled(cand_groups_bM)
     out_bF = detection_sums(
         sim_bN.gather(1, col_bM), eval_bM, same_bM, slot_bM, g, cfg, with_posterior
     )
@@ -148,11 +149,11 @@ def listed_detection(
     n_same_b = torch.searchsorted(sorted_N, groups_b, right=True) - torch.searchsorted(
         sorted_N, groups_b
     )
-    n_labelled = (cand_groups_N >= 0).sum()
+    n_labelled = labelled(cand_groups_N).sum()
     masked_groups_M = cand_groups_N[cols_M]
-    labelled_M = (masked_groups_M >= 0).to(torch.float64)
-    same_M = ((masked_groups_M == groups_b[rows_M]) & (masked_groups_M >= 0)).to(torch.float64)
-    anchor_known_b = groups_b >= 0
+    labelled_M = labelled(masked_groups_M).to(torch.float64)
+    same_M = same_group(masked_groups_M, groups_b[rows_M]).to(torch.float64)
+    anchor_known_b = labelled(groups_b)
     n_eval_b = n_labelled - torch.bincount(rows_M, weights=labelled_M, minlength=b)
     n_actual_b = n_same_b - torch.bincount(rows_M, weights=same_M, minlength=b)
     out_bF[:, 0] = torch.where(anchor_known_b, n_eval_b, 0.0)

@@ -28,6 +28,7 @@ Diagnostics are returned as 0-dim tensors for the caller to log when it wants.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import NamedTuple
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .detection import COLUMNS as DETECTION_COLUMNS
+from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
 from .selection import Picks, candidate_index, negative_mask, select_dense, select_listed
 from .stats import Gaussians
@@ -135,8 +137,12 @@ def retrieval_loss(
         mean_neg_sim=s["neg_sim"] / draws,
     )
     if a.groups_B is not None and c.groups_N is not None:
-        # Group mates among the sampled negatives (over draws of labelled anchors).
-        diag["frac_neg_same_group"] = s["same_group"] / s["labelled_draws"].clamp_min(1.0)
+        # Group mates among the sampled negatives, over labelled draws only (fne.groups): NaN
+        # (not measured) without any; the sums let windows and epochs form Σ/Σ (summary.py).
+        n_labelled = s["labelled_draws"]
+        share = s["same_group"] / n_labelled.clamp_min(1.0)
+        diag["frac_neg_same_group"] = torch.where(n_labelled > 0, share, math.nan)
+        diag["neg_same_group"], diag["neg_labelled"] = s["same_group"], n_labelled
         for key in DETECTION_COLUMNS if rule != "hardest" else ():
             if rule == "fne" or not key.startswith(("pfn_", "rel")):  # no posterior: no P_fn
                 diag[f"fnd_{key}"] = s[f"fnd_{key}"]  # per-step sums: fne.detection
@@ -178,9 +184,10 @@ def _one_direction(
         "window": p.n_window_b.sum().to(torch.float64),
     }
     if a.groups_B is not None and c.groups_N is not None:
-        # A negative label is "no group label": it shares no group, not even with itself.
-        labelled_bk = (a.groups_B[:, None] >= 0) & (c.groups_N[p.index_bk] >= 0)
-        same_bk = (c.groups_N[p.index_bk] == a.groups_B[:, None]) & labelled_bk
+        # A negative label is "no group label" (fne.groups): it shares no group, not even with
+        # itself.
+        labelled_bk = labelled(a.groups_B)[:, None] & labelled(c.groups_N[p.index_bk])
+        same_bk = same_group(c.groups_N[p.index_bk], a.groups_B[:, None])
         sums["same_group"] = (same_bk * v).sum()
         sums["labelled_draws"] = (labelled_bk * v).sum()
         if p.detect_bF.shape[1]:  # measured (the fne and window rules)
