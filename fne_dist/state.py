@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .checkpoint import RankState
 from .data.stream import RankPosition
-from .summary import EpochDiagnostics, ratios_of_sums
+from .summary import RATIOS, EpochDiagnostics, ratios_of_sums
 
 
 @dataclass
@@ -44,6 +44,8 @@ class TrainState:
     def add_diagnostics(self, loss: Tensor, diagnostics: dict[str, Tensor]) -> None:
         """Sum one micro-batch's loss and diagnostics (float64, on the device: no host sync)."""
         for key, value in {"loss": loss.detach(), **diagnostics}.items():
+            if key in RATIOS:  # recomputed from its sums in take_window
+                continue
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().to(torch.float64)
         self.sums["_n"] = self.sums.get("_n", 0.0) + 1.0
         self.epoch_diag.add({"loss": loss, **diagnostics})

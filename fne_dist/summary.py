@@ -171,6 +171,8 @@ class EpochDiagnostics:
 
     def add(self, diagnostics: dict[str, Tensor]) -> None:
         for key, value in diagnostics.items():
+            if key in RATIOS:  # recomputed from its sums (a NaN step would poison a sum)
+                continue
             value = value.detach().to(torch.float64)
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.steps += 1

@@ -107,3 +107,17 @@ def test_hostile_h14_labelled_data_keeps_its_group_lines() -> None:
     epochs.add({k: torch.tensor(v) for k, v in _loss_diagnostics([0, 0, 1, 1, 2, 2]).items()})
     text = "\n".join(diagnostic_lines("fne", epochs.close_epoch(0), None))
     assert "sharing the anchor's group" in text and "no group labels" not in text
+
+
+def test_hostile_h14_log_window_share_is_over_labelled_draws() -> None:
+    """Invariant: a log window (train_log.jsonl, monitoring's same-group gauge) forms the share
+    like the epoch: Σ/Σ over its steps, finite when any step had labelled draws."""
+    from fne_dist.state import TrainState
+
+    state = TrainState.fresh(torch.device("cpu"), warm=False)
+    labelled_step = _loss_diagnostics([0, 0, 1, 1, 2, 2])
+    for step in (labelled_step, _loss_diagnostics([NO_GROUP] * 6)):
+        state.add_diagnostics(torch.tensor(1.0), {k: torch.tensor(v) for k, v in step.items()})
+    window = state.take_window()
+    assert window["frac_neg_same_group"] == pytest.approx(labelled_step["frac_neg_same_group"])
+    assert all(not math.isnan(v) for k, v in window.items() if not k.startswith("fn"))
