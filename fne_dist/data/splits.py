@@ -33,7 +33,7 @@ class PairTable:
     text_inputs: dict[str, Tensor]  # txt_feat T×F, or nothing (tokenised when embedded)
     text_to_image_T: Tensor  # int64: index of each caption's image in 0..I-1
     image_ids_I: Tensor  # int64: the dataset's image id (the positive mask key)
-    groups_I: Tensor  # int64: group label (-1 = unknown), e.g. the emoji family
+    groups_I: Tensor  # int64: group label (NO_GROUP = -1: none, fne.groups), e.g. the emoji family
     # Global sample index of each image's first sample and of each caption (×1024 + position in
     # the sample): gathered shares are put back in this order, so W ranks evaluate exactly
     # like one (the COCO 1K folds depend on image order).
