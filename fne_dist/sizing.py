@@ -81,7 +81,6 @@ def check_fits(
     need = rank_needs(cfg, world)
     on_host = device.type != "cuda"
     free = available_bytes(device) if free is None else free
-    host_free = int(psutil.virtual_memory().available) if host_free is None else host_free
     ranks = local_ranks if on_host else 1  # each GPU rank has its own device
     if need.total * ranks > free:
         where = "host memory" if on_host else f"free on {device}"
@@ -93,12 +92,30 @@ def check_fits(
             f"{_gib(need.similarities)}, images {_gib(need.images)} per rank), "
             f"{_gib(free)} {where} available: lower memory.size or train.batch_size"
         )
-    if not on_host and host_needs(cfg) * local_ranks > host_free:
+    if not on_host:
+        check_host(cfg, local_ranks, host_free)
+
+
+def check_host(cfg: Config, local_ranks: int, host_free: int | None = None) -> None:
+    """ConfigError unless the host can build the memories of its ``local_ranks`` GPU ranks
+    (seeded on the host, then moved to the device)."""
+    host_free = int(psutil.virtual_memory().available) if host_free is None else host_free
+    if host_needs(cfg) * local_ranks > host_free:
         raise ConfigError(
             f"memory.size={cfg.memory.size} × model.embed_dim={cfg.model.embed_dim} is built on "
             f"the host first: needs {_gib(host_needs(cfg) * local_ranks)} for {local_ranks} "
             f"rank(s), {_gib(host_free)} host memory available: lower memory.size"
         )
+
+
+def check_local_workers(cfg: Config, workers: int, host_free: int | None = None) -> None:
+    """The Ray driver's check before it starts a local Ray instance, whose ``workers`` share this
+    host: their memories and batches on the CPU, or (``dist.use_gpu``) the host side of their
+    memories; each worker checks its own GPU when it starts."""
+    if cfg.dist.use_gpu:
+        check_host(cfg, workers, host_free)
+    else:
+        check_fits(cfg, torch.device("cpu"), workers, workers, free=host_free)
 
 
 def launch_warnings(

@@ -15,7 +15,7 @@ import torch
 from fne_dist.config import ConfigError, load_config
 from fne_dist.fne import Candidates
 from fne_dist.memory import MomentumMemory
-from fne_dist.sizing import check_fits, launch_warnings, rank_needs
+from fne_dist.sizing import check_fits, check_local_workers, launch_warnings, rank_needs
 from fne_dist.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +33,13 @@ def test_hostile_h21_estimate_covers_the_memory_and_its_candidate_copy() -> None
     cfg = _cfg("memory.size=300", "model.embed_dim=24")
     memory = MomentumMemory(300, 24)
     G = cfg.train.batch_size
-    batch = Candidates(torch.zeros(G, 24), torch.zeros(G, 24), torch.zeros(G, dtype=torch.long),
-                       G, torch.zeros(G, dtype=torch.long))  # fmt: skip
+    batch = Candidates(
+        torch.zeros(G, 24),
+        torch.zeros(G, 24),
+        torch.zeros(G, dtype=torch.long),
+        G,
+        torch.zeros(G, dtype=torch.long),
+    )
     block = Candidates.concat(batch, memory.candidates())
     stored = [memory.img_KD, memory.txt_KD, memory.ids_K, memory.groups_K, memory.seq_K]
     copied = [block.img_ND, block.txt_ND, block.ids_N, block.groups_N]
@@ -74,11 +79,47 @@ def test_hostile_h21_train_refuses_an_impossible_memory_before_allocating(
 ) -> None:
     """Invariant: ``python -m fne_dist.train`` with a memory of 2^24 × 65,536 (4 TiB) exits 2
     with one ``error:`` line saying what it needs, instead of trying to allocate it."""
-    code = train_main(["--config", str(TINY), f"run.output_dir={tmp_path}",
-                       "memory.size=16777216", "model.embed_dim=65536"])  # fmt: skip
+    code = train_main(
+        [
+            "--config",
+            str(TINY),
+            f"run.output_dir={tmp_path}",
+            "memory.size=16777216",
+            "model.embed_dim=65536",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2, err[-2000:]
     assert err.startswith("error: ") and "\n" not in err and "needs at least" in err
+
+
+def test_hostile_h21_ray_driver_refuses_before_starting_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant: with a local Ray instance (the default launcher: 2 workers on this host) the
+    driver refuses a memory its workers cannot hold together, with the same one line, before Ray
+    starts (a worker's ConfigError would reach the driver as a Ray traceback)."""
+    from fne_dist.distributed.ray_launcher import run_with_ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = _cfg(
+        f"run.output_dir={tmp_path}",
+        "dist.workers=2",
+        "memory.size=16777216",
+        "model.embed_dim=65536",
+    )
+    with pytest.raises(ConfigError, match=r"needs at least .* for 2 ranks on this host"):
+        run_with_ray(cfg)
+    gpu = _cfg(
+        "dist.workers=2",
+        "dist.use_gpu=true",
+        "engine.device=auto",
+        "memory.size=5000",
+        "model.embed_dim=64",
+    )
+    with pytest.raises(ConfigError, match="built on the host first"):
+        check_local_workers(gpu, 2, host_free=5000 * 64 * 4 * 2 * 2 - 1)
+    check_local_workers(gpu, 2, host_free=5000 * 64 * 4 * 2 * 2)
 
 
 def _embedded_train_pairs() -> int:

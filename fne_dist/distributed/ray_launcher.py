@@ -14,6 +14,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..reporting import Reporter
+from ..sizing import check_local_workers
 
 
 class RayReporter(Reporter):
@@ -77,6 +78,8 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
     from ..loop import preflight
 
     preflight(cfg)  # bad paths and missing encoders fail here, before any worker starts
+    if not (cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")):
+        check_local_workers(cfg, cfg.dist.workers)  # a local instance: workers share this host
     # Read by Ray Train's controller: fail fast when the worker group cannot be scheduled.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.worker_start_timeout_s)
     import ray
