@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         prefix, code = next((p, c) for types, p, c in EXIT_CODES if isinstance(err, types))
         print(f"{prefix}: {err}", file=sys.stderr)
         return code
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
+        msg = "SIGINT outside the training loop: resume from the newest checkpoint"
+        print(f"interrupted: {msg}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 

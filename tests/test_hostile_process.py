@@ -309,3 +309,38 @@ def test_hostile_h3_h4_signal_stops_cleanly_and_resumably(
     assert meta["step"] == expected, (lines[0], newest)
     steps = [_strict_json(line)["step"] for line in log.read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] == stopped
+
+
+@pytest.mark.system
+@pytest.mark.timeout(120)
+def test_hostile_h4_ranks_agree_to_stop_when_one_gets_the_signal(tmp_path: Path) -> None:
+    """Invariant: SIGTERM reaching only rank 1 (during its second step) stops both ranks of a
+    real 2-rank gloo group before the same next step, through the per-step all-reduce of
+    ``agreed_batches``: each trained exactly micro steps 0 and 1, both saw the stop agreed,
+    and only rank 1 received a signal (no rank is left waiting in a collective)."""
+    from fne_dist.distributed.launch import free_port
+    from tests.test_data_agreement import _shards
+
+    data = tmp_path / "data"
+    data.mkdir()
+    spec = _shards(data)
+    script = ROOT / "tests" / "dist_scripts" / "stop_agreement.py"
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+        env.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        cmd = [sys.executable, str(script), spec, str(tmp_path)]
+        out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, **out))
+    try:
+        logs = [p.communicate(timeout=90)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+    assert [p.returncode for p in procs] == [0, 0], logs
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [[m for m, _ in r["trained"]] for r in ranks] == [[0, 1], [0, 1]], ranks
+    assert [r["agreed"] for r in ranks] == [True, True]
+    assert [r["signal"] for r in ranks] == [None, "SIGTERM"]
