@@ -60,6 +60,7 @@ from .reporting import (
     Progress,
     Reporter,
     format_summary,
+    json_safe,
     setup_logging,
 )
 from .run_identity import resume_request
@@ -568,7 +569,7 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
         save_file(weights, str(run.run_dir / "model.safetensors"))
         write_sidecar(run.run_dir / "model.safetensors")  # export and evaluate check it
         history = {**result, "epochs": state.epoch_diag.epochs, "history": state.history}
-        (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+        (run.run_dir / "metrics.json").write_text(json.dumps(json_safe(history), indent=1))
         run.reporter.message(format_summary(result, run.run_dir, run.cfg.fne.vse_pp_memory))
     run.reporter.finish(result)
     run.reporter.close()
