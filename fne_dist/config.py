@@ -83,7 +83,8 @@ class OptimConfig:
     warmup_steps: int = setting(0, "cosine schedule: linear warm-up steps", ge=0)
     max_nonfinite_steps: int = setting(
         20,
-        "stop after this many micro steps in a row with a non-finite loss (each is skipped: "
+        "stop after this many micro steps in a row with a non-finite loss or gradient (each "
+        "is skipped: "
         "no update, no EMA, no enqueue)",
         ge=1,
         le=1_000_000,

@@ -52,7 +52,7 @@ from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, process_launcher
-from .nonfinite import check_in_row, finite_everywhere
+from .nonfinite import check_in_row, finite_everywhere, grads_finite
 from .reporting import (
     ConsoleReporter,
     FanOut,
@@ -405,6 +405,9 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     state.nonfinite_in_row = 0
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
+        if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # H31
+            engine.module.zero_grad(set_to_none=True)
+            return skip_nonfinite(run, state, micro, None, stats_before)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
     boundary = (micro + 1) % cfg.engine.grad_accum == 0
     if boundary:
@@ -421,11 +424,11 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
 
 
 def skip_nonfinite(
-    run: Run, state: TrainState, micro: int, loss: torch.Tensor, stats_before: dict
+    run: Run, state: TrainState, micro: int, loss: torch.Tensor | None, stats_before: dict
 ) -> bool:
-    """A micro step whose loss is non-finite on some rank (H31): no gradient, no update, no
-    EMA, no enqueue, statistics restored; counted, and shown as a non-finite loss in its log
-    window. True when it was the optimizer step's boundary (as ``train_step``)."""
+    """A micro step whose loss (given) or gradient is non-finite (H31): no update, no EMA, no
+    enqueue, statistics restored; counted, and a non-finite loss shows in its log window.
+    True when it was the optimizer step's boundary (as ``train_step``)."""
     run.parts.stats.load_state_dict(stats_before)
     accum = run.cfg.engine.grad_accum
     if accum > 1:  # the engine counts micro steps: the window's finite ones still apply
@@ -434,8 +437,9 @@ def skip_nonfinite(
     state.opt_step += int(boundary)
     state.skipped_nonfinite += 1
     state.nonfinite_in_row += 1
-    state.sums["loss"] = state.sums.get("loss", 0.0) + loss.detach().to(torch.float64)
-    state.sums.setdefault("_n", 1.0)
+    if loss is not None:
+        state.sums["loss"] = state.sums.get("loss", 0.0) + loss.detach().to(torch.float64)
+        state.sums.setdefault("_n", 1.0)
     check_in_row(
         state.nonfinite_in_row, run.cfg.optim.max_nonfinite_steps, micro, state.skipped_nonfinite
     )

@@ -6,6 +6,8 @@ whether to step). A micro step whose loss is non-finite on any rank is skipped o
 no backward (it adds no gradient), no optimizer step, no EMA, no enqueue, and the FNE statistics
 it added are taken back. With ``engine.grad_accum`` > 1 the engine still counts the micro step
 (DeepSpeed's accumulation boundary), so the window's finite micro-batches are applied at it.
+With ``grad_accum`` = 1 a finite loss whose gradients are not finite (where the gradients are
+visible: DDP, ZeRO-0) is skipped the same way, its gradients dropped.
 After ``optim.max_nonfinite_steps`` skipped micro steps in a row the run stops with one line.
 """
 
@@ -27,11 +29,23 @@ def finite_everywhere(loss: Tensor) -> bool:
     return float(dist_ops.all_reduce_sum(bad)) == 0.0
 
 
+def grads_finite(module: torch.nn.Module) -> bool:
+    """Whether every gradient held in ``module`` is finite (its norm too: an overflowing norm
+    would make clipping scale by 0 or NaN). Gradients are already averaged over ranks when
+    this is asked (DDP, DeepSpeed ZeRO-0), so every rank answers alike; under ZeRO ≥ 1 the
+    partitions hold them and there is nothing here to check."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all())
+
+
 def check_in_row(in_row: int, limit: int, micro: int, total: int) -> None:
     """Raise ``TrainingDiverged`` once ``in_row`` reaches ``limit``."""
     if in_row >= limit:
         raise TrainingDiverged(
-            f"{in_row} micro steps in a row had a non-finite loss (the last at micro step "
-            f"{micro + 1}; {total} skipped in all, none of them updated the weights): lower "
+            f"{in_row} micro steps in a row had a non-finite loss or gradient (the last at "
+            f"micro step {micro + 1}; {total} skipped in all, none of them updated the "
+            "weights): lower "
             f"optim.lr or check the data (optim.max_nonfinite_steps={limit})"
         )

@@ -227,11 +227,34 @@ def test_hostile_h32_log_is_strict_json_and_resume_drops_redone_steps(tmp_path: 
 # ---------------------------------------------------------------- H31: non-finite steps
 
 
+def test_hostile_h31_the_skip_decision_sees_every_non_finite_value() -> None:
+    """Invariant: a loss or any gradient holding NaN, +inf or -inf (or a gradient norm that
+    overflows) asks for a skip; finite ones and absent gradients do not (world size 1: the
+    agreement is the identity)."""
+    from fne_dist.nonfinite import TrainingDiverged, check_in_row, finite_everywhere, grads_finite
+
+    model = torch.nn.Linear(3, 2)
+    assert grads_finite(model)  # no gradients yet
+    model(torch.ones(1, 3)).sum().backward()
+    assert grads_finite(model) and finite_everywhere(torch.tensor(1.5))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not finite_everywhere(torch.tensor(bad))
+        saved = model.weight.grad[0, 1].item()
+        model.weight.grad[0, 1] = bad
+        assert not grads_finite(model)
+        model.weight.grad[0, 1] = saved
+    model.bias.grad.fill_(3e38)  # finite values, overflowing norm
+    assert not grads_finite(model)
+    check_in_row(2, 3, 10, 5)
+    with pytest.raises(TrainingDiverged, match="3 micro steps in a row"):
+        check_in_row(3, 3, 11, 6)
+
+
 @pytest.mark.system
 @pytest.mark.timeout(300)
 def test_hostile_h31_non_finite_steps_never_update_weights(tmp_path: Path) -> None:
     """Invariant: with optim.lr=1e30 (the issue's repro: the loss turns NaN), every step with
-    a non-finite loss is skipped, so every checkpoint's weights stay finite; after
+    a non-finite loss or gradient is skipped, so every checkpoint's weights stay finite; after
     optim.max_nonfinite_steps of them in a row the run stops with one line and exit code 4;
     the log is strict JSON with those losses as null and counts the skipped steps."""
     out = subprocess.run(
@@ -243,7 +266,9 @@ def test_hostile_h31_non_finite_steps_never_update_weights(tmp_path: Path) -> No
     )  # fmt: skip
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 4, out.stdout[-3000:] + out.stderr[-3000:]
-    assert len(lines) == 1 and "3 micro steps in a row had a non-finite loss" in lines[0]
+    assert (
+        len(lines) == 1 and "3 micro steps in a row had a non-finite loss or gradient" in lines[0]
+    )
     run_dir = tmp_path / "nan"
     docs = [_strict_json(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert docs[-1]["loss"] is None and docs[-1]["skipped_nonfinite"] >= 3, docs
