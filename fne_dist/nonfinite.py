@@ -20,7 +20,7 @@ from . import distributed as dist_ops
 
 
 class TrainingDiverged(Exception):
-    """Too many non-finite steps in a row (one line; exit code 4)."""
+    """Too many non-finite steps in a row (one line; exit code 3)."""
 
 
 def finite_everywhere(loss: Tensor) -> bool:

@@ -5,8 +5,8 @@ its deviations from the paper's values are commented there), or the library defa
 package is installed without the repository's configs.
 
 Exit codes (README "Exit codes"): 0 success; 1 internal error (a traceback: a bug to report);
-2 user error (config, paths, run directory in use, unusable checkpoint, a checkpoint that cannot
-be written); 3 data error (unreadable shards, too many bad samples); 4 training diverged
+2 user error (config, paths, data: missing, empty or unreadable shards, too many bad samples;
+run directory in use, unusable checkpoint, a checkpoint that cannot be written); 3 training diverged
 (``optim.max_nonfinite_steps`` non-finite steps in a row); 75 interrupted by SIGINT/SIGTERM,
 resumable with ``checkpoint.resume=latest``.
 """
@@ -30,14 +30,13 @@ from .nonfinite import TrainingDiverged
 from .run_identity import check_new_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DATA, EXIT_DIVERGED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
 # One line on stderr and an exit code for each failure a user can cause (the rest: tracebacks).
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], str, int], ...] = (
     ((Interrupted,), "interrupted", EXIT_INTERRUPTED),
-    ((DataError,), "error", EXIT_DATA),
     ((TrainingDiverged,), "error", EXIT_DIVERGED),
     (
-        (ConfigError, EncoderUnavailable, CheckpointError, RendezvousError),
+        (ConfigError, DataError, EncoderUnavailable, CheckpointError, RendezvousError),
         "error",
         EXIT_USER,
     ),
