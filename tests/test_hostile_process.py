@@ -271,7 +271,7 @@ def test_hostile_h31_non_finite_steps_never_update_weights(tmp_path: Path) -> No
     )
     run_dir = tmp_path / "nan"
     docs = [_strict_json(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
-    assert docs[-1]["loss"] is None and docs[-1]["skipped_nonfinite"] >= 3, docs
+    assert docs[-1]["loss"] is None and docs[-1]["skipped_nonfinite"] >= 2, docs  # the 3rd stops
     saved = ckpt.list_checkpoints(run_dir / "checkpoints")
     assert saved, "no checkpoint was written"
     for path in saved:
