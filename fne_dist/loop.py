@@ -52,7 +52,7 @@ from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, process_launcher
-from .nonfinite import check_in_row, finite_everywhere, grads_finite
+from .nonfinite import Snapshot, check_in_row, finite_everywhere, grads_finite
 from .reporting import (
     ConsoleReporter,
     FanOut,
@@ -385,7 +385,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     state.micro, state.position = micro, run.data_log.position
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     state.warm = state.opt_step < cfg.train.warmup_steps
-    stats_before = run.parts.stats.state_dict()  # taken back if the step is skipped (H31)
+    before = Snapshot((engine.module, run.parts.momentum), run.parts.stats)  # H31: a skip undoes
     out = forward_step(  # phases 1-5
         engine,
         run.parts.momentum,
@@ -401,13 +401,13 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss
         out.loss = out.loss + float("nan")
     if not finite_everywhere(out.loss):
-        return skip_nonfinite(run, state, micro, out.loss, stats_before)
+        return skip_nonfinite(run, state, micro, out.loss, before)
     state.nonfinite_in_row = 0
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
         if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # H31
             engine.module.zero_grad(set_to_none=True)
-            return skip_nonfinite(run, state, micro, None, stats_before)
+            return skip_nonfinite(run, state, micro, None, before)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
     boundary = (micro + 1) % cfg.engine.grad_accum == 0
     if boundary:
@@ -424,12 +424,12 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
 
 
 def skip_nonfinite(
-    run: Run, state: TrainState, micro: int, loss: torch.Tensor | None, stats_before: dict
+    run: Run, state: TrainState, micro: int, loss: torch.Tensor | None, before: Snapshot
 ) -> bool:
     """A micro step whose loss (given) or gradient is non-finite (H31): no update, no EMA, no
-    enqueue, statistics restored; counted, and a non-finite loss shows in its log window.
-    True when it was the optimizer step's boundary (as ``train_step``)."""
-    run.parts.stats.load_state_dict(stats_before)
+    enqueue, statistics and buffers restored; counted, and a non-finite loss shows in its log
+    window. True when it was the optimizer step's boundary (as ``train_step``)."""
+    before.restore()
     accum = run.cfg.engine.grad_accum
     if accum > 1:  # the engine counts micro steps: the window's finite ones still apply
         run.parts.engine.step()

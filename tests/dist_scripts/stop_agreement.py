@@ -30,7 +30,7 @@ def main() -> None:
     spec, out = sys.argv[1], Path(sys.argv[2])
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
-    opts = StreamOptions(batch=4, seed=5, rank=rank, world=world)
+    opts = StreamOptions(batch=4, seed=5, rank=rank, world=world, max_bad_fraction=1.0)
     stream = TrainStream(
         shard_list(spec, "data.train"),
         opts,
