@@ -275,6 +275,7 @@ def _wait_job(cluster, env, job_id: str, done, timeout_s: float) -> dict[str, st
         if done(state):
             return state
         if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+            print(f"job {job_id}: requeued with a begin time, made eligible now")
             subprocess.run(
                 ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
                 capture_output=True, timeout=30, check=False,
@@ -293,8 +294,8 @@ def test_requeued_job_resumes_by_itself(slurm_cluster: SlurmCluster, work: Path)
     job_dir.mkdir(parents=True)
     out = job_dir / "slurm.out"
     env = job_env(slurm_cluster, job_dir, "ddp")
-    env["FNE_ARGS"] += (  # ~30 steps at world size 2; Slurm's KillWait here is 5 s
-        " train.epochs=0.15 train.log_every=1 checkpoint.every_steps=2 checkpoint.keep_last=0"
+    env["FNE_ARGS"] += (  # ~20 steps at world size 2; Slurm's KillWait here is 5 s
+        " train.epochs=0.1 train.log_every=1 checkpoint.every_steps=2 checkpoint.keep_last=0"
         " checkpoint.stop_grace_s=4"
     )
     options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"]
@@ -315,6 +316,7 @@ def test_requeued_job_resumes_by_itself(slurm_cluster: SlurmCluster, work: Path)
             assert state not in ENDED, (state, out.read_text() if out.is_file() else "")
             time.sleep(0.5)
         subprocess.run(["scontrol", "requeue", job_id], env=env, timeout=30, check=True)
+        requeued_at = time.monotonic() - start
         final = _wait_job(
             slurm_cluster, env, job_id,
             lambda s: s.get("JobState") in ENDED,
@@ -323,6 +325,9 @@ def test_requeued_job_resumes_by_itself(slurm_cluster: SlurmCluster, work: Path)
     finally:
         subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
     TIMINGS["requeue"] = time.monotonic() - start
+    print(
+        f"requeue test: requeued after {requeued_at:.1f} s, done after {TIMINGS['requeue']:.1f} s"
+    )
     output = out.read_text(errors="replace")
     assert final.get("JobState") == "COMPLETED" and final.get("Restarts") == "1", (final, output)
     assert "interrupted: SIGTERM" in output and "Traceback" not in output, output[-5000:]
