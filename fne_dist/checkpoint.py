@@ -421,8 +421,9 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
     c = state.counters
     final = step_dir(target.root, c["opt_step"])
     tmp = final.with_name(final.name + ".tmp")
-    _write_parts(target, parts, state, tmp)
+    _agree_written(target, tmp, _write_error(_write_parts, target, parts, state, tmp))
     files = _hash_and_upload(target, tmp)
+    error = None
     if target.rank == 0:
         meta = {
             **target.layout,
@@ -432,13 +433,44 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
             "epoch": c["epoch"],
             "samples_seen": c["samples_seen"],
         }
-        finalize(tmp, final, meta, 1 if target.url else target.keep_last, files)
-        if target.url is not None:  # last: a remote checkpoint without meta.json is skipped
+        keep = 1 if target.url else target.keep_last
+        error = _write_error(finalize, tmp, final, meta, keep, files)
+        if target.url is not None and error is None:  # last: no meta.json, no checkpoint
             publish_meta(final, target.url, target.keep_last)
     elif target.local_rank == 0 and target.url is not None:
         shutil.rmtree(tmp, ignore_errors=True)  # another node's scratch copy: uploaded
-    target.barrier()
+    _agree_written(target, tmp, error)  # also the barrier: every rank is done
     return final
+
+
+def _write_error(write: Callable[..., Any], *args: Any) -> str | None:
+    """``write(*args)``; a failed write (disk full, quota, permissions: OSError, safetensors'
+    or torch's writer errors) as one line, else None. Anything else is a bug and propagates."""
+    try:
+        write(*args)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        torch_writer = "writ" in text.lower()  # torch.save: "... failed writing file ..."
+        if type(err) is RuntimeError and not torch_writer:
+            raise
+        return text
+    return None
+
+
+def _agree_written(target: Target, tmp: Path, error: str | None) -> None:
+    """Every rank learns whether any rank failed to write (a gather, so no rank waits in a
+    later collective for one that gave up); then the partial ``tmp`` is removed and every rank
+    raises the same one-line CheckpointError. Earlier checkpoints are untouched."""
+    failed = [(r, e) for r, e in enumerate(target.gather(error)) if e is not None]
+    if not failed:
+        return
+    if target.local_rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rank, first = failed[0]
+    raise CheckpointError(
+        f"cannot write checkpoint {tmp} (rank {rank}: {first}); removed the partial "
+        f"{tmp.name}, earlier checkpoints are intact"
+    )
 
 
 def check_shared_dir(

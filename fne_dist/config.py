@@ -81,6 +81,14 @@ class OptimConfig:
     )
     gamma: float = setting(0.1, "step schedule: factor at each milestone", gt=0.0)
     warmup_steps: int = setting(0, "cosine schedule: linear warm-up steps", ge=0)
+    max_nonfinite_steps: int = setting(
+        20,
+        "stop after this many micro steps in a row with a non-finite loss or gradient (each "
+        "is skipped: "
+        "no update, no EMA, no enqueue)",
+        ge=1,
+        le=1_000_000,
+    )
 
 
 @dataclass
@@ -176,6 +184,13 @@ class CheckpointConfig:
     resume: str | None = setting(
         None, "resume from 'latest' (newest valid checkpoint in checkpoint.dir) or a path"
     )
+    stop_grace_s: float = setting(
+        30.0,
+        "seconds between SIGTERM and SIGKILL (Slurm's KillWait): on SIGTERM/SIGINT a due "
+        "checkpoint is written only if the last one's duration says it fits",
+        ge=0.0,
+        le=86_400.0,
+    )
 
 
 @dataclass
@@ -267,8 +282,8 @@ class MonitorConfig:
 class DebugConfig:
     nan_at_step: int = setting(
         0,
-        "tests only: the reported loss of this micro step (1-based) is made NaN, so the "
-        "non-finite-loss alert can fire (training itself is untouched; 0: off)",
+        "tests only: the loss of this micro step (1-based) is made NaN: the step is skipped "
+        "(optim.max_nonfinite_steps) and its log window shows a non-finite loss (0: off)",
         ge=0,
     )
 

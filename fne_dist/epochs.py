@@ -3,10 +3,12 @@
 The step's all-gather needs every rank to bring a full batch of the same size. The plan gives
 every rank the same number of batches, but bad samples can leave one rank short, and a data
 error on one rank must not leave the others blocked in a collective. So before each step the
-ranks all-reduce one integer (1 = "I have a batch", 0 = "my epoch is over", −1 = "my data
-failed"): on 0 every rank ends the epoch there (the batches others held are counted as
-dropped), on −1 every rank stops with an error. One 8-byte all-reduce per step; the identity at
-world size 1, and on the host (a gloo group under NCCL), so it never waits for the GPU.
+ranks all-reduce (MIN) one integer (2 = "I have a batch", 1 = "my epoch is over", 0 = "a signal
+asks me to stop", −1 = "my data failed"): on 1 every rank ends the epoch there (the batches
+others held are counted as dropped), on 0 every rank stops before this step (``interrupt``: a
+signal may reach only some ranks), on −1 every rank stops with an error. One 8-byte all-reduce
+per step; the identity at world size 1, and on the host (a gloo group under NCCL), so it never
+waits for the GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from . import distributed as dist_ops
 from .data.decode import REASONS
 from .data.sources import DataError
 from .data.stream import RankPosition, TrainStream
+from .interrupt import StopRequest
 from .reporting import Reporter
 from .timing import NullTimer, PhaseTimer
 
@@ -83,10 +86,12 @@ def agreed_batches(
     data_log: DataLog,
     timer: PhaseTimer | NullTimer,
     resume: RankPosition | None = None,
+    stop: StopRequest | None = None,
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """(micro step, epoch, batch) until ``total_micro`` micro steps have been planned; micro =
     epoch · S + step, so a step's number (and its sampler uniforms) never depends on how
-    earlier epochs ended. ``resume`` continues inside its epoch."""
+    earlier epochs ended. ``resume`` continues inside its epoch. When any rank's ``stop`` was
+    requested, every rank ends here with ``stop.agreed`` set."""
     steps = stream.steps_per_epoch
     epoch = resume.epoch if resume else 0
     first = True
@@ -97,21 +102,17 @@ def agreed_batches(
         batches = stream.epoch(epoch, start)
         try:
             while step < steps and epoch * steps + step < total_micro:
-                error: DataError | None = None
                 with timer.phase("data"):
-                    try:
-                        batch, position = next(batches)
-                        status = 1
-                    except StopIteration:
-                        status = 0
-                    except DataError as err:
-                        status, error = -1, err
+                    status, batch, position, error = _next_batch(batches, stop)
                     agreed = dist_ops.all_min_int(status)
                 if agreed < 0:
                     raise error or DataError(
                         "a data error on another rank stopped the run (see that rank's log)"
                     )
-                if agreed == 0:
+                if agreed == STOP:
+                    stop.agreed = True  # type: ignore[union-attr]  # only a stop sends STOP
+                    return
+                if agreed == EPOCH_OVER:
                     break
                 data_log.position = position
                 yield epoch * steps + step, epoch, batch
@@ -121,3 +122,20 @@ def agreed_batches(
         data_log.epoch_done(epoch, step, min(steps, total_micro - epoch * steps))
         epoch += 1
         first = False
+
+
+BATCH, EPOCH_OVER, STOP, FAILED = 2, 1, 0, -1  # all-reduced with MIN: the lowest wins
+
+
+def _next_batch(batches, stop: StopRequest | None):
+    """(status, batch, position, error) of this rank's next batch; no batch is read once a
+    stop is requested."""
+    if stop is not None and stop.requested:
+        return STOP, None, None, None
+    try:
+        batch, position = next(batches)
+        return BATCH, batch, position, None
+    except StopIteration:
+        return EPOCH_OVER, None, None, None
+    except DataError as err:
+        return FAILED, None, None, err

@@ -47,10 +47,12 @@ from .evaluation import evaluate_table
 from .export import write_sidecar
 from .fne import SimilarityStats
 from .inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
+from .interrupt import Interrupted, StopRequest, handle_signals
 from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, process_launcher
+from .nonfinite import Snapshot, check_in_row, finite_everywhere, grads_finite
 from .reporting import (
     ConsoleReporter,
     FanOut,
@@ -58,9 +60,11 @@ from .reporting import (
     Progress,
     Reporter,
     format_summary,
+    json_safe,
     setup_logging,
 )
 from .run_identity import resume_request
+from .run_lock import owned
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
 from .step import forward_step
@@ -92,13 +96,19 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     created_group = init_process_group(env, backend_for(device), Timeouts.from_config(cfg))
     try:
         backbones = (image_backbone, text_backbone)
-        result = _train(cfg, extra_reporter, backbones, device, launcher, t_start)
+        # H2: one live run per run directory; H3/H4: a signal stops the run between steps
+        with owned(run_directory(cfg), dist_ops.rank()), handle_signals() as stop:
+            result = _train(cfg, extra_reporter, backbones, device, launcher, t_start, stop)
         if created_group:
             dist_ops.barrier()  # no rank tears the group down while another still uses it
         return result
     finally:
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_directory(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
 
 
 def preflight(cfg: Config) -> None:
@@ -122,6 +132,7 @@ def _train(
     device: torch.device,
     launcher: str,
     t_start: float,
+    stop: StopRequest,
 ) -> dict:
     """Phases 3-5 of ``train`` inside an initialised process group."""
     # 3. run directory, data, model, momentum model, engine, memory, statistics, reporters
@@ -131,7 +142,7 @@ def _train(
     run.reporter.progress(progress(run, state))  # the metrics' baseline
     t_loop = time.perf_counter()
     batches = agreed_batches(
-        run.stream, run.total_micro, run.data_log, run.timer, resume=state.position
+        run.stream, run.total_micro, run.data_log, run.timer, resume=state.position, stop=stop
     )
     for micro, epoch, batch in batches:
         boundary = train_step(run, state, micro, epoch, batch)
@@ -140,6 +151,8 @@ def _train(
         if boundary:
             maybe_checkpoint(run, state)
             maybe_evaluate(run, state)
+    if stop.agreed:
+        stop_on_signal(run, state, stop)
     end_of_training(run, state)
     # 5. final evaluation, summary and run directory
     return finish(run, state, time.perf_counter() - t_loop, t_start)
@@ -185,7 +198,7 @@ def setup_run(
     """Everything a run builds before its first step, in the order the seeded initialisation
     relies on; rank 0 also writes the run directory's config and reports to the console."""
     rank, world = dist_ops.rank(), dist_ops.world_size()
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    run_dir = run_directory(cfg)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -317,11 +330,13 @@ def resume_or_start(run: Run) -> TrainState:
         run.cfg, run.reporter, run.ckpt_root, run.checkpoints.root / f"resume-rank{run.rank}"
     )
     if resume_dir is None:
+        run.reporter.resumed(0)  # an earlier attempt's log lines (no checkpoint) are redone
         return TrainState.fresh(run.device, warm=warmup > 0)
     meta = ckpt.validate(resume_dir)
     saved = ckpt.load_run_checkpoint(resume_dir, meta, run.checkpoints.layout, run.parts, run.rank)
     state = TrainState.from_rank_state(saved, run.device, run.stream.steps_per_epoch, warmup)
     position = state.position
+    run.reporter.resumed(state.micro + 1)  # H32: train_log.jsonl's steps stay increasing
     run.reporter.message(
         f"resumed from {resume_dir} (optimizer step {state.opt_step}, epoch {position.epoch}, "
         f"batch {position.step} of {run.stream.steps_per_epoch})"
@@ -375,6 +390,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     state.micro, state.position = micro, run.data_log.position
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     state.warm = state.opt_step < cfg.train.warmup_steps
+    before = Snapshot((engine.module, run.parts.momentum), run.parts.stats)  # H31: a skip undoes
     out = forward_step(  # phases 1-5
         engine,
         run.parts.momentum,
@@ -387,8 +403,16 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
         state.warm,
         timer,
     )
+    if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss
+        out.loss = out.loss + float("nan")
+    if not finite_everywhere(out.loss):
+        return skip_nonfinite(run, state, micro, out.loss, before)
+    state.nonfinite_in_row = 0
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
+        if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # H31
+            engine.module.zero_grad(set_to_none=True)
+            return skip_nonfinite(run, state, micro, None, before)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
     boundary = (micro + 1) % cfg.engine.grad_accum == 0
     if boundary:
@@ -401,8 +425,29 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
             run.parts.memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
     state.stale += out.staleness
     state.add_diagnostics(out.loss, out.diagnostics)
-    if micro + 1 == cfg.debug.nan_at_step:  # tests only: a NaN in the reports, not the step
-        state.sums["loss"] = state.sums["loss"] + float("nan")
+    return boundary
+
+
+def skip_nonfinite(
+    run: Run, state: TrainState, micro: int, loss: torch.Tensor | None, before: Snapshot
+) -> bool:
+    """A micro step whose loss (given) or gradient is non-finite (H31): no update, no EMA, no
+    enqueue, statistics and buffers restored; counted, and a non-finite loss shows in its log
+    window. True when it was the optimizer step's boundary (as ``train_step``)."""
+    before.restore()
+    accum = run.cfg.engine.grad_accum
+    if accum > 1:  # the engine counts micro steps: the window's finite ones still apply
+        run.parts.engine.step()
+    boundary = (micro + 1) % accum == 0
+    state.opt_step += int(boundary)
+    state.skipped_nonfinite += 1
+    state.nonfinite_in_row += 1
+    if loss is not None:
+        state.sums["loss"] = state.sums.get("loss", 0.0) + loss.detach().to(torch.float64)
+        state.sums.setdefault("_n", 1.0)
+    check_in_row(
+        state.nonfinite_in_row, run.cfg.optim.max_nonfinite_steps, micro, state.skipped_nonfinite
+    )
     return boundary
 
 
@@ -410,6 +455,7 @@ def log_window(run: Run, state: TrainState) -> None:
     """Mean of the diagnostics since the last log line → reporters and history."""
     metrics = state.take_window()
     metrics.update(epoch=state.epoch, lr=run.parts.engine.get_lr()[0], warmup=float(state.warm))
+    metrics["skipped_nonfinite"] = state.skipped_nonfinite
     staleness = state.staleness()
     if staleness is not None:
         metrics["staleness"] = staleness
@@ -429,7 +475,7 @@ def progress(run: Run, state: TrainState) -> Progress:
         bad_samples=dict(run.data_log.bad_so_far()),
         dropped={"plan": run.data_log.dropped_by_plan, "cut_short": run.data_log.dropped},
         phase_seconds=run.timer.totals(),
-        skipped_steps=int(getattr(run.parts.engine, "skipped_steps", 0)),
+        skipped_steps=int(getattr(run.parts.engine, "skipped_steps", 0)) + state.skipped_nonfinite,
         memory_fill=min(memory.writes, memory.capacity) / memory.capacity if memory.capacity else 0,
     )
 
@@ -448,11 +494,35 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     path = ckpt.save_run_checkpoint(
         run.checkpoints, run.parts, state.to_rank_state(run.global_batch, run.is_main)
     )
-    state.saved_at = state.opt_step
+    state.saved_at, state.checkpoint_s = state.opt_step, time.perf_counter() - t0
     run.reporter.checkpoint(path, state.opt_step, run.is_main)
     where = f"{run.ckpt_root.rstrip('/')}/{path.name}" if ckpt.is_url(run.ckpt_root) else path
-    run.reporter.checkpoint_done(path, state.opt_step, time.perf_counter() - t0)
+    run.reporter.checkpoint_done(path, state.opt_step, state.checkpoint_s)
     run.reporter.message(f"checkpoint {where}")
+
+
+def stop_on_signal(run: Run, state: TrainState, stop: StopRequest) -> None:
+    """Every rank agreed to stop before the next step (H3/H4): a last checkpoint only if one is
+    due and fits the grace period (every rank decides alike), then ``Interrupted``."""
+    ck = run.cfg.checkpoint
+    due = (
+        bool(ck.every_steps or ck.at_epoch_end)
+        and state.saved_at != state.opt_step
+        and (state.micro + 1) % run.cfg.engine.grad_accum == 0  # at an optimizer step
+    )
+    fits = stop.fits(ck.stop_grace_s, state.checkpoint_s)
+    if dist_ops.all_min_int(int(due and fits)):
+        save_checkpoint(run, state)
+        kept = f"wrote checkpoint step {state.opt_step}"
+    else:
+        why = f"it would not fit checkpoint.stop_grace_s={ck.stop_grace_s:g}" if due else "none due"
+        newest = f"step {state.saved_at} stays the newest" if state.saved_at > 0 else "none yet"
+        kept = f"no checkpoint written ({why}; {newest})"
+    run.reporter.close()
+    raise Interrupted(
+        f"{stop.signal_name or 'a signal on another rank'} at optimizer step {state.opt_step}: "
+        f"{kept}; resume with checkpoint.resume=latest (a requeued Slurm job resumes by itself)"
+    )
 
 
 def maybe_evaluate(run: Run, state: TrainState) -> None:
@@ -497,6 +567,7 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
             "loss": "vse_pp" if state.warm else run.cfg.fne.loss,
             "staleness": state.staleness(),
             "steps": state.opt_step,
+            "skipped_nonfinite": state.skipped_nonfinite,
             "loop_time_s": loop_time,
             "samples_per_s": state.n_micro * run.global_batch / max(loop_time, 1e-9),
             "phase_seconds": run.timer.totals(),
@@ -507,7 +578,7 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
         save_file(weights, str(run.run_dir / "model.safetensors"))
         write_sidecar(run.run_dir / "model.safetensors")  # export and evaluate check it
         history = {**result, "epochs": state.epoch_diag.epochs, "history": state.history}
-        (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
+        (run.run_dir / "metrics.json").write_text(json.dumps(json_safe(history), indent=1))
         run.reporter.message(format_summary(result, run.run_dir, run.cfg.fne.vse_pp_memory))
     run.reporter.finish(result)
     run.reporter.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -101,6 +103,10 @@ class Reporter:
         """A checkpoint the launcher wants this run to resume from (Ray after a failure)."""
         return None
 
+    def resumed(self, step: int) -> None:
+        """The run continues after logged step ``step`` (0: from the start): what was reported
+        for later steps by an earlier attempt will be reported again."""
+
     def finish(self, result: dict[str, Any]) -> None:
         """The run's final metrics (called on every rank; empty on ranks other than 0)."""
 
@@ -144,16 +150,48 @@ class ConsoleReporter(Reporter):
             self.bar.close()
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) as None: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class JsonLinesReporter(Reporter):
-    """One JSON object per logged step, appended to ``path`` (the run's metrics history)."""
+    """One JSON object per logged step, appended to ``path`` (the run's metrics history).
+
+    Every line is strict JSON (a non-finite value is written as null), and ``step`` only grows:
+    on resume the lines of steps the run will redo are dropped (H32)."""
 
     def __init__(self, path: Path) -> None:
+        self.path = Path(path)
         # Open for the whole run (closed in close()), so no context manager.
-        self.file = Path(path).open("a")  # noqa: SIM115
+        self.file = self.path.open("a")
 
     def step(self, step: int, metrics: dict[str, Any]) -> None:
-        self.file.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+        line = json.dumps(json_safe({"step": step + 1, **metrics}), allow_nan=False)
+        self.file.write(line + "\n")
         self.file.flush()
+
+    def resumed(self, step: int) -> None:
+        """Keep the lines up to ``step`` (a torn last line of a killed run goes too)."""
+        self.file.close()
+        kept = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("step"), int) and doc["step"] <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.path)  # atomic: a kill now leaves the old or the new file
+        self.file = self.path.open("a")
 
     def close(self) -> None:
         self.file.close()
@@ -169,6 +207,10 @@ class FanOut(Reporter):
 
     def resume_source(self) -> Path | None:
         return next((p for r in self.reporters if (p := r.resume_source()) is not None), None)
+
+    def resumed(self, step: int) -> None:
+        for r in self.reporters:
+            r.resumed(step)
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         for r in self.reporters:

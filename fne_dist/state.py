@@ -30,12 +30,15 @@ class TrainState:
     last_logged: dict[str, float] = field(default_factory=dict)
     position: RankPosition | None = None  # data position after the last batch
     micro: int = -1  # the last micro step run (−1: none yet)
+    skipped_nonfinite: int = 0  # micro steps skipped for a non-finite loss (never applied)
     # every step's diagnostics since the epoch began, and one row of means per finished epoch
     epoch_diag: EpochDiagnostics = field(default_factory=EpochDiagnostics)
     diag_epoch: int = -1  # the epoch epoch_diag's open sums belong to
     # this process only, never in a checkpoint:
     warm: bool = True  # whether the last step was a warm-up step
     saved_at: int = -1  # optimizer step of the last checkpoint written or resumed from
+    checkpoint_s: float | None = None  # seconds the last checkpoint written here took
+    nonfinite_in_row: int = 0  # micro steps skipped in a row for a non-finite loss
 
     @classmethod
     def fresh(cls, device: torch.device, warm: bool) -> TrainState:
@@ -84,6 +87,7 @@ class TrainState:
                 "epochs": self.epoch_diag.epochs,
             },
             "samples_seen": self.n_micro * global_batch,
+            "skipped_nonfinite": self.skipped_nonfinite,
         }
         return RankState(counters, self.position.to_dict() if self.position else None)
 
@@ -107,6 +111,7 @@ class TrainState:
             last_logged=c["last_logged"],
             position=position,
             micro=c["micro"],
+            skipped_nonfinite=c.get("skipped_nonfinite", 0),  # older checkpoints: none
             epoch_diag=_epoch_diag(c.get("epoch_diag"), device),
             diag_epoch=c.get("epoch_diag", {}).get("epoch", -1),
             warm=c["opt_step"] < warmup_steps,

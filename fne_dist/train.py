@@ -3,6 +3,12 @@
 Without ``--config`` it runs ``configs/default.yaml`` (the run tuned for the embedded emoji data;
 its deviations from the paper's values are commented there), or the library defaults when the
 package is installed without the repository's configs.
+
+Exit codes (README "Exit codes"): 0 success; 1 internal error (a traceback: a bug to report);
+2 user error (config, paths, data: missing, empty or unreadable shards, too many bad samples;
+run directory in use, unusable checkpoint, a checkpoint that cannot be written); 3 training diverged
+(``optim.max_nonfinite_steps`` non-finite steps in a row); 75 interrupted by SIGINT/SIGTERM,
+resumable with ``checkpoint.resume=latest``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,22 @@ from .config import Config, ConfigError, load_config
 from .data.sources import DataError
 from .distributed.launch import RendezvousError, rank_env, rendezvous
 from .encoders import EncoderUnavailable
+from .interrupt import EXIT_INTERRUPTED, Interrupted
+from .nonfinite import TrainingDiverged
 from .run_identity import check_new_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
+# One line on stderr and an exit code for each failure a user can cause (the rest: tracebacks).
+EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], str, int], ...] = (
+    ((Interrupted,), "interrupted", EXIT_INTERRUPTED),
+    ((TrainingDiverged,), "error", EXIT_DIVERGED),
+    (
+        (ConfigError, DataError, EncoderUnavailable, CheckpointError, RendezvousError),
+        "error",
+        EXIT_USER,
+    ),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -157,10 +176,15 @@ def main(argv: list[str] | None = None) -> int:
             from .loop import train
 
             train(cfg)
-    except (ConfigError, DataError, EncoderUnavailable, CheckpointError, RendezvousError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    except tuple(t for types, _, _ in EXIT_CODES for t in types) as err:
+        prefix, code = next((p, c) for types, p, c in EXIT_CODES if isinstance(err, types))
+        print(f"{prefix}: {err}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:  # Ctrl-C before the loop's own handler was installed
+        msg = "SIGINT outside the training loop: resume from the newest checkpoint"
+        print(f"interrupted: {msg}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,0 +1,70 @@
+"""A non-finite step never updates the weights (hardening H31).
+
+Every rank computes its own loss, so the ranks agree first: one all-reduce of a 0/1 flag per
+micro step (it reads one number back from the device: the price of deciding on the host
+whether to step). A micro step whose loss is non-finite on any rank is skipped on every rank:
+no backward (it adds no gradient), no optimizer step, no EMA, no enqueue, and what its forward
+changed (the FNE statistics, batch-norm running statistics) is taken back. With
+``engine.grad_accum`` > 1 the engine still counts the micro step (DeepSpeed's accumulation
+boundary), so the window's finite micro-batches are applied at it. With ``grad_accum`` = 1 a
+finite loss whose gradients are not finite (where the gradients are visible: DDP, ZeRO-0) is
+skipped the same way, its gradients dropped. After ``optim.max_nonfinite_steps`` skipped micro
+steps in a row the run stops with one line.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import distributed as dist_ops
+
+
+class Snapshot:
+    """What a step changes before its loss is known, kept to be taken back if it is skipped:
+    the modules' buffers (batch-norm running statistics move in every forward, and a forward
+    with non-finite activations would leave them NaN) and the FNE statistics it added."""
+
+    def __init__(self, modules: tuple[torch.nn.Module, ...], stats) -> None:
+        self.modules, self.stats = modules, stats
+        self.buffers = [{k: b.clone() for k, b in m.named_buffers()} for m in modules]
+        self.stats_state = stats.state_dict()
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, saved in zip(self.modules, self.buffers, strict=True):
+                for name, buffer in module.named_buffers():
+                    buffer.copy_(saved[name])
+        self.stats.load_state_dict(self.stats_state)
+
+
+class TrainingDiverged(Exception):
+    """Too many non-finite steps in a row (one line; exit code 3)."""
+
+
+def finite_everywhere(loss: Tensor) -> bool:
+    """Whether the loss is finite on every rank (the same answer on every rank)."""
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.float64).reshape(1)
+    return float(dist_ops.all_reduce_sum(bad)) == 0.0
+
+
+def grads_finite(module: torch.nn.Module) -> bool:
+    """Whether every gradient held in ``module`` is finite (its norm too: an overflowing norm
+    would make clipping scale by 0 or NaN). Gradients are already averaged over ranks when
+    this is asked (DDP, DeepSpeed ZeRO-0), so every rank answers alike; under ZeRO ≥ 1 the
+    partitions hold them and there is nothing here to check."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all())
+
+
+def check_in_row(in_row: int, limit: int, micro: int, total: int) -> None:
+    """Raise ``TrainingDiverged`` once ``in_row`` reaches ``limit``."""
+    if in_row >= limit:
+        raise TrainingDiverged(
+            f"{in_row} micro steps in a row had a non-finite loss or gradient (the last at "
+            f"micro step {micro + 1}; {total} skipped in all, none of them updated the "
+            "weights): lower "
+            f"optim.lr or check the data (optim.max_nonfinite_steps={limit})"
+        )
