@@ -71,6 +71,7 @@ def main() -> None:
                 "train.profile_phases=true",
                 "train.log_every=100000",
                 "train.warmup_steps=10",
+                "train.warmup_epochs=null",
             ]
 
         # Same global batch (32) everywhere: 1 × 32 and 2 × 16.

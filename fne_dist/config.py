@@ -155,6 +155,14 @@ class TrainConfig:
         "optimizer steps of in-batch vse_pp before the configured loss (reference: 1 epoch)",
         ge=0,
     )
+    # The reference warms up for one epoch: a count of steps means a different share of the
+    # run on every dataset, so the warm-up can also be given in epochs of the data in use.
+    warmup_epochs: float | None = setting(
+        None,
+        "warm-up in epochs of this data (replaces warmup_steps; reference: 1.0)",
+        ge=0.0,
+        le=10_000.0,
+    )
     eval_every: int = setting(0, "evaluate on val every N optimizer steps (0: at the end)", ge=0)
     log_every: int = setting(50, "log a progress line every N steps when not on a terminal", ge=1)
     profile_phases: bool = setting(False, "time each phase of the step (metrics.json)")
@@ -337,6 +345,12 @@ class Config:
     def check(self) -> None:
         """Rules that span fields or sections (raised as one-line ValueErrors)."""
         self.fne.check()
+        if self.train.warmup_epochs is not None and self.train.warmup_steps:
+            raise ValueError(
+                f"train.warmup_steps={self.train.warmup_steps} and train.warmup_epochs="
+                f"{self.train.warmup_epochs} are both set (a base config may set one): set "
+                "train.warmup_epochs=null to count steps, or train.warmup_steps=0"
+            )
         # memory.size against the global batch needs the launched world size: see
         # fne_dist.train.check_launch, which runs before any worker starts.
         if self.engine.precision == "fp16" and self.engine.device == "cpu":

@@ -14,6 +14,7 @@ The loop never learns which launcher started it: it reads ranks from torch.distr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -206,6 +207,7 @@ def setup_run(
     if world > 1 and not ckpt.is_url(ckpt_root):  # before any work: one dir for every node
         ckpt.check_shared_dir(Path(ckpt_root), rank, rank_env().node_rank)
     stream, tables = open_data(cfg, image_backbone, text_backbone, rank, world)
+    cfg = resolve_warmup(cfg, stream.steps_per_epoch)
     total_micro = max(1, math.ceil(cfg.train.epochs * stream.steps_per_epoch))
     total_steps = max(1, total_micro // cfg.engine.grad_accum)
     model = build_dual_encoder(cfg.model, image_backbone, text_backbone, cfg.fne.temperature)
@@ -319,6 +321,17 @@ def checkpoint_target(
         rank=rank,
         barrier=dist_ops.barrier,
         url=ckpt_root if url else None,  # every rank uploads its part, rank 0 meta.json last
+    )
+
+
+def resolve_warmup(cfg: Config, steps_per_epoch: int) -> Config:
+    """``train.warmup_epochs`` as optimizer steps of this data (``train.warmup_steps``)."""
+    if cfg.train.warmup_epochs is None:
+        return cfg
+    per_epoch = max(1, steps_per_epoch // cfg.engine.grad_accum)
+    steps = round(cfg.train.warmup_epochs * per_epoch)
+    return dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, warmup_steps=steps, warmup_epochs=None)
     )
 
 

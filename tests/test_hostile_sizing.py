@@ -154,3 +154,27 @@ def test_hostile_h22_warmup_in_epochs_of_this_data() -> None:
     (line,) = launch_warnings(cfg, 500, 15, 91)
     assert "covers the whole run" in line and "never trains" in line
     assert launch_warnings(cfg, 5000, 91, 1000) == []
+
+
+def test_hostile_h22_warmup_epochs_resolve_to_this_datas_steps() -> None:
+    """Invariant: train.warmup_epochs is one epoch of the data in use (optimizer steps, after
+    gradient accumulation), so the shipped configs' one-epoch warm-up holds on any data; giving
+    both warmup_steps and warmup_epochs is one ConfigError line."""
+    from fne_dist.loop import resolve_warmup
+
+    default = load_config(ROOT / "configs" / "default.yaml")
+    assert default.train.warmup_epochs == 1.0 and default.train.warmup_steps == 0
+    assert resolve_warmup(default, 91).train.warmup_steps == 91  # 2,924 pairs // 32
+    assert resolve_warmup(default, 4531).train.warmup_steps == 4531  # Flickr30K's epoch
+    half = load_config(ROOT / "configs" / "default.yaml", ["train.warmup_epochs=0.5"])
+    assert resolve_warmup(half, 91).train.warmup_steps == 46
+    accum = load_config(
+        TINY, ["train.warmup_steps=0", "train.warmup_epochs=2", "engine.grad_accum=2"]
+    )
+    assert resolve_warmup(accum, 40).train.warmup_steps == 40  # 20 optimizer steps per epoch
+    steps = _cfg()  # tiny.yaml counts steps
+    assert resolve_warmup(steps, 91) is steps
+    with pytest.raises(
+        ConfigError, match=r"warmup_steps=7 and train\.warmup_epochs=1\.0 are both set"
+    ):
+        load_config(ROOT / "configs" / "default.yaml", ["train.warmup_steps=7"])

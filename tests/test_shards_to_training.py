@@ -124,6 +124,7 @@ def test_training_on_converted_shards_end_to_end(tmp_path: Path) -> None:
             f"run.output_dir={tmp_path / 'runs'}",
             "train.epochs=2",
             "train.warmup_steps=4",
+            "train.warmup_epochs=null",
             "memory.size=48",
         ],
         cwd=ROOT,
