@@ -173,8 +173,9 @@ def evaluate(model: DualEncoder, split: dict[str, Tensor]) -> dict[str, float]:
     return retrieval_metrics(img @ txt.T, split["text_to_image"], split["img_groups"])
 
 
-def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int) -> dict:
-    """One run: the loop's step order on one process; the val-selected epoch's test metrics."""
+def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None = None) -> dict:
+    """One run: the loop's step order on one process; the val-selected epoch's test metrics.
+    ``keep``: receives the last epoch's model and statistics (bench/fn_signals.py)."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = DualEncoder(None, None, s.img_dim, s.txt_dim, ModelConfig(embed_dim=s.embed_dim,
@@ -210,6 +211,8 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int) -> dict:
         if val["rsum"] > best[0]:
             best = (val["rsum"], evaluate(model, data["test"]), row)
     _, test, diag = best
+    if keep is not None:
+        keep.update(model=model, stats=stats)
     return {**test, **{k: v for k, v in diag.items() if k.startswith(("fn_", "frac_"))},
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
