@@ -147,13 +147,28 @@ def _read_feature_dir(path: Path) -> tuple[Tensor, Tensor, Tensor]:
     return img, txt, torch.tensor([rows[k]["ids"] for k in keys])
 
 
+def _is_split_dir(d: Path, split: str) -> bool:
+    """A finished cache folder of ``split``: named ``<split>-<hash>`` (caches keyed by split),
+    or, for content-keyed caches (``feat-<hash>``), every shard its sources.json lists is a
+    ``*-<split>-*`` shard (the emoji shards' naming)."""
+    if not d.is_dir() or ".tmp" in d.name:
+        return False
+    if d.name.startswith(f"{split}-"):
+        return True
+    sources = d / "sources.json"
+    if not d.name.startswith("feat-") or not sources.is_file():
+        return False
+    names = [Path(str(s)).name for s in json.loads(sources.read_text())]
+    return bool(names) and all(f"-{split}-" in n for n in names)
+
+
 def load_cached_features(root: Path) -> dict[str, dict[str, Tensor]]:
     """train/val/test from a feature cache (``data.cache_dir`` of the default run: one
     ``<split>-<hash>`` folder per split, one caption per image), in make_data's layout; the
     group is the json's ``group_id`` (the emoji family)."""
     splits = {}
     for name in ("train", "val", "test"):
-        found = sorted(root.glob(f"{name}-*"))
+        found = [d for d in sorted(root.iterdir()) if _is_split_dir(d, name)]
         if len(found) != 1:
             raise SystemExit(f"{root}: expected one {name}-* feature folder, found {len(found)}")
         img, txt, ig = _read_feature_dir(found[0])
