@@ -32,6 +32,7 @@ from .fne.estimators import (
     sample_columns,
     with_prior,
 )
+from .fne.mixture import HIST_BINS, histogram, refit, with_mixture
 from .fne.sampling import step_uniforms
 from .memory import MomentumMemory
 from .timing import NullTimer
@@ -92,8 +93,11 @@ def forward_step(
     stats.add(batch_stats[:6])
     gauss = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
     if cfg.prior_mode == "em":
-        stats.add_em(batch_stats[6:])
+        stats.add_em(batch_stats[6:8])
         gauss = with_prior(gauss, prior_from_em(stats.em_totals, cfg.prior))
+    if cfg.fn_model == "mixture":  # the last HIST_BINS sums: this step's histogram
+        stats.add_mixture(batch_stats[-HIST_BINS:], cfg.mixture_decay)
+        gauss = with_mixture(gauss, refit(stats.mix_totals, cfg.var_floor))
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):
         if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
@@ -129,11 +133,13 @@ def _batch_stats(
     global_batch: int | None = None,
 ) -> Tensor:
     """This batch's sums for the running estimates: the six Gaussian sums of
-    ``cfg.stats_source`` and, with ``prior_mode: em``, the EM sums (n, Σ r) of one E-step
+    ``cfg.stats_source``; with ``prior_mode: em``, the EM sums (n, Σ r) of one E-step
     under the estimates so far (counted only once their gate is open: before, the components
-    are not yet fitted). One vector, so one all-reduce carries all of it."""
+    are not yet fitted); with ``fn_model: mixture``, the histogram of the sampled candidate
+    similarities (last). One vector, so one all-reduce carries all of it."""
     sim_BB = img_BD.detach() @ txt_BD.detach().T
-    if cfg.stats_source == "mutual_top1" and cfg.prior_mode == "fixed":
+    paper = (cfg.stats_source, cfg.prior_mode, cfg.fn_model) == ("mutual_top1", "fixed", "positive")
+    if paper:  # no random sample needed
         return mutual_top1_stats(sim_BB, ids_B)
     b = ids_B.shape[0]
     cols = sample_columns(
@@ -146,9 +152,11 @@ def _batch_stats(
         gauss_sums = all_pairs_stats(sim_BB, ids_B, sims_S, valid_S)
     else:
         gauss_sums = mutual_top1_stats(sim_BB, ids_B)
-    if cfg.prior_mode == "fixed":
-        return gauss_sums
-    prev = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
-    prior = prior_from_em(stats.em_totals, cfg.prior)
-    em = em_sums(sims_S, valid_S, prev, prior) * prev.gate_open.to(torch.float64)
-    return torch.cat([gauss_sums, em])
+    parts = [gauss_sums]
+    if cfg.prior_mode == "em":
+        prev = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+        prior = prior_from_em(stats.em_totals, cfg.prior)
+        parts.append(em_sums(sims_S, valid_S, prev, prior) * prev.gate_open.to(torch.float64))
+    if cfg.fn_model == "mixture":
+        parts.append(histogram(sims_S, valid_S))
+    return torch.cat(parts)

@@ -26,7 +26,7 @@ def _bench():
 def test_smoke_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Invariant: the smoke benchmark trains each smoke variant through the project's step,
     reports finite strict/group rsum and group mAP for every run, P_fn precision/recall where
-    the posterior exists, and writes results.md and runs.json."""
+    the posterior exists, and writes results.md, runs.json and a PNG chart."""
     quality = _bench()
     runs = quality.main(["--smoke", "--out", str(tmp_path)])
     assert list(runs) == list(quality.SMOKE_VARIANTS)
@@ -40,6 +40,7 @@ def test_smoke_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     text = (tmp_path / "results.md").read_text()
     assert all(f"| {name} |" in text for name in quality.SMOKE_VARIANTS)
     assert (tmp_path / "runs.json").exists() and "best FNE configuration" in capsys.readouterr().out
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the chart
 
 
 def test_gap_share_and_bootstrap_by_hand() -> None:

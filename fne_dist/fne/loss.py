@@ -330,6 +330,9 @@ def _info_nce(
 def gaussian_diagnostics(g: Gaussians) -> dict[str, Tensor]:
     """Gate state, positive count, μ±/σ± (and an estimated prior π) as 0-dim tensors."""
     out = {} if g.prior is None else {"prior": g.prior}
+    if g.mixture is not None:  # fn_model: mixture: the fitted FN / TN components
+        mu_f, var_f, mu_t, var_t = g.mixture
+        out |= {"mu_fn": mu_f, "sigma_fn": var_f.sqrt(), "mu_tn": mu_t, "sigma_tn": var_t.sqrt()}
     return out | {
         "gate_open": g.gate_open.to(torch.float64),
         "n_pos": g.n_pos,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .estimators import PRIOR_MODES, STATS_SOURCES
+from .mixture import FN_MODELS
 from .stats import NO_POS_MU
 
 LOSSES = ("fne", "window", "vse_pp", "vse0", "infonce")
@@ -83,8 +84,19 @@ class FneConfig:
         "candidate similarities, stepwise EM over each epoch; fne.estimators)",
         choices=PRIOR_MODES,
     )
+    fn_model: str = setting(
+        "positive",
+        "what a false negative's similarity looks like in P_fn: positive (the paper: the "
+        "positive-pair Gaussian, with fne.prior) or mixture (a two-component mixture of "
+        "sampled candidate similarities fitted by online EM: π and both components from data; "
+        "fne.mixture)",
+        choices=FN_MODELS,
+    )
+    mixture_decay: float = setting(
+        0.98, "fn_model mixture: decay γ of the running EM sums per step", gt=0.0, lt=1.0
+    )
     stats_samples: int = setting(
-        4, "random candidates per anchor and direction for all_pairs and em", ge=1
+        4, "random candidates per anchor and direction for all_pairs, em and mixture", ge=1
     )
     mask_groups: bool = setting(False, "oracle: mask candidates sharing the anchor's group label")
     vse_pp_memory: bool = setting(True, "vse_pp takes its hardest negative over [batch ; memory]")
@@ -115,6 +127,10 @@ class FneConfig:
 
     def check(self) -> None:
         """Cross-field rules that a per-field range cannot express."""
+        if self.fn_model == "mixture" and self.prior_mode != "fixed":
+            raise ValueError(
+                "fne.fn_model=mixture estimates π itself: use it with fne.prior_mode=fixed"
+            )
         if self.temperature_min > self.temperature_max:
             raise ValueError(
                 f"fne.temperature_min ({self.temperature_min}) > fne.temperature_max "

@@ -25,14 +25,17 @@ def log_odds_coefficients(g: Gaussians, prior: float) -> tuple[Tensor, Tensor, T
     """(α, β, γ) of L(s) = αs² + βs + γ as float64 0-dim tensors (no host sync); α = 0 if pooled.
 
     π is ``g.prior`` when the Gaussians carry an estimated one, else ``prior``."""
-    inv_p, inv_n = 1.0 / g.var_pos, 1.0 / g.var_neg
+    mu_p, var_p, mu_n, var_n = (
+        (g.mu_pos, g.var_pos, g.mu_neg, g.var_neg) if g.mixture is None else g.mixture
+    )  # fn_model: mixture: the candidates' FN / TN components (fne.mixture)
+    inv_p, inv_n = 1.0 / var_p, 1.0 / var_n
     if g.prior is None:
         log_prior_odds = math.log(prior) - math.log1p(-prior)
     else:  # a data-estimated π (prior_mode: em) replaces the configured one
         log_prior_odds = torch.log(g.prior) - torch.log1p(-g.prior)
-    beta = g.mu_pos * inv_p - g.mu_neg * inv_n
-    gamma = log_prior_odds + 0.5 * (torch.log(g.var_neg) - torch.log(g.var_pos))
-    gamma = gamma - 0.5 * g.mu_pos.square() * inv_p + 0.5 * g.mu_neg.square() * inv_n
+    beta = mu_p * inv_p - mu_n * inv_n
+    gamma = log_prior_odds + 0.5 * (torch.log(var_n) - torch.log(var_p))
+    gamma = gamma - 0.5 * mu_p.square() * inv_p + 0.5 * mu_n.square() * inv_n
     alpha = torch.zeros_like(beta) if g.variance == "pooled" else 0.5 * (inv_n - inv_p)
     return alpha, beta, gamma
 

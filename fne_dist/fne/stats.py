@@ -101,6 +101,9 @@ class Gaussians:
     gate_open: Tensor
     variance: str = "separate"
     prior: Tensor | None = None  # a data-estimated π (``prior_mode: em``); None: the config's
+    # (μ_f, σ_f², μ_t, σ_t²) of ``fn_model: mixture`` (``fne.mixture``): the posterior's two
+    # components instead of (μ⁺, σ⁺², μ⁻, σ⁻²); None: the paper's.
+    mixture: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
 
 
 def _mean_var(n: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor]:
@@ -169,6 +172,9 @@ class SimilarityStats:
         # EM sums of the mixing weight (n, Σ responsibilities): ``fne.estimators``.
         self.em_totals = torch.zeros(2, dtype=torch.float64, device=device)
         self.carried_mu_pos = torch.tensor(math.nan, dtype=torch.float64, device=device)
+        # ``fn_model: mixture`` (``fne.mixture``): the decayed histogram of candidate
+        # similarities (sized by its first add). Never reset: the decay forgets.
+        self.mix_totals = torch.zeros(0, dtype=torch.float64, device=device)
 
     def add(self, batch_stats: Tensor) -> None:
         self.totals = merge_stats(self.totals, batch_stats.to(self.totals))
@@ -176,6 +182,12 @@ class SimilarityStats:
     def add_em(self, batch_em: Tensor) -> None:
         """Add one step's (all-reduced) EM sums (n, Σ r) of the mixing weight."""
         self.em_totals = self.em_totals + batch_em.to(self.em_totals)
+
+    def add_mixture(self, batch_hist: Tensor, decay: float) -> None:
+        """H ← γ·H + one step's (all-reduced) histogram of candidate similarities."""
+        if self.mix_totals.numel() == 0:
+            self.mix_totals = torch.zeros_like(batch_hist, dtype=torch.float64)
+        self.mix_totals = decay * self.mix_totals + batch_hist.to(self.mix_totals)
 
     def new_epoch(self) -> None:
         if self.reset_policy == "never":
@@ -201,6 +213,7 @@ class SimilarityStats:
             "totals": self.totals.clone(),
             "carried_mu_pos": self.carried_mu_pos.clone(),
             "em_totals": self.em_totals.clone(),
+            "mix_totals": self.mix_totals.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -208,3 +221,5 @@ class SimilarityStats:
         self.carried_mu_pos = state["carried_mu_pos"].to(self.carried_mu_pos)
         if "em_totals" in state:  # checkpoints written before prior_mode existed have none
             self.em_totals = state["em_totals"].to(self.em_totals)
+        if "mix_totals" in state:  # nor fn_model: mixture
+            self.mix_totals = state["mix_totals"].to(self.mix_totals)
