@@ -50,7 +50,7 @@ from .inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
 from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
-from .monitoring import build_monitor, process_launcher
+from .monitoring import build_monitor, last_grad_norm, process_launcher
 from .reporting import (
     ConsoleReporter,
     FanOut,
@@ -405,6 +405,9 @@ def log_window(run: Run, state: TrainState) -> None:
     """Mean of the diagnostics since the last log line → reporters and history."""
     metrics = state.take_window()
     metrics.update(epoch=state.epoch, lr=run.parts.engine.get_lr()[0], warmup=float(state.warm))
+    grad_norm = last_grad_norm(run.parts.engine)
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
     staleness = state.staleness()
     if staleness is not None:
         metrics["staleness"] = staleness
@@ -422,6 +425,7 @@ def progress(run: Run, state: TrainState) -> Progress:
         micro_steps=state.n_micro,
         samples=state.n_micro * run.cfg.train.batch_size,
         bad_samples=dict(run.data_log.bad_so_far()),
+        shard_errors=dict(run.data_log.shard_errors_so_far()),
         dropped={"plan": run.data_log.dropped_by_plan, "cut_short": run.data_log.dropped},
         phase_seconds=run.timer.totals(),
         skipped_steps=int(getattr(run.parts.engine, "skipped_steps", 0)),

@@ -70,6 +70,7 @@ class Progress:
     micro_steps: int  # micro-batches this rank trained on (including before a resume)
     samples: int  # samples this rank trained on
     bad_samples: dict[str, int] = field(default_factory=dict)  # this process, by reason
+    shard_errors: dict[str, int] = field(default_factory=dict)  # this process, by reason
     dropped: dict[str, int] = field(default_factory=dict)  # plan (global), cut_short (rank)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # train.profile_phases
     skipped_steps: int = 0  # optimizer steps the engine skipped (fp16 overflow)
