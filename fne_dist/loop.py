@@ -51,6 +51,7 @@ from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
+from .plot import NoPictures, RunPictures
 from .reporting import (
     ConsoleReporter,
     FanOut,
@@ -161,6 +162,7 @@ class Run:
     reporter: Reporter
     timer: PhaseTimer | NullTimer
     data_log: DataLog
+    pictures: RunPictures  # rank 0's (plots/); a null object elsewhere
 
     @property
     def is_main(self) -> bool:
@@ -225,6 +227,7 @@ def setup_run(
         reporter=fan_out,
         timer=timer,
         data_log=DataLog(stream, fan_out),
+        pictures=RunPictures(run_dir, cfg) if rank == 0 else NoPictures(),
     )
 
 
@@ -382,6 +385,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
         state.warm,
         timer,
     )
+    run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
@@ -412,6 +416,7 @@ def log_window(run: Run, state: TrainState) -> None:
     if staleness is not None:
         metrics["staleness"] = staleness
     state.history.append({"step": state.opt_step, **metrics})
+    run.pictures.sample()  # the device is idle here: take_window waited for it
     run.reporter.step(state.micro, metrics)
     run.reporter.progress(progress(run, state))
     state.last_logged = metrics
@@ -461,6 +466,7 @@ def maybe_evaluate(run: Run, state: TrainState) -> None:
         return
     val = evaluate_table(run.parts.engine.module, run.tables["val"])  # every rank
     run.reporter.evaluation(state.opt_step, "val", val)
+    run.pictures.evaluation(state.opt_step, run.parts.stats)
     if run.is_main:
         run.reporter.message(
             f"step {state.opt_step}: val rsum {val['rsum']:.2f} group rsum {val['group_rsum']:.2f}"
@@ -507,7 +513,10 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
         write_sidecar(run.run_dir / "model.safetensors")  # export and evaluate check it
         history = {**result, "epochs": state.epoch_diag.epochs, "history": state.history}
         (run.run_dir / "metrics.json").write_text(json.dumps(history, indent=1))
-        run.reporter.message(format_summary(result, run.run_dir, run.cfg.fne.vse_pp_memory))
+        run.pictures.evaluation(state.opt_step, run.parts.stats)
+        plots = run.pictures.finish(run.run_dir)
+        vse_pp_memory = run.cfg.fne.vse_pp_memory
+        run.reporter.message(format_summary(result, run.run_dir, vse_pp_memory, plots))
     run.reporter.finish(result)
     run.reporter.close()
     return result

@@ -153,7 +153,9 @@ class JsonLinesReporter(Reporter):
         self.file = Path(path).open("a")  # noqa: SIM115
 
     def step(self, step: int, metrics: dict[str, Any]) -> None:
-        self.file.write(json.dumps({"step": step + 1, **metrics}) + "\n")
+        # time: the samples/s curve of `python -m fne_dist.plot`
+        line = {"step": step + 1, "time": round(time.time(), 3), **metrics}
+        self.file.write(json.dumps(line) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -200,9 +202,11 @@ class FanOut(Reporter):
             r.close()
 
 
-def format_summary(result: dict, run_dir: Path, vse_pp_memory: bool = True) -> str:
+def format_summary(
+    result: dict, run_dir: Path, vse_pp_memory: bool = True, plots: list[Path] | None = None
+) -> str:
     """The printed summary: strict and group-aware retrieval (ties against the match), the
-    last epoch's diagnostics of the loss in use (``result["loss"]``), wall time."""
+    last epoch's diagnostics of the loss in use (``result["loss"]``), wall time, pictures."""
     t, v, d = result["test"], result["val"], result["diagnostics"]
     lines = [
         "=" * 72,
@@ -214,6 +218,11 @@ def format_summary(result: dict, run_dir: Path, vse_pp_memory: bool = True) -> s
     lines += [
         f"steps {result['steps']} on {result['world_size']} rank(s), wall time "
         f"{result['wall_time_s']:.1f} s, run directory {run_dir}",
+    ]
+    if plots:
+        where = plots[0].parent
+        lines.append(f"pictures in {where}: " + ", ".join(p.name for p in plots))
+    lines += [
         "=" * 72,
     ]
     return "\n".join(lines)
