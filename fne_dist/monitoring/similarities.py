@@ -6,7 +6,7 @@ Legend: G rows of the gathered momentum block, P positives, Q negatives.
 
 No new host sync on the step path: ``offer`` keeps a reference to the step's gathered block
 (no copy, no sync); ``sample`` runs at log windows only, where the loop already waits for the
-device (``TrainState.take_window``), and brings at most G + 2G floats to the host. The samples
+device (``TrainState.take_window``), and brings one G × 4 block to the host in one copy. The samples
 follow the statistics' mutual-top-1 rule (fne-algorithm.md §3) on the gathered *momentum*
 block (G × G, the same on every rank), a close proxy of the per-rank online matrices the
 statistics see (m = 0.995), available after the step without touching it.
@@ -33,6 +33,15 @@ def mutual_top1_samples(sim_BB: Tensor, ids_B: Tensor | None = None) -> tuple[Te
     values: A_ii of the mutual-top-1 pairs, and each pair's hardest other caption and hardest
     other image (same-id items excluded, ties to the diagonal). Tests hold their sums equal to
     ``mutual_top1_stats``."""
+    rows_B4 = mutual_top1_rows(sim_BB, ids_B)
+    sel_B = rows_B4[:, 3].bool()
+    return rows_B4[sel_B, 0], torch.cat([rows_B4[sel_B, 1], rows_B4[sel_B, 2]])
+
+
+def mutual_top1_rows(sim_BB: Tensor, ids_B: Tensor | None = None) -> Tensor:
+    """Per row i (B × 4, float64): A_ii, the hardest other caption, the hardest other image,
+    and 1 where the pair is mutual top-1 (else 0): fixed-size, so one copy brings it to the
+    host without knowing how many pairs were selected."""
     a_BB = sim_BB.detach().to(torch.float64)
     B = a_BB.shape[0]
     eye_BB = torch.eye(B, dtype=torch.bool, device=a_BB.device)
@@ -42,7 +51,7 @@ def mutual_top1_samples(sim_BB: Tensor, ids_B: Tensor | None = None) -> tuple[Te
     diag_B = a_BB.diagonal()
     sel_B = (diag_B >= hard_row_B) & (diag_B >= hard_col_B)
     sel_B &= torch.isfinite(hard_row_B) & torch.isfinite(hard_col_B)
-    return diag_B[sel_B], torch.cat([hard_row_B[sel_B], hard_col_B[sel_B]])
+    return torch.stack([diag_B, hard_row_B, hard_col_B, sel_B.to(torch.float64)], dim=1)
 
 
 class Reservoir:
@@ -86,9 +95,10 @@ class SimilaritySamples:
             return
         img_GD, txt_GD, ids_G = self.block
         self.block = None
-        pos_P, neg_Q = mutual_top1_samples(img_GD @ txt_GD.T, ids_G)
-        self.pos.extend(pos_P.cpu().tolist())
-        self.neg.extend(neg_Q.cpu().tolist())
+        rows = mutual_top1_rows(img_GD @ txt_GD.T, ids_G).tolist()  # one device→host copy
+        picked = [r for r in rows if r[3]]
+        self.pos.extend([r[0] for r in picked])
+        self.neg.extend([r[1] for r in picked] + [r[2] for r in picked])
 
     def snapshot(self, step: int, g: Gaussians) -> dict[str, Any]:
         """The samples since the last snapshot and the current Gaussians, as JSON values;
