@@ -75,7 +75,10 @@ class TaskProgress:
         if sys.stderr.isatty() if tty is None else tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=label, unit=f" {unit}", file=sys.stderr, leave=False)
+            # delay: a task that ends within 2 s never draws a bar (no flicker for quick ones)
+            self.bar = tqdm(
+                total=total, desc=label, unit=f" {unit}", file=sys.stderr, leave=False, delay=2.0
+            )
         self._notify()
 
     def __enter__(self) -> TaskProgress:
