@@ -22,6 +22,7 @@ from fne_dist.fne.selection import select_dense
 from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
+from fne_dist.monitoring.similarities import SimilaritySamples
 from fne_dist.state import TrainState
 from fne_dist.step import forward_step
 
@@ -69,14 +70,15 @@ def test_a_gpu_step_reads_nothing_on_the_host(
     monkeypatch: pytest.MonkeyPatch, warmup: bool
 ) -> None:
     """Invariant: phases 1-5, 7 and 8 of a step (forward, gather, statistics, FNE loss and
-    draws, EMA, enqueue, the diagnostics' sums) on the GPU path read no tensor value on the
-    host, in the warm-up and with the FNE loss over a full memory. The loop's only reads are at
-    log windows (TrainState.take_window), outside this path."""
+    draws, EMA, enqueue, the diagnostics' sums, the pictures' samples) on the GPU path read no
+    tensor value on the host, in the warm-up and with the FNE loss over a full memory. The
+    loop's only reads are at log windows (TrainState.take_window), outside this path."""
     monkeypatch.setattr(loss_module, "_selector", lambda _d, _c, _g, cfg, *_: (select_dense, 64))
     torch.manual_seed(0)
     model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
     momentum, memory = make_momentum_copy(model), MomentumMemory(20, 4, seed=0)
     stats, cfg, state = SimilarityStats(), FneConfig(gate_size=4), TrainState()
+    samples = SimilaritySamples()
     gen = torch.Generator().manual_seed(1)
     for step in range(4):
         batch = {
@@ -91,6 +93,7 @@ def test_a_gpu_step_reads_nothing_on_the_host(
             ema_update(momentum, model, 0.99)
             g = out.gathered
             memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+            samples.offer(g.img_ND, g.txt_ND, g.ids_N)  # the pictures' rows (rank 0)
             state.add_diagnostics(out.loss, out.diagnostics)
         assert reads.calls == {}, (step, dict(reads.calls))
     assert memory.writes == 32  # the memory filled and wrapped: the FNE path saw candidates

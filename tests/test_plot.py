@@ -64,20 +64,26 @@ def test_reservoir_is_bounded_uniform_and_seeded() -> None:
     assert 30 <= late <= 70  # binomial(100, 0.5): outside this ~1e-4
 
 
-def test_samples_come_from_the_last_offered_block_only_at_log_windows() -> None:
-    """Invariant: ``offer`` only keeps a reference (nothing sampled until ``sample``), each
-    offered block is sampled once, and a snapshot returns the samples and starts again."""
+def test_samples_of_every_step_are_read_at_log_windows_only() -> None:
+    """Invariant: ``offer`` reads nothing (the rows wait on the device until ``sample``);
+    one ``sample`` takes every block offered since the last one, once; the pending rows stay
+    bounded by the capacity; a snapshot returns the samples and starts again."""
     samples = SimilaritySamples(capacity=1000)
     img = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
-    samples.offer(img, img.clone(), torch.arange(8))  # identical towers: all 8 are mutual top-1
+    for _ in range(2):  # identical towers: all 8 rows are mutual top-1
+        samples.offer(img, img.clone(), torch.arange(8))
     assert samples.pos.seen == 0
     samples.sample()
-    samples.sample()  # no new block: nothing added
-    assert samples.pos.seen == 8 and samples.neg.seen == 16
+    samples.sample()  # nothing new: nothing added
+    assert samples.pos.seen == 16 and samples.neg.seen == 32
     g = gaussians_from_stats(mutual_top1_stats(img @ img.T, torch.arange(8)))
     data = samples.snapshot(5, g)
-    assert len(data["pos"]) == 8 and data["step"] == 5
+    assert len(data["pos"]) == 16 and data["step"] == 5
     assert samples.pos.seen == 0 and samples.pos.values == []
+    small = SimilaritySamples(capacity=8)
+    for _ in range(5):
+        small.offer(img, img.clone(), torch.arange(8))
+    assert small.pending_rows == 8 and len(small.pending) == 1
 
 
 def test_gaussians_round_trip_through_json() -> None:

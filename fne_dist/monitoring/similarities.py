@@ -4,9 +4,10 @@ one evaluation (samples + the current Gaussians) that ``fne_dist.plot`` draws.
 
 Legend: G rows of the gathered momentum block, P positives, Q negatives.
 
-No new host sync on the step path: ``offer`` keeps a reference to the step's gathered block
-(no copy, no sync); ``sample`` runs at log windows only, where the loop already waits for the
-device (``TrainState.take_window``), and brings one G × 4 block to the host in one copy. The samples
+No new host sync on the step path: ``offer`` queues the rule on the step's gathered block
+(a G × G product on the device, rank 0 only) and keeps the G × 4 result there; ``sample`` runs
+at log windows only, where the loop already waits for the device
+(``TrainState.take_window``), and brings the window's rows to the host in one copy. The samples
 follow the statistics' mutual-top-1 rule (fne-algorithm.md §3) on the gathered *momentum*
 block (G × G, the same on every rank), a close proxy of the per-rank online matrices the
 statistics see (m = 0.995), available after the step without touching it.
@@ -79,23 +80,30 @@ class Reservoir:
 
 
 class SimilaritySamples:
-    """Positive and negative reservoirs, fed at log windows from the last offered block."""
+    """Positive and negative reservoirs, fed at log windows with every step's rows since."""
 
     def __init__(self, capacity: int = CAPACITY, seed: int = 0) -> None:
         self.pos, self.neg = Reservoir(capacity, seed), Reservoir(capacity, seed + 1)
-        self.block: tuple[Tensor, Tensor, Tensor] | None = None
+        self.pending: list[Tensor] = []  # G × 4 row blocks on the device, not yet read
+        self.pending_rows = 0
 
     def offer(self, img_GD: Tensor, txt_GD: Tensor, ids_G: Tensor) -> None:
-        """The step's gathered momentum block: a reference only (no copy, no sync)."""
-        self.block = (img_GD, txt_GD, ids_G)
+        """The step's gathered momentum block: its mutual-top-1 rows are computed on the
+        device (queued kernels, no sync) and kept until the next log window; beyond
+        ``capacity`` rows the oldest blocks go (a window's later steps are as good)."""
+        with torch.no_grad():
+            rows_G4 = mutual_top1_rows(img_GD.detach() @ txt_GD.detach().T, ids_G)
+        self.pending.append(rows_G4)
+        self.pending_rows += rows_G4.shape[0]
+        while self.pending_rows - self.pending[0].shape[0] >= self.pos.capacity:
+            self.pending_rows -= self.pending.pop(0).shape[0]
 
     def sample(self) -> None:
-        """At a log window: the last offered block's samples into the reservoirs."""
-        if self.block is None:
+        """At a log window: the rows offered since the last one into the reservoirs."""
+        if not self.pending:
             return
-        img_GD, txt_GD, ids_G = self.block
-        self.block = None
-        rows = mutual_top1_rows(img_GD @ txt_GD.T, ids_G).tolist()  # one device→host copy
+        rows = torch.cat(self.pending).tolist()  # one device→host copy
+        self.pending, self.pending_rows = [], 0
         picked = [r for r in rows if r[3]]
         self.pos.extend([r[0] for r in picked])
         self.neg.extend([r[1] for r in picked] + [r[2] for r in picked])
