@@ -87,7 +87,8 @@ def draw_fne(data: dict[str, Any], cfg: FneConfig, path: Path) -> Path:
             top.hist(data[side], bins=bins, density=True, alpha=0.4, color=colour,
                      label=f"{side} samples ({data[f'{side}_seen']} seen)")  # fmt: skip
         mu, var = g[f"mu_{side}"], g[f"var_{side}"]
-        if math.isfinite(mu) and math.isfinite(var) and var > 0:
+        # fitted only from 2 positives on (n⁻ = 2 n⁺): before, μ/σ are placeholders (the floor)
+        if g["n_pos"] >= 2 and math.isfinite(mu) and math.isfinite(var) and var > 0:
             label = f"N({mu:.3f}, {math.sqrt(var):.3f}²)"
             top.plot(s, _gauss_pdf(s, mu, var), color=colour, label=label)
     gate = "open" if g["gate_open"] else "closed"
