@@ -94,7 +94,8 @@ def draw_fne(data: dict[str, Any], cfg: FneConfig, path: Path) -> Path:
     gate = "open" if g["gate_open"] else "closed"
     top.set_title(f"step {data['step']}: similarities, n+ = {g['n_pos']:.0f}, gate {gate}")
     top.set_ylabel("density")
-    top.legend(loc="upper left", fontsize=8)
+    if top.get_legend_handles_labels()[0]:  # nothing to name before any sample
+        top.legend(loc="upper left", fontsize=8)
     bottom.plot(s, curves["w"], color="tab:blue", label="sampling weight w(s) / max, s⁺ = μ⁺")
     if g["has_mu_pos"] and cfg.hard_cut and math.isfinite(g["mu_pos"]):
         bottom.axvline(g["mu_pos"] - cfg.cut_margin, color="grey", ls="--", label="hard cut")
