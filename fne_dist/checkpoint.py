@@ -50,6 +50,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .progress import TaskProgress
+
 FORMAT = 1
 META = "meta.json"
 ENGINE_TAG = "engine"
@@ -579,10 +581,12 @@ def upload_files(local: Path, names: list[str], root_url: str) -> None:
     """Copy ``names`` (relative to the checkpoint directory ``local``, named step-N or
     step-N.tmp) to ``root_url``/step-N: one rank's part of a checkpoint."""
     fs, target = _remote_dir(root_url, local.name.removesuffix(".tmp"))
-    for name in names:
-        remote = f"{target}/{Path(name).as_posix()}"
-        fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-        fs.put_file(str(local / name), remote)
+    with TaskProgress("checkpoint_upload", f"upload {local.name}", len(names), "files") as bar:
+        for name in names:
+            remote = f"{target}/{Path(name).as_posix()}"
+            fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(local / name), remote)
+            bar.update()
 
 
 def publish_meta(local: Path, root_url: str, keep_last: int) -> str:

@@ -34,6 +34,7 @@ class DataLog:
     def __init__(self, stream: TrainStream, reporter: Reporter) -> None:
         self.stream, self.reporter = stream, reporter
         self.bad: Counter[str] = Counter()
+        self.shard_errors: Counter[str] = Counter()  # finished epochs, by reason
         self.dropped = 0  # planned for this rank but never in a batch (cut-short epochs)
         self.dropped_by_plan = 0  # global: N − S·G per epoch (the same on every rank)
         self.epochs_cut_short = 0
@@ -44,6 +45,11 @@ class DataLog:
         """Bad samples by reason up to now, the running epoch's included (metrics)."""
         return self.bad + self.stream.counters.bad if self.in_epoch else self.bad.copy()
 
+    def shard_errors_so_far(self) -> Counter[str]:
+        """Shard errors by reason up to now, the running epoch's included (metrics)."""
+        running = self.stream.counters.shard_errors
+        return self.shard_errors + running if self.in_epoch else self.shard_errors.copy()
+
     def epoch_started(self, epoch: int, first: bool) -> None:
         plan = self.stream.plan(epoch)
         self.in_epoch = True
@@ -53,6 +59,7 @@ class DataLog:
 
     def epoch_done(self, epoch: int, steps_run: int, steps_planned: int) -> None:
         self.bad.update(self.stream.counters.bad)
+        self.shard_errors.update(self.stream.counters.shard_errors)
         self.in_epoch = False
         if steps_run < steps_planned:
             self.epochs_cut_short += 1

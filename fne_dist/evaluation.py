@@ -17,6 +17,7 @@ from torch import Tensor
 from . import distributed as dist_ops
 from .data.splits import PairTable
 from .model import DualEncoder
+from .progress import TaskProgress
 from .retrieval_metrics import fold_metrics, retrieval_metrics
 
 
@@ -29,9 +30,12 @@ def embed_table(
     model.eval()
     device = next(model.parameters()).device
     img_parts, txt_parts = [], []
+    total = table.num_images + table.num_captions
+    bar = TaskProgress("evaluation", "evaluation: embedding", total, "images+captions")
     for start in range(0, table.num_images, batch_size):
         batch = {k: v[start : start + batch_size].to(device) for k, v in table.image_inputs.items()}
         img_parts.append(model.encode_image(batch).float().cpu())
+        bar.update(img_parts[-1].shape[0])
     for start in range(0, table.num_captions, batch_size):
         if table.text_inputs:
             batch = {
@@ -41,6 +45,8 @@ def embed_table(
             tokens = model.text_backbone.tokenize(table.captions[start : start + batch_size])
             batch = {k: v.to(device) for k, v in tokens.items()}
         txt_parts.append(model.encode_text(batch).float().cpu())
+        bar.update(txt_parts[-1].shape[0])
+    bar.close()
     model.train(was_training)
     empty = torch.zeros(0, model.embed_dim)  # a rank with no share still joins the gather
     return (

@@ -122,6 +122,7 @@ def _build(
             all_captions=split != "train",
             max_pixels=cfg.data.max_pixels,
             max_bad_fraction=cfg.data.max_bad_fraction,
+            label=f"feature cache {split}",
         )
     )
 

@@ -52,8 +52,9 @@ from .interrupt import Interrupted, StopRequest, handle_signals
 from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
-from .monitoring import build_monitor, process_launcher
+from .monitoring import build_monitor, last_grad_norm, process_launcher
 from .nonfinite import Snapshot, check_in_row, finite_everywhere, grads_finite
+from .plot import NoPictures, RunPictures
 from .reporting import (
     ConsoleReporter,
     FanOut,
@@ -178,6 +179,7 @@ class Run:
     reporter: Reporter
     timer: PhaseTimer | NullTimer
     data_log: DataLog
+    pictures: RunPictures  # rank 0's (plots/); a null object elsewhere
 
     @property
     def is_main(self) -> bool:
@@ -245,6 +247,7 @@ def setup_run(
         reporter=fan_out,
         timer=timer,
         data_log=DataLog(stream, fan_out),
+        pictures=RunPictures(run_dir, cfg) if rank == 0 else NoPictures(),
     )
 
 
@@ -421,6 +424,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     if not finite_everywhere(out.loss):
         return skip_nonfinite(run, state, micro, out.loss, before)
     state.nonfinite_in_row = 0
+    run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
         if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # H31
@@ -469,10 +473,14 @@ def log_window(run: Run, state: TrainState) -> None:
     metrics = state.take_window()
     metrics.update(epoch=state.epoch, lr=run.parts.engine.get_lr()[0], warmup=float(state.warm))
     metrics["skipped_nonfinite"] = state.skipped_nonfinite
+    grad_norm = last_grad_norm(run.parts.engine)
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
     staleness = state.staleness()
     if staleness is not None:
         metrics["staleness"] = staleness
     state.history.append({"step": state.opt_step, **metrics})
+    run.pictures.sample()  # the device is idle here: take_window waited for it
     run.reporter.step(state.micro, metrics)
     run.reporter.progress(progress(run, state))
     state.last_logged = metrics
@@ -486,6 +494,7 @@ def progress(run: Run, state: TrainState) -> Progress:
         micro_steps=state.n_micro,
         samples=state.n_micro * run.cfg.train.batch_size,
         bad_samples=dict(run.data_log.bad_so_far()),
+        shard_errors=dict(run.data_log.shard_errors_so_far()),
         dropped={"plan": run.data_log.dropped_by_plan, "cut_short": run.data_log.dropped},
         phase_seconds=run.timer.totals(),
         skipped_steps=int(getattr(run.parts.engine, "skipped_steps", 0)) + state.skipped_nonfinite,
@@ -545,6 +554,7 @@ def maybe_evaluate(run: Run, state: TrainState) -> None:
         return
     val = evaluate_table(run.parts.engine.module, run.tables["val"])  # every rank
     run.reporter.evaluation(state.opt_step, "val", val)
+    run.pictures.evaluation(state.opt_step, run.parts.stats)
     if run.is_main:
         run.reporter.message(
             f"step {state.opt_step}: val rsum {val['rsum']:.2f}, {group_rsum_text(val)}"
@@ -592,7 +602,10 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
         write_sidecar(run.run_dir / "model.safetensors")  # export and evaluate check it
         history = {**result, "epochs": state.epoch_diag.epochs, "history": state.history}
         (run.run_dir / "metrics.json").write_text(json.dumps(json_safe(history), indent=1))
-        run.reporter.message(format_summary(result, run.run_dir, run.cfg.fne.vse_pp_memory))
+        run.pictures.evaluation(state.opt_step, run.parts.stats)
+        plots = run.pictures.finish(run.run_dir)
+        vse_pp_memory = run.cfg.fne.vse_pp_memory
+        run.reporter.message(format_summary(result, run.run_dir, vse_pp_memory, plots))
     run.reporter.finish(result)
     run.reporter.close()
     return result

@@ -72,6 +72,7 @@ class Progress:
     micro_steps: int  # micro-batches this rank trained on (including before a resume)
     samples: int  # samples this rank trained on
     bad_samples: dict[str, int] = field(default_factory=dict)  # this process, by reason
+    shard_errors: dict[str, int] = field(default_factory=dict)  # this process, by reason
     dropped: dict[str, int] = field(default_factory=dict)  # plan (global), cut_short (rank)
     phase_seconds: dict[str, float] = field(default_factory=dict)  # train.profile_phases
     skipped_steps: int = 0  # optimizer steps the engine skipped (fp16 overflow)
@@ -173,8 +174,9 @@ class JsonLinesReporter(Reporter):
         self.file = self.path.open("a")
 
     def step(self, step: int, metrics: dict[str, Any]) -> None:
-        line = json.dumps(json_safe({"step": step + 1, **metrics}), allow_nan=False)
-        self.file.write(line + "\n")
+        # time: the samples/s curve of `python -m fne_dist.plot`
+        line = {"step": step + 1, "time": round(time.time(), 3), **metrics}
+        self.file.write(json.dumps(json_safe(line), allow_nan=False) + "\n")
         self.file.flush()
 
     def resumed(self, step: int) -> None:
@@ -241,9 +243,11 @@ class FanOut(Reporter):
             r.close()
 
 
-def format_summary(result: dict, run_dir: Path, vse_pp_memory: bool = True) -> str:
+def format_summary(
+    result: dict, run_dir: Path, vse_pp_memory: bool = True, plots: list[Path] | None = None
+) -> str:
     """The printed summary: strict and group-aware retrieval (ties against the match), the
-    last epoch's diagnostics of the loss in use (``result["loss"]``), wall time."""
+    last epoch's diagnostics of the loss in use (``result["loss"]``), wall time, pictures."""
     t, v, d = result["test"], result["val"], result["diagnostics"]
     lines = [
         "=" * 72,
@@ -255,6 +259,11 @@ def format_summary(result: dict, run_dir: Path, vse_pp_memory: bool = True) -> s
     lines += [
         f"steps {result['steps']} on {result['world_size']} rank(s), wall time "
         f"{result['wall_time_s']:.1f} s, run directory {run_dir}",
+    ]
+    if plots:
+        where = plots[0].parent
+        lines.append(f"pictures in {where}: " + ", ".join(p.name for p in plots))
+    lines += [
         "=" * 72,
     ]
     return "\n".join(lines)

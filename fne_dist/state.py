@@ -60,14 +60,17 @@ class TrainState:
 
     def take_window(self) -> dict[str, float]:
         """The means of the sums since the last log line; the sums start again."""
-        n = float(self.sums.pop("_n"))
-        means = ratios_of_sums({k: float(v) / n for k, v in self.sums.items()})
+        n = float(self.sums.pop("_n"))  # a host float: one per micro step
+        keys = list(self.sums)
+        # one device→host copy for every mean (a float() each would be one read per key)
+        values = torch.stack([torch.as_tensor(self.sums[k]) for k in keys]).tolist() if keys else []
         self.sums.clear()
-        return means
+        return ratios_of_sums({k: v / n for k, v in zip(keys, values, strict=True)})
 
     def staleness(self) -> float | None:
         """Mean cosine between an anchor's momentum embedding and its entry in the memory."""
-        return float(self.stale[0] / self.stale[1]) if float(self.stale[1]) > 0 else None
+        total, count = self.stale.tolist()  # one device→host copy
+        return total / count if count > 0 else None
 
     def to_rank_state(self, global_batch: int, with_history: bool) -> RankState:
         """The checkpoint's counters (``rank-<r>.json``) and data position."""

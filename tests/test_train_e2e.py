@@ -61,6 +61,9 @@ def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
     assert 0 <= test["rsum"] <= 600 and test["group_rsum"] >= test["rsum"] - 1e-9
     assert "rsum" in out.stdout and "gate" in out.stdout and "wall time" in out.stdout
     assert load_file(str(run / "model.safetensors"))
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in log)  # DeepSpeed ZeRO 0 fp32 keeps its clip norm
+    _check_pictures(run, out.stdout)
 
     again = subprocess.run(
         [sys.executable, "-m", "fne_dist.evaluate", str(run)],
@@ -74,6 +77,30 @@ def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
     recomputed = json.loads(again.stdout)
     for key in ("rsum", "group_rsum", "i2t_r1", "t2i_r10"):
         assert recomputed[key] == pytest.approx(test[key], abs=1e-6), key
+
+
+def _check_pictures(run: Path, stdout: str) -> None:
+    """The run's pictures (issue #14 item 5): one per evaluation and training.png, valid PNGs
+    of non-trivial size, named in the summary, and `python -m fne_dist.plot` redraws the
+    same bytes from the run's files."""
+    pngs = sorted((run / "plots").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert "training.png" in names and any(n.startswith("fne-step-") for n in names), names
+    summary = next(line for line in stdout.splitlines() if "pictures in" in line)
+    assert all(name in summary for name in names), summary
+    drawn = {p.name: p.read_bytes() for p in pngs}
+    for name, data in drawn.items():
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, (name, len(data))
+        (run / "plots" / name).unlink()
+    again = subprocess.run(
+        [sys.executable, "-m", "fne_dist.plot", str(run)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (run / "plots").glob("*.png")} == drawn
 
 
 def _fails_with(capsys: pytest.CaptureFixture[str], args: list[str], *needles: str) -> None:

@@ -115,6 +115,13 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
         "",
     ),
     (
+        "Loss",
+        "Gradient norm",
+        "short",
+        [(f"fne_grad_norm{SEL}", "rank {{rank}}")],
+        "global norm of the last optimizer step before clipping (optim.grad_clip)",
+    ),
+    (
         "FNE",
         "Gate open and positives n+",
         "short",
@@ -198,6 +205,13 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
     ),
     (
         "Data",
+        "Shard errors",
+        "short",
+        [(f"sum by (reason) (fne_shard_errors_total{SEL})", "{{reason}}")],
+        "shard pieces that ended early (truncated or corrupt archives)",
+    ),
+    (
+        "Data",
         "Dropped samples",
         "short",
         [(f"sum by (cause) (fne_dropped_samples_total{SEL})", "{{cause}}")],
@@ -240,6 +254,17 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
             ('fne_eval_group_rsum{run=~"$run", rank="0"}', "{{split}} group rsum"),
         ],
         "",
+    ),
+    (
+        "Progress",
+        "Long tasks (feature cache, shard index, evaluation, upload)",
+        "percentunit",
+        [
+            (f"fne_task_progress{SEL}", "{{task}} rank {{rank}}"),
+            (f"fne_task_seconds{SEL} / 3600", "{{task}} hours rank {{rank}}"),
+        ],
+        "share done of each long task (fne_dist/progress.py) and hours spent; NaN until the "
+        "task first runs",
     ),
     (
         "Process",

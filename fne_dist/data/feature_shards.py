@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..progress import TaskProgress
 from .decode import BadSample, BadSampleLog, Decoded, IdRegistry, decode_sample
 from .sources import DataError, ShardList, warn_if_more
 from .stream import raw_samples
@@ -110,8 +111,10 @@ def build_feature_shards(
     max_pixels: int,
     max_bad_fraction: float,
     batch_size: int = 64,
+    label: str = "feature cache",
 ) -> Counter[str]:
-    """Write the feature shards of ``shards`` to ``out_dir`` (atomically); returns bad counts."""
+    """Write the feature shards of ``shards`` to ``out_dir`` (atomically); returns bad counts.
+    ``label`` names the build in its progress lines."""
     # a random name: host name and pid identify nothing across containers or nodes
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -119,10 +122,12 @@ def build_feature_shards(
     log = BadSampleLog()
     ids = IdRegistry()  # string ids of the whole split
     sizes = {}
+    progress = TaskProgress("feature_cache", label, shards.total, "samples")
     for n, (url, size) in enumerate(zip(shards.urls, shards.sizes, strict=True)):
         name = f"feat-{n:06d}.tar"
         bad: Counter[str] = Counter()
         written = seen = 0
+        before = progress.done  # samples of the shards before this one
         with tarfile.open(tmp / name, "w", format=tarfile.PAX_FORMAT) as tar:
             chunk: list[Decoded] = []
             for sample in raw_samples(url):  # every sample present (see load_split)
@@ -148,6 +153,7 @@ def build_feature_shards(
             if chunk:
                 _write_chunk(tar, chunk, *_features(chunk, image_backbone, text_backbone))
                 written += len(chunk)
+        progress.update(before + seen - progress.done)
         if seen < size:
             bad["truncated_tar"] += size - seen
             log.add("truncated_tar", url, f"{size - seen} of {size} samples missing", size - seen)
@@ -155,11 +161,13 @@ def build_feature_shards(
         size = max(size, seen)
         if sum(bad.values()) > max_bad_fraction * size:
             shutil.rmtree(tmp, ignore_errors=True)
+            progress.close(failed=True)
             raise DataError(
                 f"shard {url}: {sum(bad.values())} of {size} samples are bad ({dict(bad)}), "
                 f"above data.max_bad_fraction={max_bad_fraction}"
             )
         sizes[name] = written
+    progress.close()
     (tmp / "sources.json").write_text(json.dumps(list(shards.urls), indent=1))
     (tmp / "sizes.json").write_text(json.dumps(sizes, indent=1))  # last: marks a complete build
     try:

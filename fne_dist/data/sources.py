@@ -26,6 +26,7 @@ from typing import IO
 
 import braceexpand
 
+from ..progress import TaskProgress
 from .decode import describe_value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -246,7 +247,10 @@ def shard_list(spec: str, key: str, allow_pipe: bool = False) -> ShardList:
     counted = 0
     for source, part in enumerate(split_sources(spec)):
         index_cache: dict[str, dict[str, int]] = {}
-        for url in resolve_source(part, key, allow_pipe):
+        part_urls = resolve_source(part, key, allow_pipe)
+        index = TaskProgress("shard_index", f"shard index {key}", len(part_urls), "shards")
+        for url in part_urls:
+            index.update()
             directory = posixpath.dirname(url) if _is_url(url) else str(Path(url).parent)
             if directory not in index_cache:
                 index_cache[directory] = {} if url.startswith("pipe:") else _sizes_json_for(url)
@@ -265,6 +269,7 @@ def shard_list(spec: str, key: str, allow_pipe: bool = False) -> ShardList:
             urls.append(url)
             sizes.append(size)
             source_of.append(source)
+        index.close()
     if counted:
         log.info(
             "%s: counted the samples of %d shard(s) that no sizes.json lists "

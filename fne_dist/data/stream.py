@@ -58,6 +58,10 @@ from .plan import (
 from .sources import DataError, ShardList, open_shard
 
 log = logging.getLogger("fne_dist.data")
+# Shard-level errors, counted once per shard piece (its samples count as bad samples too):
+# "truncated": the piece ended before its planned samples (a truncated or corrupt archive, or
+# a sizes.json that claims more).
+SHARD_ERRORS = ("truncated",)
 
 
 @dataclass(frozen=True)
@@ -197,6 +201,11 @@ class _ConsumerReader:
         self.probabilities = probabilities
         self.bad = BadSampleLog()
         self.ids = IdRegistry()  # string ids of this consumer's epoch: collisions are bad
+        self.shard_errors: Counter[str] = Counter()  # since the last item handed out
+
+    def _take_shard_errors(self) -> dict[str, int]:
+        out, self.shard_errors = dict(self.shard_errors), Counter()
+        return out
 
     def _pieces(self) -> Iterator[tuple[int, Piece]]:
         if self.opts.mode == "exact":
@@ -253,12 +262,14 @@ class _ConsumerReader:
                         "j": j,
                         "position": pos.to_dict(),
                         "bad": self.bad.take(),
+                        "shard_errors": self._take_shard_errors(),
                     }
                     pending = []
                     if pos.batches >= self.plan.batches:
                         return
             missing = len(piece) - n
             if missing > 0:
+                self.shard_errors["truncated"] += 1
                 bad["truncated_tar"] += missing
                 self.bad.add(
                     "truncated_tar", url, f"{missing} of {len(piece)} samples missing", missing
@@ -266,7 +277,8 @@ class _ConsumerReader:
                 self._check_bad(url, piece, bad)
             pos.piece, pos.consumed = i + 1, 0
         # out of pieces before the planned batches: bad samples left this consumer short
-        yield {"end": True, "bad": self.bad.take(), "dropped": len(pending)}
+        end = {"end": True, "bad": self.bad.take(), "dropped": len(pending)}
+        yield {**end, "shard_errors": self._take_shard_errors()}
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
@@ -310,6 +322,7 @@ def _clean_worker_error(err: DataError) -> DataError:
 @dataclass
 class EpochCounters:
     bad: Counter[str] = field(default_factory=Counter)
+    shard_errors: Counter[str] = field(default_factory=Counter)  # by SHARD_ERRORS reason
     dropped: int = 0  # samples planned for this rank that ended in no batch
 
 
@@ -410,6 +423,7 @@ class TrainStream:
         try:
             for item in loader:
                 self.counters.bad.update(item.get("bad", {}))
+                self.counters.shard_errors.update(item.get("shard_errors", {}))
                 if "end" in item:
                     self.counters.dropped += item["dropped"]
                     continue

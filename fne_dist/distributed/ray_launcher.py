@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
+from ..progress import TaskProgress
 from ..reporting import Reporter
 from ..sizing import check_local_workers
 
@@ -89,11 +90,12 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
     address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized() and not address
     if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:  # a local Ray instance for this run, on loopback
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        with TaskProgress("ray_start", f"ray start ({address or 'local'})", None, "").ticking():
+            if address:
+                ray.init(address=address, log_to_driver=True)
+            else:  # a local Ray instance for this run, on loopback
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     needed = cfg.dist.workers * cfg.dist.cpus_per_worker
     available = ray.cluster_resources().get("CPU", 0.0)
     if not address and needed > available:

@@ -30,6 +30,15 @@ from .serve import advertised_address, gather_targets, serve_metrics, write_targ
 TARGETS_FILE = "prometheus_targets.json"  # in the run directory
 
 
+def last_grad_norm(engine: object) -> float | None:
+    """The engine's gradient norm of its last optimizer step (DeepSpeed's
+    ``get_global_grad_norm``, the DDP twin's clip norm), or None when it keeps none. Read at a
+    log window only: a device tensor becomes a float there, where the loop syncs anyway."""
+    get = getattr(engine, "get_global_grad_norm", None)
+    norm = get() if get is not None else None
+    return None if norm is None else float(norm)
+
+
 def under_ray() -> bool:
     """Whether this process is a Ray worker (Ray Train's loop runs inside one)."""
     ray = sys.modules.get("ray")

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..data.stream import SHARD_ERRORS
+from ..progress import TASKS
+
 BASE_LABELS = ("run", "rank", "node")
 PHASES = (  # the PhaseTimer's names (train.profile_phases), loop order
     "data",
@@ -80,6 +83,7 @@ METRICS: tuple[Metric, ...] = (
     _g("fne_temperature", "infonce temperature (NaN for hinge losses)"),
     _c("fne_nonfinite_loss", "log windows whose mean loss was NaN or infinite"),
     _c("fne_skipped_steps", "optimizer steps the engine skipped (fp16 overflow)"),
+    _g("fne_grad_norm", "global gradient norm of the last optimizer step (before clipping)"),
     # FNE internals
     _g("fne_gate_open", "1 when the positives gate is open"),
     _g("fne_positives", "n+: positives counted by the statistics this epoch"),
@@ -99,6 +103,11 @@ METRICS: tuple[Metric, ...] = (
     _c(
         "fne_dropped_samples", "samples never in a batch: by the plan, or epochs cut short", "cause"
     ),
+    _c(
+        "fne_shard_errors",
+        "shard pieces that ended early (truncated, corrupt), by reason",
+        "reason",
+    ),
     _g("fne_max_bad_fraction", "data.max_bad_fraction (the bad-sample alert's limit)"),
     # checkpoints
     _c("fne_checkpoints", "checkpoints written"),
@@ -110,6 +119,9 @@ METRICS: tuple[Metric, ...] = (
     _g("fne_eval_recall", "recall@k in percent", "split", "direction", "k"),
     _g("fne_eval_rsum", "sum of the six recalls", "split"),
     _g("fne_eval_group_rsum", "group-aware rsum", "split"),
+    # long waits (fne_dist/progress.py): feature cache, shard index, evaluation, upload
+    _g("fne_task_progress", "share done of the running or last long task, 0..1", "task"),
+    _g("fne_task_seconds", "seconds spent so far in the running or last long task", "task"),
     # process
     _g("fne_process_resident_memory_bytes", "resident set size"),
     _c("fne_process_cpu_seconds", "user + system CPU time"),
@@ -124,6 +136,7 @@ LOGGED: dict[str, tuple[str, tuple[str, ...]]] = {
     "loss_i2t": ("fne_loss", ("i2t",)),
     "loss_t2i": ("fne_loss", ("t2i",)),
     "lr": ("fne_learning_rate", ()),
+    "grad_norm": ("fne_grad_norm", ()),
     "warmup": ("fne_warmup", ()),
     "epoch": ("fne_epoch", ()),
     "temperature": ("fne_temperature", ()),
@@ -156,6 +169,9 @@ def initial_label_values(metric: Metric, bad_reasons: tuple[str, ...]) -> list[t
         "fne_gaussian_stddev": [("pos",), ("neg",)],
         "fne_phase_seconds": [(p,) for p in PHASES],
         "fne_bad_samples": [(r,) for r in bad_reasons],
+        "fne_shard_errors": [(r,) for r in SHARD_ERRORS],
+        "fne_task_progress": [(t,) for t in TASKS],
+        "fne_task_seconds": [(t,) for t in TASKS],
         "fne_dropped_samples": [("plan",), ("cut_short",)],
         "fne_eval_rsum": [(s,) for s in SPLITS],
         "fne_eval_group_rsum": [(s,) for s in SPLITS],

@@ -18,6 +18,7 @@ from typing import Protocol
 import psutil
 import torch
 
+from .. import progress as progress_listeners
 from ..reporting import Progress, Reporter
 from .catalog import LOGGED, METRICS, RECALL_KEYS, initial_label_values
 
@@ -53,6 +54,12 @@ class MetricsReporter(Reporter):
         self.step_seconds: deque[float] = deque(maxlen=1000)  # for the median step time
         self._create_series(info, bad_reasons)
         self._process_metrics()
+        progress_listeners.add_listener(self._task_progress)
+
+    def _task_progress(self, task: str, fraction: float, seconds: float) -> None:
+        """A long task's progress (``fne_dist.progress``): host values, any thread."""
+        self.sink.set("fne_task_progress", (task,), fraction)
+        self.sink.set("fne_task_seconds", (task,), seconds)
 
     def _create_series(self, info: dict[str, str], bad_reasons: tuple[str, ...]) -> None:
         now = time.time()
@@ -117,6 +124,8 @@ class MetricsReporter(Reporter):
             pairs.append(("fne_phase_seconds", (phase,), seconds - old.phase_seconds.get(phase, 0)))
         for reason, n in new.bad_samples.items():
             pairs.append(("fne_bad_samples", (reason,), n - old.bad_samples.get(reason, 0)))
+        for reason, n in new.shard_errors.items():
+            pairs.append(("fne_shard_errors", (reason,), n - old.shard_errors.get(reason, 0)))
         for cause, n in new.dropped.items():
             pairs.append(("fne_dropped_samples", (cause,), n - old.dropped.get(cause, 0)))
         for name, labels, delta in pairs:
@@ -147,6 +156,7 @@ class MetricsReporter(Reporter):
         self.sink.set("fne_checkpoint_timestamp_seconds", (), time.time())
 
     def close(self) -> None:
+        progress_listeners.remove_listener(self._task_progress)
         self.sink.close()
 
     def _process_metrics(self) -> None:
