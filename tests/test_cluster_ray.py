@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import signal
@@ -86,6 +87,7 @@ class RayHead:
     temp: Path
     marker: str
     base: Path
+    gcs: str  # the head's GCS address, for `ray start --address` of another node
 
     def submit(self, name: str, *args: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple[int, str]:
         """`ray job submit` (waits for the job; returns its exit status and logs)."""
@@ -102,6 +104,36 @@ class RayHead:
             check=False,
         )
         return out.returncode, out.stdout + out.stderr
+
+    def ray(self, *args: str, timeout_s: float = 120) -> str:
+        """A `ray` CLI command against this head (its output; fails the test on an error)."""
+        done = subprocess.run(
+            [str(BIN / "ray"), *args, f"--address={self.address}"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    def start(self, name: str, *args: str) -> str:
+        """`ray job submit --no-wait`; returns the submission id."""
+        job = f"{name}-{uuid.uuid4().hex[:6]}"
+        cmd = ["job", "submit", "--no-wait", f"--submission-id={job}", "--working-dir=."]
+        cmd += [f"--runtime-env={RUNTIME_ENV}", "--", sys.executable, "-m", "fne_dist.train"]
+        done = subprocess.run(
+            [str(BIN / "ray"), *cmd[:2], f"--address={self.address}", *cmd[2:], *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return job
 
 
 def _marked(marker: str) -> list[int]:
@@ -163,7 +195,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
-        yield RayHead(env, f"http://127.0.0.1:{dash}", temp, marker, base)
+        yield RayHead(env, f"http://127.0.0.1:{dash}", temp, marker, base, f"127.0.0.1:{gcs}")
     finally:
         _stop(marker)
         shutil.rmtree(temp, ignore_errors=True)
@@ -226,3 +258,81 @@ def test_relative_paths_under_a_ray_job_are_refused(ray_head: RayHead) -> None:
     assert rc != 0, out[-3000:]
     assert "error: under a Ray job the working dir is Ray's temporary copy" in out, out[-3000:]
     assert "run.output_dir=runs" in out and "RayTrainWorker" not in out
+
+
+def _until(ready, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return bool(ready())
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "train_log.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines]
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_ray_job_stop_then_resume_continues(ray_head: RayHead) -> None:
+    """Invariant: `ray job stop` of a running job after its first checkpoint, then a
+    resubmission with checkpoint.resume=latest, resumes from the newest complete checkpoint
+    (the "resumed from" line) and logs exactly the remaining steps: the step sequence in
+    train_log.jsonl continues without a gap or a repeat past the resume point."""
+    extra = ("train.epochs=0.1", "train.log_every=1", "checkpoint.every_steps=2")
+    args = _tiny(ray_head, "stopped", *extra, "checkpoint.keep_last=0")
+    run_dir = ray_head.base / "shared" / "runs" / "stopped"
+    job = ray_head.start("stopped", *args)
+    first = run_dir / "checkpoints" / "step-00000002" / "meta.json"
+    assert _until(first.is_file, JOB_TIMEOUT_S), ray_head.ray("job", "logs", job)[-3000:]
+    ray_head.ray("job", "stop", job)
+    assert "STOPPED" in ray_head.ray("job", "status", job)
+    seen: list[list[int]] = [[-1], _steps(run_dir)]  # settle: the workers die after the driver
+    while seen[-1] != seen[-2]:
+        time.sleep(2)
+        seen.append(_steps(run_dir))
+    before = seen[-1]
+    total = 20  # 0.1 epochs at world size 2
+    assert before and before[-1] < total, before
+
+    rc, out = ray_head.submit("resumed", *args, "checkpoint.resume=latest")
+    assert rc == 0, out[-5000:]
+    resumed = [ln for ln in out.splitlines() if "resumed from" in ln]
+    assert resumed, out[-3000:]
+    step = int(resumed[0].split("optimizer step ")[1].split(",")[0])
+    assert step >= 2 and step % 2 == 0, resumed[0]
+    assert _steps(run_dir)[len(before) :] == list(range(step + 1, total + 1))
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_ray_job_on_two_nodes(ray_head: RayHead) -> None:
+    """Invariant: a second Ray node (`ray start --address` at 127.0.0.2, its own temp dir)
+    joins the token-authenticated head; a job of 2 workers that each need all of one node's
+    CPUs runs one worker per node (Ray's worker list names both addresses) end to end and
+    leaves a checkpoint listing both ranks' files."""
+    temp = Path(tempfile.mkdtemp(prefix="fn2", dir="/tmp"))  # short: socket paths
+    marker = uuid.uuid4().hex
+    env = {**ray_head.env, MARKER: marker}
+    ports = [f"--{opt}={free_port()}" for opt in (
+        "node-manager-port", "object-manager-port", "metrics-export-port",
+        "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "runtime-env-agent-port",
+    )]  # fmt: skip
+    cmd = [str(BIN / "ray"), "start", f"--address={ray_head.gcs}", "--node-ip-address=127.0.0.2"]
+    cmd += ["--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", *ports]
+    try:
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        rc, out = ray_head.submit("two", *_tiny(ray_head, "two", "dist.cpus_per_worker=2"))
+        assert rc == 0, out[-5000:]
+        run_dir = ray_head.base / "shared" / "runs" / "two"
+        path, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
+        assert meta["world_size"] == 2 and ckpt.validate(path) == meta
+        assert {"rank-00000.json", "rank-00001.json"} <= set(meta["files"])
+        assert "ip=127.0.0.2" in out and "ip=127.0.0.1" in out, out[-5000:]
+    finally:
+        _stop(marker)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -126,22 +126,39 @@ def two_nodes() -> Iterator[SlurmCluster]:
             shutil.rmtree(cluster.base)
 
 
+# Each launch script with one rank on each node: (script, engine, extra variables). The DDP twin
+# for srun and torchrun (the launch path is what is tested); the deepspeed script runs DeepSpeed.
+TWO_NODE_SCRIPTS = {
+    "srun": ("srun.sbatch", "ddp", {}),
+    "torchrun": ("torchrun.sbatch", "ddp", {"FNE_NPROC_PER_NODE": "1"}),
+    "deepspeed": ("deepspeed.sbatch", "deepspeed", {"FNE_NPROC_PER_NODE": "1"}),
+}
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_srun_script_on_two_nodes(two_nodes: SlurmCluster, tmp_path: Path) -> None:
-    """Invariant: cluster/slurm/srun.sbatch with one task on each of two Slurm nodes (names
-    that do not resolve) meets at n1's NodeAddr, trains 2 ranks, and its checkpoints list
-    both ranks' files."""
+@pytest.mark.parametrize("launch", sorted(TWO_NODE_SCRIPTS))
+def test_scripts_on_two_nodes(two_nodes: SlurmCluster, tmp_path: Path, launch: str) -> None:
+    """Invariant: cluster/slurm/<launch>.sbatch with one rank on each of two Slurm nodes
+    (names that do not resolve) meets at n1's NodeAddr, trains 2 ranks, and every checkpoint
+    lists both ranks' files (rank 1's written on n2)."""
     assert "NodeAddr=127.0.0.2" in two_nodes.scontrol("show", "node", "n1", "--oneliner")
+    script, engine, extra = TWO_NODE_SCRIPTS[launch]
     job = sbatch(
         two_nodes,
-        tmp_path / "srun",
-        "srun.sbatch",
+        tmp_path / launch,
+        script,
         ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0", "--cpus-per-task=1"],
+        engine=engine,
+        **extra,
     )
     assert_trained_two_ranks(job)
     for step_dir in ckpt.list_checkpoints(job.run_dir / "checkpoints"):
         files = ckpt.validate(step_dir)["files"]
         assert {"rank-00000.json", "rank-00001.json", "rank-00001.safetensors"} <= set(files)
+    if launch == "torchrun":
+        assert "rendezvous 127.0.0.2:" in job.output, job.tail()
+    if launch == "deepspeed":
+        assert "n1 slots=1" in job.output and "n2 slots=1" in job.output, job.tail()
 
 
 def _submit(env: dict[str, str], out: Path, options: list[str], wait: bool) -> tuple[str, int]:
