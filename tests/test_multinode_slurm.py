@@ -34,7 +34,13 @@ from tests.fixtures_slurm import (
     _which,
     missing_binaries,
 )
-from tests.test_cluster_slurm import JOB_TIMEOUT_S, ROOT, assert_trained_two_ranks, job_env, sbatch
+from tests.test_cluster_slurm import (
+    JOB_TIMEOUT_S,
+    ROOT,
+    assert_trained_two_ranks,
+    job_env,
+    submit,
+)
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -59,7 +65,8 @@ def _two_node_conf(base: Path, host: str, sock: Path) -> str:
             "RealMemory=2000 State=UNKNOWN"
         )
     lines.append(
-        f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP"
+        f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP "
+        "OverSubscribe=YES"  # jobs that ask (--oversubscribe) run side by side
     )
     return "\n".join(lines) + "\n"
 
@@ -135,22 +142,35 @@ TWO_NODE_SCRIPTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def launched(two_nodes: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Every script of TWO_NODE_SCRIPTS submitted at once (``--oversubscribe``), so that their
+    start-ups overlap; each test waits for its own. Jobs left at teardown are cancelled."""
+    work = tmp_path_factory.mktemp("two-node-jobs")
+    opts = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0", "--cpus-per-task=1"]
+    jobs = {
+        launch: submit(
+            two_nodes, work / launch, script, [*opts, "--oversubscribe"], engine, **extra
+        )
+        for launch, (script, engine, extra) in TWO_NODE_SCRIPTS.items()
+    }
+    try:
+        yield jobs
+    finally:
+        for job in jobs.values():
+            if job.proc.poll() is None:
+                job.timeout_s = 0.0  # cancels the job by its id
+                job.wait()
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
 @pytest.mark.parametrize("launch", sorted(TWO_NODE_SCRIPTS))
-def test_scripts_on_two_nodes(two_nodes: SlurmCluster, tmp_path: Path, launch: str) -> None:
+def test_scripts_on_two_nodes(two_nodes: SlurmCluster, launched: dict, launch: str) -> None:
     """Invariant: cluster/slurm/<launch>.sbatch with one rank on each of two Slurm nodes
     (names that do not resolve) meets at n1's NodeAddr, trains 2 ranks, and every checkpoint
     lists both ranks' files (rank 1's written on n2)."""
     assert "NodeAddr=127.0.0.2" in two_nodes.scontrol("show", "node", "n1", "--oneliner")
-    script, engine, extra = TWO_NODE_SCRIPTS[launch]
-    job = sbatch(
-        two_nodes,
-        tmp_path / launch,
-        script,
-        ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0", "--cpus-per-task=1"],
-        engine=engine,
-        **extra,
-    )
+    job = launched[launch].wait()
     assert_trained_two_ranks(job)
     for step_dir in ckpt.list_checkpoints(job.run_dir / "checkpoints"):
         files = ckpt.validate(step_dir)["files"]
