@@ -214,50 +214,11 @@ def _tiny(head: RayHead, name: str, *extra: str) -> list[str]:
         "train.batch_size=8",
         "train.epochs=0.02",  # 4 steps at world size 2 (3 warm-up): launch paths, not training
         "engine.kind=ddp",
+        "dist.cpus_per_worker=2",  # a whole node's CPUs: one worker per node of two
         "dist.worker_start_timeout_s=60",
         "dist.collective_timeout_s=120",
         *extra,
     ]
-
-
-@pytest.mark.system
-@pytest.mark.slow
-@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
-def test_ray_job_submit_with_token_auth(ray_head: RayHead) -> None:
-    """Invariant: with token authentication on, `ray job submit --working-dir .` of the tiny
-    run (2 Ray Train workers) succeeds, prints where its outputs go, and leaves a valid
-    checkpoint on the absolute storage path it was given; a second submission with the same
-    run name and no checkpoint.resume is refused in one line instead of silently resuming the
-    finished run."""
-    t0 = time.monotonic()
-    rc, out = ray_head.submit("tiny", *_tiny(ray_head, "tiny"))
-    first_s = time.monotonic() - t0
-    assert rc == 0, out[-5000:]
-    run_dir = ray_head.base / "shared" / "runs" / "tiny"
-    assert f"outputs: run.output_dir={run_dir}" in out, out[-3000:]
-    assert "on 2 rank(s)" in out, out[-3000:]
-    path, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
-    assert meta["world_size"] == 2 and ckpt.validate(path) == meta
-
-    rc, out = ray_head.submit("again", *_tiny(ray_head, "tiny"))
-    assert rc != 0, out[-3000:]
-    assert "run.name=tiny already holds a run" in out, out[-3000:]
-    assert "resumed from" not in out
-    print(f"\nray job submit: first run {first_s:.1f} s")
-
-
-@pytest.mark.system
-@pytest.mark.timeout(JOB_TIMEOUT_S)
-def test_relative_paths_under_a_ray_job_are_refused(ray_head: RayHead) -> None:
-    """Invariant: a job submitted with the default relative run.output_dir/data.cache_dir
-    fails before any worker starts, with one line saying to pass absolute paths (they would
-    land in Ray's temporary copy of the working dir, which Ray deletes)."""
-    rc, out = ray_head.submit(
-        "relative", "--config", "tests/configs/tiny.yaml", "dist.workers=2", timeout_s=180
-    )
-    assert rc != 0, out[-3000:]
-    assert "error: under a Ray job the working dir is Ray's temporary copy" in out, out[-3000:]
-    assert "run.output_dir=runs" in out and "RayTrainWorker" not in out
 
 
 def _until(ready, timeout_s: float) -> bool:
@@ -273,50 +234,12 @@ def _steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in lines]
 
 
-@pytest.mark.system
-@pytest.mark.slow
-@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
-def test_ray_job_stop_then_resume_continues(ray_head: RayHead) -> None:
-    """Invariant: `ray job stop` of a running job after its first checkpoint, then a
-    resubmission with checkpoint.resume=latest, resumes from the newest complete checkpoint
-    (the "resumed from" line) and logs exactly the remaining steps: the step sequence in
-    train_log.jsonl continues without a gap or a repeat past the resume point."""
-    extra = ("train.epochs=0.1", "train.log_every=1", "checkpoint.every_steps=2")
-    args = _tiny(ray_head, "stopped", *extra, "checkpoint.keep_last=0")
-    run_dir = ray_head.base / "shared" / "runs" / "stopped"
-    job = ray_head.start("stopped", *args)
-    first = run_dir / "checkpoints" / "step-00000002" / "meta.json"
-    assert _until(first.is_file, JOB_TIMEOUT_S), ray_head.ray("job", "logs", job)[-3000:]
-    ray_head.ray("job", "stop", job)
-    assert "STOPPED" in ray_head.ray("job", "status", job)
-    seen: list[list[int]] = [[-1], _steps(run_dir)]  # settle: the workers die after the driver
-    while seen[-1] != seen[-2]:
-        time.sleep(2)
-        seen.append(_steps(run_dir))
-    before = seen[-1]
-    total = 20  # 0.1 epochs at world size 2
-    assert before and before[-1] < total, before
-
-    rc, out = ray_head.submit("resumed", *args, "checkpoint.resume=latest")
-    assert rc == 0, out[-5000:]
-    resumed = [ln for ln in out.splitlines() if "resumed from" in ln]
-    assert resumed, out[-3000:]
-    step = int(resumed[0].split("optimizer step ")[1].split(",")[0])
-    assert step >= 2 and step % 2 == 0, resumed[0]
-    assert _steps(run_dir)[len(before) :] == list(range(step + 1, total + 1))
-
-
-@pytest.mark.system
-@pytest.mark.slow
-@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
-def test_ray_job_on_two_nodes(ray_head: RayHead) -> None:
-    """Invariant: a second Ray node (`ray start --address` at 127.0.0.2, its own temp dir)
-    joins the token-authenticated head; a job of 2 workers that each need all of one node's
-    CPUs runs one worker per node (Ray's worker list names both addresses) end to end and
-    leaves a checkpoint listing both ranks' files."""
+@pytest.fixture(scope="module")
+def second_node(ray_head: RayHead) -> Iterator[None]:
+    """A second Ray node joining the head (`ray start --address` at 127.0.0.2, its own short
+    temp dir and ports, the same token), stopped by PID (its own marker) at the end."""
     temp = Path(tempfile.mkdtemp(prefix="fn2", dir="/tmp"))  # short: socket paths
     marker = uuid.uuid4().hex
-    env = {**ray_head.env, MARKER: marker}
     ports = [f"--{opt}={free_port()}" for opt in (
         "node-manager-port", "object-manager-port", "metrics-export-port",
         "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "runtime-env-agent-port",
@@ -324,15 +247,112 @@ def test_ray_job_on_two_nodes(ray_head: RayHead) -> None:
     cmd = [str(BIN / "ray"), "start", f"--address={ray_head.gcs}", "--node-ip-address=127.0.0.2"]
     cmd += ["--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", *ports]
     try:
+        env = {**ray_head.env, MARKER: marker}
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
-        rc, out = ray_head.submit("two", *_tiny(ray_head, "two", "dist.cpus_per_worker=2"))
-        assert rc == 0, out[-5000:]
-        run_dir = ray_head.base / "shared" / "runs" / "two"
-        path, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
-        assert meta["world_size"] == 2 and ckpt.validate(path) == meta
-        assert {"rank-00000.json", "rank-00001.json"} <= set(meta["files"])
-        assert "ip=127.0.0.2" in out and "ip=127.0.0.1" in out, out[-5000:]
+        yield
     finally:
         _stop(marker)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+TOTAL = 16  # optimizer steps of the stopped-and-resumed run (0.08 epochs at world size 2)
+STOP_ARGS = ("train.epochs=0.08", "train.log_every=1", "checkpoint.every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def stopped(ray_head: RayHead, second_node: None) -> dict:
+    """A 2-worker job (one worker per node) stopped with `ray job stop` once its first
+    checkpoint is complete; the steps it logged, after its workers are gone."""
+    run_dir = ray_head.base / "shared" / "runs" / "tiny"
+    t0 = time.monotonic()
+    job = ray_head.start("stopped", *_tiny(ray_head, "tiny", *STOP_ARGS))
+    first = run_dir / "checkpoints" / "step-00000002" / "meta.json"
+    assert _until(first.is_file, JOB_TIMEOUT_S), ray_head.ray("job", "logs", job)[-3000:]
+    ray_head.ray("job", "stop", job)
+    status = ray_head.ray("job", "status", job)
+    seen: list[list[int]] = [[-1], _steps(run_dir)]  # settle: the workers die after the driver
+    while seen[-1] != seen[-2]:
+        time.sleep(2)
+        seen.append(_steps(run_dir))
+    logs = ray_head.ray("job", "logs", job)
+    return {"status": status, "steps": seen[-1], "logs": logs, "s": time.monotonic() - t0}
+
+
+@pytest.fixture(scope="module")
+def resumed(ray_head: RayHead, stopped: dict) -> dict:
+    """The same run resubmitted with checkpoint.resume=latest, to its end."""
+    t0 = time.monotonic()
+    args = _tiny(ray_head, "tiny", *STOP_ARGS, "checkpoint.resume=latest")
+    rc, out = ray_head.submit("resumed", *args)
+    print(f"\nray jobs: stopped {stopped['s']:.1f} s, resumed {time.monotonic() - t0:.1f} s")
+    return {"rc": rc, "out": out, "run_dir": ray_head.base / "shared" / "runs" / "tiny"}
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_ray_job_stop_then_resume_continues(stopped: dict, resumed: dict) -> None:
+    """Invariant: `ray job stop` of a running job after its first checkpoint, then a
+    resubmission with checkpoint.resume=latest, resumes from a complete checkpoint (the
+    "resumed from" line) and logs exactly the remaining steps: the step sequence in
+    train_log.jsonl continues without a gap or a repeat past the resume point."""
+    assert "was stopped" in stopped["status"], stopped["status"]
+    before = stopped["steps"]
+    assert before and before[-1] < TOTAL, before
+    assert resumed["rc"] == 0, resumed["out"][-5000:]
+    lines = [ln for ln in resumed["out"].splitlines() if "resumed from" in ln]
+    assert lines, resumed["out"][-3000:]
+    step = int(lines[0].split("optimizer step ")[1].split(",")[0])
+    assert step >= 2 and step % 2 == 0, lines[0]
+    assert _steps(resumed["run_dir"])[len(before) :] == list(range(step + 1, TOTAL + 1))
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_ray_job_submit_with_token_auth(ray_head: RayHead, resumed: dict) -> None:
+    """Invariant: with token authentication on, `ray job submit --working-dir .` of the tiny
+    run (2 Ray Train workers) succeeds, prints where its outputs go, and leaves a valid
+    checkpoint on the absolute storage path it was given; a second submission with the same
+    run name and no checkpoint.resume is refused in one line instead of silently resuming the
+    finished run."""
+    out, run_dir = resumed["out"], resumed["run_dir"]
+    assert resumed["rc"] == 0, out[-5000:]
+    assert f"outputs: run.output_dir={run_dir}" in out, out[-3000:]
+    assert "on 2 rank(s)" in out, out[-3000:]
+    path, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
+    assert meta["world_size"] == 2 and ckpt.validate(path) == meta
+
+    rc, out = ray_head.submit("again", *_tiny(ray_head, "tiny"))
+    assert rc != 0, out[-3000:]
+    assert "run.name=tiny already holds a run" in out, out[-3000:]
+    assert "resumed from" not in out
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_ray_job_on_two_nodes(stopped: dict, resumed: dict) -> None:
+    """Invariant: with a second Ray node joined to the head, workers that each need a whole
+    node's CPUs run one per node (Ray's worker list names both addresses) in both jobs, and
+    every checkpoint lists both ranks' files."""
+    for out in (stopped["logs"], resumed["out"]):
+        assert "ip=127.0.0.2" in out and "ip=127.0.0.1" in out, out[-5000:]
+    for step_dir in ckpt.list_checkpoints(resumed["run_dir"] / "checkpoints"):
+        files = ckpt.validate(step_dir)["files"]
+        assert {"rank-00000.json", "rank-00001.json", "rank-00001.safetensors"} <= set(files)
+
+
+@pytest.mark.system
+@pytest.mark.timeout(JOB_TIMEOUT_S)
+def test_relative_paths_under_a_ray_job_are_refused(ray_head: RayHead) -> None:
+    """Invariant: a job submitted with the default relative run.output_dir/data.cache_dir
+    fails before any worker starts, with one line saying to pass absolute paths (they would
+    land in Ray's temporary copy of the working dir, which Ray deletes)."""
+    rc, out = ray_head.submit(
+        "relative", "--config", "tests/configs/tiny.yaml", "dist.workers=2", timeout_s=180
+    )
+    assert rc != 0, out[-3000:]
+    assert "error: under a Ray job the working dir is Ray's temporary copy" in out, out[-3000:]
+    assert "run.output_dir=runs" in out and "RayTrainWorker" not in out

@@ -133,12 +133,18 @@ def two_nodes() -> Iterator[SlurmCluster]:
             shutil.rmtree(cluster.base)
 
 
-# Each launch script with one rank on each node: (script, engine, extra variables). The DDP twin
-# for srun and torchrun (the launch path is what is tested); the deepspeed script runs DeepSpeed.
+# Each launch script with one rank on each node: (script, engine, GPU option, variables). The
+# DDP twin for srun and torchrun (the launch path is what is tested); the deepspeed script runs
+# DeepSpeed. The GPU option overrides the script's own request (the test nodes have no GRES).
 TWO_NODE_SCRIPTS = {
-    "srun": ("srun.sbatch", "ddp", {}),
-    "torchrun": ("torchrun.sbatch", "ddp", {"FNE_NPROC_PER_NODE": "1"}),
-    "deepspeed": ("deepspeed.sbatch", "deepspeed", {"FNE_NPROC_PER_NODE": "1"}),
+    "srun": ("srun.sbatch", "ddp", "--gpus-per-task=0", {}),
+    "torchrun": ("torchrun.sbatch", "ddp", "--gpus-per-node=0", {"FNE_NPROC_PER_NODE": "1"}),
+    "deepspeed": (
+        "deepspeed.sbatch",
+        "deepspeed",
+        "--gpus-per-node=0",
+        {"FNE_NPROC_PER_NODE": "1"},
+    ),
 }
 
 
@@ -147,12 +153,10 @@ def launched(two_nodes: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) 
     """Every script of TWO_NODE_SCRIPTS submitted at once (``--oversubscribe``), so that their
     start-ups overlap; each test waits for its own. Jobs left at teardown are cancelled."""
     work = tmp_path_factory.mktemp("two-node-jobs")
-    opts = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0", "--cpus-per-task=1"]
+    opts = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--oversubscribe"]
     jobs = {
-        launch: submit(
-            two_nodes, work / launch, script, [*opts, "--oversubscribe"], engine, **extra
-        )
-        for launch, (script, engine, extra) in TWO_NODE_SCRIPTS.items()
+        launch: submit(two_nodes, work / launch, script, [*opts, gpus], engine, **extra)
+        for launch, (script, engine, gpus, extra) in TWO_NODE_SCRIPTS.items()
     }
     try:
         yield jobs
