@@ -36,6 +36,7 @@ CLUSTER_YAML = ROOT / "cluster" / "ray" / "cluster.yaml"
 RUNTIME_ENV = ROOT / "cluster" / "ray" / "runtime_env.yaml"
 MARKER = "FNE_RAY_HEAD_TEST"
 JOB_TIMEOUT_S = 300
+HEAD_IP = "127.0.0.3"  # the head node's address (loopback); a second node joins at 127.0.0.2
 
 
 def _prepared(config: dict) -> dict:
@@ -186,7 +187,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True,
                    check=True, timeout=60)  # fmt: skip
     gcs, dash, client, metrics, agent_grpc, agent_http = (free_port() for _ in range(6))
-    cmd = [ray, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+    # The head's node address is 127.0.0.3, not 127.0.0.1: a node joining at 127.0.0.1 would
+    # have Ray rewrite that to the machine's routable address, where the GCS does not listen.
+    cmd = [ray, "start", "--head", "--num-cpus=2", f"--node-ip-address={HEAD_IP}",
            f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
            f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -195,7 +198,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
-        yield RayHead(env, f"http://127.0.0.1:{dash}", temp, marker, base, f"127.0.0.1:{gcs}")
+        yield RayHead(env, f"http://127.0.0.1:{dash}", temp, marker, base, f"{HEAD_IP}:{gcs}")
     finally:
         _stop(marker)
         shutil.rmtree(temp, ignore_errors=True)
@@ -247,7 +250,9 @@ def second_node(ray_head: RayHead) -> Iterator[None]:
     cmd = [str(BIN / "ray"), "start", f"--address={ray_head.gcs}", "--node-ip-address=127.0.0.2"]
     cmd += ["--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", *ports]
     try:
-        env = {**ray_head.env, MARKER: marker}
+        # A node joining a cluster: `ray start --address` refuses with this variable at 0 (it
+        # means "one-node Ray"); the addresses stay on loopback through --node-ip-address.
+        env = {**ray_head.env, MARKER: marker, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
         yield
@@ -338,7 +343,7 @@ def test_ray_job_on_two_nodes(stopped: dict, resumed: dict) -> None:
     node's CPUs run one per node (Ray's worker list names both addresses) in both jobs, and
     every checkpoint lists both ranks' files."""
     for out in (stopped["logs"], resumed["out"]):
-        assert "ip=127.0.0.2" in out and "ip=127.0.0.1" in out, out[-5000:]
+        assert "ip=127.0.0.2" in out and f"ip={HEAD_IP}" in out, out[-5000:]
     for step_dir in ckpt.list_checkpoints(resumed["run_dir"] / "checkpoints"):
         files = ckpt.validate(step_dir)["files"]
         assert {"rank-00000.json", "rank-00001.json", "rank-00001.safetensors"} <= set(files)
