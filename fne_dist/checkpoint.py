@@ -600,6 +600,20 @@ def publish_meta(local: Path, root_url: str, keep_last: int) -> str:
     return target
 
 
+def fetch_missing(local: Path, root_url: str) -> list[str]:
+    """Complete a local copy of a finished checkpoint (``local``, with meta.json) from
+    ``root_url``: with node-local scratch directories, rank 0's copy lacks the files only other
+    nodes wrote (they uploaded them). Ray registers rank 0's copy as the run's checkpoint, so
+    it must hold every rank's part. Returns the names fetched."""
+    files = json.loads((local / META).read_text())["files"]
+    missing = [name for name in files if not (local / name).is_file()]
+    fs, remote = _remote_dir(root_url, local.name)
+    for name in missing:
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{remote}/{Path(name).as_posix()}", str(local / name))
+    return missing
+
+
 def upload(local: Path, root_url: str, keep_last: int) -> str:
     """Copy a finished local checkpoint to ``root_url``/step-N (meta.json last); prune."""
     upload_files(local, [str(p.relative_to(local)) for p in _files(local)], root_url)

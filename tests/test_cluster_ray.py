@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ CLUSTER_YAML = ROOT / "cluster" / "ray" / "cluster.yaml"
 RUNTIME_ENV = ROOT / "cluster" / "ray" / "runtime_env.yaml"
 MARKER = "FNE_RAY_HEAD_TEST"
 JOB_TIMEOUT_S = 300
+HEAD_IP = "127.0.0.3"  # the head node's address (loopback); a second node joins at 127.0.0.2
 
 
 def _prepared(config: dict) -> dict:
@@ -86,6 +88,7 @@ class RayHead:
     temp: Path
     marker: str
     base: Path
+    gcs: str  # the head's GCS address, for `ray start --address` of another node
 
     def submit(self, name: str, *args: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple[int, str]:
         """`ray job submit` (waits for the job; returns its exit status and logs)."""
@@ -102,6 +105,36 @@ class RayHead:
             check=False,
         )
         return out.returncode, out.stdout + out.stderr
+
+    def ray(self, *args: str, timeout_s: float = 120) -> str:
+        """A `ray` CLI command against this head (its output; fails the test on an error)."""
+        done = subprocess.run(
+            [str(BIN / "ray"), *args, f"--address={self.address}"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    def start(self, name: str, *args: str) -> str:
+        """`ray job submit --no-wait`; returns the submission id."""
+        job = f"{name}-{uuid.uuid4().hex[:6]}"
+        cmd = ["job", "submit", "--no-wait", f"--submission-id={job}", "--working-dir=."]
+        cmd += [f"--runtime-env={RUNTIME_ENV}", "--", sys.executable, "-m", "fne_dist.train"]
+        done = subprocess.run(
+            [str(BIN / "ray"), *cmd[:2], f"--address={self.address}", *cmd[2:], *args],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return job
 
 
 def _marked(marker: str) -> list[int]:
@@ -154,7 +187,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True,
                    check=True, timeout=60)  # fmt: skip
     gcs, dash, client, metrics, agent_grpc, agent_http = (free_port() for _ in range(6))
-    cmd = [ray, "start", "--head", "--num-cpus=2", "--node-ip-address=127.0.0.1",
+    # The head's node address is 127.0.0.3, not 127.0.0.1: a node joining at 127.0.0.1 would
+    # have Ray rewrite that to the machine's routable address, where the GCS does not listen.
+    cmd = [ray, "start", "--head", "--num-cpus=2", f"--node-ip-address={HEAD_IP}",
            f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
            f"--dashboard-agent-grpc-port={agent_grpc}",
@@ -163,7 +198,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
-        yield RayHead(env, f"http://127.0.0.1:{dash}", temp, marker, base)
+        yield RayHead(env, f"http://127.0.0.1:{dash}", temp, marker, base, f"{HEAD_IP}:{gcs}")
     finally:
         _stop(marker)
         shutil.rmtree(temp, ignore_errors=True)
@@ -182,26 +217,114 @@ def _tiny(head: RayHead, name: str, *extra: str) -> list[str]:
         "train.batch_size=8",
         "train.epochs=0.02",  # 4 steps at world size 2 (3 warm-up): launch paths, not training
         "engine.kind=ddp",
+        "dist.cpus_per_worker=2",  # a whole node's CPUs: one worker per node of two
         "dist.worker_start_timeout_s=60",
         "dist.collective_timeout_s=120",
         *extra,
     ]
 
 
+def _until(ready, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not ready() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return bool(ready())
+
+
+def _steps(run_dir: Path) -> list[int]:
+    path = run_dir / "train_log.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def second_node(ray_head: RayHead) -> Iterator[None]:
+    """A second Ray node joining the head (`ray start --address` at 127.0.0.2, its own short
+    temp dir and ports, the same token), stopped by PID (its own marker) at the end."""
+    temp = Path(tempfile.mkdtemp(prefix="fn2", dir="/tmp"))  # short: socket paths
+    marker = uuid.uuid4().hex
+    ports = [f"--{opt}={free_port()}" for opt in (
+        "node-manager-port", "object-manager-port", "metrics-export-port",
+        "dashboard-agent-grpc-port", "dashboard-agent-listen-port", "runtime-env-agent-port",
+    )]  # fmt: skip
+    cmd = [str(BIN / "ray"), "start", f"--address={ray_head.gcs}", "--node-ip-address=127.0.0.2"]
+    cmd += ["--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", *ports]
+    try:
+        # A node joining a cluster: `ray start --address` refuses with this variable at 0 (it
+        # means "one-node Ray"); the addresses stay on loopback through --node-ip-address.
+        env = {**ray_head.env, MARKER: marker, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield
+    finally:
+        _stop(marker)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+STOP_ARGS = ("train.epochs=0.08", "train.log_every=1", "checkpoint.every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def stopped(ray_head: RayHead, second_node: None) -> dict:
+    """A 2-worker job (one worker per node) stopped with `ray job stop` once its first
+    checkpoint is complete; the steps it logged, after its workers are gone."""
+    run_dir = ray_head.base / "shared" / "runs" / "tiny"
+    t0 = time.monotonic()
+    job = ray_head.start("stopped", *_tiny(ray_head, "tiny", *STOP_ARGS))
+    first = run_dir / "checkpoints" / "step-00000002" / "meta.json"
+    assert _until(first.is_file, JOB_TIMEOUT_S), ray_head.ray("job", "logs", job)[-3000:]
+    ray_head.ray("job", "stop", job)
+    status = ray_head.ray("job", "status", job)
+    seen: list[list[int]] = [[-1], _steps(run_dir)]  # settle: the workers die after the driver
+    while seen[-1] != seen[-2]:
+        time.sleep(2)
+        seen.append(_steps(run_dir))
+    logs = ray_head.ray("job", "logs", job)
+    return {"status": status, "steps": seen[-1], "logs": logs, "s": time.monotonic() - t0}
+
+
+@pytest.fixture(scope="module")
+def resumed(ray_head: RayHead, stopped: dict) -> dict:
+    """The same run resubmitted with checkpoint.resume=latest, to its end."""
+    t0 = time.monotonic()
+    args = _tiny(ray_head, "tiny", *STOP_ARGS, "checkpoint.resume=latest")
+    rc, out = ray_head.submit("resumed", *args)
+    print(f"\nray jobs: stopped {stopped['s']:.1f} s, resumed {time.monotonic() - t0:.1f} s")
+    return {"rc": rc, "out": out, "run_dir": ray_head.base / "shared" / "runs" / "tiny"}
+
+
 @pytest.mark.system
 @pytest.mark.slow
-@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
-def test_ray_job_submit_with_token_auth(ray_head: RayHead) -> None:
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_ray_job_stop_then_resume_continues(stopped: dict, resumed: dict) -> None:
+    """Invariant: `ray job stop` of a running job after its first checkpoint, then a
+    resubmission with checkpoint.resume=latest, resumes from a complete checkpoint (the
+    "resumed from" line) and logs exactly the remaining steps: the step sequence in
+    train_log.jsonl continues without a gap or a repeat past the resume point."""
+    assert "was stopped" in stopped["status"], stopped["status"]
+    before = stopped["steps"]
+    assert resumed["rc"] == 0, resumed["out"][-5000:]
+    _, last = ckpt.find_resumable("latest", resumed["run_dir"] / "checkpoints", print, None)
+    total = last["step"]  # the end-of-training checkpoint: the run's last optimizer step
+    assert before and before[-1] < total, before
+    lines = [ln for ln in resumed["out"].splitlines() if "resumed from" in ln]
+    assert lines, resumed["out"][-3000:]
+    step = int(lines[0].split("optimizer step ")[1].split(",")[0])
+    assert step >= 2 and step % 2 == 0, lines[0]
+    assert _steps(resumed["run_dir"])[len(before) :] == list(range(step + 1, total + 1))
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_ray_job_submit_with_token_auth(ray_head: RayHead, resumed: dict) -> None:
     """Invariant: with token authentication on, `ray job submit --working-dir .` of the tiny
     run (2 Ray Train workers) succeeds, prints where its outputs go, and leaves a valid
     checkpoint on the absolute storage path it was given; a second submission with the same
     run name and no checkpoint.resume is refused in one line instead of silently resuming the
     finished run."""
-    t0 = time.monotonic()
-    rc, out = ray_head.submit("tiny", *_tiny(ray_head, "tiny"))
-    first_s = time.monotonic() - t0
-    assert rc == 0, out[-5000:]
-    run_dir = ray_head.base / "shared" / "runs" / "tiny"
+    out, run_dir = resumed["out"], resumed["run_dir"]
+    assert resumed["rc"] == 0, out[-5000:]
     assert f"outputs: run.output_dir={run_dir}" in out, out[-3000:]
     assert "on 2 rank(s)" in out, out[-3000:]
     path, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
@@ -211,7 +334,20 @@ def test_ray_job_submit_with_token_auth(ray_head: RayHead) -> None:
     assert rc != 0, out[-3000:]
     assert "run.name=tiny already holds a run" in out, out[-3000:]
     assert "resumed from" not in out
-    print(f"\nray job submit: first run {first_s:.1f} s")
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_ray_job_on_two_nodes(stopped: dict, resumed: dict) -> None:
+    """Invariant: with a second Ray node joined to the head, workers that each need a whole
+    node's CPUs run one per node (Ray's worker list names both addresses) in both jobs, and
+    every checkpoint lists both ranks' files."""
+    for out in (stopped["logs"], resumed["out"]):
+        assert "ip=127.0.0.2" in out and f"ip={HEAD_IP}" in out, out[-5000:]
+    for step_dir in ckpt.list_checkpoints(resumed["run_dir"] / "checkpoints"):
+        files = ckpt.validate(step_dir)["files"]
+        assert {"rank-00000.json", "rank-00001.json", "rank-00001.safetensors"} <= set(files)
 
 
 @pytest.mark.system

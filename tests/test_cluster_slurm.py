@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,21 +103,62 @@ class Job:
         return f"[{self.name}: rc={self.returncode}, {self.seconds:.1f} s]\n{self.output[-n:]}"
 
 
-def sbatch(
+@dataclass
+class Pending:
+    """A submitted `sbatch --wait` (its Popen); ``wait`` gives the finished Job."""
+
+    name: str
+    proc: subprocess.Popen
+    env: dict[str, str]
+    out: Path
+    run_dir: Path
+    start: float
+    timeout_s: float
+
+    def wait(self) -> Job:
+        """The job's result; at the timeout (from submission) the job is cancelled (scancel
+        by its id) and its return code is None."""
+        left = max(1.0, self.start + self.timeout_s - time.monotonic())
+        try:
+            submitted, _ = self.proc.communicate(timeout=left)
+            returncode: int | None = self.proc.returncode
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            submitted, _ = self.proc.communicate()
+            returncode = None
+            submitted += _cancel(submitted.strip().split(";")[0], self.env)
+        seconds = time.monotonic() - self.start
+        TIMINGS[self.name] = seconds
+        log = self.out.read_text(errors="replace") if self.out.is_file() else "(no job output)"
+        return Job(self.name, returncode, f"{submitted}\n{log}", seconds, self.run_dir)
+
+
+def _cancel(job_id: str, env: dict[str, str]) -> str:
+    """scancel a timed-out job by its id; returns what scontrol said of it."""
+    if not job_id.isdigit():
+        return "\n(timed out before sbatch printed a job id)"
+    state = subprocess.run(
+        ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True,
+        timeout=30, check=False,
+    ).stdout  # fmt: skip
+    subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
+    return f"\n(timed out; scontrol show job:)\n{state}"
+
+
+def submit(
     cluster: SlurmCluster,
     work: Path,
     script: str,
     options: list[str],
     engine: str = "ddp",
     **extra: str,
-) -> Job:
-    """`sbatch --wait` from the repository root (the scripts' submit dir); the job's output
-    file is read back. At the timeout the job is cancelled (scancel by its id)."""
+) -> Pending:
+    """Start `sbatch --wait` from the repository root (the scripts' submit dir) and return at
+    once: several jobs can run side by side (``--oversubscribe`` in ``options``)."""
     work.mkdir(parents=True)
     out = work / "slurm.out"
     env = job_env(cluster, work, engine, **extra)
     cmd = ["sbatch", "--wait", "--parsable", f"--output={out}", "--time=6", *options]
-    start = time.monotonic()
     proc = subprocess.Popen(
         [*cmd, f"cluster/slurm/{script}"],
         cwd=ROOT,
@@ -125,25 +167,19 @@ def sbatch(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    try:
-        submitted, _ = proc.communicate(timeout=JOB_TIMEOUT_S)
-        returncode: int | None = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        submitted, _ = proc.communicate()
-        returncode = None
-        job_id = submitted.strip().split(";")[0]
-        if job_id.isdigit():
-            state = subprocess.run(
-                ["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True,
-                timeout=30, check=False,
-            ).stdout  # fmt: skip
-            submitted += f"\n(timed out; scontrol show job:)\n{state}"
-            subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
-    seconds = time.monotonic() - start
-    TIMINGS[script] = seconds
-    log = out.read_text(errors="replace") if out.is_file() else "(no job output)"
-    return Job(script, returncode, f"{submitted}\n{log}", seconds, work / "out" / "tiny")
+    return Pending(script, proc, env, out, work / "out" / "tiny", time.monotonic(), JOB_TIMEOUT_S)
+
+
+def sbatch(
+    cluster: SlurmCluster,
+    work: Path,
+    script: str,
+    options: list[str],
+    engine: str = "ddp",
+    **extra: str,
+) -> Job:
+    """`sbatch --wait` from the repository root; the job's output file is read back."""
+    return submit(cluster, work, script, options, engine, **extra).wait()
 
 
 def assert_trained_two_ranks(job: Job) -> None:
@@ -164,91 +200,116 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         print("\nslurm jobs (wall s): " + ", ".join(f"{k} {v:.1f}" for k, v in TIMINGS.items()))
 
 
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_srun_script_derives_the_rendezvous(slurm_cluster: SlurmCluster, work: Path) -> None:
-    """Invariant: cluster/slurm/srun.sbatch with 2 tasks, and no MASTER_* anywhere in the
-    submitting environment, trains 2 ranks that found each other through Slurm's variables
-    (first host of the step's node list at its NodeAddr, a port from the job id)."""
-    job = sbatch(
-        slurm_cluster,
-        work / "srun",
-        "srun.sbatch",
-        ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"],
-    )
-    assert_trained_two_ranks(job)
-    assert "rank 0/2 on cpu" in job.output, job.tail()
-
-
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_torchrun_script(slurm_cluster: SlurmCluster, work: Path) -> None:
-    """Invariant: cluster/slurm/torchrun.sbatch (one srun task per node running torchrun with
-    a c10d rendezvous on the first node) trains 2 ranks."""
-    job = sbatch(
-        slurm_cluster,
-        work / "torchrun",
-        "torchrun.sbatch",
-        ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"],
-        FNE_NPROC_PER_NODE="2",
-    )
-    assert_trained_two_ranks(job)
-    assert "rendezvous 127.0.0.1:" in job.output, job.tail()  # the node's NodeAddr
-
-
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_deepspeed_script(slurm_cluster: SlurmCluster, work: Path) -> None:
-    """Invariant: cluster/slurm/deepspeed.sbatch (a hostfile from the allocation, the deepspeed
-    launcher with --no_ssh on each node, the script entry) trains 2 ranks without ssh."""
-    job = sbatch(
-        slurm_cluster,
-        work / "deepspeed",
-        "deepspeed.sbatch",
-        ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2"],
-        engine="deepspeed",
-        FNE_NPROC_PER_NODE="2",
-    )
-    assert_trained_two_ranks(job)
-    assert f"{slurm_cluster.node} slots=2" in job.output, job.tail()
-
-
-@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_ray_script(slurm_cluster: SlurmCluster, work: Path, tmp_path: Path) -> None:
-    """Invariant: cluster/slurm/ray.sbatch starts a Ray head inside the allocation (token
-    authentication, non-default ports), submits the training as a Ray job with 2 Ray Train
-    workers, writes to the absolute shared path it was given, and tears Ray down: the job
-    exits 0 and no Ray process of its temp dir survives."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="fsr", dir="/tmp"))  # short: socket paths
-    home = tmp_path / "home"  # the generated token goes to $HOME/.ray/auth_token
-    home.mkdir()
+def _ray_job(cluster: SlurmCluster, work: Path) -> tuple[Pending, Path, Path]:
+    """Submit ray.sbatch: a Ray head inside the allocation on free ports, its own short temp
+    dir (socket paths) and $HOME (where the generated token goes); (job, temp dir, home)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fsr", dir="/tmp"))
+    home = work / "ray-home"
+    home.mkdir(parents=True)
     shared = work / "ray"
-    job = sbatch(
-        slurm_cluster,
+    ports = ("ray-client-server-port", "metrics-export-port", "dashboard-agent-grpc-port")
+    ports += ("dashboard-agent-listen-port",)
+    job = submit(
+        cluster,
         shared,
         "ray.sbatch",
-        ["--nodes=1", "--gpus-per-task=0", "--cpus-per-task=2"],
+        ["--nodes=1", "--gpus-per-task=0", "--cpus-per-task=2", "--oversubscribe"],
         FNE_WORKERS="2",
         FNE_SHARED=str(shared / "shared"),
         FNE_RAY_PORT=str(free_port()),
         FNE_RAY_DASHBOARD_PORT=str(free_port()),
         FNE_RAY_TMP=str(ray_tmp),
-        FNE_RAY_START_ARGS=" ".join(
-            f"--{opt}={free_port()}"
-            for opt in (
-                "ray-client-server-port",
-                "metrics-export-port",
-                "dashboard-agent-grpc-port",
-                "dashboard-agent-listen-port",
-            )
-        ),
+        FNE_RAY_START_ARGS=" ".join(f"--{opt}={free_port()}" for opt in ports),
         HOME=str(home),
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
     )
     job.run_dir = shared / "shared" / "runs" / "tiny"
+    return job, ray_tmp, home
+
+
+@pytest.fixture(scope="module")
+def launched(slurm_cluster: SlurmCluster, work: Path) -> Iterator[dict[str, Any]]:
+    """Every cluster/slurm script submitted at once (``--oversubscribe``: they share the
+    node's 2 cores), so that their start-ups overlap; each test waits for its own job. Jobs
+    still running at teardown are cancelled by id."""
+    opts = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--oversubscribe"]
+    jobs: dict[str, Any] = {
+        "srun": submit(
+            slurm_cluster,
+            work / "srun",
+            "srun.sbatch",
+            [
+                "--nodes=1",
+                "--ntasks-per-node=2",
+                "--gpus-per-task=0",
+                "--cpus-per-task=1",
+                opts[-1],
+            ],
+        ),
+        "torchrun": submit(
+            slurm_cluster, work / "torchrun", "torchrun.sbatch", opts, FNE_NPROC_PER_NODE="2"
+        ),
+        "deepspeed": submit(
+            slurm_cluster,
+            work / "deepspeed",
+            "deepspeed.sbatch",
+            opts,
+            engine="deepspeed",
+            FNE_NPROC_PER_NODE="2",
+        ),
+    }
+    jobs["ray"], jobs["ray_tmp"], jobs["ray_home"] = _ray_job(slurm_cluster, work)
+    try:
+        yield jobs
+    finally:
+        for name in ("srun", "torchrun", "deepspeed", "ray"):
+            if jobs[name].proc.poll() is None:
+                jobs[name].timeout_s = 0.0  # cancels the job by its id
+                jobs[name].wait()
+        shutil.rmtree(jobs["ray_tmp"], ignore_errors=True)
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_srun_script_derives_the_rendezvous(launched: dict[str, Any]) -> None:
+    """Invariant: cluster/slurm/srun.sbatch with 2 tasks, and no MASTER_* anywhere in the
+    submitting environment, trains 2 ranks that found each other through Slurm's variables
+    (first host of the step's node list at its NodeAddr, a port from the job id)."""
+    job = launched["srun"].wait()
+    assert_trained_two_ranks(job)
+    assert "rank 0/2 on cpu" in job.output, job.tail()
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_torchrun_script(launched: dict[str, Any]) -> None:
+    """Invariant: cluster/slurm/torchrun.sbatch (one srun task per node running torchrun with
+    a c10d rendezvous on the first node) trains 2 ranks."""
+    job = launched["torchrun"].wait()
+    assert_trained_two_ranks(job)
+    assert "rendezvous 127.0.0.1:" in job.output, job.tail()  # the node's NodeAddr
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_deepspeed_script(slurm_cluster: SlurmCluster, launched: dict[str, Any]) -> None:
+    """Invariant: cluster/slurm/deepspeed.sbatch (a hostfile from the allocation, the deepspeed
+    launcher with --no_ssh on each node, the script entry) trains 2 ranks without ssh."""
+    job = launched["deepspeed"].wait()
+    assert_trained_two_ranks(job)
+    assert f"{slurm_cluster.node} slots=2" in job.output, job.tail()
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S + 60)
+def test_ray_script(launched: dict[str, Any]) -> None:
+    """Invariant: cluster/slurm/ray.sbatch starts a Ray head inside the allocation (token
+    authentication, non-default ports), submits the training as a Ray job with 2 Ray Train
+    workers, writes to the absolute shared path it was given, and tears Ray down: the job
+    exits 0 and no Ray process of its temp dir survives."""
+    job = launched["ray"].wait()
+    ray_tmp = launched["ray_tmp"]
     leftovers = subprocess.run(
         ["pgrep", "-f", str(ray_tmp)], capture_output=True, text=True, check=False
     ).stdout.split()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert (home / ".ray" / "auth_token").is_file(), job.tail()
+    assert (launched["ray_home"] / ".ray" / "auth_token").is_file(), job.tail()
     assert_trained_two_ranks(job)
     assert "outputs: run.output_dir=" in job.output, job.tail()
     assert leftovers == [], f"Ray processes outlived the job: {leftovers}"

@@ -34,7 +34,13 @@ from tests.fixtures_slurm import (
     _which,
     missing_binaries,
 )
-from tests.test_cluster_slurm import JOB_TIMEOUT_S, ROOT, assert_trained_two_ranks, job_env, sbatch
+from tests.test_cluster_slurm import (
+    JOB_TIMEOUT_S,
+    ROOT,
+    assert_trained_two_ranks,
+    job_env,
+    submit,
+)
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -59,7 +65,8 @@ def _two_node_conf(base: Path, host: str, sock: Path) -> str:
             "RealMemory=2000 State=UNKNOWN"
         )
     lines.append(
-        f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP"
+        f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP "
+        "OverSubscribe=YES"  # jobs that ask (--oversubscribe) run side by side
     )
     return "\n".join(lines) + "\n"
 
@@ -126,22 +133,56 @@ def two_nodes() -> Iterator[SlurmCluster]:
             shutil.rmtree(cluster.base)
 
 
+# Each launch script with one rank on each node: (script, engine, GPU option, variables). The
+# DDP twin for srun and torchrun (the launch path is what is tested); the deepspeed script runs
+# DeepSpeed. The GPU option overrides the script's own request (the test nodes have no GRES).
+TWO_NODE_SCRIPTS = {
+    "srun": ("srun.sbatch", "ddp", "--gpus-per-task=0", {}),
+    "torchrun": ("torchrun.sbatch", "ddp", "--gpus-per-node=0", {"FNE_NPROC_PER_NODE": "1"}),
+    "deepspeed": (
+        "deepspeed.sbatch",
+        "deepspeed",
+        "--gpus-per-node=0",
+        {"FNE_NPROC_PER_NODE": "1"},
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def launched(two_nodes: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Every script of TWO_NODE_SCRIPTS submitted at once (``--oversubscribe``), so that their
+    start-ups overlap; each test waits for its own. Jobs left at teardown are cancelled."""
+    work = tmp_path_factory.mktemp("two-node-jobs")
+    opts = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--oversubscribe"]
+    jobs = {
+        launch: submit(two_nodes, work / launch, script, [*opts, gpus], engine, **extra)
+        for launch, (script, engine, gpus, extra) in TWO_NODE_SCRIPTS.items()
+    }
+    try:
+        yield jobs
+    finally:
+        for job in jobs.values():
+            if job.proc.poll() is None:
+                job.timeout_s = 0.0  # cancels the job by its id
+                job.wait()
+
+
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
-def test_srun_script_on_two_nodes(two_nodes: SlurmCluster, tmp_path: Path) -> None:
-    """Invariant: cluster/slurm/srun.sbatch with one task on each of two Slurm nodes (names
-    that do not resolve) meets at n1's NodeAddr, trains 2 ranks, and its checkpoints list
-    both ranks' files."""
+@pytest.mark.parametrize("launch", sorted(TWO_NODE_SCRIPTS))
+def test_scripts_on_two_nodes(two_nodes: SlurmCluster, launched: dict, launch: str) -> None:
+    """Invariant: cluster/slurm/<launch>.sbatch with one rank on each of two Slurm nodes
+    (names that do not resolve) meets at n1's NodeAddr, trains 2 ranks, and every checkpoint
+    lists both ranks' files (rank 1's written on n2)."""
     assert "NodeAddr=127.0.0.2" in two_nodes.scontrol("show", "node", "n1", "--oneliner")
-    job = sbatch(
-        two_nodes,
-        tmp_path / "srun",
-        "srun.sbatch",
-        ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-task=0", "--cpus-per-task=1"],
-    )
+    job = launched[launch].wait()
     assert_trained_two_ranks(job)
     for step_dir in ckpt.list_checkpoints(job.run_dir / "checkpoints"):
         files = ckpt.validate(step_dir)["files"]
         assert {"rank-00000.json", "rank-00001.json", "rank-00001.safetensors"} <= set(files)
+    if launch == "torchrun":
+        assert "rendezvous 127.0.0.2:" in job.output, job.tail()
+    if launch == "deepspeed":
+        assert "n1 slots=1" in job.output and "n2 slots=1" in job.output, job.tail()
 
 
 def _submit(env: dict[str, str], out: Path, options: list[str], wait: bool) -> tuple[str, int]:

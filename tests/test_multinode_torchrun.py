@@ -176,16 +176,23 @@ def test_node_local_checkpoint_dirs_fail_at_launch(nodes: TwoNodes) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_kill_one_node_then_resume_both_continues(nodes: TwoNodes, straight: dict) -> None:
-    """Invariant: node 1's process killed mid-run after a checkpoint exists; both nodes then
+def test_kill_one_node_then_resume_both_from_a_url_checkpoint(
+    nodes: TwoNodes, straight: dict
+) -> None:
+    """Invariant: with a URL checkpoint.dir (file:// on the shared directory) and node-local
+    scratch, every uploaded checkpoint validates and holds both ranks' files although each node
+    wrote only its own; node 1's process killed mid-run after a checkpoint exists, both nodes
     resumed with checkpoint.resume=latest continue from that complete checkpoint: the logged
     steps after the resume continue the sequence up to the end, and their losses equal the
-    uninterrupted run's at the same steps."""
-    ckpt = nodes.shared / "killed"
-    extra = (f"checkpoint.dir={ckpt}", f"checkpoint.every_steps={EVERY}", "checkpoint.keep_last=0")
+    uninterrupted (shared-directory) run's at the same steps."""
+    from fne_dist.checkpoint import find_resumable_remote, list_checkpoints, validate
+
+    remote = nodes.shared / "killed"
+    extra = (f"checkpoint.dir=file://{remote}", f"checkpoint.every_steps={EVERY}")
+    extra += ("checkpoint.keep_last=0",)
     procs = nodes.start("killed", "killed", *extra)
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    first = ckpt / f"step-{EVERY:08d}" / "meta.json"
+    first = remote / f"step-{EVERY:08d}" / "meta.json"  # uploaded last, after every rank's part
     while not first.is_file() and time.monotonic() < deadline and procs[1].poll() is None:
         time.sleep(0.2)
     assert first.is_file(), nodes.log(0, "killed")[-3000:]
@@ -205,3 +212,13 @@ def test_kill_one_node_then_resume_both_continues(nodes: TwoNodes, straight: dic
     assert [h["step"] for h in after] == list(range(step + 1, STEPS + 1)), after
     reference = {h["step"]: h["loss"] for h in straight["history"]}
     assert [h["loss"] for h in after] == [reference[h["step"]] for h in after]
+
+    for step_dir in list_checkpoints(remote):  # the uploaded ones: complete
+        files = validate(step_dir)["files"]
+        assert {f"rank-{r:05d}.{ext}" for r in (0, 1) for ext in ("json", "safetensors")} <= set(
+            files
+        )
+    local1 = nodes.node_dir(1) / "out" / "killed" / "checkpoints-local"
+    assert not list(local1.glob("step-*/rank-00000.json"))  # node 1 never held rank 0's part
+    _, last = find_resumable_remote(f"file://{remote}", nodes.base / "fetched", print)
+    assert last["step"] == STEPS and last["world_size"] == 2

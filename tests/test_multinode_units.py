@@ -132,6 +132,35 @@ def test_url_checkpoint_from_node_local_dirs_is_complete(tmp_path: Path) -> None
     assert not list((tmp_path / "node1").rglob("*.tmp"))
 
 
+def test_ray_registers_a_complete_copy_of_a_url_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant: with a URL checkpoint.dir and node-local scratch, rank 0's local copy lacks
+    rank 1's files (it does not validate), yet the directory the Ray reporter hands to
+    ``ray.train.report`` validates and holds every rank's part, each file equal to the
+    uploaded one; the other ranks report no checkpoint."""
+    import ray.train
+
+    from fne_dist.distributed.ray_launcher import RayReporter
+
+    url = f"file://{tmp_path / 'remote'}"
+    roots = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
+    local0 = _save(ThreadWorld(2), roots, url)[0]
+    with pytest.raises(ckpt.CheckpointError, match=r"(p1\.pt|rank-00001\.\w+) is missing"):
+        ckpt.validate(local0)
+    reported: list[Any] = []
+    monkeypatch.setattr(ray.train, "report", lambda m, checkpoint=None: reported.append(checkpoint))
+    RayReporter(url).checkpoint(local0, 4, is_main=True)
+    RayReporter(url).checkpoint(roots[1] / local0.name, 4, is_main=False)
+    assert reported[1] is None
+    registered = Path(reported[0].path)
+    meta = ckpt.validate(registered)
+    assert {"rank-00001.json", "rank-00001.safetensors", "engine/p1.pt"} <= set(meta["files"])
+    remote = ckpt.download(url, local0.name, tmp_path / "fetched")
+    for name in meta["files"]:
+        assert (registered / name).read_bytes() == (remote / name).read_bytes(), name
+
+
 def test_a_checkpoint_without_every_ranks_files_is_invalid(tmp_path: Path) -> None:
     """Invariant: meta.json of a 2-rank run that lists only rank 0's files (what rank 0 alone
     could hash on its node) is refused as incomplete, naming the missing rank file."""

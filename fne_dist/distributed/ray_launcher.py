@@ -19,7 +19,12 @@ from ..sizing import check_local_workers
 
 
 class RayReporter(Reporter):
-    """Forwards logged metrics to ``ray.train.report`` (called by every worker, same count)."""
+    """Forwards logged metrics to ``ray.train.report`` (called by every worker, same count).
+    ``checkpoint_url``: a URL checkpoint.dir, from which rank 0 completes its local copy
+    before handing it to Ray."""
+
+    def __init__(self, checkpoint_url: str | None = None) -> None:
+        self.checkpoint_url = checkpoint_url
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         import ray.train
@@ -30,9 +35,16 @@ class RayReporter(Reporter):
         """Hand the checkpoint to Ray Train, which copies it to its storage path and gives it
         back through ``get_checkpoint`` when it restarts the worker group after a failure.
         Rank 0 reports the directory (every rank wrote its part of it on the shared
-        checkpoint.dir); the others report none, as Ray requires every worker to report."""
+        checkpoint.dir); the others report none, as Ray requires every worker to report.
+        With a URL checkpoint.dir rank 0's directory is its node-local scratch copy, which
+        lacks the files other nodes wrote: those are fetched first, so that what Ray
+        registers (and restores after a failure) is the complete checkpoint."""
         import ray.train
 
+        if is_main and self.checkpoint_url is not None:
+            from ..checkpoint import fetch_missing
+
+            fetch_missing(path, self.checkpoint_url)
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if is_main else None
         ray.train.report({"checkpoint_step": step}, checkpoint=checkpoint)
 
@@ -55,9 +67,12 @@ class RayReporter(Reporter):
 
 
 def _worker(loop_config: dict[str, Any]) -> None:
+    from ..checkpoint import is_url
     from ..loop import train
 
-    train(config_from_dict(loop_config["config"]), extra_reporter=RayReporter())
+    cfg = config_from_dict(loop_config["config"])
+    url = cfg.checkpoint.dir if cfg.checkpoint.dir and is_url(cfg.checkpoint.dir) else None
+    train(cfg, extra_reporter=RayReporter(url))
 
 
 def _absolute(cfg: Config) -> dict[str, Any]:
