@@ -208,6 +208,9 @@ def setup_run(
     ckpt_root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
     if world > 1 and not ckpt.is_url(ckpt_root):  # before any work: one dir for every node
         ckpt.check_shared_dir(Path(ckpt_root), rank, rank_env().node_rank)
+    # the metrics endpoint first: the feature-cache build in open_data can take minutes, and
+    # its progress (fne_task_progress{task="feature_cache"}) is exported while it runs
+    monitor = build_monitor(cfg, run_dir, launcher, device)
     stream, tables = open_data(cfg, image_backbone, text_backbone, rank, world)
     cfg = resolve_warmup(cfg, stream.steps_per_epoch)
     total_micro = max(1, math.ceil(cfg.train.epochs * stream.steps_per_epoch))
@@ -223,7 +226,7 @@ def setup_run(
         stats=SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device),
     )
     G = cfg.train.batch_size * world
-    fan_out = build_reporters(cfg, reporter, run_dir, total_steps, device, launcher)
+    fan_out = build_reporters(cfg, reporter, monitor, run_dir, total_steps)
     fan_out.message(
         f"rank {rank}/{world} on {device}: {stream.samples_per_epoch} train pairs, "
         f"{total_steps} steps of {G} pairs, loss={cfg.fne.loss} after "
@@ -254,16 +257,14 @@ def setup_run(
 def build_reporters(
     cfg: Config,
     extra: Reporter | None,
+    monitor: Reporter | None,
     run_dir: Path,
     total_steps: int,
-    device: torch.device,
-    launcher: str,
 ) -> FanOut:
-    """The launcher's reporter (Ray's), the metrics reporter (monitor.*: a collective when it
-    serves /metrics), and on rank 0 the console and train_log.jsonl."""
+    """The launcher's reporter (Ray's), the metrics reporter (``build_monitor``'s, built before
+    the data), and on rank 0 the console and train_log.jsonl."""
     rank, world = dist_ops.rank(), dist_ops.world_size()
     reporters = [extra or Reporter()]
-    monitor = build_monitor(cfg, run_dir, launcher, device)
     if monitor is not None:
         reporters.append(monitor)
     if rank == 0:
