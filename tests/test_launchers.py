@@ -327,7 +327,10 @@ def world2(sandbox: Sandbox) -> dict[str, Run]:
 
 @pytest.fixture(scope="module")
 def world1(sandbox: Sandbox) -> dict[str, Run]:
-    return {name: launch(sandbox, name, 1) for name in ("local", *IN_PLACE, "ray")}
+    # CI time: one in-place launcher stands for all four at world size 1 (they differ only in
+    # the variables rank_env reads, which test_rank_env covers); every launcher, Ray included,
+    # runs at world size 2 above and gives the identical result there.
+    return {name: launch(sandbox, name, 1) for name in ("local", "torchrun")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,15 +389,15 @@ def test_two_process_launchers_give_identical_results(world2: dict[str, Run]) ->
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_world_size_one_every_launcher_matches_single_process(world1: dict[str, Run]) -> None:
-    """Invariant: one rank under any launcher (plain process, torchrun, deepspeed, accelerate,
-    srun-style, Ray with dist.launcher=ray) is exactly the plain single-process run: the
-    world-size-1 collectives are identities and threads are pinned, so equality is exact."""
+def test_world_size_one_under_a_launcher_matches_single_process(world1: dict[str, Run]) -> None:
+    """Invariant: one rank under a launcher (torchrun: a process group of one) is exactly the
+    plain single-process run (no process group): the world-size-1 collectives are identities
+    and threads are pinned, so equality is exact."""
     for name, run in world1.items():
         assert run.returncode == 0, run.tail()
         assert run.metrics()["world_size"] == 1, name
         assert run.leftovers == [], (name, run.leftovers)
-    assert "RayTrainWorker" in world1["ray"].output  # dist.launcher=ray really used Ray
+    assert "rank 0/1 on cpu" in world1["torchrun"].stdout, world1["torchrun"].tail()
     assert_same_results(world1, reference="local")
 
 
