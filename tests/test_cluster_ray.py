@@ -311,7 +311,9 @@ def test_ray_job_stop_then_resume_continues(stopped: dict, resumed: dict) -> Non
     assert lines, resumed["out"][-3000:]
     step = int(lines[0].split("optimizer step ")[1].split(",")[0])
     assert step >= 2 and step % 2 == 0, lines[0]
-    assert _steps(resumed["run_dir"])[len(before) :] == list(range(step + 1, total + 1))
+    assert step <= before[-1], (step, before)
+    # H32: the lines of steps the resumed run redid were dropped, so every step is there once
+    assert _steps(resumed["run_dir"]) == list(range(1, total + 1))
 
 
 @pytest.mark.system
