@@ -56,6 +56,7 @@ from fne_dist.step import forward_step
 from fne_dist.summary import EpochDiagnostics
 
 NEVER = 10**12  # a gate size no epoch reaches: the Bayes part stays off (kernel only)
+_FN_INFONCE = dict(loss="infonce", fn_model="mixture", infonce_fn="downweight", eps=0.5)
 VARIANTS: dict[str, dict] = {
     "vse_pp_batch": dict(loss="vse_pp", vse_pp_memory=False),
     "vse_pp_memory": dict(loss="vse_pp", vse_pp_memory=True),
@@ -72,6 +73,14 @@ VARIANTS: dict[str, dict] = {
     "fne_mixture": dict(loss="fne", fn_model="mixture"),
     "fne_mixture_eps": dict(loss="fne", fn_model="mixture", eps=0.5),
     "fne_mixture_eps_t4": dict(loss="fne", fn_model="mixture", eps=0.5, tau_fn=4.0),
+    # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
+    # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
+    # similarity, the image-image one, or both (naive Bayes).
+    "infonce_fn_cross": dict(_FN_INFONCE, fn_signal="cross"),
+    "infonce_fn_intra": dict(_FN_INFONCE, fn_signal="intra"),
+    "infonce_fn_both": dict(_FN_INFONCE, fn_signal="both"),
+    "infonce_fn_intra_elim": dict(_FN_INFONCE, fn_signal="intra", infonce_fn="eliminate"),
+    "infonce_fn_both_soft": dict(_FN_INFONCE, fn_signal="both", eps=0.0),  # w = 1 − P_fn always
     "oracle": dict(loss="fne", mask_groups=True),
 }
 SMOKE_VARIANTS = ("vse_pp_batch", "window", "fne", "fne_mixture_eps_t4", "oracle")

@@ -32,7 +32,7 @@ from .fne.estimators import (
     sample_columns,
     with_prior,
 )
-from .fne.mixture import HIST_BINS, histogram, refit, with_mixture
+from .fne.fn_signal import histogram_bins, intra_candidate_sims, signal_histograms, with_signals
 from .fne.sampling import step_uniforms
 from .memory import MomentumMemory
 from .timing import NullTimer
@@ -95,9 +95,9 @@ def forward_step(
     if cfg.prior_mode == "em":
         stats.add_em(batch_stats[6:8])
         gauss = with_prior(gauss, prior_from_em(stats.em_totals, cfg.prior))
-    if cfg.fn_model == "mixture":  # the last HIST_BINS sums: this step's histogram
-        stats.add_mixture(batch_stats[-HIST_BINS:], cfg.mixture_decay)
-        gauss = with_mixture(gauss, refit(stats.mix_totals, cfg.var_floor))
+    if cfg.fn_model == "mixture":  # the last sums: this step's histogram(s) (fne.fn_signal)
+        stats.add_mixture(batch_stats[-histogram_bins(cfg.fn_signal) :], cfg.mixture_decay)
+        gauss = with_signals(gauss, stats.mix_totals, cfg.fn_signal, cfg.var_floor)
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):
         if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
@@ -136,7 +136,8 @@ def _batch_stats(
     ``cfg.stats_source``; with ``prior_mode: em``, the EM sums (n, Σ r) of one E-step
     under the estimates so far (counted only once their gate is open: before, the components
     are not yet fitted); with ``fn_model: mixture``, the histogram of the sampled candidate
-    similarities (last). One vector, so one all-reduce carries all of it."""
+    similarities (last; one per signal of ``fn_signal``). One vector, so one all-reduce
+    carries all of it."""
     sim_BB = img_BD.detach() @ txt_BD.detach().T
     paper = (cfg.stats_source, cfg.prior_mode, cfg.fn_model) == ("mutual_top1", "fixed", "positive")
     if paper:  # no random sample needed
@@ -158,5 +159,10 @@ def _batch_stats(
         prior = prior_from_em(stats.em_totals, cfg.prior)
         parts.append(em_sums(sims_S, valid_S, prev, prior) * prev.gate_open.to(torch.float64))
     if cfg.fn_model == "mixture":
-        parts.append(histogram(sims_S, valid_S))
+        intra_S = None
+        if cfg.fn_signal != "cross":  # image-image similarity of the same sampled pairs
+            intra_S, _ = intra_candidate_sims(
+                img_BD, ids_B, candidates.img_ND, candidates.ids_N, cols
+            )
+        parts.append(signal_histograms(cfg.fn_signal, sims_S, intra_S, valid_S))
     return torch.cat(parts)

@@ -68,20 +68,23 @@ def detection_sums(
     g: Gaussians,
     cfg: FneConfig,
     with_posterior: bool,
+    log_odds_bX: Tensor | None = None,
 ) -> Tensor:
     """b×F per-anchor sums (float64) over the candidate slots X (see the module docstring).
 
     eval_bX: evaluable slots; same_bX: the slot's candidate shares the anchor's group;
     window_bX: inside the hard-cut window. with_posterior: score "P_fn > ε" and the
-    reliability (the "fne" rule); otherwise those columns are 0. Element-wise work and row
-    sums only: no host sync.
+    reliability (the "fne" rule); otherwise those columns are 0. log_odds_bX: the posterior's
+    log-odds when they are not the sampler's function of sim (``fne.fn_signal``). Element-wise
+    work and row sums only: no host sync.
     """
     f64 = torch.float64
     fn_bX = eval_bX & same_bX
     in_win_bX = eval_bX & window_bX
     cols = [eval_bX.sum(1), fn_bX.sum(1)]
     if with_posterior:
-        log_odds_bX = fn_log_odds(sim_bX, g, cfg.prior)
+        if log_odds_bX is None:
+            log_odds_bX = fn_log_odds(sim_bX, g, cfg.prior)
         pred_bX = eval_bX & (log_odds_bX > fn_log_odds_threshold(cfg.eps))
         cols += [pred_bX.sum(1), (pred_bX & same_bX).sum(1)]
     else:
@@ -110,11 +113,12 @@ def dense_detection(
     g: Gaussians,
     cfg: FneConfig,
     with_posterior: bool,
+    log_odds_bN: Tensor | None = None,
 ) -> Tensor:
     """``detection_sums`` over every candidate: the definition (any device)."""
     same_bN = same_group(groups_b[:, None], cand_groups_N[None, :])
     eval_bN = evaluable(groups_b, cand_groups_N, mask_bN)
-    return detection_sums(sim_bN, eval_bN, same_bN, window_bN, g, cfg, with_posterior)
+    return detection_sums(sim_bN, eval_bN, same_bN, window_bN, g, cfg, with_posterior, log_odds_bN)
 
 
 def listed_detection(

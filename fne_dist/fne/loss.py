@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .detection import COLUMNS as DETECTION_COLUMNS
+from .fn_infonce import fn_info_nce
 from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
 from .selection import Picks, candidate_index, negative_mask, select_dense, select_listed
@@ -118,7 +119,7 @@ def retrieval_loss(
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r} (valid: {', '.join(LOSSES)})")
     if name in ("vse0", "infonce"):
-        return _full_matrix_loss(name, a, c, cfg, temperature)
+        return _full_matrix_loss(name, a, c, cfg, temperature, gaussians)
     rule = {"fne": "fne", "window": "window", "vse_pp": "hardest"}[name]
     cands = c.batch_only() if name == "vse_pp" and not cfg.vse_pp_memory else c
     if rule != "hardest" and (gaussians is None or uniforms_2Bk is None):
@@ -275,10 +276,17 @@ def _compiled_dense():
 
 
 def _full_matrix_loss(
-    name: str, a: Anchors, c: Candidates, cfg: FneConfig, temperature: Tensor | None
+    name: str,
+    a: Anchors,
+    c: Candidates,
+    cfg: FneConfig,
+    temperature: Tensor | None,
+    gaussians: Gaussians | None = None,
 ) -> LossOutput:
     """vse0 (over the batch) or infonce (over [batch ; memory]): losses over every candidate,
     with autograd through the B×N matrix."""
+    if name == "infonce" and cfg.infonce_fn != "off":
+        return _fn_info_nce_loss(a, c, cfg, temperature, gaussians)
     diag: dict[str, Tensor] = {}
     if name == "vse0":
         cands = c.batch_only()
@@ -295,6 +303,31 @@ def _full_matrix_loss(
         diag["temperature"] = temp.detach()
     diag.update(loss_i2t=i2t.detach(), loss_t2i=t2i.detach())
     return LossOutput(total, diag)
+
+
+def _fn_info_nce_loss(
+    a: Anchors,
+    c: Candidates,
+    cfg: FneConfig,
+    temperature: Tensor | None,
+    g: Gaussians | None,
+) -> LossOutput:
+    """infonce with false-negative cancellation (``fne.fn_infonce``), both directions."""
+    if temperature is None or g is None:
+        raise ValueError("infonce with fne.infonce_fn needs a temperature and the fitted mixtures")
+    temp = temperature.clamp(cfg.temperature_min, cfg.temperature_max)
+    groups = None
+    if a.groups_B is not None and c.groups_N is not None:
+        groups = (a.groups_B, c.groups_N)
+    with torch.no_grad():  # the pair's image-image similarity serves both directions
+        intra_BN = a.img_BD.detach() @ c.img_ND.T
+    args = (intra_BN, a.ids_B, a.pos_col_B, c.ids_N, groups, g, cfg, temp)
+    i2t, s1 = fn_info_nce(a.img_BD, c.txt_ND, *args)
+    t2i, s2 = fn_info_nce(a.txt_BD, c.img_ND, *args)
+    s = {key: s1[key] + s2[key] for key in s1}
+    diag = dict(loss_i2t=i2t.detach(), loss_t2i=t2i.detach(), temperature=temp.detach())
+    diag["frac_pfn_gt_eps"] = s.pop("fn") / s.pop("unmasked").clamp_min(1.0)
+    return LossOutput(0.5 * (i2t + t2i), diag | s | gaussian_diagnostics(g))
 
 
 def _sum_of_hinges(
@@ -333,6 +366,10 @@ def gaussian_diagnostics(g: Gaussians) -> dict[str, Tensor]:
     if g.mixture is not None:  # fn_model: mixture: the fitted FN / TN components
         mu_f, var_f, mu_t, var_t = g.mixture
         out |= {"mu_fn": mu_f, "sigma_fn": var_f.sqrt(), "mu_tn": mu_t, "sigma_tn": var_t.sqrt()}
+    if g.intra is not None:  # fn_signal: intra | both: the image-image mixture
+        pi, mu_f, var_f, mu_t, var_t = g.intra
+        out |= {"prior_intra": pi, "mu_fn_intra": mu_f, "sigma_fn_intra": var_f.sqrt(),
+                "mu_tn_intra": mu_t, "sigma_tn_intra": var_t.sqrt()}  # fmt: skip
     return out | {
         "gate_open": g.gate_open.to(torch.float64),
         "n_pos": g.n_pos,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .estimators import PRIOR_MODES, STATS_SOURCES
+from .fn_signal import FN_SIGNALS, INFONCE_FN
 from .mixture import FN_MODELS
 from .stats import NO_POS_MU
 
@@ -95,6 +96,20 @@ class FneConfig:
     mixture_decay: float = setting(
         0.98, "fn_model mixture: decay γ of the running EM sums per step", gt=0.0, lt=1.0
     )
+    fn_signal: str = setting(
+        "cross",
+        "fn_model mixture: what P_fn is computed from: cross (the direction's cross-modal "
+        "similarity), intra (image-image similarity of anchor and candidate) or both (naive "
+        "Bayes product of the two likelihood ratios); intra and both only with infonce_fn "
+        "(fne.fn_signal)",
+        choices=FN_SIGNALS,
+    )
+    infonce_fn: str = setting(
+        "off",
+        "loss infonce: each negative's denominator term times 1 − P_fn (downweight) or 0 "
+        "(eliminate) where P_fn > eps; needs fn_model mixture (fne.fn_signal)",
+        choices=INFONCE_FN,
+    )
     stats_samples: int = setting(
         4, "random candidates per anchor and direction for all_pairs, em and mixture", ge=1
     )
@@ -130,6 +145,15 @@ class FneConfig:
         if self.fn_model == "mixture" and self.prior_mode != "fixed":
             raise ValueError(
                 "fne.fn_model=mixture estimates π itself: use it with fne.prior_mode=fixed"
+            )
+        if self.infonce_fn != "off" and (self.loss, self.fn_model) != ("infonce", "mixture"):
+            raise ValueError(
+                f"fne.infonce_fn={self.infonce_fn} needs fne.loss=infonce and fne.fn_model=mixture"
+            )
+        if self.fn_signal != "cross" and self.infonce_fn == "off":
+            raise ValueError(
+                f"fne.fn_signal={self.fn_signal} is used only by fne.infonce_fn (downweight or "
+                "eliminate); the sampler's posterior is a function of the cross-modal similarity"
             )
         if self.temperature_min > self.temperature_max:
             raise ValueError(

@@ -104,6 +104,9 @@ class Gaussians:
     # (μ_f, σ_f², μ_t, σ_t²) of ``fn_model: mixture`` (``fne.mixture``): the posterior's two
     # components instead of (μ⁺, σ⁺², μ⁻, σ⁻²); None: the paper's.
     mixture: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+    # (π, μ_f, σ_f², μ_t, σ_t²) of the image-image mixture of ``fn_signal: intra | both``
+    # (``fne.fn_signal``); None: not fitted.
+    intra: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
 
 
 def _mean_var(n: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor]:
