@@ -73,6 +73,9 @@ VARIANTS: dict[str, dict] = {
     "fne_mixture": dict(loss="fne", fn_model="mixture"),
     "fne_mixture_eps": dict(loss="fne", fn_model="mixture", eps=0.5),
     "fne_mixture_eps_t4": dict(loss="fne", fn_model="mixture", eps=0.5, tau_fn=4.0),
+    # the sampler's P_fn from the image-image similarity, or both signals (fne.fn_signal)
+    "fne_intra": dict(loss="fne", fn_model="mixture", fn_signal="intra", eps=0.5, tau_fn=4.0),
+    "fne_both": dict(loss="fne", fn_model="mixture", fn_signal="both", eps=0.5, tau_fn=4.0),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).

@@ -161,10 +161,44 @@ def test_fn_infonce_cancels_the_image_matched_group_mate() -> None:
 
 
 def test_options_need_their_loss() -> None:
-    """Invariant: infonce_fn without infonce + mixture, and a non-cross signal without
-    infonce_fn, fail at load with one line naming the option."""
+    """Invariant: infonce_fn without infonce + mixture, and a non-cross signal without the
+    mixture, fail at load with one line naming the option."""
     with pytest.raises(ValueError, match="infonce_fn"):
         FneConfig(loss="fne", fn_model="mixture", infonce_fn="downweight").check()
     with pytest.raises(ValueError, match="fn_signal"):
-        FneConfig(loss="fne", fn_model="mixture", fn_signal="intra").check()
+        FneConfig(loss="fne", fn_signal="intra").check()
+    FneConfig(loss="fne", fn_model="mixture", fn_signal="intra").check()
     FneConfig(loss="infonce", fn_model="mixture", fn_signal="both", infonce_fn="eliminate").check()
+
+
+def test_sampler_weights_take_the_given_log_odds() -> None:
+    """Invariant: with log-odds given (fn_signal intra | both) the FNE weight is
+    exp(−τ_fn P_fn) where P_fn > ε (gate open) and the kernel exp(−τ_k (s − s⁺)²) elsewhere,
+    zero at or below the hard cut μ⁺ − margin, whatever the quadratic in s would say."""
+    from fne_dist.fne.weights import sampling_weights
+
+    g = _gauss()  # μ⁺ 0.5, cut at 0.3
+    cfg = FneConfig(fn_model="mixture", fn_signal="intra", eps=0.5, tau_fn=4.0, tau_kernel=0.5)
+    sim = torch.tensor([[0.9, 0.45, 0.4, 0.2]], dtype=F64)  # column 0: the positive
+    mask = torch.tensor([[True, False, False, False]])
+    p = torch.tensor([[0.5, 0.95, 0.1, 0.99]], dtype=F64)
+    w = sampling_weights(sim, sim[:, 0], mask, g, cfg, log_odds_BN=torch.log(p / (1 - p)))
+    want = [0.0, math.exp(-4.0 * 0.95), math.exp(-0.5 * 0.5**2), 0.0]
+    torch.testing.assert_close(w.w_BN[0], torch.tensor(want, dtype=F64))
+    assert w.n_fn_B.tolist() == [2]  # columns 1 and 3 (the cut does not matter for the count)
+
+
+def test_fne_sampler_with_intra_signal_flags_the_image_matched_mate() -> None:
+    """Invariant: the fne sampler with fn_signal intra scores P_fn on the image-image
+    similarity: the one group mate with a matching image is flagged in both directions
+    (precision 1, recall 1), although its cross-modal similarity is 0."""
+    a, c = _pairs()
+    g = replace(_gauss(), intra=(INTRA.prior, INTRA.mu_fn, INTRA.var_fn, INTRA.mu_tn,
+                                 INTRA.var_tn), has_mu_pos=torch.tensor(False))  # fmt: skip
+    cfg = FneConfig(fn_model="mixture", fn_signal="intra", eps=0.5)
+    uniforms = torch.full((2, 2, 1), 0.5, dtype=F64)
+    out = retrieval_loss(a, c, cfg, g, uniforms)
+    d = out.diagnostics
+    assert d["fnd_pfn_pred"].item() == 2 and d["fnd_pfn_tp"].item() == 2
+    assert d["fnd_n_actual"].item() == 2
+    assert torch.isfinite(out.loss)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from .detection import COLUMNS as DETECTION_COLUMNS
 from .fn_infonce import fn_info_nce
+from .fn_signal import pair_log_odds
 from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
 from .selection import Picks, candidate_index, negative_mask, select_dense, select_listed
@@ -212,14 +213,26 @@ def _select(
     chunks of that block's rows, so no B×N temporary outlives a chunk."""
     groups_B = a.groups_B if cfg.mask_groups else None
     select, chunk = _selector(cand_ND.device, c, groups_B, cfg, rule, g)
+    # fne.fn_signal intra | both: P_fn is not a function of s, so the dense form (the listed
+    # form's window shortcuts assume the quadratic in s), with the log-odds computed here.
+    other_signal = rule == "fne" and cfg.fn_signal != "cross"
+    if other_signal:
+        select, chunk = select_dense, cfg.chunk_rows
     measure = a.groups_B is not None and c.groups_N is not None and rule != "hardest"
     cand_detached_ND = cand_ND.detach()
     picks: list[Picks] = []
     with torch.no_grad():
         for b0 in range(0, anchor_BD.shape[0], cfg.block_rows):
             sim_bN = anchor_BD[b0 : b0 + cfg.block_rows].detach() @ cand_detached_ND.T
+            extra = {}
+            if other_signal:
+                assert g is not None
+                intra_bN = a.img_BD[b0 : b0 + cfg.block_rows].detach() @ c.img_ND.T
+                odds_bN = pair_log_odds(cfg.fn_signal, g, sim_bN, intra_bN).to(sim_bN.dtype)
             for r0 in range(0, sim_bN.shape[0], chunk):
                 rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
+                if other_signal:
+                    extra = {"log_odds_bN": odds_bN[r0 : r0 + chunk]}
                 picks.append(
                     select(
                         sim_bN[r0 : r0 + chunk],
@@ -233,6 +246,7 @@ def _select(
                         cfg,
                         rule,
                         detect_groups=(a.groups_B[rows], c.groups_N) if measure else None,
+                        **extra,
                     )
                 )
     return Picks(*(torch.cat(parts) for parts in zip(*picks, strict=True)))

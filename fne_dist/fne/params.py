@@ -100,7 +100,7 @@ class FneConfig:
         "cross",
         "fn_model mixture: what P_fn is computed from: cross (the direction's cross-modal "
         "similarity), intra (image-image similarity of anchor and candidate) or both (naive "
-        "Bayes product of the two likelihood ratios); intra and both only with infonce_fn "
+        "Bayes product of the two likelihood ratios), for the fne sampler and infonce_fn "
         "(fne.fn_signal)",
         choices=FN_SIGNALS,
     )
@@ -150,11 +150,8 @@ class FneConfig:
             raise ValueError(
                 f"fne.infonce_fn={self.infonce_fn} needs fne.loss=infonce and fne.fn_model=mixture"
             )
-        if self.fn_signal != "cross" and self.infonce_fn == "off":
-            raise ValueError(
-                f"fne.fn_signal={self.fn_signal} is used only by fne.infonce_fn (downweight or "
-                "eliminate); the sampler's posterior is a function of the cross-modal similarity"
-            )
+        if self.fn_signal != "cross" and self.fn_model != "mixture":
+            raise ValueError(f"fne.fn_signal={self.fn_signal} needs fne.fn_model=mixture")
         if self.temperature_min > self.temperature_max:
             raise ValueError(
                 f"fne.temperature_min ({self.temperature_min}) > fne.temperature_max "

@@ -68,11 +68,13 @@ def select_dense(
     cfg: FneConfig,
     rule: str,
     detect_groups: tuple[Tensor, Tensor] | None = None,
+    log_odds_bN: Tensor | None = None,
 ) -> Picks:
     """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device).
 
     detect_groups: (anchor groups b, candidate groups N) to measure false-negative detection
-    (``fne.detection``) with the fne and window rules; None: not measured."""
+    (``fne.detection``) with the fne and window rules; None: not measured. log_odds_bN: the
+    posterior's log-odds when they are not a function of sim (``fne.fn_signal``)."""
     n = sim_bN.shape[1]
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
@@ -80,9 +82,13 @@ def select_dense(
     if rule == "hardest":
         return _hardest_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin)
     assert g is not None and u_bk is not None
-    w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN)
+    w = sampling_weights(
+        sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN, log_odds_BN=log_odds_bN
+    )
     counts = (w.n_fn_B, n - count_true(mask_bN), w.n_window_B)
-    detect = _dense_detection(sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule)
+    detect = _dense_detection(
+        sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule, log_odds_bN
+    )
     return _drawn_picks(
         sim_bN, masked_sim_bN, pos_sim_b, cfg.margin, u_bk, w.w_BN, None, counts, detect
     )
@@ -96,6 +102,7 @@ def _dense_detection(
     g: Gaussians,
     cfg: FneConfig,
     rule: str,
+    log_odds_bN: Tensor | None = None,
 ) -> Tensor:
     """``fne.detection.dense_detection`` with this step's window, or b×0 if not measured."""
     if detect_groups is None:
@@ -104,7 +111,7 @@ def _dense_detection(
     window_bN = masked_sim_bN > threshold
     groups_b, cand_groups_N = detect_groups
     return dense_detection(
-        sim_bN, mask_bN, groups_b, cand_groups_N, window_bN, g, cfg, rule == "fne"
+        sim_bN, mask_bN, groups_b, cand_groups_N, window_bN, g, cfg, rule == "fne", log_odds_bN
     )
 
 

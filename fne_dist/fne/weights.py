@@ -71,6 +71,7 @@ def sampling_weights(
     rule: str = "fne",
     masked_sim_BN: Tensor | None = None,
     masked_entries: tuple[Tensor, Tensor] | None = None,
+    log_odds_BN: Tensor | None = None,
 ) -> Weights:
     """Unnormalised sampling weights over candidates; rule "fne" (the paper) or "window".
 
@@ -79,7 +80,8 @@ def sampling_weights(
     mask_BN: candidates that are never negatives (positives, and the oracle's group mates);
     masked_sim_BN: sim with −inf on the mask, if the caller has it already; masked_entries:
     the mask's True entries as (rows, columns), if the caller has them (counts then skip a
-    pass over the mask).
+    pass over the mask); log_odds_BN: the posterior's log-odds when they are not the quadratic
+    in sim (``fne.fn_signal``: intra, both).
 
     The dense form, for any device and for torch.compile: the gate and "no μ⁺ yet" are folded
     into scalar thresholds (a masked candidate has similarity −inf, so the cut removes it too)
@@ -100,7 +102,8 @@ def sampling_weights(
         return Weights((~cut_BN).to(sim_BN.dtype), n_fn_B, n_window_B)
     if rule != "fne":
         raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
-    log_odds_BN = fn_log_odds(sim_BN, g, cfg.prior)
+    if log_odds_BN is None:
+        log_odds_BN = fn_log_odds(sim_BN, g, cfg.prior)
     is_fn_BN = is_false_negative(log_odds_BN, cfg.eps)
     # Unmasked candidates with P_fn > ε (a diagnostic: the gate does not matter).
     if masked_entries is None:
