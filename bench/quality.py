@@ -86,7 +86,7 @@ VARIANTS: dict[str, dict] = {
     "infonce_fn_both_soft": dict(_FN_INFONCE, fn_signal="both", eps=0.0),  # w = 1 − P_fn always
     "oracle": dict(loss="fne", mask_groups=True),
 }
-SMOKE_VARIANTS = ("vse_pp_batch", "window", "fne", "fne_mixture_eps_t4", "oracle")
+SMOKE_VARIANTS = ("vse_pp_batch", "window", "fne", "fne_mixture_eps_t4", "fne_intra", "oracle")
 METRICS = ("rsum", "group_rsum", "group_map", "fn_pfn_precision", "fn_pfn_recall",
            "fn_window_precision", "fn_window_recall", "frac_neg_same_group", "wall_s")  # fmt: skip
 
