@@ -33,6 +33,7 @@ and ``chart.png`` (matplotlib, Agg) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import io
 import json
 import math
@@ -56,6 +57,7 @@ from fne_dist.step import forward_step
 from fne_dist.summary import EpochDiagnostics
 
 NEVER = 10**12  # a gate size no epoch reaches: the Bayes part stays off (kernel only)
+_FNE_INTRA = dict(loss="fne", fn_model="mixture", fn_signal="intra", eps=0.5, tau_fn=4.0)
 _FN_INFONCE = dict(loss="infonce", fn_model="mixture", infonce_fn="downweight", eps=0.5)
 VARIANTS: dict[str, dict] = {
     "vse_pp_batch": dict(loss="vse_pp", vse_pp_memory=False),
@@ -74,8 +76,9 @@ VARIANTS: dict[str, dict] = {
     "fne_mixture_eps": dict(loss="fne", fn_model="mixture", eps=0.5),
     "fne_mixture_eps_t4": dict(loss="fne", fn_model="mixture", eps=0.5, tau_fn=4.0),
     # the sampler's P_fn from the image-image similarity, or both signals (fne.fn_signal)
-    "fne_intra": dict(loss="fne", fn_model="mixture", fn_signal="intra", eps=0.5, tau_fn=4.0),
-    "fne_both": dict(loss="fne", fn_model="mixture", fn_signal="both", eps=0.5, tau_fn=4.0),
+    "fne_intra": _FNE_INTRA,
+    "fne_both": dict(_FNE_INTRA, fn_signal="both"),
+    "fne_intra_all_pairs": dict(_FNE_INTRA, stats_source="all_pairs"),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
@@ -174,6 +177,14 @@ def _is_split_dir(d: Path, split: str) -> bool:
     return bool(names) and all(f"-{split}-" in n for n in names)
 
 
+def _same_shards(a: Path, b: Path) -> bool:
+    """Both folders hold the same feature shards, byte for byte."""
+    names = sorted(p.name for p in a.glob("feat-*.tar"))
+    if not names or names != sorted(p.name for p in b.glob("feat-*.tar")):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
 def load_cached_features(root: Path) -> dict[str, dict[str, Tensor]]:
     """train/val/test from a feature cache (``data.cache_dir`` of the default run: one
     ``<split>-<hash>`` folder per split, one caption per image), in make_data's layout; the
@@ -181,6 +192,8 @@ def load_cached_features(root: Path) -> dict[str, dict[str, Tensor]]:
     splits = {}
     for name in ("train", "val", "test"):
         found = [d for d in sorted(root.iterdir()) if _is_split_dir(d, name)]
+        if len(found) > 1 and all(_same_shards(found[0], d) for d in found[1:]):
+            found = found[:1]  # the same cache under both naming schemes (old and new keys)
         if len(found) != 1:
             raise SystemExit(f"{root}: expected one {name}-* feature folder, found {len(found)}")
         img, txt, ig = _read_feature_dir(found[0])
