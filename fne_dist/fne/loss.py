@@ -326,7 +326,8 @@ def _fn_info_nce_loss(
     temperature: Tensor | None,
     g: Gaussians | None,
 ) -> LossOutput:
-    """infonce with false-negative cancellation (``fne.fn_infonce``), both directions."""
+    """infonce with false-negative cancellation (``fne.infonce_fn``; fne.fn_infonce), both
+    directions."""
     if temperature is None or g is None:
         raise ValueError("infonce with fne.infonce_fn needs a temperature and the fitted mixtures")
     temp = temperature.clamp(cfg.temperature_min, cfg.temperature_max)
