@@ -79,6 +79,9 @@ VARIANTS: dict[str, dict] = {
     "fne_intra": _FNE_INTRA,
     "fne_both": dict(_FNE_INTRA, fn_signal="both"),
     "fne_intra_all_pairs": dict(_FNE_INTRA, stats_source="all_pairs"),
+    # 8× the random candidates per anchor in the mixture's histogram: rare false negatives
+    # (emoji: 0.6 % of candidates) get enough samples to form a component
+    "fne_intra_s32": dict(_FNE_INTRA, stats_samples=32),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
