@@ -7,8 +7,9 @@ joins at 127.0.0.2. Every process they start carries a marker variable and is st
 the end, never with `ray stop` (which would stop other Ray users of the machine). The jobs on
 this one cluster cover: a worker killed with SIGKILL and Ray's restart from the latest
 checkpoint, `ray job stop` then a resubmission with checkpoint.resume=latest, a resubmission
-that must not resume, relative paths refused, and the job's metrics reaching the session's
-Prometheus through Ray's agents (the head's --temp-dir is where Prometheus finds them).
+that must not resume, relative paths refused, a worker's data error failing its job, and the
+resumed job's metrics reaching the session's Prometheus through Ray's agents (the head's
+--temp-dir is where Prometheus finds them).
 """
 
 from __future__ import annotations
@@ -330,13 +331,23 @@ def stopped(ray_head: RayHead, second_node: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed(ray_head: RayHead, stopped: dict) -> dict:
-    """The same run resubmitted with checkpoint.resume=latest, to its end."""
+def resumed(ray_head: RayHead, stopped: dict, request: pytest.FixtureRequest) -> dict:
+    """The same run resubmitted with checkpoint.resume=latest, to its end. Its phases are
+    timed and its run label is known, and the session's Prometheus (where installed) runs
+    before it starts: its metrics are those test_ray_run_arrives_under_the_same_names reads."""
+    with contextlib.suppress(pytest.skip.Exception):
+        request.getfixturevalue("prometheus")
+    run_id = f"resumed-{uuid.uuid4().hex[:8]}"  # the series' run label
     t0 = time.monotonic()
-    args = _tiny(ray_head, "tiny", *STOP_ARGS, "checkpoint.resume=latest")
-    rc, out = ray_head.submit("resumed", *args)
+    args = [*STOP_ARGS, "checkpoint.resume=latest", f"run.id={run_id}", "train.profile_phases=true"]
+    rc, out = ray_head.submit("resumed", *_tiny(ray_head, "tiny", *args))
     print(f"\nray jobs: stopped {stopped['s']:.1f} s, resumed {time.monotonic() - t0:.1f} s")
-    return {"rc": rc, "out": out, "run_dir": ray_head.base / "shared" / "runs" / "tiny"}
+    return {
+        "rc": rc,
+        "out": out,
+        "run": run_id,
+        "run_dir": ray_head.base / "shared" / "runs" / "tiny",
+    }
 
 
 @pytest.mark.system
@@ -452,30 +463,20 @@ def test_worker_error_fails_the_job(ray_head: RayHead, second_node: str) -> None
 # metrics of a Ray job reach the session's Prometheus through Ray's own agent
 
 
-@pytest.fixture(scope="module")
-def monitored(ray_head: RayHead, second_node: str, prometheus: Prometheus) -> dict:
-    """A 2-worker job (one per node) with phases timed, its metrics reported through Ray's
-    metrics agents (every second) which Prometheus finds through the head's discovery file."""
-    run_id = f"monitor-{uuid.uuid4().hex[:8]}"  # the series' run label
-    args = ["train.epochs=0.12", "train.log_every=2", "train.profile_phases=true"]
-    t0 = time.monotonic()
-    rc, out = ray_head.submit("monitor", *_tiny(ray_head, "monitor", f"run.id={run_id}", *args))
-    return {"rc": rc, "out": out, "run": run_id, "s": time.monotonic() - t0}
-
-
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.timeout(2 * JOB_TIMEOUT_S)
-def test_ray_run_arrives_under_the_same_names(monitored: dict, prometheus: Prometheus) -> None:
-    """Invariant: a 2-worker Ray Train job's metrics reach Prometheus through Ray's metrics
-    agents and the head's discovery file (job="ray", no port of ours), recorded under the fne_*
-    names for both ranks (one per node), and the per-run recording rules return data for it."""
-    assert monitored["rc"] == 0, monitored["out"][-5000:]
-    run = monitored["run"]
+def test_ray_run_arrives_under_the_same_names(resumed: dict, prometheus: Prometheus) -> None:
+    """Invariant: a 2-worker Ray Train job's metrics (the resumed job's) reach Prometheus
+    through Ray's metrics agents and the head's discovery file (job="ray", no port of ours),
+    recorded under the fne_* names for both ranks (one per node), and the per-run recording
+    rules return data for it."""
+    assert resumed["rc"] == 0, resumed["out"][-5000:]
+    run = resumed["run"]
     info = prometheus.poll(recorded(f'fne_run_info{{job="ray", run="{run}"}}'), want=2)
     assert {s["metric"]["rank"] for s in info} == {"0", "1"}, info
     assert {s["metric"]["launcher"] for s in info} == {"ray"}
-    lines = [f"Ray 2-worker job: {monitored['s']:.1f} s, run label {run}"]
+    lines = [f"Ray 2-worker job (resumed), run label {run}"]
     for name in ("fne_samples_total", "fne_loss", "fne_fn_share", "fne_phase_seconds_total"):
         result = prometheus.poll(recorded(f'{name}{{job="ray", run="{run}"}}'), want=2)
         assert {s["metric"]["rank"] for s in result} == {"0", "1"}, (name, result)
