@@ -55,6 +55,12 @@ class RunConfig:
         "set by the Ray launcher: after a worker-group restart, checkpoints written by this "
         "run id are resumed even before Ray registered them",
     )
+    pictures: bool = setting(
+        True,
+        "draw the run's pictures on rank 0 (plots/: one per evaluation, training.png at the "
+        "end); false saves a few CPU seconds per evaluation, for short runs that only check "
+        "a launch path",
+    )
 
 
 @dataclass

@@ -250,7 +250,7 @@ def setup_run(
         reporter=fan_out,
         timer=timer,
         data_log=DataLog(stream, fan_out),
-        pictures=RunPictures(run_dir, cfg) if rank == 0 else NoPictures(),
+        pictures=RunPictures(run_dir, cfg) if rank == 0 and cfg.run.pictures else NoPictures(),
     )
 
 

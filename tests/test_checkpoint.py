@@ -276,35 +276,25 @@ def test_export_loads_without_deepspeed_and_retrieves(straight: Path, tmp_path: 
 
 
 @pytest.mark.timeout(600)  # two tiny trainings
-def test_ddp_twin_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
-    """Invariant: the plain-DDP comparison engine (engine.kind=ddp) trains, writes its state
-    through the checkpoint's own writer (engine/state.safetensors + state.json, no pickle: the
-    one layout), and a resumed run repeats the losses of steps 9..19 bitwise."""
-    run = _train(tmp_path, "ddp", "engine.kind=ddp")
+def test_ddp_twin_with_a_url_checkpoint_dir_resumes_exactly(tmp_path: Path) -> None:
+    """Invariant: the plain-DDP comparison engine (engine.kind=ddp) writes its state through the
+    checkpoint's own writer (engine/state.safetensors + state.json, no pickle: the one layout);
+    with checkpoint.dir an fsspec URL (file:// here: the same code path as s3://) checkpoints
+    are uploaded complete (meta.json last, keep_last honoured), and checkpoint.resume=latest
+    downloads the newest valid one and repeats the uninterrupted run's losses bitwise."""
+    url = f"file://{tmp_path / 'remote'}"
+    common = ("engine.kind=ddp", f"checkpoint.dir={url}")
+    run = _train(tmp_path, "url", *common, "checkpoint.keep_last=2")
     assert run.returncode == 0, run.stderr[-3000:]
-    step8 = tmp_path / "ddp" / "checkpoints" / "step-00000008"
-    assert {p.name for p in (step8 / ckpt.ENGINE_TAG).iterdir()} == {
+    assert ckpt.remote_checkpoints(url) == ["step-00000016", "step-00000019"]
+    step16 = tmp_path / "remote" / "step-00000016"
+    assert ckpt.validate(step16)["step"] == 16
+    assert {p.name for p in (step16 / ckpt.ENGINE_TAG).iterdir()} == {
         "state.safetensors",
         "state.json",
     }
-    run = _train(tmp_path, "ddp-resumed", "engine.kind=ddp", f"checkpoint.resume={step8}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    a, b = _losses(tmp_path / "ddp"), _losses(tmp_path / "ddp-resumed")
-    assert sorted(b) == list(range(9, 20)) and all(a[s] == b[s] for s in b)
-
-
-@pytest.mark.timeout(600)  # two tiny trainings
-def test_checkpoint_dir_as_fsspec_url(tmp_path: Path) -> None:
-    """Invariant: with checkpoint.dir an fsspec URL (file:// here: the same code path as s3://)
-    checkpoints are uploaded complete (meta.json last, keep_last honoured) and
-    checkpoint.resume=latest downloads the newest valid one and resumes exactly."""
-    url = f"file://{tmp_path / 'remote'}"
-    run = _train(tmp_path, "url", f"checkpoint.dir={url}", "checkpoint.keep_last=2")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert ckpt.remote_checkpoints(url) == ["step-00000016", "step-00000019"]
-    assert ckpt.validate(tmp_path / "remote" / "step-00000016")["step"] == 16
     shutil.rmtree(tmp_path / "remote" / "step-00000019")  # as if lost: resume from 16
-    run = _train(tmp_path, "url-resumed", f"checkpoint.dir={url}", "checkpoint.resume=latest")
+    run = _train(tmp_path, "url-resumed", *common, "checkpoint.resume=latest")
     assert run.returncode == 0, run.stderr[-3000:]
     a, b = _losses(tmp_path / "url"), _losses(tmp_path / "url-resumed")
     assert sorted(b) == [17, 18, 19] and all(a[s] == b[s] for s in b)
@@ -334,6 +324,7 @@ def _torchrun(tmp: Path, name: str, *overrides: str) -> subprocess.CompletedProc
             "train.log_every=1",
             "checkpoint.every_steps=4",
             "checkpoint.keep_last=0",
+            "train.eval_every=4",  # periodic evaluations (ZeRO-3 gathers parameters for them)
             *overrides,
         ],
         cwd=ROOT,
@@ -355,17 +346,49 @@ ENGINES = (
 )
 
 
+@pytest.fixture(scope="module")
+def zero3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank ZeRO-3 run (10 steps, checkpoints every 4, evaluations every 4)."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    run = _torchrun(tmp, "two", "engine.zero_stage=3")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    return tmp
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("engine", ENGINES)
-def test_two_rank_resume_is_exact(tmp_path: Path, engine: str) -> None:
+def test_two_rank_resume_is_exact(
+    tmp_path: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
     """Invariant: with 2 ranks (torchrun) under ZeRO-3 (partitioned parameters and optimizer
     state; ZeRO-2 and DDP with FNE_ALL_ENGINES=1), resuming from the step-4 checkpoint repeats
     the losses of steps 5..10 of the uninterrupted run bit for bit."""
-    run = _torchrun(tmp_path, "two", engine)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    if engine == "engine.zero_stage=3":
+        tmp_path = request.getfixturevalue("zero3")  # shared with the ZeRO-3 loop test below
+    else:
+        run = _torchrun(tmp_path, "two", engine)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     step4 = tmp_path / "two" / "checkpoints" / "step-00000004"
     assert ckpt.validate(step4)["world_size"] == 2
     run = _torchrun(tmp_path, "two-resumed", engine, f"checkpoint.resume={step4}")
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     a, b = _losses(tmp_path / "two"), _losses(tmp_path / "two-resumed")
     assert sorted(b) == list(range(5, 11)) and all(a[s] == b[s] for s in b), (a, b)
+
+
+@pytest.mark.timeout(600)
+def test_zero3_loop_evaluates_and_saves_whole_weights(zero3: Path) -> None:
+    """Invariant: under ZeRO-3 (the tiny text embedding is large enough to be partitioned), the
+    periodic and final evaluations run on every rank and give ZeRO-0's metrics, and the saved
+    weights are whole tensors with ZeRO-0's shapes (not the empty local partitions)."""
+    run = _torchrun(zero3, "zero0", "engine.zero_stage=0")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    m0, m3 = (json.loads((zero3 / n / "metrics.json").read_text()) for n in ("zero0", "two"))
+    assert m3["steps"] == m0["steps"]
+    assert [h["step"] for h in m3["history"] if "val" in h] == [4, 8]  # then the final one
+    for key in ("rsum", "group_rsum"):
+        assert m3["test"][key] == pytest.approx(m0["test"][key], abs=1e-6)
+    w0 = load_file(str(zero3 / "zero0" / "model.safetensors"))
+    w3 = load_file(str(zero3 / "two" / "model.safetensors"))
+    assert {k: v.shape for k, v in w3.items()} == {k: v.shape for k, v in w0.items()}
+    assert max(v.numel() for v in w3.values()) >= 100_000  # really a partitioned tensor

@@ -1,10 +1,15 @@
 """cluster/ray: the cluster launcher config passes Ray's own validator, and `ray job submit`
-works against a real Ray head with token authentication.
+works against a real two-node Ray cluster with token authentication.
 
-The head (one per module) runs on loopback on non-default ports with its own --temp-dir and
-$HOME (where `ray get-auth-token --generate` writes the token); every process it starts carries
-a marker variable and is stopped by PID at the end, never with `ray stop` (which would stop
-other Ray users of the machine).
+The head (one per module) runs on loopback (127.0.0.3) on non-default ports with its own
+--temp-dir and $HOME (where `ray get-auth-token --generate` writes the token); a second node
+joins at 127.0.0.2. Every process they start carries a marker variable and is stopped by PID at
+the end, never with `ray stop` (which would stop other Ray users of the machine). The jobs on
+this one cluster cover: a worker killed with SIGKILL and Ray's restart from the latest
+checkpoint, `ray job stop` then a resubmission with checkpoint.resume=latest, a resubmission
+that must not resume, relative paths refused, a worker's data error failing its job, and the
+resumed job's metrics reaching the session's Prometheus through Ray's agents (the head's
+--temp-dir is where Prometheus finds them).
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ import yaml
 
 from fne_dist import checkpoint as ckpt
 from fne_dist.distributed.launch import free_port
+from tests.fixtures_prometheus import Prometheus, recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLUSTER_YAML = ROOT / "cluster" / "ray" / "cluster.yaml"
 RUNTIME_ENV = ROOT / "cluster" / "ray" / "runtime_env.yaml"
+PROM_RULES = ROOT / "cluster" / "prometheus" / "rules"
+VAL_SHARD = ROOT / "shards" / "emoji" / "emoji-val-000000.tar.gz"
 MARKER = "FNE_RAY_HEAD_TEST"
 JOB_TIMEOUT_S = 300
 HEAD_IP = "127.0.0.3"  # the head node's address (loopback); a second node joins at 127.0.0.2
@@ -160,9 +168,10 @@ def _stop(marker: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+def ray_head(tmp_path_factory: pytest.TempPathFactory, ray_temp_root: Path) -> Iterator[RayHead]:
     base = tmp_path_factory.mktemp("ray-head")
-    temp = Path(tempfile.mkdtemp(prefix="fnh", dir="/tmp"))  # short: socket paths
+    temp = ray_temp_root / "ray"  # short (socket paths); the session's Prometheus watches it
+    temp.mkdir()
     marker = uuid.uuid4().hex
     home = base / "home"
     home.mkdir()
@@ -179,6 +188,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
         RAY_AUTH_MODE="token",
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_metrics_report_interval_ms="1000",  # workers' metrics reach the agent every second
         GLOO_SOCKET_IFNAME="lo",
         DS_ACCELERATOR="cpu",
         **{MARKER: marker},
@@ -238,7 +248,7 @@ def _steps(run_dir: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def second_node(ray_head: RayHead) -> Iterator[None]:
+def second_node(ray_head: RayHead) -> Iterator[str]:
     """A second Ray node joining the head (`ray start --address` at 127.0.0.2, its own short
     temp dir and ports, the same token), stopped by PID (its own marker) at the end."""
     temp = Path(tempfile.mkdtemp(prefix="fn2", dir="/tmp"))  # short: socket paths
@@ -255,24 +265,54 @@ def second_node(ray_head: RayHead) -> Iterator[None]:
         env = {**ray_head.env, MARKER: marker, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stdout + started.stderr
-        yield
+        yield marker
     finally:
         _stop(marker)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-STOP_ARGS = ("train.epochs=0.08", "train.log_every=1", "checkpoint.every_steps=2")
+STOP_ARGS = (
+    "train.epochs=0.12",  # 22 steps: still running when `ray job stop` arrives
+    "train.log_every=1",
+    "checkpoint.every_steps=4",  # each costs seconds here (Ray copies it to its storage)
+    "dist.max_failures=1",
+)
+
+
+def _complete_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints (meta.json written last, after every rank's part)."""
+    return [int(p.parent.name.split("-")[1]) for p in run_dir.glob("checkpoints/step-*/meta.json")]
+
+
+def _kill_a_worker(marker: str) -> int:
+    """SIGKILL one Ray Train worker process of the node whose processes carry ``marker``."""
+    for pid in _marked(marker):
+        with contextlib.suppress(OSError):
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            if title.startswith(b"ray::RayTrainWorker"):
+                os.kill(pid, signal.SIGKILL)
+                return pid
+    raise AssertionError("no RayTrainWorker process on the second node")
 
 
 @pytest.fixture(scope="module")
-def stopped(ray_head: RayHead, second_node: None) -> dict:
-    """A 2-worker job (one worker per node) stopped with `ray job stop` once its first
-    checkpoint is complete; the steps it logged, after its workers are gone."""
+def stopped(ray_head: RayHead, second_node: str) -> dict:
+    """A 2-worker job (one worker per node) whose worker on the second node is killed with
+    SIGKILL after the first complete checkpoint (Ray restarts the worker group, dist.max_failures
+    =1), then stopped with `ray job stop` once the restarted group has written a checkpoint of
+    its own; the steps it logged, after its workers are gone."""
     run_dir = ray_head.base / "shared" / "runs" / "tiny"
     t0 = time.monotonic()
     job = ray_head.start("stopped", *_tiny(ray_head, "tiny", *STOP_ARGS))
-    first = run_dir / "checkpoints" / "step-00000002" / "meta.json"
-    assert _until(first.is_file, JOB_TIMEOUT_S), ray_head.ray("job", "logs", job)[-3000:]
+    assert _until(lambda: _complete_steps(run_dir), JOB_TIMEOUT_S), ray_head.ray(
+        "job", "logs", job
+    )[-3000:]
+    killed = _kill_a_worker(second_node)
+    # A checkpoint needs every rank's part, so one newer than those complete now comes from
+    # the restarted worker group.
+    before_kill = max(_complete_steps(run_dir))
+    restarted = _until(lambda: max(_complete_steps(run_dir)) > before_kill, JOB_TIMEOUT_S)
+    assert restarted, ray_head.ray("job", "logs", job)[-3000:]
     ray_head.ray("job", "stop", job)
     status = ray_head.ray("job", "status", job)
     seen: list[list[int]] = [[-1], _steps(run_dir)]  # settle: the workers die after the driver
@@ -280,17 +320,34 @@ def stopped(ray_head: RayHead, second_node: None) -> dict:
         time.sleep(2)
         seen.append(_steps(run_dir))
     logs = ray_head.ray("job", "logs", job)
-    return {"status": status, "steps": seen[-1], "logs": logs, "s": time.monotonic() - t0}
+    return {
+        "status": status,
+        "steps": seen[-1],
+        "logs": logs,
+        "killed": killed,
+        "before_kill": before_kill,
+        "s": time.monotonic() - t0,
+    }
 
 
 @pytest.fixture(scope="module")
-def resumed(ray_head: RayHead, stopped: dict) -> dict:
-    """The same run resubmitted with checkpoint.resume=latest, to its end."""
+def resumed(ray_head: RayHead, stopped: dict, request: pytest.FixtureRequest) -> dict:
+    """The same run resubmitted with checkpoint.resume=latest, to its end. Its phases are
+    timed and its run label is known, and the session's Prometheus (where installed) runs
+    before it starts: its metrics are those test_ray_run_arrives_under_the_same_names reads."""
+    with contextlib.suppress(pytest.skip.Exception):
+        request.getfixturevalue("prometheus")
+    run_id = f"resumed-{uuid.uuid4().hex[:8]}"  # the series' run label
     t0 = time.monotonic()
-    args = _tiny(ray_head, "tiny", *STOP_ARGS, "checkpoint.resume=latest")
-    rc, out = ray_head.submit("resumed", *args)
+    args = [*STOP_ARGS, "checkpoint.resume=latest", f"run.id={run_id}", "train.profile_phases=true"]
+    rc, out = ray_head.submit("resumed", *_tiny(ray_head, "tiny", *args))
     print(f"\nray jobs: stopped {stopped['s']:.1f} s, resumed {time.monotonic() - t0:.1f} s")
-    return {"rc": rc, "out": out, "run_dir": ray_head.base / "shared" / "runs" / "tiny"}
+    return {
+        "rc": rc,
+        "out": out,
+        "run": run_id,
+        "run_dir": ray_head.base / "shared" / "runs" / "tiny",
+    }
 
 
 @pytest.mark.system
@@ -310,10 +367,26 @@ def test_ray_job_stop_then_resume_continues(stopped: dict, resumed: dict) -> Non
     lines = [ln for ln in resumed["out"].splitlines() if "resumed from" in ln]
     assert lines, resumed["out"][-3000:]
     step = int(lines[0].split("optimizer step ")[1].split(",")[0])
-    assert step >= 2 and step % 2 == 0, lines[0]
+    assert step >= 4 and step % 4 == 0, lines[0]
     assert step <= before[-1], (step, before)
     # H32: the lines of steps the resumed run redid were dropped, so every step is there once
     assert _steps(resumed["run_dir"]) == list(range(1, total + 1))
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_ray_restarts_a_killed_worker_from_the_latest_checkpoint(stopped: dict) -> None:
+    """Invariant: with dist.max_failures=1, SIGKILL of the Ray Train worker on the second node
+    after a complete checkpoint makes Ray restart the worker group, which resumes from a
+    complete checkpoint no newer than the last one before the kill (the log says from where)
+    and goes on checkpointing; the job log shows the restart, not a failure."""
+    lines = [ln for ln in stopped["logs"].splitlines() if "resumed from" in ln]
+    assert lines, stopped["logs"][-5000:]
+    step = int(lines[0].split("optimizer step ")[1].split(",")[0])
+    assert 4 <= step <= stopped["before_kill"], (lines[0], stopped["before_kill"])
+    assert "was stopped" in stopped["status"], stopped["status"]
+    print(f"\nkill -9 of Ray worker PID {stopped['killed']}; restart log: {lines[0].strip()}")
 
 
 @pytest.mark.system
@@ -364,3 +437,53 @@ def test_relative_paths_under_a_ray_job_are_refused(ray_head: RayHead) -> None:
     assert rc != 0, out[-3000:]
     assert "error: under a Ray job the working dir is Ray's temporary copy" in out, out[-3000:]
     assert "run.output_dir=runs" in out and "RayTrainWorker" not in out
+
+
+@pytest.mark.system
+@pytest.mark.timeout(JOB_TIMEOUT_S)
+def test_worker_error_fails_the_job(ray_head: RayHead, second_node: str) -> None:
+    """Invariant: a truncated val shard passes the driver's preflight (the path exists, its
+    size index promises every sample) and is only found when the Ray workers read it; with half
+    its samples missing (above data.max_bad_fraction) the job then fails promptly with the
+    worker's traceback (the DataError naming data.val, the shard and the reason) in its
+    output, and no metrics.json."""
+    corrupt = ray_head.base / "corrupt" / "emoji-val-000000.tar.gz"
+    corrupt.parent.mkdir(parents=True)
+    data = VAL_SHARD.read_bytes()
+    corrupt.write_bytes(data[: len(data) // 2])  # a truncated gzip stream
+    (corrupt.parent / "sizes.json").write_text(json.dumps({corrupt.name: 366}))
+    rc, out = ray_head.submit("corrupt", *_tiny(ray_head, "corrupt", f"data.val={corrupt}"))
+    assert rc != 0, out[-5000:]
+    assert "Traceback" in out and "load_split" in out, out[-5000:]
+    assert f"data.val: shard {corrupt}" in out and "truncated_tar" in out, out[-5000:]
+    assert not (ray_head.base / "shared" / "runs" / "corrupt" / "metrics.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics of a Ray job reach the session's Prometheus through Ray's own agent
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_ray_run_arrives_under_the_same_names(resumed: dict, prometheus: Prometheus) -> None:
+    """Invariant: a 2-worker Ray Train job's metrics (the resumed job's) reach Prometheus
+    through Ray's metrics agents and the head's discovery file (job="ray", no port of ours),
+    recorded under the fne_* names for both ranks (one per node), and the per-run recording
+    rules return data for it."""
+    assert resumed["rc"] == 0, resumed["out"][-5000:]
+    run = resumed["run"]
+    info = prometheus.poll(recorded(f'fne_run_info{{job="ray", run="{run}"}}'), want=2)
+    assert {s["metric"]["rank"] for s in info} == {"0", "1"}, info
+    assert {s["metric"]["launcher"] for s in info} == {"ray"}
+    lines = [f"Ray 2-worker job (resumed), run label {run}"]
+    for name in ("fne_samples_total", "fne_loss", "fne_fn_share", "fne_phase_seconds_total"):
+        result = prometheus.poll(recorded(f'{name}{{job="ray", run="{run}"}}'), want=2)
+        assert {s["metric"]["rank"] for s in result} == {"0", "1"}, (name, result)
+        lines.append(f"{name}: {len(result)} series")
+    rules = yaml.safe_load((PROM_RULES / "fne_recording.yml").read_text())["groups"]
+    for rule in (r for g in rules for r in g["rules"]):
+        result = prometheus.poll(recorded(f'{rule["record"]}{{run="{run}"}}'), want=1)
+        assert len(result) == 1, (rule["record"], result)
+        lines.append(f"{rule['record']}: {result[0]['value'][1]}")
+    print("\n".join(lines))

@@ -253,3 +253,5 @@ def test_kill_a_rank_on_one_node_then_resubmit_resumes(
     # H32: the lines of steps the resumed run redid were dropped, so every step is there once
     after = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in after] == list(range(1, 11))
+    print(f"\nrank 1 killed after step {json.loads(before[-1])['step']}; {resumed[0].strip()}")
+    print(f"steps logged: {[h['step'] for h in after]}")

@@ -157,6 +157,7 @@ def test_two_node_checkpoint_lists_every_ranks_files(nodes: TwoNodes, straight: 
             assert f"rank-{rank:05d}.json" in files and f"rank-{rank:05d}.safetensors" in files
     assert not list(nodes.base.rglob("step-*.tmp")), list(nodes.base.rglob("step-*.tmp"))
     assert meta(found[-1])["world_size"] == 2
+    print(f"\n{found[-1]}: " + ", ".join(sorted(validate(found[-1])["files"])))
 
 
 @pytest.mark.timeout(300)
@@ -225,3 +226,5 @@ def test_kill_one_node_then_resume_both_from_a_url_checkpoint(
     assert not list(local1.glob("step-*/rank-00000.json"))  # node 1 never held rank 0's part
     _, last = find_resumable_remote(f"file://{remote}", nodes.base / "fetched", print)
     assert last["step"] == STEPS and last["world_size"] == 2
+    print(f"\nkilled after step {before[-1]['step']}; {resumed[0].strip()}")
+    print(f"steps logged: {[h['step'] for h in whole]}")

@@ -41,6 +41,7 @@ def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
             str(TINY),
             f"run.output_dir={tmp_path}",
             f"data.cache_dir={tmp_path / 'cache'}",
+            "run.pictures=true",
         ],
         cwd=tmp_path,
         env=_env(),

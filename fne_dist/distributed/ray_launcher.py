@@ -89,6 +89,21 @@ def _absolute(cfg: Config) -> dict[str, Any]:
     return data
 
 
+def _local_cpus() -> float:
+    """The CPUs a local Ray instance started here would offer: Ray's own count (cgroup and
+    affinity limits included), so that too many workers are refused before Ray starts."""
+    from ray._private.utils import get_num_cpus  # what ray.init(num_cpus=None) uses
+
+    return float(get_num_cpus())
+
+
+def _too_few_cpus(cfg: Config, needed: float, available: float) -> str:
+    return (
+        f"dist.workers={cfg.dist.workers} × dist.cpus_per_worker={cfg.dist.cpus_per_worker} "
+        f"needs {needed:g} CPUs; the local Ray instance has {available:g}"
+    )
+
+
 def run_with_ray(cfg: Config) -> dict[str, Any]:
     """Start ``cfg.dist.workers`` Ray Train workers and wait for them; returns final metrics."""
     from ..loop import preflight
@@ -104,6 +119,9 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
 
     address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized() and not address
+    needed = cfg.dist.workers * cfg.dist.cpus_per_worker
+    if started_here and needed > (local := _local_cpus()):
+        raise ConfigError(_too_few_cpus(cfg, needed, local))  # before a local Ray starts (~15 s)
     if not ray.is_initialized():
         with TaskProgress("ray_start", f"ray start ({address or 'local'})", None, "").ticking():
             if address:
@@ -111,15 +129,11 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
             else:  # a local Ray instance for this run, on loopback
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
                 ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    needed = cfg.dist.workers * cfg.dist.cpus_per_worker
     available = ray.cluster_resources().get("CPU", 0.0)
     if not address and needed > available:
         if started_here:
             ray.shutdown()  # a local instance we started must not outlive the run
-        raise ConfigError(
-            f"dist.workers={cfg.dist.workers} × dist.cpus_per_worker={cfg.dist.cpus_per_worker} "
-            f"needs {needed:g} CPUs; the local Ray instance has {available:g}"
-        )
+        raise ConfigError(_too_few_cpus(cfg, needed, available))
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"config": _absolute(cfg)},
