@@ -92,8 +92,10 @@ def _absolute(cfg: Config) -> dict[str, Any]:
 def _local_cpus() -> float:
     """The CPUs a local Ray instance started here would offer: Ray's own count (cgroup and
     affinity limits included), so that too many workers are refused before Ray starts."""
-    from ray._private.utils import get_num_cpus  # what ray.init(num_cpus=None) uses
-
+    try:
+        from ray._private.utils import get_num_cpus  # what ray.init(num_cpus=None) uses
+    except ImportError:  # a Ray without it: the check after the start still refuses
+        return float("inf")
     return float(get_num_cpus())
 
 
