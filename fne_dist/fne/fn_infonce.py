@@ -38,7 +38,9 @@ def fn_info_nce(
     positive_BN = negative_mask(ids_B, pos_col_B, cand_ids_N)
     negative_BN = ~positive_BN & (cand_ids_N >= 0)[None, :]
     with torch.no_grad():
-        log_odds_BN = pair_log_odds(cfg.fn_signal, g, sim_BN.detach(), intra_BN)
+        log_odds_BN = pair_log_odds(
+            cfg.fn_signal, g, sim_BN.detach(), intra_BN, negative_BN, (cfg.tail_z, cfg.tail_slope)
+        )
         log_w_BN, flagged_BN = denominator_log_weights(
             log_odds_BN, negative_BN, cfg.infonce_fn, cfg.eps
         )

@@ -228,7 +228,11 @@ def _select(
             if other_signal:
                 assert g is not None
                 intra_bN = a.img_BD[b0 : b0 + cfg.block_rows].detach() @ c.img_ND.T
-                odds_bN = pair_log_odds(cfg.fn_signal, g, sim_bN, intra_bN).to(sim_bN.dtype)
+                ids_b = a.ids_B[b0 : b0 + cfg.block_rows]
+                null_bN = (c.ids_N[None, :] != ids_b[:, None]) & (c.ids_N >= 0)[None, :]
+                odds_bN = pair_log_odds(
+                    cfg.fn_signal, g, sim_bN, intra_bN, null_bN, (cfg.tail_z, cfg.tail_slope)
+                ).to(sim_bN.dtype)
             for r0 in range(0, sim_bN.shape[0], chunk):
                 rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
                 if other_signal:

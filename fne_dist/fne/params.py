@@ -99,10 +99,17 @@ class FneConfig:
     fn_signal: str = setting(
         "cross",
         "fn_model mixture: what P_fn is computed from: cross (the direction's cross-modal "
-        "similarity), intra (image-image similarity of anchor and candidate) or both (naive "
-        "Bayes product of the two likelihood ratios), for the fne sampler and infonce_fn "
-        "(fne.fn_signal)",
+        "similarity), intra (image-image similarity of anchor and candidate), both (naive "
+        "Bayes product of the two likelihood ratios) or tail (the image-image similarity's "
+        "robust z within the anchor's candidates; fne.tail), for the fne sampler and "
+        "infonce_fn (fne.fn_signal)",
         choices=FN_SIGNALS,
+    )
+    tail_z: float = setting(
+        3.0, "fn_signal tail: z₀, the robust z at which P_fn = 0.5 (fne.tail)", gt=0.0
+    )
+    tail_slope: float = setting(
+        4.0, "fn_signal tail: k, the logistic's slope in z, P_fn = sigmoid(k(z − z₀))", gt=0.0
     )
     infonce_fn: str = setting(
         "off",
