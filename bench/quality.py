@@ -82,6 +82,11 @@ VARIANTS: dict[str, dict] = {
     # 8× the random candidates per anchor in the mixture's histogram: rare false negatives
     # (emoji: 0.6 % of candidates) get enough samples to form a component
     "fne_intra_s32": dict(_FNE_INTRA, stats_samples=32),
+    # P_fn from the image-image similarity's robust z within each anchor's own candidates
+    # (fne.tail): rare false negatives (emoji) are outliers of the anchor's bulk, no mixture
+    "fne_tail": dict(_FNE_INTRA, fn_signal="tail"),
+    "fne_tail_all_pairs": dict(_FNE_INTRA, fn_signal="tail", stats_source="all_pairs"),
+    "fne_tail_z2": dict(_FNE_INTRA, fn_signal="tail", tail_z=2.0),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
@@ -89,6 +94,7 @@ VARIANTS: dict[str, dict] = {
     "infonce_fn_intra": dict(_FN_INFONCE, fn_signal="intra"),
     "infonce_fn_both": dict(_FN_INFONCE, fn_signal="both"),
     "infonce_fn_intra_elim": dict(_FN_INFONCE, fn_signal="intra", infonce_fn="eliminate"),
+    "infonce_fn_tail": dict(_FN_INFONCE, fn_signal="tail"),
     "infonce_fn_both_soft": dict(_FN_INFONCE, fn_signal="both", eps=0.0),  # w = 1 − P_fn always
     "oracle": dict(loss="fne", mask_groups=True),
 }
