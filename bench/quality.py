@@ -87,6 +87,10 @@ VARIANTS: dict[str, dict] = {
     "fne_tail": dict(_FNE_INTRA, fn_signal="tail"),
     "fne_tail_all_pairs": dict(_FNE_INTRA, fn_signal="tail", stats_source="all_pairs"),
     "fne_tail_z2": dict(_FNE_INTRA, fn_signal="tail", tail_z=2.0),
+    # τ_fn 20: a flagged candidate's weight exp(−20 P_fn) ≤ 4.5e-5, i.e. eliminated (τ_fn 4
+    # leaves 0.14 at P_fn 0.5): fne_tail flagged emoji family mates (P_fn > ε recall 0.6-0.75)
+    # yet they stayed ~47 % of the drawn negatives.
+    "fne_tail_t20": dict(_FNE_INTRA, fn_signal="tail", tau_fn=20.0),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
