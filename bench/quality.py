@@ -91,6 +91,9 @@ VARIANTS: dict[str, dict] = {
     # leaves 0.14 at P_fn 0.5): fne_tail flagged emoji family mates (P_fn > ε recall 0.6-0.75)
     # yet they stayed ~47 % of the drawn negatives.
     "fne_tail_t20": dict(_FNE_INTRA, fn_signal="tail", tau_fn=20.0),
+    # ... because the missed mates share the anchor's caption: the text-text tail too
+    "fne_tail_both": dict(_FNE_INTRA, fn_signal="tail_both"),
+    "fne_tail_both_all_pairs": dict(_FNE_INTRA, fn_signal="tail_both", stats_source="all_pairs"),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
@@ -99,6 +102,7 @@ VARIANTS: dict[str, dict] = {
     "infonce_fn_both": dict(_FN_INFONCE, fn_signal="both"),
     "infonce_fn_intra_elim": dict(_FN_INFONCE, fn_signal="intra", infonce_fn="eliminate"),
     "infonce_fn_tail": dict(_FN_INFONCE, fn_signal="tail"),
+    "infonce_fn_tail_both": dict(_FN_INFONCE, fn_signal="tail_both"),
     "infonce_fn_both_soft": dict(_FN_INFONCE, fn_signal="both", eps=0.0),  # w = 1 − P_fn always
     "oracle": dict(loss="fne", mask_groups=True),
 }

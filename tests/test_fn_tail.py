@@ -101,7 +101,7 @@ def test_pair_log_odds_tail_is_the_logistic_and_needs_the_null() -> None:
     null = torch.ones_like(x, dtype=torch.bool)
     out = pair_log_odds("tail", g, torch.zeros_like(x), x, null, (2.0, 5.0))
     torch.testing.assert_close(out, 5.0 * ((x - 3.0) / MAD_TO_SD - 2.0))
-    with pytest.raises(ValueError, match="tail needs"):
+    with pytest.raises(ValueError, match="tail needs the candidates"):
         pair_log_odds("tail", g, torch.zeros_like(x), x)
     with pytest.raises(ValueError, match=r"needs fne\.fn_model=mixture"):
         FneConfig(fn_signal="tail").check()
@@ -156,3 +156,22 @@ def test_infonce_fn_with_tail_drops_the_image_copy_from_the_denominator() -> Non
         l1 = -F.log_softmax(anc[1] @ cand.T / temp, dim=0)[1]
         losses.append(0.5 * (l0 + l1))
     torch.testing.assert_close(out.loss, 0.5 * (losses[0] + losses[1]))
+
+
+def test_tail_both_flags_a_duplicate_caption_with_an_unlike_image() -> None:
+    """Invariant: tail_both is the OR of the two tail tests: z = max(z_image, z_text), so a
+    candidate whose caption duplicates the anchor's is flagged although its image is ordinary,
+    and without text similarities tail_both fails with one clear error."""
+    gen = torch.Generator().manual_seed(1)
+    img = 0.5 + 0.1 * torch.randn(1, 200, generator=gen, dtype=F64)
+    txt = 0.3 + 0.1 * torch.randn(1, 200, generator=gen, dtype=F64)
+    txt[0, 7] = 1.0  # the duplicate caption; its image stays in the bulk
+    null = torch.ones_like(img, dtype=torch.bool)
+    both = tail_log_odds(img, null, 3.0, 4.0, txt)
+    want = 4.0 * (torch.maximum(robust_z(img, null), robust_z(txt, null)) - 3.0)
+    torch.testing.assert_close(both, want)
+    assert both[0, 7] > 0 and tail_log_odds(img, null, 3.0, 4.0)[0, 7] < 0
+    g = Gaussians(*(torch.tensor(v, dtype=F64) for v in (0.5, 0.01, 0.1, 0.01, 1.0)),
+                  torch.tensor(True), torch.tensor(True))  # fmt: skip
+    with pytest.raises(ValueError, match="tail_both needs"):
+        pair_log_odds("tail_both", g, img, img, null)

@@ -101,7 +101,8 @@ class FneConfig:
         "fn_model mixture: what P_fn is computed from: cross (the direction's cross-modal "
         "similarity), intra (image-image similarity of anchor and candidate), both (naive "
         "Bayes product of the two likelihood ratios) or tail (the image-image similarity's "
-        "robust z within the anchor's candidates; fne.tail), for the fne sampler and "
+        "robust z within the anchor's candidates; fne.tail) or tail_both (the larger of the "
+        "image-image and text-text robust z), for the fne sampler and "
         "infonce_fn (fne.fn_signal)",
         choices=FN_SIGNALS,
     )

@@ -25,6 +25,15 @@ family mates. Per anchor, so an anchor in a dense region of the image space (hig
 not flagged wholesale, as one pooled threshold would. Per row over the candidates every rank
 holds identically, so nothing crosses ranks; never-written memory slots and the anchor's own
 id (its image is the anchor's) are left out of m and d.
+
+``fn_signal: tail_both``: z_ij = max(z_ij(image-image), z_ij(text-text)), each robust z as
+above. Why (measured, emoji, fne_tail): P_fn > ε caught 0.6-0.75 of the family mates, yet they
+stayed ~47 % of the drawn negatives, also with flagged candidates eliminated (τ_fn 20). Family
+mates share the anchor's caption, so in i2t their cross-modal similarity equals s⁺ exactly and
+the kernel weight exp(−τ_k (s − s⁺)²) is at its maximum: the mates the image signal misses
+take the draws. A duplicate (or near-duplicate) caption is a false negative whatever the
+images look like, and the text-text similarity is then an extreme outlier of the anchor's
+row. The max is an OR of the two tail tests.
 """
 
 from __future__ import annotations
@@ -47,6 +56,12 @@ def robust_z(intra_bN: Tensor, null_bN: Tensor) -> Tensor:
     return ((x - med_b.nan_to_num(0.0)) / scale_b).nan_to_num(0.0)
 
 
-def tail_log_odds(intra_bN: Tensor, null_bN: Tensor, z0: float, slope: float) -> Tensor:
-    """L = slope · (z − z0) of every pair (module doc), float64."""
-    return slope * (robust_z(intra_bN, null_bN) - z0)
+def tail_log_odds(
+    intra_bN: Tensor, null_bN: Tensor, z0: float, slope: float, text_bN: Tensor | None = None
+) -> Tensor:
+    """L = slope · (z − z0) of every pair (module doc), float64; with ``text_bN``
+    (``tail_both``), z is the larger of the image-image and the text-text robust z."""
+    z = robust_z(intra_bN, null_bN)
+    if text_bN is not None:
+        z = torch.maximum(z, robust_z(text_bN, null_bN))
+    return slope * (z - z0)
