@@ -175,3 +175,30 @@ def test_tail_both_flags_a_duplicate_caption_with_an_unlike_image() -> None:
                   torch.tensor(True), torch.tensor(True))  # fmt: skip
     with pytest.raises(ValueError, match="tail_both needs"):
         pair_log_odds("tail_both", g, img, img, null)
+
+
+@pytest.mark.parametrize(("fallback", "want"), [("hardest", 1), ("unflagged", 2)])
+def test_empty_window_fallback_skips_flagged_candidates_only_when_asked(
+    fallback: str, want: int
+) -> None:
+    """Invariant: a row whose hard-cut window is empty falls back to the hardest violator
+    (the paper); with fne.fallback unflagged, to the hardest violator with P_fn ≤ ε, so a
+    flagged false negative is not drawn through the fallback. Row: positive 0.35, negatives
+    0.28 (flagged), 0.25, 0.10; μ⁺ 0.5, margin 0.2: cut at 0.3, window empty, both 0.28 and
+    0.25 violate the margin."""
+    from fne_dist.fne.selection import select_dense
+
+    one = torch.tensor(1.0, dtype=F64)
+    g = Gaussians(one * 0.5, one * 0.01, one * 0.1, one * 0.01, one, torch.tensor(True),
+                  torch.tensor(True))  # fmt: skip
+    cfg = FneConfig(fn_model="mixture", fn_signal="tail", eps=0.5, fallback=fallback)
+    cfg.check()
+    sim = torch.tensor([[0.35, 0.28, 0.25, 0.10]], dtype=F64)
+    log_odds = torch.tensor([[-9.0, 9.0, -9.0, -9.0]], dtype=F64)
+    u = torch.full((1, 1), 0.5, dtype=F64)
+    p = select_dense(sim, torch.tensor([0]), torch.tensor([0]), torch.arange(4), None, None, u,
+                     g, cfg, "fne", log_odds_bN=log_odds)  # fmt: skip
+    assert p.fallback_b.tolist() == [True]
+    assert p.index_bk.tolist() == [[want]] and p.valid_bk.tolist() == [[True]]
+    with pytest.raises(ValueError, match="fallback=unflagged needs"):
+        FneConfig(fn_model="mixture", fallback="unflagged").check()
