@@ -96,6 +96,9 @@ VARIANTS: dict[str, dict] = {
     # ... the real cause: late in training most rows' windows are empty (emoji: ~80 % of rows
     # fall back), and the fallback, the hardest violator, is the flagged mate; skip flagged ones
     "fne_tail_unflagged": dict(_FNE_INTRA, fn_signal="tail", fallback="unflagged"),
+    "fne_intra_all_pairs_unflagged": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged"
+    ),
     "fne_tail_both_all_pairs": dict(_FNE_INTRA, fn_signal="tail_both", stats_source="all_pairs"),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
