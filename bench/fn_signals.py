@@ -8,7 +8,8 @@ negative = same group, true negative = the rest. Prints the fitted Gaussians of 
 (μ±, σ±), each population's similarity mean ± sd, and how well each signal ranks false above
 true negatives (AUC), over all candidates and inside the hard-cut window (s > μ⁺ − margin,
 where the sampler draws): the cross-modal similarity s the posterior sees, s − s⁺, a z-score
-within the anchor's candidates, and the intra-modal similarities (image-image, text-text).
+within the anchor's candidates, the intra-modal similarities (image-image, text-text), and
+the image-image robust z within the anchor's items (fn_signal tail).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality
 
 from fne_dist.fne import FneConfig
+from fne_dist.fne.tail import robust_z
 
 
 def auc(x: Tensor, fn: Tensor, tn: Tensor, n: int = 4000) -> float:
@@ -55,6 +57,7 @@ def signals(model, train: dict, anchors: int = 600) -> tuple[dict[str, Tensor], 
     s_pos = (img[a] * txt[a]).sum(1, keepdim=True)
     out = {"cross s": s, "s - s+": s - s_pos, "z within anchor": (s - mean) / sd,
            "image-image": img[a] @ img.T, "text-text": txt[a] @ txt.T}  # fmt: skip
+    out["image-image robust z"] = robust_z(out["image-image"], ~pos)  # fn_signal tail
     return out, {"pos": pos, "fn": fn, "tn": ~pos & ~fn}
 
 

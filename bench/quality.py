@@ -82,6 +82,25 @@ VARIANTS: dict[str, dict] = {
     # 8× the random candidates per anchor in the mixture's histogram: rare false negatives
     # (emoji: 0.6 % of candidates) get enough samples to form a component
     "fne_intra_s32": dict(_FNE_INTRA, stats_samples=32),
+    # P_fn from the image-image similarity's robust z within each anchor's own candidates
+    # (fne.tail): rare false negatives (emoji) are outliers of the anchor's bulk, no mixture
+    "fne_tail": dict(_FNE_INTRA, fn_signal="tail"),
+    "fne_tail_all_pairs": dict(_FNE_INTRA, fn_signal="tail", stats_source="all_pairs"),
+    "fne_tail_z2": dict(_FNE_INTRA, fn_signal="tail", tail_z=2.0),
+    # τ_fn 20: a flagged candidate's weight exp(−20 P_fn) ≤ 4.5e-5, i.e. eliminated (τ_fn 4
+    # leaves 0.14 at P_fn 0.5): fne_tail flagged emoji family mates (P_fn > ε recall 0.6-0.75)
+    # yet they stayed ~47 % of the drawn negatives.
+    "fne_tail_t20": dict(_FNE_INTRA, fn_signal="tail", tau_fn=20.0),
+    # the text-text tail too (hypothesis: the missed mates, sharing the anchor's caption, take
+    # the draws; measured: recall up, drawn share unchanged)
+    "fne_tail_both": dict(_FNE_INTRA, fn_signal="tail_both"),
+    # ... the real cause: late in training most rows' windows are empty (emoji: ~80 % of rows
+    # fall back), and the fallback, the hardest violator, is the flagged mate; skip flagged ones
+    "fne_tail_unflagged": dict(_FNE_INTRA, fn_signal="tail", fallback="unflagged"),
+    "fne_intra_all_pairs_unflagged": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged"
+    ),
+    "fne_tail_both_all_pairs": dict(_FNE_INTRA, fn_signal="tail_both", stats_source="all_pairs"),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
@@ -89,6 +108,8 @@ VARIANTS: dict[str, dict] = {
     "infonce_fn_intra": dict(_FN_INFONCE, fn_signal="intra"),
     "infonce_fn_both": dict(_FN_INFONCE, fn_signal="both"),
     "infonce_fn_intra_elim": dict(_FN_INFONCE, fn_signal="intra", infonce_fn="eliminate"),
+    "infonce_fn_tail": dict(_FN_INFONCE, fn_signal="tail"),
+    "infonce_fn_tail_both": dict(_FN_INFONCE, fn_signal="tail_both"),
     "infonce_fn_both_soft": dict(_FN_INFONCE, fn_signal="both", eps=0.0),  # w = 1 − P_fn always
     "oracle": dict(loss="fne", mask_groups=True),
 }

@@ -30,15 +30,19 @@ def fn_info_nce(
     g: Gaussians,
     cfg: FneConfig,
     temperature: Tensor,
+    text_BN: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(loss of one direction, diagnostic sums). intra_BN: image-image similarities of the
     anchors' and candidates' images (no gradient); groups: (anchor, candidate) labels to score
-    "P_fn > ε" against, or None."""
+    "P_fn > ε" against, or None; text_BN: text-text similarities (fn_signal tail_both)."""
     sim_BN = anchor_BD @ cand_ND.T
     positive_BN = negative_mask(ids_B, pos_col_B, cand_ids_N)
     negative_BN = ~positive_BN & (cand_ids_N >= 0)[None, :]
     with torch.no_grad():
-        log_odds_BN = pair_log_odds(cfg.fn_signal, g, sim_BN.detach(), intra_BN)
+        tail = (cfg.tail_z, cfg.tail_slope)
+        log_odds_BN = pair_log_odds(
+            cfg.fn_signal, g, sim_BN.detach(), intra_BN, negative_BN, tail, text_BN
+        )
         log_w_BN, flagged_BN = denominator_log_weights(
             log_odds_BN, negative_BN, cfg.infonce_fn, cfg.eps
         )

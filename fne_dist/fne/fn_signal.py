@@ -25,6 +25,9 @@ on its own histogram; the histograms are concatenated into the one all-reduced s
     both:   L = logit π_intra + Λ_intra(x) + Λ_cross(s)              (naive Bayes: the two
             signals taken as independent given "false negative" / "true negative"; π from the
             intra fit, the better separated one)
+    tail:   L = k · (z_ij − z₀), z the robust z of x_ij within anchor i's candidates
+            (fne.tail: for rare false negatives, no mixture); tail_both: z = the larger of
+            the image-image and the text-text robust z
     P_fn = sigmoid(L).
 
 ``infonce_fn`` (false-negative cancellation, Huynh et al. 2022, in its soft form): InfoNCE over
@@ -55,14 +58,17 @@ from torch import Tensor
 from .mixture import HIST_BINS, Mixture, histogram, refit, with_mixture
 from .posterior import fn_log_odds_threshold
 from .stats import Gaussians
+from .tail import tail_log_odds
 
-FN_SIGNALS = ("cross", "intra", "both")
+FN_SIGNALS = ("cross", "intra", "both", "tail", "tail_both")
 INFONCE_FN = ("off", "downweight", "eliminate")
 
 
 def signals_of(signal: str) -> tuple[str, ...]:
     """The fitted signals of ``fne.fn_signal``, in their histogram order."""
-    return {"cross": ("cross",), "intra": ("intra",), "both": ("cross", "intra")}[signal]
+    # tail (fne.tail) fits nothing; its intra mixture is still fitted, for the diagnostics.
+    table = {"cross": ("cross",), "intra": ("intra",), "both": ("cross", "intra")}
+    return table.get(signal, ("intra",))
 
 
 def histogram_bins(signal: str) -> int:
@@ -130,8 +136,23 @@ def mixtures_of(g: Gaussians) -> dict[str, Mixture]:
     return out
 
 
-def pair_log_odds(signal: str, g: Gaussians, cross_BN: Tensor, intra_BN: Tensor) -> Tensor:
-    """L = logit P_fn of every (anchor, candidate) pair under ``signal`` (module doc), float64."""
+def pair_log_odds(
+    signal: str,
+    g: Gaussians,
+    cross_BN: Tensor,
+    intra_BN: Tensor,
+    null_BN: Tensor | None = None,
+    tail: tuple[float, float] = (3.0, 4.0),
+    text_BN: Tensor | None = None,
+) -> Tensor:
+    """L = logit P_fn of every (anchor, candidate) pair under ``signal`` (module doc), float64.
+    ``tail``: P_fn from the per-anchor robust z of ``intra_BN`` (fne.tail), over the full rows
+    of candidates; null_BN: the entries that define each anchor's null (valid negatives),
+    tail = (z₀, slope); text_BN: text-text similarities (``tail_both``)."""
+    if signal in ("tail", "tail_both"):
+        if null_BN is None or (signal == "tail_both" and text_BN is None):
+            raise ValueError(f"fn_signal {signal} needs the candidates' null mask (and text sims)")
+        return tail_log_odds(intra_BN, null_BN, *tail, text_BN)
     m = mixtures_of(g)
     if signal == "cross":
         return _logit(m["cross"].prior) + log_likelihood_ratio(cross_BN, m["cross"])

@@ -228,7 +228,15 @@ def _select(
             if other_signal:
                 assert g is not None
                 intra_bN = a.img_BD[b0 : b0 + cfg.block_rows].detach() @ c.img_ND.T
-                odds_bN = pair_log_odds(cfg.fn_signal, g, sim_bN, intra_bN).to(sim_bN.dtype)
+                ids_b = a.ids_B[b0 : b0 + cfg.block_rows]
+                null_bN = (c.ids_N[None, :] != ids_b[:, None]) & (c.ids_N >= 0)[None, :]
+                text_bN = None
+                if cfg.fn_signal == "tail_both":
+                    text_bN = a.txt_BD[b0 : b0 + cfg.block_rows].detach() @ c.txt_ND.T
+                tail = (cfg.tail_z, cfg.tail_slope)
+                odds_bN = pair_log_odds(
+                    cfg.fn_signal, g, sim_bN, intra_bN, null_bN, tail, text_bN
+                ).to(sim_bN.dtype)
             for r0 in range(0, sim_bN.shape[0], chunk):
                 rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
                 if other_signal:
@@ -336,7 +344,8 @@ def _fn_info_nce_loss(
         groups = (a.groups_B, c.groups_N)
     with torch.no_grad():  # the pair's image-image similarity serves both directions
         intra_BN = a.img_BD.detach() @ c.img_ND.T
-    args = (intra_BN, a.ids_B, a.pos_col_B, c.ids_N, groups, g, cfg, temp)
+        text_BN = a.txt_BD.detach() @ c.txt_ND.T if cfg.fn_signal == "tail_both" else None
+    args = (intra_BN, a.ids_B, a.pos_col_B, c.ids_N, groups, g, cfg, temp, text_BN)
     i2t, s1 = fn_info_nce(a.img_BD, c.txt_ND, *args)
     t2i, s2 = fn_info_nce(a.txt_BD, c.img_ND, *args)
     s = {key: s1[key] + s2[key] for key in s1}

@@ -99,10 +99,25 @@ class FneConfig:
     fn_signal: str = setting(
         "cross",
         "fn_model mixture: what P_fn is computed from: cross (the direction's cross-modal "
-        "similarity), intra (image-image similarity of anchor and candidate) or both (naive "
-        "Bayes product of the two likelihood ratios), for the fne sampler and infonce_fn "
-        "(fne.fn_signal)",
+        "similarity), intra (image-image similarity of anchor and candidate), both (naive "
+        "Bayes product of the two likelihood ratios) or tail (the image-image similarity's "
+        "robust z within the anchor's candidates; fne.tail) or tail_both (the larger of the "
+        "image-image and text-text robust z), for the fne sampler and "
+        "infonce_fn (fne.fn_signal)",
         choices=FN_SIGNALS,
+    )
+    fallback: str = setting(
+        "hardest",
+        "fne sampler, a row whose window weights sum to 0: draw the hardest violator (hardest, "
+        "the paper) or the hardest one with P_fn <= eps (unflagged; needs fn_signal other than "
+        "cross, whose dense sampler has the log-odds)",
+        choices=("hardest", "unflagged"),
+    )
+    tail_z: float = setting(
+        3.0, "fn_signal tail: z₀, the robust z at which P_fn = 0.5 (fne.tail)", gt=0.0
+    )
+    tail_slope: float = setting(
+        4.0, "fn_signal tail: k, the logistic's slope in z, P_fn = sigmoid(k(z − z₀))", gt=0.0
     )
     infonce_fn: str = setting(
         "off",
@@ -150,6 +165,10 @@ class FneConfig:
             raise ValueError(
                 f"fne.infonce_fn={self.infonce_fn} needs fne.loss=infonce and fne.fn_model=mixture"
             )
+        if self.fallback != "hardest" and (self.fn_model, self.loss) != ("mixture", "fne"):
+            raise ValueError(f"fne.fallback={self.fallback} needs fne.loss=fne, fn_model=mixture")
+        if self.fallback != "hardest" and self.fn_signal == "cross":
+            raise ValueError(f"fne.fallback={self.fallback} needs fne.fn_signal other than cross")
         if self.fn_signal != "cross" and self.fn_model != "mixture":
             raise ValueError(f"fne.fn_signal={self.fn_signal} needs fne.fn_model=mixture")
         if self.temperature_min > self.temperature_max:

@@ -32,6 +32,7 @@ from .weights import (
     count_true,
     cut_threshold,
     fn_region_inside_window,
+    is_false_negative,
     sampling_weights,
     window_weights,
 )
@@ -89,8 +90,15 @@ def select_dense(
     detect = _dense_detection(
         sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule, log_odds_bN
     )
+    fallback_sim_bN = masked_sim_bN
+    if cfg.fallback == "unflagged" and log_odds_bN is not None and rule == "fne":
+        # the empty-window fallback skips candidates with P_fn > ε (gate open): measured on
+        # emoji, most rows' windows empty late in training and the hardest violator is then
+        # the family mate the posterior flagged (fne.params ``fallback``)
+        flagged_bN = is_false_negative(log_odds_bN, cfg.eps) & g.gate_open
+        fallback_sim_bN = masked_sim_bN.masked_fill(flagged_bN, -math.inf)
     return _drawn_picks(
-        sim_bN, masked_sim_bN, pos_sim_b, cfg.margin, u_bk, w.w_BN, None, counts, detect
+        sim_bN, fallback_sim_bN, pos_sim_b, cfg.margin, u_bk, w.w_BN, None, counts, detect
     )
 
 
