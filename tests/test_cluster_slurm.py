@@ -228,13 +228,48 @@ def _ray_job(cluster: SlurmCluster, work: Path) -> tuple[Pending, Path, Path]:
     return job, ray_tmp, home
 
 
+@dataclass
+class Requeueable:
+    """A job submitted with --requeue (no --wait): its id, environment, output and run dir."""
+
+    job_id: str
+    env: dict[str, str]
+    out: Path
+    run_dir: Path
+    start: float
+
+
+def _submit_requeueable(cluster: SlurmCluster, work: Path) -> Requeueable:
+    """srun.sbatch with --requeue and ~20 steps at world size 2 (checkpoint every 2 steps,
+    Slurm's KillWait here is 5 s), sharing the node with the other jobs (--oversubscribe)."""
+    job_dir = work / "requeue"
+    job_dir.mkdir(parents=True)
+    out = job_dir / "slurm.out"
+    env = job_env(cluster, job_dir, "ddp")
+    env["FNE_ARGS"] += (
+        " train.epochs=0.1 train.log_every=1 checkpoint.every_steps=2 checkpoint.keep_last=0"
+        " checkpoint.stop_grace_s=4"
+    )
+    options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"]
+    cmd = ["sbatch", "--parsable", "--requeue", "--open-mode=append", f"--output={out}"]
+    start = time.monotonic()
+    submitted = subprocess.run(
+        [*cmd, "--time=6", *options, "--oversubscribe", "cluster/slurm/srun.sbatch"], cwd=ROOT,
+        env=env, capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    job_id = submitted.stdout.strip().split(";")[0]
+    return Requeueable(job_id, env, out, job_dir / "out" / "tiny", start)
+
+
 @pytest.fixture(scope="module")
 def launched(slurm_cluster: SlurmCluster, work: Path) -> Iterator[dict[str, Any]]:
     """Every cluster/slurm script submitted at once (``--oversubscribe``: they share the
-    node's 2 cores), so that their start-ups overlap; each test waits for its own job. Jobs
-    still running at teardown are cancelled by id."""
+    node's 2 cores), so that their start-ups overlap, the requeue test's job first (its
+    waits, for the requeue and Slurm's KillWait, overlap the others' runs); each test waits
+    for its own job. Jobs still running at teardown are cancelled by id."""
     opts = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--oversubscribe"]
     jobs: dict[str, Any] = {
+        "requeue": _submit_requeueable(slurm_cluster, work),
         "srun": submit(
             slurm_cluster,
             work / "srun",
@@ -267,7 +302,76 @@ def launched(slurm_cluster: SlurmCluster, work: Path) -> Iterator[dict[str, Any]
             if jobs[name].proc.poll() is None:
                 jobs[name].timeout_s = 0.0  # cancels the job by its id
                 jobs[name].wait()
+        req = jobs["requeue"]
+        subprocess.run(["scancel", req.job_id], env=req.env, timeout=30, check=False)
         shutil.rmtree(jobs["ray_tmp"], ignore_errors=True)
+
+
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _job_state(cluster: SlurmCluster, env: dict[str, str], job_id: str) -> dict[str, str]:
+    """``scontrol show job -o`` as a dict ({} once Slurm has forgotten the job)."""
+    shown = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
+        timeout=30, check=False,
+    ).stdout  # fmt: skip
+    return dict(f.split("=", 1) for f in shown.split() if "=" in f)
+
+
+def _wait_job(cluster, env, job_id: str, done, timeout_s: float) -> dict[str, str]:
+    """Poll the job until ``done(state)``; a requeued job held back by Slurm's begin-time
+    delay is made eligible at once (only the wait is shortened, not the requeue)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = _job_state(cluster, env, job_id)
+        if done(state):
+            return state
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+            print(f"job {job_id}: requeued with a begin time, made eligible now")
+            subprocess.run(
+                ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
+                capture_output=True, timeout=30, check=False,
+            )  # fmt: skip
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} not done after {timeout_s} s: {state}")
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S)
+def test_requeued_job_resumes_by_itself(slurm_cluster: SlurmCluster, launched: dict) -> None:
+    """Invariant (issue 12, preemption): a job submitted with --requeue and requeued mid-run by
+    ``scontrol requeue`` (SIGTERM to every rank, then requeued under the same job id) stops
+    cleanly (exit 75, one line), then resumes from its newest checkpoint by itself and
+    finishes: train_log.jsonl holds every step exactly once, 1..N, in order."""
+    job: Requeueable = launched["requeue"]
+    env, out, run_dir, job_id = job.env, job.out, job.run_dir, job.job_id
+    log = run_dir / "train_log.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S / 2
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline, out.read_text() if out.is_file() else "no output"
+        state = _job_state(slurm_cluster, env, job_id).get("JobState")
+        assert state not in ENDED, (state, out.read_text() if out.is_file() else "")
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", job_id], env=env, timeout=30, check=True)
+    requeued_at = time.monotonic() - job.start
+    final = _wait_job(
+        slurm_cluster, env, job_id,
+        lambda s: s.get("JobState") in ENDED,
+        JOB_TIMEOUT_S - (time.monotonic() - job.start) - 10,
+    )  # fmt: skip
+    TIMINGS["requeue"] = time.monotonic() - job.start
+    print(
+        f"requeue test: requeued after {requeued_at:.1f} s, done after {TIMINGS['requeue']:.1f} s"
+    )
+    output = out.read_text(errors="replace")
+    assert final.get("JobState") == "COMPLETED" and final.get("Restarts") == "1", (final, output)
+    assert "interrupted: SIGTERM" in output and "Traceback" not in output, output[-5000:]
+    assert f"requeued job {job_id} (restart 1)" in output and "resumed from" in output
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert steps == list(range(1, metrics["steps"] + 1)), steps
+    _, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
+    assert meta["step"] == metrics["steps"] and meta["world_size"] == 2
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
@@ -313,88 +417,3 @@ def test_ray_script(launched: dict[str, Any]) -> None:
     assert_trained_two_ranks(job)
     assert "outputs: run.output_dir=" in job.output, job.tail()
     assert leftovers == [], f"Ray processes outlived the job: {leftovers}"
-
-
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-
-
-def _job_state(cluster: SlurmCluster, env: dict[str, str], job_id: str) -> dict[str, str]:
-    """``scontrol show job -o`` as a dict ({} once Slurm has forgotten the job)."""
-    shown = subprocess.run(
-        ["scontrol", "show", "job", "-o", job_id], env=env, capture_output=True, text=True,
-        timeout=30, check=False,
-    ).stdout  # fmt: skip
-    return dict(f.split("=", 1) for f in shown.split() if "=" in f)
-
-
-def _wait_job(cluster, env, job_id: str, done, timeout_s: float) -> dict[str, str]:
-    """Poll the job until ``done(state)``; a requeued job held back by Slurm's begin-time
-    delay is made eligible at once (only the wait is shortened, not the requeue)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        state = _job_state(cluster, env, job_id)
-        if done(state):
-            return state
-        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
-            print(f"job {job_id}: requeued with a begin time, made eligible now")
-            subprocess.run(
-                ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
-                capture_output=True, timeout=30, check=False,
-            )  # fmt: skip
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} not done after {timeout_s} s: {state}")
-
-
-@pytest.mark.timeout(JOB_TIMEOUT_S)
-def test_requeued_job_resumes_by_itself(slurm_cluster: SlurmCluster, work: Path) -> None:
-    """Invariant (issue 12, preemption): a job submitted with --requeue and requeued mid-run by
-    ``scontrol requeue`` (SIGTERM to every rank, then requeued under the same job id) stops
-    cleanly (exit 75, one line), then resumes from its newest checkpoint by itself and
-    finishes: train_log.jsonl holds every step exactly once, 1..N, in order."""
-    job_dir = work / "requeue"
-    job_dir.mkdir(parents=True)
-    out = job_dir / "slurm.out"
-    env = job_env(slurm_cluster, job_dir, "ddp")
-    env["FNE_ARGS"] += (  # ~20 steps at world size 2; Slurm's KillWait here is 5 s
-        " train.epochs=0.1 train.log_every=1 checkpoint.every_steps=2 checkpoint.keep_last=0"
-        " checkpoint.stop_grace_s=4"
-    )
-    options = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"]
-    cmd = ["sbatch", "--parsable", "--requeue", "--open-mode=append", f"--output={out}"]
-    start = time.monotonic()
-    submitted = subprocess.run(
-        [*cmd, "--time=6", *options, "cluster/slurm/srun.sbatch"], cwd=ROOT, env=env,
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
-    job_id = submitted.stdout.strip().split(";")[0]
-    run_dir = job_dir / "out" / "tiny"
-    log = run_dir / "train_log.jsonl"
-    try:
-        deadline = time.monotonic() + JOB_TIMEOUT_S / 2
-        while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
-            assert time.monotonic() < deadline, out.read_text() if out.is_file() else "no output"
-            state = _job_state(slurm_cluster, env, job_id).get("JobState")
-            assert state not in ENDED, (state, out.read_text() if out.is_file() else "")
-            time.sleep(0.5)
-        subprocess.run(["scontrol", "requeue", job_id], env=env, timeout=30, check=True)
-        requeued_at = time.monotonic() - start
-        final = _wait_job(
-            slurm_cluster, env, job_id,
-            lambda s: s.get("JobState") in ENDED,
-            JOB_TIMEOUT_S - (time.monotonic() - start) - 10,
-        )  # fmt: skip
-    finally:
-        subprocess.run(["scancel", job_id], env=env, timeout=30, check=False)
-    TIMINGS["requeue"] = time.monotonic() - start
-    print(
-        f"requeue test: requeued after {requeued_at:.1f} s, done after {TIMINGS['requeue']:.1f} s"
-    )
-    output = out.read_text(errors="replace")
-    assert final.get("JobState") == "COMPLETED" and final.get("Restarts") == "1", (final, output)
-    assert "interrupted: SIGTERM" in output and "Traceback" not in output, output[-5000:]
-    assert f"requeued job {job_id} (restart 1)" in output and "resumed from" in output
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert steps == list(range(1, metrics["steps"] + 1)), steps
-    _, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
-    assert meta["step"] == metrics["steps"] and meta["world_size"] == 2
