@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -143,6 +144,24 @@ class RayHead:
         )
         assert done.returncode == 0, done.stdout + done.stderr
         return job
+
+    def jobs_api(self, path: str) -> dict:
+        """GET from the head's Jobs REST API, with the token as a bearer header (cheaper than
+        a `ray` CLI process per poll)."""
+        token = (Path(self.env["HOME"]) / ".ray" / "auth_token").read_text().strip()
+        request = urllib.request.Request(
+            f"{self.address}/api/jobs/{path}", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.loads(reply.read())
+
+    def ended(self, job: str, timeout_s: float = JOB_TIMEOUT_S) -> tuple[str, str]:
+        """Wait for a `--no-wait` job's end (polled every 0.5 s); (status, logs)."""
+        deadline = time.monotonic() + timeout_s
+        while (status := self.jobs_api(job)["status"]) in ("PENDING", "RUNNING"):
+            assert time.monotonic() < deadline, f"job {job} still {status} after {timeout_s} s"
+            time.sleep(0.5)
+        return status, self.jobs_api(f"{job}/logs")["logs"]
 
 
 def _marked(marker: str) -> list[int]:
@@ -331,7 +350,23 @@ def stopped(ray_head: RayHead, second_node: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed(ray_head: RayHead, stopped: dict, request: pytest.FixtureRequest) -> dict:
+def refusals(ray_head: RayHead, stopped: dict) -> dict[str, str]:
+    """Two submissions the driver must refuse before any worker starts, submitted (--no-wait)
+    once the stopped run's checkpoints exist and before the resumed job, so that they run
+    beside its start-up: the same run name without checkpoint.resume, and the default
+    relative output paths. Their submission ids."""
+    return {
+        "again": ray_head.start("again", *_tiny(ray_head, "tiny")),
+        "relative": ray_head.start(
+            "relative", "--config", "tests/configs/tiny.yaml", "dist.workers=2"
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def resumed(
+    ray_head: RayHead, stopped: dict, refusals: dict[str, str], request: pytest.FixtureRequest
+) -> dict:
     """The same run resubmitted with checkpoint.resume=latest, to its end. Its phases are
     timed and its run label is known, and the session's Prometheus (where installed) runs
     before it starts: its metrics are those test_ray_run_arrives_under_the_same_names reads."""
@@ -392,12 +427,14 @@ def test_ray_restarts_a_killed_worker_from_the_latest_checkpoint(stopped: dict) 
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.timeout(3 * JOB_TIMEOUT_S)
-def test_ray_job_submit_with_token_auth(ray_head: RayHead, resumed: dict) -> None:
+def test_ray_job_submit_with_token_auth(
+    ray_head: RayHead, resumed: dict, refusals: dict[str, str]
+) -> None:
     """Invariant: with token authentication on, `ray job submit --working-dir .` of the tiny
     run (2 Ray Train workers) succeeds, prints where its outputs go, and leaves a valid
-    checkpoint on the absolute storage path it was given; a second submission with the same
-    run name and no checkpoint.resume is refused in one line instead of silently resuming the
-    finished run."""
+    checkpoint on the absolute storage path it was given; a submission with the same run name
+    and no checkpoint.resume (made while the stopped run's checkpoints were there) fails at the
+    driver with one line instead of silently resuming that run."""
     out, run_dir = resumed["out"], resumed["run_dir"]
     assert resumed["rc"] == 0, out[-5000:]
     assert f"outputs: run.output_dir={run_dir}" in out, out[-3000:]
@@ -405,10 +442,10 @@ def test_ray_job_submit_with_token_auth(ray_head: RayHead, resumed: dict) -> Non
     path, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
     assert meta["world_size"] == 2 and ckpt.validate(path) == meta
 
-    rc, out = ray_head.submit("again", *_tiny(ray_head, "tiny"))
-    assert rc != 0, out[-3000:]
+    status, out = ray_head.ended(refusals["again"])
+    assert status == "FAILED", status + out[-3000:]
     assert "run.name=tiny already holds a run" in out, out[-3000:]
-    assert "resumed from" not in out
+    assert "resumed from" not in out and "RayTrainWorker" not in out
 
 
 @pytest.mark.system
@@ -427,14 +464,14 @@ def test_ray_job_on_two_nodes(stopped: dict, resumed: dict) -> None:
 
 @pytest.mark.system
 @pytest.mark.timeout(JOB_TIMEOUT_S)
-def test_relative_paths_under_a_ray_job_are_refused(ray_head: RayHead) -> None:
+def test_relative_paths_under_a_ray_job_are_refused(
+    ray_head: RayHead, refusals: dict[str, str]
+) -> None:
     """Invariant: a job submitted with the default relative run.output_dir/data.cache_dir
     fails before any worker starts, with one line saying to pass absolute paths (they would
     land in Ray's temporary copy of the working dir, which Ray deletes)."""
-    rc, out = ray_head.submit(
-        "relative", "--config", "tests/configs/tiny.yaml", "dist.workers=2", timeout_s=180
-    )
-    assert rc != 0, out[-3000:]
+    status, out = ray_head.ended(refusals["relative"])
+    assert status == "FAILED", status + out[-3000:]
     assert "error: under a Ray job the working dir is Ray's temporary copy" in out, out[-3000:]
     assert "run.output_dir=runs" in out and "RayTrainWorker" not in out
 
