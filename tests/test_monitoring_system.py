@@ -22,7 +22,7 @@ import yaml
 from fne_dist.distributed.launch import free_port
 from fne_dist.monitoring.catalog import METRICS
 from tests.fixtures_prometheus import PROMETHEUS, QUERY_S, Prometheus, recorded
-from tests.test_launchers import Run, Sandbox, _reap, _sandbox_env, launch
+from tests.launch_helpers import Run, Sandbox, launch, reap, sandbox_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "cluster" / "prometheus"
@@ -51,7 +51,7 @@ def torchrun_run(
     ray_tmp = Path(tempfile.mkdtemp(prefix="fnm", dir="/tmp"))
     marker = uuid.uuid4().hex
     sandbox = Sandbox(
-        _sandbox_env(ray_tmp, marker), tmp_path_factory.mktemp("monitor"), ray_tmp, marker
+        sandbox_env(ray_tmp, marker), tmp_path_factory.mktemp("monitor"), ray_tmp, marker
     )
     extra = [
         *RUN_ARGS,
@@ -64,7 +64,7 @@ def torchrun_run(
     try:
         yield run, time.monotonic() - t0
     finally:
-        _reap(marker, grace_s=5.0)
+        reap(marker, grace_s=5.0)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from fne_dist.distributed.launch import free_port
-from tests.test_launchers import BIN, _marked_pids, _reap, _sandbox_env, train_args
+from tests.launch_helpers import BIN, marked_pids, reap, sandbox_env, train_args
 
 pytestmark = pytest.mark.system
 
@@ -87,14 +87,14 @@ class TwoNodes:
         codes = [p.poll() for p in procs]
         for p in procs:
             kill(p)
-        _reap(self.marker, grace_s=10)
+        reap(self.marker, grace_s=10)
         return codes
 
     def kill_node(self, node: int) -> list[int]:
         """SIGKILL every process of ours running in node ``node``'s directory: its torchrun
         agent and the training process (which torchrun starts in a session of its own)."""
         killed = []
-        for pid in _marked_pids(self.marker):
+        for pid in marked_pids(self.marker):
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/cwd").resolve() == self.node_dir(node).resolve():
                     os.kill(pid, signal.SIGKILL)
@@ -116,10 +116,10 @@ def kill(proc: subprocess.Popen) -> None:
 def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     marker = uuid.uuid4().hex
     ray_tmp = tmp_path_factory.mktemp("ray")
-    env = _sandbox_env(ray_tmp, marker)
+    env = sandbox_env(ray_tmp, marker)
     env["GLOO_SOCKET_IFNAME"] = "lo"  # 127.0.0.2 lives on lo
     yield TwoNodes(tmp_path_factory.mktemp("twonodes"), env, marker)
-    _reap(marker, grace_s=5)
+    reap(marker, grace_s=5)
 
 
 def history(node_dir: Path, run: str) -> list[dict]:
