@@ -70,7 +70,7 @@ class Sandbox:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _is_launcher_var(key: str) -> bool:
+def is_launcher_var(key: str) -> bool:
     """Variables through which some launcher (or a Ray cluster) could reach our runs."""
     return key in (
         "RANK",
@@ -85,7 +85,7 @@ def _is_launcher_var(key: str) -> bool:
 
 
 def sandbox_env(ray_tmp: Path, marker: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
+    env = {k: v for k, v in os.environ.items() if not is_launcher_var(k)}
     # DeepSpeed JIT-compiles its shared-memory comm op with whichever `ninja` is first on PATH;
     # the venv's ninja and the system's hash build commands differently, so a cache shared with
     # runs that use the other one is rebuilt (~35 s) on every switch. Put the venv first and

@@ -27,6 +27,7 @@ import pytest
 from fne_dist import checkpoint as ckpt
 from fne_dist.distributed.launch import free_port
 from tests.fixtures_slurm import SlurmCluster
+from tests.launch_helpers import is_launcher_var
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,18 +35,6 @@ JOB_TIMEOUT_S = 300  # sbatch --wait of one tiny run (30-90 s on 2 busy cores)
 TIMINGS: dict[str, float] = {}
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
-
-
-def _is_launcher_var(key: str) -> bool:
-    return key in (
-        "RANK",
-        "WORLD_SIZE",
-        "LOCAL_RANK",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "CUDA_VISIBLE_DEVICES",
-    ) or key.startswith(("SLURM_", "PMI_", "OMPI_", "TORCHELASTIC_", "ACCELERATE_", "RAY_"))
 
 
 def job_env(cluster: SlurmCluster, work: Path, engine: str, **extra: str) -> dict[str, str]:
@@ -56,7 +45,7 @@ def job_env(cluster: SlurmCluster, work: Path, engine: str, **extra: str) -> dic
     ``engine``: the launch path is what these tests check, so only the deepspeed script runs
     the DeepSpeed engine (its JIT-built comm op costs ~40 s cold); the others run the DDP twin.
     """
-    env = {k: v for k, v in os.environ.items() if not _is_launcher_var(k)}
+    env = {k: v for k, v in os.environ.items() if not is_launcher_var(k)}
     # ray.sbatch sets the output paths itself, from FNE_SHARED
     paths = (
         []
