@@ -333,12 +333,12 @@ def stopped(ray_head: RayHead, second_node: str) -> dict:
     restarted = _until(lambda: max(_complete_steps(run_dir)) > before_kill, JOB_TIMEOUT_S)
     assert restarted, ray_head.ray("job", "logs", job)[-3000:]
     ray_head.ray("job", "stop", job)
-    status = ray_head.ray("job", "status", job)
+    status = ray_head.jobs_api(job)["status"]  # `ray job stop` waited for the stop
     seen: list[list[int]] = [[-1], _steps(run_dir)]  # settle: the workers die after the driver
     while seen[-1] != seen[-2]:
         time.sleep(2)
         seen.append(_steps(run_dir))
-    logs = ray_head.ray("job", "logs", job)
+    logs = ray_head.jobs_api(f"{job}/logs")["logs"]
     return {
         "status": status,
         "steps": seen[-1],
@@ -396,7 +396,7 @@ def test_ray_job_stop_then_resume_continues(stopped: dict, resumed: dict) -> Non
     resubmission with checkpoint.resume=latest, resumes from a complete checkpoint (the
     "resumed from" line) and logs exactly the remaining steps: the step sequence in
     train_log.jsonl continues without a gap or a repeat past the resume point."""
-    assert "was stopped" in stopped["status"], stopped["status"]
+    assert stopped["status"] == "STOPPED", stopped["status"]
     before = stopped["steps"]
     assert resumed["rc"] == 0, resumed["out"][-5000:]
     _, last = ckpt.find_resumable("latest", resumed["run_dir"] / "checkpoints", print, None)
@@ -423,7 +423,7 @@ def test_ray_restarts_a_killed_worker_from_the_latest_checkpoint(stopped: dict) 
     assert lines, stopped["logs"][-5000:]
     step = int(lines[0].split("optimizer step ")[1].split(",")[0])
     assert 4 <= step <= stopped["before_kill"], (lines[0], stopped["before_kill"])
-    assert "was stopped" in stopped["status"], stopped["status"]
+    assert stopped["status"] == "STOPPED", stopped["status"]
     print(f"\nkill -9 of Ray worker PID {stopped['killed']}; restart log: {lines[0].strip()}")
 
 
