@@ -62,6 +62,9 @@ _FN_INFONCE = dict(loss="infonce", fn_model="mixture", infonce_fn="downweight", 
 VARIANTS: dict[str, dict] = {
     "vse_pp_batch": dict(loss="vse_pp", vse_pp_memory=False),
     "vse_pp_memory": dict(loss="vse_pp", vse_pp_memory=True),
+    # diagnosis (emoji round 3): VSE++ over [batch ; memory] with group mates masked: what the
+    # memory costs once its false negatives are gone
+    "vse_pp_memory_oracle": dict(loss="vse_pp", vse_pp_memory=True, mask_groups=True),
     "vse0": dict(loss="vse0"),
     "infonce": dict(loss="infonce"),
     "window": dict(loss="window"),
@@ -115,7 +118,8 @@ VARIANTS: dict[str, dict] = {
 }
 SMOKE_VARIANTS = ("vse_pp_batch", "window", "fne", "fne_mixture_eps_t4", "fne_intra", "oracle")
 METRICS = ("rsum", "group_rsum", "group_map", "fn_pfn_precision", "fn_pfn_recall",
-           "fn_window_precision", "fn_window_recall", "frac_neg_same_group", "wall_s")  # fmt: skip
+           "fn_window_precision", "fn_window_recall", "frac_neg_same_group", "staleness",
+           "wall_s")  # fmt: skip
 
 
 @dataclass
@@ -134,6 +138,9 @@ class Setup:
     memory: int = 256
     momentum: float = 0.9  # heads from scratch need a fast momentum (fne-algorithm.md §8)
     lr: float = 2e-3
+    # diagnosis only (--fresh-memory): re-encode every memory entry with the current momentum
+    # model before each step, so the memory holds the same items with no staleness
+    fresh_memory: bool = False
 
 
 def make_data(s: Setup, seed: int = 1234) -> dict[str, dict[str, Tensor]]:
@@ -250,15 +257,20 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     train, n, step = data["train"], data["train"]["ids"].shape[0], 0
     best: tuple[float, dict, dict] = (-math.inf, {}, {})
+    slot_rows = torch.full((s.memory,), -1, dtype=torch.long)  # train row of each memory slot
     for epoch in range(s.epochs):
         stats.new_epoch()
         epoch_diag = EpochDiagnostics()
+        stale = torch.zeros(2, dtype=torch.float64)  # (Σ cos, count) of this epoch
         # Paired seeds: the same data order for every variant of a seed.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         warm = epoch == 0  # one warm-up epoch of in-batch VSE++ (the reference's epoch 0)
         for start in range(0, n - s.batch + 1, s.batch):
-            batch = {k: v[order[start : start + s.batch]] for k, v in train.items()
+            rows = order[start : start + s.batch]
+            batch = {k: v[rows] for k, v in train.items()
                      if k in ("img_feat", "txt_feat", "ids", "groups")}  # fmt: skip
+            if not warm:
+                stale += _refresh_memory(memory, momentum, train, slot_rows, s.fresh_memory)
             out = forward_step(model, momentum, batch, memory, stats, cfg, seed, step, warm)
             opt.zero_grad()
             out.loss.backward()
@@ -267,18 +279,40 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
             ema_update(momentum, model, s.momentum)
             if not warm:
                 g = out.gathered
+                slots = (memory.ptr + torch.arange(len(rows))) % max(s.memory, 1)
                 memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+                slot_rows[slots[-s.memory :] if s.memory else slots[:0]] = rows[-s.memory :]
                 epoch_diag.add(out.diagnostics)
             step += 1
         row = epoch_diag.close_epoch(epoch)
+        row["staleness"] = float(stale[0] / stale[1]) if stale[1] > 0 else math.nan
         val = evaluate(model, data["val"])
         if val["rsum"] > best[0]:
             best = (val["rsum"], evaluate(model, data["test"]), row)
     _, test, diag = best
     if keep is not None:
         keep.update(model=model, stats=stats)
-    return {**test, **{k: v for k, v in diag.items() if k.startswith(("fn_", "frac_"))},
+    kept = ("fn_", "frac_", "staleness")
+    return {**test, **{k: v for k, v in diag.items() if k.startswith(kept)},
             "wall_s": time.perf_counter() - t0}  # fmt: skip
+
+
+@torch.no_grad()
+def _refresh_memory(
+    memory: MomentumMemory, momentum: torch.nn.Module, train: dict, slot_rows: Tensor, write: bool
+) -> Tensor:
+    """(Σ cos, count) of each written memory slot's image entry with the current momentum
+    embedding of the train pair it holds: the memory's staleness (1 = fresh). ``write``
+    (``--fresh-memory``, a diagnosis, not a method): overwrite the slots with those embeddings,
+    so the memory holds the same items with no staleness."""
+    slots = (slot_rows >= 0).nonzero().flatten()
+    if not slots.numel():
+        return torch.zeros(2, dtype=torch.float64)
+    img, txt, _ = momentum({k: train[k][slot_rows[slots]] for k in ("img_feat", "txt_feat")})
+    cos = (memory.img_KD[slots] * img.float()).sum(1).to(torch.float64)
+    if write:
+        memory.img_KD[slots], memory.txt_KD[slots] = img.float(), txt.float()
+    return torch.stack([cos.sum(), torch.tensor(float(cos.numel()), dtype=torch.float64)])
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -411,6 +445,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "order; a later file's variant replaces an earlier one's)",
     )
     p.add_argument("--out", type=Path, default=Path("results/quality"))
+    # memory diagnosis (bench/results/quality_emoji.md, round 3): override the setup
+    p.add_argument("--memory", type=int, help="memory size K (default: the setup's)")
+    p.add_argument("--momentum", type=float, help="EMA momentum (default: the setup's)")
+    p.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="re-encode the memory with the current momentum model every step (no staleness)",
+    )
+    p.add_argument("--suffix", default="", help="appended to each variant's row name")
     return p.parse_args(argv)
 
 
@@ -476,9 +519,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         s = replace(s, **FEATURE_SETUP, **dims, images=0, classes=0)
     else:
         data = make_data(s)
+    overrides = {"memory": args.memory, "momentum": args.momentum}
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    s = replace(s, fresh_memory=args.fresh_memory)
     runs: dict[str, list[dict]] = {}
-    for name in variants:
-        cfg = FneConfig(**VARIANTS[name])
+    for variant in variants:
+        cfg = FneConfig(**VARIANTS[variant])
+        name = variant + args.suffix
         runs[name] = [train_run(cfg, data, s, seed) for seed in seeds]
         m = runs[name]
         per_seed = " / ".join(f"{r['group_rsum']:.1f}" for r in m)
