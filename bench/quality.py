@@ -104,6 +104,16 @@ VARIANTS: dict[str, dict] = {
         _FNE_INTRA, stats_source="all_pairs", fallback="unflagged"
     ),
     "fne_tail_both_all_pairs": dict(_FNE_INTRA, fn_signal="tail_both", stats_source="all_pairs"),
+    # round 3 (fne.reduction): the expectation of the sampled hinge under the same weights
+    # (what vse0 is to VSE++), or k = 4 draws without replacement (the mean of 4 hinges)
+    "fne_expected": dict(loss="fne", reduction="expected"),
+    "window_expected": dict(loss="window", reduction="expected"),
+    "fne_intra_all_pairs_unflagged_expected": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", reduction="expected"
+    ),
+    "fne_intra_all_pairs_unflagged_k4": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", negatives=4
+    ),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
