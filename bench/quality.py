@@ -271,7 +271,8 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
     for epoch in range(s.epochs):
         stats.new_epoch()
         epoch_diag = EpochDiagnostics()
-        stale = torch.zeros(2, dtype=torch.float64)  # (Σ cos, count) of this epoch
+        # Σ cos(memory, momentum), Σ cos(memory, online), n; Σ cos(batch momentum, online), n
+        stale = torch.zeros(5, dtype=torch.float64)
         # Paired seeds: the same data order for every variant of a seed.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         warm = epoch == 0  # one warm-up epoch of in-batch VSE++ (the reference's epoch 0)
@@ -280,7 +281,10 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
             batch = {k: v[rows] for k, v in train.items()
                      if k in ("img_feat", "txt_feat", "ids", "groups")}  # fmt: skip
             if not warm:
-                stale += _refresh_memory(memory, momentum, train, slot_rows, s.fresh_memory)
+                stale += _refresh_memory(
+                    memory, (momentum, model), train, slot_rows, s.fresh_memory
+                )
+                stale[3:] += _batch_lag(model, momentum, batch)
             out = forward_step(model, momentum, batch, memory, stats, cfg, seed, step, warm)
             opt.zero_grad()
             out.loss.backward()
@@ -295,34 +299,54 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
                 epoch_diag.add(out.diagnostics)
             step += 1
         row = epoch_diag.close_epoch(epoch)
-        row["staleness"] = float(stale[0] / stale[1]) if stale[1] > 0 else math.nan
+        for key, (num, den) in {"staleness": (0, 2), "staleness_online": (1, 2),
+                                "batch_online_cos": (3, 4)}.items():  # fmt: skip
+            row[key] = float(stale[num] / stale[den]) if stale[den] > 0 else math.nan
         val = evaluate(model, data["val"])
         if val["rsum"] > best[0]:
             best = (val["rsum"], evaluate(model, data["test"]), row)
     _, test, diag = best
     if keep is not None:
         keep.update(model=model, stats=stats)
-    kept = ("fn_", "frac_", "staleness")
+    kept = ("fn_", "frac_", "staleness", "batch_online")
     return {**test, **{k: v for k, v in diag.items() if k.startswith(kept)},
             "wall_s": time.perf_counter() - t0}  # fmt: skip
 
 
 @torch.no_grad()
 def _refresh_memory(
-    memory: MomentumMemory, momentum: torch.nn.Module, train: dict, slot_rows: Tensor, write: bool
+    memory: MomentumMemory,
+    encoders: tuple[torch.nn.Module, torch.nn.Module],
+    train: dict,
+    slot_rows: Tensor,
+    write: bool,
 ) -> Tensor:
-    """(Σ cos, count) of each written memory slot's image entry with the current momentum
-    embedding of the train pair it holds: the memory's staleness (1 = fresh). ``write``
-    (``--fresh-memory``, a diagnosis, not a method): overwrite the slots with those embeddings,
-    so the memory holds the same items with no staleness."""
+    """(Σ cos with momentum, Σ cos with online, count, 0, 0) over the written memory slots: the
+    cosine of each slot's image entry with the current momentum (the memory's staleness, 1 =
+    fresh) and online embedding of the train pair it holds. ``write`` (``--fresh-memory``, a
+    diagnosis, not a method): overwrite the slots with the momentum embeddings, so the memory
+    holds the same items with no staleness."""
+    out = torch.zeros(5, dtype=torch.float64)
     slots = (slot_rows >= 0).nonzero().flatten()
     if not slots.numel():
-        return torch.zeros(2, dtype=torch.float64)
-    img, txt, _ = momentum({k: train[k][slot_rows[slots]] for k in ("img_feat", "txt_feat")})
-    cos = (memory.img_KD[slots] * img.float()).sum(1).to(torch.float64)
+        return out
+    feats = {k: train[k][slot_rows[slots]] for k in ("img_feat", "txt_feat")}
+    img, txt, _ = encoders[0](feats)
+    entries = memory.img_KD[slots]
+    out[0] = (entries * img.float()).sum().double()
+    out[1] = (entries * encoders[1].encode_image(feats).float()).sum().double()
+    out[2] = float(slots.numel())
     if write:
         memory.img_KD[slots], memory.txt_KD[slots] = img.float(), txt.float()
-    return torch.stack([cos.sum(), torch.tensor(float(cos.numel()), dtype=torch.float64)])
+    return out
+
+
+@torch.no_grad()
+def _batch_lag(model: DualEncoder, momentum: torch.nn.Module, batch: dict) -> Tensor:
+    """(Σ cos, count) of the batch's momentum and online image embeddings: the momentum
+    encoder's lag behind the online one, which the batch candidates carry too."""
+    cos = (momentum.encode_image(batch) * model.encode_image(batch)).sum(1)
+    return torch.stack([cos.sum().double(), torch.tensor(float(cos.numel()), dtype=torch.float64)])
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -407,7 +431,10 @@ def table(runs: dict[str, list[dict]]) -> str:
         for key in METRICS:
             m, sd = mean_std(_col(runs, name, key))
             scale = 100.0 if key.startswith(("fn_", "frac_")) else 1.0
-            cells.append("n/a" if math.isnan(m) else f"{scale * m:.1f} ± {scale * sd:.1f}")
+            digits = 3 if key == "staleness" else 1  # cosines close to 1
+            cells.append(
+                "n/a" if math.isnan(m) else f"{scale * m:.{digits}f} ± {scale * sd:.{digits}f}"
+            )
         both = {"vse_pp_batch", "oracle"} <= set(runs)
         for key in ("group_rsum", "group_map"):
             share = gap_share(runs, name, key) if both else math.nan
