@@ -114,6 +114,21 @@ VARIANTS: dict[str, dict] = {
     "fne_intra_all_pairs_unflagged_k4": dict(
         _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", negatives=4
     ),
+    # round 3 (fne.fallback_scope batch): an empty window's fallback violator from the batch
+    # block only; measured on emoji: the hardest negative of [batch ; memory] costs ~30 group
+    # rsum against the in-batch one, and neither masking group mates nor a fresh memory
+    # recovers it, while ~80 % of rows fall back late in training
+    "fne_batch_fallback": dict(loss="fne", fallback_scope="batch"),
+    "fne_intra_all_pairs_unflagged_batch_fallback": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", fallback_scope="batch"
+    ),
+    "fne_intra_all_pairs_unflagged_batch_fallback_expected": dict(
+        _FNE_INTRA,
+        stats_source="all_pairs",
+        fallback="unflagged",
+        fallback_scope="batch",
+        reduction="expected",
+    ),  # fmt: skip
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).

@@ -239,7 +239,9 @@ def _select(
     with torch.no_grad():
         for b0 in range(0, anchor_BD.shape[0], cfg.block_rows):
             sim_bN = anchor_BD[b0 : b0 + cfg.block_rows].detach() @ cand_detached_ND.T
-            extra = {}
+            extra: dict = {}
+            if cfg.fallback_scope == "batch" and rule != "hardest":
+                extra["fallback_cols"] = c.n_batch
             if other_signal:
                 assert g is not None
                 intra_bN = a.img_BD[b0 : b0 + cfg.block_rows].detach() @ c.img_ND.T
@@ -255,7 +257,7 @@ def _select(
             for r0 in range(0, sim_bN.shape[0], chunk):
                 rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
                 if other_signal:
-                    extra = {"log_odds_bN": odds_bN[r0 : r0 + chunk]}
+                    extra["log_odds_bN"] = odds_bN[r0 : r0 + chunk]
                 picks.append(
                     select(
                         sim_bN[r0 : r0 + chunk],

@@ -122,6 +122,14 @@ class FneConfig:
         "cross, whose dense sampler has the log-odds)",
         choices=("hardest", "unflagged"),
     )
+    fallback_scope: str = setting(
+        "candidates",
+        "fne and window, a row whose window weights sum to 0: its fallback violator is sought "
+        "over every candidate (candidates, the paper: [batch ; memory]) or over the gathered "
+        "batch block only (batch: the in-batch VSE++ negative; a row with no in-batch "
+        "violator contributes 0)",
+        choices=("candidates", "batch"),
+    )
     tail_z: float = setting(
         3.0, "fn_signal tail: z₀, the robust z at which P_fn = 0.5 (fne.tail)", gt=0.0
     )
@@ -178,6 +186,15 @@ class FneConfig:
             raise ValueError(f"fne.fallback={self.fallback} needs fne.loss=fne, fn_model=mixture")
         if self.fallback != "hardest" and self.fn_signal == "cross":
             raise ValueError(f"fne.fallback={self.fallback} needs fne.fn_signal other than cross")
+        if self.fallback_scope != "candidates" and self.loss not in ("fne", "window"):
+            raise ValueError(
+                f"fne.fallback_scope={self.fallback_scope} needs fne.loss=fne or window "
+                f"(got {self.loss}: no fallback)"
+            )
+        if self.reduction != "sample" and self.loss not in ("fne", "window"):
+            raise ValueError(
+                f"fne.reduction={self.reduction} needs fne.loss=fne or window (got {self.loss})"
+            )
         if self.reduction == "expected" and self.negatives != 1:
             raise ValueError(
                 "fne.reduction=expected averages over every candidate: use it with fne.negatives=1"

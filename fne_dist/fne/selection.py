@@ -73,12 +73,15 @@ def select_dense(
     rule: str,
     detect_groups: tuple[Tensor, Tensor] | None = None,
     log_odds_bN: Tensor | None = None,
+    fallback_cols: int | None = None,
 ) -> Picks:
     """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device).
 
     detect_groups: (anchor groups b, candidate groups N) to measure false-negative detection
     (``fne.detection``) with the fne and window rules; None: not measured. log_odds_bN: the
-    posterior's log-odds when they are not a function of sim (``fne.fn_signal``)."""
+    posterior's log-odds when they are not a function of sim (``fne.fn_signal``);
+    fallback_cols: the fallback violator is sought in the first this many columns only (the
+    batch block, ``fne.fallback_scope: batch``), None: in all."""
     n = sim_bN.shape[1]
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
@@ -100,7 +103,10 @@ def select_dense(
         # the family mate the posterior flagged (fne.params ``fallback``)
         flagged_bN = is_false_negative(log_odds_bN, cfg.eps) & g.gate_open
         fallback_sim_bN = masked_sim_bN.masked_fill(flagged_bN, -math.inf)
-    return _drawn_picks(sim_bN, fallback_sim_bN, pos_sim_b, cfg, u_bk, w.w_BN, None, counts, detect)
+    return _drawn_picks(
+        sim_bN, fallback_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, w.w_BN, None, counts,
+        detect,
+    )  # fmt: skip
 
 
 def _dense_detection(
@@ -137,10 +143,12 @@ def select_listed(
     rule: str,
     index: CandidateIndex | None = None,
     detect_groups: tuple[Tensor, Tensor] | None = None,
+    fallback_cols: int | None = None,
 ) -> Picks:
     """The picks of b anchors, listed: the masked entries by binary search (``index``: the
     sorted candidate ids, built here if not given), the weights inside the hard-cut window
-    only. Reads the window's size on the host: for CPU tensors."""
+    only. Reads the window's size on the host: for CPU tensors. fallback_cols: as
+    ``select_dense``."""
     b, n = sim_bN.shape
     if index is None:
         index = candidate_index(cand_ids_N, None if groups_b is None else cand_groups_N)
@@ -156,14 +164,18 @@ def select_listed(
         counts = (ww.n_fn_B, n_unmasked_b, ww.n_window_B)
         detect = _listed_detection(sim_bN, masked, masked_sim_bN, detect_groups, ww, g, cfg, rule)
         return _drawn_picks(
-            sim_bN, masked_sim_bN, pos_sim_b, cfg, u_bk, ww.w_BM, ww.col_BM, counts, detect
-        )
+            sim_bN, masked_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, ww.w_BM, ww.col_BM,
+            counts, detect,
+        )  # fmt: skip
     # A wide window: the dense weights, with the listed mask.
     mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(masked, torch.tensor(True))
     w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN, masked)
     counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
     detect = _dense_detection(sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule)
-    return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg, u_bk, w.w_BN, None, counts, detect)
+    return _drawn_picks(
+        sim_bN, masked_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, w.w_BN, None, counts,
+        detect,
+    )  # fmt: skip
 
 
 def _listed_detection(
@@ -216,7 +228,8 @@ def _drawn_picks(
     detect_bF: Tensor,
 ) -> Picks:
     """k draws from the weights w_bM (col_bM: their columns when compacted to the window),
-    with the hardest violator as the fallback of a row whose weights sum to 0; with
+    with the hardest violator as the fallback of a row whose weights sum to 0 (sought among
+    the columns of ``masked_sim_bN``: a leading slice when the fallback's scope is narrowed); with
     ``cfg.reduction`` expected, also the normalised weights as dense rows (the draws are then
     diagnostics only)."""
     h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, cfg.margin)
