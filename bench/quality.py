@@ -128,7 +128,7 @@ VARIANTS: dict[str, dict] = {
         fallback="unflagged",
         fallback_scope="batch",
         reduction="expected",
-    ),  # fmt: skip
+    ),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
