@@ -4,6 +4,10 @@
     python bench/quality.py --seeds 0 1 2 --epochs 8 --classes 10 --out results/quality
     python bench/quality.py --features .cache/features --epochs 4 --out results/emoji
     python bench/quality.py --from-runs a/runs.json b/runs.json --out results/merged
+    python bench/quality.py --features F --variants vse_pp_memory --momentum 0.9 --suffix _m09
+
+``--memory``, ``--momentum`` and ``--fresh-memory`` (re-encode the memory every step: no
+staleness) change the run's setup for a diagnosis; ``--suffix`` names those rows apart.
 
 Data: a generator with a controllable false-negative rate (``--classes`` C: every candidate of
 the anchor's class is a false negative, rate ≈ 1/C). Frozen towers with cached features are
