@@ -4,6 +4,10 @@
     python bench/quality.py --seeds 0 1 2 --epochs 8 --classes 10 --out results/quality
     python bench/quality.py --features .cache/features --epochs 4 --out results/emoji
     python bench/quality.py --from-runs a/runs.json b/runs.json --out results/merged
+    python bench/quality.py --features F --variants vse_pp_memory --momentum 0.9 --suffix _m09
+
+``--memory``, ``--momentum`` and ``--fresh-memory`` (re-encode the memory every step: no
+staleness) change the run's setup for a diagnosis; ``--suffix`` names those rows apart.
 
 Data: a generator with a controllable false-negative rate (``--classes`` C: every candidate of
 the anchor's class is a false negative, rate ≈ 1/C). Frozen towers with cached features are
@@ -62,6 +66,9 @@ _FN_INFONCE = dict(loss="infonce", fn_model="mixture", infonce_fn="downweight", 
 VARIANTS: dict[str, dict] = {
     "vse_pp_batch": dict(loss="vse_pp", vse_pp_memory=False),
     "vse_pp_memory": dict(loss="vse_pp", vse_pp_memory=True),
+    # diagnosis (emoji round 3): VSE++ over [batch ; memory] with group mates masked: what the
+    # memory costs once its false negatives are gone
+    "vse_pp_memory_oracle": dict(loss="vse_pp", vse_pp_memory=True, mask_groups=True),
     "vse0": dict(loss="vse0"),
     "infonce": dict(loss="infonce"),
     "window": dict(loss="window"),
@@ -101,6 +108,31 @@ VARIANTS: dict[str, dict] = {
         _FNE_INTRA, stats_source="all_pairs", fallback="unflagged"
     ),
     "fne_tail_both_all_pairs": dict(_FNE_INTRA, fn_signal="tail_both", stats_source="all_pairs"),
+    # round 3 (fne.reduction): the expectation of the sampled hinge under the same weights
+    # (what vse0 is to VSE++), or k = 4 draws without replacement (the mean of 4 hinges)
+    "fne_expected": dict(loss="fne", reduction="expected"),
+    "window_expected": dict(loss="window", reduction="expected"),
+    "fne_intra_all_pairs_unflagged_expected": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", reduction="expected"
+    ),
+    "fne_intra_all_pairs_unflagged_k4": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", negatives=4
+    ),
+    # round 3 (fne.fallback_scope batch): an empty window's fallback violator from the batch
+    # block only; measured on emoji: the hardest negative of [batch ; memory] costs ~30 group
+    # rsum against the in-batch one, and neither masking group mates nor a fresh memory
+    # recovers it, while ~80 % of rows fall back late in training
+    "fne_batch_fallback": dict(loss="fne", fallback_scope="batch"),
+    "fne_intra_all_pairs_unflagged_batch_fallback": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", fallback_scope="batch"
+    ),
+    "fne_intra_all_pairs_unflagged_batch_fallback_expected": dict(
+        _FNE_INTRA,
+        stats_source="all_pairs",
+        fallback="unflagged",
+        fallback_scope="batch",
+        reduction="expected",
+    ),
     # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
     # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
     # similarity, the image-image one, or both (naive Bayes).
@@ -115,7 +147,8 @@ VARIANTS: dict[str, dict] = {
 }
 SMOKE_VARIANTS = ("vse_pp_batch", "window", "fne", "fne_mixture_eps_t4", "fne_intra", "oracle")
 METRICS = ("rsum", "group_rsum", "group_map", "fn_pfn_precision", "fn_pfn_recall",
-           "fn_window_precision", "fn_window_recall", "frac_neg_same_group", "wall_s")  # fmt: skip
+           "fn_window_precision", "fn_window_recall", "frac_neg_same_group", "staleness",
+           "wall_s")  # fmt: skip
 
 
 @dataclass
@@ -134,6 +167,9 @@ class Setup:
     memory: int = 256
     momentum: float = 0.9  # heads from scratch need a fast momentum (fne-algorithm.md §8)
     lr: float = 2e-3
+    # diagnosis only (--fresh-memory): re-encode every memory entry with the current momentum
+    # model before each step, so the memory holds the same items with no staleness
+    fresh_memory: bool = False
 
 
 def make_data(s: Setup, seed: int = 1234) -> dict[str, dict[str, Tensor]]:
@@ -250,15 +286,24 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     train, n, step = data["train"], data["train"]["ids"].shape[0], 0
     best: tuple[float, dict, dict] = (-math.inf, {}, {})
+    slot_rows = torch.full((s.memory,), -1, dtype=torch.long)  # train row of each memory slot
     for epoch in range(s.epochs):
         stats.new_epoch()
         epoch_diag = EpochDiagnostics()
+        # Σ cos(memory, momentum), Σ cos(memory, online), n; Σ cos(batch momentum, online), n
+        stale = torch.zeros(5, dtype=torch.float64)
         # Paired seeds: the same data order for every variant of a seed.
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         warm = epoch == 0  # one warm-up epoch of in-batch VSE++ (the reference's epoch 0)
         for start in range(0, n - s.batch + 1, s.batch):
-            batch = {k: v[order[start : start + s.batch]] for k, v in train.items()
+            rows = order[start : start + s.batch]
+            batch = {k: v[rows] for k, v in train.items()
                      if k in ("img_feat", "txt_feat", "ids", "groups")}  # fmt: skip
+            if not warm:
+                stale += _refresh_memory(
+                    memory, (momentum, model), train, slot_rows, s.fresh_memory
+                )
+                stale[3:] += _batch_lag(model, momentum, batch)
             out = forward_step(model, momentum, batch, memory, stats, cfg, seed, step, warm)
             opt.zero_grad()
             out.loss.backward()
@@ -267,18 +312,60 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
             ema_update(momentum, model, s.momentum)
             if not warm:
                 g = out.gathered
+                slots = (memory.ptr + torch.arange(len(rows))) % max(s.memory, 1)
                 memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+                slot_rows[slots[-s.memory :] if s.memory else slots[:0]] = rows[-s.memory :]
                 epoch_diag.add(out.diagnostics)
             step += 1
         row = epoch_diag.close_epoch(epoch)
+        for key, (num, den) in {"staleness": (0, 2), "staleness_online": (1, 2),
+                                "batch_online_cos": (3, 4)}.items():  # fmt: skip
+            row[key] = float(stale[num] / stale[den]) if stale[den] > 0 else math.nan
         val = evaluate(model, data["val"])
         if val["rsum"] > best[0]:
             best = (val["rsum"], evaluate(model, data["test"]), row)
     _, test, diag = best
     if keep is not None:
         keep.update(model=model, stats=stats)
-    return {**test, **{k: v for k, v in diag.items() if k.startswith(("fn_", "frac_"))},
+    kept = ("fn_", "frac_", "staleness", "batch_online")
+    return {**test, **{k: v for k, v in diag.items() if k.startswith(kept)},
             "wall_s": time.perf_counter() - t0}  # fmt: skip
+
+
+@torch.no_grad()
+def _refresh_memory(
+    memory: MomentumMemory,
+    encoders: tuple[torch.nn.Module, torch.nn.Module],
+    train: dict,
+    slot_rows: Tensor,
+    write: bool,
+) -> Tensor:
+    """(Σ cos with momentum, Σ cos with online, count, 0, 0) over the written memory slots: the
+    cosine of each slot's image entry with the current momentum (the memory's staleness, 1 =
+    fresh) and online embedding of the train pair it holds. ``write`` (``--fresh-memory``, a
+    diagnosis, not a method): overwrite the slots with the momentum embeddings, so the memory
+    holds the same items with no staleness."""
+    out = torch.zeros(5, dtype=torch.float64)
+    slots = (slot_rows >= 0).nonzero().flatten()
+    if not slots.numel():
+        return out
+    feats = {k: train[k][slot_rows[slots]] for k in ("img_feat", "txt_feat")}
+    img, txt, _ = encoders[0](feats)
+    entries = memory.img_KD[slots]
+    out[0] = (entries * img.float()).sum().double()
+    out[1] = (entries * encoders[1].encode_image(feats).float()).sum().double()
+    out[2] = float(slots.numel())
+    if write:
+        memory.img_KD[slots], memory.txt_KD[slots] = img.float(), txt.float()
+    return out
+
+
+@torch.no_grad()
+def _batch_lag(model: DualEncoder, momentum: torch.nn.Module, batch: dict) -> Tensor:
+    """(Σ cos, count) of the batch's momentum and online image embeddings: the momentum
+    encoder's lag behind the online one, which the batch candidates carry too."""
+    cos = (momentum.encode_image(batch) * model.encode_image(batch)).sum(1)
+    return torch.stack([cos.sum().double(), torch.tensor(float(cos.numel()), dtype=torch.float64)])
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -363,7 +450,10 @@ def table(runs: dict[str, list[dict]]) -> str:
         for key in METRICS:
             m, sd = mean_std(_col(runs, name, key))
             scale = 100.0 if key.startswith(("fn_", "frac_")) else 1.0
-            cells.append("n/a" if math.isnan(m) else f"{scale * m:.1f} ± {scale * sd:.1f}")
+            digits = 3 if key == "staleness" else 1  # cosines close to 1
+            cells.append(
+                "n/a" if math.isnan(m) else f"{scale * m:.{digits}f} ± {scale * sd:.{digits}f}"
+            )
         both = {"vse_pp_batch", "oracle"} <= set(runs)
         for key in ("group_rsum", "group_map"):
             share = gap_share(runs, name, key) if both else math.nan
@@ -411,6 +501,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "order; a later file's variant replaces an earlier one's)",
     )
     p.add_argument("--out", type=Path, default=Path("results/quality"))
+    # memory diagnosis (bench/results/quality_emoji.md, round 3): override the setup
+    p.add_argument("--memory", type=int, help="memory size K (default: the setup's)")
+    p.add_argument("--momentum", type=float, help="EMA momentum (default: the setup's)")
+    p.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="re-encode the memory with the current momentum model every step (no staleness)",
+    )
+    p.add_argument("--suffix", default="", help="appended to each variant's row name")
     return p.parse_args(argv)
 
 
@@ -476,9 +575,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         s = replace(s, **FEATURE_SETUP, **dims, images=0, classes=0)
     else:
         data = make_data(s)
+    overrides = {"memory": args.memory, "momentum": args.momentum}
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    s = replace(s, fresh_memory=args.fresh_memory)
     runs: dict[str, list[dict]] = {}
-    for name in variants:
-        cfg = FneConfig(**VARIANTS[name])
+    for variant in variants:
+        cfg = FneConfig(**VARIANTS[variant])
+        name = variant + args.suffix
         runs[name] = [train_run(cfg, data, s, seed) for seed in seeds]
         m = runs[name]
         per_seed = " / ".join(f"{r['group_rsum']:.1f}" for r in m)

@@ -5,7 +5,8 @@ dim, k negatives per anchor.
 
 | loss      | candidates                 | rule                                               |
 |-----------|----------------------------|----------------------------------------------------|
-| `fne`     | [batch ; memory]           | FNE-weighted draw (fne-algorithm.md §2-4)           |
+| `fne`     | [batch ; memory]           | FNE-weighted draw (fne-algorithm.md §2-4), or its   |
+|           |                            | expectation (``fne.reduction: expected``)           |
 | `window`  | [batch ; memory]           | uniform over the hard-cut window (no Bayes part)    |
 | `vse_pp`  | batch, or [batch ; memory] | hardest negative (VSE++)                            |
 | `vse0`    | batch                      | sum of hinges over all negatives                    |
@@ -171,9 +172,12 @@ def _one_direction(
     p = _select(anchor_BD, cand_ND, a, c, cfg, rule, g, u_Bk)
     # Gradient only through the selected similarities: s = a · c_j for the k picks and s⁺.
     pos_sim_B = (anchor_BD * cand_ND[a.pos_col_B]).sum(-1)
-    neg_sim_Bk = torch.einsum("bd,bkd->bk", anchor_BD, cand_ND[p.index_bk])
-    hinge_Bk = F.relu(cfg.margin + neg_sim_Bk - pos_sim_B[:, None]) * p.valid_bk
-    per_anchor_B = hinge_Bk.sum(1) / p.valid_bk.sum(1).clamp_min(1)
+    if p.prob_bN.shape[1]:  # fne.reduction expected: Σ_j p_ij C_ij over every candidate
+        per_anchor_B = _expected_hinges(anchor_BD, cand_ND, pos_sim_B, p.prob_bN, cfg.margin)
+    else:
+        neg_sim_Bk = torch.einsum("bd,bkd->bk", anchor_BD, cand_ND[p.index_bk])
+        hinge_Bk = F.relu(cfg.margin + neg_sim_Bk - pos_sim_B[:, None]) * p.valid_bk
+        per_anchor_B = hinge_Bk.sum(1) / p.valid_bk.sum(1).clamp_min(1)
     v = p.valid_bk.to(torch.float64)
     sums = {
         "draws": v.sum(),
@@ -196,6 +200,17 @@ def _one_direction(
             detect_F = p.detect_bF.sum(0)
             sums |= {f"fnd_{key}": detect_F[i] for i, key in enumerate(DETECTION_COLUMNS)}
     return per_anchor_B.mean(), sums
+
+
+def _expected_hinges(
+    anchor_BD: Tensor, cand_ND: Tensor, pos_sim_B: Tensor, prob_BN: Tensor, margin: float
+) -> Tensor:
+    """Per anchor Σ_j p_ij · max(0, m + s_ij − s⁺_i), with autograd through the B×N similarity
+    matrix (like vse0 and infonce; the sampled form needs only the k picks). The shares p carry
+    no gradient: the expectation of the sampled loss, whose draw carries none either."""
+    sim_BN = anchor_BD @ cand_ND.T
+    hinge_BN = F.relu(margin + sim_BN - pos_sim_B[:, None])
+    return (hinge_BN * prob_BN.to(hinge_BN.dtype)).sum(1)
 
 
 def _select(
@@ -224,7 +239,9 @@ def _select(
     with torch.no_grad():
         for b0 in range(0, anchor_BD.shape[0], cfg.block_rows):
             sim_bN = anchor_BD[b0 : b0 + cfg.block_rows].detach() @ cand_detached_ND.T
-            extra = {}
+            extra: dict = {}
+            if cfg.fallback_scope == "batch" and rule != "hardest":
+                extra["fallback_cols"] = c.n_batch
             if other_signal:
                 assert g is not None
                 intra_bN = a.img_BD[b0 : b0 + cfg.block_rows].detach() @ c.img_ND.T
@@ -240,7 +257,7 @@ def _select(
             for r0 in range(0, sim_bN.shape[0], chunk):
                 rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
                 if other_signal:
-                    extra = {"log_odds_bN": odds_bN[r0 : r0 + chunk]}
+                    extra["log_odds_bN"] = odds_bN[r0 : r0 + chunk]
                 picks.append(
                     select(
                         sim_bN[r0 : r0 + chunk],

@@ -18,6 +18,7 @@ from .mixture import FN_MODELS
 from .stats import NO_POS_MU
 
 LOSSES = ("fne", "window", "vse_pp", "vse0", "infonce")
+REDUCTIONS = ("sample", "expected")
 
 
 LIMITS = frozenset({"ge", "gt", "le", "lt", "choices"})
@@ -56,6 +57,14 @@ class FneConfig:
     var_floor: float = setting(1e-8, "floor of the variance estimates", gt=0.0)
     negatives: int = setting(
         1, "negatives per anchor and direction (k > 1: mean of k hinges)", ge=1
+    )
+    reduction: str = setting(
+        "sample",
+        "fne and window: the loss of an anchor is the hinge of one negative drawn with weights "
+        "w_j (sample, the paper) or the expectation of that hinge under the same weights, "
+        "Σ_j w_j/Σw · hinge_j (expected: same target, no sampling noise in the gradient); rows "
+        "whose weights sum to 0 keep the fallback either way",
+        choices=REDUCTIONS,
     )
     stats_reset: str = setting(
         "epoch", "reset the statistics every epoch or never", choices=("epoch", "never")
@@ -113,6 +122,14 @@ class FneConfig:
         "cross, whose dense sampler has the log-odds)",
         choices=("hardest", "unflagged"),
     )
+    fallback_scope: str = setting(
+        "candidates",
+        "fne and window, a row whose window weights sum to 0: its fallback violator is sought "
+        "over every candidate (candidates, the paper: [batch ; memory]) or over the gathered "
+        "batch block only (batch: the in-batch VSE++ negative; a row with no in-batch "
+        "violator contributes 0)",
+        choices=("candidates", "batch"),
+    )
     tail_z: float = setting(
         3.0, "fn_signal tail: z₀, the robust z at which P_fn = 0.5 (fne.tail)", gt=0.0
     )
@@ -169,6 +186,19 @@ class FneConfig:
             raise ValueError(f"fne.fallback={self.fallback} needs fne.loss=fne, fn_model=mixture")
         if self.fallback != "hardest" and self.fn_signal == "cross":
             raise ValueError(f"fne.fallback={self.fallback} needs fne.fn_signal other than cross")
+        if self.fallback_scope != "candidates" and self.loss not in ("fne", "window"):
+            raise ValueError(
+                f"fne.fallback_scope={self.fallback_scope} needs fne.loss=fne or window "
+                f"(got {self.loss}: no fallback)"
+            )
+        if self.reduction != "sample" and self.loss not in ("fne", "window"):
+            raise ValueError(
+                f"fne.reduction={self.reduction} needs fne.loss=fne or window (got {self.loss})"
+            )
+        if self.reduction == "expected" and self.negatives != 1:
+            raise ValueError(
+                "fne.reduction=expected averages over every candidate: use it with fne.negatives=1"
+            )
         if self.fn_signal != "cross" and self.fn_model != "mixture":
             raise ValueError(f"fne.fn_signal={self.fn_signal} needs fne.fn_model=mixture")
         if self.temperature_min > self.temperature_max:

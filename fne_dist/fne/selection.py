@@ -55,6 +55,9 @@ class Picks(NamedTuple):
     n_unmasked_b: Tensor
     n_window_b: Tensor  # candidates in the hard-cut window (0 for the hardest rule)
     detect_bF: Tensor  # false-negative detection sums (fne.detection; b×0 if not measured)
+    # fne.reduction expected: each candidate's share of the anchor's loss (the normalised
+    # weights, or 1 on the fallback); b×0 otherwise
+    prob_bN: Tensor
 
 
 def select_dense(
@@ -70,12 +73,15 @@ def select_dense(
     rule: str,
     detect_groups: tuple[Tensor, Tensor] | None = None,
     log_odds_bN: Tensor | None = None,
+    fallback_cols: int | None = None,
 ) -> Picks:
     """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device).
 
     detect_groups: (anchor groups b, candidate groups N) to measure false-negative detection
     (``fne.detection``) with the fne and window rules; None: not measured. log_odds_bN: the
-    posterior's log-odds when they are not a function of sim (``fne.fn_signal``)."""
+    posterior's log-odds when they are not a function of sim (``fne.fn_signal``);
+    fallback_cols: the fallback violator is sought in the first this many columns only (the
+    batch block, ``fne.fallback_scope: batch``), None: in all."""
     n = sim_bN.shape[1]
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
@@ -98,8 +104,9 @@ def select_dense(
         flagged_bN = is_false_negative(log_odds_bN, cfg.eps) & g.gate_open
         fallback_sim_bN = masked_sim_bN.masked_fill(flagged_bN, -math.inf)
     return _drawn_picks(
-        sim_bN, fallback_sim_bN, pos_sim_b, cfg.margin, u_bk, w.w_BN, None, counts, detect
-    )
+        sim_bN, fallback_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, w.w_BN, None, counts,
+        detect,
+    )  # fmt: skip
 
 
 def _dense_detection(
@@ -136,10 +143,12 @@ def select_listed(
     rule: str,
     index: CandidateIndex | None = None,
     detect_groups: tuple[Tensor, Tensor] | None = None,
+    fallback_cols: int | None = None,
 ) -> Picks:
     """The picks of b anchors, listed: the masked entries by binary search (``index``: the
     sorted candidate ids, built here if not given), the weights inside the hard-cut window
-    only. Reads the window's size on the host: for CPU tensors."""
+    only. Reads the window's size on the host: for CPU tensors. fallback_cols: as
+    ``select_dense``."""
     b, n = sim_bN.shape
     if index is None:
         index = candidate_index(cand_ids_N, None if groups_b is None else cand_groups_N)
@@ -150,20 +159,23 @@ def select_listed(
         return _hardest_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin)
     assert g is not None and u_bk is not None
     n_unmasked_b = n - torch.bincount(masked[0], minlength=b)
-    m = cfg.margin
     ww = window_weights(sim_bN, pos_sim_b, masked_sim_bN, masked, g, cfg, rule, WINDOW_MAX_FRACTION)
     if ww is not None:
         counts = (ww.n_fn_B, n_unmasked_b, ww.n_window_B)
         detect = _listed_detection(sim_bN, masked, masked_sim_bN, detect_groups, ww, g, cfg, rule)
         return _drawn_picks(
-            sim_bN, masked_sim_bN, pos_sim_b, m, u_bk, ww.w_BM, ww.col_BM, counts, detect
-        )
+            sim_bN, masked_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, ww.w_BM, ww.col_BM,
+            counts, detect,
+        )  # fmt: skip
     # A wide window: the dense weights, with the listed mask.
     mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(masked, torch.tensor(True))
     w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN, masked)
     counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
     detect = _dense_detection(sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule)
-    return _drawn_picks(sim_bN, masked_sim_bN, pos_sim_b, m, u_bk, w.w_BN, None, counts, detect)
+    return _drawn_picks(
+        sim_bN, masked_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, w.w_BN, None, counts,
+        detect,
+    )  # fmt: skip
 
 
 def _listed_detection(
@@ -200,7 +212,7 @@ def _hardest_picks(
     return _picks(
         sim_bN, pos_sim_b, margin, h_b[:, None], has_violator_b[:, None],
         zeros_b.bool(), ~has_violator_b, (zeros_b, zeros_b, zeros_b),
-        empty_detection(sim_bN.shape[0], sim_bN.device),
+        empty_detection(sim_bN.shape[0], sim_bN.device), sim_bN.new_zeros(len(h_b), 0),
     )  # fmt: skip
 
 
@@ -208,7 +220,7 @@ def _drawn_picks(
     sim_bN: Tensor,
     masked_sim_bN: Tensor,
     pos_sim_b: Tensor,
-    margin: float,
+    cfg: FneConfig,
     u_bk: Tensor,
     w_bM: Tensor,
     col_bM: Tensor | None,
@@ -216,13 +228,40 @@ def _drawn_picks(
     detect_bF: Tensor,
 ) -> Picks:
     """k draws from the weights w_bM (col_bM: their columns when compacted to the window),
-    with the hardest violator as the fallback of a row whose weights sum to 0."""
-    h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, margin)
+    with the hardest violator as the fallback of a row whose weights sum to 0 (sought among
+    the columns of ``masked_sim_bN``: a leading slice when the fallback's scope is narrowed); with
+    ``cfg.reduction`` expected, also the normalised weights as dense rows (the draws are then
+    diagnostics only)."""
+    h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, cfg.margin)
     d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+    prob_bN = sim_bN.new_zeros(len(h_b), 0)
+    if cfg.reduction == "expected":
+        prob_bN = expected_shares(w_bM, col_bM, sim_bN.shape[1], h_b, has_violator_b)
     return _picks(
-        sim_bN, pos_sim_b, margin, d.index_Bk, d.valid_Bk, d.fallback_B, d.no_violator_B,
-        counts, detect_bF,
+        sim_bN, pos_sim_b, cfg.margin, d.index_Bk, d.valid_Bk, d.fallback_B, d.no_violator_B,
+        counts, detect_bF, prob_bN.to(sim_bN.dtype),
     )  # fmt: skip
+
+
+def expected_shares(
+    w_bM: Tensor, col_bM: Tensor | None, n: int, hardest_b: Tensor, has_violator_b: Tensor
+) -> Tensor:
+    """p_bN: each candidate's share of its anchor's loss under ``reduction: expected``.
+
+    p_ij = w_ij / Σ_k w_ik (the probability the sampler would draw j, so Σ_j p_ij C_ij is the
+    expectation of the sampled hinge); a row whose weights sum to 0 keeps the fallback rule: 1
+    on its hardest violator, or all 0 when it has none. col_bM: columns of compacted weights
+    (their zero padding adds nothing), None when w spans all n columns. float64.
+    """
+    w = w_bM.to(torch.float64)
+    total_b = w.sum(1, keepdim=True)
+    p_bM = w / total_b.clamp_min(torch.finfo(torch.float64).tiny)
+    p_bN = p_bM  # dense weights; compacted ones are scattered back to their columns
+    if col_bM is not None:  # scatter_add: padded slots point at column 0 with weight 0
+        p_bN = w.new_zeros(w.shape[0], n).scatter_add_(1, col_bM, p_bM)
+    fallback_b = (total_b.squeeze(1) <= 0) & has_violator_b
+    one_hot_bN = torch.zeros_like(p_bN).scatter_(1, hardest_b[:, None], 1.0)
+    return torch.where(fallback_b[:, None], one_hot_bN, p_bN)
 
 
 def _hardest_violator(
@@ -244,6 +283,7 @@ def _picks(
     no_violator_b: Tensor,
     counts: tuple[Tensor, Tensor, Tensor],
     detect_bF: Tensor,
+    prob_bN: Tensor,
 ) -> Picks:
     neg_sim_bk = sim_bN.gather(1, idx_bk)
     n_fn_b, n_unmasked_b, n_window_b = counts
@@ -258,6 +298,7 @@ def _picks(
         n_unmasked_b=n_unmasked_b,
         n_window_b=n_window_b,
         detect_bF=detect_bF,
+        prob_bN=prob_bN,
     )
 
 
