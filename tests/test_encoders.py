@@ -345,3 +345,42 @@ def test_hf_cnn_backbone_pools_spatially(tmp_path) -> None:
         torch.testing.assert_close(net(px_BCHW), want_BF)
     with pytest.raises(ValueError, match="expected pixels B×3×H×W"):
         net(px_BCHW.permute(0, 2, 3, 1))
+
+
+def test_tiny_text_tokenizer_equals_the_real_one() -> None:
+    """Invariant: the tiny text net's tokenizer (MiniLM's tokenizer.json through `tokenizers`,
+    no transformers import) gives exactly AutoTokenizer's ids and masks: short captions
+    padded, long ones truncated with [SEP] kept, unicode and empty strings."""
+    from transformers import AutoTokenizer
+
+    from fne_dist.encoders import resolve_offline
+    from fne_dist.tiny_text import JsonTokenizer
+
+    path = resolve_offline("all-MiniLM-L6-v2")
+    captions = [
+        "a dog",
+        "",
+        "grinning face with big eyes 😀",
+        "Ünïcödé café naïve",
+        " ".join(["word"] * 40),  # longer than max_length: truncated
+        "a cat on a mat, photographed from above at dusk.",
+    ]
+    for length in (8, 16, 32):
+        ours = CaptionTokenizer(JsonTokenizer.from_dir(path), length)(captions)
+        real = CaptionTokenizer(AutoTokenizer.from_pretrained(path), length)(captions)
+        assert torch.equal(ours["input_ids"], real["input_ids"]), length
+        assert torch.equal(ours["attention_mask"], real["attention_mask"]), length
+
+
+def test_tiny_text_net_is_invariant_to_padding() -> None:
+    """Invariant: the tiny text net masks padding as MiniLM does: the same captions padded to
+    8, 16 and 32 tokens give the same features (within 1e-5)."""
+    txt = build_text_backbone(TextEncoderConfig(name_or_path="tiny", max_length=32, frozen=False))
+    captions = ["a dog on a beach", "x"]
+    feats = []
+    for length in (8, 16, 32):
+        tok = CaptionTokenizer(txt.tokenizer.tokenizer, length)(captions)
+        with torch.no_grad():
+            feats.append(txt(tok["input_ids"], tok["attention_mask"]))
+    torch.testing.assert_close(feats[0], feats[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(feats[0], feats[2], atol=1e-5, rtol=0)
