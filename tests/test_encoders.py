@@ -145,14 +145,20 @@ def test_minilm_masked_mean_pooling(minilm: TextBackbone) -> None:
 def test_minilm_is_invariant_to_padding(minilm: TextBackbone) -> None:
     """Invariant: the same caption padded to different lengths gives the same features (within
     1e-5): padding is neither attended to nor pooled."""
-    captions = ["a dog on a beach", "grinning face with big eyes"]
+    _assert_padding_invariant(
+        minilm, ["a dog on a beach", "grinning face with big eyes"], (12, 32, 80)
+    )
+
+
+def _assert_padding_invariant(net: TextBackbone, captions: list[str], lengths: tuple) -> None:
+    """The same captions padded to each of ``lengths`` give the same features (within 1e-5)."""
     feats = []
-    for length in (12, 32, 80):
-        tok = CaptionTokenizer(minilm.tokenizer.tokenizer, length)(captions)
+    for length in lengths:
+        tok = CaptionTokenizer(net.tokenizer.tokenizer, length)(captions)
         with torch.no_grad():
-            feats.append(minilm(tok["input_ids"], tok["attention_mask"]))
-    torch.testing.assert_close(feats[0], feats[1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(feats[0], feats[2], atol=1e-5, rtol=0)
+            feats.append(net(tok["input_ids"], tok["attention_mask"]))
+    for other in feats[1:]:
+        torch.testing.assert_close(feats[0], other, atol=1e-5, rtol=0)
 
 
 def test_minilm_similarity_is_semantic(minilm: TextBackbone) -> None:
@@ -376,11 +382,4 @@ def test_tiny_text_net_is_invariant_to_padding() -> None:
     """Invariant: the tiny text net masks padding as MiniLM does: the same captions padded to
     8, 16 and 32 tokens give the same features (within 1e-5)."""
     txt = build_text_backbone(TextEncoderConfig(name_or_path="tiny", max_length=32, frozen=False))
-    captions = ["a dog on a beach", "x"]
-    feats = []
-    for length in (8, 16, 32):
-        tok = CaptionTokenizer(txt.tokenizer.tokenizer, length)(captions)
-        with torch.no_grad():
-            feats.append(txt(tok["input_ids"], tok["attention_mask"]))
-    torch.testing.assert_close(feats[0], feats[1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(feats[0], feats[2], atol=1e-5, rtol=0)
+    _assert_padding_invariant(txt, ["a dog on a beach", "x"], (8, 16, 32))
