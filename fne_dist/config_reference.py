@@ -250,7 +250,7 @@ def reference_markdown() -> str:
             lines += [_cell(doc), ""]
         lines += ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
         for item in own:
-            default = _cell(yaml_value(item.default))
+            default = yaml_value(item.default).replace("|", "\\|")  # a code span: no &lt;
             lines.append(
                 f"| `{item.key}` | {_cell(item.type)} | `{default}` | {_range_text(item)} "
                 f"| {_cell(item.doc)} |"
