@@ -165,7 +165,7 @@ class Setup:
     epochs: int = 8
     batch: int = 32
     memory: int = 256
-    momentum: float = 0.9  # heads from scratch need a fast momentum (fne-algorithm.md §8)
+    momentum: float = 0.9  # heads from scratch need a fast momentum (docs/algorithm.md §8)
     lr: float = 2e-3
     # diagnosis only (--fresh-memory): re-encode every memory entry with the current momentum
     # model before each step, so the memory holds the same items with no staleness

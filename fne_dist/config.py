@@ -7,7 +7,7 @@ Every section is a stdlib dataclass; a field's metadata carries its doc string a
 generated from that metadata (strict types, finite floats, int64 ints); its errors are rewritten
 as one-line ``ConfigError``s (a ``ValueError``) naming the key, what was given and what is
 valid. Our own code keeps only the ``base:`` merge and the ``key=value`` overrides. Library
-defaults are the paper's reference values (fne-algorithm.md §1); config files state deviations.
+defaults are the paper's reference values (docs/algorithm.md §1); config files state deviations.
 
 YAML is read with a SafeLoader that reads ``1e-3`` as a float (YAML 1.2; PyYAML's YAML 1.1
 rules read it as text) and keeps quoted scalars text, and that refuses anchors/aliases,

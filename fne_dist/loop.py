@@ -1,4 +1,4 @@
-"""The one training loop, for every launcher (fne-algorithm.md "Step order").
+"""The one training loop, for every launcher (docs/algorithm.md "Step order").
 
 Legend: B local batch, G = W·B global batch, K memory, D embedding dim, W world size.
 

@@ -1,4 +1,4 @@
-"""Ring buffer of momentum embeddings: the candidates beyond the batch (fne-algorithm.md §1, §5).
+"""Ring buffer of momentum embeddings: the candidates beyond the batch (docs/algorithm.md §1, §5).
 
 Legend: K capacity, D embedding dim, G rows enqueued per step (the gathered global batch).
 

@@ -1,4 +1,4 @@
-"""Momentum (EMA) copies of the encoders (MoCo / ALBEF; fne-algorithm.md §1 and "Step order").
+"""Momentum (EMA) copies of the encoders (MoCo / ALBEF; docs/algorithm.md §1 and "Step order").
 
 The momentum parameters are kept in float32 even when the online model trains in bf16: at
 m = 0.995 the increment (1 − m)·(p − p̂) is below bf16 resolution and a bf16 copy would freeze.

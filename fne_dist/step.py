@@ -1,4 +1,4 @@
-"""Phases 1-5 of one training step (fne-algorithm.md "Step order"), shared by the loop and the
+"""Phases 1-5 of one training step (docs/algorithm.md "Step order"), shared by the loop and the
 multi-rank tests.
 
 Legend: B local batch, G = W·B global batch, K memory, D embedding dim.

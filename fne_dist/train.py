@@ -4,7 +4,7 @@ Without ``--config`` it runs ``configs/default.yaml`` (the run tuned for the emb
 its deviations from the paper's values are commented there), or the library defaults when the
 package is installed without the repository's configs.
 
-Exit codes (README "Exit codes"): 0 success; 1 internal error (a traceback: a bug to report);
+Exit codes (docs/checkpoints.md): 0 success; 1 internal error (a traceback: a bug to report);
 2 user error (config, paths, data: missing, empty or unreadable shards, too many bad samples;
 run directory in use, unusable checkpoint, a checkpoint that cannot be written); 3 training diverged
 (``optim.max_nonfinite_steps`` non-finite steps in a row); 75 interrupted by SIGINT/SIGTERM,

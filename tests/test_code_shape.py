@@ -10,7 +10,13 @@ MAX_LINES = 80
 
 # Command-line entry points: their stdout is their output (JSON, a summary), and their error
 # line goes to stderr. Everything else reports through logging (fne_dist.reporting).
-PRINTING_MODULES = {"train.py", "evaluate.py", "export.py", "shards/__main__.py"}
+PRINTING_MODULES = {
+    "train.py",
+    "evaluate.py",
+    "export.py",
+    "shards/__main__.py",
+    "config_reference.py",
+}
 
 
 def _modules() -> list[tuple[str, ast.Module]]:

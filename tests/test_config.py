@@ -70,7 +70,7 @@ def test_overrides_and_yaml(tmp_path: Path) -> None:
 
 
 def test_defaults_are_the_paper_values() -> None:
-    """Invariant: library defaults are the reference values of fne-algorithm.md §1-4."""
+    """Invariant: library defaults are the reference values of docs/algorithm.md §1-4."""
     cfg = load_config()
     assert (cfg.fne.margin, cfg.fne.prior, cfg.fne.eps) == (0.2, 1e-4, 1e-3)
     assert (cfg.fne.tau_kernel, cfg.fne.tau_fn, cfg.fne.gate_size) == (0.5, 0.5, 200)

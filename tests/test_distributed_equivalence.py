@@ -1,4 +1,4 @@
-"""W ranks × B equals 1 rank × W·B (fne-algorithm.md §5): real gloo processes on the CPU.
+"""W ranks × B equals 1 rank × W·B (docs/algorithm.md §5): real gloo processes on the CPU.
 
 Each test launches ``tests/dist_scripts/fne_equivalence.py`` once per rank (plain subprocesses
 joined through MASTER_ADDR/MASTER_PORT, 30 s collective timeout, killed on failure or timeout);

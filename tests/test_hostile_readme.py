@@ -1,6 +1,6 @@
-"""The README's bad-input section and the code agree (issue 15, "Done means"): every reason a
-sample can be counted bad under is listed there, and nothing else is; the limits it quotes are
-the code's values. Adding a reason without documenting it fails here."""
+"""The user docs' bad-input section (docs/data.md) and the code agree: every reason a sample can
+be counted bad under is listed there, and nothing else is; the limits it quotes are the code's
+values. Adding a reason without documenting it fails here."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from fne_dist.config import DataConfig
 from fne_dist.data.decode import REASONS
 from fne_dist.data.sources import MAX_SHARD_SAMPLES
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DATA_DOC = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 
 
 def _bad_input_section() -> str:
-    text = README.read_text()
-    start = text.index("### Bad input")
+    text = DATA_DOC.read_text()
+    start = text.index("## Bad input")
     end = re.compile(r"^#{2,3} ", re.M).search(text, start + 1)
     return text[start : end.start() if end else len(text)]
 

@@ -2,7 +2,7 @@
 
 On a GPU each such read (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``, an
 op whose output size depends on values such as ``nonzero``) waits for every kernel queued so
-far. The README's "Monitoring" section lists the ones a GPU run has; this test pins the count
+far. docs/monitoring.md ("Host syncs") lists the ones a GPU run has; this test pins the count
 of our own step code on its GPU path (the dense selector) by recording those calls through a
 torch function mode, on the CPU, so it needs no GPU.
 """

@@ -1,4 +1,4 @@
-"""The momentum EMA under DeepSpeed ZeRO 1, 2 and 3 (fne-algorithm.md §5, "EMA under ZeRO-3").
+"""The momentum EMA under DeepSpeed ZeRO 1, 2 and 3 (docs/algorithm.md §5, "EMA under ZeRO-3").
 
 Each stage runs ``tests/dist_scripts/zero_ema.py`` with ``torchrun --nproc_per_node 2`` on the
 CPU (gloo, ``DS_ACCELERATOR=cpu``). The script does the checks on every rank and exits non-zero

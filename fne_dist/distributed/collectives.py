@@ -1,4 +1,4 @@
-"""The project's only collectives (fne-algorithm.md §5): identities at world size 1.
+"""The project's only collectives (docs/algorithm.md §5): identities at world size 1.
 
 Legend: B local batch, G = W·B gathered batch.
 """

@@ -13,7 +13,7 @@ A researcher can use the sampler in their own loop::
                          step_uniforms(seed, step, B, cfg.negatives))
     out.loss.backward()
 
-See fne-algorithm.md (shared with the project) for the maths each function implements, and
+See docs/algorithm.md for the maths each function implements, and
 ``fne.reference`` for the whole sampling rule on one screen (the definition the tests hold the
 fast forms equal to).
 """

@@ -5,7 +5,7 @@ dim, k negatives per anchor.
 
 | loss      | candidates                 | rule                                               |
 |-----------|----------------------------|----------------------------------------------------|
-| `fne`     | [batch ; memory]           | FNE-weighted draw (fne-algorithm.md §2-4), or its   |
+| `fne`     | [batch ; memory]           | FNE-weighted draw (docs/algorithm.md §2-4), or its  |
 |           |                            | expectation (``fne.reduction: expected``)           |
 | `window`  | [batch ; memory]           | uniform over the hard-cut window (no Bayes part)    |
 | `vse_pp`  | batch, or [batch ; memory] | hardest negative (VSE++)                            |

@@ -38,7 +38,7 @@ def setting(default: Any, doc: str, **limits: Any) -> Any:
 
 @dataclass
 class FneConfig:
-    """Loss selection and every constant of fne-algorithm.md §2-4 (one line of YAML each)."""
+    """Loss selection and every constant of docs/algorithm.md §2-4 (one line of YAML each)."""
 
     loss: str = setting("fne", "training loss after warm-up", choices=LOSSES)
     margin: float = setting(0.2, "triplet margin m", ge=0.0)

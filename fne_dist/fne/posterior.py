@@ -1,4 +1,4 @@
-"""The false-negative posterior P_fn(s) by Bayes' rule, in log space (fne-algorithm.md §4).
+"""The false-negative posterior P_fn(s) by Bayes' rule, in log space (docs/algorithm.md §4).
 
     P_fn(s) = π p⁺(s) / (π p⁺(s) + (1 − π) p⁻(s)) = sigmoid(L(s)),
     L(s)    = log π − log(1 − π) + log N(s; μ⁺, σ⁺²) − log N(s; μ⁻, σ⁻²)

@@ -1,7 +1,7 @@
 """FNE's negative sampler on one screen: the paper's equations, one anchor at a time, in floats.
 
 The definition the tests hold the fast forms (``weights``, ``sampling``, ``loss``) equal to;
-nothing in training calls it. fne-algorithm.md §2-4; defaults are the paper's constants.
+nothing in training calls it. docs/algorithm.md §2-4; defaults are the paper's constants.
 """
 
 from __future__ import annotations

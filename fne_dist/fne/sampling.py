@@ -1,4 +1,4 @@
-"""The weighted negative draw and its fallbacks (fne-algorithm.md §2 steps 5 and 7).
+"""The weighted negative draw and its fallbacks (docs/algorithm.md §2 steps 5 and 7).
 
 Legend: B anchors, N candidates, k negatives per anchor, G global batch.
 

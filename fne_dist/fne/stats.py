@@ -1,4 +1,4 @@
-"""Mergeable sufficient statistics of positive / negative similarities (fne-algorithm.md §3).
+"""Mergeable sufficient statistics of positive / negative similarities (docs/algorithm.md §3).
 
 Legend: B anchors of one batch (or G for the gathered global batch).
 

@@ -1,4 +1,4 @@
-"""Sampling weights of FNE and of the "window" ablation (fne-algorithm.md §4).
+"""Sampling weights of FNE and of the "window" ablation (docs/algorithm.md §4).
 
 Legend: B anchors, N candidates, W entries inside the hard-cut window.
 

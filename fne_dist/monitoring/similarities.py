@@ -8,7 +8,7 @@ No new host sync on the step path: ``offer`` queues the rule on the step's gathe
 (a G × G product on the device, rank 0 only) and keeps the G × 4 result there; ``sample`` runs
 at log windows only, where the loop already waits for the device
 (``TrainState.take_window``), and brings the window's rows to the host in one copy. The samples
-follow the statistics' mutual-top-1 rule (fne-algorithm.md §3) on the gathered *momentum*
+follow the statistics' mutual-top-1 rule (docs/algorithm.md §3) on the gathered *momentum*
 block (G × G, the same on every rank), a close proxy of the per-rank online matrices the
 statistics see (m = 0.995), available after the step without touching it.
 """
