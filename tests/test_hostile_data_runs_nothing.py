@@ -238,3 +238,26 @@ def test_hostile_remote_shard_name_with_a_chain_separator_is_refused() -> None:
             shard_list("memory://hostile-chain/*.tar", "data.train")
     finally:
         fs.rm("/hostile-chain", recursive=True)
+
+
+def test_hostile_remote_checkpoint_object_outside_its_step_is_not_written(
+    tmp_path: Path,
+) -> None:
+    """Invariant: downloading a remote checkpoint whose store holds an object named
+    ``step-N/../../escape.txt`` refuses it in one line and writes nothing outside the local
+    copy (the object names of a shared bucket are data)."""
+    import fsspec
+
+    from fne_dist.checkpoint import CheckpointError, download
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/hostile-ckpt/step-00000001/meta.json", b"{}")
+    fs.pipe("/hostile-ckpt/step-00000001/../../escape.txt", b"x")
+    local = tmp_path / "a" / "b"
+    try:
+        with pytest.raises(CheckpointError, match=r"escape\.txt.* lies outside step-00000001"):
+            download("memory://hostile-ckpt", "step-00000001", local)
+    finally:
+        fs.rm("/hostile-ckpt", recursive=True)
+    assert not (tmp_path / "a" / "escape.txt").exists()
+    assert not (tmp_path / "escape.txt").exists()
