@@ -3,7 +3,10 @@
 A data spec is one or more sources separated by ``::`` (open_clip's convention), each a brace
 pattern and/or glob: ``/data/cc3m/{00000..00331}.tar::s3://bucket/laion/*.tar``. Local paths and
 fsspec URLs (``s3://``, ``gs://``, ``file://``, ``memory://`` ...) are accepted. ``pipe:`` URLs
-run a shell command, so they are refused unless the config explicitly allows them.
+run a shell command, so they are refused unless the config explicitly allows them. Only a spec
+the user wrote is a URL or a pipe: what a glob finds on disk is opened as a local file, whatever
+it is called (a file named ``pipe:cmd #.tar`` is a file), and a remote name holding ``::``
+(fsspec's chain separator) is refused.
 
 Sample counts come from a ``sizes.json`` next to the shards (open_clip's size index, written by
 ``python -m fne_dist.shards``); shards it does not list are counted by reading their tar headers
