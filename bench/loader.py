@@ -30,13 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fne_dist.config import load_config
 from fne_dist.data import StreamOptions, TrainStream, shard_list
 from fne_dist.data.batching import PairCollate, PairTransform
+from fne_dist.data.decode import open_raster
 from fne_dist.data.sources import split_member_name
 from fne_dist.encoders import SquareImage, build_text_backbone
 
@@ -55,7 +55,7 @@ def bare(urls: list[str]) -> tuple[float, int]:
                 if key != last:
                     n, last = n + 1, key
                 if ext in ("webp", "png", "jpg"):
-                    Image.open(io.BytesIO(data)).load()
+                    open_raster(data).load()  # as the loader opens them: no probing
                 elif ext.endswith("npy"):
                     np.load(io.BytesIO(data), allow_pickle=False)
                 elif ext == "json":

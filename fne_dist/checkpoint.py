@@ -638,6 +638,10 @@ def download(root_url: str, name: str, local_root: Path) -> Path:
     dest.mkdir(parents=True)
     for remote in fs.find(src):  # paths in the filesystem's own form, like ``src``
         rel = remote[len(src) :].lstrip("/")
+        # an object name in the store is data: "step-8/../../.bashrc" must not be written
+        # outside this copy (validate() checks meta.json's names only after the download)
+        if ".." in Path(rel).parts:
+            raise CheckpointError(f"{root_url}: object {remote!r} lies outside {name}: refused")
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(remote, str(dest / rel))
     return dest

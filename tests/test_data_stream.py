@@ -13,6 +13,7 @@ from PIL import Image
 
 from fne_dist.data import DataError, RankPosition, StreamOptions, TrainStream, shard_list
 from fne_dist.data.batching import PairCollate
+from fne_dist.data.decode import stable_id
 from fne_dist.data.plan import exact_plan
 
 from .shard_factory import sample_members, write_dataset, write_tar
@@ -125,8 +126,9 @@ def test_resampled_mode_follows_source_weights(tmp_path: Path) -> None:
 
 def test_img2dataset_layout_is_read_as_is(tmp_path: Path) -> None:
     """Invariant: a shard in img2dataset's layout (numeric keys; jpg, txt, json without our ids)
-    written with plain tarfile is read without conversion: the numeric key is the image id,
-    the txt is the caption (whitespace cleaned), and no sizes.json is needed (counted)."""
+    written with plain tarfile is read without conversion: the image id is derived from the
+    key and the shard's directory (img2dataset's keys count from 0 in every output), the txt
+    is the caption (whitespace cleaned), and no sizes.json is needed (counted)."""
     samples = []
     for k in range(8):
         buf = io.BytesIO()
@@ -154,8 +156,11 @@ def test_img2dataset_layout_is_read_as_is(tmp_path: Path) -> None:
         shard_list(str(tmp_path / "*.tar"), "k"), opts, keep_caption, PairCollate(None)
     )
     batches, _ = run_epoch(stream)
-    assert sorted(i for b in batches for i in b) == list(range(8))
-    assert sorted(captions) == [(k, f"a photo of thing {k}", (6, 5)) for k in range(8)]
+    id_of = {stable_id(f"{k:09d}", str(tmp_path)): k for k in range(8)}
+    assert sorted(i for b in batches for i in b) == sorted(id_of)
+    assert sorted((id_of[i], c, size) for i, c, size in captions) == [
+        (k, f"a photo of thing {k}", (6, 5)) for k in range(8)
+    ]
 
 
 def test_fsspec_url_and_sizes_json(tmp_path: Path) -> None:

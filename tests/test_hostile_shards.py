@@ -213,11 +213,16 @@ def test_hostile_h13_control_chars_inside_a_caption_become_spaces(tmp_path: Path
 
 def test_hostile_decimal_keys_beyond_int64_are_hashed() -> None:
     """Invariant: a shard without ids whose sample key is a decimal too large for int64 (or a
-    non-ASCII digit such as '²') still gets an id in 0..2^63-1 (a hash), not an overflow."""
+    non-ASCII digit such as '²') still gets an id in 0..2^63-1 (a hash), not an overflow; keys
+    are hashed with their shard's directory, so one key in two directories is two ids."""
     for key in ("9" * 40, "²", "0" * 30 + "7"):
         d = decode_sample({"__key__": f"dir/{key}", "png": png(), "txt": b"x"})
         assert 0 <= d.image_id <= MAX_ID
-    assert decode_sample({"__key__": "0" * 30 + "7", "png": png(), "txt": b"x"}).image_id == 7
+    ids = {
+        decode_sample({"__key__": "7", "__url__": url, "png": png(), "txt": b"x"}).image_id
+        for url in ("a/0.tar", "b/0.tar", "a/1.tar")
+    }
+    assert len(ids) == 2
 
 
 def test_hostile_npy_with_non_finite_values_is_bad() -> None:

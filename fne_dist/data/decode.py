@@ -1,9 +1,11 @@
 """Explicit decoders for shard samples, and the accounting of bad ones.
 
-Nothing from a shard is executed or unpickled: images are opened with PIL (after a pixel-count
-check), text is UTF-8, json is ``json.loads``, ``.npy`` uses ``allow_pickle=False``. A member
-with any other extension makes the sample bad ("unknown_extension"): webdataset's default
-decoders would unpickle ``.pyd``/``.pickle`` and ``torch.load`` ``.pth`` members.
+Nothing from a shard is executed or unpickled: images are opened with PIL only when their magic
+bytes say JPEG, PNG, WebP, GIF or BMP (``open_raster``; PIL's own probing would hand PostScript
+to Ghostscript), after a pixel-count check; text is UTF-8, json is ``json.loads``, ``.npy``
+uses ``allow_pickle=False``. A member with any other extension makes the sample bad
+("unknown_extension"): webdataset's default decoders would unpickle ``.pyd``/``.pickle`` and
+``torch.load`` ``.pth`` members.
 
 A bad sample raises ``BadSample(reason)``; the stream skips it and counts it per reason; its
 detail names the member (``<key>.<extension>``) and, for json, the field. Every value taken
@@ -17,7 +19,10 @@ from a sample is checked for type and range here, where it enters:
   blake2b hash (never negative, so never the empty-slot marker nor "no label"). Two different
   strings with one id are caught by an ``IdRegistry`` where the reader keeps one (the training
   stream per loader consumer and epoch, evaluation per rank and split) and the later sample is
-  bad ("id_collision"), never silently merged with the other;
+  bad ("id_collision"), never silently merged with the other. A sample without a json
+  ``image_id`` (img2dataset) gets ``stable_id`` of its key and its shard's directory (keys
+  count from 0 in every img2dataset output); such an id given to other image bytes is an
+  ``id_collision`` too;
 * a caption is text after replacing control characters by spaces and collapsing whitespace;
   one with nothing left but whitespace, control or format characters is empty;
 * ``.npy`` features are finite floats.
@@ -29,6 +34,7 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 import re
 import time
 import unicodedata
@@ -92,14 +98,19 @@ class Decoded:
     raw_image: tuple[str, bytes] | None  # (ext, bytes), kept for feature-shard writing
 
 
-def stable_id(key: str) -> int:
-    """A 62-bit id from a sample key, for shards without ids (img2dataset): decimal keys are used
-    as they are, others hashed (blake2b), so every rank derives the same id."""
-    tail = key.rsplit("/", 1)[-1]
-    # ASCII digits only (str.isdigit accepts "²"), and small enough for an int64
-    if tail.isascii() and tail.isdigit() and len(tail.lstrip("0")) <= 19 and int(tail) <= MAX_ID:
-        return int(tail)
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 2
+def stable_id(key: str, source: str = "") -> int:
+    """A 62-bit id for a sample without a json ``image_id`` (img2dataset shards), from its key
+    and its ``source``, the directory its shard lies in (as the data spec names it): such
+    keys count from 0 in every output directory, so the key alone would give two sources'
+    different pictures one id (positives, false negatives and metrics merged). A blake2b hash
+    of both, so every rank derives the same id; never negative."""
+    raw = f"{source}\0{key}".encode("utf-8", "surrogatepass")  # tar names may hold surrogates
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 2
+
+
+def source_of(sample: dict) -> str:
+    """The directory of the shard a grouped sample came from ("" when unknown)."""
+    return posixpath.dirname(str(sample.get("__url__") or ""))
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -141,25 +152,55 @@ def string_id(value: str) -> int:
 
 class IdRegistry:
     """Which string each hashed id came from, per field, to catch two different strings that
-    hash to one id (a 62-bit hash: about n²/2^63 collisions among n strings). Up to ``limit``
-    ids per field are remembered; beyond, ids are no longer checked (memory stays bounded)."""
+    hash to one id (a 62-bit hash: about n²/2^63 collisions among n strings); and which image
+    bytes each id derived from a sample key named. Up to ``limit`` ids per field are
+    remembered; beyond, ids are no longer checked (memory stays bounded)."""
 
     def __init__(self, limit: int = 2_000_000) -> None:
         self.limit = limit
         self.seen: dict[str, dict[int, str]] = {}
 
-    def check(self, field: str, value: str, id_: int, key: str) -> None:
+    def _first(self, field: str, id_: int, value: str) -> str | None:
+        """The value first recorded for ``id_`` (None, and ``value`` recorded, if new)."""
         table = self.seen.setdefault(field, {})
         previous = table.get(id_)
-        if previous is None:
-            if len(table) < self.limit:
-                table[id_] = value
-        elif previous != value:
+        if previous is None and len(table) < self.limit:
+            table[id_] = value
+        return previous
+
+    def check(self, field: str, value: str, id_: int, key: str) -> None:
+        previous = self._first(field, id_, value)
+        if previous is not None and previous != value:
             raise BadSample(
                 "id_collision",
                 f"{key}.json {field}: {describe_value(value)} and {describe_value(previous)} "
                 f"have the same id {id_}",
             )
+
+    def check_image(self, id_: int, content: bytes, key: str) -> None:
+        """An id derived from a sample key names one picture: another sample with that id and
+        other image bytes is bad, never a positive of the first (keys repeated in one
+        directory, or a 62-bit hash collision)."""
+        digest = hashlib.blake2b(content, digest_size=16).hexdigest()
+        previous = self._first("image bytes", id_, digest)
+        if previous is not None and previous != digest:
+            raise BadSample(
+                "id_collision",
+                f"{key}: image id {id_} (from the key, no json image_id) was given to other "
+                "image bytes before",
+            )
+
+
+# The lowest id the loader accepts per json field; all go up to MAX_ID. The shard writers check
+# the ids they write with ``id_range_problem`` too, so they never write an id read back as bad.
+ID_LOW = {"image_id": 0, "caption_id": -1, "group_id": NO_GROUP, "family_id": NO_GROUP}
+
+
+def id_range_problem(value: int, low: int) -> str | None:
+    """Why the integer ``value`` is no id from ``low``..2^63−1 (None when it is one)."""
+    if not low <= value <= MAX_ID:
+        return f"{describe_value(value)} is outside {low}..2^63-1"
+    return None
 
 
 def json_int(
@@ -179,10 +220,9 @@ def json_int(
         raise BadSample(
             "bad_id", f"{key}.json {field}: not an integer or string ({describe_value(value)})"
         )
-    if not low <= value <= MAX_ID:
-        raise BadSample(
-            "bad_id", f"{key}.json {field}: {describe_value(value)} is outside {low}..2^63-1"
-        )
+    problem = id_range_problem(value, low)
+    if problem is not None:
+        raise BadSample("bad_id", f"{key}.json {field}: {problem}")
     return value
 
 
@@ -229,19 +269,55 @@ def _npy(raw: bytes, key: str) -> np.ndarray:
     return out
 
 
-_PIL_FORMAT = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+# The raster formats a member may hold, recognised by their first bytes before PIL sees them:
+# PIL's own format probing would hand a PostScript/EPS member (named .png or not) to Ghostscript,
+# an external program that runs the file as a program. JPEG, PNG and WebP are what the shard
+# writers and img2dataset write; GIF and BMP are what a mislabelled web image most often is, and
+# PIL decodes both itself. TIFF is left out (libtiff and its dozens of codecs, never a caption
+# image format), as is every format PIL delegates to another program (EPS/PS, PDF).
+IMAGE_MAGIC: tuple[tuple[str, bytes], ...] = (
+    ("JPEG", b"\xff\xd8\xff"),
+    ("PNG", b"\x89PNG\r\n\x1a\n"),
+    ("GIF", b"GIF87a"),
+    ("GIF", b"GIF89a"),
+    ("BMP", b"BM"),
+)
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+_FORMAT_NAMES = "JPEG, PNG, WebP, GIF or BMP"
 
 
-def open_image(raw: bytes, max_pixels: int, ext: str = "") -> Image.Image:
-    """Decode an image, refusing oversized ones before their pixels are decoded. The member's
-    extension is tried first: PIL otherwise probes several formats before the right one."""
+def image_format(raw: bytes) -> str | None:
+    """PIL's name of the allowed raster format ``raw`` starts with (``DECODED_FORMATS``), by
+    its magic bytes alone; None for anything else (PostScript, PDF, TIFF, text, garbage)."""
+    if raw[:4] == b"RIFF" and raw[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for name, magic in IMAGE_MAGIC if raw.startswith(magic)), None)
+
+
+class RefusedImage(ValueError):
+    """Image bytes that are not one of the allowed raster formats."""
+
+
+def open_raster(raw: bytes, allowed: tuple[str, ...] = DECODED_FORMATS) -> Image.Image:
+    """``Image.open`` on bytes of an allowed raster format only: the format is chosen by the
+    magic bytes and PIL is told to try that plugin alone (``formats=[...]``), so no other
+    plugin, and no external program, ever sees the bytes. Every reader of image bytes from
+    data (training, evaluation, the feature cache, the shard writers) opens them here.
+    Raises RefusedImage for other bytes, PIL's errors for a broken image of an allowed format."""
+    found = image_format(raw)
+    if found is None or found not in allowed:
+        names = _FORMAT_NAMES if allowed == DECODED_FORMATS else ", ".join(allowed)
+        raise RefusedImage(f"not a {names} image (starts with {bytes(raw[:12])!r})")
+    return Image.open(io.BytesIO(raw), formats=[found])
+
+
+def open_image(raw: bytes, max_pixels: int) -> Image.Image:
+    """Decode an image of an allowed raster format (``open_raster``), refusing oversized ones
+    before their pixels are decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            try:
-                img = Image.open(io.BytesIO(raw), formats=[_PIL_FORMAT[ext]] if ext else None)
-            except Image.UnidentifiedImageError:  # mislabelled (a PNG named .jpg): probe all
-                img = Image.open(io.BytesIO(raw))
+            img = open_raster(raw)
             width, height = img.size
             if width * height > max_pixels:
                 raise BadSample("too_many_pixels", f"{width}×{height}")
@@ -308,7 +384,7 @@ def _image(
     if not sample[ext]:
         raise BadSample("corrupt_image", f"{key}.{ext}: empty")
     try:
-        image = open_image(sample[ext], max_pixels, ext) if decode_image else None
+        image = open_image(sample[ext], max_pixels) if decode_image else None
     except BadSample as err:  # open_image knows the bytes, not the member
         raise BadSample(err.reason, f"{key}.{ext}: {err.detail}") from None
     return image, None, (ext, sample[ext])
@@ -337,11 +413,17 @@ def decode_sample(
         if not _SAFE_EXT.match(ext):
             raise BadSample("unknown_extension", f"{key}.{ext}")
     meta = _meta(sample, key)
-    image_id = json_int(meta, "image_id", key, -1, 0, ids) if "image_id" in meta else stable_id(key)
-    caption_id = json_int(meta, "caption_id", key, -1, -1, ids)
+    derived = "image_id" not in meta
+    if derived:
+        image_id = stable_id(key, source_of(sample))
+    else:
+        image_id = json_int(meta, "image_id", key, -1, ID_LOW["image_id"], ids)
+    caption_id = json_int(meta, "caption_id", key, -1, ID_LOW["caption_id"], ids)
     group_field = "group_id" if "group_id" in meta else "family_id"
-    group = json_int(meta, group_field, key, NO_GROUP, NO_GROUP, ids)
+    group = json_int(meta, group_field, key, NO_GROUP, ID_LOW[group_field], ids)
     image, img_feat, raw_image = _image(sample, key, max_pixels, decode_image)
+    if derived and ids is not None:
+        ids.check_image(image_id, raw_image[1] if raw_image else sample["img_feat.npy"], key)
     captions = _captions(sample, meta, key, caption_key, all_captions)
     has_txt_feat = "txt_feat.npy" in sample
     txt_feat = _npy(sample["txt_feat.npy"], f"{key}.txt_feat.npy") if has_txt_feat else None

@@ -39,7 +39,7 @@ from .decode import BadSample, BadSampleLog, Decoded, IdRegistry, decode_sample
 from .sources import DataError, ShardList, warn_if_more
 from .stream import raw_samples
 
-FORMAT = 2  # bump when preprocessing, pooling or the layout changes what a cache holds
+FORMAT = 3  # bump when preprocessing, pooling, the layout or ids change what a cache holds
 
 
 def cache_fingerprint(identity: dict) -> str:

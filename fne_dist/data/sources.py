@@ -3,7 +3,10 @@
 A data spec is one or more sources separated by ``::`` (open_clip's convention), each a brace
 pattern and/or glob: ``/data/cc3m/{00000..00331}.tar::s3://bucket/laion/*.tar``. Local paths and
 fsspec URLs (``s3://``, ``gs://``, ``file://``, ``memory://`` ...) are accepted. ``pipe:`` URLs
-run a shell command, so they are refused unless the config explicitly allows them.
+run a shell command, so they are refused unless the config explicitly allows them. Only a spec
+the user wrote is a URL or a pipe: what a glob finds on disk is opened as a local file, whatever
+it is called (a file named ``pipe:cmd #.tar`` is a file), and a remote name holding ``::``
+(fsspec's chain separator) is refused.
 
 Sample counts come from a ``sizes.json`` next to the shards (open_clip's size index, written by
 ``python -m fne_dist.shards``); shards it does not list are counted by reading their tar headers
@@ -16,10 +19,10 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import posixpath
 import re
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -77,7 +80,15 @@ def resolve_source(pattern_spec: str, key: str, allow_pipe: bool = False) -> lis
     urls: list[str] = []
     for pattern in braceexpand.braceexpand(pattern_spec):
         if _is_url(pattern):
-            urls += _expand_url(pattern)
+            for url in _expand_url(pattern):
+                # a found object's name is data: fsspec would read '::' in it as a chain of
+                # file systems (another protocol, a cache) instead of one object
+                if "::" in url:
+                    raise DataError(
+                        f"{key}: shard {url!r} (found by {pattern!r}) has '::' in its name, "
+                        "which fsspec reads as a chained URL: rename it"
+                    )
+                urls.append(url)
             continue
         candidates = [Path(pattern)]
         if not Path(pattern).is_absolute():
@@ -85,7 +96,7 @@ def resolve_source(pattern_spec: str, key: str, allow_pipe: bool = False) -> lis
         for candidate in candidates:
             found = sorted(glob.glob(str(candidate)))
             if found:
-                urls += found
+                urls += [local_path(path) for path in found]
                 break
     if not urls:
         raise DataError(f"{key}: no shard matches {pattern_spec!r}")
@@ -97,8 +108,24 @@ def resolve_shards(spec: str, key: str, allow_pipe: bool = False) -> list[str]:
     return [url for part in split_sources(spec) for url in resolve_source(part, key, allow_pipe)]
 
 
-def open_shard(url: str) -> IO[bytes]:
-    """A readable binary stream for a local path, an fsspec URL or (if allowed) a pipe."""
+def local_path(path: str) -> str:
+    """A path found on disk (a glob result) as a string that ``open_shard`` opens as a local
+    file, whatever the file is called: a file *name* is data, not a spec the user wrote. A
+    relative name whose first component holds a ':' would read as a scheme ("pipe:cmd #.tar"
+    runs a shell command), and ':' followed by '//' as an fsspec URL; the same file is
+    written "./pipe:cmd #.tar" and "dir/s3:/x" (POSIX treats repeated slashes as one)."""
+    path = re.sub(r":/{2,}", ":/", path)
+    if not os.path.isabs(path) and ":" in path.split("/", 1)[0]:
+        path = "./" + path
+    return path
+
+
+def open_shard(url: str | Path) -> IO[bytes]:
+    """A readable binary stream for a local path, an fsspec URL or (if allowed) a pipe. Only
+    a spec the user wrote is a URL or a pipe (``resolve_source`` passes glob results through
+    ``local_path``); a ``Path`` is always a local file."""
+    if isinstance(url, Path):
+        return open(url, "rb", buffering=1 << 20)
     if url.startswith("pipe:"):
         import webdataset as wds
 
@@ -108,17 +135,6 @@ def open_shard(url: str) -> IO[bytes]:
 
         return fsspec.open(url, "rb").open()
     return open(url, "rb", buffering=1 << 20)
-
-
-def iter_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member of a tar or tar.gz stream, in order (no seeking)."""
-    import tarfile
-
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            if info.isreg():
-                member = tar.extractfile(info)
-                yield info.name, member.read() if member else b""
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -140,7 +156,7 @@ def sample_key(member_name: str) -> str | None:
     return split_member_name(member_name)[0]
 
 
-def count_samples(url: str, strict: bool = False) -> int:
+def count_samples(url: str | Path, strict: bool = False) -> int:
     """Samples (runs of members with one key) in a shard, read from the tar headers only.
 
     A truncated shard counts the samples that are there (with a warning) unless ``strict``:

@@ -79,7 +79,7 @@ def load_albef(captions: Path, images: Path) -> list[ImageEntry]:
     for number, path in enumerate(paths):
         meta: dict[str, object] = {"filename": path}
         if use_given:
-            image_id = parse_int(*raw_id_of[path])
+            image_id = parse_int(*raw_id_of[path], "image_id")
         else:
             image_id = number
             if path in raw_id_of:

@@ -32,7 +32,7 @@ def load_coco(captions: Path, images: Path) -> list[ImageEntry]:
         where = f"{captions.name} images[{i}]"
         if not isinstance(image, dict):
             raise ShardError(f"{where}: not a JSON object")
-        image_id = parse_int(image.get("id"), f"{where}.id")
+        image_id = parse_int(image.get("id"), f"{where}.id", "image_id")
         file_name = image.get("file_name")
         if not isinstance(file_name, str) or not file_name:
             raise ShardError(f"{where}: no 'file_name'")
@@ -46,8 +46,8 @@ def load_coco(captions: Path, images: Path) -> list[ImageEntry]:
         where = f"{captions.name} annotations[{i}]"
         if not isinstance(ann, dict):
             raise ShardError(f"{where}: not a JSON object")
-        image_id = parse_int(ann.get("image_id"), f"{where}.image_id")
-        caption_id = parse_int(ann.get("id"), f"{where}.id")
+        image_id = parse_int(ann.get("image_id"), f"{where}.image_id", "image_id")
+        caption_id = parse_int(ann.get("id"), f"{where}.id", "caption_id")
         if image_id not in file_of:
             raise ShardError(f"{where}: image_id {image_id} is not in 'images'")
         if caption_id in seen:

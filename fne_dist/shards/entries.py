@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.decode import ID_LOW, id_range_problem
+
 
 class ShardError(Exception):
     """A user-caused problem (missing or unparseable input, mismatched resume); one line."""
@@ -61,18 +63,29 @@ def normalize_caption(value: object, where: str) -> str:
     return " ".join(value.split())
 
 
-def parse_int(value: object, where: str) -> int:
-    """An int id from an int or a decimal string; anything else is an input error."""
+def check_id(value: int, field: str, where: str) -> int:
+    """``value`` if the loader accepts it as the json ``field`` (``image_id``, ``caption_id``,
+    ``group_id``), else a ShardError: writers and the reader share one id validation
+    (``data.decode.id_range_problem``), so no shard is written whose ids it reads as bad."""
+    problem = id_range_problem(value, ID_LOW[field])
+    if problem is not None:
+        raise ShardError(f"{where}: {field} {problem} (the loader reads it as a bad id)")
+    return value
+
+
+def parse_int(value: object, where: str, field: str | None = None) -> int:
+    """An int id from an int or a decimal string; anything else is an input error. With
+    ``field`` (``image_id``, ``caption_id``, ``group_id``), also one the loader accepts there."""
     if isinstance(value, bool):  # bool is an int subclass, but True is no id
         raise ShardError(f"{where}: expected an integer id, got {value!r}")
+    number: int | None = None
     if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise ShardError(f"{where}: expected an integer id, got {value!r}")
+        number = value
+    elif isinstance(value, str) and is_int_like(value):
+        number = int(value.strip())
+    if number is None:
+        raise ShardError(f"{where}: expected an integer id, got {value!r}")
+    return number if field is None else check_id(number, field, where)
 
 
 def is_int_like(value: object) -> bool:

@@ -50,8 +50,14 @@ def load_feature_captions(
         if not (_given(row, "index") or _given(row, "image_id")):
             raise ShardError(f"{where}: needs 'index' (feature row) or 'image_id'")
         feature_row = parse_int(row["index"] if _given(row, "index") else row["image_id"], where)
-        image_id = parse_int(row["image_id"] if _given(row, "image_id") else row["index"], where)
-        caption_id = parse_int(row["caption_id"], where) if _given(row, "caption_id") else data_row
+        image_id = parse_int(
+            row["image_id"] if _given(row, "image_id") else row["index"], where, "image_id"
+        )
+        caption_id = (
+            parse_int(row["caption_id"], where, "caption_id")
+            if _given(row, "caption_id")
+            else data_row
+        )
         if image_id not in row_of:
             if feature_row in id_of_row:
                 raise ShardError(

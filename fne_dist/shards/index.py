@@ -31,7 +31,7 @@ def count_samples(path: Path) -> int:
     """Number of samples in a .tar/.tar.gz shard, streamed (constant memory), counted exactly
     as the training loader counts them; an unreadable or truncated tar is an error here."""
     try:
-        return _count_samples(str(path), strict=True)
+        return _count_samples(path, strict=True)  # a Path: opened as a file, whatever its name
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
         raise ShardError(f"{path}: not a readable tar file ({err})") from None
 

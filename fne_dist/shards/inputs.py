@@ -44,6 +44,24 @@ def read_json(path: Path, what: str) -> Any:
         ) from None
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's dict, refusing a key given twice (``json`` keeps the last silently)."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return obj
+
+
 def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for every non-blank line of a JSON Lines file."""
     require_file(path, what)
@@ -53,7 +71,11 @@ def read_jsonl(path: Path, what: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line, object_pairs_hook=_unique_keys)
+                except _DuplicateKey as err:
+                    raise ShardError(
+                        f"{what}: {path} line {lineno} has the key {err.key!r} more than once"
+                    ) from None
                 except json.JSONDecodeError as err:
                     raise ShardError(
                         f"{what}: {path} line {lineno} is not valid JSON ({err.msg})"
@@ -80,6 +102,14 @@ def read_csv(
         with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             header = reader.fieldnames or []
+            # DictReader keeps the last of two equal column names: which caption (or image,
+            # or id) is meant is the user's to say, not an accident of column order
+            twice = sorted({name for name in header if name and header.count(name) > 1})
+            if twice:
+                raise ShardError(
+                    f"{what}: {path} has the column {twice[0]!r} more than once; rename or "
+                    "drop the one not meant"
+                )
             for column in required:
                 if column not in header:
                     raise ShardError(

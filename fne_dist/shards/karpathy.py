@@ -47,7 +47,7 @@ def load_karpathy(captions: Path, images: Path, keep_restval: bool = False) -> K
         if split not in SPLITS:
             raise ShardError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
         id_key = "cocoid" if image.get("cocoid") is not None else "imgid"
-        image_id = parse_int(image.get(id_key), f"{where}.{id_key}")
+        image_id = parse_int(image.get(id_key), f"{where}.{id_key}", "image_id")
         filename = image.get("filename")
         if not isinstance(filename, str) or not filename:
             raise ShardError(f"{where}: no 'filename'")
@@ -61,7 +61,7 @@ def load_karpathy(captions: Path, images: Path, keep_restval: bool = False) -> K
             s_where = f"{where}.sentences[{j}]"
             if not isinstance(sentence, dict):
                 raise ShardError(f"{s_where}: not a JSON object")
-            caption_id = parse_int(sentence.get("sentid"), f"{s_where}.sentid")
+            caption_id = parse_int(sentence.get("sentid"), f"{s_where}.sentid", "caption_id")
             image_captions.append(
                 Caption(caption_id, normalize_caption(sentence.get("raw"), s_where))
             )

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .entries import ImageEntry, ShardError, fingerprint
+from .entries import ImageEntry, ShardError, check_id, fingerprint
 from .media import SKIP_EMPTY_CAPTION, Media, MediaSource
 from .writer import BuiltSample, ShardOptions, ShardSummary, write_shards
 
@@ -110,8 +110,10 @@ class SampleBuilder:
         return BuiltSample(members, len(kept), skipped)
 
 
-def check_unique_ids(entries: Sequence[ImageEntry]) -> None:
-    """Refuse entries whose image ids or caption ids repeat (the json contract of a shard).
+def check_ids(entries: Sequence[ImageEntry]) -> None:
+    """Refuse entries whose ids the loader would read as bad (``entries.check_id``, e.g. an
+    image id 10^30 or -5, a group label -5) or whose image ids or caption ids repeat (the json
+    contract of a shard).
 
     The loaders build unique ids, but where ids come from the input (COCO, Karpathy, features)
     a duplicate would silently merge two images into one positive set during training.
@@ -119,10 +121,15 @@ def check_unique_ids(entries: Sequence[ImageEntry]) -> None:
     image_ids: set[int] = set()
     caption_ids: set[int] = set()
     for entry in entries:
+        where = f"image {entry.meta.get('filename', entry.image_id)!r}"
+        check_id(entry.image_id, "image_id", where)
+        if entry.group_id is not None:
+            check_id(entry.group_id, "group_id", where)
         if entry.image_id in image_ids:
             raise ShardError(f"image_id {entry.image_id} is given to two images")
         image_ids.add(entry.image_id)
         for caption in entry.captions:
+            check_id(caption.caption_id, "caption_id", where)
             if caption.caption_id in caption_ids:
                 raise ShardError(f"caption_id {caption.caption_id} is given to two captions")
             caption_ids.add(caption.caption_id)
@@ -140,7 +147,7 @@ def write_entries(
     The fingerprint of the entries joins the settings, so resuming with a different input (or
     ``--limit``, or column choice) is refused rather than mixing two datasets in one directory.
     """
-    check_unique_ids(entries)
+    check_ids(entries)
     plan = plan_samples(entries, layout)
     run_settings = {**settings, "layout": layout, "input_sha256": fingerprint(entries)}
     builder = SampleBuilder(entries, plan, media, layout)

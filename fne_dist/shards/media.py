@@ -3,7 +3,9 @@
 An image file is copied into the shard byte for byte, so a shard is a deterministic function of
 the input files and writing costs no decoding. It is still opened with PIL and ``verify()``-ed,
 because a file that the training loader cannot decode would otherwise end a training run hours
-later. A precomputed feature vector becomes an ``img_feat.npy`` member written with
+later; it is opened as the loader opens it (``data.decode.open_raster``): only as a raster
+format recognised by its magic bytes, so that no PIL plugin hands it to an external program.
+A precomputed feature vector becomes an ``img_feat.npy`` member written with
 ``numpy.save(..., allow_pickle=False)``.
 
 A read either returns :class:`Media` or the name of the skip reason (one of the ``SKIP_*``
@@ -22,6 +24,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from ..data.decode import open_raster
 from .entries import ImageEntry, ShardError, file_sha256
 from .inputs import require_file
 
@@ -101,12 +104,14 @@ class ImageFiles:
 
 
 def image_format(data: bytes) -> str | None:
-    """PIL's format name for encoded image bytes that pass ``verify()``; None if they fail."""
+    """PIL's format name for image bytes of an allowed raster format (``open_raster``: chosen
+    by magic bytes, so PostScript never reaches Ghostscript) that pass ``verify()``; None for
+    anything else."""
     try:
         with warnings.catch_warnings():
             # A huge image is a DecompressionBombWarning only; it is valid, so stay quiet.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with open_raster(data) as image:
                 found = image.format
                 image.verify()
     except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
