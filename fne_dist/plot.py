@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .fne import Candidates, FneConfig, SimilarityStats, fn_posterior, sampling_weights
 from .fne.estimators import prior_from_em, with_prior
 from .monitoring.similarities import SimilaritySamples, gaussians_from_dict, write_snapshot
@@ -157,19 +157,121 @@ def draw_training(log: list[dict], metrics: dict, samples_per_micro: int, path: 
     return path
 
 
+class RunFileError(ValueError):
+    """A run directory's file that is not what a run writes (one line naming the file)."""
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _real(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _number(x: Any) -> bool:
+    """A JSON number, or null (the run's metrics write a non-finite value as null)."""
+    return x is None or _real(x)
+
+
+def _has_rsum(x: Any) -> bool:
+    return isinstance(x, dict) and "rsum" in x and _number(x["rsum"])
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise RunFileError(f"{path}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise RunFileError(f"{path}: not JSON ({str(err).splitlines()[0]})") from None
+
+
+def _metrics_problem(doc: Any) -> str | None:
+    """What keeps ``doc`` from being a run's metrics.json as the pictures read it, or None."""
+    if not isinstance(doc, dict):
+        return f"expected a JSON object, got {type(doc).__name__}"
+    if not _int(doc.get("world_size", 1)) or doc.get("world_size", 1) < 1:
+        return f"world_size is {doc['world_size']!r}, not a positive integer"
+    for split in ("val", "test"):
+        if split in doc and not (_has_rsum(doc[split]) and _int(doc.get("steps"))):
+            return f"'{split}' needs an rsum number and 'steps' an integer"
+    history = doc.get("history", [])
+    if not isinstance(history, list):
+        return "'history' is not a list"
+    for i, h in enumerate(history):
+        if not isinstance(h, dict) or (
+            "val" in h and not (_has_rsum(h["val"]) and _int(h.get("step")))
+        ):
+            return f"history[{i}] is not an object with an integer step and val.rsum"
+    return None
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The run's metrics.json, checked to have the shape the pictures read."""
+    path = run_dir / "metrics.json"
+    doc = _load_json(path)
+    problem = _metrics_problem(doc)
+    if problem:
+        raise RunFileError(f"{path}: {problem}")
+    return doc
+
+
 def read_log(run_dir: Path) -> list[dict]:
+    """The records of train_log.jsonl. A last line that is not JSON is the one a killed run
+    was writing: skipped, as the loop does on resume; any other bad line is an error."""
     path = run_dir / "train_log.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise RunFileError(f"{path}: cannot read it ({err.strerror or err})") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            if n == lines[-1][0]:
+                log.warning("%s: line %d is cut short (a killed run): skipped", path, n)
+                continue
+            raise RunFileError(f"{path}: line {n} is not JSON") from None
+        if not (isinstance(doc, dict) and _int(doc.get("step"))) or (
+            "time" in doc and not _real(doc["time"])
+        ):
+            raise RunFileError(f"{path}: line {n} is not a log record (integer step, time)")
+        records.append(doc)
+    return records
+
+
+SNAPSHOT_KEYS = ("step", "gaussians", "pos", "neg", "pos_seen", "neg_seen")
+GAUSSIAN_NUMBERS = ("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos")
+GAUSSIAN_FLAGS = ("has_mu_pos", "gate_open")
+
+
+def read_snapshot(path: Path) -> dict[str, Any]:
+    """One ``fne-step-*.json``, checked to hold what ``draw_fne`` reads."""
+    data = _load_json(path)
+    ok = (
+        isinstance(data, dict)
+        and all(k in data for k in SNAPSHOT_KEYS)
+        and isinstance(data["gaussians"], dict)
+        and all(_real(data["gaussians"].get(k)) for k in GAUSSIAN_NUMBERS)
+        and all(isinstance(data["gaussians"].get(k), bool) for k in GAUSSIAN_FLAGS)
+        and "variance" in data["gaussians"]
+        and all(isinstance(data[k], list) and all(map(_real, data[k])) for k in ("pos", "neg"))
+    )
+    if not ok:
+        raise RunFileError(f"{path}: not an FNE snapshot ({', '.join(SNAPSHOT_KEYS)})")
+    return data
 
 
 def plot_snapshot(snapshot: Path, cfg: Config) -> Path:
     """The PNG next to one ``fne-step-*.json``."""
-    data = json.loads(snapshot.read_text())
-    return draw_fne(data, cfg.fne, snapshot.with_suffix(".png"))
+    return draw_fne(read_snapshot(snapshot), cfg.fne, snapshot.with_suffix(".png"))
 
 
 def plot_training(run_dir: Path, cfg: Config) -> Path:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     per_micro = cfg.train.batch_size * int(metrics.get("world_size", 1))
     out = run_dir / PLOTS
     out.mkdir(exist_ok=True)
@@ -250,7 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.run_dir / name).is_file():
             sys.stderr.write(f"{args.run_dir}: no {name} (not a finished run directory)\n")
             return 2
-    for path in plot_run(args.run_dir):
+    try:
+        paths = plot_run(args.run_dir)
+    except (ConfigError, RunFileError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    except OSError as err:  # the pictures cannot be written (a read-only or full disk)
+        where = err.filename or args.run_dir / PLOTS
+        sys.stderr.write(f"error: cannot write {where} ({err.strerror or err})\n")
+        return 2
+    for path in paths:
         sys.stdout.write(f"{path} ({path.stat().st_size} bytes)\n")  # the command's output
     return 0
 

@@ -26,7 +26,9 @@ from .data.sources import DataError
 from .distributed.launch import RendezvousError, rank_env, rendezvous
 from .encoders import EncoderUnavailable
 from .interrupt import EXIT_INTERRUPTED, Interrupted
+from .monitoring import check_monitor
 from .nonfinite import TrainingDiverged
+from .paths import check_writable_dir
 from .run_identity import check_new_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -82,8 +84,12 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
     check_ray_job_paths(cfg, env)
     check_accelerate_world(env)
     check_new_run(cfg, env)  # a new submission never silently becomes an old run
+    check_monitor(cfg, launcher, env)  # the /metrics address and the discovery file
     if launcher == "ray" and (cfg.dist.ray_address or env.get("RAY_ADDRESS")):
-        return
+        return  # the workers' machines and disks, not this one's
+    # found now, not as a traceback when the run directory is first written
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    check_writable_dir(run_dir, f"run.output_dir={cfg.run.output_dir}")
     cuda = torch.cuda.is_available()
     ray_gpu = launcher == "ray" and cfg.dist.use_gpu
     if not cuda and (cfg.engine.device == "cuda" or ray_gpu):

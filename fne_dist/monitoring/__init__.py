@@ -20,12 +20,19 @@ import torch
 
 from .. import __version__
 from .. import distributed as dist_ops
-from ..config import Config, config_text
+from ..config import Config, ConfigError, config_text
 from ..data.decode import REASONS
 from ..distributed.launch import rank_env
+from ..paths import check_writable_file
 from ..reporting import Reporter
 from .reporter import MetricsReporter
-from .serve import advertised_address, gather_targets, serve_metrics, write_targets
+from .serve import (
+    advertised_address,
+    check_endpoint,
+    gather_targets,
+    serve_metrics,
+    write_targets,
+)
 
 TARGETS_FILE = "prometheus_targets.json"  # in the run directory
 
@@ -107,6 +114,21 @@ class _Served(MetricsReporter):
         super().close()
 
 
+def check_monitor(cfg: Config, launcher: str, environ: dict[str, str] | None = None) -> None:
+    """Before any worker starts (one-line ``ConfigError``s): when this process will serve
+    /metrics, ``monitor.host`` is an address of this machine, every local rank's port exists,
+    and ``monitor.targets_file`` is a file that can be written. ``launcher``: ray, inplace or
+    local (``fne_dist.train.choose_launcher``)."""
+    env = os.environ if environ is None else environ
+    if mode(cfg, "ray" if launcher == "ray" else launcher_name(env)) != "http":
+        return
+    local_ranks = max(1, rank_env(env).local_world_size)
+    check_endpoint(cfg.monitor.host, cfg.monitor.port, local_ranks)
+    if cfg.monitor.targets_file:
+        path = Path(cfg.monitor.targets_file)
+        check_writable_file(path, f"monitor.targets_file={path}")
+
+
 def build_monitor(
     cfg: Config, run_dir: Path, launcher: str, device: torch.device
 ) -> Reporter | None:
@@ -142,7 +164,14 @@ def build_monitor(
     reporter = _Served(sink, info, limits, REASONS, cuda)
     reporter.linger_s = cfg.monitor.linger_s
     port = cfg.monitor.port + rank_env().local_rank
-    reporter.server, port = serve_metrics(sink.registry, cfg.monitor.host, port)
+    error = None
+    try:
+        reporter.server, port = serve_metrics(sink.registry, cfg.monitor.host, port)
+    except ConfigError as err:
+        error = err
+    # every rank fails together (the next step is a collective a failed rank would never join)
+    if dist_ops.all_min_int(0 if error else 1) == 0:
+        raise error or ConfigError("monitor: another rank could not serve /metrics (see its line)")
     targets = gather_targets(advertised_address(cfg.monitor.host), port, int(base["node"]), device)
     if rank == 0:
         extra = [Path(cfg.monitor.targets_file)] if cfg.monitor.targets_file else []
