@@ -27,7 +27,7 @@ from .distributed.launch import RendezvousError, rank_env, rendezvous
 from .encoders import EncoderUnavailable
 from .interrupt import EXIT_INTERRUPTED, Interrupted
 from .nonfinite import TrainingDiverged
-from .run_identity import check_new_run
+from .run_identity import check_new_run, check_writable
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
@@ -83,7 +83,8 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
     check_accelerate_world(env)
     check_new_run(cfg, env)  # a new submission never silently becomes an old run
     if launcher == "ray" and (cfg.dist.ray_address or env.get("RAY_ADDRESS")):
-        return
+        return  # the cluster's workers write, on their own filesystems
+    check_writable(cfg)  # now, not at the first checkpoint or the final weights
     cuda = torch.cuda.is_available()
     ray_gpu = launcher == "ray" and cfg.dist.use_gpu
     if not cuda and (cfg.engine.device == "cuda" or ray_gpu):
