@@ -3,7 +3,8 @@
 Layout of ``<checkpoint.dir>/step-<optimizer step, 8 digits>/``:
 
     meta.json             written last: step, micro step, epoch, samples seen, world size,
-                          loader workers, ZeRO stage, and size + sha256 of every file below
+                          loader workers, ZeRO stage, the training shards (pattern and
+                          fingerprint), and size + sha256 of every file below
     config.yaml           the resolved config of the run that wrote it
     model.safetensors     the model's fp32 weights, gathered (what `fne_dist.export` copies)
     engine/ ...           the engine's state, written by ``engine.save_checkpoint``: DeepSpeed's
@@ -12,8 +13,9 @@ Layout of ``<checkpoint.dir>/step-<optimizer step, 8 digits>/``:
     momentum.safetensors  the momentum encoders (identical on every rank)
     memory.safetensors    the memory: embeddings, ids, groups, write order, pointer
     stats.safetensors     the FNE sufficient statistics (all-reduced: identical on every rank)
-    rank-<r>.json         per rank: data position, Python/NumPy RNG states, loop counters
-    rank-<r>.safetensors  per rank: torch RNG state(s)
+    rank-<r>.json         per rank: its rank and step, data position, Python/NumPy RNG
+                          states, loop counters
+    rank-<r>.safetensors  per rank: torch RNG state(s); its rank and step in the header
 
 The project's own state is safetensors + JSON, never pickled. DeepSpeed 0.19 writes and reads
 its files with pickle (``torch.load(weights_only=False)``), so before DeepSpeed may load them
@@ -26,7 +28,9 @@ gathered (JSON over the process group), and rank 0 writes meta.json, listing eve
 and renames the directory into place. A checkpoint is valid only when meta.json lists
 ``rank-<r>.*`` of every rank and every listed file matches its hash. A crash at any point leaves
 either no ``step-N`` or a complete one; a later truncation or corruption is caught by the hashes,
-and resume falls back to the newest valid checkpoint with a warning naming the bad one.
+and resume falls back to the newest valid checkpoint with a warning naming the bad one. Rank
+files moved to another rank or step (meta.json re-hashed) are refused on load, and so is state
+that does not fit this run's objects: one line each, never a traceback.
 
 Several nodes: a local checkpoint.dir must be one directory that every node sees
 (``check_shared_dir`` fails at launch otherwise); with a URL checkpoint.dir each node writes to
@@ -157,11 +161,11 @@ def read_rank_files(directory: Path, rank: int, step: int) -> RankState:
     try:
         set_rng_state(doc["rng"], load_file(str(rng_path)))
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
-        raise CheckpointError(f"{json_path}: malformed RNG state ({_first_line(err)})") from None
+        raise CheckpointError(f"{json_path}: malformed RNG state ({_one_line(err)})") from None
     return RankState(doc["counters"], doc.get("data_position"))
 
 
-def _first_line(err: BaseException) -> str:
+def _one_line(err: BaseException) -> str:
     """``err`` in one line of at most 300 characters (torch's state-dict errors span many)."""
     text = " ".join(str(err).split())
     if isinstance(err, KeyError):
@@ -222,7 +226,7 @@ def load_state(directory: Path, stem: str) -> Any:
     except (ValueError, TypeError, AttributeError, RecursionError) as err:
         if isinstance(err, CheckpointError):
             raise
-        raise CheckpointError(f"{directory / stem}.json: malformed ({_first_line(err)})") from None
+        raise CheckpointError(f"{directory / stem}.json: malformed ({_one_line(err)})") from None
 
 
 def hash_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -629,7 +633,7 @@ def _fitting(directory: Path, what: str, load: Callable[[], Any]) -> Any:
     except (RuntimeError, KeyError) as err:
         raise CheckpointError(
             f"checkpoint {directory}: {what} does not fit this run's model "
-            f"({_first_line(err)}); resume with the checkpoint's model settings"
+            f"({_one_line(err)}); resume with the checkpoint's model settings"
         ) from None
 
 

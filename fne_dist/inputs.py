@@ -92,7 +92,7 @@ def split_shards(
             finally:
                 torch.set_num_threads(threads)
 
-        if build_once(out, build, cfg.data.cache_wait_s):
+        if build_once(out, build, cfg.data.cache_wait_s, stop_reason=stop_reason):
             log(
                 f"data.{split}: cached frozen-tower features of {shards.total} samples in "
                 f"{time.perf_counter() - t0:.1f} s → {out}"

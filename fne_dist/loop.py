@@ -677,7 +677,7 @@ def write_results(run_dir: Path, history: dict, weights: dict, checkpointed: boo
     return f"cannot write the final weights {path} ({problem}): {metrics.name} is written; {where}"
 
 
-def _write_atomic(path: Path, write) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)``, then rename ``tmp`` to ``path``; no partial file is left either way."""
     tmp = path.with_name(path.name + ".tmp")
     try:

@@ -6,9 +6,11 @@ package is installed without the repository's configs.
 
 Exit codes (README "Exit codes"): 0 success; 1 internal error (a traceback: a bug to report);
 2 user error (config, paths, data: missing, empty or unreadable shards, too many bad samples;
-run directory in use, unusable checkpoint, a checkpoint that cannot be written); 3 training diverged
-(``optim.max_nonfinite_steps`` non-finite steps in a row); 75 interrupted by SIGINT/SIGTERM,
-resumable with ``checkpoint.resume=latest``.
+run directory or checkpoint.dir in use or not writable, unusable checkpoint, a resume changing a
+setting the checkpoint depends on, a checkpoint or the final weights that cannot be written); 3
+training diverged (``optim.max_nonfinite_steps`` non-finite steps in a row); 75 interrupted by
+SIGINT/SIGTERM (also during the feature-cache build), resumable with ``checkpoint.resume=latest``
+(or, with no checkpoint yet, by running the same command again).
 """
 
 from __future__ import annotations

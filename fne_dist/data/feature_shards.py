@@ -222,12 +222,16 @@ def is_complete(out_dir: Path) -> bool:
 
 
 def build_once(
-    out_dir: Path, build: Callable[[], object], timeout_s: float, poll_s: float = 0.5
+    out_dir: Path,
+    build: Callable[[], object],
+    timeout_s: float,
+    poll_s: float = 0.5,
+    stop_reason: Callable[[], str | None] = lambda: None,
 ) -> bool:
     """Run ``build`` (which must leave ``out_dir`` complete) unless ``out_dir`` is complete,
     holding an exclusive lock on ``<out_dir>.lock`` meanwhile: several builders on one shared
-    cache directory build it once; the others wait for it (at most ``timeout_s``). Returns
-    True when this call built it."""
+    cache directory build it once; the others wait for it (at most ``timeout_s``, and no longer
+    than a stop signal: ``stop_reason``). Returns True when this call built it."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     while not is_complete(out_dir):
@@ -235,6 +239,12 @@ def build_once(
             try:  # POSIX record locks: honoured across NFS clients, unlike flock on some
                 fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
+                reason = stop_reason()
+                if reason is not None:
+                    raise Interrupted(
+                        f"{reason} while waiting for another builder of the feature cache "
+                        f"{out_dir}: stopped before training; run the same command again"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise DataError(
                         f"feature cache {out_dir}: another builder holds {lock.name} for "
