@@ -3,7 +3,8 @@
 Layout of ``<checkpoint.dir>/step-<optimizer step, 8 digits>/``:
 
     meta.json             written last: step, micro step, epoch, samples seen, world size,
-                          loader workers, ZeRO stage, and size + sha256 of every file below
+                          loader workers, ZeRO stage, the training shards (pattern and
+                          fingerprint), and size + sha256 of every file below
     config.yaml           the resolved config of the run that wrote it
     model.safetensors     the model's fp32 weights, gathered (what `fne_dist.export` copies)
     engine/ ...           the engine's state, written by ``engine.save_checkpoint``: DeepSpeed's
@@ -12,8 +13,9 @@ Layout of ``<checkpoint.dir>/step-<optimizer step, 8 digits>/``:
     momentum.safetensors  the momentum encoders (identical on every rank)
     memory.safetensors    the memory: embeddings, ids, groups, write order, pointer
     stats.safetensors     the FNE sufficient statistics (all-reduced: identical on every rank)
-    rank-<r>.json         per rank: data position, Python/NumPy RNG states, loop counters
-    rank-<r>.safetensors  per rank: torch RNG state(s)
+    rank-<r>.json         per rank: its rank and step, data position, Python/NumPy RNG
+                          states, loop counters
+    rank-<r>.safetensors  per rank: torch RNG state(s); its rank and step in the header
 
 The project's own state is safetensors + JSON, never pickled. DeepSpeed 0.19 writes and reads
 its files with pickle (``torch.load(weights_only=False)``), so before DeepSpeed may load them
@@ -26,7 +28,9 @@ gathered (JSON over the process group), and rank 0 writes meta.json, listing eve
 and renames the directory into place. A checkpoint is valid only when meta.json lists
 ``rank-<r>.*`` of every rank and every listed file matches its hash. A crash at any point leaves
 either no ``step-N`` or a complete one; a later truncation or corruption is caught by the hashes,
-and resume falls back to the newest valid checkpoint with a warning naming the bad one.
+and resume falls back to the newest valid checkpoint with a warning naming the bad one. Rank
+files moved to another rank or step (meta.json re-hashed) are refused on load, and so is state
+that does not fit this run's objects: one line each, never a traceback.
 
 Several nodes: a local checkpoint.dir must be one directory that every node sees
 (``check_shared_dir`` fails at launch otherwise); with a URL checkpoint.dir each node writes to
@@ -110,16 +114,63 @@ class RankState:
 
 
 def write_rank_files(directory: Path, rank: int, state: RankState) -> None:
+    """``rank-<r>.json`` and ``rank-<r>.safetensors``, each naming its rank and optimizer step
+    (checked on load: a rank's file renamed to another rank, or one of another step, is
+    refused even with a re-hashed meta.json)."""
     rng_json, rng_tensors = rng_state()
-    doc = {"counters": state.counters, "data_position": state.data_position, "rng": rng_json}
+    step = state.counters["opt_step"]
+    doc = {
+        "rank": rank,
+        "step": step,
+        "counters": state.counters,
+        "data_position": state.data_position,
+        "rng": rng_json,
+    }
     (directory / f"rank-{rank:05d}.json").write_text(json.dumps(doc))
-    save_file(rng_tensors, str(directory / f"rank-{rank:05d}.safetensors"))
+    binding = {"rank": str(rank), "step": str(step)}
+    save_file(rng_tensors, str(directory / f"rank-{rank:05d}.safetensors"), metadata=binding)
 
 
-def read_rank_files(directory: Path, rank: int) -> RankState:
-    doc = json.loads((directory / f"rank-{rank:05d}.json").read_text())
-    set_rng_state(doc["rng"], load_file(str(directory / f"rank-{rank:05d}.safetensors")))
-    return RankState(doc["counters"], doc["data_position"])
+def read_rank_files(directory: Path, rank: int, step: int) -> RankState:
+    """This rank's state at optimizer ``step`` (meta.json's), after checking that both files
+    say they are this rank's at this step; anything else is one CheckpointError line."""
+    json_path = directory / f"rank-{rank:05d}.json"
+    rng_path = directory / f"rank-{rank:05d}.safetensors"
+    try:
+        doc = json.loads(json_path.read_text())
+        with safe_open(str(rng_path), framework="pt") as f:
+            binding = f.metadata() or {}
+    except (OSError, ValueError, RecursionError, SafetensorError) as err:
+        raise CheckpointError(f"{json_path.parent}: unreadable rank {rank} files ({err})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("counters"), dict):
+        raise CheckpointError(f"{json_path}: not a rank file (no 'counters')")
+    for path, saved_rank, saved_step in (
+        (json_path, doc.get("rank"), doc.get("step")),
+        (rng_path, binding.get("rank"), binding.get("step")),
+    ):
+        if str(saved_rank) != str(rank) or str(saved_step) != str(step):
+            raise CheckpointError(
+                f"{path}: holds rank {saved_rank}'s state at step {saved_step}, but meta.json "
+                f"puts it at rank {rank}, step {step}: the checkpoint's rank files were moved "
+                "or mixed; resume from an intact checkpoint"
+            )
+    if doc["counters"].get("opt_step") != step:
+        raise CheckpointError(
+            f"{json_path}: its counters are of step {doc['counters'].get('opt_step')}, not {step}"
+        )
+    try:
+        set_rng_state(doc["rng"], load_file(str(rng_path)))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+        raise CheckpointError(f"{json_path}: malformed RNG state ({_one_line(err)})") from None
+    return RankState(doc["counters"], doc.get("data_position"))
+
+
+def _one_line(err: BaseException) -> str:
+    """``err`` in one line of at most 300 characters (torch's state-dict errors span many)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, KeyError):
+        return f"no {text}"
+    return (text[:297] + "...") if len(text) > 300 else text or type(err).__name__
 
 
 def save_tensors(directory: Path, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -157,6 +208,11 @@ def load_state(directory: Path, stem: str) -> Any:
     def decode(node: dict[str, Any]) -> Any:
         ((kind, value),) = node.items()
         if kind == "tensor":
+            if value not in tensors:
+                raise CheckpointError(
+                    f"{directory / stem}.json names tensor {str(value)[:80]!r}, which "
+                    f"{stem}.safetensors does not hold"
+                )
             return tensors[value]
         if kind == "dict":
             return {k: decode(v) for k, v in value}
@@ -165,7 +221,12 @@ def load_state(directory: Path, stem: str) -> Any:
             return tuple(items) if kind == "tuple" else items
         return value
 
-    return decode(json.loads((directory / f"{stem}.json").read_text()))
+    try:
+        return decode(json.loads((directory / f"{stem}.json").read_text()))
+    except (ValueError, TypeError, AttributeError, RecursionError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{directory / stem}.json: malformed ({_one_line(err)})") from None
 
 
 def hash_files(directory: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -373,6 +434,7 @@ class Target:
     rank: int
     barrier: Callable[[], None]
     url: str | None = None  # a URL checkpoint.dir: every rank uploads its part, meta.json last
+    data: dict[str, Any] | None = None  # the training shards' identity (resume compares it)
     gather: Callable[[Any], list[Any]] = field(default=_gather_json)  # every rank's JSON
     local_rank: int = field(default_factory=_local_rank)
 
@@ -423,7 +485,7 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
     c = state.counters
     final = step_dir(target.root, c["opt_step"])
     tmp = final.with_name(final.name + ".tmp")
-    _agree_written(target, tmp, _write_error(_write_parts, target, parts, state, tmp))
+    _agree_written(target, tmp, write_error(_write_parts, target, parts, state, tmp))
     files = _hash_and_upload(target, tmp)
     error = None
     if target.rank == 0:
@@ -435,8 +497,10 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
             "epoch": c["epoch"],
             "samples_seen": c["samples_seen"],
         }
+        if target.data is not None:
+            meta["data"] = target.data
         keep = 1 if target.url else target.keep_last
-        error = _write_error(finalize, tmp, final, meta, keep, files)
+        error = write_error(finalize, tmp, final, meta, keep, files)
         if target.url is not None and error is None:  # last: no meta.json, no checkpoint
             publish_meta(final, target.url, target.keep_last)
     elif target.local_rank == 0 and target.url is not None:
@@ -445,7 +509,7 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
     return final
 
 
-def _write_error(write: Callable[..., Any], *args: Any) -> str | None:
+def write_error(write: Callable[..., Any], *args: Any) -> str | None:
     """``write(*args)``; a failed write (disk full, quota, permissions: OSError, safetensors'
     or torch's writer errors) as one line, else None. Anything else is a bug and propagates."""
     try:
@@ -542,18 +606,35 @@ def load_run_checkpoint(
             )
     check_memory_shape(directory, parts.memory.capacity, parts.memory.dim)
     check_engine_files_safe(directory)
-    load_path, _ = parts.engine.load_checkpoint(
-        str(directory),
-        tag=ENGINE_TAG,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
+    load_path, _ = _fitting(
+        directory,
+        "the engine state",
+        lambda: parts.engine.load_checkpoint(
+            str(directory),
+            tag=ENGINE_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        ),
     )
     if load_path is None:
         raise CheckpointError(f"{directory}: found no engine state under {ENGINE_TAG}/")
-    parts.momentum.load_state_dict(load_file(str(directory / "momentum.safetensors")))
-    parts.memory.load_state_dict(load_file(str(directory / "memory.safetensors")))
-    parts.stats.load_state_dict(load_file(str(directory / "stats.safetensors")))
-    return read_rank_files(directory, rank)
+    restored = (("momentum", parts.momentum), ("memory", parts.memory), ("stats", parts.stats))
+    for name, part in restored:
+        tensors = load_file(str(directory / f"{name}.safetensors"))
+        _fitting(directory, f"{name}.safetensors", lambda p=part, t=tensors: p.load_state_dict(t))
+    return read_rank_files(directory, rank, meta.get("step"))
+
+
+def _fitting(directory: Path, what: str, load: Callable[[], Any]) -> Any:
+    """``load()``; a state that does not fit this run's objects (another architecture: torch's
+    "Error(s) in loading state_dict", a missing entry) as one CheckpointError line."""
+    try:
+        return load()
+    except (RuntimeError, KeyError) as err:
+        raise CheckpointError(
+            f"checkpoint {directory}: {what} does not fit this run's model "
+            f"({_one_line(err)}); resume with the checkpoint's model settings"
+        ) from None
 
 
 # ------------------------------------------------------------------ checkpoint.dir as a URL

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from .data.sources import DataError, ShardList, shard_list
 from .data.splits import PairTable, load_split
 from .data.stream import StreamOptions, TrainStream
 from .encoders import ImageBackbone, TextBackbone
+from .interrupt import Interrupted
 
 SPLITS = ("train", "val", "test")
 
@@ -66,9 +68,12 @@ def split_shards(
     local_rank: int = 0,
     local_world: int = 1,
     log=print,
+    stop_reason: Callable[[], str | None] = lambda: None,
 ) -> ShardList:
     """The shards a split is read from: the raw ones, or (frozen towers) its feature shards,
-    built here by local rank 0 if missing. Every rank must call it (it waits for the build)."""
+    built here by local rank 0 if missing. Every rank must call it (it waits for the build).
+    A stop signal (``stop_reason`` names it) ends the build or the wait with ``Interrupted``
+    within one batch: a cache takes longer to build than a scheduler waits after SIGTERM."""
     shards = raw_shards(cfg, split)
     if not (cfg.model.image.frozen or cfg.model.text.frozen):
         return shards
@@ -82,11 +87,12 @@ def split_shards(
             # the other local ranks only wait: lend their cores to the build
             torch.set_num_threads(min(os.cpu_count() or 1, threads * local_world))
             try:
-                bad.update(_build(cfg, split, shards, out, image_backbone, text_backbone))
+                built = _build(cfg, split, shards, out, image_backbone, text_backbone, stop_reason)
+                bad.update(built)
             finally:
                 torch.set_num_threads(threads)
 
-        if build_once(out, build, cfg.data.cache_wait_s):
+        if build_once(out, build, cfg.data.cache_wait_s, stop_reason=stop_reason):
             log(
                 f"data.{split}: cached frozen-tower features of {shards.total} samples in "
                 f"{time.perf_counter() - t0:.1f} s → {out}"
@@ -94,6 +100,12 @@ def split_shards(
             )
     deadline = time.monotonic() + cfg.data.cache_wait_s
     while not is_complete(out):  # local rank 0 of this node is building it or waiting
+        reason = stop_reason()
+        if reason is not None:
+            raise Interrupted(
+                f"{reason} while waiting for the feature cache of data.{split}: stopped before "
+                "training; run the same command again to continue"
+            )
         if time.monotonic() > deadline:
             raise DataError(
                 f"data.{split}: feature cache {out} not complete after "
@@ -111,6 +123,7 @@ def _build(
     out: Path,
     image_backbone: ImageBackbone,
     text_backbone: TextBackbone,
+    stop_reason: Callable[[], str | None],
 ) -> dict[str, int]:
     return dict(
         build_feature_shards(
@@ -123,6 +136,7 @@ def _build(
             max_pixels=cfg.data.max_pixels,
             max_bad_fraction=cfg.data.max_bad_fraction,
             label=f"feature cache {split}",
+            stop_reason=stop_reason,
         )
     )
 

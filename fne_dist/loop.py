@@ -20,6 +20,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,7 @@ from .reporting import (
     json_safe,
     setup_logging,
 )
-from .run_identity import resume_request
+from .run_identity import check_resume_config, data_identity, restart_of_same_run, resume_request
 from .run_lock import owned
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
@@ -98,8 +99,10 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
     created_group = init_process_group(env, backend_for(device), Timeouts.from_config(cfg))
     try:
         backbones = (image_backbone, text_backbone)
-        # H2: one live run per run directory; H3/H4: a signal stops the run between steps
-        with owned(run_directory(cfg), dist_ops.rank()), handle_signals() as stop:
+        # one live run per run directory and per checkpoint.dir; a signal stops the run
+        # between steps
+        owner = owned(run_directory(cfg), dist_ops.rank(), local_checkpoint_dir(cfg), cfg.run.name)
+        with owner, handle_signals() as stop:
             result = _train(cfg, extra_reporter, backbones, device, launcher, t_start, stop)
         if created_group:
             dist_ops.barrier()  # no rank tears the group down while another still uses it
@@ -111,6 +114,13 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
 
 def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def local_checkpoint_dir(cfg: Config) -> Path | None:
+    """checkpoint.dir as a local directory (its default inside the run directory); None for a
+    URL."""
+    root = cfg.checkpoint.dir or str(run_directory(cfg) / "checkpoints")
+    return None if ckpt.is_url(root) else Path(root)
 
 
 def preflight(cfg: Config) -> None:
@@ -138,7 +148,7 @@ def _train(
 ) -> dict:
     """Phases 3-5 of ``train`` inside an initialised process group."""
     # 3. run directory, data, model, momentum model, engine, memory, statistics, reporters
-    run = setup_run(cfg, reporter, *backbones, device, launcher)
+    run = setup_run(cfg, reporter, *backbones, device, launcher, stop)
     # 4. resume (Ray's checkpoint after a restart, else checkpoint.resume), then the loop
     state = resume_or_start(run)
     run.reporter.progress(progress(run, state))  # the metrics' baseline
@@ -197,6 +207,7 @@ def setup_run(
     text_backbone: TextBackbone,
     device: torch.device,
     launcher: str,
+    stop: StopRequest | None = None,
 ) -> Run:
     """Everything a run builds before its first step, in the order the seeded initialisation
     relies on; rank 0 also writes the run directory's config and reports to the console."""
@@ -211,7 +222,8 @@ def setup_run(
     # the metrics endpoint first: the feature-cache build in open_data can take minutes, and
     # its progress (fne_task_progress{task="feature_cache"}) is exported while it runs
     monitor = build_monitor(cfg, run_dir, launcher, device)
-    stream, tables = open_data(cfg, image_backbone, text_backbone, rank, world)
+    stop_reason = (lambda: stop.signal_name) if stop is not None else (lambda: None)
+    stream, tables = open_data(cfg, image_backbone, text_backbone, rank, world, stop_reason)
     cfg = resolve_warmup(cfg, stream.steps_per_epoch)
     total_micro = max(1, math.ceil(cfg.train.epochs * stream.steps_per_epoch))
     total_steps = max(1, total_micro // cfg.engine.grad_accum)
@@ -282,9 +294,10 @@ def open_data(
     text_backbone: TextBackbone,
     rank: int,
     world: int,
+    stop_reason: Callable[[], str | None] = lambda: None,
 ) -> tuple[TrainStream, dict[str, PairTable]]:
     """The training stream of this rank and the val/test tables (feature caches built first
-    when a tower is frozen)."""
+    when a tower is frozen; a stop signal ends their build, ``stop_reason`` names it)."""
     env = rank_env()
     shards = {
         split: split_shards(
@@ -295,6 +308,7 @@ def open_data(
             env.local_rank,
             env.local_world_size,
             log=log.info,
+            stop_reason=stop_reason,
         )
         for split in SPLITS
     }
@@ -325,6 +339,7 @@ def checkpoint_target(
         rank=rank,
         barrier=dist_ops.barrier,
         url=ckpt_root if url else None,  # every rank uploads its part, rank 0 meta.json last
+        data=data_identity(cfg),  # resume reuses the data position only for the same shards
     )
 
 
@@ -350,8 +365,12 @@ def resume_or_start(run: Run) -> TrainState:
         run.reporter.resumed(0)  # an earlier attempt's log lines (no checkpoint) are redone
         return TrainState.fresh(run.device, warm=warmup > 0)
     meta = ckpt.validate(resume_dir)
+    check_resume_config(resume_dir, run.cfg, meta.get("data"))  # before any state loads
     saved = ckpt.load_run_checkpoint(resume_dir, meta, run.checkpoints.layout, run.parts, run.rank)
-    state = TrainState.from_rank_state(saved, run.device, run.stream.steps_per_epoch, warmup)
+    source = str(resume_dir / f"rank-{run.rank:05d}.json")
+    state = TrainState.from_rank_state(
+        saved, run.device, run.stream.steps_per_epoch, warmup, source
+    )
     position = state.position
     run.reporter.resumed(state.micro + 1)  # H32: train_log.jsonl's steps stay increasing
     run.reporter.message(
@@ -389,11 +408,25 @@ def _resume_dir(cfg: Config, reporter: Reporter, root: str, local_root: Path) ->
     if not spec:
         return None
     if spec == "latest":
+        if not cfg.checkpoint.resume and not _any_checkpoint(root):
+            # a launcher's restart of a run stopped before its first checkpoint: start afresh
+            reporter.message(
+                f"{restart_of_same_run()}: a restart of this run, which wrote no checkpoint "
+                f"under {root} yet: starting afresh"
+            )
+            return None
         return newest(None)[0]
     if ckpt.is_url(spec):
         parent, name = spec.rstrip("/").rsplit("/", 1)
         return ckpt.download(parent, name, local_root)
     return Path(spec)
+
+
+def _any_checkpoint(root: str) -> bool:
+    """Whether ``root`` (a directory or a URL) holds any ``step-N`` (valid or not)."""
+    if ckpt.is_url(root):
+        return bool(ckpt.remote_checkpoints(root))
+    return bool(ckpt.list_checkpoints(Path(root)))
 
 
 def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict) -> bool:
@@ -542,9 +575,15 @@ def stop_on_signal(run: Run, state: TrainState, stop: StopRequest) -> None:
         newest = f"step {state.saved_at} stays the newest" if state.saved_at > 0 else "none yet"
         kept = f"no checkpoint written ({why}; {newest})"
     run.reporter.close()
+    how = (
+        "resume with checkpoint.resume=latest (a requeued Slurm job resumes by itself)"
+        if state.saved_at > 0
+        else "no checkpoint to resume from: run it again (a requeued Slurm job starts afresh "
+        "by itself)"
+    )
     raise Interrupted(
         f"{stop.signal_name or 'a signal on another rank'} at optimizer step {state.opt_step}: "
-        f"{kept}; resume with checkpoint.resume=latest (a requeued Slurm job resumes by itself)"
+        f"{kept}; {how}"
     )
 
 
@@ -573,8 +612,8 @@ def end_of_training(run: Run, state: TrainState) -> None:
 
 
 def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dict:
-    """Final val/test evaluation and data counts (collectives); rank 0 writes the weights and
-    metrics.json and reports the summary. Returns the metrics ({} on other ranks)."""
+    """Final val/test evaluation and data counts (collectives); rank 0 writes metrics.json, then
+    the weights, and reports the summary. Returns the metrics ({} on other ranks)."""
     dist_ops.barrier()
     final_val = evaluate_table(run.parts.engine.module, run.tables["val"])
     final_test = evaluate_table(run.parts.engine.module, run.tables["test"])
@@ -583,6 +622,7 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
     data_counts = run.data_log.totals(run.device)
     weights = full_weights(run.parts.engine)
     result: dict = {}
+    error = None
     if run.is_main:
         result = {
             "val": final_val,
@@ -599,14 +639,49 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
             "world_size": run.world,
             "wall_time_s": time.perf_counter() - t_start,
         }
-        save_file(weights, str(run.run_dir / "model.safetensors"))
-        write_sidecar(run.run_dir / "model.safetensors")  # export and evaluate check it
         history = {**result, "epochs": state.epoch_diag.epochs, "history": state.history}
-        (run.run_dir / "metrics.json").write_text(json.dumps(json_safe(history), indent=1))
+        error = write_results(run.run_dir, history, weights, state.saved_at == state.opt_step)
         run.pictures.evaluation(state.opt_step, run.parts.stats)
         plots = run.pictures.finish(run.run_dir)
         vse_pp_memory = run.cfg.fne.vse_pp_memory
-        run.reporter.message(format_summary(result, run.run_dir, vse_pp_memory, plots))
+        if error is None:
+            run.reporter.message(format_summary(result, run.run_dir, vse_pp_memory, plots))
     run.reporter.finish(result)
     run.reporter.close()
+    error = dist_ops.all_gather_json(error)[0]  # every rank ends alike
+    if error is not None:
+        raise ckpt.CheckpointError(error)
     return result
+
+
+def write_results(run_dir: Path, history: dict, weights: dict, checkpointed: bool) -> str | None:
+    """metrics.json, then the final weights (``model.safetensors`` + its hash file), each
+    written whole or not at all: the results never depend on the larger write succeeding (a
+    full disk). Returns a one-line error, or None."""
+    metrics = run_dir / "metrics.json"
+    text = json.dumps(json_safe(history), indent=1)
+    problem = ckpt.write_error(_write_atomic, metrics, lambda tmp: tmp.write_text(text))
+    if problem is not None:
+        return f"cannot write {metrics} ({problem}); the run's log is in train_log.jsonl"
+    path = run_dir / "model.safetensors"
+    problem = ckpt.write_error(_write_atomic, path, lambda tmp: save_file(weights, str(tmp)))
+    if problem is None:
+        problem = ckpt.write_error(write_sidecar, path)  # export and evaluate check it
+    if problem is None:
+        return None
+    where = (
+        "the newest checkpoint holds the same weights (python -m fne_dist.export)"
+        if checkpointed
+        else "no checkpoint holds these weights"
+    )
+    return f"cannot write the final weights {path} ({problem}): {metrics.name} is written; {where}"
+
+
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)``, then rename ``tmp`` to ``path``; no partial file is left either way."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import RankState
+from .checkpoint import CheckpointError, RankState
 from .data.stream import RankPosition
 from .summary import RATIOS, EpochDiagnostics, ratios_of_sums
 
@@ -96,9 +96,25 @@ class TrainState:
 
     @classmethod
     def from_rank_state(
+        cls,
+        saved: RankState,
+        device: torch.device,
+        steps_per_epoch: int,
+        warmup_steps: int,
+        source: str = "the rank file",
+    ) -> TrainState:
+        """The state ``to_rank_state`` saved, continuing in this process; a saved state of
+        another shape (a re-hashed, edited rank file) is one CheckpointError naming ``source``."""
+        try:
+            return cls._from_rank_state(saved, device, steps_per_epoch, warmup_steps)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            what = f"no {err}" if isinstance(err, KeyError) else " ".join(str(err).split())[:200]
+            raise CheckpointError(f"{source} is malformed ({what})") from None
+
+    @classmethod
+    def _from_rank_state(
         cls, saved: RankState, device: torch.device, steps_per_epoch: int, warmup_steps: int
     ) -> TrainState:
-        """The state ``to_rank_state`` saved, continuing in this process."""
         c = saved.counters
         position = RankPosition.from_dict(saved.data_position)
         return cls(

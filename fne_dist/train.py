@@ -6,9 +6,11 @@ package is installed without the repository's configs.
 
 Exit codes (docs/checkpoints.md): 0 success; 1 internal error (a traceback: a bug to report);
 2 user error (config, paths, data: missing, empty or unreadable shards, too many bad samples;
-run directory in use, unusable checkpoint, a checkpoint that cannot be written); 3 training diverged
-(``optim.max_nonfinite_steps`` non-finite steps in a row); 75 interrupted by SIGINT/SIGTERM,
-resumable with ``checkpoint.resume=latest``.
+run directory or checkpoint.dir in use or not writable, unusable checkpoint, a resume changing a
+setting the checkpoint depends on, a checkpoint or the final weights that cannot be written); 3
+training diverged (``optim.max_nonfinite_steps`` non-finite steps in a row); 75 interrupted by
+SIGINT/SIGTERM (also during the feature-cache build), resumable with ``checkpoint.resume=latest``
+(or, with no checkpoint yet, by running the same command again).
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ from .encoders import EncoderUnavailable
 from .interrupt import EXIT_INTERRUPTED, Interrupted
 from .monitoring import check_monitor
 from .nonfinite import TrainingDiverged
-from .paths import check_writable_dir
-from .run_identity import check_new_run
+from .run_identity import check_new_run, check_writable
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
@@ -86,10 +87,8 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
     check_new_run(cfg, env)  # a new submission never silently becomes an old run
     check_monitor(cfg, launcher, env)  # the /metrics address and the discovery file
     if launcher == "ray" and (cfg.dist.ray_address or env.get("RAY_ADDRESS")):
-        return  # the workers' machines and disks, not this one's
-    # found now, not as a traceback when the run directory is first written
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    check_writable_dir(run_dir, f"run.output_dir={cfg.run.output_dir}")
+        return  # the cluster's workers write, on their own filesystems
+    check_writable(cfg)  # now, not at the first checkpoint or the final weights
     cuda = torch.cuda.is_available()
     ray_gpu = launcher == "ray" and cfg.dist.use_gpu
     if not cuda and (cfg.engine.device == "cuda" or ray_gpu):

@@ -173,6 +173,23 @@ def test_checkpoint_counters_survive_the_train_state(straight: Path) -> None:
         assert again.data_position == doc["data_position"], directory.name
 
 
+@pytest.mark.timeout(600)  # may build the module's `straight` run first
+def test_resume_with_a_changed_lr_is_refused_in_one_line(straight: Path, tmp_path: Path) -> None:
+    """Invariant: resuming with optim.lr changed (which the restored optimizer and schedule
+    would silently ignore while config.yaml recorded the new value) exits 2 before any step,
+    with one line naming optim.lr with both values; the checkpoint records its shards."""
+    start = straight / "checkpoints" / "step-00000008"
+    assert ckpt.validate(start)["data"]["train"].endswith("emoji-train-*.tar.gz")
+    run = _train(tmp_path, "changed-lr", f"checkpoint.resume={start}", "optim.lr=1e-5")
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert last.startswith("error: resume from") and "optim.lr=1e-05 differs" in last, last
+    assert "checkpoint's optim.lr=0.001" in last
+    assert not (tmp_path / "changed-lr" / "train_log.jsonl").is_file() or not _losses(
+        tmp_path / "changed-lr"
+    )
+
+
 class _Trap:
     def __init__(self, path: str) -> None:
         self.path = path

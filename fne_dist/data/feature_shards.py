@@ -10,9 +10,10 @@ ones (the ``features`` writer of ``python -m fne_dist.shards`` makes the same me
 The directory is keyed by what it holds (the source shards' names, sample counts and byte sizes,
 the encoder settings, the caption choice), never by split name: val and test over the same shards
 share one cache. It is built in a private temporary directory and renamed into place, so a crash
-never leaves a half-written cache that looks complete; ``build_once`` holds a lock next to it
-while building, so on a cache directory shared by several nodes one node builds and the others
-wait (a lock held by a process that died is released by the kernel).
+never leaves a half-written cache that looks complete; a stop signal ends the build between two
+batches and removes the temporary directory (the next run builds it anew). ``build_once`` holds
+a lock next to it while building, so on a cache directory shared by several nodes one node
+builds and the others wait (a lock held by a process that died is released by the kernel).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..interrupt import Interrupted
 from ..progress import TaskProgress
 from .decode import BadSample, BadSampleLog, Decoded, IdRegistry, decode_sample
 from .sources import DataError, ShardList, warn_if_more
@@ -112,13 +114,50 @@ def build_feature_shards(
     max_bad_fraction: float,
     batch_size: int = 64,
     label: str = "feature cache",
+    stop_reason: Callable[[], str | None] = lambda: None,
 ) -> Counter[str]:
     """Write the feature shards of ``shards`` to ``out_dir`` (atomically); returns bad counts.
-    ``label`` names the build in its progress lines."""
+    ``label`` names the build in its progress lines. ``stop_reason`` is asked between batches:
+    a reason (a signal's name) ends the build with ``Interrupted``, leaving no cache."""
     # a random name: host name and pid identify nothing across containers or nodes
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        return _build_into(
+            tmp, shards, out_dir, image_backbone, text_backbone, caption_key, all_captions,
+            max_pixels, max_bad_fraction, batch_size, label, stop_reason,
+        )  # fmt: skip
+    except BaseException:  # a bad shard, a signal, a crash: no half-built cache stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _check_stop(stop_reason: Callable[[], str | None], label: str, progress: TaskProgress) -> None:
+    reason = stop_reason()
+    if reason is not None:
+        progress.close(failed=True)
+        raise Interrupted(
+            f"{reason} during the {label} build: stopped before training, and the partial "
+            "cache was removed; run the same command again to continue (a requeued Slurm job "
+            "does so by itself), which builds the cache anew"
+        )
+
+
+def _build_into(
+    tmp: Path,
+    shards: ShardList,
+    out_dir: Path,
+    image_backbone: nn.Module | None,
+    text_backbone: nn.Module | None,
+    caption_key: str,
+    all_captions: bool,
+    max_pixels: int,
+    max_bad_fraction: float,
+    batch_size: int,
+    label: str,
+    stop_reason: Callable[[], str | None],
+) -> Counter[str]:
     log = BadSampleLog()
     ids = IdRegistry()  # string ids of the whole split
     sizes = {}
@@ -147,10 +186,12 @@ def build_feature_shards(
                     bad[err.reason] += 1
                     log.add(err.reason, url, str(err))
                 if len(chunk) == batch_size:
+                    _check_stop(stop_reason, label, progress)  # before the costly forward
                     _write_chunk(tar, chunk, *_features(chunk, image_backbone, text_backbone))
                     written += len(chunk)
                     chunk = []
             if chunk:
+                _check_stop(stop_reason, label, progress)
                 _write_chunk(tar, chunk, *_features(chunk, image_backbone, text_backbone))
                 written += len(chunk)
         progress.update(before + seen - progress.done)
@@ -160,7 +201,6 @@ def build_feature_shards(
         warn_if_more(url, size, seen)
         size = max(size, seen)
         if sum(bad.values()) > max_bad_fraction * size:
-            shutil.rmtree(tmp, ignore_errors=True)
             progress.close(failed=True)
             raise DataError(
                 f"shard {url}: {sum(bad.values())} of {size} samples are bad ({dict(bad)}), "
@@ -182,12 +222,16 @@ def is_complete(out_dir: Path) -> bool:
 
 
 def build_once(
-    out_dir: Path, build: Callable[[], object], timeout_s: float, poll_s: float = 0.5
+    out_dir: Path,
+    build: Callable[[], object],
+    timeout_s: float,
+    poll_s: float = 0.5,
+    stop_reason: Callable[[], str | None] = lambda: None,
 ) -> bool:
     """Run ``build`` (which must leave ``out_dir`` complete) unless ``out_dir`` is complete,
     holding an exclusive lock on ``<out_dir>.lock`` meanwhile: several builders on one shared
-    cache directory build it once; the others wait for it (at most ``timeout_s``). Returns
-    True when this call built it."""
+    cache directory build it once; the others wait for it (at most ``timeout_s``, and no longer
+    than a stop signal: ``stop_reason``). Returns True when this call built it."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     while not is_complete(out_dir):
@@ -195,6 +239,12 @@ def build_once(
             try:  # POSIX record locks: honoured across NFS clients, unlike flock on some
                 fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
+                reason = stop_reason()
+                if reason is not None:
+                    raise Interrupted(
+                        f"{reason} while waiting for another builder of the feature cache "
+                        f"{out_dir}: stopped before training; run the same command again"
+                    ) from None
                 if time.monotonic() > deadline:
                     raise DataError(
                         f"feature cache {out_dir}: another builder holds {lock.name} for "
