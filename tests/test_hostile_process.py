@@ -1,5 +1,5 @@
-"""Hardening, the process (issue 15): H2 the run directory's owner, H3/H4 signals, H5 a full
-disk, H31 non-finite steps, H32 the JSON-lines log. The real-process cases start
+"""Hardening, the process: the run directory's owner, signals, a full disk,
+non-finite steps, the JSON-lines log. The real-process cases start
 ``python -m fne_dist.train`` with the tiny config and the DDP twin (no DeepSpeed JIT build)."""
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def _train_cmd(tmp: Path, name: str, *overrides: str) -> list[str]:
     ]
 
 
-# ---------------------------------------------------------------- H2: the run directory's owner
+# ---------------------------------------------------------------- the run directory's owner
 
 
+@pytest.mark.system
 @pytest.mark.timeout(300)
 def test_hostile_h2_a_live_owner_refuses_a_second_run_in_one_line(tmp_path: Path) -> None:
     """Invariant: while another process holds the run directory's lock (taken here with plain
@@ -126,7 +127,7 @@ def test_hostile_h2_stale_lock_is_taken_over_with_a_warning(tmp_path: Path) -> N
     assert len(warnings) == 1
 
 
-# ---------------------------------------------------------------- H5: a full disk
+# ---------------------------------------------------------------- a full disk
 
 
 def _parts(cfg) -> ckpt.Parts:
@@ -161,14 +162,14 @@ def _small_disk(where: Path, size: str):
         capture_output=True, check=False,
     )  # fmt: skip
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root): the patched variant covers H5")
+        pytest.skip("cannot mount a tmpfs here (not root): the patched variant covers a full disk")
     try:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-@pytest.mark.parametrize("disk", ["patched", "tmpfs"])
+@pytest.mark.parametrize("disk", ["patched", pytest.param("tmpfs", marks=pytest.mark.system)])
 def test_hostile_h5_disk_full_fails_in_one_line_and_keeps_earlier_checkpoints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: str
 ) -> None:
@@ -202,7 +203,7 @@ def test_hostile_h5_disk_full_fails_in_one_line_and_keeps_earlier_checkpoints(
         assert ckpt.validate(first)["step"] == 1
 
 
-# ---------------------------------------------------------------- H32: the JSON-lines log
+# ---------------------------------------------------------------- the JSON-lines log
 
 
 def test_hostile_h32_log_is_strict_json_and_resume_drops_redone_steps(tmp_path: Path) -> None:
@@ -224,7 +225,7 @@ def test_hostile_h32_log_is_strict_json_and_resume_drops_redone_steps(tmp_path: 
     assert docs[-1]["nested"] == {"x": None}
 
 
-# ---------------------------------------------------------------- H31: non-finite steps
+# ---------------------------------------------------------------- non-finite steps
 
 
 def test_hostile_h31_the_skip_decision_sees_every_non_finite_value() -> None:
@@ -279,7 +280,7 @@ def test_hostile_h31_non_finite_steps_never_update_weights(tmp_path: Path) -> No
         assert all(torch.isfinite(w).all() for w in weights.values()), path.name
 
 
-# ---------------------------------------------------------------- H3/H4: SIGINT and SIGTERM
+# ---------------------------------------------------------------- SIGINT and SIGTERM
 
 
 def _wait_for_lines(log: Path, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
