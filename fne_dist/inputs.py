@@ -118,10 +118,8 @@ def _build(
             out,
             image_backbone if cfg.model.image.frozen else None,
             text_backbone if cfg.model.text.frozen else None,
-            cfg.data.caption_key,
+            cfg.data,
             all_captions=split != "train",
-            max_pixels=cfg.data.max_pixels,
-            max_bad_fraction=cfg.data.max_bad_fraction,
             label=f"feature cache {split}",
         )
     )

@@ -29,6 +29,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from ..progress import TaskProgress
 from .decode import BadSample, BadSampleLog, Decoded, IdRegistry, decode_sample
 from .sources import DataError, ShardList, warn_if_more
 from .stream import raw_samples
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 FORMAT = 2  # bump when preprocessing, pooling or the layout changes what a cache holds
 
@@ -106,15 +110,14 @@ def build_feature_shards(
     out_dir: Path,
     image_backbone: nn.Module | None,
     text_backbone: nn.Module | None,
-    caption_key: str,
+    data: DataConfig,
     all_captions: bool,
-    max_pixels: int,
-    max_bad_fraction: float,
     batch_size: int = 64,
     label: str = "feature cache",
 ) -> Counter[str]:
     """Write the feature shards of ``shards`` to ``out_dir`` (atomically); returns bad counts.
-    ``label`` names the build in its progress lines."""
+    ``data`` gives the caption member and the bad-input limits; ``label`` names the build in
+    its progress lines."""
     # a random name: host name and pid identify nothing across containers or nodes
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -136,8 +139,8 @@ def build_feature_shards(
                     chunk.append(
                         decode_sample(
                             sample,
-                            caption_key,
-                            max_pixels,
+                            data.caption_key,
+                            data.max_pixels,
                             all_captions,
                             decode_image=image_backbone is not None,
                             ids=ids,
@@ -159,12 +162,12 @@ def build_feature_shards(
             log.add("truncated_tar", url, f"{size - seen} of {size} samples missing", size - seen)
         warn_if_more(url, size, seen)
         size = max(size, seen)
-        if sum(bad.values()) > max_bad_fraction * size:
+        if sum(bad.values()) > data.max_bad_fraction * size:
             shutil.rmtree(tmp, ignore_errors=True)
             progress.close(failed=True)
             raise DataError(
                 f"shard {url}: {sum(bad.values())} of {size} samples are bad ({dict(bad)}), "
-                f"above data.max_bad_fraction={max_bad_fraction}"
+                f"above data.max_bad_fraction={data.max_bad_fraction}"
             )
         sizes[name] = written
     progress.close()
