@@ -1,4 +1,4 @@
-"""The run directory's owner (hardening H2): one live run per run directory.
+"""The run directory's owner: one live run per run directory.
 
 Rank 0 takes an exclusive ``flock`` on ``<run dir>/.run.lock`` before anything writes there and
 holds it until the process ends; the file says who holds it (host, pid, start time) so that a

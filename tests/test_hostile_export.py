@@ -1,4 +1,4 @@
-"""Hostile checkpoints, run directories and export targets (issue 15, H23-H24, H27-H30): a
+"""Hostile checkpoints, run directories and export targets: a
 meta.json of the wrong shape is an invalid checkpoint like any other, corrupt weights and bad
 export targets fail with one line and exit status 2, never a traceback or a silent copy."""
 

@@ -1,4 +1,4 @@
-"""Data without group labels (issue 15, H14): "no group label" is its own value (one constant,
+"""Data without group labels: "no group label" is its own value (one constant,
 ``fne.groups.NO_GROUP``), never one group shared by every unlabelled item. Group shares, false-
 negative detection and group-aware retrieval are computed over labelled items only and are
 reported as not measured when there is none (img2dataset's shards printed a perfect group rsum

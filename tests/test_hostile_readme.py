@@ -1,4 +1,4 @@
-"""The README's bad-input section and the code agree (issue 15, "Done means"): every reason a
+"""The README's bad-input section and the code agree: every reason a
 sample can be counted bad under is listed there, and nothing else is; the limits it quotes are
 the code's values. Adding a reason without documenting it fails here."""
 

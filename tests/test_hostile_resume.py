@@ -1,4 +1,4 @@
-"""Resuming with another memory.size or embed_dim (issue 15, H25-H26): the checkpoint's memory
+"""Resuming with another memory.size or embed_dim: the checkpoint's memory
 does not fit this run's; the mismatch is one CheckpointError line naming the setting and both
 values (exit status 2 like a batch-size mismatch), found before any state is loaded."""
 

@@ -1,4 +1,4 @@
-"""Hostile shard contents (issue 15, H6-H13): every sample ends counted as bad under a named
+"""Hostile shard contents: every sample ends counted as bad under a named
 reason or read correctly, in training and in evaluation; an exception never escapes the reader
 and a bad sample never takes the rest of its shard with it."""
 
@@ -131,7 +131,7 @@ def test_hostile_h10_reserved_extension_cannot_overwrite_the_key(tmp_path: Path)
 def test_hostile_h11_non_integer_image_id_is_bad_not_truncated(value: str) -> None:
     """Invariant: image_id must be a JSON integer: 3.7 is bad (never truncated to 3, where it
     would collide with a real image 3), as are 3.0, booleans, the empty string, null, lists,
-    objects (non-empty strings are ids: H15)."""
+    objects (non-empty strings are ids)."""
     sample = {
         "__key__": "k",
         "png": png(),

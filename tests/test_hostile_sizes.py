@@ -1,4 +1,4 @@
-"""Hostile size indexes (issue 15, H16-H20): every sizes.json value is a non-negative integer
+"""Hostile size indexes: every sizes.json value is a non-negative integer
 within MAX_SHARD_SAMPLES or the shard list fails at load with one line naming the shard; and
 evaluation reads every sample a shard holds, whatever sizes.json claims."""
 

@@ -1,7 +1,7 @@
-"""Sizes that cannot fit, and sizes this data makes meaningless (issue 15, H21-H22).
+"""Sizes that cannot fit, and sizes this data makes meaningless.
 
-H21: a memory (or batch) that will not fit fails at launch with one line saying what it needs and
-what is available, before anything is allocated. H22: a memory larger than the training split and
+A memory (or batch) that will not fit fails at launch with one line saying what it needs and
+what is available, before anything is allocated. A memory larger than the training split and
 a warm-up longer than an epoch (or the whole run) are named at launch, one line each."""
 
 from __future__ import annotations

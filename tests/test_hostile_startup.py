@@ -1,4 +1,4 @@
-"""Hardening H1: a build lock left by a killed process never hangs a later start."""
+"""A build lock left by a killed process never hangs a later start."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile annotation files for the shard writer (issue 15, H33-H34): image paths that leave
+"""Hostile annotation files for the shard writer: image paths that leave
 ``--images`` (``../``, absolute) are refused and counted unless ``--allow-outside-images``,
 so converting an untrusted annotation file cannot copy other files of the machine into shards."""
 
@@ -50,8 +50,8 @@ def _albef(tmp_path: Path, leak: str) -> Path:
 def test_hostile_h33_h34_paths_outside_images_are_refused_and_counted(
     tmp_path: Path, style: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Invariant: an annotation row naming ``../secret/leak.png`` (H33) or an absolute path
-    (H34) is not copied into the shards; the summary counts it (``outside_images``) and a line
+    """Invariant: an annotation row naming ``../secret/leak.png`` or an absolute path
+    is not copied into the shards; the summary counts it (``outside_images``) and a line
     says how many were refused and which flag allows them."""
     images, inside_bytes, _ = _layout(tmp_path)
     leak = "../secret/leak.png" if style == "relative" else str(tmp_path / "secret" / "leak.png")
