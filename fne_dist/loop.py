@@ -372,7 +372,7 @@ def resume_or_start(run: Run) -> TrainState:
         saved, run.device, run.stream.steps_per_epoch, warmup, source
     )
     position = state.position
-    run.reporter.resumed(state.micro + 1)  # H32: train_log.jsonl's steps stay increasing
+    run.reporter.resumed(state.micro + 1)  # train_log.jsonl's steps stay increasing
     run.reporter.message(
         f"resumed from {resume_dir} (optimizer step {state.opt_step}, epoch {position.epoch}, "
         f"batch {position.step} of {run.stream.steps_per_epoch})"
@@ -440,7 +440,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     state.micro, state.position = micro, run.data_log.position
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     state.warm = state.opt_step < cfg.train.warmup_steps
-    before = Snapshot((engine.module, run.parts.momentum), run.parts.stats)  # H31: a skip undoes
+    before = Snapshot((engine.module, run.parts.momentum), run.parts.stats)  # a skipped step undoes
     out = forward_step(  # phases 1-5
         engine,
         run.parts.momentum,
@@ -461,7 +461,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
-        if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # H31
+        if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # skip the step
             engine.module.zero_grad(set_to_none=True)
             return skip_nonfinite(run, state, micro, None, before)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
@@ -482,7 +482,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
 def skip_nonfinite(
     run: Run, state: TrainState, micro: int, loss: torch.Tensor | None, before: Snapshot
 ) -> bool:
-    """A micro step whose loss (given) or gradient is non-finite (H31): no update, no EMA, no
+    """A micro step whose loss (given) or gradient is non-finite: no update, no EMA, no
     enqueue, statistics and buffers restored; counted, and a non-finite loss shows in its log
     window. True when it was the optimizer step's boundary (as ``train_step``)."""
     before.restore()
@@ -558,7 +558,7 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
 
 
 def stop_on_signal(run: Run, state: TrainState, stop: StopRequest) -> None:
-    """Every rank agreed to stop before the next step (H3/H4): a last checkpoint only if one is
+    """Every rank agreed to stop before the next step: a last checkpoint only if one is
     due and fits the grace period (every rank decides alike), then ``Interrupted``."""
     ck = run.cfg.checkpoint
     due = (

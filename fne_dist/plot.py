@@ -1,4 +1,4 @@
-"""Pictures of a run (issue #14, item 5), written into ``RUN_DIR/plots``:
+"""Pictures of a run, written into ``RUN_DIR/plots``:
 
 * ``fne-step-<step>.png`` at each evaluation: histograms of the positive and negative
   similarities sampled since the previous evaluation (``monitoring.similarities``) with the

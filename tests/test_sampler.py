@@ -298,6 +298,7 @@ def test_window_rule_is_uniform_over_the_window() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.system  # inductor compiles C++ in compiler processes
 @pytest.mark.timeout(300)
 def test_compiled_sampler_matches_eager() -> None:
     """Invariant: the torch.compile-fused dense selector (fne.compile) draws what the eager

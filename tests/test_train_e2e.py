@@ -81,7 +81,7 @@ def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
 
 
 def _check_pictures(run: Path, stdout: str) -> None:
-    """The run's pictures (issue #14 item 5): one per evaluation and training.png, valid PNGs
+    """The run's pictures: one per evaluation and training.png, valid PNGs
     of non-trivial size, named in the summary, and `python -m fne_dist.plot` redraws the
     same bytes from the run's files."""
     pngs = sorted((run / "plots").glob("*.png"))

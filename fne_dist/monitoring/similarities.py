@@ -1,4 +1,4 @@
-"""Similarity samples for the FNE picture (issue #14, item 5): a small bounded reservoir of
+"""Similarity samples for the FNE picture: a small bounded reservoir of
 the positive and negative similarities the statistics are fitted on, and the JSON snapshot of
 one evaluation (samples + the current Gaussians) that ``fne_dist.plot`` draws.
 
