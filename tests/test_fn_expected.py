@@ -21,6 +21,8 @@ from fne_dist.fne import (
     retrieval_loss,
     stats_of,
 )
+from fne_dist.fne.mixture import Mixture
+from fne_dist.fne.posteriors.intra_mixture import IntraFit
 from fne_dist.fne.selection import select_dense, select_listed
 from tests.test_losses import _setup
 from tests.test_sampler import REGIMES, _gaussians, _problem, _reference_rows
@@ -79,7 +81,7 @@ def _one_hot_problem(seed: int) -> tuple[Anchors, Candidates]:
     [
         FneConfig(),
         FneConfig(loss="window"),
-        FneConfig(fn_model="mixture", fn_signal="intra", eps=0.5, tau_fn=4.0, fallback="unflagged"),
+        FneConfig(posterior="intra_mixture", eps=0.5, tau_fn=4.0, fallback="unflagged"),
     ],
     ids=["paper", "window", "intra_unflagged"],
 )
@@ -91,9 +93,9 @@ def test_expected_loss_is_the_mean_of_the_sampled_loss(cfg: FneConfig) -> None:
     implementations agree."""
     a, c = _one_hot_problem(7)
     g, _ = _gaussians("gate open")
-    if cfg.fn_signal == "intra":
+    if cfg.posterior == "intra_mixture":
         mix = (0.05, 0.6, 0.01, 0.0, 0.04)  # π, μ_f, σ_f², μ_t, σ_t² of the image-image fit
-        g = replace(g, intra=tuple(torch.tensor(x, dtype=F64) for x in mix))
+        g = replace(g, posterior=IntraFit(Mixture(*(torch.tensor(x, dtype=F64) for x in mix))))
     B, M = a.ids_B.shape[0], 1000
     tiled = Anchors(
         *(x.repeat(M, *[1] * (x.dim() - 1)) for x in (a.img_BD, a.txt_BD, a.ids_B, a.pos_col_B))

@@ -71,10 +71,19 @@ def test_batch_scope_equals_the_plain_loop() -> None:
         assert got == want
 
 
-def test_scope_and_reduction_need_a_drawing_loss() -> None:
-    """Invariant: options that only a drawn negative uses are refused, in one line, with a
-    loss that draws none."""
-    for bad in (dict(fallback_scope="batch"), dict(reduction="expected")):
-        with pytest.raises(ValueError, match=r"needs fne.loss=fne or window \(got vse_pp"):
-            FneConfig(loss="vse_pp", **bad).check()
+def test_sampler_options_are_ignored_by_losses_that_draw_none() -> None:
+    """Invariant: options that only a drawn negative uses (fallback_scope, reduction, the
+    unflagged fallback, the posterior) are ignored by vse_pp: the config validates, so
+    switching fne.loss alone never fails, and vse_pp's loss is the same with and without
+    them."""
+    a, c, g = _every_window_empty()
+    plain = retrieval_loss(a, c, FneConfig(loss="vse_pp"), g).loss
+    for extra in (
+        dict(fallback_scope="batch"),
+        dict(reduction="expected", negatives=4),
+        dict(fallback="unflagged", posterior="intra_mixture"),
+    ):
+        cfg = FneConfig(loss="vse_pp", **extra)
+        cfg.check()
+        assert torch.equal(retrieval_loss(a, c, cfg, g).loss, plain), extra
     FneConfig(loss="window", fallback_scope="batch", reduction="expected").check()

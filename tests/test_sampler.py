@@ -276,7 +276,7 @@ def test_fallback_and_no_violator() -> None:
     mask[2, 4] = True  # row 2's most similar candidate is masked (another caption): not a violator
     w = torch.zeros_like(sim)
     w[0, 2] = 1.0  # row 0: a normal draw; rows 1-2: all weights 0
-    hardest, has_violator = hardest_violator(sim, mask, pos_sim, 0.2)
+    hardest, has_violator = hardest_violator(sim.masked_fill(mask, -math.inf), pos_sim, 0.2)
     assert hardest[:2].tolist() == [1, 2] and has_violator.tolist() == [True, True, False]
     d = draw_negatives(w, torch.full((3, 1), 0.5, dtype=torch.float64), hardest, has_violator)
     assert d.index_Bk[:2, 0].tolist() == [2, 2]  # row 1: fallback to its hardest violator (col 2)

@@ -11,6 +11,7 @@ import torch
 from fne_dist.fne import FneConfig, gaussians_from_stats, negative_mask, stats_of
 from fne_dist.fne import reference as ref
 from fne_dist.fne.posterior import fn_log_odds, fn_log_odds_threshold
+from fne_dist.fne.posteriors import paper_fit
 from fne_dist.fne.sampling import first_argmax, inverse_cdf_draw
 from fne_dist.fne.selection import candidate_index, masked_positions, select_dense, select_listed
 from fne_dist.fne.weights import count_greater, count_true, fn_region_inside_window
@@ -154,7 +155,7 @@ def test_fn_region_check_is_sound(regime: str) -> None:
     cfg = FneConfig(prior=0.05, eps=0.01)
     s = torch.linspace(-1.0, 1.0, 200_001, dtype=torch.float32)
     for threshold in (-0.5, 0.0, 0.2, 0.3, 0.45):
-        if fn_region_inside_window(g, cfg.prior, cfg.eps, threshold):
+        if fn_region_inside_window(paper_fit(g, cfg.prior), cfg.eps, threshold):
             outside = s[s <= threshold]
             log_odds = fn_log_odds(outside, g, cfg.prior)
             assert not (log_odds > fn_log_odds_threshold(cfg.eps)).any(), threshold

@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 
 from .detection import dense_detection, empty_detection, listed_detection
+from .groups import same_group
 from .params import FneConfig
-from .sampling import draw_negatives, first_argmax
+from .posteriors import quadratic_fit_of
+from .sampling import draw_negatives, hardest_violator
 from .stats import Gaussians
 from .weights import (
     count_true,
@@ -79,7 +81,8 @@ def select_dense(
 
     detect_groups: (anchor groups b, candidate groups N) to measure false-negative detection
     (``fne.detection``) with the fne and window rules; None: not measured. log_odds_bN: the
-    posterior's log-odds when they are not a function of sim (``fne.fn_signal``);
+    posterior's log-odds of every pair (a posterior that is not a function of sim, or the
+    ``unflagged`` fallback);
     fallback_cols: the fallback violator is sought in the first this many columns only (the
     batch block, ``fne.fallback_scope: batch``), None: in all."""
     n = sim_bN.shape[1]
@@ -194,7 +197,9 @@ def _listed_detection(
         return empty_detection(sim_bN.shape[0], sim_bN.device)
     groups_b, cand_groups_N = detect_groups
     threshold = float(cut_threshold(g, cfg.cut_margin, sim_bN.dtype))
-    if rule == "window" or fn_region_inside_window(g, cfg.prior, cfg.eps, threshold):
+    if rule == "window" or fn_region_inside_window(
+        quadratic_fit_of(g, cfg.prior), cfg.eps, threshold
+    ):
         return listed_detection(
             sim_bN, masked, groups_b, cand_groups_N, ww.col_BM, ww.n_window_B, g, cfg,
             rule == "fne",
@@ -207,7 +212,7 @@ def _hardest_picks(
     sim_bN: Tensor, masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float
 ) -> Picks:
     """VSE++: the hardest unmasked candidate of each anchor, valid if it violates the margin."""
-    h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, margin)
+    h_b, has_violator_b = hardest_violator(masked_sim_bN, pos_sim_b, margin)
     zeros_b = torch.zeros_like(h_b)
     return _picks(
         sim_bN, pos_sim_b, margin, h_b[:, None], has_violator_b[:, None],
@@ -232,7 +237,7 @@ def _drawn_picks(
     the columns of ``masked_sim_bN``: a leading slice when the fallback's scope is narrowed); with
     ``cfg.reduction`` expected, also the normalised weights as dense rows (the draws are then
     diagnostics only)."""
-    h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, cfg.margin)
+    h_b, has_violator_b = hardest_violator(masked_sim_bN, pos_sim_b, cfg.margin)
     d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
     prob_bN = sim_bN.new_zeros(len(h_b), 0)
     if cfg.reduction == "expected":
@@ -262,15 +267,6 @@ def expected_shares(
     fallback_b = (total_b.squeeze(1) <= 0) & has_violator_b
     one_hot_bN = torch.zeros_like(p_bN).scatter_(1, hardest_b[:, None], 1.0)
     return torch.where(fallback_b[:, None], one_hot_bN, p_bN)
-
-
-def _hardest_violator(
-    masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float
-) -> tuple[Tensor, Tensor]:
-    """(column of the most similar unmasked candidate, whether it violates the margin). Found
-    in two levels (block maxima, then one block): cheaper than an argmax over b×N."""
-    best_b, h_b = first_argmax(masked_sim_bN)
-    return h_b, (margin + best_b - pos_sim_b) > 0
 
 
 def _picks(
@@ -314,7 +310,7 @@ def negative_mask(
     mask_BN = ids_B[:, None] == cand_ids_N[None, :]
     mask_BN.scatter_(1, pos_col_B[:, None], True)
     if groups_B is not None and cand_groups_N is not None:
-        mask_BN |= (groups_B[:, None] == cand_groups_N[None, :]) & (groups_B[:, None] >= 0)
+        mask_BN |= same_group(groups_B[:, None], cand_groups_N[None, :])
     return mask_BN
 
 
