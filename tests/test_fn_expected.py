@@ -23,7 +23,7 @@ from fne_dist.fne import (
 )
 from fne_dist.fne.mixture import Mixture
 from fne_dist.fne.posteriors.intra_mixture import IntraFit
-from fne_dist.fne.selection import select_dense, select_listed
+from fne_dist.fne.selection import CandidateLabels, Rows, select_dense, select_listed
 from tests.test_losses import _setup
 from tests.test_sampler import REGIMES, _gaussians, _problem, _reference_rows
 
@@ -56,7 +56,7 @@ def test_shares_equal_the_plain_loop(regime: str) -> None:
     u = torch.rand(sim.shape[0], 1, generator=torch.Generator().manual_seed(3), dtype=F64)
     cfg = FneConfig(hard_cut=hard_cut, reduction="expected")
     for select in (select_dense, select_listed):
-        args = (sim, pos_col, ids, cand_ids, None, None, u, g)
+        args = (Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g)
         picks = select(*args, cfg, "fne")
         torch.testing.assert_close(picks.prob_bN, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(

@@ -9,7 +9,7 @@ import torch
 
 from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, retrieval_loss, stats_of
 from fne_dist.fne import reference as ref
-from fne_dist.fne.selection import select_dense, select_listed
+from fne_dist.fne.selection import CandidateLabels, Rows, select_dense, select_listed
 from tests.test_sampler import _gaussians, _problem, _reference_rows
 
 F64 = torch.float64
@@ -62,9 +62,9 @@ def test_batch_scope_equals_the_plain_loop() -> None:
         for i, (w, hinges, *_) in enumerate(rows)
     ]
     assert sum(sum(r[0]) == 0 for r in rows) >= 2  # some rows do fall back
-    args = (sim, pos_col, ids, cand_ids, None, None, u, g, FneConfig(), "fne")
+    rows_ = Rows(sim, pos_col, ids, u, fallback_cols=n_batch)
     for select in (select_dense, select_listed):
-        p = select(*args, fallback_cols=n_batch)
+        p = select(rows_, CandidateLabels(cand_ids), g, FneConfig(), "fne")
         got = [
             int(j) if ok else None for j, ok in zip(p.index_bk[:, 0], p.valid_bk[:, 0], strict=True)
         ]

@@ -42,7 +42,15 @@ from .detection import COLUMNS as DETECTION_COLUMNS
 from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
 from .posteriors import PairSims, fit_of
-from .selection import Picks, candidate_index, negative_mask, select_dense, select_listed
+from .selection import (
+    CandidateLabels,
+    Picks,
+    Rows,
+    candidate_index,
+    negative_mask,
+    select_dense,
+    select_listed,
+)
 from .stats import Gaussians
 from .weights import window_is_everything
 
@@ -235,38 +243,31 @@ def _select(
     if every_pair:
         select, chunk = select_dense, cfg.chunk_rows
     measure = a.groups_B is not None and c.groups_N is not None and rule != "hardest"
+    fallback_cols = c.n_batch if cfg.fallback_scope == "batch" and rule != "hardest" else None
+    cands = CandidateLabels(c.ids_N, c.groups_N)
     cand_detached_ND = cand_ND.detach()
     picks: list[Picks] = []
     with torch.no_grad():
         for b0 in range(0, anchor_BD.shape[0], cfg.block_rows):
             sim_bN = anchor_BD[b0 : b0 + cfg.block_rows].detach() @ cand_detached_ND.T
-            extra: dict = {}
-            if cfg.fallback_scope == "batch" and rule != "hardest":
-                extra["fallback_cols"] = c.n_batch
+            odds_bN = None
             if every_pair:
                 assert fit is not None
                 pairs = PairSims(sim_bN, a.img_BD[b0 : b0 + cfg.block_rows], c.img_ND)
                 odds_bN = fit.log_odds(pairs).to(sim_bN.dtype)
             for r0 in range(0, sim_bN.shape[0], chunk):
                 rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
-                if every_pair:
-                    extra["log_odds_bN"] = odds_bN[r0 : r0 + chunk]
-                picks.append(
-                    select(
-                        sim_bN[r0 : r0 + chunk],
-                        a.pos_col_B[rows],
-                        a.ids_B[rows],
-                        c.ids_N,
-                        None if groups_B is None else groups_B[rows],
-                        c.groups_N,
-                        None if u_Bk is None else u_Bk[rows],
-                        g,
-                        cfg,
-                        rule,
-                        detect_groups=(a.groups_B[rows], c.groups_N) if measure else None,
-                        **extra,
-                    )
+                chunk_rows = Rows(
+                    sim_bN[r0 : r0 + chunk],
+                    a.pos_col_B[rows],
+                    a.ids_B[rows],
+                    u_bk=None if u_Bk is None else u_Bk[rows],
+                    mask_groups_b=None if groups_B is None else groups_B[rows],
+                    detect_groups_b=a.groups_B[rows] if measure else None,  # type: ignore[index]
+                    log_odds_bN=None if odds_bN is None else odds_bN[r0 : r0 + chunk],
+                    fallback_cols=fallback_cols,
                 )
+                picks.append(select(chunk_rows, cands, g, cfg, rule))
     return Picks(*(torch.cat(parts) for parts in zip(*picks, strict=True)))
 
 

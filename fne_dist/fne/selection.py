@@ -44,6 +44,27 @@ from .weights import (
 WINDOW_MAX_FRACTION = 0.25
 
 
+class Rows(NamedTuple):
+    """b anchor rows of one chunk: their similarities to the N candidates and what selecting
+    their negatives needs."""
+
+    sim_bN: Tensor
+    pos_col_b: Tensor  # the column of each anchor's own pair
+    ids_b: Tensor
+    u_bk: Tensor | None = None  # the draws' uniforms (None: the hardest rule draws nothing)
+    mask_groups_b: Tensor | None = None  # the oracle: also mask the anchor's group mates
+    detect_groups_b: Tensor | None = None  # score false-negative detection against these
+    log_odds_bN: Tensor | None = None  # the posterior's log-odds of every pair, if given
+    fallback_cols: int | None = None  # seek the fallback in the first this many columns
+
+
+class CandidateLabels(NamedTuple):
+    """The N candidates' image ids and group labels (None: unlabelled)."""
+
+    ids_N: Tensor
+    groups_N: Tensor | None = None
+
+
 class Picks(NamedTuple):
     """Per-anchor result of the selection for one chunk of anchor rows (b rows)."""
 
@@ -63,31 +84,21 @@ class Picks(NamedTuple):
 
 
 def select_dense(
-    sim_bN: Tensor,
-    pos_col_b: Tensor,
-    ids_b: Tensor,
-    cand_ids_N: Tensor,
-    groups_b: Tensor | None,
-    cand_groups_N: Tensor | None,
-    u_bk: Tensor | None,
-    g: Gaussians | None,
-    cfg: FneConfig,
-    rule: str,
-    detect_groups: tuple[Tensor, Tensor] | None = None,
-    log_odds_bN: Tensor | None = None,
-    fallback_cols: int | None = None,
+    rows: Rows, cands: CandidateLabels, g: Gaussians | None, cfg: FneConfig, rule: str
 ) -> Picks:
     """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device).
 
-    detect_groups: (anchor groups b, candidate groups N) to measure false-negative detection
-    (``fne.detection``) with the fne and window rules; None: not measured. log_odds_bN: the
+    Detection (``fne.detection``) is measured with the fne and window rules when
+    ``rows.detect_groups_b`` and the candidates' groups are given. ``rows.log_odds_bN``: the
     posterior's log-odds of every pair (a posterior that is not a function of sim, or the
-    ``unflagged`` fallback);
-    fallback_cols: the fallback violator is sought in the first this many columns only (the
-    batch block, ``fne.fallback_scope: batch``), None: in all."""
+    ``unflagged`` fallback); ``rows.fallback_cols``: the fallback violator is sought in the
+    first this many columns only (the batch block, ``fne.fallback_scope: batch``)."""
+    sim_bN, pos_col_b, ids_b, u_bk = rows.sim_bN, rows.pos_col_b, rows.ids_b, rows.u_bk
+    log_odds_bN, fallback_cols = rows.log_odds_bN, rows.fallback_cols
+    detect_groups = _detect_groups(rows, cands)
     n = sim_bN.shape[1]
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
-    mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
+    mask_bN = negative_mask(ids_b, pos_col_b, cands.ids_N, rows.mask_groups_b, cands.groups_N)
     masked_sim_bN = sim_bN.masked_fill(mask_bN, -math.inf)
     if rule == "hardest":
         return _hardest_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin)
@@ -112,6 +123,13 @@ def select_dense(
     )  # fmt: skip
 
 
+def _detect_groups(rows: Rows, cands: CandidateLabels) -> tuple[Tensor, Tensor] | None:
+    """(anchor groups, candidate groups) to measure detection against, or None."""
+    if rows.detect_groups_b is None or cands.groups_N is None:
+        return None
+    return rows.detect_groups_b, cands.groups_N
+
+
 def _dense_detection(
     sim_bN: Tensor,
     mask_bN: Tensor,
@@ -134,27 +152,23 @@ def _dense_detection(
 
 
 def select_listed(
-    sim_bN: Tensor,
-    pos_col_b: Tensor,
-    ids_b: Tensor,
-    cand_ids_N: Tensor,
-    groups_b: Tensor | None,
-    cand_groups_N: Tensor | None,
-    u_bk: Tensor | None,
+    rows: Rows,
+    cands: CandidateLabels,
     g: Gaussians | None,
     cfg: FneConfig,
     rule: str,
     index: CandidateIndex | None = None,
-    detect_groups: tuple[Tensor, Tensor] | None = None,
-    fallback_cols: int | None = None,
 ) -> Picks:
     """The picks of b anchors, listed: the masked entries by binary search (``index``: the
     sorted candidate ids, built here if not given), the weights inside the hard-cut window
-    only. Reads the window's size on the host: for CPU tensors. fallback_cols: as
-    ``select_dense``."""
+    only. Reads the window's size on the host: for CPU tensors. ``rows`` as ``select_dense``
+    (without log-odds: the listed form computes the quadratic posterior itself)."""
+    sim_bN, pos_col_b, ids_b, u_bk = rows.sim_bN, rows.pos_col_b, rows.ids_b, rows.u_bk
+    groups_b, fallback_cols = rows.mask_groups_b, rows.fallback_cols
+    detect_groups = _detect_groups(rows, cands)
     b, n = sim_bN.shape
     if index is None:
-        index = candidate_index(cand_ids_N, None if groups_b is None else cand_groups_N)
+        index = candidate_index(cands.ids_N, None if groups_b is None else cands.groups_N)
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
     masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
