@@ -179,3 +179,24 @@ def test_a_retired_option_fails_in_one_line_naming_its_replacement(
         config_from_dict({"fne": {key: value}})
     line = str(err.value)
     assert "\n" not in line and line.startswith(f"fne.{key}=") and replacement in line, line
+
+
+@pytest.mark.parametrize("loss", ["fne", "window", "vse_pp", "vse0", "infonce"])
+def test_switching_the_loss_on_the_default_config_is_valid(loss: str) -> None:
+    """Invariant: the FNE sampler's settings of configs/default.yaml (a mixture posterior, the
+    unflagged fallback) never make another loss unreachable: fne.loss alone switches it."""
+    from fne_dist.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "default.yaml", [f"fne.loss={loss}"])
+    assert cfg.fne.loss == loss and cfg.fne.posterior == "intra_mixture"
+
+
+def test_infonce_diagnostics_are_scalars() -> None:
+    """Invariant: every diagnostic of the infonce loss is 0-dim, also with the model's
+    1-element temperature parameter (the log window stacks them)."""
+    a, c = _pairs()
+    out = retrieval_loss(a, c, FneConfig(loss="infonce"), temperature=torch.tensor([0.07]))
+    assert all(v.dim() == 0 for v in out.diagnostics.values()), {
+        k: v.shape for k, v in out.diagnostics.items()
+    }
