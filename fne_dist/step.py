@@ -140,7 +140,5 @@ def _batch_stats(
         gauss_sums = all_pairs_stats(sim_BB, ids_B, sims_S, valid_S)
     else:
         gauss_sums = mutual_top1_stats(sim_BB, ids_B)
-    sample = CandidateSample(
-        sims_S, valid_S, img_BD, ids_B, candidates.img_ND, candidates.ids_N, cols
-    )
+    sample = CandidateSample(sims_S, valid_S, img_BD, candidates.img_ND, cols)
     return torch.cat([gauss_sums, posterior.sums(sample)])

@@ -74,7 +74,7 @@ def test_sampled_sums_add_up_over_ranks() -> None:
     posteriors = [posterior_for(FneConfig(posterior=p)) for p in ("cross_mixture", "intra_mixture")]
     whole_cols = sample_columns(3, 7, big, 4, n)
     whole = random_candidate_sims(img, txt, ids, cand_img, cand_txt, cand_ids, whole_cols)
-    whole_sample = CandidateSample(*whole, img, ids, cand_img, cand_ids, whole_cols)
+    whole_sample = CandidateSample(*whole, img, cand_img, whole_cols)
     parts_neg, parts_hist = [], []
     for rank in range(2):
         rows = slice(rank * 4, rank * 4 + 4)
@@ -84,7 +84,7 @@ def test_sampled_sums_add_up_over_ranks() -> None:
             img[rows], txt[rows], ids[rows], cand_img, cand_txt, cand_ids, cols
         )
         parts_neg.append(all_pairs_stats(torch.zeros(1, 1), ids[:1], sims, valid)[3:])
-        sample = CandidateSample(sims, valid, img[rows], ids[rows], cand_img, cand_ids, cols)
+        sample = CandidateSample(sims, valid, img[rows], cand_img, cols)
         parts_hist.append(torch.cat([p.sums(sample) for p in posteriors]))
     torch.testing.assert_close(
         parts_neg[0] + parts_neg[1], all_pairs_stats(torch.zeros(1, 1), ids[:1], *whole)[3:]

@@ -40,11 +40,9 @@ class CandidateSample:
 
     cross_S: Tensor
     valid_S: Tensor
-    img_BD: Tensor
-    ids_B: Tensor
-    cand_img_ND: Tensor
-    cand_ids_N: Tensor
-    cols_2Br: Tensor
+    img_BD: Tensor  # the anchors' images
+    cand_img_ND: Tensor  # the candidates' images
+    cols_2Br: Tensor  # the sampled candidate columns
 
 
 @dataclass(frozen=True)
