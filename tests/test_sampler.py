@@ -177,9 +177,9 @@ def test_fast_forms_equal_the_reference(regime: str, dtype: torch.dtype) -> None
                 ]
                 assert got == draws, (i, k)
                 counts = (
-                    int(picks.n_fn_b[i]),
-                    int(picks.n_window_b[i]),
-                    int(picks.n_unmasked_b[i]),
+                    int(picks.count("fn")[i]),
+                    int(picks.count("window")[i]),
+                    int(picks.count("unmasked")[i]),
                 )
                 assert counts == (n_fn, n_window, n_unmasked), i
     if regime in GATE_OPEN:  # the Bayes branch really ran: some weights are FN weights
@@ -243,7 +243,9 @@ def test_a_candidate_exactly_at_the_margin_is_no_violator() -> None:
     for select in (select_dense, select_listed):
         picks = select(rows, CandidateLabels(torch.tensor([0, 1, 2])), None, PAPER, "hardest")
         assert picks.index_bk.tolist() == [[1]] and picks.valid_bk.tolist() == [[False]]
-        assert picks.no_violator_b.tolist() == [True] and picks.zero_hinge_bk.tolist() == [[True]]
+        assert picks.count("no_violator").tolist() == [1.0] and picks.zero_hinge_bk.tolist() == [
+            [True]
+        ]
 
 
 def test_masked_candidates_are_never_drawn() -> None:
@@ -309,7 +311,7 @@ def test_compiled_sampler_matches_eager() -> None:
     eager, fused = select_dense(*args), _compiled_dense()(*args)
     assert torch.equal(eager.index_bk, fused.index_bk)
     assert torch.equal(eager.valid_bk, fused.valid_bk)
-    assert torch.equal(eager.n_fn_b, fused.n_fn_b)
+    assert torch.equal(eager.counts_bC, fused.counts_bC)
 
 
 def test_uniform_next_to_one_never_lands_on_zero_weight() -> None:

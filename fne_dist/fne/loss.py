@@ -43,6 +43,7 @@ from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
 from .posteriors import PairSims, fit_of
 from .selection import (
+    COUNTS,
     CandidateLabels,
     Picks,
     Rows,
@@ -190,11 +191,7 @@ def _one_direction(
         "draws": v.sum(),
         "zero_hinge": (p.zero_hinge_bk * v).sum(),
         "neg_sim": (p.sim_bk * v).sum(),
-        "fallback": p.fallback_b.sum().to(torch.float64),
-        "no_violator": p.no_violator_b.sum().to(torch.float64),
-        "fn": p.n_fn_b.sum().to(torch.float64),
-        "unmasked": p.n_unmasked_b.sum().to(torch.float64),
-        "window": p.n_window_b.sum().to(torch.float64),
+        **{name: p.count(name).sum() for name in COUNTS},
     }
     if a.groups_B is not None and c.groups_N is not None:
         # A negative label is "no group label" (fne.groups): it shares no group, not even with

@@ -65,22 +65,30 @@ class CandidateLabels(NamedTuple):
     groups_N: Tensor | None = None
 
 
+COUNTS = ("fallback", "no_violator", "fn", "unmasked", "window")
+"""Per-anchor counts of the selection (``Picks.counts_bC``): the draw fell back to the hardest
+violator; it had none; unmasked candidates with P_fn > ε; unmasked candidates; candidates in
+the hard-cut window (0 for the hardest rule)."""
+
+
 class Picks(NamedTuple):
-    """Per-anchor result of the selection for one chunk of anchor rows (b rows)."""
+    """Per-anchor result of the selection for one chunk of anchor rows (b rows): what the loss
+    takes (the drawn columns, whether each exists, the expected-loss shares), then what the
+    diagnostics take."""
 
     index_bk: Tensor  # drawn candidate columns
     valid_bk: Tensor  # the draw exists (see sampling.draw_negatives)
-    zero_hinge_bk: Tensor  # the drawn candidate does not violate the margin
-    sim_bk: Tensor  # similarity of the drawn candidate
-    fallback_b: Tensor
-    no_violator_b: Tensor
-    n_fn_b: Tensor  # unmasked candidates with P_fn > ε
-    n_unmasked_b: Tensor
-    n_window_b: Tensor  # candidates in the hard-cut window (0 for the hardest rule)
-    detect_bF: Tensor  # false-negative detection sums (fne.detection; b×0 if not measured)
     # fne.reduction expected: each candidate's share of the anchor's loss (the normalised
     # weights, or 1 on the fallback); b×0 otherwise
     prob_bN: Tensor
+    sim_bk: Tensor  # similarity of the drawn candidate
+    zero_hinge_bk: Tensor  # the drawn candidate does not violate the margin
+    counts_bC: Tensor  # float64 columns ``COUNTS``
+    detect_bF: Tensor  # false-negative detection sums (fne.detection; b×0 if not measured)
+
+    def count(self, name: str) -> Tensor:
+        """The per-anchor column ``name`` of ``COUNTS``."""
+        return self.counts_bC[:, COUNTS.index(name)]
 
 
 def select_dense(
@@ -296,19 +304,15 @@ def _picks(
     prob_bN: Tensor,
 ) -> Picks:
     neg_sim_bk = sim_bN.gather(1, idx_bk)
-    n_fn_b, n_unmasked_b, n_window_b = counts
+    columns = (fallback_b, no_violator_b, *counts)  # the order of COUNTS
     return Picks(
         index_bk=idx_bk,
         valid_bk=valid_bk,
-        zero_hinge_bk=(margin + neg_sim_bk - pos_sim_b[:, None]) <= 0,
-        sim_bk=neg_sim_bk,
-        fallback_b=fallback_b,
-        no_violator_b=no_violator_b,
-        n_fn_b=n_fn_b,
-        n_unmasked_b=n_unmasked_b,
-        n_window_b=n_window_b,
-        detect_bF=detect_bF,
         prob_bN=prob_bN,
+        sim_bk=neg_sim_bk,
+        zero_hinge_bk=(margin + neg_sim_bk - pos_sim_b[:, None]) <= 0,
+        counts_bC=torch.stack([c.to(torch.float64) for c in columns], dim=1),
+        detect_bF=detect_bF,
     )
 
 

@@ -156,7 +156,7 @@ def recompute_picks(model, batch, cands: Candidates, stats, step, rank, world) -
             loss += (hinge.sum(1) / p.valid_bk.sum(1).clamp_min(1)).mean().double()
             out[f"{name}_index"] = p.index_bk
             out[f"{name}_valid"] = p.valid_bk
-            out[f"{name}_n_fn"] = p.n_fn_b
+            out[f"{name}_n_fn"] = p.count("fn")
     out["loss"] = loss
     out["gate_open"] = g.gate_open
     return out
