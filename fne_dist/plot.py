@@ -30,7 +30,6 @@ import torch
 
 from .config import Config, ConfigError, load_config
 from .fne import Candidates, FneConfig, SimilarityStats, fn_posterior, sampling_weights
-from .fne.estimators import prior_from_em, with_prior
 from .monitoring.similarities import SimilaritySamples, gaussians_from_dict, write_snapshot
 
 log = logging.getLogger("fne_dist")
@@ -308,8 +307,6 @@ class RunPictures:
         self.last_step = step
         f = self.cfg.fne
         g = stats.gaussians(f.gate_size, f.var_floor, f.variance)
-        if f.prior_mode == "em":  # the π the loss used (step.py)
-            g = with_prior(g, prior_from_em(stats.em_totals, f.prior))
         snapshot = write_snapshot(self.dir, self.samples.snapshot(step, g))
         self._draw(lambda: plot_snapshot(snapshot, self.cfg))
 
