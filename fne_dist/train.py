@@ -1,8 +1,8 @@
 """``python -m fne_dist.train [--config FILE] [key=value ...]``: the main job.
 
-Without ``--config`` it runs ``configs/default.yaml`` (the run tuned for the embedded emoji data;
-its deviations from the paper's values are commented there), or the library defaults when the
-package is installed without the repository's configs.
+Without ``--config`` it runs the packaged ``default.yaml`` (``fne_dist/configs/``, also reached as
+``configs/`` in a clone: the run tuned for the embedded emoji data; its deviations from the
+paper's values are commented there), so an installed wheel finds it too.
 
 Exit codes (docs/checkpoints.md): 0 success; 1 internal error (a traceback: a bug to report);
 2 user error (config, paths, data: missing, empty or unreadable shards, too many bad samples;
@@ -32,7 +32,8 @@ from .monitoring import check_monitor
 from .nonfinite import TrainingDiverged
 from .run_identity import check_new_run, check_writable
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+# Shipped inside the package (package data), so an installed wheel finds it, not only a clone.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_DIVERGED = 0, 1, 2, 3
 # One line on stderr and an exit code for each failure a user can cause (the rest: tracebacks).
 EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], str, int], ...] = (

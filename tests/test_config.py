@@ -421,3 +421,22 @@ def test_setting_refuses_unknown_limits() -> None:
     leaving the field silently unchecked."""
     with pytest.raises(TypeError, match="lte"):
         setting(1, "doc", lte=1)
+
+
+def test_the_default_config_ships_inside_the_package() -> None:
+    """Invariant: the default run's config lives in the package and is package data, so an
+    installed wheel (no clone, no top-level configs/) still runs `python -m fne_dist.train`."""
+    from fnmatch import fnmatch
+
+    import tomllib
+
+    import fne_dist
+    from fne_dist.train import DEFAULT_CONFIG
+
+    package = Path(fne_dist.__file__).resolve().parent
+    assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.parent.parent == package
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["fne_dist"]
+    shipped = DEFAULT_CONFIG.relative_to(package).as_posix()
+    assert any(fnmatch(shipped, g) for g in globs), (shipped, globs)
+    load_config(DEFAULT_CONFIG)  # and it is a valid config
