@@ -429,7 +429,7 @@ _BOUNDS = ("ge", "gt", "le", "lt")
 
 
 def _constrained(tp: Any, meta: typing.Mapping[str, Any]) -> Any:
-    """The annotation ``tp`` with the field's range/choices on its scalar (inside None | list)."""
+    """The annotation ``tp`` with the field's range on its scalar (inside None | list)."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -439,8 +439,6 @@ def _constrained(tp: Any, meta: typing.Mapping[str, Any]) -> Any:
         return list[_constrained(inner, meta)]  # type: ignore[misc]
     if typing.get_origin(tp) is Literal:  # a choice: pydantic checks the value is one of them
         return tp
-    if "choices" in meta:
-        return Literal[tuple(meta["choices"])]
     limits = {k: meta[k] for k in _BOUNDS if k in meta}
     if tp is int and not {"le", "lt"} & limits.keys():
         limits["lt"] = INT64_END
@@ -500,10 +498,7 @@ def field_choices(cls: type, name: str) -> tuple[Any, ...]:
     tp = typing.get_type_hints(cls)[name]
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
-    if typing.get_origin(tp) is Literal:
-        return typing.get_args(tp)
-    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
-    return tuple(meta.get("choices", ()))
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else ()
 
 
 def _one_line(error: Any) -> str:

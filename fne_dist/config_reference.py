@@ -146,9 +146,7 @@ def config_keys(cls: type = Config, prefix: str = "") -> list[KeyDoc]:
         scalar, extras = _scalar(tp)
         _, own = _strip_annotated(tp)
         extras = own + extras
-        choices = tuple(f.metadata.get("choices") or ())
-        if not choices and typing.get_origin(scalar) is Literal:
-            choices = typing.get_args(scalar)
+        choices = typing.get_args(scalar) if typing.get_origin(scalar) is Literal else ()
         keys.append(
             KeyDoc(
                 key=key,

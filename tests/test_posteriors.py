@@ -137,10 +137,10 @@ def test_fne_sampler_with_intra_signal_flags_the_image_matched_mate() -> None:
 def test_registry_names_its_classes() -> None:
     """Invariant: fne.posterior's choices are the registry's names, each the name of its class
     (one place chooses the estimator)."""
+    from fne_dist.config import field_choices
     from fne_dist.fne.params import FneConfig as Cfg
 
-    choices = {f.name: f.metadata for f in __import__("dataclasses").fields(Cfg)}["posterior"]
-    assert tuple(POSTERIORS) == choices["choices"]
+    assert tuple(POSTERIORS) == field_choices(Cfg, "posterior")  # the Literal of the field
     for name, cls in POSTERIORS.items():
         assert cls.name == name and isinstance(posterior_for(FneConfig(posterior=name)), cls)
 

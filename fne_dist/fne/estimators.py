@@ -24,10 +24,13 @@ all-reduce SUM stays exact):
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
-STATS_SOURCES = ("mutual_top1", "all_pairs")
+StatsSource = Literal["mutual_top1", "all_pairs"]
+STATS_SOURCES: tuple[str, ...] = get_args(StatsSource)
 
 
 def sample_columns(

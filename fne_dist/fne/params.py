@@ -2,32 +2,33 @@
 
 Kept here, next to the math, so a researcher can import the sampler without the rest of the
 project (this module needs no pydantic). ``fne_dist.config`` embeds this dataclass as the ``fne``
-section and turns the ``metadata`` of each field (``ge``/``gt``/``le``/``lt``/``choices``) into
-a pydantic validator for YAML input; every int field is also bounded to int64 and every float
-to finite values there.
+section and validates YAML input against each field's type (a choice is a ``Literal``) and the
+``ge``/``gt``/``le``/``lt`` bounds in its metadata; every int field is also bounded to int64
+and every float to finite values there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
-from .estimators import STATS_SOURCES
-from .posteriors import POSTERIOR_NAMES
-from .stats import NO_POS_MU
+from .estimators import StatsSource
+from .posteriors import PosteriorName
+from .stats import NoPosMu
 
-LOSSES = ("fne", "window", "vse_pp", "vse0", "infonce")
-REDUCTIONS = ("sample", "expected")
+Loss = Literal["fne", "window", "vse_pp", "vse0", "infonce"]
+LOSSES: tuple[str, ...] = get_args(Loss)
 
 
-LIMITS = frozenset({"ge", "gt", "le", "lt", "choices"})
+LIMITS = frozenset({"ge", "gt", "le", "lt"})
 
 
 def setting(default: Any, doc: str, **limits: Any) -> Any:
     """A dataclass field whose metadata carries its documentation and valid range.
 
-    ``limits`` are ``ge``/``gt``/``le``/``lt`` (bounds) and ``choices`` (a tuple); any other
-    name is a typo that would silently leave the field unchecked, so it raises here.
+    ``limits`` are ``ge``/``gt``/``le``/``lt`` (bounds; a choice is the field's ``Literal``
+    type); any other name is a typo that would silently leave the field unchecked, so it
+    raises here.
     """
     unknown = set(limits) - LIMITS
     if unknown:
@@ -39,7 +40,7 @@ def setting(default: Any, doc: str, **limits: Any) -> Any:
 class FneConfig:
     """Loss selection and every constant of docs/algorithm.md §2-4 (one line of YAML each)."""
 
-    loss: str = setting("fne", "training loss after warm-up", choices=LOSSES)
+    loss: Loss = setting("fne", "training loss after warm-up")
     margin: float = setting(0.2, "triplet margin m", ge=0.0)
     prior: float = setting(1e-4, "prior π that a non-paired candidate is a match", gt=0.0, lt=1.0)
     eps: float = setting(
@@ -50,51 +51,46 @@ class FneConfig:
     hard_cut: bool = setting(True, "zero weight where s <= μ⁺ - hard_cut_margin")
     hard_cut_margin: float | None = setting(None, "margin of the hard cut (null = margin)", ge=0.0)
     gate_size: int = setting(200, "the Bayes part is used once n⁺ > gate_size this epoch", ge=0)
-    variance: str = setting(
-        "separate", "σ⁺ and σ⁻ separate (paper) or pooled", choices=("separate", "pooled")
+    variance: Literal["separate", "pooled"] = setting(
+        "separate", "σ⁺ and σ⁻ separate (paper) or pooled"
     )
     var_floor: float = setting(1e-8, "floor of the variance estimates", gt=0.0)
     negatives: int = setting(
         1, "negatives per anchor and direction (k > 1: mean of k hinges)", ge=1
     )
-    reduction: str = setting(
+    reduction: Literal["sample", "expected"] = setting(
         "sample",
         "fne and window: the loss of an anchor is the hinge of one negative drawn with weights "
         "w_j (sample, the paper) or the expectation of that hinge under the same weights, "
         "Σ_j w_j/Σw · hinge_j (expected: same target, no sampling noise in the gradient); rows "
         "whose weights sum to 0 keep the fallback either way",
-        choices=REDUCTIONS,
     )
-    stats_reset: str = setting(
-        "epoch", "reset the statistics every epoch or never", choices=("epoch", "never")
+    stats_reset: Literal["epoch", "never"] = setting(
+        "epoch", "reset the statistics every epoch or never"
     )
-    no_pos_mu: str = setting(
+    no_pos_mu: NoPosMu = setting(
         "zero",
         "μ⁺ before this epoch's first positive: zero (the reference's running mean starts at 0: "
         "cut at s <= -hard_cut_margin), skip (no hard cut) or carry (last epoch's μ⁺)",
-        choices=NO_POS_MU,
     )
-    stats_scope: str = setting(
+    stats_scope: Literal["local", "global"] = setting(
         "local",
         "mutual-top-1 rule per rank (online B×B, reference meaning) or over the gathered G×G "
         "momentum matrix",
-        choices=("local", "global"),
     )
-    stats_source: str = setting(
+    stats_source: StatsSource = setting(
         "mutual_top1",
         "what the Gaussians are fitted to: mutual_top1 (the paper: positives of mutually-top-1 "
         "pairs, negatives their hardest in-batch negative) or all_pairs (positives every known "
         "pair, negatives a random sample of [batch ; memory]; fne.estimators)",
-        choices=STATS_SOURCES,
     )
-    posterior: str = setting(
+    posterior: PosteriorName = setting(
         "paper",
         "the false-negative posterior P_fn (fne.posteriors): paper (the positive-pair Gaussian "
         "against the negative one of the cross-modal similarity, fixed prior fne.prior), "
         "cross_mixture (a two-component mixture of sampled candidates' cross-modal "
         "similarities, π and both components fitted by online EM) or intra_mixture (the same "
         "mixture of the anchor's and candidate's image-image similarity)",
-        choices=POSTERIOR_NAMES,
     )
     mixture_decay: float = setting(
         0.98,
@@ -102,20 +98,18 @@ class FneConfig:
         gt=0.0,
         lt=1.0,
     )
-    fallback: str = setting(
+    fallback: Literal["hardest", "unflagged"] = setting(
         "hardest",
         "fne sampler, a row whose window weights sum to 0: draw the hardest violator (hardest, "
         "the paper) or the hardest one with P_fn <= eps (unflagged: the dense sampler then "
         "computes every candidate's log-odds)",
-        choices=("hardest", "unflagged"),
     )
-    fallback_scope: str = setting(
+    fallback_scope: Literal["candidates", "batch"] = setting(
         "candidates",
         "fne and window, a row whose window weights sum to 0: its fallback violator is sought "
         "over every candidate (candidates, the paper: [batch ; memory]) or over the gathered "
         "batch block only (batch: the in-batch VSE++ negative; a row with no in-batch "
         "violator contributes 0)",
-        choices=("candidates", "batch"),
     )
     stats_samples: int = setting(
         4,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -20,7 +20,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .posteriors import PosteriorFit
 
-NO_POS_MU = ("zero", "skip", "carry")
+NoPosMu = Literal["zero", "skip", "carry"]
+NO_POS_MU: tuple[str, ...] = get_args(NoPosMu)
 """What μ⁺ is before this epoch's first positive sample (see ``SimilarityStats``)."""
 
 STATS_FIELDS = ("n_pos", "sum_pos", "sumsq_pos", "n_neg", "sum_neg", "sumsq_neg")

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from .base import CandidateSample, PairSims, Posterior, PosteriorFit, QuadraticFit
 from .cross_mixture import CrossMixturePosterior
@@ -23,7 +23,10 @@ if TYPE_CHECKING:
 POSTERIORS: dict[str, type[Posterior]] = {
     cls.name: cls for cls in (PaperPosterior, CrossMixturePosterior, IntraMixturePosterior)
 }
-POSTERIOR_NAMES = tuple(POSTERIORS)
+# The config's choice, spelled out for static typing; the registry must name the same ones.
+PosteriorName = Literal["paper", "cross_mixture", "intra_mixture"]
+POSTERIOR_NAMES: tuple[str, ...] = get_args(PosteriorName)
+assert set(POSTERIOR_NAMES) == set(POSTERIORS), (POSTERIOR_NAMES, tuple(POSTERIORS))
 
 
 def posterior_for(cfg: FneConfig) -> Posterior:
@@ -38,6 +41,7 @@ __all__ = [
     "PairSims",
     "Posterior",
     "PosteriorFit",
+    "PosteriorName",
     "QuadraticFit",
     "fit_of",
     "paper_fit",
