@@ -11,9 +11,10 @@ Train registers each one and hands it back after restarting the worker group) pl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import distributed as dist_ops
 from .checkpoint.collective import (
@@ -31,11 +32,7 @@ from .distributed.launch import rank_env
 from .interrupt import StopRequest
 from .reporting import Reporter
 from .run_identity import check_resume_config, data_identity, restart_of_same_run, resume_request
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from .state import TrainState
+from .state import TrainState
 
 
 class LauncherCheckpoints:
@@ -53,6 +50,12 @@ class LauncherCheckpoints:
 def checkpoint_root(cfg: Config, run_dir: Path) -> str:
     """checkpoint.dir, a directory or a URL; by default ``checkpoints`` in the run directory."""
     return cfg.checkpoint.dir or str(run_dir / "checkpoints")
+
+
+def local_checkpoint_dir(cfg: Config, run_dir: Path) -> Path | None:
+    """checkpoint.dir as a local directory (the run's lock covers it); None for a URL."""
+    root = checkpoint_root(cfg, run_dir)
+    return None if is_url(root) else Path(root)
 
 
 def check_checkpoint_dir(root: str, rank: int, world: int) -> None:

@@ -32,8 +32,13 @@ from safetensors.torch import save_file
 from . import distributed as dist_ops
 from .checkpoint.collective import Parts
 from .checkpoint.format import CheckpointError, write_error
-from .checkpoint.remote import is_url
-from .checkpointer import Checkpointer, LauncherCheckpoints, check_checkpoint_dir, checkpoint_root
+from .checkpointer import (
+    Checkpointer,
+    LauncherCheckpoints,
+    check_checkpoint_dir,
+    checkpoint_root,
+    local_checkpoint_dir,
+)
 from .config import Config, save_config
 from .data.splits import PairTable
 from .data.stream import TrainStream
@@ -108,7 +113,8 @@ def train(
         backbones = (image_backbone, text_backbone)
         # one live run per run directory and per checkpoint.dir; a signal stops the run
         # between steps
-        owner = owned(run_directory(cfg), dist_ops.rank(), local_checkpoint_dir(cfg), cfg.run.name)
+        run_dir = run_directory(cfg)
+        owner = owned(run_dir, dist_ops.rank(), local_checkpoint_dir(cfg, run_dir), cfg.run.name)
         with owner, handle_signals() as stop:
             hooks = Hooks(extra_reporter, launcher_checkpoints, stop)
             result = _train(cfg, hooks, backbones, device, launcher, t_start)
@@ -122,13 +128,6 @@ def train(
 
 def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
-
-
-def local_checkpoint_dir(cfg: Config) -> Path | None:
-    """checkpoint.dir as a local directory (its default inside the run directory); None for a
-    URL."""
-    root = checkpoint_root(cfg, run_directory(cfg))
-    return None if is_url(root) else Path(root)
 
 
 def preflight(cfg: Config) -> None:
