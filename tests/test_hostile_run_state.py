@@ -333,6 +333,38 @@ def test_hostile_requeue_before_the_first_checkpoint_starts_afresh(
         source(_cfg(tmp_path))
 
 
+class _Restores(LauncherCheckpoints):
+    """A launcher that hands back ``path`` after restarting the run (as Ray Train does)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def restored(self) -> Path:
+        return self.path
+
+
+def test_a_launcher_restart_resumes_from_the_newer_of_its_record_and_this_runs_newest(
+    tmp_path: Path,
+) -> None:
+    """Invariant: after a launcher's restart the run resumes from the newer of the checkpoint
+    the launcher hands back and this run's (``run.id``) newest valid one in checkpoint.dir (a
+    worker can die between writing a checkpoint and the launcher registering it); another
+    run's checkpoint there does not count. The source is the checkpointer's: no reporter."""
+    cfg = _cfg(tmp_path, "run.id=r1")
+    save_config(cfg, tmp_path / "config.yaml")
+    root = tmp_path / "ckpts"
+    registered, newer = _save(root, cfg, 2), _save(root, cfg, 4)  # run_id: none (not r1)
+
+    def source(launcher: LauncherCheckpoints) -> Path | None:
+        return resume_source(cfg, str(root), tmp_path / "scratch", launcher, print)
+
+    assert source(_Restores(registered)) == registered
+    meta = json.loads((newer / META).read_text())
+    (newer / META).write_text(json.dumps({**meta, "run_id": "r1"}))  # now this run's
+    assert source(_Restores(registered)) == newer
+    assert source(LauncherCheckpoints()) == newer
+
+
 # ---------------------------------------------------------------- a stop during the cache build
 
 
