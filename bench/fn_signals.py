@@ -9,7 +9,8 @@ negative = same group, true negative = the rest. Prints the fitted Gaussians of 
 true negatives (AUC), over all candidates and inside the hard-cut window (s > μ⁺ − margin,
 where the sampler draws): the cross-modal similarity s the posterior sees, s − s⁺, a z-score
 within the anchor's candidates, the intra-modal similarities (image-image, text-text), and
-the image-image robust z within the anchor's items (fn_signal tail).
+the image-image robust z within the anchor's items (the retired ``fn_signal: tail``'s signal:
+median and 1.4826·MAD over the anchor's other items).
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality
 
 from fne_dist.fne import FneConfig
-from fne_dist.fne.tail import robust_z
+
+
+def robust_z(x_bN: Tensor, null_bN: Tensor) -> Tensor:
+    """(x − median) / max(1.4826 · MAD, 1e-3) per row, over the entries where null_bN holds."""
+    x = x_bN.detach().to(torch.float64)
+    masked = torch.where(null_bN, x, torch.nan)
+    med_b = masked.nanmedian(dim=1, keepdim=True).values
+    mad_b = (masked - med_b).abs().nanmedian(dim=1, keepdim=True).values
+    scale_b = (1.4826 * mad_b).nan_to_num(1.0).clamp_min(1e-3)
+    return ((x - med_b.nan_to_num(0.0)) / scale_b).nan_to_num(0.0)
 
 
 def auc(x: Tensor, fn: Tensor, tn: Tensor, n: int = 4000) -> float:
@@ -57,7 +67,9 @@ def signals(model, train: dict, anchors: int = 600) -> tuple[dict[str, Tensor], 
     s_pos = (img[a] * txt[a]).sum(1, keepdim=True)
     out = {"cross s": s, "s - s+": s - s_pos, "z within anchor": (s - mean) / sd,
            "image-image": img[a] @ img.T, "text-text": txt[a] @ txt.T}  # fmt: skip
-    out["image-image robust z"] = robust_z(out["image-image"], ~pos)  # fn_signal tail
+    out["image-image robust z"] = robust_z(
+        out["image-image"], ~pos
+    )  # the retired tail posterior's signal
     return out, {"pos": pos, "fn": fn, "tn": ~pos & ~fn}
 
 

@@ -61,8 +61,9 @@ from fne_dist.step import forward_step
 from fne_dist.summary import EpochDiagnostics
 
 NEVER = 10**12  # a gate size no epoch reaches: the Bayes part stays off (kernel only)
-_FNE_INTRA = dict(loss="fne", fn_model="mixture", fn_signal="intra", eps=0.5, tau_fn=4.0)
-_FN_INFONCE = dict(loss="infonce", fn_model="mixture", infonce_fn="downweight", eps=0.5)
+_FNE_INTRA = dict(loss="fne", posterior="intra_mixture", eps=0.5, tau_fn=4.0)
+# Rows of retired options (prior_mode em, fn_signal both / tail / tail_both, infonce_fn) stay
+# in bench/results/*.md as history; CHANGELOG.md says why each was retired.
 VARIANTS: dict[str, dict] = {
     "vse_pp_batch": dict(loss="vse_pp", vse_pp_memory=False),
     "vse_pp_memory": dict(loss="vse_pp", vse_pp_memory=True),
@@ -75,39 +76,22 @@ VARIANTS: dict[str, dict] = {
     "fne_kernel": dict(loss="fne", gate_size=NEVER),
     "fne": dict(loss="fne"),
     "fne_all_pairs": dict(loss="fne", stats_source="all_pairs"),
-    "fne_em": dict(loss="fne", prior_mode="em"),
-    "fne_all_pairs_em": dict(loss="fne", stats_source="all_pairs", prior_mode="em"),
-    # fn_model mixture (fne.mixture): ε = 0.5 makes "P_fn > ε" the Bayes decision of a
+    # posterior cross_mixture (fne.mixture): ε = 0.5 makes "P_fn > ε" the Bayes decision of a
     # calibrated posterior; τ_fn sets how far a likely false negative is down-weighted.
-    "fne_mixture": dict(loss="fne", fn_model="mixture"),
-    "fne_mixture_eps": dict(loss="fne", fn_model="mixture", eps=0.5),
-    "fne_mixture_eps_t4": dict(loss="fne", fn_model="mixture", eps=0.5, tau_fn=4.0),
-    # the sampler's P_fn from the image-image similarity, or both signals (fne.fn_signal)
+    "fne_mixture": dict(loss="fne", posterior="cross_mixture"),
+    "fne_mixture_eps": dict(loss="fne", posterior="cross_mixture", eps=0.5),
+    "fne_mixture_eps_t4": dict(loss="fne", posterior="cross_mixture", eps=0.5, tau_fn=4.0),
+    # the sampler's P_fn from the image-image similarity (posterior intra_mixture)
     "fne_intra": _FNE_INTRA,
-    "fne_both": dict(_FNE_INTRA, fn_signal="both"),
     "fne_intra_all_pairs": dict(_FNE_INTRA, stats_source="all_pairs"),
     # 8× the random candidates per anchor in the mixture's histogram: rare false negatives
     # (emoji: 0.6 % of candidates) get enough samples to form a component
     "fne_intra_s32": dict(_FNE_INTRA, stats_samples=32),
-    # P_fn from the image-image similarity's robust z within each anchor's own candidates
-    # (fne.tail): rare false negatives (emoji) are outliers of the anchor's bulk, no mixture
-    "fne_tail": dict(_FNE_INTRA, fn_signal="tail"),
-    "fne_tail_all_pairs": dict(_FNE_INTRA, fn_signal="tail", stats_source="all_pairs"),
-    "fne_tail_z2": dict(_FNE_INTRA, fn_signal="tail", tail_z=2.0),
-    # τ_fn 20: a flagged candidate's weight exp(−20 P_fn) ≤ 4.5e-5, i.e. eliminated (τ_fn 4
-    # leaves 0.14 at P_fn 0.5): fne_tail flagged emoji family mates (P_fn > ε recall 0.6-0.75)
-    # yet they stayed ~47 % of the drawn negatives.
-    "fne_tail_t20": dict(_FNE_INTRA, fn_signal="tail", tau_fn=20.0),
-    # the text-text tail too (hypothesis: the missed mates, sharing the anchor's caption, take
-    # the draws; measured: recall up, drawn share unchanged)
-    "fne_tail_both": dict(_FNE_INTRA, fn_signal="tail_both"),
-    # ... the real cause: late in training most rows' windows are empty (emoji: ~80 % of rows
-    # fall back), and the fallback, the hardest violator, is the flagged mate; skip flagged ones
-    "fne_tail_unflagged": dict(_FNE_INTRA, fn_signal="tail", fallback="unflagged"),
+    # late in training most rows' windows are empty (emoji: ~80 % of rows fall back), and the
+    # fallback, the hardest violator, is the flagged mate; skip flagged ones
     "fne_intra_all_pairs_unflagged": dict(
         _FNE_INTRA, stats_source="all_pairs", fallback="unflagged"
     ),
-    "fne_tail_both_all_pairs": dict(_FNE_INTRA, fn_signal="tail_both", stats_source="all_pairs"),
     # round 3 (fne.reduction): the expectation of the sampled hinge under the same weights
     # (what vse0 is to VSE++), or k = 4 draws without replacement (the mean of 4 hinges)
     "fne_expected": dict(loss="fne", reduction="expected"),
@@ -133,16 +117,6 @@ VARIANTS: dict[str, dict] = {
         fallback_scope="batch",
         reduction="expected",
     ),
-    # infonce with false-negative cancellation (fne.fn_signal): each negative's denominator
-    # term times 1 − P_fn where P_fn > ε (0.5: the Bayes decision), P_fn from the cross-modal
-    # similarity, the image-image one, or both (naive Bayes).
-    "infonce_fn_cross": dict(_FN_INFONCE, fn_signal="cross"),
-    "infonce_fn_intra": dict(_FN_INFONCE, fn_signal="intra"),
-    "infonce_fn_both": dict(_FN_INFONCE, fn_signal="both"),
-    "infonce_fn_intra_elim": dict(_FN_INFONCE, fn_signal="intra", infonce_fn="eliminate"),
-    "infonce_fn_tail": dict(_FN_INFONCE, fn_signal="tail"),
-    "infonce_fn_tail_both": dict(_FN_INFONCE, fn_signal="tail_both"),
-    "infonce_fn_both_soft": dict(_FN_INFONCE, fn_signal="both", eps=0.0),  # w = 1 − P_fn always
     "oracle": dict(loss="fne", mask_groups=True),
 }
 SMOKE_VARIANTS = ("vse_pp_batch", "window", "fne", "fne_mixture_eps_t4", "fne_intra", "oracle")

@@ -165,7 +165,13 @@ def forms(args, img, cands, anchors, u, g) -> None:
     candidates and for the default config's size (16 anchors, 32 + 1,024 candidates). The
     compiled form runs last: Inductor's OpenMP threads slow the eager ops that follow them."""
     from fne_dist.fne.loss import _compiled_dense
-    from fne_dist.fne.selection import candidate_index, select_dense, select_listed
+    from fne_dist.fne.selection import (
+        CandidateLabels,
+        Rows,
+        candidate_index,
+        select_dense,
+        select_listed,
+    )
 
     with torch.no_grad():
         sim_BN = img @ cands.txt_ND.T
@@ -182,8 +188,9 @@ def forms(args, img, cands, anchors, u, g) -> None:
                 part = slice(r, min(b, r + rows))
                 picks.append(
                     select[form](
-                        sim_BN[part, :n], anchors.pos_col_B[part], anchors.ids_B[part],
-                        cands.ids_N[:n], None, None, u[0, part], g, cfg, "fne", **extra,
+                        Rows(sim_BN[part, :n], anchors.pos_col_B[part], anchors.ids_B[part],
+                             u[0, part]),
+                        CandidateLabels(cands.ids_N[:n]), g, cfg, "fne", **extra,
                     ).index_bk
                 )  # fmt: skip
             return torch.cat(picks)

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 import pydantic
 import yaml
 
-from .fne.params import FneConfig, setting
+from .fne.params import FneConfig, retired_key, setting
 
 INT64_END = 2**63  # every int field is < 2**63 (torch int64) unless its metadata says less
 MAX_WAIT_S = 7 * 86_400.0  # timeouts: a week at most (timedelta and Ray overflow far above)
@@ -554,6 +554,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Validated ``Config`` from a nested mapping (missing keys take the defaults)."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {_short(data)}")
+    retired = retired_key(data["fne"]) if isinstance(data.get("fne"), dict) else None
+    if retired:  # before field validation: say what replaced it, not "unknown key"
+        raise ConfigError(retired)
     cfg = _validate_fields(data)
     try:
         cfg.check()

@@ -126,7 +126,7 @@ def jit_build_guard(op: str) -> Iterator[None]:
 
     torch builds and loads JIT ops under a file baton (``<extensions dir>/<op>/lock``) that
     only its creator removes: a process killed mid-build leaves it, and every later start on the
-    machine waits forever without a word (hardening issue, H1). An flock is released by the
+    machine waits forever without a word. An flock is released by the
     kernel when its holder dies, so while we hold ours, a baton left by another of our processes
     belongs to no live build: it is removed, with a warning naming it.
     """

@@ -129,12 +129,12 @@ def _build(
         build_feature_shards(
             shards,
             out,
-            image_backbone if cfg.model.image.frozen else None,
-            text_backbone if cfg.model.text.frozen else None,
-            cfg.data.caption_key,
+            (
+                image_backbone if cfg.model.image.frozen else None,
+                text_backbone if cfg.model.text.frozen else None,
+            ),
+            cfg.data,
             all_captions=split != "train",
-            max_pixels=cfg.data.max_pixels,
-            max_bad_fraction=cfg.data.max_bad_fraction,
             label=f"feature cache {split}",
             stop_reason=stop_reason,
         )

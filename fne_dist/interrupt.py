@@ -1,4 +1,4 @@
-"""SIGINT and SIGTERM end a run cleanly and resumably (hardening H3/H4).
+"""SIGINT and SIGTERM end a run cleanly and resumably.
 
 A signal only raises a flag; the step in progress finishes. Before the next step the ranks agree
 on stopping (the flag rides the per-step all-reduce of ``epochs.agreed_batches``: a signal may

@@ -386,7 +386,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     state.micro, state.position = micro, run.data_log.position
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     state.warm = state.opt_step < cfg.train.warmup_steps
-    before = Snapshot((engine.module, run.parts.momentum), run.parts.stats)  # H31: a skip undoes
+    before = Snapshot((engine.module, run.parts.momentum), run.parts.stats)  # a skipped step undoes
     out = forward_step(  # phases 1-5
         engine,
         run.parts.momentum,
@@ -407,7 +407,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
-        if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # H31
+        if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # skip the step
             engine.module.zero_grad(set_to_none=True)
             return skip_nonfinite(run, state, micro, None, before)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
@@ -428,7 +428,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
 def skip_nonfinite(
     run: Run, state: TrainState, micro: int, loss: torch.Tensor | None, before: Snapshot
 ) -> bool:
-    """A micro step whose loss (given) or gradient is non-finite (H31): no update, no EMA, no
+    """A micro step whose loss (given) or gradient is non-finite: no update, no EMA, no
     enqueue, statistics and buffers restored; counted, and a non-finite loss shows in its log
     window. True when it was the optimizer step's boundary (as ``train_step``)."""
     before.restore()

@@ -2,7 +2,7 @@
 
 The momentum parameters are kept in float32 even when the online model trains in bf16: at
 m = 0.995 the increment (1 − m)·(p − p̂) is below bf16 resolution and a bf16 copy would freeze.
-ZeRO-3 partitioned parameters are handled by the engine module (issue 4), which gathers the
+ZeRO-3 partitioned parameters are handled by the engine module (engine.py), which gathers the
 online partitions before calling ``ema_update``.
 """
 

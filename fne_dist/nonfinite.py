@@ -1,4 +1,4 @@
-"""A non-finite step never updates the weights (hardening H31).
+"""A non-finite step never updates the weights.
 
 Every rank computes its own loss, so the ranks agree first: one all-reduce of a 0/1 flag per
 micro step (it reads one number back from the device: the price of deciding on the host

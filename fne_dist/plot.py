@@ -1,4 +1,4 @@
-"""Pictures of a run (issue #14, item 5), written into ``RUN_DIR/plots``:
+"""Pictures of a run, written into ``RUN_DIR/plots``:
 
 * ``fne-step-<step>.png`` at each evaluation: histograms of the positive and negative
   similarities sampled since the previous evaluation (``monitoring.similarities``) with the
@@ -30,7 +30,6 @@ import torch
 
 from .config import Config, ConfigError, load_config
 from .fne import Candidates, FneConfig, SimilarityStats, fn_posterior, sampling_weights
-from .fne.estimators import prior_from_em, with_prior
 from .monitoring.similarities import SimilaritySamples, gaussians_from_dict, write_snapshot
 
 log = logging.getLogger("fne_dist")
@@ -308,8 +307,6 @@ class RunPictures:
         self.last_step = step
         f = self.cfg.fne
         g = stats.gaussians(f.gate_size, f.var_floor, f.variance)
-        if f.prior_mode == "em":  # the π the loss used (step.py)
-            g = with_prior(g, prior_from_em(stats.em_totals, f.prior))
         snapshot = write_snapshot(self.dir, self.samples.snapshot(step, g))
         self._draw(lambda: plot_snapshot(snapshot, self.cfg))
 

@@ -1,4 +1,4 @@
-"""Progress of the phases a run can wait minutes for (issue #14, item 6): the feature-cache
+"""Progress of the phases a run can wait minutes for: the feature-cache
 build, shard indexing, evaluation, checkpoint upload and Ray start.
 
 One helper for all of them: on a terminal a tqdm bar; otherwise (a job log, ``ray job logs``, a

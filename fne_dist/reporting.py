@@ -159,7 +159,7 @@ class JsonLinesReporter(Reporter):
     """One JSON object per logged step, appended to ``path`` (the run's metrics history).
 
     Every line is strict JSON (a non-finite value is written as null), and ``step`` only grows:
-    on resume the lines of steps the run will redo are dropped (H32)."""
+    on resume the lines of steps the run will redo are dropped."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -1,5 +1,5 @@
-"""The owner of a run's directories (hardening H2): one live run per run directory and per
-checkpoint directory.
+"""The owner of a run's directories: one live run per run directory and per checkpoint
+directory.
 
 Rank 0 locks the run directory and the (local) checkpoint.dir before anything writes there and
 holds both until the process ends: two runs of different names sharing one checkpoint.dir would

@@ -1,5 +1,5 @@
 """Launch-time size checks: a memory or batch that cannot fit fails before it is allocated, and
-settings that do nothing on this data are named (issue 15, H21-H22).
+settings that do nothing on this data are named.
 
 Legend: K memory.size, D model.embed_dim, B local batch, G = W·B global batch, S image side.
 
@@ -121,7 +121,7 @@ def check_local_workers(cfg: Config, workers: int, host_free: int | None = None)
 def launch_warnings(
     cfg: Config, train_pairs: int, steps_per_epoch: int, total_steps: int
 ) -> list[str]:
-    """One line per setting that this training split makes meaningless (H22).
+    """One line per setting that this training split makes meaningless.
 
     * a memory larger than the whole split: it holds the same pairs again (and random vectors in
       never-written slots for the first epoch); the reference keeps it at most half the split;

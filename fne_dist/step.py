@@ -10,7 +10,7 @@ both are identities. The caller does backward/optimizer step, the EMA and ``memo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -24,15 +24,8 @@ from .fne import (
     mutual_top1_stats,
     retrieval_loss,
 )
-from .fne.estimators import (
-    all_pairs_stats,
-    em_sums,
-    prior_from_em,
-    random_candidate_sims,
-    sample_columns,
-    with_prior,
-)
-from .fne.fn_signal import histogram_bins, intra_candidate_sims, signal_histograms, with_signals
+from .fne.estimators import all_pairs_stats, random_candidate_sims, sample_columns
+from .fne.posteriors import CandidateSample, Posterior, posterior_for
 from .fne.sampling import step_uniforms
 from .memory import MomentumMemory
 from .timing import NullTimer
@@ -81,23 +74,21 @@ def forward_step(
         )
     G = gathered.n_batch
     candidates = Candidates.concat(gathered, memory.candidates())
+    posterior = posterior_for(cfg)
     if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
         # every rank computes the same sums, so no reduction is needed.
         batch_stats = _batch_stats(
-            gathered.img_ND, gathered.txt_ND, gathered.ids_N, candidates, stats, cfg, seed, step
-        )
+            gathered.img_ND, gathered.txt_ND, gathered.ids_N, candidates, posterior, cfg, seed,
+            step,
+        )  # fmt: skip
     else:  # 4. reference meaning: each rank's own B×B online matrix, then SUM over ranks
-        local = _batch_stats(img_BD, txt_BD, ids_B, candidates, stats, cfg, seed, step, rank, G)
+        local = _batch_stats(img_BD, txt_BD, ids_B, candidates, posterior, cfg, seed, step, rank, G)
         with t.phase("reduce"):
             batch_stats = dist_ops.all_reduce_sum(local)
     stats.add(batch_stats[:6])
+    stats.add_posterior(batch_stats[6:], cfg.mixture_decay)  # the posterior's sums (none: paper)
     gauss = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
-    if cfg.prior_mode == "em":
-        stats.add_em(batch_stats[6:8])
-        gauss = with_prior(gauss, prior_from_em(stats.em_totals, cfg.prior))
-    if cfg.fn_model == "mixture":  # the last sums: this step's histogram(s) (fne.fn_signal)
-        stats.add_mixture(batch_stats[-histogram_bins(cfg.fn_signal) :], cfg.mixture_decay)
-        gauss = with_signals(gauss, stats.mix_totals, cfg.fn_signal, cfg.var_floor)
+    gauss = replace(gauss, posterior=posterior.fit(gauss, stats.posterior_totals))
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):
         if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
@@ -125,7 +116,7 @@ def _batch_stats(
     txt_BD: Tensor,
     ids_B: Tensor,
     candidates: Candidates,
-    stats: SimilarityStats,
+    posterior: Posterior,
     cfg: FneConfig,
     seed: int,
     step: int,
@@ -133,14 +124,10 @@ def _batch_stats(
     global_batch: int | None = None,
 ) -> Tensor:
     """This batch's sums for the running estimates: the six Gaussian sums of
-    ``cfg.stats_source``; with ``prior_mode: em``, the EM sums (n, Σ r) of one E-step
-    under the estimates so far (counted only once their gate is open: before, the components
-    are not yet fitted); with ``fn_model: mixture``, the histogram of the sampled candidate
-    similarities (last; one per signal of ``fn_signal``). One vector, so one all-reduce
-    carries all of it."""
+    ``cfg.stats_source``, then the posterior's sums (``Posterior.sums``: the mixtures'
+    histogram of a random candidate sample). One vector, so one all-reduce carries all of it."""
     sim_BB = img_BD.detach() @ txt_BD.detach().T
-    paper = (cfg.stats_source, cfg.prior_mode, cfg.fn_model) == ("mutual_top1", "fixed", "positive")
-    if paper:  # no random sample needed
+    if cfg.stats_source == "mutual_top1" and not posterior.samples:  # no random sample needed
         return mutual_top1_stats(sim_BB, ids_B)
     b = ids_B.shape[0]
     cols = sample_columns(
@@ -153,16 +140,5 @@ def _batch_stats(
         gauss_sums = all_pairs_stats(sim_BB, ids_B, sims_S, valid_S)
     else:
         gauss_sums = mutual_top1_stats(sim_BB, ids_B)
-    parts = [gauss_sums]
-    if cfg.prior_mode == "em":
-        prev = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
-        prior = prior_from_em(stats.em_totals, cfg.prior)
-        parts.append(em_sums(sims_S, valid_S, prev, prior) * prev.gate_open.to(torch.float64))
-    if cfg.fn_model == "mixture":
-        intra_S = None
-        if cfg.fn_signal != "cross":  # image-image similarity of the same sampled pairs
-            intra_S, _ = intra_candidate_sims(
-                img_BD, ids_B, candidates.img_ND, candidates.ids_N, cols
-            )
-        parts.append(signal_histograms(cfg.fn_signal, sims_S, intra_S, valid_S))
-    return torch.cat(parts)
+    sample = CandidateSample(sims_S, valid_S, img_BD, candidates.img_ND, cols)
+    return torch.cat([gauss_sums, posterior.sums(sample)])

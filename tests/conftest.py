@@ -21,3 +21,14 @@ os.environ.setdefault(
 # for every test that asks for them (each skips without its Debian package).
 from tests.fixtures_prometheus import prometheus, ray_temp_root  # noqa: E402, F401
 from tests.fixtures_slurm import slurm_cluster  # noqa: E402, F401
+
+# A test that starts a process or a server fails unless it is marked `system` (what counts:
+# tests/process_guard.py); pytester runs that check on a made-up test (test_process_guard.py).
+pytest_plugins = ["pytester", "tests.process_guard"]
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The unit tier runs first, then the system tests in their usual order: a unit failure
+    shows within the first minutes, and .ci/run's background build of DeepSpeed's op has the
+    unit tier's time to finish before the first run needs it."""
+    items.sort(key=lambda item: item.get_closest_marker("system") is not None)

@@ -407,7 +407,7 @@ def test_ray_job_stop_then_resume_continues(stopped: dict, resumed: dict) -> Non
     step = int(lines[0].split("optimizer step ")[1].split(",")[0])
     assert step >= 4 and step % 4 == 0, lines[0]
     assert step <= before[-1], (step, before)
-    # H32: the lines of steps the resumed run redid were dropped, so every step is there once
+    # the lines of steps the resumed run redid were dropped, so every step is there once
     assert _steps(resumed["run_dir"]) == list(range(1, total + 1))
 
 

@@ -328,7 +328,7 @@ def _wait_job(cluster, env, job_id: str, done, timeout_s: float) -> dict[str, st
 
 @pytest.mark.timeout(JOB_TIMEOUT_S)
 def test_requeued_job_resumes_by_itself(slurm_cluster: SlurmCluster, launched: dict) -> None:
-    """Invariant (issue 12, preemption): a job submitted with --requeue and requeued mid-run by
+    """Invariant (preemption): a job submitted with --requeue and requeued mid-run by
     ``scontrol requeue`` (SIGTERM to every rank, then requeued under the same job id) stops
     cleanly (exit 75, one line), then resumes from its newest checkpoint by itself and
     finishes: train_log.jsonl holds every step exactly once, 1..N, in order."""

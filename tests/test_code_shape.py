@@ -1,4 +1,4 @@
-"""The shape of the package's code: short functions, one way to print."""
+"""The shape of the package's code: short parameter lists, one way to print."""
 
 from __future__ import annotations
 
@@ -6,7 +6,26 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fne_dist"
-MAX_LINES = 80
+# At most this many parameters per function or method (self/cls not counted, *args and **kwargs
+# counted as one each). Values that travel together go in one object (a config section, a
+# dataclass), not in longer lists. 8 is the most any function outside this list takes today.
+MAX_PARAMETERS = 8
+
+# (module, function): why it may take more, for now. An entry that no longer needs its place
+# fails the test below, so the list only shrinks.
+OVER_THE_LIMIT = {
+    # the sampler's per-anchor inputs, not yet gathered into one object (as select_dense's Rows)
+    ("fne/selection.py", "_picks"): "per-anchor inputs, not yet one object",
+    ("fne/selection.py", "_drawn_picks"): "per-anchor inputs, not yet one object",
+    ("fne/reference.py", "weight"): "per-anchor inputs, not yet one object",
+    ("fne/weights.py", "sampling_weights"): "per-anchor inputs, not yet one object",
+    ("fne/detection.py", "dense_detection"): "per-anchor inputs, not yet one object",
+    ("fne/detection.py", "listed_detection"): "per-anchor inputs, not yet one object",
+    # forward_step is changing to return the step's statistic sums (the loop commits them
+    # after the finite check); the statistics' inputs leave these signatures with that change
+    ("step.py", "forward_step"): "being reshaped with the loop's statistics commit",
+    ("step.py", "_batch_stats"): "being reshaped with the loop's statistics commit",
+}
 
 # Command-line entry points: their stdout is their output (JSON, a summary), and their error
 # line goes to stderr. Everything else reports through logging (fne_dist.reporting).
@@ -26,33 +45,51 @@ def _modules() -> list[tuple[str, ast.Module]]:
     ]
 
 
-def _long_functions(modules: list[tuple[str, ast.Module]]) -> set[tuple[str, str, int]]:
-    """(module, function, lines) of every function or method over MAX_LINES lines (its whole
-    span: signature, docstring and body), argument parsers (name containing "parser")
-    excepted."""
-    found = set()
+def _parameter_counts(modules: list[tuple[str, ast.Module]]) -> dict[tuple[str, str], int]:
+    """(module, function) -> the most parameters any function of that name in the module takes
+    (methods and nested functions included; ``self``/``cls`` not counted)."""
+    counts: dict[tuple[str, str], int] = {}
     for name, tree in modules:
         for node in ast.walk(tree):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-                lines = node.end_lineno - node.lineno + 1
-                if lines > MAX_LINES and "parser" not in node.name:
-                    found.add((name, node.name, lines))
-    return found
+                args = node.args
+                named = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs]
+                if named and named[0] in ("self", "cls"):
+                    named = named[1:]
+                n = len(named) + (args.vararg is not None) + (args.kwarg is not None)
+                key = (name, node.name)
+                counts[key] = max(n, counts.get(key, 0))
+    return counts
 
 
-def test_no_function_is_over_80_lines() -> None:
-    """Invariant: no function in fne_dist/ spans more than 80 lines (argument parsers
-    excepted): a reader follows each on one screen (issue "The core in one sitting")."""
-    long = sorted(_long_functions(_modules()))
-    assert not long, f"functions over {MAX_LINES} lines: {long}"
+def _over_the_limit(modules: list[tuple[str, ast.Module]]) -> dict[tuple[str, str], int]:
+    return {k: n for k, n in _parameter_counts(modules).items() if n > MAX_PARAMETERS}
 
 
-def test_the_check_sees_a_long_function() -> None:
-    """Invariant: the walk counts a function's full span (nested ones too) and exempts parsers
-    only by name, so the test above can fail."""
-    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_LINES))
-    source = f"class A:\n  def f(self):\n{body}\ndef build_parser():\n{body}\n"
-    assert _long_functions([("m.py", ast.parse(source))]) == {("m.py", "f", MAX_LINES + 1)}
+def test_no_function_takes_more_than_8_parameters() -> None:
+    """Invariant: no function in fne_dist/ takes more than MAX_PARAMETERS parameters unless it
+    is listed with its reason: long parameter lists are where a reader loses track of what a
+    call passes, and an object carrying what travels together reads better."""
+    over = _over_the_limit(_modules())
+    new = {k: n for k, n in over.items() if k not in OVER_THE_LIMIT}
+    assert not new, (
+        f"functions over {MAX_PARAMETERS} parameters (pass an object carrying what travels "
+        f"together): {sorted(new.items())}"
+    )
+    stale = sorted(set(OVER_THE_LIMIT) - set(over))
+    assert not stale, f"remove from OVER_THE_LIMIT (now within the limit or gone): {stale}"
+
+
+def test_the_check_counts_every_kind_of_parameter() -> None:
+    """Invariant: positional-only, keyword-only, *args and **kwargs all count, ``self`` does
+    not, and methods and nested functions are seen, so the test above can fail."""
+    nine = "a, /, b, c, *d, e, f, g, **h"  # 8 named or starred + 1 = 9 below
+    source = (
+        f"class A:\n  def m(self, x, {nine}):\n    def inner(x, {nine}): pass\n"
+        "def ok(a, b, c, d, e, f, g, h): pass\n"
+    )
+    modules = [("m.py", ast.parse(source))]
+    assert _over_the_limit(modules) == {("m.py", "m"): 9, ("m.py", "inner"): 9}
 
 
 def test_only_entry_points_print() -> None:

@@ -211,7 +211,7 @@ def test_types_are_strict(key: str, tp: Any, meta: dict[str, Any]) -> None:
     assert _accepts(key, tp, None) is optional if not is_list else True
 
 
-# ---- the rules of issue 11 item 5, one by one ---------------------------------------------
+# ---- the cross-field and range rules, one by one -----------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -252,7 +252,7 @@ def test_non_finite_floats_are_refused(override: str) -> None:
     ],
 )
 def test_named_values_are_bounded(override: str, names: list[str]) -> None:
-    """Invariant: the values issue 11 found accepted (seed 1e23, unbounded timeouts and epochs)
+    """Invariant: the values once accepted (seed 1e23, unbounded timeouts and epochs)
     and the resource-sized ones are refused with one line naming the key and the bound."""
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -278,7 +278,7 @@ def test_bounds_take_their_largest_value() -> None:
 
 
 def test_quoted_numbers_stay_text(tmp_path: Path) -> None:
-    """Invariant: a quoted scalar is text whatever it looks like (issue 11: run.name "2024" was
+    """Invariant: a quoted scalar is text whatever it looks like (run.name "2024" was once
     turned into 2024.0 and refused); an unquoted one is a number, and a str field given a
     number is refused with a hint to quote it."""
     path = tmp_path / "q.yaml"

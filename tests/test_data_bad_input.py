@@ -105,7 +105,7 @@ def _stream(spec: str, workers: int, max_bad_fraction: float = 1.0) -> TrainStre
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.system)])
 def test_bad_samples_are_skipped_and_counted_per_reason(tmp_path: Path, workers: int) -> None:
     """Invariant: every kind of bad sample (corrupt, zero-byte and oversized images, missing or
     empty caption, non-UTF-8 text, an unknown member extension, a truncated tar) is skipped and
@@ -146,7 +146,7 @@ def test_eval_split_counts_the_same_reasons(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.system)])
 def test_bad_fraction_above_limit_stops_naming_the_shard(tmp_path: Path, workers: int) -> None:
     """Invariant: when a shard's bad samples exceed data.max_bad_fraction the stream stops with
     one line naming the shard, its counts and the limit — also from a loader worker process."""

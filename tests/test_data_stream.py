@@ -36,6 +36,7 @@ def run_epoch(stream: TrainStream, epoch: int = 0, resume=None) -> tuple[list[li
     return batches, positions
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("sizes", [[13, 7, 22], [5, 9, 3, 11, 6, 8, 4]])
 def test_exact_mode_two_ranks_two_workers(tmp_path: Path, sizes: list[int]) -> None:
@@ -62,6 +63,7 @@ def test_exact_mode_two_ranks_two_workers(tmp_path: Path, sizes: list[int]) -> N
     assert set(seen) <= set(range(n))
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_replay_from_a_recorded_position(tmp_path: Path) -> None:
     """Invariant: resuming from the position recorded after batch k yields exactly the batches
@@ -104,6 +106,7 @@ def test_new_epoch_reshuffles_reproducibly(tmp_path: Path) -> None:
     assert run_epoch(make_stream(spec, seed=8), 1)[0] != e1
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_resampled_mode_follows_source_weights(tmp_path: Path) -> None:
     """Invariant: in resampled mode samples come from '::' sources in proportion to their

@@ -1,5 +1,5 @@
-"""Estimator options beside the paper's: the EM prior on synthetic mixtures with a known
-prior, all-pairs statistics against plain computations, and their mergeability over ranks."""
+"""The statistics option beside the paper's (all_pairs) against plain computations, the random
+candidate sample it shares with the mixture posteriors, and their mergeability over ranks."""
 
 from __future__ import annotations
 
@@ -7,28 +7,10 @@ import pytest
 import torch
 
 from fne_dist.fne import FneConfig, SimilarityStats, gaussians_from_stats, stats_of
-from fne_dist.fne.estimators import (
-    PRIOR_MAX,
-    all_pairs_stats,
-    em_prior,
-    em_sums,
-    prior_from_em,
-    random_candidate_sims,
-    sample_columns,
-    with_prior,
-)
-from fne_dist.fne.posterior import fn_posterior
+from fne_dist.fne.estimators import all_pairs_stats, random_candidate_sims, sample_columns
+from fne_dist.fne.posteriors import CandidateSample, posterior_for
 
 MU_POS, SD_POS, MU_NEG, SD_NEG = 0.8, 0.05, 0.3, 0.1
-
-
-def _mixture(prior: float, n: int, seed: int) -> torch.Tensor:
-    """n similarities, a share ``prior`` from N(μ⁺, σ⁺²) (false negatives), the rest N(μ⁻, σ⁻²)."""
-    gen = torch.Generator().manual_seed(seed)
-    is_pos = torch.rand(n, generator=gen, dtype=torch.float64) < prior
-    pos = MU_POS + SD_POS * torch.randn(n, generator=gen, dtype=torch.float64)
-    neg = MU_NEG + SD_NEG * torch.randn(n, generator=gen, dtype=torch.float64)
-    return torch.where(is_pos, pos, neg)
 
 
 def _components(n: int = 5000):
@@ -37,50 +19,6 @@ def _components(n: int = 5000):
     pos = MU_POS + SD_POS * torch.randn(n, generator=gen, dtype=torch.float64)
     neg = MU_NEG + SD_NEG * torch.randn(n, generator=gen, dtype=torch.float64)
     return stats_of(pos, neg)
-
-
-@pytest.mark.parametrize("prior", [0.002, 0.02, 0.1, 0.3])
-def test_em_recovers_a_known_prior(prior: float) -> None:
-    """Invariant: batch EM for the mixing weight recovers the prior of a synthetic mixture
-    within 0.005 + 10 % (n = 20,000; the components fitted to separate samples), starting
-    from the paper's 1e-4."""
-    g = gaussians_from_stats(_components())
-    est = em_prior(_mixture(prior, 20_000, seed=1), g, prior0=1e-4)
-    assert abs(est - prior) < 0.005 + 0.1 * prior, (est, prior)
-
-
-@pytest.mark.parametrize("prior", [0.02, 0.1])
-def test_stepwise_em_over_steps_recovers_the_prior(prior: float) -> None:
-    """Invariant: the training form (one E-step per step on that step's sample, the M-step
-    over the epoch's sums in SimilarityStats) reaches the same prior within 0.01 + 15 %
-    after 400 steps of 512 samples."""
-    stats = SimilarityStats()
-    stats.add(_components())
-    g = stats.gaussians()
-    for step in range(400):
-        current = prior_from_em(stats.em_totals, 1e-4)
-        sims = _mixture(prior, 512, seed=1000 + step)
-        stats.add_em(em_sums(sims, torch.ones_like(sims, dtype=torch.bool), g, current))
-    est = float(prior_from_em(stats.em_totals, 1e-4))
-    assert abs(est - prior) < 0.01 + 0.15 * prior, (est, prior)
-    stats.new_epoch()  # the EM sums reset with the epoch: the configured prior again
-    assert float(prior_from_em(stats.em_totals, 1e-4)) == pytest.approx(1e-4)
-
-
-def test_estimated_prior_replaces_the_configured_one() -> None:
-    """Invariant: Gaussians carrying π give the posterior of that π, whatever the config's."""
-    g = gaussians_from_stats(_components())
-    s = torch.linspace(-0.5, 1.0, 31, dtype=torch.float64)
-    carried = fn_posterior(s, with_prior(g, torch.tensor(0.05, dtype=torch.float64)), 1e-4)
-    torch.testing.assert_close(carried, fn_posterior(s, g, 0.05))
-
-
-def test_prior_is_clamped_and_falls_back_before_samples() -> None:
-    """Invariant: no sample → the configured prior; a degenerate estimate is clamped."""
-    assert float(prior_from_em(torch.zeros(2, dtype=torch.float64), 3e-4)) == pytest.approx(3e-4)
-    assert float(prior_from_em(torch.tensor([10.0, 10.0], dtype=torch.float64), 1e-4)) == (
-        PRIOR_MAX
-    )
 
 
 def test_all_pairs_stats_equal_plain_lists() -> None:
@@ -126,17 +64,18 @@ def test_random_negatives_fit_the_candidate_population_not_the_hardest() -> None
 
 def test_sampled_sums_add_up_over_ranks() -> None:
     """Invariant (distributed exactness): rank r's random columns are rows r·B.. of the
-    global draw, so the negative sums and the EM sums of two ranks × B add up to one rank ×
-    2B exactly (what the all-reduce SUM relies on)."""
+    global draw, so the negative sums and the mixture posteriors' histograms of two ranks × B
+    add up to one rank × 2B exactly (what the all-reduce SUM relies on)."""
     gen = torch.Generator().manual_seed(5)
     big, n, d = 8, 30, 6
     img, txt = torch.randn(big, d, generator=gen), torch.randn(big, d, generator=gen)
     cand_img, cand_txt = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
     ids, cand_ids = torch.arange(big), torch.randint(-100, big, (n,), generator=gen)
-    g = gaussians_from_stats(_components())
+    posteriors = [posterior_for(FneConfig(posterior=p)) for p in ("cross_mixture", "intra_mixture")]
     whole_cols = sample_columns(3, 7, big, 4, n)
     whole = random_candidate_sims(img, txt, ids, cand_img, cand_txt, cand_ids, whole_cols)
-    parts_neg, parts_em = [], []
+    whole_sample = CandidateSample(*whole, img, cand_img, whole_cols)
+    parts_neg, parts_hist = [], []
     for rank in range(2):
         rows = slice(rank * 4, rank * 4 + 4)
         cols = sample_columns(3, 7, big, 4, n, rank, 4)
@@ -145,23 +84,25 @@ def test_sampled_sums_add_up_over_ranks() -> None:
             img[rows], txt[rows], ids[rows], cand_img, cand_txt, cand_ids, cols
         )
         parts_neg.append(all_pairs_stats(torch.zeros(1, 1), ids[:1], sims, valid)[3:])
-        parts_em.append(em_sums(sims, valid, g, 0.05))
+        sample = CandidateSample(sims, valid, img[rows], cand_img, cols)
+        parts_hist.append(torch.cat([p.sums(sample) for p in posteriors]))
     torch.testing.assert_close(
         parts_neg[0] + parts_neg[1], all_pairs_stats(torch.zeros(1, 1), ids[:1], *whole)[3:]
     )
-    torch.testing.assert_close(parts_em[0] + parts_em[1], em_sums(*whole, g, 0.05))
+    whole_hist = torch.cat([p.sums(whole_sample) for p in posteriors])
+    torch.testing.assert_close(parts_hist[0] + parts_hist[1], whole_hist)
 
 
 def test_stats_state_round_trip_and_old_checkpoints() -> None:
-    """Invariant: the EM sums are saved and restored; a state without them (written before
-    prior_mode existed) still loads."""
+    """Invariant: the posterior's running sums are saved and restored; a state written with
+    the retired prior_mode's EM sums, or before the mixtures existed, still loads."""
     stats = SimilarityStats()
-    stats.add_em(torch.tensor([10.0, 1.0], dtype=torch.float64))
+    stats.add_posterior(torch.tensor([10.0, 1.0], dtype=torch.float64), 0.9)
     fresh = SimilarityStats()
     fresh.load_state_dict(stats.state_dict())
-    assert torch.equal(fresh.em_totals, stats.em_totals)
-    old = {k: v for k, v in stats.state_dict().items() if k != "em_totals"}
-    SimilarityStats().load_state_dict(old)
+    assert torch.equal(fresh.posterior_totals, stats.posterior_totals)
+    old = {k: v for k, v in stats.state_dict().items() if k != "mix_totals"}
+    SimilarityStats().load_state_dict(old | {"em_totals": torch.zeros(2, dtype=torch.float64)})
 
 
 def test_config_options_and_defaults() -> None:
@@ -169,20 +110,22 @@ def test_config_options_and_defaults() -> None:
     from fne_dist.config import ConfigError, config_from_dict
 
     cfg = FneConfig()
-    assert (cfg.stats_source, cfg.prior_mode) == ("mutual_top1", "fixed")
-    ok = config_from_dict({"fne": {"stats_source": "all_pairs", "prior_mode": "em"}})
-    assert ok.fne.prior_mode == "em"
-    with pytest.raises(ConfigError, match="prior_mode"):
-        config_from_dict({"fne": {"prior_mode": "bayes"}})
+    assert (cfg.stats_source, cfg.posterior) == ("mutual_top1", "paper")
+    ok = config_from_dict({"fne": {"stats_source": "all_pairs", "posterior": "intra_mixture"}})
+    assert ok.fne.posterior == "intra_mixture"
+    with pytest.raises(ConfigError, match="posterior"):
+        config_from_dict({"fne": {"posterior": "bayes"}})
 
 
 @pytest.mark.parametrize(
-    "source,mode", [("all_pairs", "fixed"), ("mutual_top1", "em"), ("all_pairs", "em")]
+    "source,posterior",
+    [("all_pairs", "paper"), ("mutual_top1", "intra_mixture"), ("all_pairs", "cross_mixture")],
 )
-def test_forward_step_with_each_option(source: str, mode: str) -> None:
+def test_forward_step_with_each_option(source: str, posterior: str) -> None:
     """Invariant: the training step runs with each option at world size 1, adds the sums it
     documents (all_pairs: every same-id pair of the batch as a positive, B·r·2 random
-    negatives at most), and with em reports a prior estimated from the sample."""
+    negatives at most; a mixture posterior: one histogram of the valid sampled candidates)
+    and reports the fitted posterior's parameters."""
     from fne_dist.config import ModelConfig
     from fne_dist.memory import MomentumMemory
     from fne_dist.model import DualEncoder
@@ -193,8 +136,8 @@ def test_forward_step_with_each_option(source: str, mode: str) -> None:
     model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
     momentum, memory = make_momentum_copy(model), MomentumMemory(20, 4, seed=0)
     stats = SimilarityStats()
-    stats.add(_components())  # an open gate, so the E-step counts
-    cfg = FneConfig(stats_source=source, prior_mode=mode, stats_samples=3, gate_size=10)
+    stats.add(_components())  # an open gate
+    cfg = FneConfig(stats_source=source, posterior=posterior, stats_samples=3, gate_size=10)
     gen = torch.Generator().manual_seed(1)
     batch = {
         "img_feat": torch.randn(8, 6, generator=gen),
@@ -208,8 +151,10 @@ def test_forward_step_with_each_option(source: str, mode: str) -> None:
     if source == "all_pairs":
         assert float(added[0]) == 8 + 2  # the diagonal and the two same-id entries
         assert 0 < float(added[3]) <= 8 * 3 * 2
-    assert ("prior" in out.diagnostics) == (mode == "em")
-    if mode == "em":
-        assert float(stats.em_totals[0]) > 0
-        assert 0 < float(out.diagnostics["prior"]) <= PRIOR_MAX
+    mixture = posterior != "paper"
+    assert (stats.posterior_totals.numel() > 0) == mixture
+    if mixture:
+        assert 0 < float(stats.posterior_totals.sum()) <= 8 * 3 * 2
+    key = {"paper": None, "cross_mixture": "prior", "intra_mixture": "prior_intra"}[posterior]
+    assert key is None or 0 < float(out.diagnostics[key]) <= 0.5
     assert torch.isfinite(out.loss)

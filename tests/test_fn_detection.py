@@ -10,7 +10,13 @@ import torch
 
 from fne_dist.fne import Anchors, Candidates, FneConfig, retrieval_loss
 from fne_dist.fne.detection import COLUMNS, dense_detection, detection_rates
-from fne_dist.fne.selection import WINDOW_MAX_FRACTION, select_dense, select_listed
+from fne_dist.fne.selection import (
+    WINDOW_MAX_FRACTION,
+    CandidateLabels,
+    Rows,
+    select_dense,
+    select_listed,
+)
 from fne_dist.fne.stats import Gaussians
 
 
@@ -107,9 +113,10 @@ def test_window_slot_form_equals_dense_definition(rule: str, sd_neg: float) -> N
         sim, ids, cand_ids, pos_col, g_b, g_n = _small_window_problem(seed)
         assert ((sim > 0.65).double().mean() < WINDOW_MAX_FRACTION).item()
         u = torch.rand(sim.shape[0], 1, generator=torch.Generator().manual_seed(seed))
-        args = (sim, pos_col, ids, cand_ids, None, None, u.double(), g, cfg, rule)
-        dense = select_dense(*args, detect_groups=(g_b, g_n))
-        listed = select_listed(*args, detect_groups=(g_b, g_n))
+        rows = Rows(sim, pos_col, ids, u.double(), detect_groups_b=g_b)
+        args = (rows, CandidateLabels(cand_ids, g_n), g, cfg, rule)
+        dense = select_dense(*args)
+        listed = select_listed(*args)
         assert dense.detect_bF.shape == (sim.shape[0], len(COLUMNS))
         torch.testing.assert_close(listed.detect_bF, dense.detect_bF, rtol=1e-12, atol=1e-9)
 

@@ -21,7 +21,9 @@ from fne_dist.fne import (
     retrieval_loss,
     stats_of,
 )
-from fne_dist.fne.selection import select_dense, select_listed
+from fne_dist.fne.mixture import Mixture
+from fne_dist.fne.posteriors.intra_mixture import IntraFit
+from fne_dist.fne.selection import CandidateLabels, Rows, select_dense, select_listed
 from tests.test_losses import _setup
 from tests.test_sampler import REGIMES, _gaussians, _problem, _reference_rows
 
@@ -54,7 +56,7 @@ def test_shares_equal_the_plain_loop(regime: str) -> None:
     u = torch.rand(sim.shape[0], 1, generator=torch.Generator().manual_seed(3), dtype=F64)
     cfg = FneConfig(hard_cut=hard_cut, reduction="expected")
     for select in (select_dense, select_listed):
-        args = (sim, pos_col, ids, cand_ids, None, None, u, g)
+        args = (Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g)
         picks = select(*args, cfg, "fne")
         torch.testing.assert_close(picks.prob_bN, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(
@@ -79,7 +81,7 @@ def _one_hot_problem(seed: int) -> tuple[Anchors, Candidates]:
     [
         FneConfig(),
         FneConfig(loss="window"),
-        FneConfig(fn_model="mixture", fn_signal="intra", eps=0.5, tau_fn=4.0, fallback="unflagged"),
+        FneConfig(posterior="intra_mixture", eps=0.5, tau_fn=4.0, fallback="unflagged"),
     ],
     ids=["paper", "window", "intra_unflagged"],
 )
@@ -91,9 +93,9 @@ def test_expected_loss_is_the_mean_of_the_sampled_loss(cfg: FneConfig) -> None:
     implementations agree."""
     a, c = _one_hot_problem(7)
     g, _ = _gaussians("gate open")
-    if cfg.fn_signal == "intra":
+    if cfg.posterior == "intra_mixture":
         mix = (0.05, 0.6, 0.01, 0.0, 0.04)  # π, μ_f, σ_f², μ_t, σ_t² of the image-image fit
-        g = replace(g, intra=tuple(torch.tensor(x, dtype=F64) for x in mix))
+        g = replace(g, posterior=IntraFit(Mixture(*(torch.tensor(x, dtype=F64) for x in mix))))
     B, M = a.ids_B.shape[0], 1000
     tiled = Anchors(
         *(x.repeat(M, *[1] * (x.dim() - 1)) for x in (a.img_BD, a.txt_BD, a.ids_B, a.pos_col_B))

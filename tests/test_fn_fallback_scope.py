@@ -9,7 +9,7 @@ import torch
 
 from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, retrieval_loss, stats_of
 from fne_dist.fne import reference as ref
-from fne_dist.fne.selection import select_dense, select_listed
+from fne_dist.fne.selection import CandidateLabels, Rows, select_dense, select_listed
 from tests.test_sampler import _gaussians, _problem, _reference_rows
 
 F64 = torch.float64
@@ -62,19 +62,28 @@ def test_batch_scope_equals_the_plain_loop() -> None:
         for i, (w, hinges, *_) in enumerate(rows)
     ]
     assert sum(sum(r[0]) == 0 for r in rows) >= 2  # some rows do fall back
-    args = (sim, pos_col, ids, cand_ids, None, None, u, g, FneConfig(), "fne")
+    rows_ = Rows(sim, pos_col, ids, u, fallback_cols=n_batch)
     for select in (select_dense, select_listed):
-        p = select(*args, fallback_cols=n_batch)
+        p = select(rows_, CandidateLabels(cand_ids), g, FneConfig(), "fne")
         got = [
             int(j) if ok else None for j, ok in zip(p.index_bk[:, 0], p.valid_bk[:, 0], strict=True)
         ]
         assert got == want
 
 
-def test_scope_and_reduction_need_a_drawing_loss() -> None:
-    """Invariant: options that only a drawn negative uses are refused, in one line, with a
-    loss that draws none."""
-    for bad in (dict(fallback_scope="batch"), dict(reduction="expected")):
-        with pytest.raises(ValueError, match=r"needs fne.loss=fne or window \(got vse_pp"):
-            FneConfig(loss="vse_pp", **bad).check()
+def test_sampler_options_are_ignored_by_losses_that_draw_none() -> None:
+    """Invariant: options that only a drawn negative uses (fallback_scope, reduction, the
+    unflagged fallback, the posterior) are ignored by vse_pp: the config validates, so
+    switching fne.loss alone never fails, and vse_pp's loss is the same with and without
+    them."""
+    a, c, g = _every_window_empty()
+    plain = retrieval_loss(a, c, FneConfig(loss="vse_pp"), g).loss
+    for extra in (
+        dict(fallback_scope="batch"),
+        dict(reduction="expected", negatives=4),
+        dict(fallback="unflagged", posterior="intra_mixture"),
+    ):
+        cfg = FneConfig(loss="vse_pp", **extra)
+        cfg.check()
+        assert torch.equal(retrieval_loss(a, c, cfg, g).loss, plain), extra
     FneConfig(loss="window", fallback_scope="batch", reduction="expected").check()

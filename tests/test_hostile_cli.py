@@ -149,6 +149,7 @@ def test_hostile_nul_byte_in_a_config_text_is_one_line(
 # ------------------------------------------------------------------------ /metrics endpoint
 
 
+@pytest.mark.system  # it listens on the last port to make it busy
 def test_hostile_last_port_busy_names_only_real_ports() -> None:
     """Invariant: monitor.port=65535 taken is one line that names port 65535 alone (ports end
     there: no range up to 65634), as a ConfigError (exit 2), not an OSError."""

@@ -26,6 +26,7 @@ import pytest
 import torch
 from torch import nn
 
+from fne_dist.config import load_config
 from fne_dist.data import StreamOptions, TrainStream, load_split, shard_list
 from fne_dist.data.batching import PairCollate
 from fne_dist.data.decode import IMAGE_EXTS, BadSample, decode_sample, open_raster
@@ -142,9 +143,8 @@ def test_hostile_postscript_members_are_counted_in_training_evaluation_and_featu
     table = load_split(shards, "data.val", lambda img: torch.zeros(3, 2, 2), max_bad_fraction=1)
     assert dict(table.bad) == {"corrupt_image": 2} and table.num_images == 4
 
-    bad = build_feature_shards(
-        shards, tmp_path / "cache", _TinyImageTower(), None, "txt", False, 10**6, 1.0
-    )
+    data = load_config(None, ["data.caption_key=txt", "data.max_bad_fraction=1.0"]).data
+    bad = build_feature_shards(shards, tmp_path / "cache", (_TinyImageTower(), None), data, False)
     assert dict(bad) == {"corrupt_image": 2}
     assert spy.calls == [] and not target.exists()
 

@@ -1,4 +1,4 @@
-"""Hostile checkpoints, run directories and export targets (issue 15, H23-H24, H27-H30): a
+"""Hostile checkpoints, run directories and export targets: a
 meta.json of the wrong shape is an invalid checkpoint like any other, corrupt weights and bad
 export targets fail with one line and exit status 2, never a traceback or a silent copy."""
 
@@ -55,9 +55,7 @@ BAD_METAS = {
 
 
 @pytest.mark.parametrize("shape", list(BAD_METAS))
-def test_hostile_h23_resume_latest_skips_meta_of_the_wrong_shape(
-    tmp_path: Path, shape: str
-) -> None:
+def test_hostile_resume_latest_skips_meta_of_the_wrong_shape(tmp_path: Path, shape: str) -> None:
     """Invariant: resume=latest skips a newer checkpoint whose meta.json has the wrong shape
     (no 'files', a list, malformed entries, a file outside the directory) with a warning
     naming it, and resumes from the newest valid one: no KeyError."""
@@ -72,7 +70,7 @@ def test_hostile_h23_resume_latest_skips_meta_of_the_wrong_shape(
 
 
 @pytest.mark.parametrize("shape", list(BAD_METAS))
-def test_hostile_h24_export_of_meta_of_the_wrong_shape_fails_cleanly(
+def test_hostile_export_of_meta_of_the_wrong_shape_fails_cleanly(
     tmp_path: Path, shape: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Invariant: exporting a checkpoint whose meta.json has the wrong shape exits 2 with one
@@ -85,7 +83,7 @@ def test_hostile_h24_export_of_meta_of_the_wrong_shape_fails_cleanly(
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
-def test_hostile_h27_evaluate_on_corrupt_weights_fails_with_one_line(
+def test_hostile_evaluate_on_corrupt_weights_fails_with_one_line(
     tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Invariant: `fne_dist.evaluate` on a corrupt model.safetensors (garbage, truncated, empty)
@@ -100,7 +98,7 @@ def test_hostile_h27_evaluate_on_corrupt_weights_fails_with_one_line(
     assert str(weights) in _one_error_line(capsys)
 
 
-def test_hostile_h27_weights_that_do_not_fit_the_model_fail_with_one_line(tmp_path: Path) -> None:
+def test_hostile_weights_that_do_not_fit_the_model_fail_with_one_line(tmp_path: Path) -> None:
     """Invariant: weights with other tensor names or shapes than the config's model fail with one
     line counting what is missing, unexpected or of another shape (evaluate and the API share
     this check)."""
@@ -114,7 +112,7 @@ def test_hostile_h27_weights_that_do_not_fit_the_model_fail_with_one_line(tmp_pa
     assert model.weight.sum().item() == 6
 
 
-def test_hostile_h28_export_refuses_corrupt_run_weights(
+def test_hostile_export_refuses_corrupt_run_weights(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Invariant: export of a run directory whose model.safetensors is truncated exits 2 naming
@@ -143,7 +141,7 @@ def test_hostile_h28_export_refuses_corrupt_run_weights(
     assert "sha256" in _one_error_line(capsys)
 
 
-def test_hostile_h29_export_onto_an_existing_file_fails_cleanly(
+def test_hostile_export_onto_an_existing_file_fails_cleanly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Invariant: export onto an existing file exits 2 with one line and leaves the file as
@@ -159,7 +157,7 @@ def test_hostile_h29_export_onto_an_existing_file_fails_cleanly(
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
-def test_hostile_h30_export_onto_its_source_fails_cleanly(
+def test_hostile_export_onto_its_source_fails_cleanly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Invariant: export onto its own source (same path, or another spelling of it) exits 2

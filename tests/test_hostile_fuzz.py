@@ -1,4 +1,4 @@
-"""Fuzz tests (issue 15's principle): over shard members, json fields, tar member names and
+"""Fuzz tests: over shard members, json fields, tar member names and
 sizes.json documents, every input is counted bad under a known reason or read correctly (ids
 in range, captions non-empty, a batch collates); no other exception escapes. Hypothesis runs
 derandomized (a fixed seed) with a bounded number of examples, so CI time stays small."""

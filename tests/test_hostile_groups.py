@@ -1,4 +1,4 @@
-"""Data without group labels (issue 15, H14): "no group label" is its own value (one constant,
+"""Data without group labels: "no group label" is its own value (one constant,
 ``fne.groups.NO_GROUP``), never one group shared by every unlabelled item. Group shares, false-
 negative detection and group-aware retrieval are computed over labelled items only and are
 reported as not measured when there is none (img2dataset's shards printed a perfect group rsum
@@ -37,7 +37,7 @@ def _loss_diagnostics(groups: list[int], loss: str = "fne") -> dict[str, float]:
     return {k: float(v) for k, v in out.diagnostics.items() if v.numel() == 1}
 
 
-def test_hostile_h14_no_group_is_one_value_that_matches_nothing() -> None:
+def test_hostile_no_group_is_one_value_that_matches_nothing() -> None:
     """Invariant: a sample without group_id decodes to NO_GROUP; NO_GROUP and the memory's
     empty marker are unlabelled, and no two unlabelled items are group mates."""
     d = decode_sample({"__key__": "k", "png": png(), "txt": b"x", "json": b'{"image_id": 3}'})
@@ -49,7 +49,7 @@ def test_hostile_h14_no_group_is_one_value_that_matches_nothing() -> None:
 
 
 @pytest.mark.parametrize("loss", ["fne", "window", "vse_pp"])
-def test_hostile_h14_unlabelled_batch_measures_no_group_share(loss: str) -> None:
+def test_hostile_unlabelled_batch_measures_no_group_share(loss: str) -> None:
     """Invariant: over a batch without any group label the share of sampled negatives sharing
     the anchor's group is not measured (NaN, never 0 % or 100 %), its labelled-draw count is 0,
     and false-negative detection evaluates no candidate."""
@@ -58,7 +58,7 @@ def test_hostile_h14_unlabelled_batch_measures_no_group_share(loss: str) -> None
     assert d.get("fnd_n_eval", 0.0) == 0.0 and d.get("fnd_n_actual", 0.0) == 0.0
 
 
-def test_hostile_h14_epoch_share_is_over_labelled_draws() -> None:
+def test_hostile_epoch_share_is_over_labelled_draws() -> None:
     """Invariant: the epoch's group share is Σ same-group draws / Σ labelled draws over its
     steps (a step without labels adds nothing), the same number as one step holding all draws,
     not a mean of per-step shares diluted or poisoned by unlabelled steps."""
@@ -78,7 +78,7 @@ def _metrics(groups: list[int]) -> dict[str, float]:
     return retrieval_metrics(sim, torch.arange(4), torch.tensor(groups))
 
 
-def test_hostile_h14_summary_says_there_are_no_group_labels() -> None:
+def test_hostile_summary_says_there_are_no_group_labels() -> None:
     """Invariant: without labels the summary prints no group number (no 'nan', no perfect
     score) but one line per split saying there are no group labels, and the diagnostics name
     no group share or detection rate."""
@@ -99,7 +99,7 @@ def test_hostile_h14_summary_says_there_are_no_group_labels() -> None:
     assert "nan" not in summary.lower() and "group-aware rsum" not in summary
 
 
-def test_hostile_h14_labelled_data_keeps_its_group_lines() -> None:
+def test_hostile_labelled_data_keeps_its_group_lines() -> None:
     """Invariant: with labels the summary still reports the group rsum and the group share."""
     m = _metrics([0, 0, 1, 1])
     assert "group-aware rsum" in retrieval_lines("test", m)[-1]
@@ -109,7 +109,7 @@ def test_hostile_h14_labelled_data_keeps_its_group_lines() -> None:
     assert "sharing the anchor's group" in text and "no group labels" not in text
 
 
-def test_hostile_h14_log_window_share_is_over_labelled_draws() -> None:
+def test_hostile_log_window_share_is_over_labelled_draws() -> None:
     """Invariant: a log window (train_log.jsonl, monitoring's same-group gauge) forms the share
     like the epoch: Σ/Σ over its steps, finite when any step had labelled draws."""
     from fne_dist.state import TrainState

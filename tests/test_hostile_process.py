@@ -1,5 +1,5 @@
-"""Hardening, the process (issue 15): H2 the run directory's owner, H3/H4 signals, H5 a full
-disk, H31 non-finite steps, H32 the JSON-lines log. The real-process cases start
+"""Hardening, the process: the run directory's owner, signals, a full disk,
+non-finite steps, the JSON-lines log. The real-process cases start
 ``python -m fne_dist.train`` with the tiny config and the DDP twin (no DeepSpeed JIT build)."""
 
 from __future__ import annotations
@@ -69,11 +69,12 @@ def _train_cmd(tmp: Path, name: str, *overrides: str) -> list[str]:
     ]
 
 
-# ---------------------------------------------------------------- H2: the run directory's owner
+# ---------------------------------------------------------------- the run directory's owner
 
 
+@pytest.mark.system
 @pytest.mark.timeout(300)
-def test_hostile_h2_a_live_owner_refuses_a_second_run_in_one_line(tmp_path: Path) -> None:
+def test_hostile_a_live_owner_refuses_a_second_run_in_one_line(tmp_path: Path) -> None:
     """Invariant: while another process holds the run directory's lock (taken here with plain
     fcntl by a separate process, as a first run would), a second run exits 2 with one line
     naming the directory and the owner's pid, before it writes anything there."""
@@ -110,7 +111,7 @@ def test_hostile_h2_a_live_owner_refuses_a_second_run_in_one_line(tmp_path: Path
     assert not (run_dir / "train_log.jsonl").exists() and not (run_dir / "config.yaml").exists()
 
 
-def test_hostile_h2_stale_lock_is_taken_over_with_a_warning(tmp_path: Path) -> None:
+def test_hostile_stale_lock_is_taken_over_with_a_warning(tmp_path: Path) -> None:
     """Invariant: a lock file whose holder died (content left, no flock held) is taken over
     with one warning naming the dead owner; while held, a second lock in another open file
     description fails with one line; after release the file is empty and can be taken
@@ -129,7 +130,7 @@ def test_hostile_h2_stale_lock_is_taken_over_with_a_warning(tmp_path: Path) -> N
     assert len(warnings) == 1
 
 
-# ---------------------------------------------------------------- H5: a full disk
+# ---------------------------------------------------------------- a full disk
 
 
 def _parts(cfg) -> Parts:
@@ -164,15 +165,15 @@ def _small_disk(where: Path, size: str):
         capture_output=True, check=False,
     )  # fmt: skip
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (not root): the patched variant covers H5")
+        pytest.skip("cannot mount a tmpfs here (not root): the patched variant covers a full disk")
     try:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-@pytest.mark.parametrize("disk", ["patched", "tmpfs"])
-def test_hostile_h5_disk_full_fails_in_one_line_and_keeps_earlier_checkpoints(
+@pytest.mark.parametrize("disk", ["patched", pytest.param("tmpfs", marks=pytest.mark.system)])
+def test_hostile_disk_full_fails_in_one_line_and_keeps_earlier_checkpoints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: str
 ) -> None:
     """Invariant: a checkpoint write that hits ENOSPC (a real full tmpfs, or the writer
@@ -205,10 +206,10 @@ def test_hostile_h5_disk_full_fails_in_one_line_and_keeps_earlier_checkpoints(
         assert validate(first)["step"] == 1
 
 
-# ---------------------------------------------------------------- H32: the JSON-lines log
+# ---------------------------------------------------------------- the JSON-lines log
 
 
-def test_hostile_h32_log_is_strict_json_and_resume_drops_redone_steps(tmp_path: Path) -> None:
+def test_hostile_log_is_strict_json_and_resume_drops_redone_steps(tmp_path: Path) -> None:
     """Invariant: every train_log.jsonl line is strict JSON (NaN and ±inf written as null,
     nested values too), and ``resumed(step)`` keeps exactly the lines up to ``step`` (a torn
     last line of a killed run goes too), so steps only grow after a resume."""
@@ -227,10 +228,10 @@ def test_hostile_h32_log_is_strict_json_and_resume_drops_redone_steps(tmp_path: 
     assert docs[-1]["nested"] == {"x": None}
 
 
-# ---------------------------------------------------------------- H31: non-finite steps
+# ---------------------------------------------------------------- non-finite steps
 
 
-def test_hostile_h31_the_skip_decision_sees_every_non_finite_value() -> None:
+def test_hostile_the_skip_decision_sees_every_non_finite_value() -> None:
     """Invariant: a loss or any gradient holding NaN, +inf or -inf (or a gradient norm that
     overflows) asks for a skip; finite ones and absent gradients do not (world size 1: the
     agreement is the identity)."""
@@ -255,7 +256,7 @@ def test_hostile_h31_the_skip_decision_sees_every_non_finite_value() -> None:
 
 @pytest.mark.system
 @pytest.mark.timeout(300)
-def test_hostile_h31_non_finite_steps_never_update_weights(tmp_path: Path) -> None:
+def test_hostile_non_finite_steps_never_update_weights(tmp_path: Path) -> None:
     """Invariant: with optim.lr=1e30 (the issue's repro: the loss turns NaN), every step with
     a non-finite loss or gradient is skipped, so every checkpoint's weights stay finite; after
     optim.max_nonfinite_steps of them in a row the run stops with one line and exit code 3;
@@ -282,7 +283,7 @@ def test_hostile_h31_non_finite_steps_never_update_weights(tmp_path: Path) -> No
         assert all(torch.isfinite(w).all() for w in weights.values()), path.name
 
 
-# ---------------------------------------------------------------- H3/H4: SIGINT and SIGTERM
+# ---------------------------------------------------------------- SIGINT and SIGTERM
 
 
 def _wait_for_lines(log: Path, n: int, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -301,7 +302,7 @@ def _wait_for_lines(log: Path, n: int, proc: subprocess.Popen, timeout_s: float)
 @pytest.mark.parametrize(
     ("sig", "grace"), [(signal.SIGINT, "30"), (signal.SIGTERM, "0")], ids=["int", "term"]
 )
-def test_hostile_h3_h4_signal_stops_cleanly_and_resumably(
+def test_hostile_signal_stops_cleanly_and_resumably(
     tmp_path: Path, sig: signal.Signals, grace: str
 ) -> None:
     """Invariant: a signal mid-run ends the process with exit code 75 and one line (no
@@ -341,7 +342,7 @@ def test_hostile_h3_h4_signal_stops_cleanly_and_resumably(
 
 @pytest.mark.system
 @pytest.mark.timeout(120)
-def test_hostile_h4_ranks_agree_to_stop_when_one_gets_the_signal(tmp_path: Path) -> None:
+def test_hostile_ranks_agree_to_stop_when_one_gets_the_signal(tmp_path: Path) -> None:
     """Invariant: SIGTERM reaching only rank 1 (during its second step) stops both ranks of a
     real 2-rank gloo group before the same next step, through the per-step all-reduce of
     ``agreed_batches``: each trained exactly micro steps 0 and 1, both saw the stop agreed,

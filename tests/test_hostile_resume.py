@@ -1,4 +1,4 @@
-"""Resuming with another memory.size or embed_dim (issue 15, H25-H26): the checkpoint's memory
+"""Resuming with another memory.size or embed_dim: the checkpoint's memory
 does not fit this run's; the mismatch is one CheckpointError line naming the setting and both
 values (exit status 2 like a batch-size mismatch), found before any state is loaded."""
 
@@ -35,7 +35,7 @@ def _checkpoint_with_memory(path: Path, size: int, dim: int) -> Path:
     [((8, 4), (16, 4), "memory.size=8"), ((8, 4), (8, 6), "model.embed_dim=4")],
     ids=["h25_memory_size", "h26_embed_dim"],
 )
-def test_hostile_h25_h26_memory_mismatch_is_one_checkpoint_error(
+def test_hostile_memory_mismatch_is_one_checkpoint_error(
     tmp_path: Path, saved: tuple[int, int], now: tuple[int, int], setting: str
 ) -> None:
     """Invariant: a checkpoint whose memory is K×D resumes only into a K×D memory; otherwise a
@@ -52,7 +52,7 @@ def test_hostile_h25_h26_memory_mismatch_is_one_checkpoint_error(
     assert current in message
 
 
-def test_hostile_h25_matching_memory_passes_the_check(tmp_path: Path) -> None:
+def test_hostile_matching_memory_passes_the_check(tmp_path: Path) -> None:
     """Invariant: the shape check refuses only a mismatch (a matching memory reaches the
     engine)."""
     directory = _checkpoint_with_memory(tmp_path / "step-00000002", 8, 4)
@@ -61,7 +61,7 @@ def test_hostile_h25_matching_memory_passes_the_check(tmp_path: Path) -> None:
         load_run_checkpoint(directory, {}, {}, parts, rank=0)
 
 
-def test_hostile_h25_train_exits_2_with_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+def test_hostile_train_exits_2_with_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     """Invariant: through ``python -m fne_dist.train`` the mismatch is exit status 2 and one
     ``error:`` line, not a traceback (CheckpointError is a user error)."""
     directory = _checkpoint_with_memory(tmp_path / "step-00000002", 8, 4)

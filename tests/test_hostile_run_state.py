@@ -418,7 +418,10 @@ def _symlink_loop(where: Path) -> Path:
     return where
 
 
-@pytest.mark.parametrize("kind", ["file", "symlink_loop", "read_only"])
+# the read-only case mounts a tmpfs (a process): the system tier
+@pytest.mark.parametrize(
+    "kind", ["file", "symlink_loop", pytest.param("read_only", marks=pytest.mark.system)]
+)
 @pytest.mark.parametrize("key", ["checkpoint.dir", "run.output_dir"])
 def test_hostile_unwritable_output_location_fails_at_launch(
     tmp_path: Path, key: str, kind: str

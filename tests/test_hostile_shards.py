@@ -1,4 +1,4 @@
-"""Hostile shard contents (issue 15, H6-H13): every sample ends counted as bad under a named
+"""Hostile shard contents: every sample ends counted as bad under a named
 reason or read correctly, in training and in evaluation; an exception never escapes the reader
 and a bad sample never takes the rest of its shard with it."""
 
@@ -83,18 +83,18 @@ def assert_counted_bad(tmp_path: Path, hostile: list[tuple[str, bytes]], reason:
     assert sorted(table.image_ids_I.tolist()) == list(range(N_GOOD))
 
 
-def test_hostile_h6_json_infinity_is_a_bad_id(tmp_path: Path) -> None:
+def test_hostile_json_infinity_is_a_bad_id(tmp_path: Path) -> None:
     """Invariant: ``{"image_id": Infinity}`` (json.loads accepts it) is one bad sample
     (bad_id), not an OverflowError that ends training and evaluation."""
     assert_counted_bad(tmp_path, _hostile_json('{"image_id": Infinity}'), "bad_id")
 
 
-def test_hostile_h7_json_1e400_is_a_bad_id(tmp_path: Path) -> None:
+def test_hostile_json_1e400_is_a_bad_id(tmp_path: Path) -> None:
     """Invariant: an id of ``1e400`` (a float overflowing to inf) is one bad sample."""
     assert_counted_bad(tmp_path, _hostile_json('{"image_id": 1e400}'), "bad_id")
 
 
-def test_hostile_h8_id_beyond_int64_is_a_bad_id(tmp_path: Path) -> None:
+def test_hostile_id_beyond_int64_is_a_bad_id(tmp_path: Path) -> None:
     """Invariant: an integer id that does not fit int64 (10^29, or 2^63) is one bad sample in
     the decoder, not a collate-time 'Overflow when unpacking long long'; 2^63-1 still fits."""
     assert_counted_bad(tmp_path, _hostile_json(json.dumps({"image_id": 10**29})), "bad_id")
@@ -106,13 +106,13 @@ def test_hostile_h8_id_beyond_int64_is_a_bad_id(tmp_path: Path) -> None:
     assert PairCollate(None)([{"ids": ok.image_id, "groups": ok.group}])["ids"].item() == MAX_ID
 
 
-def test_hostile_h9_deeply_nested_json_is_bad_json(tmp_path: Path) -> None:
+def test_hostile_deeply_nested_json_is_bad_json(tmp_path: Path) -> None:
     """Invariant: 100k nested '[' in a json member is one bad sample (bad_json), not a
     RecursionError."""
     assert_counted_bad(tmp_path, _hostile_json("[" * 100_000), "bad_json")
 
 
-def test_hostile_h10_duplicate_member_spoils_only_its_sample(tmp_path: Path) -> None:
+def test_hostile_duplicate_member_spoils_only_its_sample(tmp_path: Path) -> None:
     """Invariant: a member name repeated inside one sample (``dup.txt`` twice) makes that sample
     bad (duplicate_member); the samples after it in the shard are still read, not counted as
     truncated_tar."""
@@ -120,7 +120,7 @@ def test_hostile_h10_duplicate_member_spoils_only_its_sample(tmp_path: Path) -> 
     assert_counted_bad(tmp_path, hostile, "duplicate_member")
 
 
-def test_hostile_h10_reserved_extension_cannot_overwrite_the_key(tmp_path: Path) -> None:
+def test_hostile_reserved_extension_cannot_overwrite_the_key(tmp_path: Path) -> None:
     """Invariant: a member ``k.__key__`` (an extension spelled like the sample's own fields)
     is a bad sample, and cannot replace the sample's key."""
     hostile = [*_hostile_json('{"image_id": 99}'), ("__key__", b"good000")]
@@ -128,10 +128,10 @@ def test_hostile_h10_reserved_extension_cannot_overwrite_the_key(tmp_path: Path)
 
 
 @pytest.mark.parametrize("value", ["3.7", "3.0", "true", '""', "null", "[1]", "{}"])
-def test_hostile_h11_non_integer_image_id_is_bad_not_truncated(value: str) -> None:
+def test_hostile_non_integer_image_id_is_bad_not_truncated(value: str) -> None:
     """Invariant: image_id must be a JSON integer: 3.7 is bad (never truncated to 3, where it
     would collide with a real image 3), as are 3.0, booleans, the empty string, null, lists,
-    objects (non-empty strings are ids: H15)."""
+    objects (non-empty strings are ids)."""
     sample = {
         "__key__": "k",
         "png": png(),
@@ -143,7 +143,7 @@ def test_hostile_h11_non_integer_image_id_is_bad_not_truncated(value: str) -> No
     assert err.value.reason == "bad_id" and "image_id" in str(err.value)
 
 
-def test_hostile_h11_non_integer_image_id_counted_in_stream(tmp_path: Path) -> None:
+def test_hostile_non_integer_image_id_counted_in_stream(tmp_path: Path) -> None:
     """Invariant: through the training stream and the evaluation reader, image_id 3.7 is one bad
     sample and image 3 keeps only its own sample."""
     assert_counted_bad(tmp_path, _hostile_json('{"image_id": 3.7}'), "bad_id")
@@ -162,7 +162,7 @@ def test_hostile_h11_non_integer_image_id_counted_in_stream(tmp_path: Path) -> N
         ("family_id", EMPTY_ID, False),
     ],
 )
-def test_hostile_h12_negative_ids_are_out_of_range(field: str, value: int, ok: bool) -> None:
+def test_hostile_negative_ids_are_out_of_range(field: str, value: int, ok: bool) -> None:
     """Invariant: image_id lies in 0..2^63-1, caption_id and group_id in -1..2^63-1; in
     particular no sample carries the memory's empty-slot marker -100 as an image or group id."""
     sample = {
@@ -179,7 +179,7 @@ def test_hostile_h12_negative_ids_are_out_of_range(field: str, value: int, ok: b
             decode_sample(sample)
 
 
-def test_hostile_h12_image_id_of_empty_marker_counted_in_stream(tmp_path: Path) -> None:
+def test_hostile_image_id_of_empty_marker_counted_in_stream(tmp_path: Path) -> None:
     """Invariant: a sample with image_id -100 is counted bad in training and evaluation."""
     assert_counted_bad(tmp_path, _hostile_json('{"image_id": -100}'), "bad_id")
 
@@ -188,7 +188,7 @@ def test_hostile_h12_image_id_of_empty_marker_counted_in_stream(tmp_path: Path) 
     "caption",
     [b"\x00\x00\x00", b" \x00\t\x00\n", b"\x1b\x7f\x07", "\u200b\ufeff".encode(), "\x85".encode()],
 )
-def test_hostile_h13_caption_of_nul_or_control_chars_is_empty(caption: bytes) -> None:
+def test_hostile_caption_of_nul_or_control_chars_is_empty(caption: bytes) -> None:
     """Invariant: a caption of only NUL bytes, whitespace, control or format characters
     (zero-width space, BOM) is empty_caption."""
     sample = {"__key__": "k", "png": png(), "txt": caption, "json": b'{"image_id": 1}'}
@@ -197,7 +197,7 @@ def test_hostile_h13_caption_of_nul_or_control_chars_is_empty(caption: bytes) ->
     assert err.value.reason == "empty_caption"
 
 
-def test_hostile_h13_control_chars_inside_a_caption_become_spaces(tmp_path: Path) -> None:
+def test_hostile_control_chars_inside_a_caption_become_spaces(tmp_path: Path) -> None:
     """Invariant: control characters inside a real caption become spaces (the caption is kept),
     and a json caption list with a NUL-only entry or a non-string entry is bad, not 'None'."""
     d = decode_sample({"__key__": "k", "png": png(), "txt": b"a\x00dog\x1b on\ta beach"})
@@ -240,7 +240,7 @@ def test_hostile_npy_with_non_finite_values_is_bad() -> None:
             decode_sample(sample)
 
 
-def test_hostile_h10_grouping_matches_webdataset_on_good_shards(tmp_path: Path) -> None:
+def test_hostile_grouping_matches_webdataset_on_good_shards(tmp_path: Path) -> None:
     """Invariant: the reader's grouping yields the same samples, keys and members as
     webdataset's ``group_by_keys`` on a well-formed shard (only duplicates differ)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander

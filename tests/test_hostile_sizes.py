@@ -1,4 +1,4 @@
-"""Hostile size indexes (issue 15, H16-H20): every sizes.json value is a non-negative integer
+"""Hostile size indexes: every sizes.json value is a non-negative integer
 within MAX_SHARD_SAMPLES or the shard list fails at load with one line naming the shard; and
 evaluation reads every sample a shard holds, whatever sizes.json claims."""
 
@@ -35,34 +35,34 @@ def _fails_naming_the_shard(tmp_path: Path, raw_value: str) -> None:
     assert "sizes.json" in message and bad_shard.name in message
 
 
-def test_hostile_h16_negative_size_fails_at_load(tmp_path: Path) -> None:
+def test_hostile_negative_size_fails_at_load(tmp_path: Path) -> None:
     """Invariant: a negative sample count (-5) fails the shard list with one line naming the
     shard, instead of a plan of negative steps that loops over empty epochs."""
     _fails_naming_the_shard(tmp_path, "-5")
 
 
-def test_hostile_h17_huge_size_fails_at_load(tmp_path: Path) -> None:
+def test_hostile_huge_size_fails_at_load(tmp_path: Path) -> None:
     """Invariant: a count of 10^30 (above MAX_SHARD_SAMPLES) fails at load with one line,
     instead of an evaluation that spins over 10^30 claimed samples."""
     _fails_naming_the_shard(tmp_path, str(10**30))
     _fails_naming_the_shard(tmp_path, str(MAX_SHARD_SAMPLES + 1))
 
 
-def test_hostile_h18_null_size_fails_at_load(tmp_path: Path) -> None:
+def test_hostile_null_size_fails_at_load(tmp_path: Path) -> None:
     """Invariant: ``null`` (and other non-integers: 2.5, "4", true, a list) fails at load
     with one line naming the shard, not a TypeError traceback."""
     for raw in ("null", "2.5", '"4"', "true", "[4]"):
         _fails_naming_the_shard(tmp_path, raw)
 
 
-def test_hostile_h19_infinite_size_fails_at_load(tmp_path: Path) -> None:
+def test_hostile_infinite_size_fails_at_load(tmp_path: Path) -> None:
     """Invariant: ``1e400`` (inf) and ``NaN`` fail at load with one line naming the shard, not
     an OverflowError traceback."""
     _fails_naming_the_shard(tmp_path, "1e400")
     _fails_naming_the_shard(tmp_path, "NaN")
 
 
-def test_hostile_h19_malformed_index_fails_with_one_line(tmp_path: Path) -> None:
+def test_hostile_malformed_index_fails_with_one_line(tmp_path: Path) -> None:
     """Invariant: a sizes.json that is not an object (a list, a number, 100k nested '[', not
     UTF-8) fails with one line naming the file."""
     write_dataset(tmp_path, [4], sizes_json=False)
@@ -73,7 +73,7 @@ def test_hostile_h19_malformed_index_fails_with_one_line(tmp_path: Path) -> None
         assert "\n" not in str(err.value)
 
 
-def test_hostile_h16_valid_bounds_are_accepted(tmp_path: Path) -> None:
+def test_hostile_valid_bounds_are_accepted(tmp_path: Path) -> None:
     """Invariant: 0 and ordinary counts are valid (a listed empty shard is not an error)."""
     spec, _ = _with_index(tmp_path, "0")
     assert shard_list(spec, "data.train").sizes == (4, 0)
@@ -90,7 +90,7 @@ def _eval(spec: str, world: int = 1, rank: int = 0):
     )
 
 
-def test_hostile_h20_evaluation_reads_samples_beyond_the_index(
+def test_hostile_evaluation_reads_samples_beyond_the_index(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Invariant: evaluation reads every sample present in a shard even when sizes.json claims
@@ -108,7 +108,7 @@ def test_hostile_h20_evaluation_reads_samples_beyond_the_index(
     assert len(set(orders)) == 8
 
 
-def test_hostile_h20_fewer_samples_than_indexed_count_as_truncated(tmp_path: Path) -> None:
+def test_hostile_fewer_samples_than_indexed_count_as_truncated(tmp_path: Path) -> None:
     """Invariant: samples sizes.json promises that are not there count as truncated_tar (per
     rank: each rank counts its own share of them)."""
     spec, _ = _with_index(tmp_path, "7")
@@ -118,7 +118,7 @@ def test_hostile_h20_fewer_samples_than_indexed_count_as_truncated(tmp_path: Pat
     assert sum(b.get("truncated_tar", 0) for b in per_rank) == 3
 
 
-def test_hostile_h20_count_mine_matches_a_loop() -> None:
+def test_hostile_count_mine_matches_a_loop() -> None:
     """Invariant: the closed-form count of a rank's indices in a range equals counting them."""
     for world in (1, 2, 3, 5):
         for rank in range(world):

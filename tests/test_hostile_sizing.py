@@ -1,7 +1,7 @@
-"""Sizes that cannot fit, and sizes this data makes meaningless (issue 15, H21-H22).
+"""Sizes that cannot fit, and sizes this data makes meaningless.
 
-H21: a memory (or batch) that will not fit fails at launch with one line saying what it needs and
-what is available, before anything is allocated. H22: a memory larger than the training split and
+A memory (or batch) that will not fit fails at launch with one line saying what it needs and
+what is available, before anything is allocated. A memory larger than the training split and
 a warm-up longer than an epoch (or the whole run) are named at launch, one line each."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _cfg(*overrides: str):
     return load_config(TINY, list(overrides))
 
 
-def test_hostile_h21_estimate_covers_the_memory_and_its_candidate_copy() -> None:
+def test_hostile_estimate_covers_the_memory_and_its_candidate_copy() -> None:
     """Invariant: the memory term of the estimate is at least what the memory and the step's
     concatenated candidate block really allocate (two implementations: formula vs tensors)."""
     cfg = _cfg("memory.size=300", "model.embed_dim=24")
@@ -47,7 +47,7 @@ def test_hostile_h21_estimate_covers_the_memory_and_its_candidate_copy() -> None
     assert rank_needs(cfg).memory >= real
 
 
-def test_hostile_h21_boundary_of_what_fits() -> None:
+def test_hostile_boundary_of_what_fits() -> None:
     """Invariant: a config fits exactly when its estimate is at most the free bytes; otherwise
     one ConfigError line names memory.size, embed_dim, the need and the free bytes."""
     cfg = _cfg("memory.size=5000", "model.embed_dim=64")
@@ -60,7 +60,7 @@ def test_hostile_h21_boundary_of_what_fits() -> None:
     assert "needs at least" in message and "available" in message
 
 
-def test_hostile_h21_ranks_of_one_host_share_its_memory() -> None:
+def test_hostile_ranks_of_one_host_share_its_memory() -> None:
     """Invariant: on the host, L local ranks need L times one rank's bytes; on a GPU each rank
     has its own device, but the host still builds each rank's memory once."""
     cfg = _cfg("memory.size=5000", "model.embed_dim=64")
@@ -74,7 +74,7 @@ def test_hostile_h21_ranks_of_one_host_share_its_memory() -> None:
         check_fits(cfg, gpu, local_ranks=2, free=need, host_free=5000 * 64 * 4 * 2)
 
 
-def test_hostile_h21_train_refuses_an_impossible_memory_before_allocating(
+def test_hostile_train_refuses_an_impossible_memory_before_allocating(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Invariant: ``python -m fne_dist.train`` with a memory of 2^24 × 65,536 (4 TiB) exits 2
@@ -93,7 +93,7 @@ def test_hostile_h21_train_refuses_an_impossible_memory_before_allocating(
     assert err.startswith("error: ") and "\n" not in err and "needs at least" in err
 
 
-def test_hostile_h21_ray_driver_refuses_before_starting_workers(
+def test_hostile_ray_driver_refuses_before_starting_workers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Invariant: with a local Ray instance (the default launcher: 2 workers on this host) the
@@ -127,7 +127,7 @@ def _embedded_train_pairs() -> int:
     return sum(n for name, n in sizes.items() if "-train-" in name)
 
 
-def test_hostile_h22_default_run_on_the_embedded_data_is_not_warned() -> None:
+def test_hostile_default_run_on_the_embedded_data_is_not_warned() -> None:
     """Invariant: the default config on the data it was tuned for (memory ≤ half the split, a
     warm-up of exactly one epoch: the reference) produces no launch warning."""
     cfg = load_config(ROOT / "configs" / "default.yaml")
@@ -137,14 +137,14 @@ def test_hostile_h22_default_run_on_the_embedded_data_is_not_warned() -> None:
     assert launch_warnings(cfg, pairs, steps, total) == []
 
 
-def test_hostile_h22_memory_beyond_the_split_is_warned() -> None:
+def test_hostile_memory_beyond_the_split_is_warned() -> None:
     """Invariant: memory.size above the number of training pairs gives one line naming both."""
     cfg = _cfg("memory.size=4000")
     lines = launch_warnings(cfg, 2924, 182, 1000)
     assert len(lines) == 1 and "memory.size=4000" in lines[0] and "2924 pairs" in lines[0]
 
 
-def test_hostile_h22_warmup_in_epochs_of_this_data() -> None:
+def test_hostile_warmup_in_epochs_of_this_data() -> None:
     """Invariant: a warm-up longer than one epoch of this data is named with its length in
     epochs; one that covers the whole run says the configured loss never trains; one epoch or
     less (the reference) is silent."""
@@ -156,7 +156,7 @@ def test_hostile_h22_warmup_in_epochs_of_this_data() -> None:
     assert launch_warnings(cfg, 5000, 91, 1000) == []
 
 
-def test_hostile_h22_warmup_epochs_resolve_to_this_datas_steps() -> None:
+def test_hostile_warmup_epochs_resolve_to_this_datas_steps() -> None:
     """Invariant: train.warmup_epochs is one epoch of the data in use (optimizer steps, after
     gradient accumulation), so the shipped configs' one-epoch warm-up holds on any data; giving
     both warmup_steps and warmup_epochs is one ConfigError line."""

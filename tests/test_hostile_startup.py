@@ -1,4 +1,4 @@
-"""Hardening H1: a build lock left by a killed process never hangs a later start."""
+"""A build lock left by a killed process never hangs a later start."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_EXTENSIONS = Path(tempfile.gettempdir()) / "fne_dist-torch-extensions"
 
 
-def test_hostile_h1_stale_build_lock_is_removed(
+def test_hostile_stale_build_lock_is_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Invariant: inside the guard, a build lock that no live process of ours holds is gone,
@@ -37,7 +37,7 @@ def test_hostile_h1_stale_build_lock_is_removed(
 
 @pytest.mark.system
 @pytest.mark.timeout(420)
-def test_hostile_h1_deepspeed_op_loads_past_a_stale_lock(tmp_path: Path) -> None:
+def test_hostile_deepspeed_op_loads_past_a_stale_lock(tmp_path: Path) -> None:
     """Invariant: DeepSpeed's real JIT load of its CPU comm op, as ``build_engine`` runs it
     before ``deepspeed.initialize``, returns although a killed process left the build lock
     behind (the issue's repro: without the guard this waits forever)."""

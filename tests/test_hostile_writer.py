@@ -1,4 +1,4 @@
-"""Hostile annotation files for the shard writer (issue 15, H33-H34): image paths that leave
+"""Hostile annotation files for the shard writer: image paths that leave
 ``--images`` (``../``, absolute) are refused and counted unless ``--allow-outside-images``,
 so converting an untrusted annotation file cannot copy other files of the machine into shards."""
 
@@ -47,11 +47,11 @@ def _albef(tmp_path: Path, leak: str) -> Path:
 
 
 @pytest.mark.parametrize("style", ["relative", "absolute"])
-def test_hostile_h33_h34_paths_outside_images_are_refused_and_counted(
+def test_hostile_paths_outside_images_are_refused_and_counted(
     tmp_path: Path, style: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Invariant: an annotation row naming ``../secret/leak.png`` (H33) or an absolute path
-    (H34) is not copied into the shards; the summary counts it (``outside_images``) and a line
+    """Invariant: an annotation row naming ``../secret/leak.png`` or an absolute path
+    is not copied into the shards; the summary counts it (``outside_images``) and a line
     says how many were refused and which flag allows them."""
     images, inside_bytes, _ = _layout(tmp_path)
     leak = "../secret/leak.png" if style == "relative" else str(tmp_path / "secret" / "leak.png")
@@ -65,7 +65,7 @@ def test_hostile_h33_h34_paths_outside_images_are_refused_and_counted(
     assert "refused 1 pairs" in printed and "--allow-outside-images" in printed
 
 
-def test_hostile_h33_h34_flag_allows_outside_paths(tmp_path: Path) -> None:
+def test_hostile_flag_allows_outside_paths(tmp_path: Path) -> None:
     """Invariant: with ``--allow-outside-images`` the same rows are copied (a trusted file
     may point anywhere), and resuming without the flag is refused as other settings."""
     images, inside_bytes, secret = _layout(tmp_path)
@@ -78,7 +78,7 @@ def test_hostile_h33_h34_flag_allows_outside_paths(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("command", ["folder", "coco", "karpathy"])
-def test_hostile_h33_every_image_command_confines_paths(
+def test_hostile_every_image_command_confines_paths(
     tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Invariant: folder, coco and karpathy refuse a ``../`` path as albef does; when every
@@ -106,7 +106,7 @@ def test_hostile_h33_every_image_command_confines_paths(
     assert "\n" not in err and "outside_images 1" in err and "--allow-outside-images" in err
 
 
-def test_hostile_h33_inside_is_lexical() -> None:
+def test_hostile_inside_is_lexical() -> None:
     """Invariant: the check resolves ``..`` lexically: ``root/a/../b`` is inside, ``root/../x``,
     ``/etc/x``, ``root-sibling/x`` and the root itself are not."""
     root = Path("/data/images")

@@ -1,5 +1,6 @@
 """The package's modules import in layers: no import circle, lazy imports inside functions
-included (a circle hidden in a function still means two modules that need each other)."""
+included (a circle hidden in a function still means two modules that need each other). Imports
+under ``if TYPE_CHECKING:`` never run and only name types, so they do not count."""
 
 from __future__ import annotations
 
@@ -27,15 +28,29 @@ def _ancestors(name: str) -> list[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
+def _type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def _run_time_nodes(tree: ast.Module) -> list[ast.AST]:
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks."""
+    found, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        todo += [child for child in ast.iter_child_nodes(node) if not _type_checking(child)]
+    return found
+
+
 def import_graph(root: Path) -> dict[str, set[str]]:
-    """Module → the package's modules it imports anywhere in its file (module level, inside
-    functions, under ``TYPE_CHECKING``), each with the packages whose ``__init__`` runs
-    first (but not its own packages': they ran before it)."""
+    """Module → the package's modules it imports when it runs (module level or inside
+    functions), each with the packages whose ``__init__`` runs first (but not its own
+    packages': they ran before it)."""
     modules = _modules(root)
     graph: dict[str, set[str]] = {name: set() for name in modules}
     for name, (path, tree) in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in ast.walk(tree):
+        for node in _run_time_nodes(tree):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -110,7 +125,8 @@ def test_the_format_imports_nothing_of_the_project() -> None:
 
 def test_the_check_sees_a_lazy_cycle(tmp_path: Path) -> None:
     """Invariant: the walk finds an import inside a function, a ``from . import sub`` and a
-    package's ``__init__`` run by importing its submodule, so the test above can fail."""
+    package's ``__init__`` run by importing its submodule, so the test above can fail; an
+    import only a type checker sees is no edge."""
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -122,4 +138,7 @@ def test_the_check_sees_a_lazy_cycle(tmp_path: Path) -> None:
     assert graph["pkg.sub"] >= {"pkg.sub.c"}
     assert cycles(graph) == [["pkg.a", "pkg.sub", "pkg.sub.c"]]
     (pkg / "sub" / "c.py").write_text("")
+    assert cycles(import_graph(pkg)) == []
+    typing_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .. import a\n"
+    (pkg / "sub" / "c.py").write_text(typing_only)
     assert cycles(import_graph(pkg)) == []

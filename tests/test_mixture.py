@@ -1,10 +1,11 @@
-"""``fne.fn_model: mixture``: the two-component candidate mixture (fne_dist/fne/mixture.py)
+"""``fne.posterior: cross_mixture``: the two-component candidate mixture (fne_dist/fne/mixture.py)
 on synthetic mixtures with known parameters, its fast forms against plain loops, and its
 wiring into the posterior and the training step."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,9 +22,9 @@ from fne_dist.fne.mixture import (
     mixture_sums,
     refit,
     responsibilities,
-    with_mixture,
 )
-from fne_dist.fne.posterior import fn_posterior
+from fne_dist.fne.posteriors import fit_of
+from fne_dist.fne.posteriors.cross_mixture import MixtureFit
 
 F64 = torch.float64
 
@@ -109,9 +110,9 @@ def test_posterior_of_the_mixture_equals_the_reference_rule() -> None:
     whatever the configured prior and the positive Gaussians; the hard cut's μ⁺ is kept."""
     g = gaussians_from_stats(stats_of(0.8 + 0.01 * torch.randn(300), 0.3 + torch.zeros(300)))
     m = _mix(0.12, 0.3, 0.015, -0.05, 0.03)
-    gm = with_mixture(g, m)
+    gm = replace(g, posterior=MixtureFit(m))
     s = torch.linspace(-1, 1, 41, dtype=F64)
-    fast = fn_posterior(s, gm, 1e-4)
+    fast = fit_of(gm, 1e-4).log_odds_sim(s).sigmoid()
     plain = [ref.p_fn(x, ref.Gaussians(0.3, 0.015, -0.05, 0.03, 0), 0.12) for x in s.tolist()]
     torch.testing.assert_close(fast, torch.tensor(plain, dtype=F64))
     torch.testing.assert_close(responsibilities(s, m), fast)
@@ -142,29 +143,28 @@ def test_histograms_add_over_ranks_and_decay() -> None:
     torch.testing.assert_close(parts, histogram(sims, ones))
     stats = SimilarityStats()
     h1, h2 = histogram(sims[:500], ones[:500]), histogram(sims[500:], ones[500:])
-    stats.add_mixture(h1, 0.9)
-    stats.add_mixture(h2, 0.9)
-    torch.testing.assert_close(stats.mix_totals, 0.9 * h1 + h2)
+    stats.add_posterior(h1, 0.9)
+    stats.add_posterior(h2, 0.9)
+    torch.testing.assert_close(stats.posterior_totals, 0.9 * h1 + h2)
     stats.new_epoch()  # not reset by the epoch: the decay forgets
-    torch.testing.assert_close(stats.mix_totals, 0.9 * h1 + h2)
+    torch.testing.assert_close(stats.posterior_totals, 0.9 * h1 + h2)
     fresh = SimilarityStats()
     fresh.load_state_dict(stats.state_dict())
-    assert torch.equal(fresh.mix_totals, stats.mix_totals)
+    assert torch.equal(fresh.posterior_totals, stats.posterior_totals)
 
 
 def test_config_rules() -> None:
-    """Invariant: the paper's posterior stays the library default; mixture with an EM prior
-    (two estimates of π) fails at load with one line naming both fields."""
-    from fne_dist.config import ConfigError, config_from_dict
+    """Invariant: the paper's posterior stays the library default; the mixture is one value of
+    fne.posterior."""
+    from fne_dist.config import config_from_dict
 
-    assert FneConfig().fn_model == "positive"
-    assert config_from_dict({"fne": {"fn_model": "mixture"}}).fne.fn_model == "mixture"
-    with pytest.raises(ConfigError, match=r"fn_model=mixture.*prior_mode"):
-        config_from_dict({"fne": {"fn_model": "mixture", "prior_mode": "em"}})
+    assert FneConfig().posterior == "paper"
+    cfg = config_from_dict({"fne": {"posterior": "cross_mixture"}})
+    assert cfg.fne.posterior == "cross_mixture"
 
 
 def test_forward_step_with_the_mixture() -> None:
-    """Invariant: the training step with fn_model mixture adds one histogram of the valid
+    """Invariant: the training step with the cross_mixture posterior adds one histogram of the valid
     sampled candidates (mass ≤ B·r·2) and reports the fitted components, with π in (0, 0.5]."""
     from fne_dist.config import ModelConfig
     from fne_dist.memory import MomentumMemory
@@ -176,7 +176,7 @@ def test_forward_step_with_the_mixture() -> None:
     model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
     momentum, memory = make_momentum_copy(model), MomentumMemory(20, 4, seed=0)
     stats = SimilarityStats()
-    cfg = FneConfig(fn_model="mixture", stats_samples=3, gate_size=0)
+    cfg = FneConfig(posterior="cross_mixture", stats_samples=3, gate_size=0)
     gen = torch.Generator().manual_seed(1)
     batch = {
         "img_feat": torch.randn(8, 6, generator=gen),
@@ -185,7 +185,7 @@ def test_forward_step_with_the_mixture() -> None:
         "groups": torch.tensor([0, 0, 0, 1, 1, 2, 2, -1]),
     }
     out = forward_step(model, momentum, batch, memory, stats, cfg, 0, 0, False)
-    assert 0 < float(stats.mix_totals.sum()) <= 8 * 3 * 2
+    assert 0 < float(stats.posterior_totals.sum()) <= 8 * 3 * 2
     assert 0 < float(out.diagnostics["prior"]) <= 0.5
     assert {"mu_fn", "sigma_fn", "mu_tn", "sigma_tn"} <= set(out.diagnostics)
     assert torch.isfinite(out.loss)

@@ -157,6 +157,7 @@ def test_checkpoint_done_sets_size_and_age(tmp_path: Path) -> None:
     assert value(s, "fne_checkpoint_timestamp_seconds") >= before
 
 
+@pytest.mark.system
 @pytest.mark.timeout(30)
 def test_busy_port_moves_to_the_next_free_one(caplog: pytest.LogCaptureFixture) -> None:
     """Invariant: when monitor.port is taken, the rank serves on a higher free port, says so
@@ -239,6 +240,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.system
 @needs_promtool
 @pytest.mark.timeout(120)
 def test_promtool_accepts_config_and_rules() -> None:
@@ -250,6 +252,7 @@ def test_promtool_accepts_config_and_rules() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.system
 @needs_promtool
 @pytest.mark.timeout(120)
 def test_promtool_alert_unit_tests_cover_every_alert() -> None:
@@ -289,6 +292,7 @@ def dashboard_queries() -> list[tuple[str, str, bool]]:
     ]
 
 
+@pytest.mark.system  # runs the generator as the docs do
 def test_dashboard_is_generated_and_shows_every_metric() -> None:
     """Invariant: the committed dashboard equals its generator's output, has run and rank
     variables, and every catalog metric appears in a panel query (fne_run_info feeds the

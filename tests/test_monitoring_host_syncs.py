@@ -1,4 +1,4 @@
-"""How many times the step reads a tensor's value on the host (issue #14, item 8).
+"""How many times the step reads a tensor's value on the host.
 
 On a GPU each such read (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``, ``.cpu()``, an
 op whose output size depends on values such as ``nonzero``) waits for every kernel queued so

@@ -1,5 +1,5 @@
 """Long-task progress (fne_dist/progress.py), shard errors and the gradient norm: what the
-metrics and log lines of issue #14 items 2 and 6 rest on. Fake clocks; no training run."""
+metrics and progress lines rest on. Fake clocks; no training run."""
 
 from __future__ import annotations
 

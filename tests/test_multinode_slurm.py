@@ -250,7 +250,7 @@ def test_kill_a_rank_on_one_node_then_resubmit_resumes(
     assert resumed, second[-3000:]
     step = int(resumed[0].split("optimizer step ")[1].split(",")[0])
     assert step <= json.loads(before[-1])["step"], (step, before[-1])
-    # H32: the lines of steps the resumed run redid were dropped, so every step is there once
+    # the lines of steps the resumed run redid were dropped, so every step is there once
     after = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in after] == list(range(1, 11))
     print(f"\nrank 1 killed after step {json.loads(before[-1])['step']}; {resumed[0].strip()}")

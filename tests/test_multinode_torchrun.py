@@ -211,7 +211,7 @@ def test_kill_one_node_then_resume_both_from_a_url_checkpoint(
     step = int(resumed[0].split("optimizer step ")[1].split(",")[0])
     assert step >= EVERY and step % EVERY == 0
     assert step <= before[-1]["step"], (step, before[-1])
-    # H32: the lines of steps the resumed run redid were dropped, so every step is there once
+    # the lines of steps the resumed run redid were dropped, so every step is there once
     whole = history(nodes.node_dir(0), "killed")
     assert [h["step"] for h in whole] == list(range(1, STEPS + 1)), whole
     after = whole[step:]

@@ -288,6 +288,7 @@ def _builder(out: str, counter: str, start: Any) -> None:
     build_once(Path(out), build, timeout_s=30, poll_s=0.05)
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_two_nodes_on_a_shared_cache_dir_build_once(tmp_path: Path) -> None:
     """Invariant: two processes (two nodes' local rank 0) building the same cache on one

@@ -1,4 +1,4 @@
-"""The FNE pictures (issue #14, item 5): the similarity samples behind the histograms, the
+"""The FNE pictures: the similarity samples behind the histograms, the
 curves drawn from the package's own functions, and the PNG files (synthetic run files here;
 tests/test_train_e2e.py checks the tiny run's own pictures)."""
 

@@ -76,6 +76,7 @@ def test_hostlist_expansion(text: str, hosts: list[str]) -> None:
     assert expand_hostlist(text) == hosts
 
 
+@pytest.mark.system
 @pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed")
 @pytest.mark.parametrize("text", ["gpu[01-03,07]", "a,b[1-2],c", "gpu[098-101]", "n[1-2]-x[3-4]"])
 def test_hostlist_expansion_agrees_with_scontrol(text: str, tmp_path: Path) -> None:
@@ -306,6 +307,7 @@ _TWO_RANKS = textwrap.dedent(
 )
 
 
+@pytest.mark.system
 @pytest.mark.timeout(120)
 def test_long_barrier_outlasts_the_collective_timeout(tmp_path: Path) -> None:
     """Invariant: a long barrier (cache build, upload) waits dist.barrier_timeout_s while a

@@ -11,8 +11,16 @@ import torch
 from fne_dist.fne import FneConfig, gaussians_from_stats, negative_mask, stats_of
 from fne_dist.fne import reference as ref
 from fne_dist.fne.posterior import fn_log_odds, fn_log_odds_threshold
+from fne_dist.fne.posteriors import paper_fit
 from fne_dist.fne.sampling import first_argmax, inverse_cdf_draw
-from fne_dist.fne.selection import candidate_index, masked_positions, select_dense, select_listed
+from fne_dist.fne.selection import (
+    CandidateLabels,
+    Rows,
+    candidate_index,
+    masked_positions,
+    select_dense,
+    select_listed,
+)
 from fne_dist.fne.weights import count_greater, count_true, fn_region_inside_window
 
 B, N = 10, 701  # N not a multiple of the draw's block of 128
@@ -75,13 +83,13 @@ def test_listed_form_picks_what_the_dense_form_picks(
         sim, ids, cand_ids, pos_col, g_b, g_n = _problem(seed, groups=groups)
         cfg = FneConfig(negatives=k, hard_cut=hard_cut, prior=0.05, eps=0.01)
         u = torch.rand(B, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        args = (sim, pos_col, ids, cand_ids, g_b, g_n, u, g, cfg, rule)
+        args = (Rows(sim, pos_col, ids, u, g_b), CandidateLabels(cand_ids, g_n), g, cfg, rule)
         dense = select_dense(*args)
         listed = select_listed(*args)
         for field in dense._fields:
             assert torch.equal(getattr(dense, field), getattr(listed, field)), (field, groups)
         if rule == "fne" and regime.startswith("sigma"):
-            assert int(dense.n_fn_b.sum()) > 0  # the count outside the window is exercised
+            assert int(dense.count("fn").sum()) > 0  # the count outside the window is exercised
 
 
 def test_masked_positions_are_the_negative_mask() -> None:
@@ -154,7 +162,7 @@ def test_fn_region_check_is_sound(regime: str) -> None:
     cfg = FneConfig(prior=0.05, eps=0.01)
     s = torch.linspace(-1.0, 1.0, 200_001, dtype=torch.float32)
     for threshold in (-0.5, 0.0, 0.2, 0.3, 0.45):
-        if fn_region_inside_window(g, cfg.prior, cfg.eps, threshold):
+        if fn_region_inside_window(paper_fit(g, cfg.prior), cfg.eps, threshold):
             outside = s[s <= threshold]
             log_odds = fn_log_odds(outside, g, cfg.prior)
             assert not (log_odds > fn_log_odds_threshold(cfg.eps)).any(), threshold

@@ -586,6 +586,7 @@ def test_index_counts_img2dataset_shards(tmp_path: Path) -> None:
     assert json.loads((ours / "sizes.json").read_text()) == json.loads(written)
 
 
+@pytest.mark.system
 def test_cli_missing_input_exits_2_with_one_line(tmp_path: Path) -> None:
     """Through `python -m fne_dist.shards`: a missing captions file exits with status 2 and a
     single `error:` line naming the file, no traceback."""

@@ -70,6 +70,7 @@ def _convert(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess]:
     return out, run
 
 
+@pytest.mark.system
 def test_karpathy_conversion_reads_back_as_pairs_and_eval_images(tmp_path: Path) -> None:
     """Invariant: after conversion, the training stream sees every train (image, caption) pair
     once per epoch (pair layout, 200 pairs → 12 batches of 16, 8 dropped), and the evaluation

@@ -81,7 +81,7 @@ def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
 
 
 def _check_pictures(run: Path, stdout: str) -> None:
-    """The run's pictures (issue #14 item 5): one per evaluation and training.png, valid PNGs
+    """The run's pictures: one per evaluation and training.png, valid PNGs
     of non-trivial size, named in the summary, and `python -m fne_dist.plot` redraws the
     same bytes from the run's files."""
     pngs = sorted((run / "plots").glob("*.png"))
@@ -144,3 +144,52 @@ def test_unknown_encoder_fails_before_training(capsys: pytest.CaptureFixture[str
 def test_out_of_range_value_fails_before_training(capsys: pytest.CaptureFixture[str]) -> None:
     """Invariant: an out-of-range value names its key."""
     _fails_with(capsys, ["memory.momentum=1.5"], "memory.momentum", "<= 1.0")
+
+
+# Every loss of fne.loss, and every posterior with the fne loss, on the tiny config with the
+# default run's fne section (tiny.yaml pins the paper's estimator for its launch tests, so
+# the paper's posterior trains in test_tiny_run_trains_evaluates_and_writes_run_dir).
+DEFAULT_FNE = [
+    "fne.posterior=intra_mixture",
+    "fne.stats_source=all_pairs",
+    "fne.fallback=unflagged",
+    "fne.eps=0.5",
+    "fne.tau_fn=4.0",
+]
+RUNS = {
+    **{
+        f"loss_{loss}": [f"fne.loss={loss}"]
+        for loss in ("fne", "window", "vse_pp", "vse0", "infonce")
+    },
+    "posterior_cross_mixture": ["fne.loss=fne", "fne.posterior=cross_mixture"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.system
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("name", list(RUNS))
+def test_every_loss_and_posterior_trains_from_the_default_fne_section(
+    tmp_path: Path, name: str
+) -> None:
+    """Invariant: switching fne.loss alone on the default fne section is a valid config (the
+    FNE sampler's settings are ignored by losses without one), and every loss and every
+    posterior trains past the warm-up through `python -m fne_dist.train`, logs a window (whose
+    means must all be scalars: infonce's temperature is one), and evaluates. One short run
+    per process: a process holds one distributed rendezvous."""
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "fne_dist.train", "--config", str(TINY),
+            f"run.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
+            "train.epochs=0.05", "train.eval_every=0", *DEFAULT_FNE, *RUNS[name],
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    assert any(h.get("warmup") == 0.0 for h in metrics["history"])  # past the warm-up
+    assert 0 <= metrics["test"]["rsum"] <= 600

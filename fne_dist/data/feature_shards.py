@@ -30,6 +30,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ from ..progress import TaskProgress
 from .decode import BadSample, BadSampleLog, Decoded, IdRegistry, decode_sample
 from .sources import DataError, ShardList, warn_if_more
 from .stream import raw_samples
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 FORMAT = 3  # bump when preprocessing, pooling, the layout or ids change what a cache holds
 
@@ -106,31 +110,34 @@ def _write_chunk(tar: tarfile.TarFile, chunk: list[Decoded], img, txt) -> None:
 def build_feature_shards(
     shards: ShardList,
     out_dir: Path,
-    image_backbone: nn.Module | None,
-    text_backbone: nn.Module | None,
-    caption_key: str,
+    towers: tuple[nn.Module | None, nn.Module | None],
+    data: DataConfig,
     all_captions: bool,
-    max_pixels: int,
-    max_bad_fraction: float,
     batch_size: int = 64,
     label: str = "feature cache",
     stop_reason: Callable[[], str | None] = lambda: None,
 ) -> Counter[str]:
     """Write the feature shards of ``shards`` to ``out_dir`` (atomically); returns bad counts.
-    ``label`` names the build in its progress lines. ``stop_reason`` is asked between batches:
-    a reason (a signal's name) ends the build with ``Interrupted``, leaving no cache."""
+    ``towers`` are the (image, text) backbones whose features are cached (None: that side's
+    raw member is kept); ``data`` gives the caption member and the bad-input limits; ``label``
+    names the build in its progress lines. ``stop_reason`` is asked between batches: a reason
+    (a signal's name) ends the build with ``Interrupted``, leaving no cache."""
     # a random name: host name and pid identify nothing across containers or nodes
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        return _build_into(
-            tmp, shards, out_dir, image_backbone, text_backbone, caption_key, all_captions,
-            max_pixels, max_bad_fraction, batch_size, label, stop_reason,
+        counts = _build_into(
+            tmp, shards, towers, data, all_captions, batch_size, label, stop_reason,
         )  # fmt: skip
     except BaseException:  # a bad shard, a signal, a crash: no half-built cache stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another builder finished first: its cache is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return counts
 
 
 def _check_stop(stop_reason: Callable[[], str | None], label: str, progress: TaskProgress) -> None:
@@ -147,17 +154,15 @@ def _check_stop(stop_reason: Callable[[], str | None], label: str, progress: Tas
 def _build_into(
     tmp: Path,
     shards: ShardList,
-    out_dir: Path,
-    image_backbone: nn.Module | None,
-    text_backbone: nn.Module | None,
-    caption_key: str,
+    towers: tuple[nn.Module | None, nn.Module | None],
+    data: DataConfig,
     all_captions: bool,
-    max_pixels: int,
-    max_bad_fraction: float,
     batch_size: int,
     label: str,
     stop_reason: Callable[[], str | None],
 ) -> Counter[str]:
+    """The feature shards of ``shards`` written into ``tmp``, ``sizes.json`` last."""
+    image_backbone, text_backbone = towers
     log = BadSampleLog()
     ids = IdRegistry()  # string ids of the whole split
     sizes = {}
@@ -175,8 +180,8 @@ def _build_into(
                     chunk.append(
                         decode_sample(
                             sample,
-                            caption_key,
-                            max_pixels,
+                            data.caption_key,
+                            data.max_pixels,
                             all_captions,
                             decode_image=image_backbone is not None,
                             ids=ids,
@@ -200,20 +205,16 @@ def _build_into(
             log.add("truncated_tar", url, f"{size - seen} of {size} samples missing", size - seen)
         warn_if_more(url, size, seen)
         size = max(size, seen)
-        if sum(bad.values()) > max_bad_fraction * size:
+        if sum(bad.values()) > data.max_bad_fraction * size:
             progress.close(failed=True)
             raise DataError(
                 f"shard {url}: {sum(bad.values())} of {size} samples are bad ({dict(bad)}), "
-                f"above data.max_bad_fraction={max_bad_fraction}"
+                f"above data.max_bad_fraction={data.max_bad_fraction}"
             )
         sizes[name] = written
     progress.close()
     (tmp / "sources.json").write_text(json.dumps(list(shards.urls), indent=1))
     (tmp / "sizes.json").write_text(json.dumps(sizes, indent=1))  # last: marks a complete build
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:  # another builder finished first: its cache is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
     return log.counts
 
 

@@ -22,12 +22,12 @@ from .loss import (
     Anchors,
     Candidates,
     LossOutput,
-    RetrievalLoss,
     gaussian_diagnostics,
     retrieval_loss,
 )
 from .params import LOSSES, FneConfig
 from .posterior import fn_log_odds, fn_posterior
+from .posteriors import POSTERIORS, Posterior, PosteriorFit, posterior_for
 from .sampling import Draw, draw_negatives, hardest_violator, inverse_cdf_draw, step_uniforms
 from .selection import negative_mask
 from .stats import (
@@ -43,13 +43,15 @@ from .weights import Weights, sampling_weights, window_weights
 
 __all__ = [
     "LOSSES",
+    "POSTERIORS",
     "Anchors",
     "Candidates",
     "Draw",
     "FneConfig",
     "Gaussians",
     "LossOutput",
-    "RetrievalLoss",
+    "Posterior",
+    "PosteriorFit",
     "SimilarityStats",
     "Weights",
     "draw_negatives",
@@ -63,6 +65,7 @@ __all__ = [
     "merge_stats",
     "mutual_top1_stats",
     "negative_mask",
+    "posterior_for",
     "retrieval_loss",
     "sampling_weights",
     "stats_of",

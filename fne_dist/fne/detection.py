@@ -35,7 +35,8 @@ from torch import Tensor
 
 from .groups import labelled, same_group
 from .params import FneConfig
-from .posterior import fn_log_odds, fn_log_odds_threshold
+from .posterior import fn_log_odds_threshold
+from .posteriors import quadratic_fit_of
 from .stats import Gaussians
 
 RELIABILITY_EDGES: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
@@ -75,7 +76,7 @@ def detection_sums(
     eval_bX: evaluable slots; same_bX: the slot's candidate shares the anchor's group;
     window_bX: inside the hard-cut window. with_posterior: score "P_fn > ε" and the
     reliability (the "fne" rule); otherwise those columns are 0. log_odds_bX: the posterior's
-    log-odds when they are not the sampler's function of sim (``fne.fn_signal``). Element-wise
+    log-odds when the caller has them (a posterior not a function of sim). Element-wise
     work and row sums only: no host sync.
     """
     f64 = torch.float64
@@ -84,7 +85,7 @@ def detection_sums(
     cols = [eval_bX.sum(1), fn_bX.sum(1)]
     if with_posterior:
         if log_odds_bX is None:
-            log_odds_bX = fn_log_odds(sim_bX, g, cfg.prior)
+            log_odds_bX = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_bX)
         pred_bX = eval_bX & (log_odds_bX > fn_log_odds_threshold(cfg.eps))
         cols += [pred_bX.sum(1), (pred_bX & same_bX).sum(1)]
     else:

@@ -1,12 +1,13 @@
-"""Estimator options beside the paper's (``fne.stats_source``, ``fne.prior_mode``).
+"""The statistics option beside the paper's (``fne.stats_source``), and the step's random sample
+of candidates that it and the mixture posteriors (``fne.posteriors``) are fitted to.
 
 Legend: B anchors, N candidates [batch ; memory], r random candidates per anchor and direction.
 
 Why: with dense false negatives (ten classes) the paper's statistics make the two Gaussians
 coincide. μ⁻ is fitted to the *hardest* in-batch negative of mutually-top-1 pairs, which is
 itself usually a false negative, and the fixed prior π = 1e-4 keeps P_fn below ε everywhere:
-the Bayes part never fires. Two options, each keeping the statistics as mergeable float64 sums
-(an all-reduce SUM stays exact):
+the Bayes part never fires. The option keeps the statistics as mergeable float64 sums (an
+all-reduce SUM stays exact):
 
 ``stats_source: all_pairs``
     positives: every known pair of the in-batch matrix A (A_ij with id_i = id_j, the diagonal
@@ -19,19 +20,6 @@ the Bayes part never fires. Two options, each keeping the statistics as mergeabl
 
     The sample holds false negatives at the rate π, so μ⁻ is biased towards μ⁺ by O(π); that
     is the price of needing no labels.
-
-``prior_mode: em``
-    π is the mixing weight of the candidate similarities, s ~ π N(μ⁺, σ⁺²) + (1 − π) N(μ⁻, σ⁻²),
-    estimated by EM with the two components held at the running Gaussians. One E-step per
-    training step on that step's random sample (the responsibilities r(s) = P_fn(s; π̂) under
-    the current π̂) and the M-step over the epoch's sums:
-
-        π̂ ← Σ_steps Σ_s r(s) / Σ_steps n_s,
-
-    a stepwise EM whose fixed point is the maximum-likelihood mixing weight; the sums
-    (n, Σ r) are two more float64 scalars that all-reduce like the other six. Until the epoch
-    has a sample, π̂ is the configured prior. π̂ is clamped to [PRIOR_MIN, PRIOR_MAX] so a
-    degenerate epoch can neither silence the posterior nor call everything a match.
 """
 
 from __future__ import annotations
@@ -39,11 +27,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .posterior import fn_log_odds
-from .stats import Gaussians
-
-PRIOR_MIN, PRIOR_MAX = 1e-6, 0.5
-PRIOR_MODES = ("fixed", "em")
 STATS_SOURCES = ("mutual_top1", "all_pairs")
 
 
@@ -108,44 +91,3 @@ def all_pairs_stats(sim_BB: Tensor, ids_B: Tensor, neg_S: Tensor, neg_valid_S: T
             neg.square().sum(),
         ]
     )
-
-
-def em_sums(sims_S: Tensor, valid_S: Tensor, g: Gaussians, prior: Tensor | float) -> Tensor:
-    """One E-step: (n, Σ r(s)) over the valid samples, r(s) = P_fn(s) under the mixing weight
-    ``prior`` and the components of ``g`` (float64, no host sync)."""
-    prior_t = torch.as_tensor(prior, dtype=torch.float64, device=sims_S.device)
-    g_prior = Gaussians(g.mu_pos, g.var_pos, g.mu_neg, g.var_neg, g.n_pos, g.has_mu_pos,
-                        g.gate_open, g.variance, prior_t)  # fmt: skip
-    r_S = fn_log_odds(sims_S.to(torch.float64), g_prior, 0.5).sigmoid()
-    w_S = valid_S.to(torch.float64)
-    return torch.stack([w_S.sum(), (w_S * r_S).sum()])
-
-
-def prior_from_em(em_totals: Tensor, fallback: float) -> Tensor:
-    """π̂ = Σ r / n, clamped to [PRIOR_MIN, PRIOR_MAX]; ``fallback`` before any sample."""
-    n, resp = em_totals[0], em_totals[1]
-    est = (resp / n.clamp_min(1.0)).clamp(PRIOR_MIN, PRIOR_MAX)
-    return torch.where(n > 0, est, torch.tensor(fallback, dtype=torch.float64, device=n.device))
-
-
-def em_prior(
-    sims_S: Tensor, g: Gaussians, prior0: float = 0.01, iters: int = 200, tol: float = 1e-7
-) -> float:
-    """Batch EM for the mixing weight on one fixed sample, until π moves less than ``tol``
-    (the definition the stepwise form approximates; for tests and offline analysis; reads
-    host values)."""
-    valid = torch.ones_like(sims_S, dtype=torch.bool)
-    prior = prior0
-    for _ in range(iters):
-        n, resp = em_sums(sims_S, valid, g, prior)
-        new = min(max(float(resp / n), PRIOR_MIN), PRIOR_MAX)
-        if abs(new - prior) < tol:
-            return new
-        prior = new
-    return prior
-
-
-def with_prior(g: Gaussians, prior: Tensor) -> Gaussians:
-    """``g`` carrying a data-estimated prior (used instead of ``FneConfig.prior``)."""
-    return Gaussians(g.mu_pos, g.var_pos, g.mu_neg, g.var_neg, g.n_pos, g.has_mu_pos,
-                     g.gate_open, g.variance, prior)  # fmt: skip

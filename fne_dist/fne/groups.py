@@ -1,6 +1,6 @@
 """Group labels (e.g. an emoji family, a COCO image's duplicates): the one definition of "no
 label", shared by the data reader, the loss diagnostics, false-negative detection and the
-retrieval metrics (issue 15, H14).
+retrieval metrics.
 
 A group label is a non-negative integer. ``NO_GROUP`` (−1) is what a sample without
 ``group_id``/``family_id`` gets (img2dataset's shards, for one); every negative value, the

@@ -18,7 +18,7 @@ masks candidates sharing the anchor's group label.
 
 Read top to bottom: ``retrieval_loss`` → ``_one_direction`` (the hinges of the picks) →
 ``_select`` (the one place that chunks rows and picks the selector of ``fne.selection``) →
-the full-matrix losses (vse0, infonce) → the module form.
+the full-matrix losses (vse0, infonce).
 
 Cost: the selection runs under no_grad on B×N similarities in row chunks so no B×N temporary
 outlives a chunk, and the gradient is taken through the k selected similarities only (a B×k×D
@@ -30,20 +30,28 @@ Diagnostics are returned as 0-dim tensors for the caller to log when it wants.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .detection import COLUMNS as DETECTION_COLUMNS
-from .fn_infonce import fn_info_nce
-from .fn_signal import pair_log_odds
 from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
-from .selection import Picks, candidate_index, negative_mask, select_dense, select_listed
+from .posteriors import PairSims, fit_of
+from .selection import (
+    COUNTS,
+    CandidateLabels,
+    Picks,
+    Rows,
+    candidate_index,
+    negative_mask,
+    select_dense,
+    select_listed,
+)
 from .stats import Gaussians
 from .weights import window_is_everything
 
@@ -183,11 +191,7 @@ def _one_direction(
         "draws": v.sum(),
         "zero_hinge": (p.zero_hinge_bk * v).sum(),
         "neg_sim": (p.sim_bk * v).sum(),
-        "fallback": p.fallback_b.sum().to(torch.float64),
-        "no_violator": p.no_violator_b.sum().to(torch.float64),
-        "fn": p.n_fn_b.sum().to(torch.float64),
-        "unmasked": p.n_unmasked_b.sum().to(torch.float64),
-        "window": p.n_window_b.sum().to(torch.float64),
+        **{name: p.count(name).sum() for name in COUNTS},
     }
     if a.groups_B is not None and c.groups_N is not None:
         # A negative label is "no group label" (fne.groups): it shares no group, not even with
@@ -228,52 +232,39 @@ def _select(
     chunks of that block's rows, so no B×N temporary outlives a chunk."""
     groups_B = a.groups_B if cfg.mask_groups else None
     select, chunk = _selector(cand_ND.device, c, groups_B, cfg, rule, g)
-    # fne.fn_signal intra | both: P_fn is not a function of s, so the dense form (the listed
-    # form's window shortcuts assume the quadratic in s), with the log-odds computed here.
-    other_signal = rule == "fne" and cfg.fn_signal != "cross"
-    if other_signal:
+    fit = None if rule != "fne" or g is None else fit_of(g, cfg.prior)
+    # A posterior that is not a function of s (or the fallback that skips flagged candidates)
+    # needs the log-odds of every pair: the dense form, with the log-odds computed here (the
+    # listed form's window shortcuts assume the quadratic in s).
+    every_pair = fit is not None and (not fit.quadratic or cfg.fallback == "unflagged")
+    if every_pair:
         select, chunk = select_dense, cfg.chunk_rows
     measure = a.groups_B is not None and c.groups_N is not None and rule != "hardest"
+    fallback_cols = c.n_batch if cfg.fallback_scope == "batch" and rule != "hardest" else None
+    cands = CandidateLabels(c.ids_N, c.groups_N)
     cand_detached_ND = cand_ND.detach()
     picks: list[Picks] = []
     with torch.no_grad():
         for b0 in range(0, anchor_BD.shape[0], cfg.block_rows):
             sim_bN = anchor_BD[b0 : b0 + cfg.block_rows].detach() @ cand_detached_ND.T
-            extra: dict = {}
-            if cfg.fallback_scope == "batch" and rule != "hardest":
-                extra["fallback_cols"] = c.n_batch
-            if other_signal:
-                assert g is not None
-                intra_bN = a.img_BD[b0 : b0 + cfg.block_rows].detach() @ c.img_ND.T
-                ids_b = a.ids_B[b0 : b0 + cfg.block_rows]
-                null_bN = (c.ids_N[None, :] != ids_b[:, None]) & (c.ids_N >= 0)[None, :]
-                text_bN = None
-                if cfg.fn_signal == "tail_both":
-                    text_bN = a.txt_BD[b0 : b0 + cfg.block_rows].detach() @ c.txt_ND.T
-                tail = (cfg.tail_z, cfg.tail_slope)
-                odds_bN = pair_log_odds(
-                    cfg.fn_signal, g, sim_bN, intra_bN, null_bN, tail, text_bN
-                ).to(sim_bN.dtype)
+            odds_bN = None
+            if every_pair:
+                assert fit is not None
+                pairs = PairSims(sim_bN, a.img_BD[b0 : b0 + cfg.block_rows], c.img_ND)
+                odds_bN = fit.log_odds(pairs).to(sim_bN.dtype)
             for r0 in range(0, sim_bN.shape[0], chunk):
                 rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
-                if other_signal:
-                    extra["log_odds_bN"] = odds_bN[r0 : r0 + chunk]
-                picks.append(
-                    select(
-                        sim_bN[r0 : r0 + chunk],
-                        a.pos_col_B[rows],
-                        a.ids_B[rows],
-                        c.ids_N,
-                        None if groups_B is None else groups_B[rows],
-                        c.groups_N,
-                        None if u_Bk is None else u_Bk[rows],
-                        g,
-                        cfg,
-                        rule,
-                        detect_groups=(a.groups_B[rows], c.groups_N) if measure else None,
-                        **extra,
-                    )
+                chunk_rows = Rows(
+                    sim_bN[r0 : r0 + chunk],
+                    a.pos_col_B[rows],
+                    a.ids_B[rows],
+                    u_bk=None if u_Bk is None else u_Bk[rows],
+                    mask_groups_b=None if groups_B is None else groups_B[rows],
+                    detect_groups_b=a.groups_B[rows] if measure else None,  # type: ignore[index]
+                    log_odds_bN=None if odds_bN is None else odds_bN[r0 : r0 + chunk],
+                    fallback_cols=fallback_cols,
                 )
+                picks.append(select(chunk_rows, cands, g, cfg, rule))
     return Picks(*(torch.cat(parts) for parts in zip(*picks, strict=True)))
 
 
@@ -324,8 +315,6 @@ def _full_matrix_loss(
 ) -> LossOutput:
     """vse0 (over the batch) or infonce (over [batch ; memory]): losses over every candidate,
     with autograd through the B×N matrix."""
-    if name == "infonce" and cfg.infonce_fn != "off":
-        return _fn_info_nce_loss(a, c, cfg, temperature, gaussians)
     diag: dict[str, Tensor] = {}
     if name == "vse0":
         cands = c.batch_only()
@@ -335,40 +324,15 @@ def _full_matrix_loss(
     else:
         if temperature is None:
             raise ValueError("infonce needs a temperature tensor")
-        temp = temperature.clamp(cfg.temperature_min, cfg.temperature_max)
+        # 0-dim: the model's temperature is a 1-element parameter, and the diagnostics must
+        # all be scalars (the log window stacks them)
+        temp = temperature.clamp(cfg.temperature_min, cfg.temperature_max).reshape(())
         i2t = _info_nce(a.img_BD, c.txt_ND, a, c, cfg, temp)
         t2i = _info_nce(a.txt_BD, c.img_ND, a, c, cfg, temp)
         total = 0.5 * (i2t + t2i)
         diag["temperature"] = temp.detach()
     diag.update(loss_i2t=i2t.detach(), loss_t2i=t2i.detach())
     return LossOutput(total, diag)
-
-
-def _fn_info_nce_loss(
-    a: Anchors,
-    c: Candidates,
-    cfg: FneConfig,
-    temperature: Tensor | None,
-    g: Gaussians | None,
-) -> LossOutput:
-    """infonce with false-negative cancellation (``fne.infonce_fn``; fne.fn_infonce), both
-    directions."""
-    if temperature is None or g is None:
-        raise ValueError("infonce with fne.infonce_fn needs a temperature and the fitted mixtures")
-    temp = temperature.clamp(cfg.temperature_min, cfg.temperature_max)
-    groups = None
-    if a.groups_B is not None and c.groups_N is not None:
-        groups = (a.groups_B, c.groups_N)
-    with torch.no_grad():  # the pair's image-image similarity serves both directions
-        intra_BN = a.img_BD.detach() @ c.img_ND.T
-        text_BN = a.txt_BD.detach() @ c.txt_ND.T if cfg.fn_signal == "tail_both" else None
-    args = (intra_BN, a.ids_B, a.pos_col_B, c.ids_N, groups, g, cfg, temp, text_BN)
-    i2t, s1 = fn_info_nce(a.img_BD, c.txt_ND, *args)
-    t2i, s2 = fn_info_nce(a.txt_BD, c.img_ND, *args)
-    s = {key: s1[key] + s2[key] for key in s1}
-    diag = dict(loss_i2t=i2t.detach(), loss_t2i=t2i.detach(), temperature=temp.detach())
-    diag["frac_pfn_gt_eps"] = s.pop("fn") / s.pop("unmasked").clamp_min(1.0)
-    return LossOutput(0.5 * (i2t + t2i), diag | s | gaussian_diagnostics(g))
 
 
 def _sum_of_hinges(
@@ -402,15 +366,9 @@ def _info_nce(
 
 
 def gaussian_diagnostics(g: Gaussians) -> dict[str, Tensor]:
-    """Gate state, positive count, μ±/σ± (and an estimated prior π) as 0-dim tensors."""
-    out = {} if g.prior is None else {"prior": g.prior}
-    if g.mixture is not None:  # fn_model: mixture: the fitted FN / TN components
-        mu_f, var_f, mu_t, var_t = g.mixture
-        out |= {"mu_fn": mu_f, "sigma_fn": var_f.sqrt(), "mu_tn": mu_t, "sigma_tn": var_t.sqrt()}
-    if g.intra is not None:  # fn_signal: intra | both: the image-image mixture
-        pi, mu_f, var_f, mu_t, var_t = g.intra
-        out |= {"prior_intra": pi, "mu_fn_intra": mu_f, "sigma_fn_intra": var_f.sqrt(),
-                "mu_tn_intra": mu_t, "sigma_tn_intra": var_t.sqrt()}  # fmt: skip
+    """Gate state, positive count, μ±/σ± (and the fitted posterior's parameters) as 0-dim
+    tensors."""
+    out = {} if g.posterior is None else g.posterior.diagnostics()
     return out | {
         "gate_open": g.gate_open.to(torch.float64),
         "n_pos": g.n_pos,
@@ -419,28 +377,3 @@ def gaussian_diagnostics(g: Gaussians) -> dict[str, Tensor]:
         "mu_neg": g.mu_neg,
         "sigma_neg": g.var_neg.sqrt(),
     }
-
-
-class RetrievalLoss(nn.Module):
-    """The harness as a module: owns infonce's learnable temperature (ALBEF init 0.07)."""
-
-    def __init__(self, cfg: FneConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.temperature = nn.Parameter(torch.tensor(cfg.temperature))
-
-    def forward(
-        self,
-        a: Anchors,
-        c: Candidates,
-        gaussians: Gaussians | None = None,
-        uniforms_2Bk: Tensor | None = None,
-        loss: str | None = None,
-    ) -> LossOutput:
-        return retrieval_loss(a, c, self.cfg, gaussians, uniforms_2Bk, self.temperature, loss)
-
-    def with_config(self, **changes: object) -> RetrievalLoss:
-        """A copy with some fields changed (for ablations in one process)."""
-        out = RetrievalLoss(replace(self.cfg, **changes))  # type: ignore[arg-type]
-        out.temperature = self.temperature
-        return out

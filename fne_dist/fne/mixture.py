@@ -1,5 +1,6 @@
-"""``fne.fn_model: mixture``: the false-negative posterior from a two-component mixture fitted
-to the candidates themselves (online EM), instead of the positive-pair Gaussian.
+"""The two-component mixture of the ``cross_mixture`` and ``intra_mixture`` posteriors
+(``fne.posteriors``), fitted to the candidates themselves (online EM), instead of the paper's
+positive-pair Gaussian.
 
 Legend: S sampled candidate similarities (anchor, random candidate of [batch ; memory]).
 
@@ -42,19 +43,16 @@ The hard cut keeps the paper's μ⁺ (positives), so only the posterior changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-from .stats import Gaussians
 
 INIT_PRIOR = 0.1  # the moment start's π (a start for EM, not an estimate)
 HIST_BINS = 200  # bins of the candidate-similarity histogram over [−1, 1] (width 0.01)
 FIT_ITERS = 20  # EM iterations per step on the histogram (warm-started)
 MIN_VAR_SHARE = 0.1  # each component's variance ≥ this share of the whole sample's
 MIX_PRIOR_MIN, MIX_PRIOR_MAX = 1e-6, 0.5
-FN_MODELS = ("positive", "mixture")
 
 
 @dataclass(frozen=True)
@@ -160,14 +158,6 @@ def refit(hist: Tensor, var_floor: float = 1e-8) -> Mixture:
     """This step's fit: ``FIT_ITERS`` EM iterations on the running histogram from its moment
     start (not warm-started: see the module doc). No host sync."""
     return fit_histogram(hist, None, FIT_ITERS, var_floor)
-
-
-def with_mixture(g: Gaussians, m: Mixture) -> Gaussians:
-    """``g`` whose posterior uses the mixture (π and both components); μ⁺ (the hard cut), the
-    gate and n⁺ stay the paper's."""
-    comps = (m.mu_fn, m.var_fn, m.mu_tn, m.var_tn)
-    # "separate": the two fitted variances differ, so the log-odds keep their s² term.
-    return replace(g, prior=m.prior, mixture=comps, variance="separate")
 
 
 def em_fit(sims_S: Tensor, iters: int = 200, var_floor: float = 1e-8) -> Mixture:

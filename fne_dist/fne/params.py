@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .estimators import PRIOR_MODES, STATS_SOURCES
-from .fn_signal import FN_SIGNALS, INFONCE_FN
-from .mixture import FN_MODELS
+from .estimators import STATS_SOURCES
+from .posteriors import POSTERIOR_NAMES
 from .stats import NO_POS_MU
 
 LOSSES = ("fne", "window", "vse_pp", "vse0", "infonce")
@@ -88,38 +87,26 @@ class FneConfig:
         "pair, negatives a random sample of [batch ; memory]; fne.estimators)",
         choices=STATS_SOURCES,
     )
-    prior_mode: str = setting(
-        "fixed",
-        "π of the posterior: fixed (the paper: fne.prior) or em (the mixing weight of the "
-        "candidate similarities, stepwise EM over each epoch; fne.estimators)",
-        choices=PRIOR_MODES,
-    )
-    fn_model: str = setting(
-        "positive",
-        "what a false negative's similarity looks like in P_fn: positive (the paper: the "
-        "positive-pair Gaussian, with fne.prior) or mixture (a two-component mixture of "
-        "sampled candidate similarities fitted by online EM: π and both components from data; "
-        "fne.mixture)",
-        choices=FN_MODELS,
+    posterior: str = setting(
+        "paper",
+        "the false-negative posterior P_fn (fne.posteriors): paper (the positive-pair Gaussian "
+        "against the negative one of the cross-modal similarity, fixed prior fne.prior), "
+        "cross_mixture (a two-component mixture of sampled candidates' cross-modal "
+        "similarities, π and both components fitted by online EM) or intra_mixture (the same "
+        "mixture of the anchor's and candidate's image-image similarity)",
+        choices=POSTERIOR_NAMES,
     )
     mixture_decay: float = setting(
-        0.98, "fn_model mixture: decay γ of the running EM sums per step", gt=0.0, lt=1.0
-    )
-    fn_signal: str = setting(
-        "cross",
-        "fn_model mixture: what P_fn is computed from: cross (the direction's cross-modal "
-        "similarity), intra (image-image similarity of anchor and candidate), both (naive "
-        "Bayes product of the two likelihood ratios) or tail (the image-image similarity's "
-        "robust z within the anchor's candidates; fne.tail) or tail_both (the larger of the "
-        "image-image and text-text robust z), for the fne sampler and "
-        "infonce_fn (fne.fn_signal)",
-        choices=FN_SIGNALS,
+        0.98,
+        "posterior cross_mixture / intra_mixture: decay γ of the running histogram per step",
+        gt=0.0,
+        lt=1.0,
     )
     fallback: str = setting(
         "hardest",
         "fne sampler, a row whose window weights sum to 0: draw the hardest violator (hardest, "
-        "the paper) or the hardest one with P_fn <= eps (unflagged; needs fn_signal other than "
-        "cross, whose dense sampler has the log-odds)",
+        "the paper) or the hardest one with P_fn <= eps (unflagged: the dense sampler then "
+        "computes every candidate's log-odds)",
         choices=("hardest", "unflagged"),
     )
     fallback_scope: str = setting(
@@ -130,20 +117,10 @@ class FneConfig:
         "violator contributes 0)",
         choices=("candidates", "batch"),
     )
-    tail_z: float = setting(
-        3.0, "fn_signal tail: z₀, the robust z at which P_fn = 0.5 (fne.tail)", gt=0.0
-    )
-    tail_slope: float = setting(
-        4.0, "fn_signal tail: k, the logistic's slope in z, P_fn = sigmoid(k(z − z₀))", gt=0.0
-    )
-    infonce_fn: str = setting(
-        "off",
-        "loss infonce: each negative's denominator term times 1 − P_fn (downweight) or 0 "
-        "(eliminate) where P_fn > eps; needs fn_model mixture (fne.fn_signal)",
-        choices=INFONCE_FN,
-    )
     stats_samples: int = setting(
-        4, "random candidates per anchor and direction for all_pairs, em and mixture", ge=1
+        4,
+        "random candidates per anchor and direction for all_pairs and the mixture posteriors",
+        ge=1,
     )
     mask_groups: bool = setting(False, "oracle: mask candidates sharing the anchor's group label")
     vse_pp_memory: bool = setting(True, "vse_pp takes its hardest negative over [batch ; memory]")
@@ -173,34 +150,13 @@ class FneConfig:
         return self.margin if self.hard_cut_margin is None else self.hard_cut_margin
 
     def check(self) -> None:
-        """Cross-field rules that a per-field range cannot express."""
-        if self.fn_model == "mixture" and self.prior_mode != "fixed":
-            raise ValueError(
-                "fne.fn_model=mixture estimates π itself: use it with fne.prior_mode=fixed"
-            )
-        if self.infonce_fn != "off" and (self.loss, self.fn_model) != ("infonce", "mixture"):
-            raise ValueError(
-                f"fne.infonce_fn={self.infonce_fn} needs fne.loss=infonce and fne.fn_model=mixture"
-            )
-        if self.fallback != "hardest" and (self.fn_model, self.loss) != ("mixture", "fne"):
-            raise ValueError(f"fne.fallback={self.fallback} needs fne.loss=fne, fn_model=mixture")
-        if self.fallback != "hardest" and self.fn_signal == "cross":
-            raise ValueError(f"fne.fallback={self.fallback} needs fne.fn_signal other than cross")
-        if self.fallback_scope != "candidates" and self.loss not in ("fne", "window"):
-            raise ValueError(
-                f"fne.fallback_scope={self.fallback_scope} needs fne.loss=fne or window "
-                f"(got {self.loss}: no fallback)"
-            )
-        if self.reduction != "sample" and self.loss not in ("fne", "window"):
-            raise ValueError(
-                f"fne.reduction={self.reduction} needs fne.loss=fne or window (got {self.loss})"
-            )
-        if self.reduction == "expected" and self.negatives != 1:
+        """Cross-field rules that a per-field range cannot express. Settings of the FNE sampler
+        are ignored by the losses that have none (vse_pp, vse0, infonce), so switching
+        ``fne.loss`` alone always gives a valid config."""
+        if self.reduction == "expected" and self.negatives != 1 and self.loss in ("fne", "window"):
             raise ValueError(
                 "fne.reduction=expected averages over every candidate: use it with fne.negatives=1"
             )
-        if self.fn_signal != "cross" and self.fn_model != "mixture":
-            raise ValueError(f"fne.fn_signal={self.fn_signal} needs fne.fn_model=mixture")
         if self.temperature_min > self.temperature_max:
             raise ValueError(
                 f"fne.temperature_min ({self.temperature_min}) > fne.temperature_max "
@@ -210,3 +166,32 @@ class FneConfig:
             raise ValueError(
                 f"fne.temperature={self.temperature} outside [temperature_min, temperature_max]"
             )
+
+
+_TAIL = (
+    "was retired with fne.fn_signal=tail (the per-anchor robust z: below intra_mixture in "
+    "bench/quality.py on both data sets); use fne.posterior=intra_mixture"
+)
+RETIRED: dict[str, str] = {
+    "fn_model": "was replaced by fne.posterior: fn_model=positive is posterior=paper; "
+    "fn_model=mixture is posterior=cross_mixture (with fn_signal=cross) or intra_mixture "
+    "(with fn_signal=intra)",
+    "fn_signal": "was replaced by fne.posterior: cross is posterior=paper or cross_mixture, "
+    "intra is intra_mixture; both, tail and tail_both were retired (within one sd of "
+    "intra_mixture in bench/quality.py): use fne.posterior=intra_mixture",
+    "prior_mode": "was retired (em: within one sd of fixed in bench/quality.py): the prior is "
+    "fne.prior, or fitted from data by fne.posterior=cross_mixture or intra_mixture",
+    "infonce_fn": "was retired (false-negative cancelling InfoNCE: within one sd of plain "
+    "infonce on both bench sets): use fne.loss=infonce",
+    "tail_z": _TAIL,
+    "tail_slope": _TAIL,
+}
+"""Keys of the ``fne`` section that no longer exist, and what replaced each (one line)."""
+
+
+def retired_key(section: dict[str, Any]) -> str | None:
+    """The one-line error for the first retired key of an ``fne`` mapping, or None."""
+    for key, why in RETIRED.items():
+        if key in section:
+            return f"fne.{key}={section[key]} {why}"
+    return None

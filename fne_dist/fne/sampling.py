@@ -116,15 +116,16 @@ def first_argmax(x_BN: Tensor, block: int = DRAW_BLOCK) -> tuple[Tensor, Tensor]
 
 
 def hardest_violator(
-    sim_BN: Tensor, mask_BN: Tensor, pos_sim_B: Tensor, margin: float
+    masked_sim_BN: Tensor, pos_sim_B: Tensor, margin: float
 ) -> tuple[Tensor, Tensor]:
-    """Fallback h_i = argmax_j C_ij over unmasked columns, and whether C_ih > 0.
+    """Fallback h_i = argmax_j C_ij over unmasked columns (masked ones hold −inf), and whether
+    C_ih > 0.
 
     The hinge C_ij = max(0, m + s_ij − s⁺_i) is increasing in s_ij within a row, so the hardest
-    violator is the most similar unmasked candidate: no B×N hinge matrix is needed. A row with
-    every column masked gets −inf and no violator.
+    violator is the first most similar unmasked candidate: no B×N hinge matrix is needed. Found
+    in two levels (``first_argmax``). A row with every column masked has no violator.
     """
-    best_B, idx_B = sim_BN.masked_fill(mask_BN, -math.inf).max(dim=1)
+    best_B, idx_B = first_argmax(masked_sim_BN)
     return idx_B, (margin + best_B - pos_sim_B) > 0
 
 

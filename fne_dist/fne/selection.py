@@ -25,8 +25,10 @@ import torch
 from torch import Tensor
 
 from .detection import dense_detection, empty_detection, listed_detection
+from .groups import same_group
 from .params import FneConfig
-from .sampling import draw_negatives, first_argmax
+from .posteriors import quadratic_fit_of
+from .sampling import draw_negatives, hardest_violator
 from .stats import Gaussians
 from .weights import (
     count_true,
@@ -42,49 +44,69 @@ from .weights import (
 WINDOW_MAX_FRACTION = 0.25
 
 
+class Rows(NamedTuple):
+    """b anchor rows of one chunk: their similarities to the N candidates and what selecting
+    their negatives needs."""
+
+    sim_bN: Tensor
+    pos_col_b: Tensor  # the column of each anchor's own pair
+    ids_b: Tensor
+    u_bk: Tensor | None = None  # the draws' uniforms (None: the hardest rule draws nothing)
+    mask_groups_b: Tensor | None = None  # the oracle: also mask the anchor's group mates
+    detect_groups_b: Tensor | None = None  # score false-negative detection against these
+    log_odds_bN: Tensor | None = None  # the posterior's log-odds of every pair, if given
+    fallback_cols: int | None = None  # seek the fallback in the first this many columns
+
+
+class CandidateLabels(NamedTuple):
+    """The N candidates' image ids and group labels (None: unlabelled)."""
+
+    ids_N: Tensor
+    groups_N: Tensor | None = None
+
+
+COUNTS = ("fallback", "no_violator", "fn", "unmasked", "window")
+"""Per-anchor counts of the selection (``Picks.counts_bC``): the draw fell back to the hardest
+violator; it had none; unmasked candidates with P_fn > ε; unmasked candidates; candidates in
+the hard-cut window (0 for the hardest rule)."""
+
+
 class Picks(NamedTuple):
-    """Per-anchor result of the selection for one chunk of anchor rows (b rows)."""
+    """Per-anchor result of the selection for one chunk of anchor rows (b rows): what the loss
+    takes (the drawn columns, whether each exists, the expected-loss shares), then what the
+    diagnostics take."""
 
     index_bk: Tensor  # drawn candidate columns
     valid_bk: Tensor  # the draw exists (see sampling.draw_negatives)
-    zero_hinge_bk: Tensor  # the drawn candidate does not violate the margin
-    sim_bk: Tensor  # similarity of the drawn candidate
-    fallback_b: Tensor
-    no_violator_b: Tensor
-    n_fn_b: Tensor  # unmasked candidates with P_fn > ε
-    n_unmasked_b: Tensor
-    n_window_b: Tensor  # candidates in the hard-cut window (0 for the hardest rule)
-    detect_bF: Tensor  # false-negative detection sums (fne.detection; b×0 if not measured)
     # fne.reduction expected: each candidate's share of the anchor's loss (the normalised
     # weights, or 1 on the fallback); b×0 otherwise
     prob_bN: Tensor
+    sim_bk: Tensor  # similarity of the drawn candidate
+    zero_hinge_bk: Tensor  # the drawn candidate does not violate the margin
+    counts_bC: Tensor  # float64 columns ``COUNTS``
+    detect_bF: Tensor  # false-negative detection sums (fne.detection; b×0 if not measured)
+
+    def count(self, name: str) -> Tensor:
+        """The per-anchor column ``name`` of ``COUNTS``."""
+        return self.counts_bC[:, COUNTS.index(name)]
 
 
 def select_dense(
-    sim_bN: Tensor,
-    pos_col_b: Tensor,
-    ids_b: Tensor,
-    cand_ids_N: Tensor,
-    groups_b: Tensor | None,
-    cand_groups_N: Tensor | None,
-    u_bk: Tensor | None,
-    g: Gaussians | None,
-    cfg: FneConfig,
-    rule: str,
-    detect_groups: tuple[Tensor, Tensor] | None = None,
-    log_odds_bN: Tensor | None = None,
-    fallback_cols: int | None = None,
+    rows: Rows, cands: CandidateLabels, g: Gaussians | None, cfg: FneConfig, rule: str
 ) -> Picks:
     """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device).
 
-    detect_groups: (anchor groups b, candidate groups N) to measure false-negative detection
-    (``fne.detection``) with the fne and window rules; None: not measured. log_odds_bN: the
-    posterior's log-odds when they are not a function of sim (``fne.fn_signal``);
-    fallback_cols: the fallback violator is sought in the first this many columns only (the
-    batch block, ``fne.fallback_scope: batch``), None: in all."""
+    Detection (``fne.detection``) is measured with the fne and window rules when
+    ``rows.detect_groups_b`` and the candidates' groups are given. ``rows.log_odds_bN``: the
+    posterior's log-odds of every pair (a posterior that is not a function of sim, or the
+    ``unflagged`` fallback); ``rows.fallback_cols``: the fallback violator is sought in the
+    first this many columns only (the batch block, ``fne.fallback_scope: batch``)."""
+    sim_bN, pos_col_b, ids_b, u_bk = rows.sim_bN, rows.pos_col_b, rows.ids_b, rows.u_bk
+    log_odds_bN, fallback_cols = rows.log_odds_bN, rows.fallback_cols
+    detect_groups = _detect_groups(rows, cands)
     n = sim_bN.shape[1]
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
-    mask_bN = negative_mask(ids_b, pos_col_b, cand_ids_N, groups_b, cand_groups_N)
+    mask_bN = negative_mask(ids_b, pos_col_b, cands.ids_N, rows.mask_groups_b, cands.groups_N)
     masked_sim_bN = sim_bN.masked_fill(mask_bN, -math.inf)
     if rule == "hardest":
         return _hardest_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin)
@@ -109,6 +131,13 @@ def select_dense(
     )  # fmt: skip
 
 
+def _detect_groups(rows: Rows, cands: CandidateLabels) -> tuple[Tensor, Tensor] | None:
+    """(anchor groups, candidate groups) to measure detection against, or None."""
+    if rows.detect_groups_b is None or cands.groups_N is None:
+        return None
+    return rows.detect_groups_b, cands.groups_N
+
+
 def _dense_detection(
     sim_bN: Tensor,
     mask_bN: Tensor,
@@ -131,27 +160,23 @@ def _dense_detection(
 
 
 def select_listed(
-    sim_bN: Tensor,
-    pos_col_b: Tensor,
-    ids_b: Tensor,
-    cand_ids_N: Tensor,
-    groups_b: Tensor | None,
-    cand_groups_N: Tensor | None,
-    u_bk: Tensor | None,
+    rows: Rows,
+    cands: CandidateLabels,
     g: Gaussians | None,
     cfg: FneConfig,
     rule: str,
     index: CandidateIndex | None = None,
-    detect_groups: tuple[Tensor, Tensor] | None = None,
-    fallback_cols: int | None = None,
 ) -> Picks:
     """The picks of b anchors, listed: the masked entries by binary search (``index``: the
     sorted candidate ids, built here if not given), the weights inside the hard-cut window
-    only. Reads the window's size on the host: for CPU tensors. fallback_cols: as
-    ``select_dense``."""
+    only. Reads the window's size on the host: for CPU tensors. ``rows`` as ``select_dense``
+    (without log-odds: the listed form computes the quadratic posterior itself)."""
+    sim_bN, pos_col_b, ids_b, u_bk = rows.sim_bN, rows.pos_col_b, rows.ids_b, rows.u_bk
+    groups_b, fallback_cols = rows.mask_groups_b, rows.fallback_cols
+    detect_groups = _detect_groups(rows, cands)
     b, n = sim_bN.shape
     if index is None:
-        index = candidate_index(cand_ids_N, None if groups_b is None else cand_groups_N)
+        index = candidate_index(cands.ids_N, None if groups_b is None else cands.groups_N)
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
     masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
@@ -194,7 +219,9 @@ def _listed_detection(
         return empty_detection(sim_bN.shape[0], sim_bN.device)
     groups_b, cand_groups_N = detect_groups
     threshold = float(cut_threshold(g, cfg.cut_margin, sim_bN.dtype))
-    if rule == "window" or fn_region_inside_window(g, cfg.prior, cfg.eps, threshold):
+    if rule == "window" or fn_region_inside_window(
+        quadratic_fit_of(g, cfg.prior), cfg.eps, threshold
+    ):
         return listed_detection(
             sim_bN, masked, groups_b, cand_groups_N, ww.col_BM, ww.n_window_B, g, cfg,
             rule == "fne",
@@ -207,7 +234,7 @@ def _hardest_picks(
     sim_bN: Tensor, masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float
 ) -> Picks:
     """VSE++: the hardest unmasked candidate of each anchor, valid if it violates the margin."""
-    h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, margin)
+    h_b, has_violator_b = hardest_violator(masked_sim_bN, pos_sim_b, margin)
     zeros_b = torch.zeros_like(h_b)
     return _picks(
         sim_bN, pos_sim_b, margin, h_b[:, None], has_violator_b[:, None],
@@ -232,7 +259,7 @@ def _drawn_picks(
     the columns of ``masked_sim_bN``: a leading slice when the fallback's scope is narrowed); with
     ``cfg.reduction`` expected, also the normalised weights as dense rows (the draws are then
     diagnostics only)."""
-    h_b, has_violator_b = _hardest_violator(masked_sim_bN, pos_sim_b, cfg.margin)
+    h_b, has_violator_b = hardest_violator(masked_sim_bN, pos_sim_b, cfg.margin)
     d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
     prob_bN = sim_bN.new_zeros(len(h_b), 0)
     if cfg.reduction == "expected":
@@ -264,15 +291,6 @@ def expected_shares(
     return torch.where(fallback_b[:, None], one_hot_bN, p_bN)
 
 
-def _hardest_violator(
-    masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float
-) -> tuple[Tensor, Tensor]:
-    """(column of the most similar unmasked candidate, whether it violates the margin). Found
-    in two levels (block maxima, then one block): cheaper than an argmax over b×N."""
-    best_b, h_b = first_argmax(masked_sim_bN)
-    return h_b, (margin + best_b - pos_sim_b) > 0
-
-
 def _picks(
     sim_bN: Tensor,
     pos_sim_b: Tensor,
@@ -286,19 +304,15 @@ def _picks(
     prob_bN: Tensor,
 ) -> Picks:
     neg_sim_bk = sim_bN.gather(1, idx_bk)
-    n_fn_b, n_unmasked_b, n_window_b = counts
+    columns = (fallback_b, no_violator_b, *counts)  # the order of COUNTS
     return Picks(
         index_bk=idx_bk,
         valid_bk=valid_bk,
-        zero_hinge_bk=(margin + neg_sim_bk - pos_sim_b[:, None]) <= 0,
-        sim_bk=neg_sim_bk,
-        fallback_b=fallback_b,
-        no_violator_b=no_violator_b,
-        n_fn_b=n_fn_b,
-        n_unmasked_b=n_unmasked_b,
-        n_window_b=n_window_b,
-        detect_bF=detect_bF,
         prob_bN=prob_bN,
+        sim_bk=neg_sim_bk,
+        zero_hinge_bk=(margin + neg_sim_bk - pos_sim_b[:, None]) <= 0,
+        counts_bC=torch.stack([c.to(torch.float64) for c in columns], dim=1),
+        detect_bF=detect_bF,
     )
 
 
@@ -314,7 +328,7 @@ def negative_mask(
     mask_BN = ids_B[:, None] == cand_ids_N[None, :]
     mask_BN.scatter_(1, pos_col_B[:, None], True)
     if groups_B is not None and cand_groups_N is not None:
-        mask_BN |= (groups_B[:, None] == cand_groups_N[None, :]) & (groups_B[:, None] >= 0)
+        mask_BN |= same_group(groups_B[:, None], cand_groups_N[None, :])
     return mask_BN
 
 

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .posteriors import PosteriorFit
 
 NO_POS_MU = ("zero", "skip", "carry")
 """What μ⁺ is before this epoch's first positive sample (see ``SimilarityStats``)."""
@@ -88,8 +92,9 @@ class Gaussians:
     ``has_mu_pos`` is false until a μ⁺ exists (a positive sample this epoch, a carried μ⁺, or
     the reference's running mean that starts at 0): the hard cut is skipped then.
     ``gate_open`` is n⁺ > gate_size: the Bayes part is used. With ``variance == "pooled"``,
-    var_pos and var_neg hold the same pooled variance. ``prior``: π estimated from data
-    (``fne.estimators``), used instead of the configured prior when set.
+    var_pos and var_neg hold the same pooled variance. ``posterior``: this step's fitted
+    false-negative posterior (``fne.posteriors``); None: the paper's, from these Gaussians and
+    the configured prior.
     """
 
     mu_pos: Tensor
@@ -100,13 +105,7 @@ class Gaussians:
     has_mu_pos: Tensor
     gate_open: Tensor
     variance: str = "separate"
-    prior: Tensor | None = None  # a data-estimated π (``prior_mode: em``); None: the config's
-    # (μ_f, σ_f², μ_t, σ_t²) of ``fn_model: mixture`` (``fne.mixture``): the posterior's two
-    # components instead of (μ⁺, σ⁺², μ⁻, σ⁻²); None: the paper's.
-    mixture: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
-    # (π, μ_f, σ_f², μ_t, σ_t²) of the image-image mixture of ``fn_signal: intra | both``
-    # (``fne.fn_signal``); None: not fitted.
-    intra: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None
+    posterior: PosteriorFit | None = None
 
 
 def _mean_var(n: Tensor, s: Tensor, ss: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,25 +171,22 @@ class SimilarityStats:
         self.reset_policy = reset
         self.no_pos_mu = no_pos_mu
         self.totals = empty_stats(device)
-        # EM sums of the mixing weight (n, Σ responsibilities): ``fne.estimators``.
-        self.em_totals = torch.zeros(2, dtype=torch.float64, device=device)
         self.carried_mu_pos = torch.tensor(math.nan, dtype=torch.float64, device=device)
-        # ``fn_model: mixture`` (``fne.mixture``): the decayed histogram of candidate
-        # similarities (sized by its first add). Never reset: the decay forgets.
-        self.mix_totals = torch.zeros(0, dtype=torch.float64, device=device)
+        # The posterior's running sums (``fne.posteriors``; the mixtures' decayed histogram of
+        # candidate similarities, sized by its first add; none for the paper's). Never reset:
+        # the decay forgets.
+        self.posterior_totals = torch.zeros(0, dtype=torch.float64, device=device)
 
     def add(self, batch_stats: Tensor) -> None:
         self.totals = merge_stats(self.totals, batch_stats.to(self.totals))
 
-    def add_em(self, batch_em: Tensor) -> None:
-        """Add one step's (all-reduced) EM sums (n, Σ r) of the mixing weight."""
-        self.em_totals = self.em_totals + batch_em.to(self.em_totals)
-
-    def add_mixture(self, batch_hist: Tensor, decay: float) -> None:
-        """H ← γ·H + one step's (all-reduced) histogram of candidate similarities."""
-        if self.mix_totals.numel() == 0:
-            self.mix_totals = torch.zeros_like(batch_hist, dtype=torch.float64)
-        self.mix_totals = decay * self.mix_totals + batch_hist.to(self.mix_totals)
+    def add_posterior(self, batch_sums: Tensor, decay: float) -> None:
+        """T ← γ·T + one step's (all-reduced) posterior sums (nothing when it has none)."""
+        if batch_sums.numel() == 0:
+            return
+        if self.posterior_totals.numel() == 0:
+            self.posterior_totals = torch.zeros_like(batch_sums, dtype=torch.float64)
+        self.posterior_totals = decay * self.posterior_totals + batch_sums.to(self.posterior_totals)
 
     def new_epoch(self) -> None:
         if self.reset_policy == "never":
@@ -199,7 +195,6 @@ class SimilarityStats:
         mu = self.totals[1] / n.clamp_min(1.0)
         self.carried_mu_pos = torch.where(n > 0, mu, self.carried_mu_pos)
         self.totals = torch.zeros_like(self.totals)
-        self.em_totals = torch.zeros_like(self.em_totals)
 
     def gaussians(
         self, gate_size: int = 200, var_floor: float = 1e-8, variance: str = "separate"
@@ -215,14 +210,13 @@ class SimilarityStats:
         return {
             "totals": self.totals.clone(),
             "carried_mu_pos": self.carried_mu_pos.clone(),
-            "em_totals": self.em_totals.clone(),
-            "mix_totals": self.mix_totals.clone(),
+            # the key predates fne.posterior (the mixture's histogram): old checkpoints load
+            "mix_totals": self.posterior_totals.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.totals = state["totals"].to(self.totals)
         self.carried_mu_pos = state["carried_mu_pos"].to(self.carried_mu_pos)
-        if "em_totals" in state:  # checkpoints written before prior_mode existed have none
-            self.em_totals = state["em_totals"].to(self.em_totals)
-        if "mix_totals" in state:  # nor fn_model: mixture
-            self.mix_totals = state["mix_totals"].to(self.mix_totals)
+        # a checkpoint's "em_totals" (the retired prior_mode: em) is ignored
+        if "mix_totals" in state:  # checkpoints written before the mixtures have none
+            self.posterior_totals = state["mix_totals"].to(self.posterior_totals)

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .params import FneConfig
-from .posterior import fn_log_odds, fn_log_odds_threshold, log_odds_coefficients
+from .posterior import fn_log_odds_threshold
+from .posteriors import QuadraticFit, quadratic_fit_of
 from .stats import Gaussians
 
 
@@ -80,8 +81,8 @@ def sampling_weights(
     mask_BN: candidates that are never negatives (positives, and the oracle's group mates);
     masked_sim_BN: sim with −inf on the mask, if the caller has it already; masked_entries:
     the mask's True entries as (rows, columns), if the caller has them (counts then skip a
-    pass over the mask); log_odds_BN: the posterior's log-odds when they are not the quadratic
-    in sim (``fne.fn_signal``: intra, both).
+    pass over the mask); log_odds_BN: the posterior's log-odds when the caller has them (a
+    posterior that is not a function of sim, ``fne.posteriors``), else the quadratic in sim.
 
     The dense form, for any device and for torch.compile: the gate and "no μ⁺ yet" are folded
     into scalar thresholds (a masked candidate has similarity −inf, so the cut removes it too)
@@ -103,7 +104,7 @@ def sampling_weights(
     if rule != "fne":
         raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
     if log_odds_BN is None:
-        log_odds_BN = fn_log_odds(sim_BN, g, cfg.prior)
+        log_odds_BN = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_BN)
     is_fn_BN = is_false_negative(log_odds_BN, cfg.eps)
     # Unmasked candidates with P_fn > ε (a diagnostic: the gate does not matter).
     if masked_entries is None:
@@ -181,15 +182,16 @@ def window_weights(
         return None
     rows_W = flat_W // n
     if rule == "fne":
+        fit = quadratic_fit_of(g, cfg.prior)
         sim_W = sim_BN.reshape(-1).take(flat_W)
-        log_odds_W = fn_log_odds(sim_W, g, cfg.prior)
+        log_odds_W = fit.log_odds_sim(sim_W)
         is_fn_W = is_false_negative(log_odds_W, cfg.eps)
-        if fn_region_inside_window(g, cfg.prior, cfg.eps, float(threshold)):
+        if fn_region_inside_window(fit, cfg.eps, float(threshold)):
             # Every candidate with P_fn > ε is in the window: count it there.
             n_fn_B = torch.bincount(rows_W, weights=is_fn_W.to(torch.float64), minlength=b)
             n_fn_B = n_fn_B.long()
         else:
-            n_fn_B = _count_fn_listed(sim_BN, masked_entries, g, cfg)
+            n_fn_B = _count_fn_listed(sim_BN, masked_entries, fit, cfg.eps, cfg.chunk_rows)
         w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
     elif rule == "window":
         n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
@@ -200,7 +202,11 @@ def window_weights(
 
 
 def _count_fn_listed(
-    sim_BN: Tensor, masked_entries: tuple[Tensor, Tensor], g: Gaussians, cfg: FneConfig
+    sim_BN: Tensor,
+    masked_entries: tuple[Tensor, Tensor],
+    fit: QuadraticFit,
+    eps: float,
+    chunk_rows: int,
 ) -> Tensor:
     """Per row: unmasked candidates with P_fn > ε, over all candidates (in cache-sized slices
     of rows), less the masked ones (listed)."""
@@ -208,15 +214,11 @@ def _count_fn_listed(
     rows_M, cols_M = masked_entries
     n_fn_B = torch.cat(
         [
-            count_true(
-                is_false_negative(
-                    fn_log_odds(sim_BN[r : r + cfg.chunk_rows], g, cfg.prior), cfg.eps
-                )
-            )
-            for r in range(0, b, cfg.chunk_rows)
+            count_true(is_false_negative(fit.log_odds_sim(sim_BN[r : r + chunk_rows]), eps))
+            for r in range(0, b, chunk_rows)
         ]
     )
-    is_fn_M = is_false_negative(fn_log_odds(sim_BN[rows_M, cols_M], g, cfg.prior), cfg.eps)
+    is_fn_M = is_false_negative(fit.log_odds_sim(sim_BN[rows_M, cols_M]), eps)
     return n_fn_B - torch.bincount(rows_M, weights=is_fn_M.to(torch.float64), minlength=b).long()
 
 
@@ -239,14 +241,14 @@ def _left_aligned(
     return WindowWeights(w_BM, col_BM, n_fn_B, count_B)
 
 
-def fn_region_inside_window(g: Gaussians, prior: float, eps: float, threshold: float) -> bool:
+def fn_region_inside_window(fit: QuadraticFit, eps: float, threshold: float) -> bool:
     """True when no similarity in [−1, threshold] can have P_fn > ε, with a wide margin for
     float32 rounding of the log-odds: every candidate with P_fn > ε is then in the window.
 
     Host values (CPU path only). The log-odds are a quadratic in s, so their maximum over the
     interval is at an end or at the vertex.
     """
-    alpha, beta, gamma = (float(t) for t in log_odds_coefficients(g, prior))
+    alpha, beta, gamma = (float(t) for t in fit.coefficients())
     lo, hi = -1.0 - 1e-3, threshold + 1e-6
     if hi < lo:
         return True

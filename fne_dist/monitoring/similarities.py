@@ -1,4 +1,4 @@
-"""Similarity samples for the FNE picture (issue #14, item 5): a small bounded reservoir of
+"""Similarity samples for the FNE picture: a small bounded reservoir of
 the positive and negative similarities the statistics are fitted on, and the JSON snapshot of
 one evaluation (samples + the current Gaussians) that ``fne_dist.plot`` draws.
 
@@ -135,7 +135,6 @@ def gaussians_to_dict(g: Gaussians) -> dict[str, Any]:
         "has_mu_pos": bool(g.has_mu_pos),
         "gate_open": bool(g.gate_open),
         "variance": g.variance,
-        "prior": None if g.prior is None else float(g.prior),
     }
 
 
@@ -146,8 +145,7 @@ def gaussians_from_dict(d: dict[str, Any]) -> Gaussians:
         return torch.tensor(x, dtype=torch.bool if isinstance(x, bool) else torch.float64)
 
     keys = ("mu_pos", "var_pos", "mu_neg", "var_neg", "n_pos", "has_mu_pos", "gate_open")
-    prior = None if d.get("prior") is None else t(float(d["prior"]))
-    return Gaussians(**{k: t(d[k]) for k in keys}, variance=d["variance"], prior=prior)
+    return Gaussians(**{k: t(d[k]) for k in keys}, variance=d["variance"])
 
 
 def write_snapshot(directory: Path, data: dict[str, Any]) -> Path:

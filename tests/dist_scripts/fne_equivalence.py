@@ -33,7 +33,7 @@ from fne_dist import distributed as D
 from fne_dist.config import ModelConfig
 from fne_dist.fne import Candidates, FneConfig, SimilarityStats, mutual_top1_stats, stats_of
 from fne_dist.fne.sampling import step_uniforms
-from fne_dist.fne.selection import select_listed
+from fne_dist.fne.selection import CandidateLabels, Rows, select_listed
 from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
@@ -149,16 +149,14 @@ def recompute_picks(model, batch, cands: Candidates, stats, step, rank, world) -
             ("t2i", txt, cands.img_ND, u[1]),
         ):
             sim = anchor @ cand.T
-            p = select_listed(
-                sim, pos_col, batch["ids"], cands.ids_N, None, cands.groups_N, u_Bk, g,
-                FNE_CFG, "fne",
-            )  # fmt: skip
+            rows = Rows(sim, pos_col, batch["ids"], u_Bk)
+            p = select_listed(rows, CandidateLabels(cands.ids_N, cands.groups_N), g, FNE_CFG, "fne")
             pos = sim.gather(1, pos_col[:, None])
             hinge = (FNE_CFG.margin + p.sim_bk - pos).clamp_min(0) * p.valid_bk
             loss += (hinge.sum(1) / p.valid_bk.sum(1).clamp_min(1)).mean().double()
             out[f"{name}_index"] = p.index_bk
             out[f"{name}_valid"] = p.valid_bk
-            out[f"{name}_n_fn"] = p.n_fn_b
+            out[f"{name}_n_fn"] = p.count("fn")
     out["loss"] = loss
     out["gate_open"] = g.gate_open
     return out

@@ -1,4 +1,4 @@
-"""One rank of tests/test_hostile_process.py's stop agreement (H4).
+"""One rank of tests/test_hostile_process.py's stop agreement (SIGTERM).
 
     RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python stop_agreement.py SPEC OUT
 
