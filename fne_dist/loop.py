@@ -62,7 +62,7 @@ from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
-from .nonfinite import Snapshot, check_in_row, finite_everywhere, grads_finite
+from .nonfinite import check_in_row, finite_everywhere, grads_finite
 from .plot import NoPictures, RunPictures
 from .reporting import (
     ConsoleReporter,
@@ -75,9 +75,10 @@ from .reporting import (
     setup_logging,
 )
 from .run_lock import owned
+from .running_stats import PendingRunningStats, deferred_running_stats
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
-from .step import forward_step
+from .step import StepOutput, forward_step
 from .summary import group_rsum_text
 from .timing import NullTimer, PhaseTimer
 
@@ -386,32 +387,47 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     state.micro, state.position = micro, run.data_log.position
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     state.warm = state.opt_step < cfg.train.warmup_steps
-    before = Snapshot((engine.module, run.parts.momentum), run.parts.stats)  # a skipped step undoes
-    out = forward_step(  # phases 1-5
-        engine,
-        run.parts.momentum,
-        batch,
-        run.parts.memory,
-        run.parts.stats,
-        cfg.fne,
-        cfg.run.seed,
-        micro,
-        state.warm,
-        timer,
-    )
+    # phases 1-5 compute; the statistics' sums and the batch-norm running statistics they
+    # saw are applied only by commit_step, once the step is known finite
+    with deferred_running_stats(engine.module, run.parts.momentum) as running:
+        out = forward_step(
+            engine,
+            run.parts.momentum,
+            batch,
+            run.parts.memory,
+            run.parts.stats,
+            cfg.fne,
+            cfg.run.seed,
+            micro,
+            state.warm,
+            timer,
+        )
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss
         out.loss = out.loss + float("nan")
     if not finite_everywhere(out.loss):
-        return skip_nonfinite(run, state, micro, out.loss, before)
+        return skip_nonfinite(run, state, micro, out.loss)
     state.nonfinite_in_row = 0
     run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
         if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # skip the step
             engine.module.zero_grad(set_to_none=True)
-            return skip_nonfinite(run, state, micro, None, before)
+            return skip_nonfinite(run, state, micro, None)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
     boundary = (micro + 1) % cfg.engine.grad_accum == 0
+    commit_step(run, state, out, running, boundary)
+    return boundary
+
+
+def commit_step(
+    run: Run, state: TrainState, out: StepOutput, running: PendingRunningStats, boundary: bool
+) -> None:
+    """A finite step's state, applied together: the FNE statistics' sums, the batch-norm
+    running statistics, the EMA (at an optimizer step) and the memory's enqueue. A skipped
+    step applies none of them, so nothing of it needs undoing."""
+    cfg, engine, timer = run.cfg, run.parts.engine, run.timer
+    run.parts.stats.add_step(out.stat_sums, cfg.fne.mixture_decay)
+    running.commit()  # before the EMA, which copies the online model's buffers
     if boundary:
         with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
             ema_update(run.parts.momentum, engine.module, cfg.memory.momentum)  # 7
@@ -422,16 +438,12 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
             run.parts.memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
     state.stale += out.staleness
     state.add_diagnostics(out.loss, out.diagnostics)
-    return boundary
 
 
-def skip_nonfinite(
-    run: Run, state: TrainState, micro: int, loss: torch.Tensor | None, before: Snapshot
-) -> bool:
+def skip_nonfinite(run: Run, state: TrainState, micro: int, loss: torch.Tensor | None) -> bool:
     """A micro step whose loss (given) or gradient is non-finite: no update, no EMA, no
-    enqueue, statistics and buffers restored; counted, and a non-finite loss shows in its log
-    window. True when it was the optimizer step's boundary (as ``train_step``)."""
-    before.restore()
+    enqueue, no statistics (none of it was committed); counted, and a non-finite loss shows in
+    its log window. True when it was the optimizer step's boundary (as ``train_step``)."""
     accum = run.cfg.engine.grad_accum
     if accum > 1:  # the engine counts micro steps: the window's finite ones still apply
         run.parts.engine.step()
