@@ -114,8 +114,8 @@ def build_state(mode: str, data: dict[str, Tensor]):
 
 
 class BlockStats(SimilarityStats):
-    """Test double: records every batch statistic ``forward_step`` adds and, when
-    ``replacement`` is set, adds that instead.
+    """Test double: records every batch statistic added (``forward_step``'s view of the step,
+    then the loop's commit of it) and, when ``replacement`` is set, adds that instead.
 
     At W = 2 each rank applies the mutual-top-1 rule to its own B×B block and the sums are
     all-reduced; one rank with the 2B batch would apply it to the 2B×2B matrix, a different
