@@ -279,6 +279,7 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
                 )
                 stale[3:] += _batch_lag(model, momentum, batch)
             out = forward_step(model, momentum, batch, memory, stats, cfg, seed, step, warm)
+            stats.add_step(out.stat_sums, cfg.mixture_decay)  # no skipped steps here
             opt.zero_grad()
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)

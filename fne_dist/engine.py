@@ -1,5 +1,7 @@
 """The training engine: DeepSpeed (imported here and, for its checkpoint types, in
-``checkpoint.py``), its plain-DDP twin, and the learning-rate schedules."""
+``checkpoint/pickle_safety.py``), its plain-DDP twin, and the learning-rate schedules. The twin
+writes its state in the checkpoint's own format (``checkpoint.format``); nothing of the
+checkpoint imports back up except the collective save, which sits above the engine."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint.format import load_state, save_state
 from .config import Config, OptimConfig
 from .distributed import rank
 
@@ -234,18 +237,10 @@ class DDPEngine:
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
         """Rank 0 writes ``state_dict()`` through the checkpoint's own writer (safetensors +
         JSON, no pickle) as ``<tag>/state.*``; every rank holds the same state under DDP."""
-        from pathlib import Path
-
-        from .checkpoint import save_state
-
         if rank() == 0:
             save_state(Path(save_dir) / tag, "state", self.state_dict())
 
     def load_checkpoint(self, load_dir: str, tag: str, **_: object) -> tuple[str | None, dict]:
-        from pathlib import Path
-
-        from .checkpoint import load_state
-
         src = Path(load_dir) / tag
         if not (src / "state.json").is_file():
             return None, {}

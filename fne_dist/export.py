@@ -23,7 +23,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .checkpoint import META, CheckpointError, _sha256, validate
+from .checkpoint.format import META, CheckpointError, sha256_of
+from .checkpoint.validation import validate
 
 WEIGHTS = "model.safetensors"
 
@@ -36,7 +37,7 @@ def sidecar(weights: Path) -> Path:
 def write_sidecar(weights: Path) -> str:
     """Hash ``weights`` into its ``.sha256`` file (written atomically); returns the hash. Code
     that writes weights (the training loop's run directory) calls this after writing them."""
-    digest = _sha256(weights)
+    digest = sha256_of(weights)
     tmp = sidecar(weights).with_name(sidecar(weights).name + ".tmp")
     tmp.write_text(f"{digest}  {weights.name}\n")
     os.replace(tmp, sidecar(weights))
@@ -56,7 +57,7 @@ def load_weights(path: Path) -> dict[str, Tensor]:
             expected = sidecar(path).read_text().split()[0].lower()
         except (OSError, UnicodeDecodeError, IndexError):
             raise CheckpointError(f"{sidecar(path)}: unreadable hash file") from None
-        if _sha256(path) != expected:
+        if sha256_of(path) != expected:
             raise CheckpointError(f"{path}: corrupt (sha256 differs from {sidecar(path).name})")
     try:
         return load_file(str(path))
@@ -120,7 +121,7 @@ def export(source: Path, out: Path) -> dict:
         for name in (WEIGHTS, "config.yaml"):
             _copy_into(source / name, out)
         write_sidecar(out / WEIGHTS)
-        info = {**origin, "sha256": {n: _sha256(out / n) for n in (WEIGHTS, "config.yaml")}}
+        info = {**origin, "sha256": {n: sha256_of(out / n) for n in (WEIGHTS, "config.yaml")}}
         (out / "export.json").write_text(json.dumps(info, indent=1))
     except OSError as err:
         raise CheckpointError(f"{out}: cannot write the export ({err.strerror or err})") from None

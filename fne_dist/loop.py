@@ -29,9 +29,17 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from . import checkpoint as ckpt
 from . import distributed as dist_ops
-from .config import Config, config_text, save_config
+from .checkpoint.collective import Parts
+from .checkpoint.format import CheckpointError, write_error
+from .checkpointer import (
+    Checkpointer,
+    LauncherCheckpoints,
+    check_checkpoint_dir,
+    checkpoint_root,
+    local_checkpoint_dir,
+)
+from .config import Config, save_config
 from .data.splits import PairTable
 from .data.stream import TrainStream
 from .distributed.device import backend_for, select_device
@@ -54,7 +62,7 @@ from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
-from .nonfinite import Snapshot, check_in_row, finite_everywhere, grads_finite
+from .nonfinite import check_in_row, finite_everywhere, grads_finite
 from .plot import NoPictures, RunPictures
 from .reporting import (
     ConsoleReporter,
@@ -66,22 +74,27 @@ from .reporting import (
     json_safe,
     setup_logging,
 )
-from .run_identity import check_resume_config, data_identity, restart_of_same_run, resume_request
 from .run_lock import owned
+from .running_stats import PendingRunningStats, deferred_running_stats
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
-from .step import forward_step
+from .step import StepOutput, forward_step
 from .summary import group_rsum_text
 from .timing import NullTimer, PhaseTimer
 
 log = logging.getLogger("fne_dist")
 
 
-def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
+def train(
+    cfg: Config,
+    extra_reporter: Reporter | None = None,
+    launcher_checkpoints: LauncherCheckpoints | None = None,
+) -> dict:
     """Train and evaluate as configured; returns the metrics written to metrics.json.
 
     extra_reporter receives the logged metrics on every rank (e.g. Ray's); rank 0 also reports
-    to the console and to the run's train_log.jsonl.
+    to the console and to the run's train_log.jsonl. launcher_checkpoints: a launcher's own
+    record of the run's checkpoints (Ray Train's), told of each one and asked on resume.
     """
     t_start = time.perf_counter()
     setup_logging()  # every launcher's process passes here: "[rank r] ..." on stdout
@@ -101,9 +114,11 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
         backbones = (image_backbone, text_backbone)
         # one live run per run directory and per checkpoint.dir; a signal stops the run
         # between steps
-        owner = owned(run_directory(cfg), dist_ops.rank(), local_checkpoint_dir(cfg), cfg.run.name)
+        run_dir = run_directory(cfg)
+        owner = owned(run_dir, dist_ops.rank(), local_checkpoint_dir(cfg, run_dir), cfg.run.name)
         with owner, handle_signals() as stop:
-            result = _train(cfg, extra_reporter, backbones, device, launcher, t_start, stop)
+            hooks = Hooks(extra_reporter, launcher_checkpoints, stop)
+            result = _train(cfg, hooks, backbones, device, launcher, t_start)
         if created_group:
             dist_ops.barrier()  # no rank tears the group down while another still uses it
         return result
@@ -114,13 +129,6 @@ def train(cfg: Config, extra_reporter: Reporter | None = None) -> dict:
 
 def run_directory(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
-
-
-def local_checkpoint_dir(cfg: Config) -> Path | None:
-    """checkpoint.dir as a local directory (its default inside the run directory); None for a
-    URL."""
-    root = cfg.checkpoint.dir or str(run_directory(cfg) / "checkpoints")
-    return None if ckpt.is_url(root) else Path(root)
 
 
 def preflight(cfg: Config) -> None:
@@ -139,20 +147,20 @@ def seed_everything(seed: int) -> None:
 
 def _train(
     cfg: Config,
-    reporter: Reporter | None,
+    hooks: Hooks,
     backbones: tuple[ImageBackbone, TextBackbone],
     device: torch.device,
     launcher: str,
     t_start: float,
-    stop: StopRequest,
 ) -> dict:
     """Phases 3-5 of ``train`` inside an initialised process group."""
     # 3. run directory, data, model, momentum model, engine, memory, statistics, reporters
-    run = setup_run(cfg, reporter, *backbones, device, launcher, stop)
-    # 4. resume (Ray's checkpoint after a restart, else checkpoint.resume), then the loop
+    run = setup_run(cfg, hooks, *backbones, device, launcher)
+    # 4. resume (a launcher's checkpoint after a restart, else checkpoint.resume), the loop
     state = resume_or_start(run)
     run.reporter.progress(progress(run, state))  # the metrics' baseline
     t_loop = time.perf_counter()
+    stop = hooks.stop
     batches = agreed_batches(
         run.stream, run.total_micro, run.data_log, run.timer, resume=state.position, stop=stop
     )
@@ -161,13 +169,25 @@ def _train(
         if (micro + 1) % cfg.train.log_every == 0 or micro + 1 == run.total_micro:
             log_window(run, state)
         if boundary:
-            maybe_checkpoint(run, state)
+            epoch_end = run.data_log.position.step == run.stream.steps_per_epoch
+            run.checkpointer.maybe_save(state, epoch_end)
             maybe_evaluate(run, state)
-    if stop.agreed:
+    if stop is not None and stop.agreed:
         stop_on_signal(run, state, stop)
     end_of_training(run, state)
     # 5. final evaluation, summary and run directory
     return finish(run, state, time.perf_counter() - t_loop, t_start)
+
+
+@dataclass
+class Hooks:
+    """What the launcher and the process hand the loop: a reporter of the launcher's own (Ray
+    Train's metrics), the launcher's record of checkpoints (Ray Train's), and the stop request
+    a signal sets."""
+
+    reporter: Reporter | None = None
+    checkpoints: LauncherCheckpoints | None = None
+    stop: StopRequest | None = None
 
 
 @dataclass
@@ -183,9 +203,8 @@ class Run:
     stream: TrainStream
     tables: dict[str, PairTable]  # val and test, evaluated during and after training
     total_micro: int
-    parts: ckpt.Parts  # engine, momentum model, memory, statistics
-    checkpoints: ckpt.Target
-    ckpt_root: str  # checkpoint.dir, a directory or a URL (uploaded to after each save)
+    parts: Parts  # engine, momentum model, memory, statistics
+    checkpointer: Checkpointer  # resume, and when and where to save
     reporter: Reporter
     timer: PhaseTimer | NullTimer
     data_log: DataLog
@@ -202,34 +221,34 @@ class Run:
 
 def setup_run(
     cfg: Config,
-    reporter: Reporter | None,
+    hooks: Hooks,
     image_backbone: ImageBackbone,
     text_backbone: TextBackbone,
     device: torch.device,
     launcher: str,
-    stop: StopRequest | None = None,
 ) -> Run:
     """Everything a run builds before its first step, in the order the seeded initialisation
-    relies on; rank 0 also writes the run directory's config and reports to the console."""
+    relies on; rank 0 also writes the run directory's config (resolved: the checkpoints' copy
+    is the same text) and reports to the console."""
     rank, world = dist_ops.rank(), dist_ops.world_size()
     run_dir = run_directory(cfg)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    ckpt_root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
-    if world > 1 and not ckpt.is_url(ckpt_root):  # before any work: one dir for every node
-        ckpt.check_shared_dir(Path(ckpt_root), rank, rank_env().node_rank)
+    check_checkpoint_dir(checkpoint_root(cfg, run_dir), rank, world)  # one dir for every node
     # the metrics endpoint first: the feature-cache build in open_data can take minutes, and
     # its progress (fne_task_progress{task="feature_cache"}) is exported while it runs
     monitor = build_monitor(cfg, run_dir, launcher, device)
+    stop = hooks.stop
     stop_reason = (lambda: stop.signal_name) if stop is not None else (lambda: None)
     stream, tables = open_data(cfg, image_backbone, text_backbone, rank, world, stop_reason)
     cfg = resolve_warmup(cfg, stream.steps_per_epoch)
+    if rank == 0:  # once, resolved: what the checkpoints hold and a resume compares
+        save_config(cfg, run_dir / "config.yaml")
     total_micro = max(1, math.ceil(cfg.train.epochs * stream.steps_per_epoch))
     total_steps = max(1, total_micro // cfg.engine.grad_accum)
     model = build_dual_encoder(cfg.model, image_backbone, text_backbone, cfg.fne.temperature)
     momentum = make_momentum_copy(model).to(device)  # before the engine: the order seeds use
-    parts = ckpt.Parts(
+    parts = Parts(
         engine=build_engine(model, cfg, total_steps),
         momentum=momentum,
         memory=MomentumMemory(
@@ -238,7 +257,7 @@ def setup_run(
         stats=SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device),
     )
     G = cfg.train.batch_size * world
-    fan_out = build_reporters(cfg, reporter, monitor, run_dir, total_steps)
+    fan_out = build_reporters(cfg, hooks.reporter, monitor, run_dir, total_steps)
     fan_out.message(
         f"rank {rank}/{world} on {device}: {stream.samples_per_epoch} train pairs, "
         f"{total_steps} steps of {G} pairs, loss={cfg.fne.loss} after "
@@ -247,6 +266,12 @@ def setup_run(
     for line in launch_warnings(cfg, stream.samples_per_epoch, stream.steps_per_epoch, total_steps):
         fan_out.message(line)
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
+    layout = {  # a checkpoint resumes only with the same values
+        "world_size": world,
+        "loader_workers": stream.opts.consumers,
+        "batch_size": cfg.train.batch_size,
+        "grad_accum": cfg.engine.grad_accum,
+    }
     return Run(
         cfg=cfg,
         rank=rank,
@@ -257,8 +282,7 @@ def setup_run(
         tables=tables,
         total_micro=total_micro,
         parts=parts,
-        checkpoints=checkpoint_target(cfg, ckpt_root, run_dir, stream, rank),
-        ckpt_root=ckpt_root,
+        checkpointer=Checkpointer(cfg, run_dir, parts, layout, fan_out, hooks.checkpoints),
         reporter=fan_out,
         timer=timer,
         data_log=DataLog(stream, fan_out),
@@ -319,30 +343,6 @@ def open_data(
     return stream, tables
 
 
-def checkpoint_target(
-    cfg: Config, ckpt_root: str, run_dir: Path, stream: TrainStream, rank: int
-) -> ckpt.Target:
-    """Where this rank writes checkpoints; a URL checkpoint.dir is written locally first, then
-    uploaded (and downloaded to resume), keeping one local copy."""
-    url = ckpt.is_url(ckpt_root)
-    return ckpt.Target(
-        root=run_dir / "checkpoints-local" if url else Path(ckpt_root),
-        config_yaml=config_text(cfg),
-        layout={  # a checkpoint resumes only with the same values
-            "world_size": dist_ops.world_size(),
-            "loader_workers": stream.opts.consumers,
-            "batch_size": cfg.train.batch_size,
-            "grad_accum": cfg.engine.grad_accum,
-        },
-        run_id=cfg.run.id,
-        keep_last=cfg.checkpoint.keep_last,  # a URL's; its local scratch keeps 1
-        rank=rank,
-        barrier=dist_ops.barrier,
-        url=ckpt_root if url else None,  # every rank uploads its part, rank 0 meta.json last
-        data=data_identity(cfg),  # resume reuses the data position only for the same shards
-    )
-
-
 def resolve_warmup(cfg: Config, steps_per_epoch: int) -> Config:
     """``train.warmup_epochs`` as optimizer steps of this data (``train.warmup_steps``)."""
     if cfg.train.warmup_epochs is None:
@@ -355,78 +355,25 @@ def resolve_warmup(cfg: Config, steps_per_epoch: int) -> Config:
 
 
 def resume_or_start(run: Run) -> TrainState:
-    """The state restored from the checkpoint to resume from (with the engine, memory,
-    statistics and RNG states), or a fresh one."""
+    """The state restored from the checkpoint the checkpointer resumes from (the engine,
+    memory, statistics and RNG states restored with it), or a fresh one."""
     warmup = run.cfg.train.warmup_steps
-    resume_dir = _resume_dir(
-        run.cfg, run.reporter, run.ckpt_root, run.checkpoints.root / f"resume-rank{run.rank}"
-    )
-    if resume_dir is None:
+    restored = run.checkpointer.resume()
+    if restored is None:
         run.reporter.resumed(0)  # an earlier attempt's log lines (no checkpoint) are redone
         return TrainState.fresh(run.device, warm=warmup > 0)
-    meta = ckpt.validate(resume_dir)
-    check_resume_config(resume_dir, run.cfg, meta.get("data"))  # before any state loads
-    saved = ckpt.load_run_checkpoint(resume_dir, meta, run.checkpoints.layout, run.parts, run.rank)
-    source = str(resume_dir / f"rank-{run.rank:05d}.json")
+    directory = restored.directory
+    source = str(directory / f"rank-{run.rank:05d}.json")
     state = TrainState.from_rank_state(
-        saved, run.device, run.stream.steps_per_epoch, warmup, source
+        restored.state, run.device, run.stream.steps_per_epoch, warmup, source
     )
     position = state.position
     run.reporter.resumed(state.micro + 1)  # train_log.jsonl's steps stay increasing
     run.reporter.message(
-        f"resumed from {resume_dir} (optimizer step {state.opt_step}, epoch {position.epoch}, "
+        f"resumed from {directory} (optimizer step {state.opt_step}, epoch {position.epoch}, "
         f"batch {position.step} of {run.stream.steps_per_epoch})"
     )
     return state
-
-
-def _resume_dir(cfg: Config, reporter: Reporter, root: str, local_root: Path) -> Path | None:
-    """Where to resume from: after a Ray worker-group restart, the newer of the checkpoint Ray
-    registered and the newest valid one this run (``run.id``) wrote to checkpoint.dir — a
-    worker can die between writing a checkpoint and Ray registering it; otherwise
-    ``checkpoint.resume`` (``latest`` or a path), else nothing. A checkpoint.dir URL is read
-    through fsspec (downloaded to ``local_root``)."""
-
-    def newest(run_id: str | None) -> tuple[Path, dict]:
-        if ckpt.is_url(root):
-            return ckpt.find_resumable_remote(root, local_root, reporter.message, run_id)
-        return ckpt.find_resumable("latest", Path(root), reporter.message, run_id)
-
-    candidates = []
-    registered = reporter.resume_source()
-    if registered is not None:
-        candidates.append((ckpt.validate(registered)["step"], registered))
-    if cfg.run.id:
-        try:
-            path, meta = newest(cfg.run.id)
-            candidates.append((meta["step"], path))
-        except ckpt.CheckpointError:
-            pass  # nothing of this run yet: a first attempt
-    if candidates:
-        return max(candidates)[1]
-    spec = resume_request(cfg)  # checkpoint.resume, or "latest" after a Slurm requeue
-    if not spec:
-        return None
-    if spec == "latest":
-        if not cfg.checkpoint.resume and not _any_checkpoint(root):
-            # a launcher's restart of a run stopped before its first checkpoint: start afresh
-            reporter.message(
-                f"{restart_of_same_run()}: a restart of this run, which wrote no checkpoint "
-                f"under {root} yet: starting afresh"
-            )
-            return None
-        return newest(None)[0]
-    if ckpt.is_url(spec):
-        parent, name = spec.rstrip("/").rsplit("/", 1)
-        return ckpt.download(parent, name, local_root)
-    return Path(spec)
-
-
-def _any_checkpoint(root: str) -> bool:
-    """Whether ``root`` (a directory or a URL) holds any ``step-N`` (valid or not)."""
-    if ckpt.is_url(root):
-        return bool(ckpt.remote_checkpoints(root))
-    return bool(ckpt.list_checkpoints(Path(root)))
 
 
 def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict) -> bool:
@@ -440,32 +387,47 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     state.micro, state.position = micro, run.data_log.position
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     state.warm = state.opt_step < cfg.train.warmup_steps
-    before = Snapshot((engine.module, run.parts.momentum), run.parts.stats)  # a skipped step undoes
-    out = forward_step(  # phases 1-5
-        engine,
-        run.parts.momentum,
-        batch,
-        run.parts.memory,
-        run.parts.stats,
-        cfg.fne,
-        cfg.run.seed,
-        micro,
-        state.warm,
-        timer,
-    )
+    # phases 1-5 compute; the statistics' sums and the batch-norm running statistics they
+    # saw are applied only by commit_step, once the step is known finite
+    with deferred_running_stats(engine.module, run.parts.momentum) as running:
+        out = forward_step(
+            engine,
+            run.parts.momentum,
+            batch,
+            run.parts.memory,
+            run.parts.stats,
+            cfg.fne,
+            cfg.run.seed,
+            micro,
+            state.warm,
+            timer,
+        )
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss
         out.loss = out.loss + float("nan")
     if not finite_everywhere(out.loss):
-        return skip_nonfinite(run, state, micro, out.loss, before)
+        return skip_nonfinite(run, state, micro, out.loss)
     state.nonfinite_in_row = 0
     run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     with timer.phase("backward_step"):
         engine.backward(out.loss)  # 6
         if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # skip the step
             engine.module.zero_grad(set_to_none=True)
-            return skip_nonfinite(run, state, micro, None, before)
+            return skip_nonfinite(run, state, micro, None)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
     boundary = (micro + 1) % cfg.engine.grad_accum == 0
+    commit_step(run, state, out, running, boundary)
+    return boundary
+
+
+def commit_step(
+    run: Run, state: TrainState, out: StepOutput, running: PendingRunningStats, boundary: bool
+) -> None:
+    """A finite step's state, applied together: the FNE statistics' sums, the batch-norm
+    running statistics, the EMA (at an optimizer step) and the memory's enqueue. A skipped
+    step applies none of them, so nothing of it needs undoing."""
+    cfg, engine, timer = run.cfg, run.parts.engine, run.timer
+    run.parts.stats.add_step(out.stat_sums, cfg.fne.mixture_decay)
+    running.commit()  # before the EMA, which copies the online model's buffers
     if boundary:
         with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
             ema_update(run.parts.momentum, engine.module, cfg.memory.momentum)  # 7
@@ -476,16 +438,12 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
             run.parts.memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
     state.stale += out.staleness
     state.add_diagnostics(out.loss, out.diagnostics)
-    return boundary
 
 
-def skip_nonfinite(
-    run: Run, state: TrainState, micro: int, loss: torch.Tensor | None, before: Snapshot
-) -> bool:
+def skip_nonfinite(run: Run, state: TrainState, micro: int, loss: torch.Tensor | None) -> bool:
     """A micro step whose loss (given) or gradient is non-finite: no update, no EMA, no
-    enqueue, statistics and buffers restored; counted, and a non-finite loss shows in its log
-    window. True when it was the optimizer step's boundary (as ``train_step``)."""
-    before.restore()
+    enqueue, no statistics (none of it was committed); counted, and a non-finite loss shows in
+    its log window. True when it was the optimizer step's boundary (as ``train_step``)."""
     accum = run.cfg.engine.grad_accum
     if accum > 1:  # the engine counts micro steps: the window's finite ones still apply
         run.parts.engine.step()
@@ -536,54 +494,14 @@ def progress(run: Run, state: TrainState) -> Progress:
     )
 
 
-def maybe_checkpoint(run: Run, state: TrainState) -> None:
-    """After an optimizer step: a checkpoint every checkpoint.every_steps, and at epoch ends."""
-    every, at_epoch_end = run.cfg.checkpoint.every_steps, run.cfg.checkpoint.at_epoch_end
-    epoch_end = run.data_log.position.step == run.stream.steps_per_epoch
-    if (every and state.opt_step % every == 0) or (at_epoch_end and epoch_end):
-        save_checkpoint(run, state)
-
-
-def save_checkpoint(run: Run, state: TrainState) -> None:
-    """Every rank writes (and, to a URL checkpoint.dir, uploads) its part (a collective)."""
-    t0 = time.perf_counter()
-    path = ckpt.save_run_checkpoint(
-        run.checkpoints, run.parts, state.to_rank_state(run.global_batch, run.is_main)
-    )
-    state.saved_at, state.checkpoint_s = state.opt_step, time.perf_counter() - t0
-    run.reporter.checkpoint(path, state.opt_step, run.is_main)
-    where = f"{run.ckpt_root.rstrip('/')}/{path.name}" if ckpt.is_url(run.ckpt_root) else path
-    run.reporter.checkpoint_done(path, state.opt_step, state.checkpoint_s)
-    run.reporter.message(f"checkpoint {where}")
-
-
 def stop_on_signal(run: Run, state: TrainState, stop: StopRequest) -> None:
-    """Every rank agreed to stop before the next step: a last checkpoint only if one is
-    due and fits the grace period (every rank decides alike), then ``Interrupted``."""
-    ck = run.cfg.checkpoint
-    due = (
-        bool(ck.every_steps or ck.at_epoch_end)
-        and state.saved_at != state.opt_step
-        and (state.micro + 1) % run.cfg.engine.grad_accum == 0  # at an optimizer step
-    )
-    fits = stop.fits(ck.stop_grace_s, state.checkpoint_s)
-    if dist_ops.all_min_int(int(due and fits)):
-        save_checkpoint(run, state)
-        kept = f"wrote checkpoint step {state.opt_step}"
-    else:
-        why = f"it would not fit checkpoint.stop_grace_s={ck.stop_grace_s:g}" if due else "none due"
-        newest = f"step {state.saved_at} stays the newest" if state.saved_at > 0 else "none yet"
-        kept = f"no checkpoint written ({why}; {newest})"
+    """Every rank agreed to stop before the next step: the checkpointer writes a last
+    checkpoint if one is due and fits the grace period, then ``Interrupted``."""
+    kept = run.checkpointer.save_on_stop(state, stop)
     run.reporter.close()
-    how = (
-        "resume with checkpoint.resume=latest (a requeued Slurm job resumes by itself)"
-        if state.saved_at > 0
-        else "no checkpoint to resume from: run it again (a requeued Slurm job starts afresh "
-        "by itself)"
-    )
     raise Interrupted(
         f"{stop.signal_name or 'a signal on another rank'} at optimizer step {state.opt_step}: "
-        f"{kept}; {how}"
+        f"{kept}"
     )
 
 
@@ -607,8 +525,7 @@ def end_of_training(run: Run, state: TrainState) -> None:
     if state.sums:  # the last epoch ended early (bad samples): log what is left
         log_window(run, state)
     state.close_epoch()
-    if run.cfg.checkpoint.at_epoch_end and state.saved_at != state.opt_step and state.micro >= 0:
-        save_checkpoint(run, state)  # the end of training is an epoch end too
+    run.checkpointer.save_at_end(state)
 
 
 def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dict:
@@ -650,7 +567,7 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
     run.reporter.close()
     error = dist_ops.all_gather_json(error)[0]  # every rank ends alike
     if error is not None:
-        raise ckpt.CheckpointError(error)
+        raise CheckpointError(error)
     return result
 
 
@@ -660,13 +577,13 @@ def write_results(run_dir: Path, history: dict, weights: dict, checkpointed: boo
     full disk). Returns a one-line error, or None."""
     metrics = run_dir / "metrics.json"
     text = json.dumps(json_safe(history), indent=1)
-    problem = ckpt.write_error(_write_atomic, metrics, lambda tmp: tmp.write_text(text))
+    problem = write_error(_write_atomic, metrics, lambda tmp: tmp.write_text(text))
     if problem is not None:
         return f"cannot write {metrics} ({problem}); the run's log is in train_log.jsonl"
     path = run_dir / "model.safetensors"
-    problem = ckpt.write_error(_write_atomic, path, lambda tmp: save_file(weights, str(tmp)))
+    problem = write_error(_write_atomic, path, lambda tmp: save_file(weights, str(tmp)))
     if problem is None:
-        problem = ckpt.write_error(write_sidecar, path)  # export and evaluate check it
+        problem = write_error(write_sidecar, path)  # export and evaluate check it
     if problem is None:
         return None
     where = (

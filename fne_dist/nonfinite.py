@@ -3,8 +3,9 @@
 Every rank computes its own loss, so the ranks agree first: one all-reduce of a 0/1 flag per
 micro step (it reads one number back from the device: the price of deciding on the host
 whether to step). A micro step whose loss is non-finite on any rank is skipped on every rank:
-no backward (it adds no gradient), no optimizer step, no EMA, no enqueue, and what its forward
-changed (the FNE statistics, batch-norm running statistics) is taken back. With
+no backward (it adds no gradient), no optimizer step, no EMA, no enqueue, and neither its FNE
+statistics nor the batch-norm running statistics its forward saw are applied: the loop commits
+those only for a finite step (``loop.commit_step``), so nothing is copied to be taken back. With
 ``engine.grad_accum`` > 1 the engine still counts the micro step (DeepSpeed's accumulation
 boundary), so the window's finite micro-batches are applied at it. With ``grad_accum`` = 1 a
 finite loss whose gradients are not finite (where the gradients are visible: DDP, ZeRO-0) is
@@ -18,24 +19,6 @@ import torch
 from torch import Tensor
 
 from . import distributed as dist_ops
-
-
-class Snapshot:
-    """What a step changes before its loss is known, kept to be taken back if it is skipped:
-    the modules' buffers (batch-norm running statistics move in every forward, and a forward
-    with non-finite activations would leave them NaN) and the FNE statistics it added."""
-
-    def __init__(self, modules: tuple[torch.nn.Module, ...], stats) -> None:
-        self.modules, self.stats = modules, stats
-        self.buffers = [{k: b.clone() for k, b in m.named_buffers()} for m in modules]
-        self.stats_state = stats.state_dict()
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for module, saved in zip(self.modules, self.buffers, strict=True):
-                for name, buffer in module.named_buffers():
-                    buffer.copy_(saved[name])
-        self.stats.load_state_dict(self.stats_state)
 
 
 class TrainingDiverged(Exception):

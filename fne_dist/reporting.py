@@ -97,13 +97,6 @@ class Reporter:
     def message(self, text: str) -> None:
         pass
 
-    def checkpoint(self, path: Path, step: int, is_main: bool) -> None:
-        """A checkpoint was written at ``path`` (every rank calls this, same count)."""
-
-    def resume_source(self) -> Path | None:
-        """A checkpoint the launcher wants this run to resume from (Ray after a failure)."""
-        return None
-
     def resumed(self, step: int) -> None:
         """The run continues after logged step ``step`` (0: from the start): what was reported
         for later steps by an earlier attempt will be reported again."""
@@ -202,13 +195,6 @@ class JsonLinesReporter(Reporter):
 class FanOut(Reporter):
     def __init__(self, *reporters: Reporter) -> None:
         self.reporters = reporters
-
-    def checkpoint(self, path: Path, step: int, is_main: bool) -> None:
-        for r in self.reporters:
-            r.checkpoint(path, step, is_main)
-
-    def resume_source(self) -> Path | None:
-        return next((p for r in self.reporters if (p := r.resume_source()) is not None), None)
 
     def resumed(self, step: int) -> None:
         for r in self.reporters:

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
+from .checkpoint.format import CheckpointError
 from .config import Config, ConfigError, config_to_dict, load_config
 from .paths import writable_dir_problem
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import CheckpointError, RankState
+from .checkpoint.format import CheckpointError, RankState
 from .data.stream import RankPosition
 from .summary import RATIOS, EpochDiagnostics, ratios_of_sums
 

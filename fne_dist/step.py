@@ -4,7 +4,9 @@ multi-rank tests.
 Legend: B local batch, G = W·B global batch, K memory, D embedding dim.
 
 Only the two calls into ``distributed`` communicate (all_gather, all_reduce); at world size 1
-both are identities. The caller does backward/optimizer step, the EMA and ``memory.enqueue``.
+both are identities. The step changes no state: the caller does backward/optimizer step, and
+commits the step's statistic sums (``stats.add_step(out.stat_sums, cfg.mixture_decay)``), the
+EMA and ``memory.enqueue`` together once it knows the step is finite.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class StepOutput:
     diagnostics: dict[str, Tensor]
     gathered: Candidates  # the momentum block of the global batch, to enqueue after the step
     staleness: Tensor  # (sum of cosines, count) of this rank's anchors found in the memory
+    stat_sums: Tensor  # the step's all-reduced statistic sums, for the caller to commit
 
 
 def forward_step(
@@ -85,10 +88,11 @@ def forward_step(
         local = _batch_stats(img_BD, txt_BD, ids_B, candidates, posterior, cfg, seed, step, rank, G)
         with t.phase("reduce"):
             batch_stats = dist_ops.all_reduce_sum(local)
-    stats.add(batch_stats[:6])
-    stats.add_posterior(batch_stats[6:], cfg.mixture_decay)  # the posterior's sums (none: paper)
-    gauss = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
-    gauss = replace(gauss, posterior=posterior.fit(gauss, stats.posterior_totals))
+    # the estimates with this step's sums (the posterior's last; none for the paper's), as the
+    # step will leave them; ``stats`` itself changes only when the caller commits the step
+    seen = stats.with_step(batch_stats, cfg.mixture_decay)
+    gauss = seen.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+    gauss = replace(gauss, posterior=posterior.fit(gauss, seen.posterior_totals))
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):
         if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
@@ -108,7 +112,7 @@ def forward_step(
                 step_uniforms(seed, step, G, cfg.negatives, rank, B),
                 temperature=temperature,
             )
-    return StepOutput(out.loss, out.diagnostics, gathered, stale)
+    return StepOutput(out.loss, out.diagnostics, gathered, stale, batch_stats)
 
 
 def _batch_stats(

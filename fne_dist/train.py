@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .checkpoint.format import CheckpointError
 from .config import Config, ConfigError, load_config
 from .data.sources import DataError
 from .distributed.launch import RendezvousError, rank_env, rendezvous

@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint.format import ENGINE_TAG, CheckpointError, RankState, sha256_of
+from fne_dist.checkpoint.remote import remote_checkpoints
+from fne_dist.checkpoint.validation import find_resumable, list_checkpoints, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -75,7 +77,7 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(
     """Invariant: resuming from the step-8 checkpoint (mid-epoch: the data position, shuffle
     buffer, memory, statistics, optimizer, scheduler and RNG all restored) in a new process
     gives bit-identical losses for steps 9..19, final memory, statistics and weights."""
-    names = [p.name for p in ckpt.list_checkpoints(straight / "checkpoints")]
+    names = [p.name for p in list_checkpoints(straight / "checkpoints")]
     assert names == ["step-00000008", "step-00000016", "step-00000019"]
     start = straight / "checkpoints" / "step-00000008"
     run = _train(tmp_path, "resumed", f"checkpoint.resume={start}")
@@ -99,6 +101,23 @@ def test_resume_in_a_new_process_equals_the_uninterrupted_run(
     ma = json.loads((straight / "metrics.json").read_text())
     mb = json.loads((resumed / "metrics.json").read_text())
     assert ma["test"] == mb["test"]
+
+
+def test_the_run_directory_and_its_checkpoints_hold_one_resolved_config(tmp_path: Path) -> None:
+    """Invariant: config.yaml is written once, resolved: with train.warmup_epochs the run
+    directory's copy and every checkpoint's are the same text, the warm-up counted in steps
+    (warmup_epochs resolved to null), so what a resume compares is what the run directory
+    shows."""
+    run = _train(
+        tmp_path, "resolved", "engine.kind=ddp", "train.epochs=0.03",
+        "train.warmup_epochs=0.02", "train.warmup_steps=0",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = tmp_path / "resolved"
+    text = (run_dir / "config.yaml").read_text()
+    assert "warmup_epochs: null" in text
+    saved = list_checkpoints(run_dir / "checkpoints")
+    assert saved and all((s / "config.yaml").read_text() == text for s in saved)
 
 
 @pytest.mark.timeout(600)  # may build the module's `straight` run first
@@ -136,14 +155,14 @@ def test_a_flipped_byte_is_refused_by_its_hash(straight: Path, tmp_path: Path) -
     root = tmp_path / "checkpoints"
     shutil.copytree(straight / "checkpoints", root)
     newest = root / "step-00000019"
-    for name in ("memory.safetensors", f"{ckpt.ENGINE_TAG}/mp_rank_00_model_states.pt"):
+    for name in ("memory.safetensors", f"{ENGINE_TAG}/mp_rank_00_model_states.pt"):
         path = newest / name
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0x01
         path.write_bytes(bytes(data))
         assert path.stat().st_size == len(data)
-        with pytest.raises(ckpt.CheckpointError, match="sha256") as refused:
-            ckpt.validate(newest)
+        with pytest.raises(CheckpointError, match="sha256") as refused:
+            validate(newest)
         assert Path(name).name in str(refused.value)
         shutil.copy2(straight / "checkpoints" / "step-00000019" / name, path)  # undo
     memory = newest / "memory.safetensors"
@@ -151,7 +170,7 @@ def test_a_flipped_byte_is_refused_by_its_hash(straight: Path, tmp_path: Path) -
     data[-1] ^= 0xFF
     memory.write_bytes(bytes(data))
     warnings: list[str] = []
-    path, meta = ckpt.find_resumable("latest", root, warnings.append)
+    path, meta = find_resumable("latest", root, warnings.append)
     assert path.name == "step-00000016" and meta["step"] == 16
     assert len(warnings) == 1 and "step-00000019" in warnings[0] and "sha256" in warnings[0]
 
@@ -163,9 +182,9 @@ def test_checkpoint_counters_survive_the_train_state(straight: Path) -> None:
     the checkpoint layout did not change with the state object."""
     from fne_dist.state import TrainState
 
-    for directory in ckpt.list_checkpoints(straight / "checkpoints"):
+    for directory in list_checkpoints(straight / "checkpoints"):
         doc = json.loads((directory / "rank-00000.json").read_text())
-        saved = ckpt.RankState(doc["counters"], doc["data_position"])
+        saved = RankState(doc["counters"], doc["data_position"])
         # mid-epoch checkpoints (0.1 epoch): no epoch reset on load
         state = TrainState.from_rank_state(saved, torch.device("cpu"), 10**9, 3)
         again = state.to_rank_state(global_batch=16, with_history=True)
@@ -179,7 +198,7 @@ def test_resume_with_a_changed_lr_is_refused_in_one_line(straight: Path, tmp_pat
     would silently ignore while config.yaml recorded the new value) exits 2 before any step,
     with one line naming optim.lr with both values; the checkpoint records its shards."""
     start = straight / "checkpoints" / "step-00000008"
-    assert ckpt.validate(start)["data"]["train"].endswith("emoji-train-*.tar.gz")
+    assert validate(start)["data"]["train"].endswith("emoji-train-*.tar.gz")
     run = _train(tmp_path, "changed-lr", f"checkpoint.resume={start}", "optim.lr=1e-5")
     last = run.stderr.strip().splitlines()[-1]
     assert run.returncode == 2, run.stderr[-3000:]
@@ -206,11 +225,11 @@ def test_a_foreign_pickle_in_engine_files_is_refused(straight: Path, tmp_path: P
     bad = tmp_path / "step-00000016"
     shutil.copytree(straight / "checkpoints" / "step-00000016", bad)
     marker = tmp_path / "pwned"
-    target = next((bad / ckpt.ENGINE_TAG).rglob("*model_states.pt"))
+    target = next((bad / ENGINE_TAG).rglob("*model_states.pt"))
     target.write_bytes(pickle.dumps({"module": _Trap(str(marker))}))
     meta = json.loads((bad / "meta.json").read_text())
     name = str(target.relative_to(bad))
-    meta["files"][name] = {"size": target.stat().st_size, "sha256": ckpt._sha256(target)}
+    meta["files"][name] = {"size": target.stat().st_size, "sha256": sha256_of(target)}
     (bad / "meta.json").write_text(json.dumps(meta))
     run = _train(tmp_path, "foreign", f"checkpoint.resume={bad}")
     assert run.returncode == 2, run.stderr[-3000:]
@@ -303,10 +322,10 @@ def test_ddp_twin_with_a_url_checkpoint_dir_resumes_exactly(tmp_path: Path) -> N
     common = ("engine.kind=ddp", f"checkpoint.dir={url}")
     run = _train(tmp_path, "url", *common, "checkpoint.keep_last=2")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert ckpt.remote_checkpoints(url) == ["step-00000016", "step-00000019"]
+    assert remote_checkpoints(url) == ["step-00000016", "step-00000019"]
     step16 = tmp_path / "remote" / "step-00000016"
-    assert ckpt.validate(step16)["step"] == 16
-    assert {p.name for p in (step16 / ckpt.ENGINE_TAG).iterdir()} == {
+    assert validate(step16)["step"] == 16
+    assert {p.name for p in (step16 / ENGINE_TAG).iterdir()} == {
         "state.safetensors",
         "state.json",
     }
@@ -386,7 +405,7 @@ def test_two_rank_resume_is_exact(
         run = _torchrun(tmp_path, "two", engine)
         assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     step4 = tmp_path / "two" / "checkpoints" / "step-00000004"
-    assert ckpt.validate(step4)["world_size"] == 2
+    assert validate(step4)["world_size"] == 2
     run = _torchrun(tmp_path, "two-resumed", engine, f"checkpoint.resume={step4}")
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     a, b = _losses(tmp_path / "two"), _losses(tmp_path / "two-resumed")

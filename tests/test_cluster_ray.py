@@ -33,7 +33,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint.validation import find_resumable, list_checkpoints, validate
 from fne_dist.distributed.launch import free_port
 from tests.fixtures_prometheus import Prometheus, recorded
 
@@ -399,7 +399,7 @@ def test_ray_job_stop_then_resume_continues(stopped: dict, resumed: dict) -> Non
     assert stopped["status"] == "STOPPED", stopped["status"]
     before = stopped["steps"]
     assert resumed["rc"] == 0, resumed["out"][-5000:]
-    _, last = ckpt.find_resumable("latest", resumed["run_dir"] / "checkpoints", print, None)
+    _, last = find_resumable("latest", resumed["run_dir"] / "checkpoints", print, None)
     total = last["step"]  # the end-of-training checkpoint: the run's last optimizer step
     assert before and before[-1] < total, before
     lines = [ln for ln in resumed["out"].splitlines() if "resumed from" in ln]
@@ -442,8 +442,8 @@ def test_ray_job_submit_with_token_auth(
     assert resumed["rc"] == 0, out[-5000:]
     assert f"outputs: run.output_dir={run_dir}" in out, out[-3000:]
     assert "on 2 rank(s)" in out, out[-3000:]
-    path, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
-    assert meta["world_size"] == 2 and ckpt.validate(path) == meta
+    path, meta = find_resumable("latest", run_dir / "checkpoints", print, None)
+    assert meta["world_size"] == 2 and validate(path) == meta
 
     status, out = ray_head.ended(refusals["again"])
     assert status == "FAILED", status + out[-3000:]
@@ -460,8 +460,8 @@ def test_ray_job_on_two_nodes(stopped: dict, resumed: dict) -> None:
     every checkpoint lists both ranks' files."""
     for out in (stopped["logs"], resumed["out"]):
         assert "ip=127.0.0.2" in out and f"ip={HEAD_IP}" in out, out[-5000:]
-    for step_dir in ckpt.list_checkpoints(resumed["run_dir"] / "checkpoints"):
-        files = ckpt.validate(step_dir)["files"]
+    for step_dir in list_checkpoints(resumed["run_dir"] / "checkpoints"):
+        files = validate(step_dir)["files"]
         assert {"rank-00000.json", "rank-00001.json", "rank-00001.safetensors"} <= set(files)
 
 

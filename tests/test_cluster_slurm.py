@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint.validation import find_resumable, validate
 from fne_dist.distributed.launch import free_port
 from tests.fixtures_slurm import SlurmCluster
 from tests.launch_helpers import is_launcher_var
@@ -176,8 +176,8 @@ def assert_trained_two_ranks(job: Job) -> None:
     assert job.returncode == 0, job.tail()
     assert "on 2 rank(s)" in job.output, job.tail()
     assert (job.run_dir / "metrics.json").is_file(), job.tail()
-    path, meta = ckpt.find_resumable("latest", job.run_dir / "checkpoints", print, None)
-    assert ckpt.validate(path) == meta
+    path, meta = find_resumable("latest", job.run_dir / "checkpoints", print, None)
+    assert validate(path) == meta
     assert meta["world_size"] == 2 and meta["step"] > 0, meta
 
 
@@ -359,7 +359,7 @@ def test_requeued_job_resumes_by_itself(slurm_cluster: SlurmCluster, launched: d
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert steps == list(range(1, metrics["steps"] + 1)), steps
-    _, meta = ckpt.find_resumable("latest", run_dir / "checkpoints", print, None)
+    _, meta = find_resumable("latest", run_dir / "checkpoints", print, None)
     assert meta["step"] == metrics["steps"] and meta["world_size"] == 2
 
 

@@ -248,7 +248,8 @@ def test_hostile_remote_checkpoint_object_outside_its_step_is_not_written(
     copy (the object names of a shared bucket are data)."""
     import fsspec
 
-    from fne_dist.checkpoint import CheckpointError, download
+    from fne_dist.checkpoint.format import CheckpointError
+    from fne_dist.checkpoint.remote import download
 
     fs = fsspec.filesystem("memory")
     fs.pipe("/hostile-ckpt/step-00000001/meta.json", b"{}")

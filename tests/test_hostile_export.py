@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint.collective import finalize
+from fne_dist.checkpoint.format import META, CheckpointError, sha256_of, step_dir
+from fne_dist.checkpoint.validation import find_resumable, validate
 from fne_dist.config import load_config, save_config
 from fne_dist.evaluate import main as evaluate_main
 from fne_dist.export import fit_weights, load_weights, sidecar
@@ -32,8 +34,8 @@ def _checkpoint(root: Path, step: int) -> Path:
     """A valid checkpoint written by checkpoint.finalize (hashes + meta.json)."""
     tmp = root / f"step-{step:08d}.tmp"
     _run_dir(tmp)
-    final = ckpt.step_dir(root, step)
-    ckpt.finalize(tmp, final, {"step": step}, keep_last=0)
+    final = step_dir(root, step)
+    finalize(tmp, final, {"step": step}, keep_last=0)
     return final
 
 
@@ -60,9 +62,9 @@ def test_hostile_resume_latest_skips_meta_of_the_wrong_shape(tmp_path: Path, sha
     root = tmp_path / "checkpoints"
     good = _checkpoint(root, 1)
     bad = _checkpoint(root, 2)
-    (bad / ckpt.META).write_text(json.dumps(BAD_METAS[shape]))
+    (bad / META).write_text(json.dumps(BAD_METAS[shape]))
     warnings: list[str] = []
-    path, meta = ckpt.find_resumable("latest", root, warnings.append)
+    path, meta = find_resumable("latest", root, warnings.append)
     assert path == good and meta["step"] == 1
     assert len(warnings) == 1 and bad.name in warnings[0] and "\n" not in warnings[0]
 
@@ -74,7 +76,7 @@ def test_hostile_export_of_meta_of_the_wrong_shape_fails_cleanly(
     """Invariant: exporting a checkpoint whose meta.json has the wrong shape exits 2 with one
     line naming the checkpoint, and writes nothing."""
     bad = _checkpoint(tmp_path / "checkpoints", 2)
-    (bad / ckpt.META).write_text(json.dumps(BAD_METAS[shape]))
+    (bad / META).write_text(json.dumps(BAD_METAS[shape]))
     assert export_main([str(bad), str(tmp_path / "out")]) == 2
     assert str(bad) in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()
@@ -101,7 +103,7 @@ def test_hostile_weights_that_do_not_fit_the_model_fail_with_one_line(tmp_path: 
     line counting what is missing, unexpected or of another shape (evaluate and the API share
     this check)."""
     model = torch.nn.Linear(3, 2)
-    with pytest.raises(ckpt.CheckpointError) as err:
+    with pytest.raises(CheckpointError) as err:
         fit_weights(model, {"weight": torch.zeros(2, 4), "extra": torch.zeros(1)}, "w.st")
     message = str(err.value)
     assert "\n" not in message and "w.st" in message
@@ -128,12 +130,12 @@ def test_hostile_export_refuses_corrupt_run_weights(
     out = tmp_path / "out"
     assert export_main([str(run), str(out)]) == 0
     exported = out / "model.safetensors"
-    assert sidecar(exported).read_text().split()[0] == ckpt._sha256(exported)
+    assert sidecar(exported).read_text().split()[0] == sha256_of(exported)
     assert load_weights(exported)["w"].shape == (64,)
     data = bytearray(exported.read_bytes())
     data[-1] ^= 0xFF  # a flipped bit inside a tensor: still loads as safetensors
     exported.write_bytes(bytes(data))
-    with pytest.raises(ckpt.CheckpointError, match="sha256"):
+    with pytest.raises(CheckpointError, match="sha256"):
         load_weights(exported)
     assert export_main([str(out), str(tmp_path / "again")]) == 2
     assert "sha256" in _one_error_line(capsys)
@@ -169,4 +171,4 @@ def test_hostile_export_onto_its_source_fails_cleanly(
     step = _checkpoint(tmp_path / "checkpoints", 3)
     assert export_main([str(step), str(step)]) == 2
     _one_error_line(capsys)
-    ckpt.validate(step)  # still a valid checkpoint
+    validate(step)  # still a valid checkpoint

@@ -20,7 +20,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint import format as checkpoint_format
+from fne_dist.checkpoint.collective import Parts, Target, save_run_checkpoint
+from fne_dist.checkpoint.format import CheckpointError, RankState
+from fne_dist.checkpoint.validation import find_resumable, list_checkpoints, validate
 from fne_dist.config import load_config
 from fne_dist.engine import DDPEngine
 from fne_dist.fne import SimilarityStats
@@ -130,10 +133,10 @@ def test_hostile_stale_lock_is_taken_over_with_a_warning(tmp_path: Path) -> None
 # ---------------------------------------------------------------- a full disk
 
 
-def _parts(cfg) -> ckpt.Parts:
+def _parts(cfg) -> Parts:
     torch.manual_seed(0)
     model = torch.nn.Linear(64, 64)
-    return ckpt.Parts(
+    return Parts(
         engine=DDPEngine(model, cfg, total_steps=10),
         momentum=torch.nn.Linear(64, 64),
         memory=MomentumMemory(cfg.memory.size, cfg.model.embed_dim, seed=0, device="cpu"),
@@ -141,16 +144,16 @@ def _parts(cfg) -> ckpt.Parts:
     )
 
 
-def _target(root: Path) -> ckpt.Target:
-    return ckpt.Target(
+def _target(root: Path) -> Target:
+    return Target(
         root=root, config_yaml="x: 1\n", layout={"world_size": 1}, run_id=None, keep_last=0,
         rank=0, barrier=lambda: None, local_rank=0,
     )  # fmt: skip
 
 
-def _state(step: int) -> ckpt.RankState:
+def _state(step: int) -> RankState:
     counters = {"opt_step": step, "micro": step - 1, "epoch": 0, "samples_seen": step}
-    return ckpt.RankState(counters, None)
+    return RankState(counters, None)
 
 
 @contextlib.contextmanager
@@ -182,7 +185,7 @@ def test_hostile_disk_full_fails_in_one_line_and_keeps_earlier_checkpoints(
         root = tmp_path / "ckpts"
         if disk == "tmpfs":
             root = stack.enter_context(_small_disk(tmp_path / "mnt", "512k"))
-        first = ckpt.save_run_checkpoint(_target(root), parts, _state(1))
+        first = save_run_checkpoint(_target(root), parts, _state(1))
         if disk == "tmpfs":  # fill what is left, so the next checkpoint cannot fit
             with contextlib.suppress(OSError), open(root / "filler", "wb") as f:
                 while True:
@@ -193,14 +196,14 @@ def test_hostile_disk_full_fails_in_one_line_and_keeps_earlier_checkpoints(
             def full(*_args, **_kwargs):
                 raise SafetensorError(f"Error while serializing: {os.strerror(errno.ENOSPC)}")
 
-            monkeypatch.setattr(ckpt, "save_file", full)
-        with pytest.raises(ckpt.CheckpointError) as err:
-            ckpt.save_run_checkpoint(_target(root), parts, _state(2))
+            monkeypatch.setattr(checkpoint_format, "save_file", full)  # every writer of the format
+        with pytest.raises(CheckpointError) as err:
+            save_run_checkpoint(_target(root), parts, _state(2))
         msg = str(err.value)
         assert "\n" not in msg and "step-00000002.tmp" in msg, msg
         assert "No space left on device" in msg, msg
         assert not list(root.glob("*.tmp"))
-        assert ckpt.validate(first)["step"] == 1
+        assert validate(first)["step"] == 1
 
 
 # ---------------------------------------------------------------- the JSON-lines log
@@ -273,7 +276,7 @@ def test_hostile_non_finite_steps_never_update_weights(tmp_path: Path) -> None:
     run_dir = tmp_path / "nan"
     docs = [_strict_json(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     assert docs[-1]["loss"] is None and docs[-1]["skipped_nonfinite"] >= 2, docs  # the 3rd stops
-    saved = ckpt.list_checkpoints(run_dir / "checkpoints")
+    saved = list_checkpoints(run_dir / "checkpoints")
     assert saved, "no checkpoint was written"
     for path in saved:
         weights = load_file(str(path / "model.safetensors"))
@@ -330,7 +333,7 @@ def test_hostile_signal_stops_cleanly_and_resumably(
     stopped = int(re.search(r"at optimizer step (\d+)", lines[0]).group(1))
     root = tmp_path / "sig" / "checkpoints"
     assert not list(root.glob("*.tmp"))
-    newest, meta = ckpt.find_resumable("latest", root, print)
+    newest, meta = find_resumable("latest", root, print)
     expected = stopped if sig == signal.SIGINT else stopped - stopped % 3
     assert meta["step"] == expected, (lines[0], newest)
     steps = [_strict_json(line)["step"] for line in log.read_text().splitlines()]

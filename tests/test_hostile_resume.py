@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import save_file
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint.collective import Parts, load_run_checkpoint
+from fne_dist.checkpoint.format import CheckpointError
 from fne_dist.memory import MomentumMemory
 from fne_dist.train import main as train_main
 
@@ -42,9 +43,9 @@ def test_hostile_memory_mismatch_is_one_checkpoint_error(
     or the memory is touched."""
     directory = _checkpoint_with_memory(tmp_path / "step-00000002", *saved)
     memory = MomentumMemory(*now)
-    parts = ckpt.Parts(engine=_NoEngine(), momentum=None, memory=memory, stats=None)
-    with pytest.raises(ckpt.CheckpointError) as err:
-        ckpt.load_run_checkpoint(directory, {}, {}, parts, rank=0)
+    parts = Parts(engine=_NoEngine(), momentum=None, memory=memory, stats=None)
+    with pytest.raises(CheckpointError) as err:
+        load_run_checkpoint(directory, {}, {}, parts, rank=0)
     message = str(err.value)
     assert "\n" not in message and setting in message and str(directory) in message
     current = setting.split("=")[0] + f"={now[0] if 'size' in setting else now[1]}"
@@ -55,19 +56,19 @@ def test_hostile_matching_memory_passes_the_check(tmp_path: Path) -> None:
     """Invariant: the shape check refuses only a mismatch (a matching memory reaches the
     engine)."""
     directory = _checkpoint_with_memory(tmp_path / "step-00000002", 8, 4)
-    parts = ckpt.Parts(engine=_NoEngine(), momentum=None, memory=MomentumMemory(8, 4), stats=None)
+    parts = Parts(engine=_NoEngine(), momentum=None, memory=MomentumMemory(8, 4), stats=None)
     with pytest.raises(AssertionError, match="engine state loaded"):
-        ckpt.load_run_checkpoint(directory, {}, {}, parts, rank=0)
+        load_run_checkpoint(directory, {}, {}, parts, rank=0)
 
 
 def test_hostile_train_exits_2_with_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
     """Invariant: through ``python -m fne_dist.train`` the mismatch is exit status 2 and one
     ``error:`` line, not a traceback (CheckpointError is a user error)."""
     directory = _checkpoint_with_memory(tmp_path / "step-00000002", 8, 4)
-    parts = ckpt.Parts(engine=_NoEngine(), momentum=None, memory=MomentumMemory(16, 4), stats=None)
+    parts = Parts(engine=_NoEngine(), momentum=None, memory=MomentumMemory(16, 4), stats=None)
 
     def fail(*_args, **_kwargs):
-        ckpt.load_run_checkpoint(directory, {}, {}, parts, rank=0)
+        load_run_checkpoint(directory, {}, {}, parts, rank=0)
 
     monkeypatch.setattr("fne_dist.loop.train", fail)
     code = train_main(

@@ -18,8 +18,20 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from fne_dist import checkpoint as ckpt
 from fne_dist import loop, run_identity
+from fne_dist.checkpoint.collective import Parts, Target, load_run_checkpoint, save_run_checkpoint
+from fne_dist.checkpoint.format import (
+    ENGINE_TAG,
+    META,
+    CheckpointError,
+    RankState,
+    data_files,
+    hash_files,
+    read_rank_files,
+    write_rank_files,
+)
+from fne_dist.checkpoint.validation import validate
+from fne_dist.checkpointer import LauncherCheckpoints, resume_source
 from fne_dist.config import ConfigError, load_config, save_config
 from fne_dist.data.stream import RankPosition
 from fne_dist.engine import DDPEngine
@@ -101,9 +113,9 @@ def test_hostile_train_refuses_a_checkpoint_dir_held_by_another_run(
 # ---------------------------------------------------------------- checkpoints written for real
 
 
-def _parts(cfg, width: int = 64) -> ckpt.Parts:
+def _parts(cfg, width: int = 64) -> Parts:
     torch.manual_seed(0)
-    return ckpt.Parts(
+    return Parts(
         engine=DDPEngine(torch.nn.Linear(width, width), cfg, total_steps=10),
         momentum=torch.nn.Linear(width, width),
         memory=MomentumMemory(cfg.memory.size, cfg.model.embed_dim, seed=0, device="cpu"),
@@ -114,7 +126,7 @@ def _parts(cfg, width: int = 64) -> ckpt.Parts:
 def _save(root: Path, cfg, step: int, data: dict | None = None) -> Path:
     """A checkpoint at ``step`` written by the real writer (the DDP twin's engine files), with
     ``data`` (the training shards' identity) in its meta.json if given."""
-    target = ckpt.Target(
+    target = Target(
         root=root, config_yaml=(root.parent / "config.yaml").read_text(),
         layout={"world_size": 1}, run_id=None, keep_last=0, rank=0,
         barrier=lambda: None, local_rank=0,
@@ -123,16 +135,16 @@ def _save(root: Path, cfg, step: int, data: dict | None = None) -> Path:
     state = TrainState.fresh(torch.device("cpu"), warm=False)
     state.opt_step, state.n_micro, state.micro, state.epoch = step, step, step - 1, 0
     state.position = RankPosition(epoch=0, step=step, consumers=[])
-    return ckpt.save_run_checkpoint(target, _parts(cfg), state.to_rank_state(16, True))
+    return save_run_checkpoint(target, _parts(cfg), state.to_rank_state(16, True))
 
 
 def _rehash(directory: Path) -> dict:
     """Rewrite meta.json's table as a tamperer would, so only the new checks can object."""
-    meta = json.loads((directory / ckpt.META).read_text())
-    names = [str(p.relative_to(directory)) for p in ckpt._files(directory)]
-    meta["files"] = ckpt.hash_files(directory, names)
-    (directory / ckpt.META).write_text(json.dumps(meta))
-    return ckpt.validate(directory)
+    meta = json.loads((directory / META).read_text())
+    names = [str(p.relative_to(directory)) for p in data_files(directory)]
+    meta["files"] = hash_files(directory, names)
+    (directory / META).write_text(json.dumps(meta))
+    return validate(directory)
 
 
 @pytest.fixture
@@ -155,8 +167,8 @@ def test_hostile_rank_files_of_another_step_are_refused(written, tmp_path: Path)
     for name in ("rank-00000.json", "rank-00000.safetensors"):
         shutil.copy2(step2 / name, step4 / name)
     meta = _rehash(step4)
-    with pytest.raises(ckpt.CheckpointError) as err:
-        ckpt.load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg), rank=0)
+    with pytest.raises(CheckpointError) as err:
+        load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg), rank=0)
     line = _one_line(err)
     assert "rank-00000" in line and "step 2" in line and "step 4" in line
 
@@ -165,7 +177,7 @@ def test_hostile_swapped_rank_files_are_refused(written) -> None:
     """Invariant: in a two-rank checkpoint whose rank-0 and rank-1 files were swapped (meta.json
     re-hashed), each rank's loader refuses the other's file in one line."""
     _, _, step4 = written
-    ckpt.write_rank_files(step4, 1, ckpt.RankState({"opt_step": 4}, None))
+    write_rank_files(step4, 1, RankState({"opt_step": 4}, None))
     for ext in ("json", "safetensors"):
         a, b = step4 / f"rank-00000.{ext}", step4 / f"rank-00001.{ext}"
         a.rename(step4 / "swap")
@@ -173,8 +185,8 @@ def test_hostile_swapped_rank_files_are_refused(written) -> None:
         (step4 / "swap").rename(b)
     _rehash(step4)
     for rank in (0, 1):
-        with pytest.raises(ckpt.CheckpointError) as err:
-            ckpt.read_rank_files(step4, rank, 4)
+        with pytest.raises(CheckpointError) as err:
+            read_rank_files(step4, rank, 4)
         assert f"holds rank {1 - rank}'s state" in _one_line(err)
 
 
@@ -182,8 +194,8 @@ def test_hostile_intact_rank_files_still_load(written) -> None:
     """Invariant: the binding refuses only moved files: an intact checkpoint's rank state
     loads with its counters."""
     cfg, _, step4 = written
-    meta = ckpt.validate(step4)
-    saved = ckpt.load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg), rank=0)
+    meta = validate(step4)
+    saved = load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg), rank=0)
     assert saved.counters["opt_step"] == 4
 
 
@@ -199,8 +211,8 @@ def test_hostile_rank_file_without_epoch_is_one_line(written) -> None:
     del doc["counters"]["epoch"]
     path.write_text(json.dumps(doc))
     meta = _rehash(step4)
-    saved = ckpt.load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg), rank=0)
-    with pytest.raises(ckpt.CheckpointError) as err:
+    saved = load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg), rank=0)
+    with pytest.raises(CheckpointError) as err:
         TrainState.from_rank_state(saved, torch.device("cpu"), 10, 0, str(path))
     line = _one_line(err)
     assert str(path) in line and "'epoch'" in line
@@ -210,14 +222,14 @@ def test_hostile_engine_state_naming_a_missing_tensor_is_one_line(written) -> No
     """Invariant: an engine/state.json naming a tensor its safetensors file lacks (re-hashed)
     is one CheckpointError naming both, not a KeyError traceback."""
     cfg, _, step4 = written
-    path = step4 / ckpt.ENGINE_TAG / "state.json"
+    path = step4 / ENGINE_TAG / "state.json"
     text = path.read_text()
     first = json.loads(text)["dict"][0][1]  # the model's state dict
     name = first["dict"][0][1]["tensor"]
     path.write_text(text.replace(json.dumps(name), json.dumps("state.nowhere"), 1))
     meta = _rehash(step4)
-    with pytest.raises(ckpt.CheckpointError) as err:
-        ckpt.load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg), rank=0)
+    with pytest.raises(CheckpointError) as err:
+        load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg), rank=0)
     line = _one_line(err)
     assert "state.nowhere" in line and "state.safetensors" in line
 
@@ -226,9 +238,9 @@ def test_hostile_weights_of_another_model_are_one_line(written) -> None:
     """Invariant: engine state of another architecture (as after changing model.head) that
     reaches load_state_dict is one CheckpointError line, not torch's RuntimeError."""
     cfg, _, step4 = written
-    meta = ckpt.validate(step4)
-    with pytest.raises(ckpt.CheckpointError) as err:
-        ckpt.load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg, 32), rank=0)
+    meta = validate(step4)
+    with pytest.raises(CheckpointError) as err:
+        load_run_checkpoint(step4, meta, {"world_size": 1}, _parts(cfg, 32), rank=0)
     assert "does not fit this run's model" in _one_line(err)
 
 
@@ -252,7 +264,7 @@ def test_hostile_resume_refuses_a_setting_its_state_depends_on(
     _, _, step4 = written
     with pytest.raises(ConfigError) as err:
         run_identity.check_resume_config(
-            step4, _cfg(tmp_path, override), ckpt.validate(step4).get("data")
+            step4, _cfg(tmp_path, override), validate(step4).get("data")
         )
     line = _one_line(err)
     assert f"{key}={new}" in line and f"checkpoint's {key}={old}" in line
@@ -263,7 +275,7 @@ def test_hostile_resume_applies_the_other_settings(written, tmp_path: Path) -> N
     evaluation, the loss) may change on resume: no refusal."""
     _, _, step4 = written
     cfg = _cfg(tmp_path, "train.epochs=0.5", "train.log_every=1", "fne.loss=infonce")
-    run_identity.check_resume_config(step4, cfg, ckpt.validate(step4).get("data"))
+    run_identity.check_resume_config(step4, cfg, validate(step4).get("data"))
 
 
 def test_hostile_resume_reuses_the_data_position_only_for_the_same_shards(
@@ -277,7 +289,7 @@ def test_hostile_resume_reuses_the_data_position_only_for_the_same_shards(
     cfg = _cfg(tmp_path, f"data.train={first}/*.tar")
     save_config(cfg, tmp_path / "config.yaml")
     step = _save(tmp_path / "ckpts", cfg, 2, run_identity.data_identity(cfg))
-    data = ckpt.validate(step)["data"]
+    data = validate(step)["data"]
     other = tmp_path / "other"
     write_dataset(other, [4, 4, 4, 4])
     with pytest.raises(ConfigError) as err:
@@ -297,17 +309,6 @@ def test_hostile_resume_reuses_the_data_position_only_for_the_same_shards(
 # ---------------------------------------------------------------- a requeue before any checkpoint
 
 
-class _Reporter:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def resume_source(self) -> None:
-        return None
-
-    def message(self, line: str) -> None:
-        self.lines.append(line)
-
-
 def test_hostile_requeue_before_the_first_checkpoint_starts_afresh(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -316,17 +317,52 @@ def test_hostile_requeue_before_the_first_checkpoint_starts_afresh(
     checkpoint.resume=latest with none, still fails in one line (nothing is overwritten)."""
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     root, scratch = tmp_path / "ckpts", tmp_path / "scratch"
-    reporter = _Reporter()
-    assert loop._resume_dir(_cfg(tmp_path), reporter, str(root), scratch) is None
-    assert any("starting afresh" in line for line in reporter.lines), reporter.lines
+    lines: list[str] = []
+
+    def source(cfg):
+        return resume_source(cfg, str(root), scratch, LauncherCheckpoints(), lines.append)
+
+    assert source(_cfg(tmp_path)) is None
+    assert any("starting afresh" in line for line in lines), lines
     root.mkdir()
-    assert loop._resume_dir(_cfg(tmp_path), reporter, str(root), scratch) is None
-    explicit = _cfg(tmp_path, "checkpoint.resume=latest")
-    with pytest.raises(ckpt.CheckpointError, match="no valid checkpoint"):
-        loop._resume_dir(explicit, reporter, str(root), scratch)
+    assert source(_cfg(tmp_path)) is None
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        source(_cfg(tmp_path, "checkpoint.resume=latest"))
     (root / "step-00000003").mkdir()  # there was one, now broken: not a fresh start
-    with pytest.raises(ckpt.CheckpointError, match="no valid checkpoint"):
-        loop._resume_dir(_cfg(tmp_path), reporter, str(root), scratch)
+    with pytest.raises(CheckpointError, match="no valid checkpoint"):
+        source(_cfg(tmp_path))
+
+
+class _Restores(LauncherCheckpoints):
+    """A launcher that hands back ``path`` after restarting the run (as Ray Train does)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def restored(self) -> Path:
+        return self.path
+
+
+def test_a_launcher_restart_resumes_from_the_newer_of_its_record_and_this_runs_newest(
+    tmp_path: Path,
+) -> None:
+    """Invariant: after a launcher's restart the run resumes from the newer of the checkpoint
+    the launcher hands back and this run's (``run.id``) newest valid one in checkpoint.dir (a
+    worker can die between writing a checkpoint and the launcher registering it); another
+    run's checkpoint there does not count. The source is the checkpointer's: no reporter."""
+    cfg = _cfg(tmp_path, "run.id=r1")
+    save_config(cfg, tmp_path / "config.yaml")
+    root = tmp_path / "ckpts"
+    registered, newer = _save(root, cfg, 2), _save(root, cfg, 4)  # run_id: none (not r1)
+
+    def source(launcher: LauncherCheckpoints) -> Path | None:
+        return resume_source(cfg, str(root), tmp_path / "scratch", launcher, print)
+
+    assert source(_Restores(registered)) == registered
+    meta = json.loads((newer / META).read_text())
+    (newer / META).write_text(json.dumps({**meta, "run_id": "r1"}))  # now this run's
+    assert source(_Restores(registered)) == newer
+    assert source(LauncherCheckpoints()) == newer
 
 
 # ---------------------------------------------------------------- a stop during the cache build

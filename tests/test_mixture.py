@@ -185,6 +185,8 @@ def test_forward_step_with_the_mixture() -> None:
         "groups": torch.tensor([0, 0, 0, 1, 1, 2, 2, -1]),
     }
     out = forward_step(model, momentum, batch, memory, stats, cfg, 0, 0, False)
+    assert stats.posterior_totals.numel() == 0  # the step changed nothing: the loop commits
+    stats.add_step(out.stat_sums, cfg.mixture_decay)
     assert 0 < float(stats.posterior_totals.sum()) <= 8 * 3 * 2
     assert 0 < float(out.diagnostics["prior"]) <= 0.5
     assert {"mu_fn", "sigma_fn", "mu_tn", "sigma_tn"} <= set(out.diagnostics)

@@ -89,6 +89,7 @@ def test_a_gpu_step_reads_nothing_on_the_host(
         }
         with HostReads() as reads:
             out = forward_step(model, momentum, batch, memory, stats, cfg, 0, step, warmup)
+            stats.add_step(out.stat_sums, cfg.mixture_decay)  # the loop's commit
             out.loss.backward()
             ema_update(momentum, model, 0.99)
             g = out.gathered

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint.validation import list_checkpoints, validate
 from tests.fixtures_slurm import (
     SlurmCluster,
     _free_ports,
@@ -176,8 +176,8 @@ def test_scripts_on_two_nodes(two_nodes: SlurmCluster, launched: dict, launch: s
     assert "NodeAddr=127.0.0.2" in two_nodes.scontrol("show", "node", "n1", "--oneliner")
     job = launched[launch].wait()
     assert_trained_two_ranks(job)
-    for step_dir in ckpt.list_checkpoints(job.run_dir / "checkpoints"):
-        files = ckpt.validate(step_dir)["files"]
+    for step_dir in list_checkpoints(job.run_dir / "checkpoints"):
+        files = validate(step_dir)["files"]
         assert {"rank-00000.json", "rank-00001.json", "rank-00001.safetensors"} <= set(files)
     if launch == "torchrun":
         assert "rendezvous 127.0.0.2:" in job.output, job.tail()

@@ -147,7 +147,7 @@ def test_two_node_checkpoint_lists_every_ranks_files(nodes: TwoNodes, straight: 
     """Invariant: a checkpoint of a run spanning two nodes is complete: meta.json lists and
     hashes both ranks' files (rank-00000.* and rank-00001.*, written on different nodes),
     the shared directory holds no leftover step-N.tmp, and every step-N validates."""
-    from fne_dist.checkpoint import list_checkpoints, validate
+    from fne_dist.checkpoint.validation import list_checkpoints, validate
 
     found = list_checkpoints(straight["ckpt"])
     assert [p.name for p in found] == [f"step-{s:08d}" for s in (3, 6, 9, STEPS)]
@@ -186,7 +186,8 @@ def test_kill_one_node_then_resume_both_from_a_url_checkpoint(
     resumed with checkpoint.resume=latest continue from that complete checkpoint: the logged
     steps after the resume continue the sequence up to the end, and their losses equal the
     uninterrupted (shared-directory) run's at the same steps."""
-    from fne_dist.checkpoint import find_resumable_remote, list_checkpoints, validate
+    from fne_dist.checkpoint.remote import find_resumable_remote
+    from fne_dist.checkpoint.validation import list_checkpoints, validate
 
     remote = nodes.shared / "killed"
     extra = (f"checkpoint.dir=file://{remote}", f"checkpoint.every_steps={EVERY}")

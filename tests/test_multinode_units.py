@@ -16,7 +16,17 @@ import pytest
 import torch
 from torch import nn
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint.collective import (
+    Parts,
+    Target,
+    assign_files,
+    check_shared_dir,
+    finalize,
+    save_run_checkpoint,
+)
+from fne_dist.checkpoint.format import CheckpointError, RankState
+from fne_dist.checkpoint.remote import download, find_resumable_remote
+from fne_dist.checkpoint.validation import validate
 from fne_dist.config import ConfigError, load_config
 from fne_dist.data.feature_shards import build_once, is_complete
 from fne_dist.data.sources import ShardList
@@ -87,7 +97,7 @@ class Stateful:
 
 def _save(world: ThreadWorld, roots: list[Path], url: str | None) -> list[Any]:
     def rank_fn(rank: int) -> Path:
-        target = ckpt.Target(
+        target = Target(
             root=roots[rank],
             config_yaml="{}\n",
             layout={"world_size": world.n},
@@ -99,9 +109,9 @@ def _save(world: ThreadWorld, roots: list[Path], url: str | None) -> list[Any]:
             gather=world.gather(rank),
             local_rank=0,  # one rank per node
         )
-        parts = ckpt.Parts(PartitionedEngine(rank), nn.Linear(2, 2), Stateful(), Stateful())
+        parts = Parts(PartitionedEngine(rank), nn.Linear(2, 2), Stateful(), Stateful())
         counters = {"opt_step": 4, "micro": 3, "epoch": 0, "samples_seen": 32}
-        return ckpt.save_run_checkpoint(target, parts, ckpt.RankState(counters, None))
+        return save_run_checkpoint(target, parts, RankState(counters, None))
 
     return world.run(rank_fn)
 
@@ -112,7 +122,7 @@ def test_shared_dir_checkpoint_lists_every_ranks_files(tmp_path: Path) -> None:
     every file hashed exactly once, and no step-N.tmp left."""
     results = _save(ThreadWorld(2), [tmp_path / "shared"] * 2, None)
     assert all(isinstance(r, Path) for r in results), results
-    files = ckpt.validate(results[0])["files"]
+    files = validate(results[0])["files"]
     for name in ("rank-00000.json", "rank-00001.safetensors", "engine/p0.pt", "engine/p1.pt"):
         assert name in files, sorted(files)
     assert not list(tmp_path.rglob("*.tmp"))
@@ -127,7 +137,7 @@ def test_url_checkpoint_from_node_local_dirs_is_complete(tmp_path: Path) -> None
     results = _save(ThreadWorld(2), roots, url)
     assert all(isinstance(r, Path) for r in results), results
     assert not (roots[0] / "step-00000004" / "rank-00001.json").exists()  # node-local indeed
-    _, meta = ckpt.find_resumable_remote(url, tmp_path / "fetched", print)
+    _, meta = find_resumable_remote(url, tmp_path / "fetched", print)
     assert {"rank-00001.json", "engine/p1.pt", "engine/p0.pt"} <= set(meta["files"])
     assert not list((tmp_path / "node1").rglob("*.tmp"))
 
@@ -136,27 +146,27 @@ def test_ray_registers_a_complete_copy_of_a_url_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Invariant: with a URL checkpoint.dir and node-local scratch, rank 0's local copy lacks
-    rank 1's files (it does not validate), yet the directory the Ray reporter hands to
-    ``ray.train.report`` validates and holds every rank's part, each file equal to the
-    uploaded one; the other ranks report no checkpoint."""
+    rank 1's files (it does not validate), yet the directory Ray's launcher checkpoints hand to
+    ``ray.train.report`` (Ray's record of the run's checkpoints) validates and holds every
+    rank's part, each file equal to the uploaded one; the other ranks report no checkpoint."""
     import ray.train
 
-    from fne_dist.distributed.ray_launcher import RayReporter
+    from fne_dist.distributed.ray_launcher import RayCheckpoints
 
     url = f"file://{tmp_path / 'remote'}"
     roots = [tmp_path / "node0" / "ckpt", tmp_path / "node1" / "ckpt"]
     local0 = _save(ThreadWorld(2), roots, url)[0]
-    with pytest.raises(ckpt.CheckpointError, match=r"(p1\.pt|rank-00001\.\w+) is missing"):
-        ckpt.validate(local0)
+    with pytest.raises(CheckpointError, match=r"(p1\.pt|rank-00001\.\w+) is missing"):
+        validate(local0)
     reported: list[Any] = []
     monkeypatch.setattr(ray.train, "report", lambda m, checkpoint=None: reported.append(checkpoint))
-    RayReporter(url).checkpoint(local0, 4, is_main=True)
-    RayReporter(url).checkpoint(roots[1] / local0.name, 4, is_main=False)
+    RayCheckpoints(url).register(local0, 4, is_main=True)
+    RayCheckpoints(url).register(roots[1] / local0.name, 4, is_main=False)
     assert reported[1] is None
     registered = Path(reported[0].path)
-    meta = ckpt.validate(registered)
+    meta = validate(registered)
     assert {"rank-00001.json", "rank-00001.safetensors", "engine/p1.pt"} <= set(meta["files"])
-    remote = ckpt.download(url, local0.name, tmp_path / "fetched")
+    remote = download(url, local0.name, tmp_path / "fetched")
     for name in meta["files"]:
         assert (registered / name).read_bytes() == (remote / name).read_bytes(), name
 
@@ -168,19 +178,19 @@ def test_a_checkpoint_without_every_ranks_files_is_invalid(tmp_path: Path) -> No
     tmp.mkdir()
     (tmp / "rank-00000.json").write_text("{}")
     (tmp / "rank-00000.safetensors").write_text("x")
-    ckpt.finalize(tmp, tmp_path / "step-00000001", {"world_size": 2}, 0)
-    with pytest.raises(ckpt.CheckpointError, match=r"incomplete: meta\.json lists no rank-00001"):
-        ckpt.validate(tmp_path / "step-00000001")
+    finalize(tmp, tmp_path / "step-00000001", {"world_size": 2}, 0)
+    with pytest.raises(CheckpointError, match=r"incomplete: meta\.json lists no rank-00001"):
+        validate(tmp_path / "step-00000001")
 
 
 def test_assign_files_gives_each_file_to_one_rank_that_sees_it() -> None:
     """Invariant: every visible file is hashed by exactly one rank, always one that sees it;
     on a shared directory the work is spread over the ranks."""
     shared = [["a", "b", "c", "d"]] * 2
-    mine = ckpt.assign_files(shared)
+    mine = assign_files(shared)
     assert sorted(mine[0] + mine[1]) == ["a", "b", "c", "d"] and mine[0] and mine[1]
     local = [["a", "rank-0"], ["rank-1", "p1"]]
-    assert ckpt.assign_files(local) == [["a", "rank-0"], ["p1", "rank-1"]]
+    assert assign_files(local) == [["a", "rank-0"], ["p1", "rank-1"]]
 
 
 def test_node_local_checkpoint_dir_fails_at_launch(tmp_path: Path) -> None:
@@ -188,14 +198,14 @@ def test_node_local_checkpoint_dir_fails_at_launch(tmp_path: Path) -> None:
     one line naming the directory and node 1; a shared directory passes and keeps no marker."""
     world = ThreadWorld(2)
     roots = [tmp_path / "n0", tmp_path / "n1"]
-    errors = world.run(lambda r: ckpt.check_shared_dir(roots[r], r, r, world.gather(r)))
+    errors = world.run(lambda r: check_shared_dir(roots[r], r, r, world.gather(r)))
     for err in errors:
-        assert isinstance(err, ckpt.CheckpointError), errors
+        assert isinstance(err, CheckpointError), errors
         assert "is not shared between nodes: node(s) 1 do not see" in str(err)
         assert "\n" not in str(err)
     world = ThreadWorld(2)
     shared = tmp_path / "shared"
-    assert world.run(lambda r: ckpt.check_shared_dir(shared, r, r, world.gather(r))) == [None] * 2
+    assert world.run(lambda r: check_shared_dir(shared, r, r, world.gather(r))) == [None] * 2
     assert list(shared.iterdir()) == []
 
 

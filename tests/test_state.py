@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fne_dist import checkpoint as ckpt
+from fne_dist.checkpoint.format import RankState, load_state, save_state
 from fne_dist.data.stream import ConsumerPosition, RankPosition
 from fne_dist.state import TrainState
 
@@ -31,9 +31,7 @@ def test_train_state_round_trips_through_a_checkpoint_file() -> None:
     a = _state_after_some_steps()
     saved = a.to_rank_state(global_batch=16, with_history=True)
     loaded = json.loads(json.dumps({"c": saved.counters, "p": saved.data_position}))
-    b = TrainState.from_rank_state(
-        ckpt.RankState(loaded["c"], loaded["p"]), torch.device("cpu"), 100, 3
-    )
+    b = TrainState.from_rank_state(RankState(loaded["c"], loaded["p"]), torch.device("cpu"), 100, 3)
     assert (b.opt_step, b.n_micro, b.epoch, b.micro) == (a.opt_step, a.n_micro, a.epoch, a.micro)
     assert b.position == a.position and b.history == a.history
     assert b.saved_at == 7 and b.warm is False  # past the 3 warm-up steps
@@ -81,12 +79,12 @@ def test_save_state_round_trips_an_optimizer_and_schedule(tmp_path: Path) -> Non
         step(a, opt_a, sched_a, seed)
     state = {"model": a.state_dict(), "optimizer": opt_a.state_dict(), "scheduler": None}
     state["scheduler"] = sched_a.state_dict()
-    ckpt.save_state(tmp_path, "state", state)
+    save_state(tmp_path, "state", state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json", "state.safetensors"]
 
     b = torch.nn.Linear(3, 2)
     opt_b, sched_b = make(b)
-    loaded = ckpt.load_state(tmp_path, "state")
+    loaded = load_state(tmp_path, "state")
     assert list(loaded["optimizer"]["state"]) == [0, 1]  # integer ids, not "0", "1"
     assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
     b.load_state_dict(loaded["model"])

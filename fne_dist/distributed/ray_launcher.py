@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint.remote import fetch_missing, is_url
+from ..checkpointer import LauncherCheckpoints
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..progress import TaskProgress
 from ..reporting import Reporter
@@ -19,43 +21,12 @@ from ..sizing import check_local_workers
 
 
 class RayReporter(Reporter):
-    """Forwards logged metrics to ``ray.train.report`` (called by every worker, same count).
-    ``checkpoint_url``: a URL checkpoint.dir, from which rank 0 completes its local copy
-    before handing it to Ray."""
-
-    def __init__(self, checkpoint_url: str | None = None) -> None:
-        self.checkpoint_url = checkpoint_url
+    """Forwards logged metrics to ``ray.train.report`` (called by every worker, same count)."""
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
         import ray.train
 
         ray.train.report({"step": step + 1, **metrics})
-
-    def checkpoint(self, path: Path, step: int, is_main: bool) -> None:
-        """Hand the checkpoint to Ray Train, which copies it to its storage path and gives it
-        back through ``get_checkpoint`` when it restarts the worker group after a failure.
-        Rank 0 reports the directory (every rank wrote its part of it on the shared
-        checkpoint.dir); the others report none, as Ray requires every worker to report.
-        With a URL checkpoint.dir rank 0's directory is its node-local scratch copy, which
-        lacks the files other nodes wrote: those are fetched first, so that what Ray
-        registers (and restores after a failure) is the complete checkpoint."""
-        import ray.train
-
-        if is_main and self.checkpoint_url is not None:
-            from ..checkpoint import fetch_missing
-
-            fetch_missing(path, self.checkpoint_url)
-        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if is_main else None
-        ray.train.report({"checkpoint_step": step}, checkpoint=checkpoint)
-
-    def resume_source(self) -> Path | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        local = Path(checkpoint.path)
-        return local if local.is_dir() else Path(checkpoint.to_directory())
 
     def finish(self, result: dict[str, Any]) -> None:
         import ray.train
@@ -66,13 +37,44 @@ class RayReporter(Reporter):
         ray.train.report({"final": 1, **flat, "wall_time_s": result.get("wall_time_s", 0.0)})
 
 
+class RayCheckpoints(LauncherCheckpoints):
+    """Ray Train's record of the run's checkpoints: each one is handed to Ray, which copies it
+    to its storage path and gives it back through ``get_checkpoint`` when it restarts the
+    worker group after a failure. ``checkpoint_url``: a URL checkpoint.dir, from which rank 0
+    completes its local copy before handing it to Ray."""
+
+    def __init__(self, checkpoint_url: str | None = None) -> None:
+        self.checkpoint_url = checkpoint_url
+
+    def register(self, path: Path, step: int, is_main: bool) -> None:
+        """Rank 0 reports the directory (every rank wrote its part of it on the shared
+        checkpoint.dir); the others report none, as Ray requires every worker to report.
+        With a URL checkpoint.dir rank 0's directory is its node-local scratch copy, which
+        lacks the files other nodes wrote: those are fetched first, so that what Ray
+        registers (and restores after a failure) is the complete checkpoint."""
+        import ray.train
+
+        if is_main and self.checkpoint_url is not None:
+            fetch_missing(path, self.checkpoint_url)
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if is_main else None
+        ray.train.report({"checkpoint_step": step}, checkpoint=checkpoint)
+
+    def restored(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        local = Path(checkpoint.path)
+        return local if local.is_dir() else Path(checkpoint.to_directory())
+
+
 def _worker(loop_config: dict[str, Any]) -> None:
-    from ..checkpoint import is_url
     from ..loop import train
 
     cfg = config_from_dict(loop_config["config"])
     url = cfg.checkpoint.dir if cfg.checkpoint.dir and is_url(cfg.checkpoint.dir) else None
-    train(cfg, extra_reporter=RayReporter(url))
+    train(cfg, extra_reporter=RayReporter(), launcher_checkpoints=RayCheckpoints(url))
 
 
 def _absolute(cfg: Config) -> dict[str, Any]:

@@ -10,6 +10,7 @@ code uses an approximate online variance; the sums are exact (up to float64 roun
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
@@ -180,6 +181,20 @@ class SimilarityStats:
 
     def add(self, batch_stats: Tensor) -> None:
         self.totals = merge_stats(self.totals, batch_stats.to(self.totals))
+
+    def add_step(self, step_sums: Tensor, decay: float) -> None:
+        """Commit one step's (all-reduced) sums: the six Gaussian sums, then the posterior's
+        (``decay``: its forgetting factor)."""
+        self.add(step_sums[:6])
+        self.add_posterior(step_sums[6:], decay)
+
+    def with_step(self, step_sums: Tensor, decay: float) -> SimilarityStats:
+        """What ``add_step`` would make of these statistics, as a new object; ``self`` is left
+        as it is until the step is committed (every update builds new tensors, so the shallow
+        copy shares nothing it changes: nothing is copied to be taken back)."""
+        seen = copy.copy(self)
+        seen.add_step(step_sums, decay)
+        return seen
 
     def add_posterior(self, batch_sums: Tensor, decay: float) -> None:
         """T ← γ·T + one step's (all-reduced) posterior sums (nothing when it has none)."""

@@ -114,8 +114,8 @@ def build_state(mode: str, data: dict[str, Tensor]):
 
 
 class BlockStats(SimilarityStats):
-    """Test double: records every batch statistic ``forward_step`` adds and, when
-    ``replacement`` is set, adds that instead.
+    """Test double: records every batch statistic added (``forward_step``'s view of the step,
+    then the loop's commit of it) and, when ``replacement`` is set, adds that instead.
 
     At W = 2 each rank applies the mutual-top-1 rule to its own B×B block and the sums are
     all-reduced; one rank with the 2B batch would apply it to the 2B×2B matrix, a different
@@ -192,6 +192,7 @@ def run(mode: str, rank: int, world: int, block_reference: bool) -> dict:
         totals_before = stats.totals.clone()
         model.zero_grad(set_to_none=True)
         out = forward_step(model, momentum, batch, memory, stats, FNE_CFG, SEED, step, warm)
+        stats.add_step(out.stat_sums, FNE_CFG.mixture_decay)  # the loop's commit
         rec["stats_added"] = stats.totals - totals_before
         rec["stats_forward_step"] = stats.added[-1]  # what forward_step computed and reduced
         rec["loss"] = out.loss.detach().clone()
@@ -232,6 +233,7 @@ def plain_first_step() -> dict:
     model, momentum, memory, stats = build_state("equiv", data)
     batch = local_batch(data, 0, GLOBAL_BATCH["equiv"], 0, 1)
     out = forward_step(model, momentum, batch, memory, stats, FNE_CFG, SEED, 0, False)
+    stats.add_step(out.stat_sums, FNE_CFG.mixture_decay)  # the loop's commit
     return {
         "loss": out.loss.detach().clone(),
         "diagnostics": {k: v.detach().clone() for k, v in out.diagnostics.items()},

@@ -125,6 +125,7 @@ def run(stage: int) -> list[str]:
         out = forward_step(
             engine, momentum, batch_of(step, D.rank()), memory, stats, cfg.fne, 0, step, warm
         )
+        stats.add_step(out.stat_sums, cfg.fne.mixture_decay)  # the loop's commit
         engine.backward(out.loss)
         engine.step()
         if stage == 3:
