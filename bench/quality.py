@@ -57,8 +57,8 @@ from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
 from fne_dist.retrieval_metrics import retrieval_metrics
+from fne_dist.run_summary import EpochDiagnostics
 from fne_dist.step import forward_step
-from fne_dist.summary import EpochDiagnostics
 
 NEVER = 10**12  # a gate size no epoch reaches: the Bayes part stays off (kernel only)
 _FNE_INTRA = dict(loss="fne", posterior="intra_mixture", eps=0.5, tau_fn=4.0)

@@ -30,7 +30,7 @@ from .checkpoint.validation import find_resumable, list_checkpoints, validate
 from .config import Config, config_text
 from .distributed.launch import rank_env
 from .interrupt import StopRequest
-from .reporting import Reporter
+from .reporters import Reporter
 from .run_identity import check_resume_config, data_identity, restart_of_same_run, resume_request
 from .state import TrainState
 

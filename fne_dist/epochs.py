@@ -23,7 +23,7 @@ from .data.decode import REASONS
 from .data.sources import DataError
 from .data.stream import RankPosition, TrainStream
 from .interrupt import StopRequest
-from .reporting import Reporter
+from .reporters import Reporter
 from .timing import NullTimer, PhaseTimer
 
 

@@ -18,7 +18,7 @@ import torch
 from .config import ConfigError, load_config
 from .data.sources import DataError
 from .export import fit_weights, load_weights
-from .reporting import json_safe
+from .reporters import json_safe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +55,9 @@ def evaluate_weights(
 ) -> dict[str, float]:
     """Rebuild the model from its config, load weights, and evaluate one split (one process)."""
     from .encoders import build_image_backbone, build_text_backbone
-    from .evaluation import evaluate_table
-    from .inputs import eval_table, split_shards
+    from .loop_inputs import eval_table, split_shards
     from .model import build_dual_encoder
+    from .sharded_eval import evaluate_table
 
     torch.set_num_threads(cfg.run.threads)
     image_backbone = build_image_backbone(cfg.model.image)

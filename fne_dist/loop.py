@@ -53,18 +53,17 @@ from .encoders import (
 )
 from .engine import build_engine, full_weights, gathered_parameters
 from .epochs import DataLog, agreed_batches
-from .evaluation import evaluate_table
 from .export import write_sidecar
 from .fne import SimilarityStats
-from .inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
 from .interrupt import Interrupted, StopRequest, handle_signals
+from .loop_inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
 from .memory import MomentumMemory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
 from .nonfinite import check_in_row, finite_everywhere, grads_finite
 from .plot import NoPictures, RunPictures
-from .reporting import (
+from .reporters import (
     ConsoleReporter,
     FanOut,
     JsonLinesReporter,
@@ -75,11 +74,12 @@ from .reporting import (
     setup_logging,
 )
 from .run_lock import owned
+from .run_summary import group_rsum_text
 from .running_stats import PendingRunningStats, deferred_running_stats
+from .sharded_eval import evaluate_table
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
 from .step import StepOutput, forward_step
-from .summary import group_rsum_text
 from .timing import NullTimer, PhaseTimer
 
 log = logging.getLogger("fne_dist")

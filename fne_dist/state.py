@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .checkpoint.format import CheckpointError, RankState
 from .data.stream import RankPosition
-from .summary import RATIOS, EpochDiagnostics, ratios_of_sums
+from .run_summary import RATIOS, EpochDiagnostics, ratios_of_sums
 
 
 @dataclass

@@ -28,7 +28,7 @@ OVER_THE_LIMIT = {
 }
 
 # Command-line entry points: their stdout is their output (JSON, a summary), and their error
-# line goes to stderr. Everything else reports through logging (fne_dist.reporting).
+# line goes to stderr. Everything else reports through logging (fne_dist.reporters).
 PRINTING_MODULES = {
     "train.py",
     "evaluate.py",

@@ -105,7 +105,7 @@ def test_sharded_evaluation_gathers_exactly_the_one_rank_split(tmp_path: Path) -
     the split one rank reads alone: same images once each in the same order, same captions in
     the same order, same caption→image map and groups."""
     from fne_dist.data import load_split, shard_list
-    from fne_dist.evaluation import gather_split
+    from fne_dist.sharded_eval import gather_split
 
     samples = []
     for k in range(11):

@@ -17,9 +17,9 @@ from fne_dist.fne import Anchors, Candidates, FneConfig, retrieval_loss
 from fne_dist.fne.groups import NO_GROUP, labelled, same_group
 from fne_dist.fne.stats import Gaussians
 from fne_dist.memory import EMPTY_ID
-from fne_dist.reporting import format_summary
+from fne_dist.reporters import format_summary
 from fne_dist.retrieval_metrics import retrieval_metrics
-from fne_dist.summary import EpochDiagnostics, diagnostic_lines, retrieval_lines
+from fne_dist.run_summary import EpochDiagnostics, diagnostic_lines, retrieval_lines
 
 from .shard_factory import png
 

@@ -29,7 +29,7 @@ from fne_dist.engine import DDPEngine
 from fne_dist.fne import SimilarityStats
 from fne_dist.interrupt import EXIT_INTERRUPTED
 from fne_dist.memory import MomentumMemory
-from fne_dist.reporting import JsonLinesReporter
+from fne_dist.reporters import JsonLinesReporter
 from fne_dist.run_lock import LOCK_NAME, RunDirBusy, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from fne_dist.reporting import ConsoleReporter, FanOut, Reporter, setup_logging
+from fne_dist.reporters import ConsoleReporter, FanOut, Reporter, setup_logging
 
 
 def test_reporter_and_data_stream_share_one_rank_prefixed_handler(

@@ -28,11 +28,11 @@ from fne_dist.config import load_config
 from fne_dist.data.decode import REASONS
 from fne_dist.monitoring import launcher_name, mode, node_rank
 from fne_dist.monitoring.catalog import METRICS, initial_label_values
-from fne_dist.monitoring.reporter import MetricsReporter
+from fne_dist.monitoring.metrics_reporter import MetricsReporter
 from fne_dist.monitoring.rules import render
 from fne_dist.monitoring.serve import gather_targets, serve_metrics, write_targets
 from fne_dist.monitoring.sinks import PromSink
-from fne_dist.reporting import Progress
+from fne_dist.reporters import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "cluster" / "prometheus"

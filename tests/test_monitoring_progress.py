@@ -18,10 +18,10 @@ from fne_dist.config import load_config
 from fne_dist.data.decode import REASONS
 from fne_dist.engine import DDPEngine
 from fne_dist.monitoring import last_grad_norm
-from fne_dist.monitoring.reporter import MetricsReporter
+from fne_dist.monitoring.metrics_reporter import MetricsReporter
 from fne_dist.monitoring.sinks import PromSink
 from fne_dist.progress import TaskProgress, human_seconds
-from fne_dist.reporting import Progress
+from fne_dist.reporters import Progress
 
 from .shard_factory import write_dataset
 from .test_data_stream import make_stream, run_epoch

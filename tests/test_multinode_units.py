@@ -32,7 +32,7 @@ from fne_dist.data.feature_shards import build_once, is_complete
 from fne_dist.data.sources import ShardList
 from fne_dist.distributed import all_gather_json
 from fne_dist.distributed.launch import rank_env, rendezvous
-from fne_dist.inputs import cache_dir
+from fne_dist.loop_inputs import cache_dir
 
 TINY = Path(__file__).parent / "configs" / "tiny.yaml"
 

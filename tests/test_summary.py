@@ -9,7 +9,7 @@ import torch
 
 from fne_dist.fne.detection import COLUMNS
 from fne_dist.fne.params import LOSSES
-from fne_dist.summary import (
+from fne_dist.run_summary import (
     DIAGNOSTICS_OF,
     EpochDiagnostics,
     diagnostic_kinds,

@@ -4,7 +4,7 @@ Legend: I images, T captions (each caption belongs to one image: ``text_to_image
 
 Evaluation splits by *sample* (not by shard): val/test sets are small and often one shard, and
 every rank must hold a share for ZeRO-3's collective forward passes. Each rank embeds its share
-and ``evaluation.py`` gathers the embeddings. A sample may list every caption of its image in
+and ``sharded_eval.py`` gathers the embeddings. A sample may list every caption of its image in
 its json (``captions``, the ``image`` layout of ``python -m fne_dist.shards``); otherwise its
 caption member is its one caption, and samples with the same image id are one image.
 """

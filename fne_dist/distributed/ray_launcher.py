@@ -16,7 +16,7 @@ from ..checkpoint.remote import fetch_missing, is_url
 from ..checkpointer import LauncherCheckpoints
 from ..config import Config, ConfigError, config_from_dict, config_to_dict
 from ..progress import TaskProgress
-from ..reporting import Reporter
+from ..reporters import Reporter
 from ..sizing import check_local_workers
 
 

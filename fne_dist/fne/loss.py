@@ -149,7 +149,7 @@ def retrieval_loss(
     )
     if a.groups_B is not None and c.groups_N is not None:
         # Group mates among the sampled negatives, over labelled draws only (fne.groups): NaN
-        # (not measured) without any; the sums let windows and epochs form Σ/Σ (summary.py).
+        # (not measured) without any; the sums let windows and epochs form Σ/Σ (run_summary.py).
         n_labelled = s["labelled_draws"]
         share = s["same_group"] / n_labelled.clamp_min(1.0)
         diag["frac_neg_same_group"] = torch.where(n_labelled > 0, share, math.nan)

@@ -24,8 +24,8 @@ from ..config import Config, ConfigError, config_text
 from ..data.decode import REASONS
 from ..distributed.launch import rank_env
 from ..paths import check_writable_file
-from ..reporting import Reporter
-from .reporter import MetricsReporter
+from ..reporters import Reporter
+from .metrics_reporter import MetricsReporter
 from .serve import (
     advertised_address,
     check_endpoint,

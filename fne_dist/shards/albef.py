@@ -16,6 +16,7 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
+from .annotations import read_json, require_dir
 from .entries import (
     Caption,
     ImageEntry,
@@ -25,7 +26,6 @@ from .entries import (
     parse_int,
     record_once,
 )
-from .inputs import read_json, require_dir
 
 
 def load_albef(captions: Path, images: Path) -> list[ImageEntry]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .annotations import read_json, require_dir
 from .entries import Caption, ImageEntry, ShardError, normalize_caption, parse_int
-from .inputs import read_json, require_dir
 
 
 def load_coco(captions: Path, images: Path) -> list[ImageEntry]:

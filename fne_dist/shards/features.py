@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .annotations import read_rows
 from .entries import (
     Caption,
     ImageEntry,
@@ -23,7 +24,6 @@ from .entries import (
     parse_int,
     record_once,
 )
-from .inputs import read_rows
 
 
 def _given(row: dict[str, object], key: str) -> bool:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import posixpath
 from pathlib import Path
 
+from .annotations import read_rows, require_dir
 from .entries import Caption, ImageEntry, ShardError, group_ids, normalize_caption, record_once
-from .inputs import read_rows, require_dir
 
 
 def load_folder(

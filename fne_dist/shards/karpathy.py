@@ -16,8 +16,8 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+from .annotations import read_json, require_dir
 from .entries import Caption, ImageEntry, ShardError, normalize_caption, parse_int
-from .inputs import read_json, require_dir
 
 SPLITS = ("train", "restval", "val", "test")
 # Training reads pairs; retrieval evaluation needs every caption of an image in one sample.

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from ..data.decode import open_raster
+from .annotations import require_file
 from .entries import ImageEntry, ShardError, file_sha256
-from .inputs import require_file
 
 SKIP_EMPTY_CAPTION = "empty_caption"
 SKIP_MISSING_IMAGE = "missing_image"

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from fne_dist.data import DataError, StreamOptions, TrainStream, shard_list
 from fne_dist.data.batching import PairCollate
 from fne_dist.epochs import DataLog, agreed_batches
-from fne_dist.reporting import Reporter
+from fne_dist.reporters import Reporter
 from fne_dist.timing import NullTimer
 
 
@@ -37,7 +37,7 @@ def fake_embedding(keys: torch.Tensor, dim: int = 8) -> torch.Tensor:
 
 def gather_eval(spec: str, rank: int, world: int, out: Path) -> None:
     from fne_dist.data import load_split
-    from fne_dist.evaluation import gather_split
+    from fne_dist.sharded_eval import gather_split
 
     table = load_split(
         shard_list(spec, "data.val"),

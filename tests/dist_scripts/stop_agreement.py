@@ -22,7 +22,7 @@ from fne_dist.data import StreamOptions, TrainStream, shard_list
 from fne_dist.data.batching import PairCollate
 from fne_dist.epochs import DataLog, agreed_batches
 from fne_dist.interrupt import handle_signals
-from fne_dist.reporting import Reporter
+from fne_dist.reporters import Reporter
 from fne_dist.timing import NullTimer
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .distributed.launch import rank_env
-from .summary import diagnostic_lines, group_rsum_text, retrieval_lines
+from .run_summary import diagnostic_lines, group_rsum_text, retrieval_lines
 
 log = logging.getLogger("fne_dist")
 

@@ -19,7 +19,7 @@ import psutil
 import torch
 
 from .. import progress as progress_listeners
-from ..reporting import Progress, Reporter
+from ..reporters import Progress, Reporter
 from .catalog import LOGGED, METRICS, RECALL_KEYS, initial_label_values
 
 
