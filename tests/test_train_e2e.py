@@ -165,31 +165,49 @@ RUNS = {
 }
 
 
+CONCURRENT_RUNS = 2  # one per core: each run pins run.threads=1
+
+
+@pytest.fixture(scope="module")
+def every_loss_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, str, Path]]:
+    """(exit status, stderr tail, run directory) of each entry of ``RUNS``, each its own
+    `python -m fne_dist.train` process (a process holds one distributed rendezvous), run
+    ``CONCURRENT_RUNS`` at a time so the set costs about what its longest pair costs."""
+    pending, running, done = list(RUNS), [], {}
+    while pending or running:
+        while pending and len(running) < CONCURRENT_RUNS:
+            name = pending.pop(0)
+            out = tmp_path_factory.mktemp(name)
+            cmd = [
+                sys.executable, "-m", "fne_dist.train", "--config", str(TINY),
+                f"run.output_dir={out}", f"data.cache_dir={out / 'cache'}", "run.threads=1",
+                "train.epochs=0.05", "train.eval_every=0", *DEFAULT_FNE, *RUNS[name],
+            ]  # fmt: skip
+            err = (out / "stderr.txt").open("w")
+            proc = subprocess.Popen(
+                cmd, cwd=out, env=_env(), stdout=subprocess.DEVNULL, stderr=err, text=True
+            )
+            running.append((name, proc, out, err))
+        name, proc, out, err = running.pop(0)
+        proc.wait(timeout=900)
+        err.close()
+        done[name] = (proc.returncode, (out / "stderr.txt").read_text()[-3000:], out / "tiny")
+    return done
+
+
 @pytest.mark.slow
 @pytest.mark.system
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", list(RUNS))
 def test_every_loss_and_posterior_trains_from_the_default_fne_section(
-    tmp_path: Path, name: str
+    every_loss_run: dict[str, tuple[int, str, Path]], name: str
 ) -> None:
     """Invariant: switching fne.loss alone on the default fne section is a valid config (the
     FNE sampler's settings are ignored by losses without one), and every loss and every
     posterior trains past the warm-up through `python -m fne_dist.train`, logs a window (whose
-    means must all be scalars: infonce's temperature is one), and evaluates. One short run
-    per process: a process holds one distributed rendezvous."""
-    out = subprocess.run(
-        [
-            sys.executable, "-m", "fne_dist.train", "--config", str(TINY),
-            f"run.output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}",
-            "train.epochs=0.05", "train.eval_every=0", *DEFAULT_FNE, *RUNS[name],
-        ],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    metrics = json.loads((tmp_path / "tiny" / "metrics.json").read_text())
+    means must all be scalars: infonce's temperature is one), and evaluates."""
+    status, stderr, run_dir = every_loss_run[name]
+    assert status == 0, stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert any(h.get("warmup") == 0.0 for h in metrics["history"])  # past the warm-up
     assert 0 <= metrics["test"]["rsum"] <= 600
