@@ -20,8 +20,12 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(var, None)  # a plain single-process run, whatever launched pytest
+    # a plain single-process run, whatever launched pytest; MASTER_* too, which an in-process
+    # test's process group leaves in os.environ: each run picks its own free port, so runs
+    # side by side never meet at one
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
+                "MASTER_ADDR", "MASTER_PORT"):  # fmt: skip
+        env.pop(var, None)
     return env
 
 
