@@ -24,7 +24,7 @@ from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
 from fne_dist.monitoring.similarities import SimilaritySamples
 from fne_dist.state import TrainState
-from fne_dist.step import forward_step
+from fne_dist.step import StepPosition, forward_step
 
 HOST_READS = {
     torch.Tensor.item: "item",
@@ -88,7 +88,9 @@ def test_a_gpu_step_reads_nothing_on_the_host(
             "groups": torch.full((8,), -1),
         }
         with HostReads() as reads:
-            out = forward_step(model, momentum, batch, memory, stats, cfg, 0, step, warmup)
+            out = forward_step(
+                model, momentum, batch, memory, stats, cfg, StepPosition(0, step, warmup)
+            )
             stats.add_step(out.stat_sums, cfg.mixture_decay)  # the loop's commit
             out.loss.backward()
             ema_update(momentum, model, 0.99)
@@ -101,5 +103,5 @@ def test_a_gpu_step_reads_nothing_on_the_host(
     if not warmup:  # the CPU path (select_listed) does read: the recorder reaches the step
         monkeypatch.undo()
         with HostReads() as reads:
-            forward_step(model, momentum, batch, memory, stats, cfg, 0, 4, warmup)
+            forward_step(model, momentum, batch, memory, stats, cfg, StepPosition(0, 4, warmup))
         assert reads.calls, "the CPU selector's reads were not seen"
