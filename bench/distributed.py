@@ -42,11 +42,12 @@ PHASES = (
 )
 
 
-def run(name: str, cmd: list[str], out: Path) -> dict:
+def run(name: str, cmd: list[str], out: Path, checkout: Path = ROOT) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RAY_ADDRESS")}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["PYTHONPATH"] = str(checkout)  # that checkout's package, not the venv's install
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -63,6 +64,9 @@ def main() -> None:
     ap.add_argument("--finetune", action="store_true", help="both towers trained (--scaling)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=96, help="--finetune's image size")
+    ap.add_argument(
+        "--baseline", help="a checkout (git worktree add --detach) whose 2-rank run is added"
+    )
     args = ap.parse_args()
     if args.scaling:
         scaling(args)
@@ -167,12 +171,16 @@ def scaling(args: argparse.Namespace) -> None:
         "1 rank x 2 threads": (1, 2),
         "1 rank x 1 thread": (1, 1),
     }
+    checkouts = {label: ROOT for label in layouts}
+    if args.baseline:
+        layouts["2x1 baseline"] = (2, 1)
+        checkouts["2x1 baseline"] = Path(args.baseline).resolve()
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         for r in range(args.repeats):
             for label, (ranks, threads) in layouts.items():
-                name = f"{ranks}x{threads}-{r}"
+                name = f"{label.replace(' ', '_')}-{r}"
                 cmd = [
                     py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                     str(ranks), "-m", "fne_dist.train", "--config", args.config,
@@ -182,7 +190,7 @@ def scaling(args: argparse.Namespace) -> None:
                     "train.log_every=100000", "train.warmup_steps=3", "train.warmup_epochs=null",
                     "run.pictures=false", *extra,
                 ]  # fmt: skip
-                m = run(name, cmd, out)
+                m = run(name, cmd, out, checkouts[label])
                 results[label].append(m)
                 print(f"# {label} #{r}: {m['samples_per_s']:.1f} samples/s", flush=True)
     what = "fine-tuning both towers" if args.finetune else Path(args.config).name
