@@ -80,7 +80,15 @@ def main() -> None:
         "--variant", action="append", default=[], help="LABEL=KEY=VALUE,KEY=VALUE (1st checkout)"
     )
     ap.add_argument("--torchrun", action="store_true", help="2 ranks under torchrun, not Ray")
+    ap.add_argument(
+        "--tabulate", nargs="+", metavar=("RUN_DIR", "LOG"),
+        help="only print the table of the runs in RUN_DIR (a killed benchmark's temporary "
+        "directory), process walls from its LOG",
+    )  # fmt: skip
     args = ap.parse_args()
+    if args.tabulate:
+        tabulate(Path(args.tabulate[0]), Path(args.tabulate[1]) if args.tabulate[1:] else None)
+        return
     checkouts = [c.split("=", 1) for c in args.checkout] or [["HEAD", str(ROOT)]]
     common = [f"data.cache_dir={Path(args.cache).resolve()}", *args.set]
     runs = {label: (Path(path).resolve(), common) for label, path in checkouts}
@@ -92,6 +100,7 @@ def main() -> None:
         for r in range(args.repeats):
             for label, (path, overrides) in runs.items():
                 m = one_run(path, overrides, Path(tmp), f"{label}-{r}", args.torchrun)
+                m["_label"] = label
                 results[label].append(m)
                 print(
                     f"# {label} #{r}: process {m['process_wall_s']:.1f} s, loop "
@@ -99,12 +108,19 @@ def main() -> None:
                     flush=True,
                 )
     print(f"median of {args.repeats} interleaved runs; load {os.getloadavg()[0]:.2f} at the end")
-    print(f"{'':28s}" + "".join(f"{label:>16s}" for label in runs))
+    table(results)
+
+
+def table(results: dict[str, list[dict]]) -> None:
+    """Medians per label of the runs' metrics (process_wall_s: NaN where unknown)."""
+    labels = [label for label, ms in results.items() if ms]
+    print(f"{'':28s}" + "".join(f"{label:>16s}" for label in labels))
 
     def row(name: str, fn, fmt: str = "{:16.1f}") -> None:
-        vals = [statistics.median(fn(m) for m in results[label]) for label in runs]
+        vals = [statistics.median(fn(m) for m in results[label]) for label in labels]
         print(f"{name:28s}" + "".join(fmt.format(v) for v in vals))
 
+    row("runs", lambda m: len(results[m["_label"]]), "{:16.0f}")
     row("process wall (s)", lambda m: m["process_wall_s"])
     row("  outside train() (s)", lambda m: m["process_wall_s"] - m["wall_time_s"])
     row("  train() (s)", lambda m: m["wall_time_s"])
@@ -124,6 +140,26 @@ def main() -> None:
     )
     row("samples/s", lambda m: m["samples_per_s"], "{:16.0f}")
     row("test rsum", lambda m: m["test"]["rsum"], "{:16.2f}")
+
+
+def tabulate(run_dir: Path, log: Path | None) -> None:
+    """The table from the metrics.json files a (still running or killed) benchmark left in
+    its temporary directory; process walls from its printed '# LABEL #r: process X s' lines."""
+    walls = {}
+    if log is not None:
+        for line in log.read_text().splitlines():
+            if line.startswith("# ") and ": process " in line:
+                name, rest = line[2:].split(": process ", 1)
+                label, r = name.rsplit(" #", 1)
+                walls[f"{label}-{r}"] = float(rest.split(" s", 1)[0])
+    results: dict[str, list[dict]] = {}
+    for metrics in sorted(run_dir.glob("*/metrics.json")):
+        name = metrics.parent.name
+        m = json.loads(metrics.read_text())
+        m["process_wall_s"] = walls.get(name, float("nan"))
+        m["_label"] = name.rsplit("-", 1)[0]
+        results.setdefault(m["_label"], []).append(m)
+    table(results)
 
 
 if __name__ == "__main__":

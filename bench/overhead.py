@@ -35,7 +35,7 @@ from finetune_model import finetune_model, synthetic_batch  # bench/ is on sys.p
 from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, retrieval_loss
 from fne_dist.memory import MomentumMemory
 from fne_dist.momentum import ema_update, make_momentum_copy
-from fne_dist.step import forward_step
+from fne_dist.step import StepPosition, forward_step
 from fne_dist.timing import PhaseTimer
 
 PHASES = (
@@ -148,9 +148,8 @@ def one_step(v: Variant, parts, batch, step: int, autocast, device) -> dict[str,
             ).loss
     else:
         with autocast:
-            out = forward_step(
-                model, momentum, batch, v.memory, v.stats, v.cfg, 0, step, False, timer
-            )
+            at = StepPosition(0, step, False)
+            out = forward_step(model, momentum, batch, v.memory, v.stats, v.cfg, at, timer)
         loss = out.loss
     with timer.phase("backward_step"):
         loss.backward()

@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from fne_dist.config import ModelConfig
 from fne_dist.fne import FneConfig, SimilarityStats, stats_of
 from fne_dist.fne.loss import _compiled_dense
+from fne_dist.fne.rules import FNE
 from fne_dist.fne.sampling import step_uniforms
 from fne_dist.fne.selection import CandidateLabels, Rows, select_dense
 from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
-from fne_dist.step import forward_step
+from fne_dist.step import StepPosition, forward_step
 
 CUDA = torch.device(os.environ.get("FNE_CUDA_TESTS_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(
@@ -71,8 +72,8 @@ def test_cuda_compiled_dense_sampler_equals_eager(hard_cut: bool) -> None:
     u = step_uniforms(3407, 0, b).to(CUDA)
     rows = Rows(sim_BN, torch.arange(b, device=CUDA), ids_N[:b], u[0])
     labels = CandidateLabels(ids_N)
-    eager = select_dense(rows, labels, gauss, cfg, "fne")
-    compiled = _compiled_dense()(rows, labels, gauss, cfg, "fne")
+    eager = select_dense(rows, labels, gauss, cfg, FNE)
+    compiled = _compiled_dense()(rows, labels, gauss, cfg, FNE)
     assert torch.equal(eager.index_bk, compiled.index_bk)
 
 
@@ -98,7 +99,8 @@ def test_cuda_fne_step_syncs_nothing(posterior: str) -> None:
         }
         batch = {k: v.to(CUDA) for k, v in batch.items()}
         with no_device_syncs():
-            out = forward_step(model, momentum, batch, memory, stats, cfg, 0, step, step == 0)
+            at = StepPosition(0, step, step == 0)
+            out = forward_step(model, momentum, batch, memory, stats, cfg, at)
             out.loss.backward()
             stats.add_step(out.stat_sums, cfg.mixture_decay)
             ema_update(momentum, model, 0.99)
