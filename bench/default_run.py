@@ -36,6 +36,10 @@ PHASES = (
     "backward_step",
     "ema",
     "enqueue",
+    "finite_check",
+    "log",
+    "checkpoint",
+    "evaluate",
 )
 
 

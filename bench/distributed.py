@@ -39,6 +39,7 @@ PHASES = (
     "backward_step",
     "ema",
     "enqueue",
+    "finite_check",
 )
 
 
