@@ -58,6 +58,19 @@ DEFAULT_FNE = {  # configs/default.yaml's fne section
 }
 
 
+class CpuPhaseTimer(PhaseTimer):
+    """Per phase, the process's CPU seconds (all threads) instead of wall seconds: on a shared
+    machine the wall clock mostly measures the other processes, CPU time much less so."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.process_time() - start
+
+
 @dataclass
 class Variant:
     name: str
@@ -79,6 +92,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="autocast the towers to bfloat16")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the process's CPU seconds, not wall seconds (a loaded machine; CPU only)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -103,7 +121,7 @@ def main() -> None:
         f"{note}; {params / 1e6:.1f}M trained parameters; batch {args.batch}, "
         f"{args.image_size} px, device {device}{', bf16 autocast' if args.bf16 else ''}, "
         f"threads {args.threads}, median of {args.repeats} interleaved steps "
-        f"after {args.warmup} untimed"
+        f"after {args.warmup} untimed; {'CPU' if args.cpu_time else 'wall'} time"
     )
     step = 0
     for r in range(args.warmup + args.repeats):
@@ -111,7 +129,8 @@ def main() -> None:
             batch = synthetic_batch(args.batch, step, device, args.image_size)
             if args.channels_last:
                 batch["pixels"] = batch["pixels"].contiguous(memory_format=torch.channels_last)
-            times = one_step(v, (model, momentum, opt), batch, step, autocast, device)
+            timer = CpuPhaseTimer(device) if args.cpu_time else PhaseTimer(device)
+            times = one_step(v, (model, momentum, opt, timer), batch, step, autocast, device)
             step += 1
             if r >= args.warmup:
                 v.steps.append(times)
@@ -130,11 +149,11 @@ def filled_memory(k: int, dim: int, device: torch.device) -> MomentumMemory:
 
 def one_step(v: Variant, parts, batch, step: int, autocast, device) -> dict[str, float]:
     """One training step of variant ``v``: its phases in seconds (the sum is the step)."""
-    model, momentum, opt = parts
-    timer = PhaseTimer(device)
+    model, momentum, opt, timer = parts
+    clock = time.process_time if isinstance(timer, CpuPhaseTimer) else time.perf_counter
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     if v.memory is None:  # in-batch VSE++: the towers, the loss, backward, step
         with timer.phase("online_forward"), autocast:
             img, txt, _ = model(batch)
@@ -166,7 +185,7 @@ def one_step(v: Variant, parts, batch, step: int, autocast, device) -> dict[str,
         torch.cuda.synchronize()
     times = timer.totals()
     # what no phase covers: the statistics' sums and the Gaussians' fit between gather and loss
-    times["other"] = time.perf_counter() - t0 - sum(times.values())
+    times["other"] = clock() - t0 - sum(times.values())
     return times
 
 
@@ -191,6 +210,20 @@ def report(variants: list[Variant]) -> None:
     }
     ratios = "".join(f"{fne_part[v.name] / base:19.3f}x" for v in variants)
     print(f"{'FNE part ÷ in-b.':18s}" + ratios)
+    # what FNE itself adds: its phases (the in-batch loss subtracted) over the in-batch step,
+    # each phase's median on its own: robust to a slow step elsewhere
+    fne_only = ("gather", "reduce", "fne_loss", "enqueue", "other")
+    base_loss = med[variants[0].name]["fne_loss"]
+    added = {v.name: sum(med[v.name][p] for p in fne_only) - base_loss for v in variants}
+    print(
+        f"{'FNE phases ÷ in-b.':18s}"
+        + "".join(f"{100 * added[v.name] / base:18.1f}%" for v in variants)
+    )
+    mom = {v.name: med[v.name]["momentum_forward"] + med[v.name]["ema"] for v in variants}
+    print(
+        f"{'momentum enc ÷ in-b.':18s}"
+        + "".join(f"{100 * mom[v.name] / base:18.1f}%" for v in variants)
+    )
 
 
 if __name__ == "__main__":
