@@ -1,6 +1,7 @@
 """Distributed step profile: where a step's time goes, and what each launcher costs.
 
     python bench/distributed.py [--epochs 2] [--config configs/default.yaml]
+    python bench/distributed.py --scaling [--finetune] [--epochs 0.2] [--repeats 3]
 
 Runs, one after the other in this process's lifetime (this machine is shared and noisy, so
 compare within one run): 1 rank and 2 ranks under torchrun (DeepSpeed engine), 2 Ray Train
@@ -8,6 +9,11 @@ workers (DeepSpeed), and 2 ranks under torchrun with plain torch DDP. Each run t
 of the step (``train.profile_phases``) and reports samples/s of the training loop; the table
 prints ms per step per phase, the fraction of the step spent in our collectives (gather +
 reduce; DeepSpeed's gradient all-reduce is inside backward_step), and the ratios.
+
+``--scaling``: does a second rank pay on this machine's cores? Same global batch (32), under
+torchrun, interleaved ``--repeats`` times (medians): 2 ranks × 1 thread, 1 rank × 2 threads,
+1 rank × 1 thread. ``--finetune`` trains both towers (EfficientNet-Lite0 + MiniLM from the raw
+shards, ``model.*.frozen=false``), where a step is the encoders' work rather than the heads'.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,14 +39,16 @@ PHASES = (
     "backward_step",
     "ema",
     "enqueue",
+    "finite_check",
 )
 
 
-def run(name: str, cmd: list[str], out: Path) -> dict:
+def run(name: str, cmd: list[str], out: Path, checkout: Path = ROOT) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RAY_ADDRESS")}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    env["PYTHONPATH"] = str(checkout)  # that checkout's package, not the venv's install
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -52,7 +61,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     ap.add_argument("--epochs", type=float, default=2.0)
+    ap.add_argument("--scaling", action="store_true", help="2x1 vs 1x2 vs 1x1 threads, medians")
+    ap.add_argument("--finetune", action="store_true", help="both towers trained (--scaling)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--image-size", type=int, default=96, help="--finetune's image size")
+    ap.add_argument(
+        "--baseline", help="a checkout (git worktree add --detach) whose 2-rank run is added"
+    )
     args = ap.parse_args()
+    if args.scaling:
+        scaling(args)
+        return
     py = sys.executable
     torchrun = [py, "-m", "torch.distributed.run", "--standalone"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +151,77 @@ def main() -> None:
     }
     for label, (a, b) in ratios.items():
         print(f"{label}: {sps[a] / sps[b]:.2f}x samples/s")
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """2 ranks × 1 thread vs 1 rank × 2 threads vs 1 rank × 1 thread, medians of interleaved
+    repeats, global batch 32 (torchrun: Ray's start-up is not what is measured here)."""
+    py = sys.executable
+    extra = []
+    if args.finetune:
+        extra = [
+            "model.image.frozen=false",
+            "model.text.frozen=false",
+            f"model.image.image_size={args.image_size}",
+            "memory.momentum=0.995",
+            "optim.lr=1.0e-4",
+            "data.loader_workers=0",  # the same in-process decoding for every layout
+        ]
+    layouts = {
+        "2 ranks x 1 thread": (2, 1),
+        "1 rank x 2 threads": (1, 2),
+        "1 rank x 1 thread": (1, 1),
+    }
+    checkouts = {label: ROOT for label in layouts}
+    if args.baseline:
+        layouts["2x1 baseline"] = (2, 1)
+        checkouts["2x1 baseline"] = Path(args.baseline).resolve()
+    results: dict[str, list[dict]] = {name: [] for name in layouts}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        for r in range(args.repeats):
+            for label, (ranks, threads) in layouts.items():
+                name = f"{label.replace(' ', '_')}-{r}"
+                cmd = [
+                    py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                    str(ranks), "-m", "fne_dist.train", "--config", args.config,
+                    f"run.output_dir={out}", f"run.name={name}", f"run.threads={threads}",
+                    f"dist.workers={ranks}", f"train.batch_size={32 // ranks}",
+                    f"train.epochs={args.epochs}", "train.profile_phases=true",
+                    "train.log_every=100000", "train.warmup_steps=3", "train.warmup_epochs=null",
+                    "run.pictures=false", *extra,
+                ]  # fmt: skip
+                m = run(name, cmd, out, checkouts[label])
+                results[label].append(m)
+                print(f"# {label} #{r}: {m['samples_per_s']:.1f} samples/s", flush=True)
+    what = "fine-tuning both towers" if args.finetune else Path(args.config).name
+    print(f"{what}, global batch 32, {args.epochs} epochs, median of {args.repeats} interleaved")
+    print(f"{'ms/step':24s}" + "".join(f"{n:>20s}" for n in layouts))
+
+    def med(label: str, fn) -> float:
+        return statistics.median(fn(m) for m in results[label])
+
+    for phase in PHASES:
+        vals = [med(n, lambda m, p=phase: 1e3 * m["phase_seconds"].get(p, 0.0) / m["steps"])
+                for n in layouts]  # fmt: skip
+        print(f"{phase:24s}" + "".join(f"{v:20.2f}" for v in vals))
+    sps = {n: med(n, lambda m: m["samples_per_s"]) for n in layouts}
+    print(f"{'samples/s':24s}" + "".join(f"{sps[n]:20.1f}" for n in layouts))
+    base = sps["1 rank x 1 thread"]
+    print(f"{'÷ 1 rank x 1 thread':24s}" + "".join(f"{sps[n] / base:19.2f}x" for n in layouts))
+    share = {
+        n: med(
+            n,
+            lambda m: (
+                (m["phase_seconds"].get("gather", 0.0) + m["phase_seconds"].get("reduce", 0.0))
+                / m["loop_time_s"]
+            ),
+        )
+        for n in layouts
+    }
+    print(f"{'gather+reduce % loop':24s}" + "".join(f"{100 * share[n]:19.2f}%" for n in layouts))
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
 if __name__ == "__main__":

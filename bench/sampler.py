@@ -1,6 +1,7 @@
 """Sampler micro-benchmark: FNE fwd+bwd ÷ vse_pp fwd+bwd over [batch ; memory].
 
     python bench/sampler.py [--batch 128 --memory 65536 --dim 256 --repeats 11 --threads 2]
+                            [--device cuda] [--compile]
 
 One fwd+bwd of the bidirectional loss, the losses interleaved in one process (this machine is
 shared and noisy), ratios of medians. vse_pp is ours: selection under no_grad, gradient through
@@ -57,21 +58,27 @@ def main() -> None:
         help="also time the selection alone (issue scenario) in its three forms: the CPU window "
         "form, the dense form eager and the dense form under torch.compile",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (accelerators: the dense form)")
+    ap.add_argument(
+        "--compile", action="store_true", help="fne.compile: the dense form under torch.compile"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     B, K, D = args.batch, args.memory, args.dim
     gen = torch.Generator().manual_seed(0)
+    device = torch.device(args.device)
 
     def unit(n: int) -> torch.Tensor:
-        return F.normalize(torch.randn(n, D, generator=gen), dim=1)
+        return F.normalize(torch.randn(n, D, generator=gen), dim=1).to(device)
 
     img, txt = unit(B).requires_grad_(), unit(B).requires_grad_()
-    ids = torch.arange(B)
+    ids = torch.arange(B, device=device)
     batch = Candidates(unit(B), unit(B), ids, B)
-    memory = Candidates(unit(K), unit(K), torch.randint(0, 10 * K, (K,), generator=gen), 0)
+    mem_ids = torch.randint(0, 10 * K, (K,), generator=gen).to(device)
+    memory = Candidates(unit(K), unit(K), mem_ids, 0)
     cands = Candidates.concat(batch, memory)
-    anchors = Anchors(img, txt, ids, torch.arange(B))
-    u = step_uniforms(3407, 0, B)
+    anchors = Anchors(img, txt, ids, torch.arange(B, device=device))
+    u = step_uniforms(3407, 0, B).to(device)
     mask_BN = negative_mask(ids, anchors.pos_col_B, cands.ids_N)
     with torch.no_grad():  # every unmasked similarity of both directions, to place μ⁺
         sims = torch.cat(
@@ -81,11 +88,13 @@ def main() -> None:
     def gaussians(mu_pos: float, sd_pos: float = 0.05, sd_neg: float = 0.05):
         """Fitted from 300 positives / 600 negatives: an open gate, so the Bayes part runs."""
         g = torch.Generator().manual_seed(1)
-        stats = SimilarityStats()
+        stats = SimilarityStats(device=device)
         stats.add(
             stats_of(
-                mu_pos + sd_pos * torch.randn(300, generator=g, dtype=torch.float64),
-                mu_pos - 0.4 + sd_neg * torch.randn(600, generator=g, dtype=torch.float64),
+                (mu_pos + sd_pos * torch.randn(300, generator=g, dtype=torch.float64)).to(device),
+                (mu_pos - 0.4 + sd_neg * torch.randn(600, generator=g, dtype=torch.float64)).to(
+                    device
+                ),
             )
         )
         return stats.gaussians()
@@ -96,7 +105,7 @@ def main() -> None:
 
     def textbook_vse_pp() -> torch.Tensor:
         """VSE++ as research code writes it: autograd through the whole B×N matrix."""
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         for anchor_BD, cand_ND in ((img, cands.txt_ND), (txt, cands.img_ND)):
             sim_BN = anchor_BD @ cand_ND.T
             pos_B1 = sim_BN.diagonal()[:, None]  # the batch block comes first
@@ -104,14 +113,21 @@ def main() -> None:
             total = total + hinge_BN.max(dim=1).values.mean()
         return total
 
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     def run(loss: Callable[[], torch.Tensor]) -> float:
+        sync()
         t0 = time.perf_counter()
         loss().backward()
         img.grad = txt.grad = None
+        sync()
         return time.perf_counter() - t0
 
     def loss_of(cfg: FneConfig, g) -> Callable[[], torch.Tensor]:
         cfg.chunk_rows, cfg.window_chunk_rows = args.chunk_rows, args.window_chunk_rows
+        cfg.compile = args.compile
         return lambda: retrieval_loss(anchors, cands, cfg, g, u).loss
 
     scenarios = {
@@ -122,7 +138,8 @@ def main() -> None:
         "no hard cut": (gaussians(0.5), False),
     }
     print(
-        f"B={B} K={K} D={D} threads={args.threads} repeats={args.repeats} "
+        f"B={B} K={K} D={D} device={device}{' compiled' if args.compile else ''} "
+        f"threads={args.threads} repeats={args.repeats} "
         f"chunk_rows={args.chunk_rows} window_chunk_rows={args.window_chunk_rows}"
     )
     print("scenario                window  P>ε  vse_pp ms  fne ms  window ms   fne÷vse  window÷vse")

@@ -167,11 +167,14 @@ def _train(
     for micro, epoch, batch in batches:
         boundary = train_step(run, state, micro, epoch, batch)
         if (micro + 1) % cfg.train.log_every == 0 or micro + 1 == run.total_micro:
-            log_window(run, state)
+            with run.timer.phase("log"):
+                log_window(run, state)
         if boundary:
             epoch_end = run.data_log.position.step == run.stream.steps_per_epoch
-            run.checkpointer.maybe_save(state, epoch_end)
-            maybe_evaluate(run, state)
+            with run.timer.phase("checkpoint"):
+                run.checkpointer.maybe_save(state, epoch_end)
+            with run.timer.phase("evaluate"):
+                maybe_evaluate(run, state)
     if stop is not None and stop.agreed:
         stop_on_signal(run, state, stop)
     end_of_training(run, state)
@@ -402,7 +405,9 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
         )
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss
         out.loss = out.loss + float("nan")
-    if not finite_everywhere(out.loss):
+    with timer.phase("finite_check"):  # an all-reduce and a host read
+        finite = finite_everywhere(out.loss)
+    if not finite:
         return skip_nonfinite(run, state, micro, out.loss)
     state.nonfinite_in_row = 0
     run.pictures.offer(out.gathered)  # a reference; sampled at log windows

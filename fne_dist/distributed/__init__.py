@@ -7,6 +7,7 @@ loop and its single-process tests run unchanged without any launcher.
 from .collectives import (
     all_gather_json,
     all_gather_no_grad,
+    all_gather_rows,
     all_gather_varlen,
     all_min_int,
     all_reduce_sum,
@@ -19,6 +20,7 @@ from .collectives import (
 __all__ = [
     "all_gather_json",
     "all_gather_no_grad",
+    "all_gather_rows",
     "all_gather_varlen",
     "all_min_int",
     "all_reduce_sum",

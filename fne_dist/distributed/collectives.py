@@ -38,6 +38,35 @@ def all_gather_no_grad(x_B: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def all_gather_rows(*xs_B: Tensor) -> tuple[Tensor, ...]:
+    """``all_gather_no_grad`` of each tensor, in one collective: every tensor's rows (same
+    first dim B, any dtypes) are packed as bytes into one B×bytes buffer, gathered, and
+    unpacked bit for bit. One gather of a few KiB costs about what one of a few bytes does
+    (gloo's latency dominates), so the step's embeddings, ids and groups travel together."""
+    if not _active():
+        return xs_B
+    return unpack_rows(all_gather_no_grad(pack_rows(xs_B)), xs_B)
+
+
+def pack_rows(xs_B: tuple[Tensor, ...]) -> Tensor:
+    """B×bytes uint8: row i holds row i of every tensor, as its raw bytes, in order."""
+    b = xs_B[0].shape[0]
+    return torch.cat([x.detach().contiguous().reshape(b, -1).view(torch.uint8) for x in xs_B], 1)
+
+
+def unpack_rows(packed_NY: Tensor, like_B: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The inverse of ``pack_rows`` for any number of rows N, dtypes and row shapes taken from
+    ``like_B`` (tensors shaped like the packed ones)."""
+    out, start = [], 0
+    for x in like_B:
+        width = x[:1].numel() * x.element_size()
+        part = packed_NY[:, start : start + width].contiguous().view(x.dtype)
+        out.append(part.reshape(-1, *x.shape[1:]))
+        start += width
+    return tuple(out)
+
+
 def all_reduce_sum(x: Tensor) -> Tensor:
     """Elementwise sum over ranks (a new tensor; ``x`` is left untouched)."""
     if not _active():

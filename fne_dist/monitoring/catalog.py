@@ -24,6 +24,10 @@ PHASES = (  # the PhaseTimer's names (train.profile_phases), loop order
     "backward_step",
     "ema",
     "enqueue",
+    "finite_check",  # the non-finite loss flag's all-reduce
+    "log",  # log windows (they read the diagnostics on the host)
+    "checkpoint",
+    "evaluate",
 )
 COLLECTIVE_PHASES = ("gather", "reduce")  # the step's own collectives (data holds the agreement)
 SPLITS = ("val", "test")

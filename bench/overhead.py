@@ -1,0 +1,230 @@
+"""What FNE, the memory and the gather add to a fine-tuning step, side by side.
+
+    python bench/overhead.py [--batch 32 --memory 1024 16384 --repeats 3 --threads 2]
+                             [--random-init] [--device cuda --bf16]
+
+One process, the fine-tuning model (EfficientNet-Lite0 + MiniLM-L6, both towers trained, MLP
+heads; ``bench/finetune_model.py``), the same synthetic batches for every variant, one AdamW
+step per step. The variants run interleaved (variant 1, 2, ..., 1, 2, ...: the machine is
+shared and noisy) and each reports the median of ``--repeats`` steps:
+
+- ``vse_pp in-batch``: online forward, in-batch VSE++, backward + step (no momentum encoder, no
+  memory, no gather): the encoders' own cost;
+- ``fne paper K=…`` / ``fne default K=…``: the loop's step (``fne_dist.step.forward_step``:
+  online + momentum forward, gather, statistics, FNE over [gathered batch ; memory]), backward
+  + step, EMA, enqueue, with the paper's posterior and the default run's (image-image mixture).
+
+At world size 1 the gather is an identity; ``bench/distributed.py`` measures the collectives.
+The memory is filled with random unit vectors before timing, so every step's FNE sees K
+candidates. The overhead column is the step ÷ the in-batch step; "FNE part" is the same
+without the momentum forward and EMA, i.e. what FNE costs beyond keeping a momentum encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from finetune_model import finetune_model, synthetic_batch  # bench/ is on sys.path
+
+from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, retrieval_loss
+from fne_dist.memory import MomentumMemory
+from fne_dist.momentum import ema_update, make_momentum_copy
+from fne_dist.step import StepPosition, forward_step
+from fne_dist.timing import PhaseTimer
+
+PHASES = (
+    "online_forward",
+    "momentum_forward",
+    "gather",
+    "reduce",
+    "fne_loss",
+    "backward_step",
+    "ema",
+    "enqueue",
+    "other",
+)
+DEFAULT_FNE = {  # configs/default.yaml's fne section
+    "posterior": "intra_mixture",
+    "stats_source": "all_pairs",
+    "fallback": "unflagged",
+    "eps": 0.5,
+    "tau_fn": 4.0,
+}
+
+
+class CpuPhaseTimer(PhaseTimer):
+    """Per phase, the process's CPU seconds (all threads) instead of wall seconds: on a shared
+    machine the wall clock mostly measures the other processes, CPU time much less so."""
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.process_time() - start
+
+
+@dataclass
+class Variant:
+    name: str
+    cfg: FneConfig
+    memory: MomentumMemory | None
+    stats: SimilarityStats = field(default_factory=SimilarityStats)
+    steps: list[dict[str, float]] = field(default_factory=list)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--memory", type=int, nargs="+", default=[1024, 16384])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--random-init", action="store_true", help="no pretrained weights needed")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="autocast the towers to bfloat16")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time the process's CPU seconds, not wall seconds (a loaded machine; CPU only)",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model, note = finetune_model(not args.random_init, image_size=args.image_size)
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    momentum = make_momentum_copy(model)
+    opt = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=2e-5)
+    dim = model.embed_dim
+    variants = [Variant("vse_pp in-batch", FneConfig(loss="vse_pp"), None)]
+    for k in args.memory:
+        for label, extra in (("paper", {}), ("default", DEFAULT_FNE)):
+            cfg = FneConfig(gate_size=args.batch, **extra)
+            variants.append(Variant(f"fne {label} K={k}", cfg, filled_memory(k, dim, device)))
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    )
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(
+        f"{note}; {params / 1e6:.1f}M trained parameters; batch {args.batch}, "
+        f"{args.image_size} px, device {device}{', bf16 autocast' if args.bf16 else ''}, "
+        f"threads {args.threads}, median of {args.repeats} interleaved steps "
+        f"after {args.warmup} untimed; {'CPU' if args.cpu_time else 'wall'} time"
+    )
+    step = 0
+    for r in range(args.warmup + args.repeats):
+        for v in variants:
+            batch = synthetic_batch(args.batch, step, device, args.image_size)
+            if args.channels_last:
+                batch["pixels"] = batch["pixels"].contiguous(memory_format=torch.channels_last)
+            timer = CpuPhaseTimer(device) if args.cpu_time else PhaseTimer(device)
+            times = one_step(v, (model, momentum, opt, timer), batch, step, autocast, device)
+            step += 1
+            if r >= args.warmup:
+                v.steps.append(times)
+    report(variants)
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def filled_memory(k: int, dim: int, device: torch.device) -> MomentumMemory:
+    memory = MomentumMemory(k, dim, seed=1, device=device)
+    g = torch.Generator().manual_seed(2)
+    rows = torch.nn.functional.normalize(torch.randn(2, k, dim, generator=g), dim=2).to(device)
+    memory.enqueue(rows[0], rows[1], 10**9 + torch.arange(k, device=device))
+    return memory
+
+
+def one_step(v: Variant, parts, batch, step: int, autocast, device) -> dict[str, float]:
+    """One training step of variant ``v``: its phases in seconds (the sum is the step)."""
+    model, momentum, opt, timer = parts
+    clock = time.process_time if isinstance(timer, CpuPhaseTimer) else time.perf_counter
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = clock()
+    if v.memory is None:  # in-batch VSE++: the towers, the loss, backward, step
+        with timer.phase("online_forward"), autocast:
+            img, txt, _ = model(batch)
+        ids, b = batch["ids"], batch["ids"].shape[0]
+        with timer.phase("fne_loss"):
+            arange = torch.arange(b, device=device)
+            loss = retrieval_loss(
+                Anchors(img, txt, ids, arange, batch["groups"]),
+                Candidates(img, txt, ids, b, batch["groups"]),
+                v.cfg,
+            ).loss
+    else:
+        with autocast:
+            at = StepPosition(0, step, False)
+            out = forward_step(model, momentum, batch, v.memory, v.stats, v.cfg, at, timer)
+        loss = out.loss
+    with timer.phase("backward_step"):
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if v.memory is not None:
+        with timer.phase("ema"):
+            ema_update(momentum, model, 0.995)
+        with timer.phase("enqueue"):
+            v.stats.add_step(out.stat_sums, v.cfg.mixture_decay)
+            g = out.gathered
+            v.memory.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times = timer.totals()
+    # what no phase covers: the statistics' sums and the Gaussians' fit between gather and loss
+    times["other"] = clock() - t0 - sum(times.values())
+    return times
+
+
+def report(variants: list[Variant]) -> None:
+    med = {
+        v.name: {p: statistics.median(s.get(p, 0.0) for s in v.steps) for p in PHASES}
+        for v in variants
+    }
+    total = {v.name: statistics.median(sum(s.values()) for s in v.steps) for v in variants}
+    base = total[variants[0].name]
+    print(f"{'ms per step':18s}" + "".join(f"{v.name:>20s}" for v in variants))
+    for p in PHASES:
+        if any(med[v.name][p] for v in variants):
+            print(f"{p:18s}" + "".join(f"{1e3 * med[v.name][p]:20.1f}" for v in variants))
+    print(f"{'step (median)':18s}" + "".join(f"{1e3 * total[v.name]:20.1f}" for v in variants))
+    print(f"{'÷ in-batch':18s}" + "".join(f"{total[v.name] / base:19.3f}x" for v in variants))
+    fne_part = {  # the step without the momentum encoder's forward and EMA
+        v.name: statistics.median(
+            sum(s.values()) - s.get("momentum_forward", 0.0) - s.get("ema", 0.0) for s in v.steps
+        )
+        for v in variants
+    }
+    ratios = "".join(f"{fne_part[v.name] / base:19.3f}x" for v in variants)
+    print(f"{'FNE part ÷ in-b.':18s}" + ratios)
+    # what FNE itself adds: its phases (the in-batch loss subtracted) over the in-batch step,
+    # each phase's median on its own: robust to a slow step elsewhere
+    fne_only = ("gather", "reduce", "fne_loss", "enqueue", "other")
+    base_loss = med[variants[0].name]["fne_loss"]
+    added = {v.name: sum(med[v.name][p] for p in fne_only) - base_loss for v in variants}
+    print(
+        f"{'FNE phases ÷ in-b.':18s}"
+        + "".join(f"{100 * added[v.name] / base:18.1f}%" for v in variants)
+    )
+    mom = {v.name: med[v.name]["momentum_forward"] + med[v.name]["ema"] for v in variants}
+    print(
+        f"{'momentum enc ÷ in-b.':18s}"
+        + "".join(f"{100 * mom[v.name] / base:18.1f}%" for v in variants)
+    )
+
+
+if __name__ == "__main__":
+    main()
