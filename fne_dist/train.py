@@ -103,7 +103,8 @@ def build_parser(prog: str = "python -m fne_dist.train") -> argparse.ArgumentPar
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     parser = build_parser(prog) if prog else build_parser()
-    args = parser.parse_args(argv)
+    # intermixed: `a=1 -v b=2` (or a launcher's --local_rank between overrides) is one list
+    args = parser.parse_intermixed_args(argv)
     if args.verbose:
         args.overrides = [*args.overrides, "report.console=full"]
     return args

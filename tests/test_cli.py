@@ -95,8 +95,8 @@ def test_train_help_is_for_users_and_train_keeps_its_own_entry(
     for needle in ("--config FILE", "key=value", "-v, --verbose", "exit status", "75"):
         assert needle in out, needle
     assert not NOT_FOR_USERS.search(out), out
-    verbose = parse_args(["fne.prior=1e-3", "-v"]).overrides
-    assert verbose == ["fne.prior=1e-3", "report.console=full"]
+    verbose = parse_args(["fne.prior=1e-3", "-v", "optim.lr=3e-5"]).overrides
+    assert verbose == ["fne.prior=1e-3", "optim.lr=3e-5", "report.console=full"]
     assert parse_args(["fne.prior=1e-3"]).overrides == ["fne.prior=1e-3"]
 
 
