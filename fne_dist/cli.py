@@ -162,8 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     prog = f"{PROG} {command.name}"
     if command.name == "config":
         return config_main(rest, prog)
-    module = importlib.import_module(command.module)
-    return _call(module.main, rest, prog)
+    return _call(entry_point(command.module), rest, prog)
+
+
+def entry_point(name: str) -> Callable[..., int]:
+    """The ``main`` that ``python -m name`` runs: the module's own, or for a package whose
+    command line lives in its ``__main__`` module, that one's."""
+    module = importlib.import_module(name)
+    if not hasattr(module, "main"):
+        module = importlib.import_module(f"{name}.__main__")
+    return module.main
 
 
 if __name__ == "__main__":
