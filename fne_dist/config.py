@@ -286,6 +286,23 @@ class MonitorConfig:
 
 
 @dataclass
+class ReportConfig:
+    """Where a run's step metrics go besides train_log.jsonl and Prometheus (rank 0 only)."""
+
+    console: Literal["short", "full"] = setting(
+        "short",
+        "the progress line every train.log_every steps: short (step, epoch, losses, lr, "
+        "samples/s, ETA and a few FNE numbers) or full (every logged metric; `-v` on the "
+        "command line)",
+    )
+    tensorboard: bool = setting(
+        False,
+        "also write the logged metrics as TensorBoard events to <run dir>/tensorboard "
+        '(needs `pip install "fne_dist[tensorboard]"`)',
+    )
+
+
+@dataclass
 class DebugConfig:
     nan_at_step: int = setting(
         0,
@@ -339,6 +356,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def check(self) -> None:

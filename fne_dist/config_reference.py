@@ -1,8 +1,8 @@
 """Every config key with its doc, default and valid range, read from the typed config classes.
 
-    python -m fne_dist.config_reference                      # the reference, Markdown, stdout
-    python -m fne_dist.config_reference --write docs/configuration.md
-    python -m fne_dist.config_reference --resolved [--config FILE] [key=value ...]
+    fne-dist config keys [--format markdown]      # the reference (text, or docs/configuration.md)
+    fne-dist config show [--config FILE] [key=value ...]
+    python -m fne_dist.config_reference [--write FILE | --resolved ...]   # the same, older form
 
 The reference is generated, never written by hand: ``config_keys`` walks the dataclasses of
 ``fne_dist.config`` (the ``fne`` section is ``fne_dist.fne.params.FneConfig``) and reads each
@@ -33,7 +33,7 @@ from typing import Any, Literal
 from .config import Config, ConfigError, config_text, load_config
 
 BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-REGENERATE = "python -m fne_dist.config_reference --write docs/configuration.md"
+REGENERATE = "fne-dist config keys --format markdown > docs/configuration.md"
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,29 @@ def _range_text(item: KeyDoc) -> str:
     return ", ".join(f"{sign} {_bound_text(v)}" for sign, v in item.bounds)
 
 
+def valid_text(item: KeyDoc) -> str:
+    """What values a key takes, as plain text: ``auto | cpu | cuda``, ``>= 0, < 1.0``, ``any``."""
+    if item.choices:
+        return " | ".join(yaml_value(c) for c in item.choices)
+    if item.type.startswith("bool"):
+        return "true | false"
+    if not item.bounds:
+        return "any"
+    return ", ".join(f"{sign} {_bound_text(v)}" for sign, v in item.bounds)
+
+
+def reference_text() -> str:
+    """Every key as a terminal reads it (``fne-dist config keys``): a line with the key, its
+    type, default and valid values, then its meaning, indented."""
+    lines = []
+    for item in config_keys():
+        lines.append(
+            f"{item.key} ({item.type}) = {yaml_value(item.default)}    valid: {valid_text(item)}"
+        )
+        lines.append(f"    {item.doc}")
+    return "\n".join(lines) + "\n"
+
+
 def _cell(text: str) -> str:
     """Text safe inside a Markdown table cell (a '|' would split it, '<x>' read as HTML)."""
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
@@ -219,7 +242,7 @@ def reference_markdown() -> str:
         "",
         "Every key of a run's config, read from the typed config classes (`fne_dist/config.py`; "
         "the `fne` section is `fne_dist/fne/params.py`). Set keys in a YAML file "
-        "(`python -m fne_dist.train --config FILE`) or on the command line as "
+        "(`fne-dist train --config FILE`) or on the command line as "
         "`section.key=value` (`fne.prior=1e-3 optim.lr=3e-5`; overrides win over the file). A "
         "file may build on another with `base: other.yaml` (relative to it). An unknown key or "
         "a bad value stops the run at start-up with one line naming the key, e.g. "
@@ -233,7 +256,7 @@ def reference_markdown() -> str:
         "the config a run would use, every default filled in:",
         "",
         "```bash",
-        "python -m fne_dist.config_reference --resolved --config configs/default.yaml fne.eps=0.3",
+        "fne-dist config show --config configs/default.yaml fne.eps=0.3",
         "```",
         "",
         f"{len(keys)} keys in {sum(1 for _ in sections())} sections.",

@@ -69,6 +69,7 @@ from .reporters import (
     JsonLinesReporter,
     Progress,
     Reporter,
+    TensorBoardReporter,
     format_summary,
     json_safe,
     setup_logging,
@@ -260,7 +261,7 @@ def setup_run(
         stats=SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device),
     )
     G = cfg.train.batch_size * world
-    fan_out = build_reporters(cfg, hooks.reporter, monitor, run_dir, total_steps)
+    fan_out = build_reporters(cfg, hooks.reporter, monitor, run_dir, total_micro)
     fan_out.message(
         f"rank {rank}/{world} on {device}: {stream.samples_per_epoch} train pairs, "
         f"{total_steps} steps of {G} pairs, loss={cfg.fne.loss} after "
@@ -298,7 +299,7 @@ def build_reporters(
     extra: Reporter | None,
     monitor: Reporter | None,
     run_dir: Path,
-    total_steps: int,
+    total_micro: int,
 ) -> FanOut:
     """The launcher's reporter (Ray's), the metrics reporter (``build_monitor``'s, built before
     the data), and on rank 0 the console and train_log.jsonl."""
@@ -307,11 +308,15 @@ def build_reporters(
     if monitor is not None:
         reporters.append(monitor)
     if rank == 0:
-        samples_per_step = cfg.train.batch_size * world * cfg.engine.grad_accum
+        # the console counts micro steps, as train_log.jsonl's "step" does
+        samples_per_step = cfg.train.batch_size * world
+        full = cfg.report.console == "full"
         reporters += [
-            ConsoleReporter(total_steps, samples_per_step, cfg.train.log_every),
+            ConsoleReporter(total_micro, samples_per_step, cfg.train.log_every, full),
             JsonLinesReporter(run_dir / "train_log.jsonl"),
         ]
+        if cfg.report.tensorboard:
+            reporters.append(TensorBoardReporter(run_dir / "tensorboard"))
     return FanOut(*reporters)
 
 

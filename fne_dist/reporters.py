@@ -23,6 +23,7 @@ from typing import Any
 import torch.distributed as dist
 
 from .distributed.launch import rank_env
+from .progress import human_seconds
 from .run_summary import diagnostic_lines, group_rsum_text, retrieval_lines
 
 log = logging.getLogger("fne_dist")
@@ -108,13 +109,57 @@ class Reporter:
         pass
 
 
-class ConsoleReporter(Reporter):
-    """A progress bar with samples/s on a terminal; a log line every ``every`` steps otherwise.
-    Messages are log lines (written above the bar while there is one)."""
+def _number(value: float, spec: str) -> str:
+    return "nan" if not math.isfinite(value) else format(value, spec)
 
-    def __init__(self, total_steps: int, samples_per_step: int, every: int = 50) -> None:
+
+def short_line(step: int, total: int, rate: float, eta_s: float, metrics: dict[str, float]) -> str:
+    """The progress line a person watches: where the run is, its losses, lr, speed, time left
+    and, once the FNE loss runs, the gate and the shares of candidates it treats as false
+    negatives. Every other metric is in train_log.jsonl, Prometheus and TensorBoard."""
+    get = metrics.get
+    parts = [f"step {step}/{total}", f"epoch {int(get('epoch', 0))}"]
+    loss = f"loss {_number(float(get('loss', float('nan'))), '.4f')}"
+    if "loss_i2t" in metrics and "loss_t2i" in metrics:
+        loss += (
+            f" (i2t {_number(float(metrics['loss_i2t']), '.4f')}, "
+            f"t2i {_number(float(metrics['loss_t2i']), '.4f')})"
+        )
+    parts.append(loss)
+    if "lr" in metrics:
+        parts.append(f"lr {float(metrics['lr']):.2e}" + (" warm-up" if get("warmup") else ""))
+    parts.append(f"{rate:.0f} samples/s")
+    parts.append(f"ETA {human_seconds(eta_s)}" if step < total else "done")
+    if "gate_open" in metrics:
+        fne = f"FNE gate {'open' if get('gate_open', 0) >= 0.5 else 'closed'}"
+        if "frac_pfn_gt_eps" in metrics:
+            fne += f", P_fn>eps {100 * float(metrics['frac_pfn_gt_eps']):.1f}%"
+        if "frac_in_window" in metrics:
+            fne += f", window {100 * float(metrics['frac_in_window']):.1f}%"
+        parts.append(fne)
+    if get("skipped_nonfinite"):
+        parts.append(f"{int(metrics['skipped_nonfinite'])} non-finite steps skipped")
+    return " | ".join(parts)
+
+
+def full_line(step: int, total: int, rate: float, metrics: dict[str, float]) -> str:
+    """Every logged metric as ``key=value`` (``report.console: full``, ``-v``)."""
+    shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    return f"step {step}/{total} {rate:.0f} samples/s {shown}"
+
+
+class ConsoleReporter(Reporter):
+    """A progress bar with samples/s on a terminal; a progress line every ``every`` steps
+    otherwise: the short line (``short_line``), or every metric when ``full``. Messages are
+    log lines (written above the bar while there is one)."""
+
+    def __init__(
+        self, total_steps: int, samples_per_step: int, every: int = 50, full: bool = False
+    ) -> None:
         self.total, self.samples_per_step, self.every = total_steps, samples_per_step, every
+        self.full = full
         self.start = time.perf_counter()
+        self.resumed_at = 0  # steps done before this process: not in its speed
         self.bar = None
         self.redirect = contextlib.ExitStack()
         if sys.stderr.isatty():
@@ -125,15 +170,23 @@ class ConsoleReporter(Reporter):
             self.redirect.enter_context(logging_redirect_tqdm(loggers=[log]))
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
-        rate = (step + 1) * self.samples_per_step / max(1e-9, time.perf_counter() - self.start)
+        elapsed = max(1e-9, time.perf_counter() - self.start)
+        done = step + 1 - self.resumed_at  # steps this process ran
+        rate = done * self.samples_per_step / elapsed
+        eta_s = elapsed / max(1, done) * max(0, self.total - step - 1)
         if self.bar is not None:
             self.bar.update(step + 1 - self.bar.n)
             self.bar.set_postfix(
                 loss=f"{metrics.get('loss', float('nan')):.4f}", samples_s=f"{rate:.0f}"
             )
         elif (step + 1) % self.every == 0 or step + 1 == self.total:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-            log.info("step %d/%d %.0f samples/s %s", step + 1, self.total, rate, shown)
+            if self.full:
+                log.info(full_line(step + 1, self.total, rate, metrics))
+            else:
+                log.info(short_line(step + 1, self.total, rate, eta_s, metrics))
+
+    def resumed(self, step: int) -> None:
+        self.resumed_at = step
 
     def message(self, text: str) -> None:
         log.info(text)
@@ -190,6 +243,62 @@ class JsonLinesReporter(Reporter):
 
     def close(self) -> None:
         self.file.close()
+
+
+TENSORBOARD_MISSING = (
+    'report.tensorboard=true needs the tensorboard package: pip install "fne_dist[tensorboard]"'
+)
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TensorBoardReporter(Reporter):
+    """The logged step metrics as TensorBoard scalars under ``log_dir`` (rank 0's): one series
+    per key of train_log.jsonl, indexed by the same step; each evaluation as ``val/<metric>``
+    or ``test/<metric>``. A resume drops the events of the steps the run will redo, as the
+    JSON log does."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.writer: Any = None
+
+    def _open(self, purge_step: int | None = None) -> Any:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # the optional extra
+
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
+        return self.writer
+
+    def resumed(self, step: int) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self._open(purge_step=step + 1 if step > 0 else None)
+
+    def step(self, step: int, metrics: dict[str, Any]) -> None:
+        writer = self._open()
+        for key, value in metrics.items():
+            if isinstance(value, int | float):  # bools too; a non-finite value stays NaN
+                writer.add_scalar(key, float(value), global_step=step + 1)
+        writer.flush()  # a dashboard shows each window as it comes, not at the end
+
+    def evaluation(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        writer = self._open()
+        for key, value in metrics.items():
+            if isinstance(value, int | float):
+                writer.add_scalar(f"{split}/{key}", float(value), global_step=step)
+        writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class FanOut(Reporter):

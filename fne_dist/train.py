@@ -30,6 +30,7 @@ from .encoders import EncoderUnavailable
 from .interrupt import EXIT_INTERRUPTED, Interrupted
 from .monitoring import check_monitor
 from .nonfinite import TrainingDiverged
+from .reporters import TENSORBOARD_MISSING, tensorboard_available
 from .run_identity import check_new_run, check_writable
 
 # Shipped inside the package (package data), so an installed wheel finds it, not only a clone.
@@ -47,14 +48,66 @@ EXIT_CODES: tuple[tuple[tuple[type[BaseException], ...], str, int], ...] = (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fne_dist.train", description=__doc__)
-    parser.add_argument("--config", help=f"YAML config file (default: {DEFAULT_CONFIG.name})")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. fne.prior=1e-3")
+DESCRIPTION = """\
+Train an image-text matching model with FNE, then evaluate it on val and test.
+
+Runs in this process, as one rank of torchrun / deepspeed / srun / accelerate launch (from the
+variables they set), or as dist.workers Ray Train workers. Writes the run directory
+run.output_dir/run.name: config.yaml, train_log.jsonl, metrics.json, model.safetensors,
+checkpoints/ and plots/."""
+
+EPILOG = """\
+examples:
+  %(prog)s
+  %(prog)s --config configs/reference.yaml run.name=ref-1
+  %(prog)s --config configs/reference.yaml run.name=ref-1 fne.prior=1e-3 -v
+  %(prog)s --config configs/reference.yaml run.name=ref-1 checkpoint.resume=latest
+
+Every key, its default and valid range: fne-dist config keys (docs/configuration.md).
+
+exit status: 0 done; 1 internal error (a traceback: please report it); 2 a problem with the
+config, data, paths or a checkpoint (one line says which); 3 training diverged (too many
+non-finite steps in a row); 75 interrupted by SIGINT/SIGTERM, resume with
+checkpoint.resume=latest."""
+
+
+def build_parser(prog: str = "python -m fne_dist.train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"YAML config file (default: the packaged {DEFAULT_CONFIG.name})",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, applied over the file, e.g. fne.prior=1e-3",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print every logged metric in the progress line (report.console=full)",
+    )
     # The deepspeed launcher (and torch.distributed.launch) append --local_rank=N to the command;
     # LOCAL_RANK in the environment says the same and is what distributed.launch reads.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = build_parser(prog) if prog else build_parser()
+    # intermixed: `a=1 -v b=2` (or a launcher's --local_rank between overrides) is one list
+    args = parser.parse_intermixed_args(argv)
+    if args.verbose:
+        args.overrides = [*args.overrides, "report.console=full"]
+    return args
 
 
 def choose_launcher(cfg: Config, environ: dict[str, str] | None = None) -> str:
@@ -87,6 +140,9 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
     check_accelerate_world(env)
     check_new_run(cfg, env)  # a new submission never silently becomes an old run
     check_monitor(cfg, launcher, env)  # the /metrics address and the discovery file
+    check_accelerate_precision(cfg, env)
+    if cfg.report.tensorboard and not tensorboard_available():
+        raise ConfigError(TENSORBOARD_MISSING)
     if launcher == "ray" and (cfg.dist.ray_address or env.get("RAY_ADDRESS")):
         return  # the cluster's workers write, on their own filesystems
     check_writable(cfg)  # now, not at the first checkpoint or the final weights
@@ -162,8 +218,33 @@ def check_accelerate_world(environ: dict[str, str] | None = None) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+# accelerate launch hands its config's (or --mixed_precision's) choice to the process here.
+ACCELERATE_PRECISION_VAR = "ACCELERATE_MIXED_PRECISION"
+
+
+def check_accelerate_precision(cfg: Config, environ: dict[str, str] | None = None) -> None:
+    """fne_dist does not train through accelerate's Accelerator: the precision is
+    engine.precision (DeepSpeed's). A ``mixed_precision`` that accelerate launch was given
+    (config file or flag) and that engine.precision does not match would be silently ignored:
+    refuse it, naming the key that sets it."""
+    env = os.environ if environ is None else environ
+    asked = env.get(ACCELERATE_PRECISION_VAR, "no").strip().lower()
+    wanted = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(asked)
+    if wanted is None:
+        raise ConfigError(
+            f"accelerate launch mixed_precision={asked} is not supported: use 'no', bf16 or fp16 "
+            "(fne_dist's precision is engine.precision)"
+        )
+    if asked != "no" and wanted != cfg.engine.precision:
+        raise ConfigError(
+            f"accelerate launch asks for mixed_precision={asked} but engine.precision="
+            f"{cfg.engine.precision}: fne_dist trains at engine.precision, so pass "
+            f"engine.precision={wanted} (or mixed_precision 'no' to accelerate launch)"
+        )
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parse_args(argv, prog)
     path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     try:
         cfg = load_config(path, args.overrides)

@@ -23,6 +23,7 @@ PRINTING_MODULES = {
     "export.py",
     "shards/__main__.py",
     "config_reference.py",
+    "cli.py",
 }
 
 

@@ -12,6 +12,7 @@ left is stopped by PID.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -109,6 +110,27 @@ def test_ray_two_workers_run_end_to_end(world2: dict[str, Run], sandbox: Sandbox
     for line in ("test  i2t R@1/5/10", "group-aware rsum", f"steps {steps} on 2 rank(s)"):
         assert line in run.stdout, f"summary line {line!r} missing from the driver's output"
     assert run.leftovers == [], f"processes outlived the Ray run: {run.leftovers}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_console_shows_one_short_line_per_window(world2: dict[str, Run]) -> None:
+    """Invariant: under Ray the console carries rank 0's short progress line once per log
+    window (step/total, losses, lr, samples/s, time left, FNE) and not Ray Train's per-report
+    ``Reporting training result N: TrainingReport(...)`` dump of every metric (from any rank);
+    every metric stays in train_log.jsonl."""
+    run = world2["ray"]
+    assert run.returncode == 0, run.tail()
+    assert "Reporting training result" not in run.output, run.tail()
+    lines = [line for line in run.stdout.splitlines() if "] step " in line and " | epoch " in line]
+    log = [json.loads(line) for line in (run.run_dir / "train_log.jsonl").read_text().splitlines()]
+    assert len(lines) == len(log) >= 2, run.tail()
+    assert all("[rank 0] step " in line for line in lines), lines  # rank 0 only
+    for line in lines:
+        assert "| loss " in line and "(i2t " in line and "samples/s" in line, line
+        assert "fnd_" not in line and "=" not in line.split("[rank 0]")[1], line
+    assert "| FNE gate " in lines[-1], lines[-1]
+    assert {"fnd_n_eval", "grad_norm", "mu_pos"} <= set(log[-1]), set(log[-1])
 
 
 # ---------------------------------------------------------------------------------------------

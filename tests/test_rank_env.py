@@ -285,6 +285,41 @@ def test_accelerate_cpu_simple_launcher_with_several_processes_is_refused() -> N
     check_accelerate_world({**simple, "RANK": "0", "WORLD_SIZE": "2"})
 
 
+def test_accelerate_mixed_precision_must_be_engine_precision() -> None:
+    """Invariant: the mixed_precision that `accelerate launch` hands the process (from its
+    config file or flag: ACCELERATE_MIXED_PRECISION) is never silently ignored: 'no' leaves
+    engine.precision in charge, bf16/fp16 pass only when engine.precision says the same, and
+    anything else is refused, each refusal naming engine.precision. The shipped
+    cluster/accelerate/multi_node.yaml passes with the default config."""
+    import yaml
+
+    from fne_dist.train import ACCELERATE_PRECISION_VAR, check_accelerate_precision
+
+    fp32, bf16 = load_config(TINY), load_config(TINY, ["engine.precision=bf16"])
+    check_accelerate_precision(fp32, {})
+    check_accelerate_precision(bf16, {ACCELERATE_PRECISION_VAR: "no"})
+    check_accelerate_precision(bf16, {ACCELERATE_PRECISION_VAR: "bf16"})
+    with pytest.raises(ConfigError, match=r"mixed_precision=bf16 .*engine.precision=bf16"):
+        check_accelerate_precision(fp32, {ACCELERATE_PRECISION_VAR: "bf16"})
+    with pytest.raises(ConfigError, match=r"mixed_precision=fp8 is not supported.*engine"):
+        check_accelerate_precision(bf16, {ACCELERATE_PRECISION_VAR: "fp8"})
+    shipped = yaml.safe_load((ROOT / "cluster" / "accelerate" / "multi_node.yaml").read_text())
+    check_accelerate_precision(fp32, {ACCELERATE_PRECISION_VAR: shipped["mixed_precision"]})
+
+
+def test_tensorboard_without_its_package_fails_at_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant: report.tensorboard=true without the tensorboard package stops before any
+    worker starts, with one line naming the extra to install."""
+    from fne_dist import train
+
+    monkeypatch.setattr(train, "tensorboard_available", lambda: False)
+    cfg = load_config(TINY, [f"run.output_dir={tmp_path}", "report.tensorboard=true"])
+    with pytest.raises(ConfigError, match=r"fne_dist\[tensorboard\]"):
+        check_launch(cfg, "local", {})
+
+
 _TWO_RANKS = textwrap.dedent(
     """
     import sys, time

@@ -34,8 +34,9 @@ def _env() -> dict[str, str]:
 @pytest.mark.timeout(600)
 def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
     """Invariant: `python -m fne_dist.train` trains through DeepSpeed (warm-up then FNE with the
-    memory), evaluates on val and test, prints the summary, and leaves a run directory whose
-    weights `python -m fne_dist.evaluate` turns into the same test metrics."""
+    memory), evaluates on val and test, prints the summary and one short progress line per log
+    window, and leaves a run directory whose weights `python -m fne_dist.evaluate` turns into
+    the same test metrics, and whose TensorBoard events hold the series of train_log.jsonl."""
     out = subprocess.run(
         [
             sys.executable,
@@ -46,6 +47,7 @@ def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
             f"run.output_dir={tmp_path}",
             f"data.cache_dir={tmp_path / 'cache'}",
             "run.pictures=true",
+            "report.tensorboard=true",
         ],
         cwd=tmp_path,
         env=_env(),
@@ -69,6 +71,8 @@ def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert all(r["grad_norm"] > 0 for r in log)  # DeepSpeed ZeRO 0 fp32 keeps its clip norm
     _check_pictures(run, out.stdout)
+    _check_tensorboard(run, log)
+    _check_progress_lines(out.stdout, log)
 
     again = subprocess.run(
         [sys.executable, "-m", "fne_dist.evaluate", str(run)],
@@ -82,6 +86,42 @@ def test_tiny_run_trains_evaluates_and_writes_run_dir(tmp_path: Path) -> None:
     recomputed = json.loads(again.stdout)
     for key in ("rsum", "group_rsum", "i2t_r1", "t2i_r10"):
         assert recomputed[key] == pytest.approx(test[key], abs=1e-6), key
+
+
+def _check_tensorboard(run: Path, log: list[dict]) -> None:
+    """report.tensorboard: the event file under the run directory, read back with
+    TensorBoard's own reader, has one scalar series per numeric key of train_log.jsonl with the
+    same steps and values (a null there is NaN here), and the evaluations as val/ and test/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    logged = {k for r in log for k, v in r.items() if k not in ("step", "time")}
+    assert logged <= tags, logged - tags
+    assert {"val/rsum", "test/rsum", "test/group_rsum"} <= tags, tags
+    for key in logged:
+        expected = [(r["step"], r[key]) for r in log if key in r]
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in expected], key
+        for (_, want), (_, have) in zip(expected, got, strict=True):
+            assert have != have if want is None else have == pytest.approx(want, rel=1e-6), key
+
+
+def _check_progress_lines(stdout: str, log: list[dict]) -> None:
+    """The console: one progress line per log window (rank 0), short, with the step, epoch,
+    losses of both directions, lr, samples/s and the time left; the FNE part once the FNE loss
+    runs; no key=value dump of the window."""
+    total = log[-1]["step"]
+    lines = [line for line in stdout.splitlines() if line.startswith("[rank 0] step ")]
+    lines = [line for line in lines if " | epoch " in line]
+    assert [int(line.split()[3].split("/")[0]) for line in lines] == [r["step"] for r in log]
+    for line in lines:
+        for part in ("| loss ", "(i2t ", ", t2i ", "| lr ", " samples/s |", f"/{total} |"):
+            assert part in line, (part, line)
+        assert "=" not in line and len(line) < 200, line
+    assert "| FNE gate " in lines[-1] and "P_fn>eps" in lines[-1], lines[-1]
+    assert all("| ETA " in line for line in lines[:-1]) and " samples/s | done" in lines[-1]
 
 
 def _check_pictures(run: Path, stdout: str) -> None:

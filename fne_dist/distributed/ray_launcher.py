@@ -7,6 +7,7 @@ as every other launcher. Ray Train sets up torch.distributed (gloo or NCCL) befo
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -69,10 +70,38 @@ class RayCheckpoints(LauncherCheckpoints):
         return local if local.is_dir() else Path(checkpoint.to_directory())
 
 
+class RayReportLines(logging.Filter):
+    """Drops Ray Train's ``Reporting training result N: TrainingReport(...)`` line, which each
+    worker logs at INFO for every ``ray.train.report`` (the whole metrics dict, ~1,500
+    characters per log window and rank): our progress line says what matters. With
+    ``report.console: full`` rank 0 keeps it."""
+
+    def __init__(self, keep: bool) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.keep or not str(record.msg).startswith("Reporting training result")
+
+
+def quiet_ray_reports(cfg: Config, rank: int) -> None:
+    """Install ``RayReportLines`` on the worker's root handlers. Ray Train logs that line
+    through a logger named after its file (so neither ``ray.train``'s level nor
+    ``RunConfig(logging_config=...)`` reaches it) that propagates to the root logger, whose
+    console handler Ray Train configures before the training function starts."""
+    keep = cfg.report.console == "full" and rank == 0
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RayReportLines) for f in handler.filters):
+            handler.addFilter(RayReportLines(keep))
+
+
 def _worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+
     from ..loop import train
 
     cfg = config_from_dict(loop_config["config"])
+    quiet_ray_reports(cfg, ray.train.get_context().get_world_rank())
     url = cfg.checkpoint.dir if cfg.checkpoint.dir and is_url(cfg.checkpoint.dir) else None
     train(cfg, extra_reporter=RayReporter(), launcher_checkpoints=RayCheckpoints(url))
 
