@@ -130,9 +130,7 @@ def export(source: Path, out: Path) -> dict:
     # weights, a frozen one the pretrained weights its cached features came from.
     image_backbone = build_image_backbone(cfg.model.image)
     text_backbone = build_text_backbone(cfg.model.text)
-    fit_weights(
-        build_dual_encoder(cfg.model, image_backbone, text_backbone), weights, str(source)
-    )
+    fit_weights(build_dual_encoder(cfg.model, image_backbone, text_backbone), weights, str(source))
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS, "config.yaml"):
