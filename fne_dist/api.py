@@ -1,7 +1,8 @@
 """Encode and retrieve with a trained model: no DeepSpeed, no Ray, no process group.
 
     from fne_dist.api import Retriever, top_k
-    r = Retriever.load("exported/")            # a run directory or `fne_dist.export` output
+    r = Retriever.from_pretrained("exported/") # `fne_dist.export` output: needs no model cache
+    r = Retriever.load("runs/coco-fne/")       # or a run directory (encoders from the cache)
     img_ND = r.encode_images([Image.open(p) for p in paths])
     txt_MD = r.encode_texts(["a dog on a beach", "two people at a table"])
     scores_MK, index_MK = top_k(txt_MD, img_ND, k=5)   # text → image retrieval
@@ -19,19 +20,29 @@ from PIL import Image
 from torch import Tensor
 
 from .config import Config, load_config
-from .encoders import build_image_backbone, build_text_backbone
+from .encoders import ImageBackbone, TextBackbone, build_image_backbone, build_text_backbone
 from .export import WEIGHTS, fit_weights, load_weights
 from .model import DualEncoder, build_dual_encoder
+from .pretrained import is_export, load_towers
 
 
 class Retriever:
-    """A dual encoder loaded from ``config.yaml`` + ``model.safetensors``."""
+    """A dual encoder: a self-contained export (``from_pretrained``) or a run directory's
+    ``config.yaml`` + ``model.safetensors`` with its encoders from this machine (``load``)."""
 
-    def __init__(self, cfg: Config, weights: dict[str, Tensor], device: str = "cpu") -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        weights: dict[str, Tensor],
+        device: str = "cpu",
+        towers: tuple[ImageBackbone, TextBackbone] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        self.image_backbone = build_image_backbone(cfg.model.image).to(self.device).eval()
-        self.text_backbone = build_text_backbone(cfg.model.text).to(self.device).eval()
+        if towers is None:
+            towers = build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
+        self.image_backbone = towers[0].to(self.device).eval()
+        self.text_backbone = towers[1].to(self.device).eval()
         self.model: DualEncoder = build_dual_encoder(
             cfg.model, self.image_backbone, self.text_backbone
         )
@@ -39,8 +50,20 @@ class Retriever:
         self.model.to(self.device).eval()
 
     @classmethod
-    def load(cls, directory: str | Path, device: str = "cpu") -> Retriever:
+    def from_pretrained(cls, directory: str | Path, device: str = "cpu") -> Retriever:
+        """Load an export of ``python -m fne_dist.export``: weights, backbones, tokenizer and
+        preprocessing all come from ``directory`` (no model cache, no network)."""
         directory = Path(directory)
+        model_cfg, image_backbone, text_backbone = load_towers(directory)
+        weights = load_weights(directory / WEIGHTS)
+        return cls(Config(model=model_cfg), weights, device, (image_backbone, text_backbone))
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> Retriever:
+        """An export (as ``from_pretrained``) or a run directory."""
+        directory = Path(directory)
+        if is_export(directory):
+            return cls.from_pretrained(directory, device)
         cfg = load_config(directory / "config.yaml")
         return cls(cfg, load_weights(directory / WEIGHTS), device)
 

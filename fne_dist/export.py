@@ -1,15 +1,20 @@
 """``python -m fne_dist.export RUN_OR_CHECKPOINT OUT``
 
-Writes consolidated fp32 weights (``model.safetensors``), their hash (``model.safetensors.sha256``,
-sha256sum's format) and the resolved config (``config.yaml``) to OUT, loadable without DeepSpeed
-or Ray by ``python -m fne_dist.evaluate OUT`` and by ``fne_dist.api.Retriever.load(OUT)``. The
-source is a run directory (its final weights) or one checkpoint directory (validated first;
-every checkpoint holds the gathered fp32 weights next to DeepSpeed's partitioned state).
+Writes a self-contained export to OUT: consolidated fp32 weights (``model.safetensors``) and
+their hash (``model.safetensors.sha256``, sha256sum's format), the resolved training config
+(``config.yaml``), both backbones with the weights they hold (``image_encoder/``,
+``text_encoder/``: frozen backbones included, which training kept outside the model), the
+tokenizer files, the image preprocessing (``preprocessing.json``) and a small config
+(``fne_export.json``). ``fne_dist.api.Retriever.from_pretrained(OUT)`` and
+``python -m fne_dist.evaluate OUT`` load it without DeepSpeed, Ray, the Hugging Face cache or
+the encoders' weight packages. The source is a run directory (its final weights) or one
+checkpoint directory (validated first; every checkpoint holds the gathered fp32 weights next
+to DeepSpeed's partitioned state); its encoders must be available on the exporting machine.
 
 Weights are checked before they are copied or used: a ``.sha256`` file next to them must match,
 and the file must load as safetensors (a truncated or corrupt file fails with one line naming
 it, exit status 2). OUT may not be the source nor an existing file; files are replaced
-atomically.
+atomically. ``export.json`` records the source and the sha256 of every file written.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from torch import Tensor, nn
 
 from .checkpoint.format import META, CheckpointError, sha256_of
 from .checkpoint.validation import validate
+from .config import ConfigError, load_config
+from .encoders import build_image_backbone, build_text_backbone
+from .model import build_dual_encoder
+from .pretrained import save_towers
 
 WEIGHTS = "model.safetensors"
 
@@ -115,13 +124,25 @@ def export(source: Path, out: Path) -> dict:
         if not (source / name).is_file():
             raise CheckpointError(f"{source}: {name} is missing")
     _check_out(source, out)
-    load_weights(source / WEIGHTS)  # a run directory's weights have no meta.json hash
+    weights = load_weights(source / WEIGHTS)  # a run directory's weights have no meta.json hash
+    cfg = load_config(source / "config.yaml")
+    # The trained model as evaluate builds it: a trainable backbone then holds its trained
+    # weights, a frozen one the pretrained weights its cached features came from.
+    image_backbone = build_image_backbone(cfg.model.image)
+    text_backbone = build_text_backbone(cfg.model.text)
+    fit_weights(build_dual_encoder(cfg.model, image_backbone, text_backbone), weights, str(source))
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name in (WEIGHTS, "config.yaml"):
             _copy_into(source / name, out)
         write_sidecar(out / WEIGHTS)
-        info = {**origin, "sha256": {n: sha256_of(out / n) for n in (WEIGHTS, "config.yaml")}}
+        save_towers(cfg.model, image_backbone, text_backbone, out)
+        files = sorted(
+            p.relative_to(out).as_posix()
+            for p in out.rglob("*")
+            if p.is_file() and p.name != "export.json" and not p.name.startswith(".")
+        )
+        info = {**origin, "sha256": {n: sha256_of(out / n) for n in files}}
         (out / "export.json").write_text(json.dumps(info, indent=1))
     except OSError as err:
         raise CheckpointError(f"{out}: cannot write the export ({err.strerror or err})") from None
@@ -131,11 +152,12 @@ def export(source: Path, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fne_dist.export", description=__doc__)
     ap.add_argument("source", help="a run directory or a checkpoint directory (step-N)")
-    ap.add_argument("out", help="output directory")
+    ap.add_argument("out", help="output directory (created; an earlier export there is replaced)")
     args = ap.parse_args(argv)
     try:
         info = export(Path(args.source), Path(args.out))
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError, ValueError) as err:
+        # ValueError: an encoder of the config that is not on this machine (one line)
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=1))

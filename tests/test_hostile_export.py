@@ -23,10 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_dir(path: Path) -> Path:
-    """A run directory: the tiny test config (resolved) and some weights."""
+    """A run directory: the tiny test config (resolved) and its model's initial weights (an
+    export builds the model to write its backbones, so the weights must fit it)."""
+    from fne_dist.encoders import build_image_backbone, build_text_backbone
+    from fne_dist.model import build_dual_encoder
+
     path.mkdir(parents=True)
-    save_config(load_config(ROOT / "tests" / "configs" / "tiny.yaml"), path / "config.yaml")
-    save_file({"w": torch.arange(64, dtype=torch.float32)}, str(path / "model.safetensors"))
+    cfg = load_config(ROOT / "tests" / "configs" / "tiny.yaml")
+    save_config(cfg, path / "config.yaml")
+    model = build_dual_encoder(
+        cfg.model, build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
+    )
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"))
     return path
 
 
@@ -131,7 +140,7 @@ def test_hostile_export_refuses_corrupt_run_weights(
     assert export_main([str(run), str(out)]) == 0
     exported = out / "model.safetensors"
     assert sidecar(exported).read_text().split()[0] == sha256_of(exported)
-    assert load_weights(exported)["w"].shape == (64,)
+    assert load_weights(exported)["temperature"].shape == (1,)
     data = bytearray(exported.read_bytes())
     data[-1] ^= 0xFF  # a flipped bit inside a tensor: still loads as safetensors
     exported.write_bytes(bytes(data))

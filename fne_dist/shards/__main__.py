@@ -19,6 +19,7 @@ import argparse
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,10 @@ def run_karpathy(args: argparse.Namespace) -> int:
     summaries: list[ShardSummary] = []
     for split in wanted:
         entries = limit_entries(data.splits[split], args.limit)
+        if args.captions_per_image:
+            # The retrieval protocol ranks 5 captions per image; a few COCO images have 6 or 7.
+            n = args.captions_per_image
+            entries = [replace(e, captions=e.captions[:n]) for e in entries]
         layout = args.layout or DEFAULT_LAYOUT[split]
         options = _options(args, args.out / split, f"{base}-{split}")
         settings = _with_outside(args, {"command": "karpathy", "split": split})
@@ -283,6 +288,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write restval/ instead of merging it into train/",
     )
     p.add_argument("--splits", help="comma-separated splits to write (default: all in the file)")
+    p.add_argument(
+        "--captions-per-image",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="keep the first N captions of each image (5: the COCO/Flickr30K protocol; "
+        "default: all)",
+    )
     p.set_defaults(run=run_karpathy)
 
     p = sub.add_parser("albef", parents=[common], help="ALBEF/FNE annotation list + images")

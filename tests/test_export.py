@@ -1,0 +1,177 @@
+"""Self-contained exports in one process: a frozen transformers image tower travels with the
+export (its source folder gone, the export still loads and embeds alike), and an incomplete
+or tampered export fails with one line naming the file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from fne_dist.api import Retriever
+from fne_dist.checkpoint.format import CheckpointError
+from fne_dist.config import load_config, save_config
+from fne_dist.encoders import build_image_backbone, build_text_backbone
+from fne_dist.export import main as export_main
+from fne_dist.model import build_dual_encoder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
+
+def _run_dir(path: Path, overrides: list[str]) -> Path:
+    """A run directory of the tiny config with ``overrides``: config + random head weights."""
+    path.mkdir(parents=True)
+    cfg = load_config(TINY, overrides)
+    save_config(cfg, path / "config.yaml")
+    torch.manual_seed(1)
+    model = build_dual_encoder(
+        cfg.model, build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
+    )
+    save_file(
+        {
+            k: (torch.randn_like(v) if v.is_floating_point() else v).contiguous()
+            for k, v in model.state_dict().items()
+        },
+        str(path / "model.safetensors"),
+    )
+    return path
+
+
+def _images() -> list[Image.Image]:
+    return [Image.new("RGB", (40 + 7 * i, 30), (30 * i, 200 - 20 * i, 90)) for i in range(5)]
+
+
+CAPTIONS = ["a red square", "two dogs on a beach", "an empty street at night"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local transformers ViT folder (random weights, its own mean/std)."""
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    folder = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=48,
+    )
+    ViTModel(config).save_pretrained(folder)
+    ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25]
+    ).save_pretrained(folder)
+    return folder
+
+
+def test_export_carries_a_frozen_hf_image_tower(tiny_vit: Path, tmp_path: Path) -> None:
+    """Invariant: exporting a run whose frozen image tower is a transformers model writes that
+    model (which model.safetensors lacks) into image_encoder/ as a standard save_pretrained
+    folder; with the source folder deleted, from_pretrained and Retriever.load of the export
+    embed images and captions exactly as the run directory did."""
+    source = tmp_path / "vit-source"
+    shutil.copytree(tiny_vit, source)
+    image = [
+        "model.image.type=hf",
+        f"model.image.name_or_path={source}",
+        "model.image.frozen=true",
+    ]
+    run = _run_dir(tmp_path / "run", image)
+    weights = load_file(str(run / "model.safetensors"))
+    assert not any(k.startswith("image_backbone.") for k in weights)  # frozen: not in the model
+    trained = Retriever.load(run)
+    want_img, want_txt = trained.encode_images(_images()), trained.encode_texts(CAPTIONS)
+    out = tmp_path / "export"
+    assert export_main([str(run), str(out)]) == 0
+    shutil.rmtree(source)  # the export must not look the backbone up again
+    with pytest.raises(ValueError, match="not available offline"):
+        Retriever.load(run)
+    for loaded in (Retriever.from_pretrained(out), Retriever.load(out)):
+        assert torch.equal(loaded.encode_images(_images()), want_img)
+        assert torch.equal(loaded.encode_texts(CAPTIONS), want_txt)
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(out / "image_encoder").config.hidden_size == 24
+    spec = json.loads((out / "preprocessing.json").read_text())
+    assert spec["image_size"] == 32
+    assert spec["pixel_mean"] == pytest.approx([0.4 * 255, 0.5 * 255, 0.6 * 255])
+    hashes = json.loads((out / "export.json").read_text())["sha256"]
+    assert {"image_encoder/model.safetensors", "text_encoder/tokenizer.json"} <= set(hashes)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export of the tiny config, loaded once intact."""
+    tmp = tmp_path_factory.mktemp("tiny-export")
+    out = tmp / "export"
+    assert export_main([str(_run_dir(tmp / "run", [])), str(out)]) == 0
+    Retriever.from_pretrained(out)
+    return out
+
+
+def _break_json(name: str, change: dict) -> object:
+    def apply(out: Path) -> None:
+        data = json.loads((out / name).read_text())
+        data.update(change)
+        (out / name).write_text(json.dumps(data))
+
+    return apply
+
+
+def _truncate(name: str) -> object:
+    def apply(out: Path) -> None:
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[: len(data) // 2])
+
+    return apply
+
+
+BREAKS = {
+    "no image_encoder": lambda out: shutil.rmtree(out / "image_encoder"),
+    "no preprocessing": lambda out: (out / "preprocessing.json").unlink(),
+    "encoder outside": _break_json("fne_export.json", {"text_encoder": "../elsewhere"}),
+    "other format": _break_json("fne_export.json", {"format": 99}),
+    "two means": _break_json("preprocessing.json", {"pixel_mean": [1.0, 2.0]}),
+    "other size": _break_json("preprocessing.json", {"image_size": 48}),
+    "truncated trunk": _truncate("image_encoder/model.safetensors"),
+    "not json": lambda out: (out / "fne_export.json").write_text("{"),
+}
+
+
+@pytest.mark.parametrize("case", list(BREAKS))
+def test_hostile_incomplete_export_fails_with_one_line(
+    tiny_export: Path, tmp_path: Path, case: str
+) -> None:
+    """Invariant: an export with a folder or file missing, an entry pointing outside it, or
+    a malformed small config, preprocessing or weights file fails to load with one line
+    naming the file (a CheckpointError), never a traceback from deep in a loader."""
+    out = tmp_path / "export"
+    shutil.copytree(tiny_export, out)
+    BREAKS[case](out)
+    with pytest.raises(CheckpointError) as err:
+        Retriever.from_pretrained(out)
+    assert "\n" not in str(err.value) and str(out) in str(err.value)
+
+
+def test_hostile_export_of_a_run_whose_encoder_is_gone_exits_2(
+    tmp_path: Path, tiny_vit: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Invariant: exporting needs the run's encoders on the exporting machine; when one is not
+    there, export exits 2 with one line naming it and writes nothing."""
+    source = tmp_path / "vit-source"
+    shutil.copytree(tiny_vit, source)
+    run = _run_dir(tmp_path / "run", ["model.image.type=hf", f"model.image.name_or_path={source}"])
+    shutil.rmtree(source)
+    capsys.readouterr()  # what building the run directory printed
+    assert export_main([str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(source) in err
+    assert not (tmp_path / "out").exists()
