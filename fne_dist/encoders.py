@@ -208,7 +208,7 @@ class ImageBackbone(nn.Module):
         # The buffers follow .to(dtype), so bf16 models get bf16 inputs.
         x_BCHW = pixels_BCHW.to(self.mean_1C11.dtype)
         x_BCHW = (x_BCHW - self.mean_1C11) / self.std_1C11
-        if self.channels_last:  # the weights were converted once; the input every step
+        if self.channels_last:
             x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
         return self.features(x_BCHW)
 
@@ -370,9 +370,10 @@ def build_image_backbone(cfg: ImageEncoderConfig) -> ImageBackbone:
                 f"recompute blocks, got {cfg.type}/{cfg.name_or_path}"
             )
         net.checkpointing = True
-    if cfg.channels_last:
-        net.channels_last = True
-        net.to(memory_format=torch.channels_last)
+    # Only the input is converted: a convolution with a channels_last input runs channels_last
+    # (its output too), and the weights stay contiguous, as DeepSpeed's start-up broadcast of
+    # parameters as byte views requires.
+    net.channels_last = cfg.channels_last
     net.train()
     return net
 
