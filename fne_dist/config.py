@@ -181,6 +181,13 @@ class EngineConfig:
     zero_stage: int = setting(0, "DeepSpeed ZeRO stage", ge=0, le=3)
     precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "training precision")
     grad_accum: int = setting(1, "micro-batches per optimizer step", ge=1, le=65_536)
+    deepspeed_config: str | None = setting(
+        None,
+        "your own DeepSpeed config (a .json or .yaml file in DeepSpeed's schema: offload, bf16 "
+        "options, its optimizer, ZeRO-3 settings) merged with the keys this config owns (batch "
+        "size, accumulation, clipping, precision, ZeRO stage, lr, weight decay); a value that "
+        "differs from ours is refused (null: ours alone)",
+    )
 
 
 @dataclass
@@ -321,6 +328,22 @@ class ImageEncoderConfig:
     )
     image_size: int = setting(384, "square input side in pixels (reference 384)", ge=16, le=8192)
     frozen: bool = setting(False, "freeze the backbone (batch-norm in eval mode) and cache it")
+    train_blocks: int | None = setting(
+        None,
+        "a trained backbone trains only its last N blocks (EfficientNet-Lite: MBConv blocks, "
+        "16 in lite0, and the head conv); the stem and earlier blocks stay frozen, batch-norm "
+        "in eval mode (null: every block)",
+        ge=1,
+        le=1024,
+    )
+    channels_last: bool = setting(
+        False, "run the image backbone in channels_last memory format (faster convolutions)"
+    )
+    grad_checkpointing: bool = setting(
+        False,
+        "recompute each trained block's activations in backward instead of keeping them: less "
+        "memory for about a third more backbone compute",
+    )
 
 
 @dataclass
@@ -331,6 +354,18 @@ class TextEncoderConfig:
     )
     max_length: int = setting(32, "tokens per caption (reference: ≤ 30 words)", ge=4, le=8192)
     frozen: bool = setting(False, "freeze the backbone and cache its features")
+    train_blocks: int | None = setting(
+        None,
+        "a trained backbone trains only its last N transformer layers (6 in MiniLM-L6); the "
+        "embeddings and earlier layers stay frozen, dropout off (null: every layer)",
+        ge=1,
+        le=1024,
+    )
+    grad_checkpointing: bool = setting(
+        False,
+        "recompute each transformer layer's activations in backward instead of keeping them: "
+        "less memory for about a third more backbone compute",
+    )
 
 
 @dataclass
@@ -376,6 +411,18 @@ class Config:
             self.engine.zero_stage or self.engine.precision != "fp32"
         ):
             raise ValueError("engine.kind=ddp supports neither ZeRO nor bf16/fp16 (use deepspeed)")
+        if self.engine.kind == "ddp" and self.engine.deepspeed_config is not None:
+            raise ValueError(
+                f"engine.deepspeed_config={self.engine.deepspeed_config} needs "
+                "engine.kind=deepspeed (got ddp)"
+            )
+        for tower in ("image", "text"):
+            enc = getattr(self.model, tower)
+            if enc.frozen and enc.train_blocks is not None:
+                raise ValueError(
+                    f"model.{tower}.train_blocks={enc.train_blocks} trains blocks of a frozen "
+                    f"backbone: set model.{tower}.frozen=false, or train_blocks=null"
+                )
         if self.dist.use_gpu and self.engine.device == "cpu":
             raise ValueError("dist.use_gpu=true contradicts engine.device=cpu")
         check_text_values(self)
@@ -639,8 +686,12 @@ for _cls in (_Loader, _Dumper):
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
 
 
-def _parse(text: str) -> Any:
+def parse_yaml(text: str) -> Any:
+    """YAML text read as config files are (no Python objects, no aliases, bounded nesting)."""
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no Python objects
+
+
+_parse = parse_yaml
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
@@ -661,14 +712,18 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merge key by key, anything else in ``top`` replaces."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
+
+
+_deep_merge = deep_merge
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

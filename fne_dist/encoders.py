@@ -30,17 +30,20 @@ function of the input and can be cached.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from PIL import Image
 from torch import nn
 
-from .config import ImageEncoderConfig, TextEncoderConfig
+from .config import ConfigError, ImageEncoderConfig, TextEncoderConfig
 
 TINY = "tiny"
 TINY_SEED = 3407
@@ -181,6 +184,9 @@ class ImageBackbone(nn.Module):
         self.image_size = image_size
         self.frozen = frozen
         self.preprocessor = SquareImage(image_size)
+        self.fixed: list[nn.Module] = []  # frozen parts of a partly trained trunk (eval mode)
+        self.channels_last = False
+        self.checkpointing = False
         # Non-persistent: constants of the architecture, not learned state for checkpoints.
         self.register_buffer("mean_1C11", torch.tensor(mean_C).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std_1C11", torch.tensor(std_C).view(1, 3, 1, 1), persistent=False)
@@ -201,12 +207,21 @@ class ImageBackbone(nn.Module):
             raise ValueError(f"expected pixels B×3×H×W, got shape {tuple(pixels_BCHW.shape)}")
         # The buffers follow .to(dtype), so bf16 models get bf16 inputs.
         x_BCHW = pixels_BCHW.to(self.mean_1C11.dtype)
-        return self.features((x_BCHW - self.mean_1C11) / self.std_1C11)
+        x_BCHW = (x_BCHW - self.mean_1C11) / self.std_1C11
+        if self.channels_last:
+            x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
+        return self.features(x_BCHW)
+
+    def blocks(self) -> tuple[list[nn.Module], Sequence[nn.Module]]:
+        """(modules before the blocks, the blocks in order): what ``train_blocks`` splits."""
+        raise ConfigError(f"{type(self).__name__} cannot train only its last blocks")
 
     def train(self, mode: bool = True) -> ImageBackbone:
         super().train(mode)
         if self.frozen:
             self.trunk.eval()  # batch statistics, dropout and drop-connect never move
+        for module in self.fixed:
+            module.eval()
         return self
 
 
@@ -214,8 +229,29 @@ class EfficientNetLiteBackbone(ImageBackbone):
     """EfficientNet-Lite without its classifier; features = global average of the head conv."""
 
     def features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        map_BFhw = self.trunk.extract_features(x_BCHW)
-        return map_BFhw.mean(dim=(2, 3))
+        if not (self.checkpointing and self.training and torch.is_grad_enabled()):
+            return self.trunk.extract_features(x_BCHW).mean(dim=(2, 3))
+        # The package's extract_features, with each trained block recomputed in backward.
+        t = self.trunk
+        x = t._swish(t._bn0(t._conv_stem(x_BCHW)))
+        n = len(t._blocks)
+        for idx, block in enumerate(t._blocks):
+            rate = t._global_params.drop_connect_rate
+            rate = rate * float(idx) / n if rate else rate
+            if block in self.fixed:
+                x = block(x, drop_connect_rate=rate)
+                continue
+            x = torch.utils.checkpoint.checkpoint(
+                block,
+                x,
+                rate,
+                use_reentrant=False,
+                context_fn=lambda b=block: (contextlib.nullcontext(), _bn_stats_kept(b)),
+            )
+        return t._swish(t._bn1(t._conv_head(x))).mean(dim=(2, 3))
+
+    def blocks(self) -> tuple[list[nn.Module], Sequence[nn.Module]]:
+        return [self.trunk._conv_stem, self.trunk._bn0], list(self.trunk._blocks)
 
 
 class HFImageBackbone(ImageBackbone):
@@ -238,6 +274,10 @@ class TinyImageBackbone(ImageBackbone):
 
     def features(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         return self.trunk(x_BCHW).mean(dim=(2, 3))
+
+    def blocks(self) -> tuple[list[nn.Module], Sequence[nn.Module]]:
+        layers = list(self.trunk)  # conv, bn, relu, conv, bn, relu: two blocks of three
+        return [], [nn.Sequential(*layers[:3]), nn.Sequential(*layers[3:])]
 
 
 def build_efficientnet_lite(
@@ -314,14 +354,32 @@ def build_tiny_image_backbone(
 
 
 def build_image_backbone(cfg: ImageEncoderConfig) -> ImageBackbone:
-    """The image backbone ``cfg`` names (see the module doc); ``name_or_path: tiny`` → test net."""
+    """The image backbone ``cfg`` names (see the module doc); ``name_or_path: tiny`` → test net.
+    Then the training options: ``train_blocks``, ``channels_last``, ``grad_checkpointing``."""
     if cfg.name_or_path == TINY:
-        return build_tiny_image_backbone(cfg.image_size, frozen=cfg.frozen)
-    if cfg.type == "efficientnet_lite":
-        return build_efficientnet_lite(cfg.name_or_path, cfg.image_size, cfg.frozen)
-    if cfg.type == "hf":
-        return build_hf_image_backbone(cfg.name_or_path, cfg.image_size, cfg.frozen)
-    raise ValueError(f"unknown image encoder type {cfg.type!r} (efficientnet_lite, hf)")
+        net = build_tiny_image_backbone(cfg.image_size, frozen=cfg.frozen)
+    elif cfg.type == "efficientnet_lite":
+        net = build_efficientnet_lite(cfg.name_or_path, cfg.image_size, cfg.frozen)
+    elif cfg.type == "hf":
+        net = build_hf_image_backbone(cfg.name_or_path, cfg.image_size, cfg.frozen)
+    else:
+        raise ValueError(f"unknown image encoder type {cfg.type!r} (efficientnet_lite, hf)")
+    if cfg.train_blocks is not None:
+        before, blocks = net.blocks()
+        net.fixed = _train_last(before, blocks, cfg.train_blocks, "model.image.train_blocks")
+    if cfg.grad_checkpointing:
+        if not isinstance(net, EfficientNetLiteBackbone):
+            raise ConfigError(
+                f"model.image.grad_checkpointing=true: only efficientnet_lite backbones "
+                f"recompute blocks, got {cfg.type}/{cfg.name_or_path}"
+            )
+        net.checkpointing = True
+    # Only the input is converted: a convolution with a channels_last input runs channels_last
+    # (its output too), and the weights stay contiguous, as DeepSpeed's start-up broadcast of
+    # parameters as byte views requires.
+    net.channels_last = cfg.channels_last
+    net.train()
+    return net
 
 
 # ------------------------------------------------------------------------------ text
@@ -361,10 +419,21 @@ class TextBackbone(nn.Module):
         self.tokenizer = tokenizer
         self.out_dim = int(model.config.hidden_size)
         self.frozen = frozen
+        self.fixed: list[nn.Module] = []  # frozen parts of a partly trained model (eval mode)
         _freeze_pooler(model)
         if frozen:
             _freeze(self)
         self.train()  # flags agree from the start (from_pretrained leaves the model in eval)
+
+    def blocks(self) -> tuple[list[nn.Module], Sequence[nn.Module]]:
+        """(modules before the layers, the transformer layers in order)."""
+        if hasattr(self.model, "blocks"):  # the tiny test encoder
+            return [self.model.tokens, self.model.positions], list(self.model.blocks)
+        layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+        embeddings = getattr(self.model, "embeddings", None)
+        if layers is None or embeddings is None:
+            raise ConfigError(f"{type(self.model).__name__} cannot train only its last layers")
+        return [embeddings], list(layers)
 
     @property
     def max_length(self) -> int:
@@ -387,6 +456,8 @@ class TextBackbone(nn.Module):
         super().train(mode)
         if self.frozen:
             self.model.eval()  # dropout off: frozen features are a fixed function of the text
+        for module in self.fixed:
+            module.eval()
         return self
 
 
@@ -420,15 +491,64 @@ def build_tiny_text_backbone(
 
 
 def build_text_backbone(cfg: TextEncoderConfig) -> TextBackbone:
-    """The text backbone ``cfg`` names (see the module doc); ``name_or_path: tiny`` → test net."""
+    """The text backbone ``cfg`` names (see the module doc); ``name_or_path: tiny`` → test net.
+    Then the training options: ``train_blocks``, ``grad_checkpointing``."""
     if cfg.name_or_path == TINY:
-        return build_tiny_text_backbone(max_length=cfg.max_length, frozen=cfg.frozen)
-    if cfg.type == "hf":
-        return build_hf_text_backbone(cfg.name_or_path, cfg.max_length, cfg.frozen)
-    raise ValueError(f"unknown text encoder type {cfg.type!r} (hf)")
+        net = build_tiny_text_backbone(max_length=cfg.max_length, frozen=cfg.frozen)
+    elif cfg.type == "hf":
+        net = build_hf_text_backbone(cfg.name_or_path, cfg.max_length, cfg.frozen)
+    else:
+        raise ValueError(f"unknown text encoder type {cfg.type!r} (hf)")
+    if cfg.train_blocks is not None:
+        before, blocks = net.blocks()
+        net.fixed = _train_last(before, blocks, cfg.train_blocks, "model.text.train_blocks")
+    if cfg.grad_checkpointing:
+        if not getattr(net.model, "supports_gradient_checkpointing", False):
+            raise ConfigError(
+                f"model.text.grad_checkpointing=true: {cfg.name_or_path} does not support it"
+            )
+        # non-reentrant: works with inputs that need no gradient (frozen embeddings);
+        # transformers 5 renamed the method (the old name warns)
+        kwargs = {"use_reentrant": False}
+        if hasattr(net.model, "activation_checkpointing_enable"):
+            net.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            net.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    net.train()
+    return net
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _train_last(
+    before: list[nn.Module], blocks: Sequence[nn.Module], n: int, key: str
+) -> list[nn.Module]:
+    """Freeze ``before`` and all but the last ``n`` of ``blocks``; the frozen modules, which
+    the backbone's ``train()`` keeps in eval mode (their batch-norm statistics and dropout
+    stay those of the pretrained weights, as a frozen backbone's do)."""
+    if n > len(blocks):
+        raise ConfigError(f"{key}={n}: the backbone has {len(blocks)} blocks")
+    fixed = [*before, *blocks[: len(blocks) - n]]
+    for module in fixed:
+        _freeze(module)
+    return fixed
+
+
+@contextlib.contextmanager
+def _bn_stats_kept(block: nn.Module) -> Iterator[None]:
+    """Batch-norm running statistics left alone while a checkpointed block is recomputed in
+    backward: the forward already updated them, and a second update would apply the momentum
+    twice per step. Momentum 0 keeps ``running = (1 − 0)·running``."""
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
 
 
 def _freeze(module: nn.Module) -> None:

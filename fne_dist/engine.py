@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -14,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from .checkpoint.format import load_state, save_state
-from .config import Config, OptimConfig
-from .distributed import rank
+from .config import Config, ConfigError, OptimConfig, deep_merge, parse_yaml
+from .distributed import rank, world_size
 
 log = logging.getLogger("fne_dist")
 
@@ -41,9 +43,11 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return {"step": step_schedule, "cosine": cosine, "constant": lambda s: 1.0}[cfg.schedule]
 
 
-def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run, derived from the typed config (one source of truth)."""
-    return {
+def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for this run: ours, derived from the typed config, merged with the
+    user's own file (``engine.deepspeed_config``) when one is given (``merged_config``).
+    ``world_size`` (when known) checks a ``train_batch_size`` the file sets."""
+    ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": cfg.engine.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
@@ -57,27 +61,143 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         # samples/s figure only its steps_per_print log shows. Ours come from host clocks.
         "timers": {"throughput": {"enabled": False}},
     }
+    if cfg.engine.deepspeed_config is None:
+        return ours
+    path = cfg.engine.deepspeed_config
+    return merged_config(ours, read_mapping(path, "engine.deepspeed_config"), cfg, world_size)
+
+
+def owned_values(cfg: Config, world_size: int | None) -> list[tuple[str, str, Any]]:
+    """(DeepSpeed key, our key, our value) of every DeepSpeed setting our config decides: a
+    user file may repeat them, but only with our value."""
+    precision = f"engine.precision={cfg.engine.precision}"
+    owned: list[tuple[str, str, Any]] = [
+        ("train_micro_batch_size_per_gpu", "train.batch_size", cfg.train.batch_size),
+        ("gradient_accumulation_steps", "engine.grad_accum", cfg.engine.grad_accum),
+        ("gradient_clipping", "optim.grad_clip", cfg.optim.grad_clip),
+        ("zero_optimization.stage", "engine.zero_stage", cfg.engine.zero_stage),
+        ("bf16.enabled", precision, cfg.engine.precision == "bf16"),
+        ("fp16.enabled", precision, cfg.engine.precision == "fp16"),
+        ("optimizer.params.lr", "optim.lr", cfg.optim.lr),
+        ("optimizer.params.weight_decay", "optim.weight_decay", cfg.optim.weight_decay),
+    ]
+    if world_size is not None:
+        global_batch = cfg.train.batch_size * cfg.engine.grad_accum * world_size
+        what = (
+            f"train.batch_size × engine.grad_accum × ranks = {cfg.train.batch_size} × "
+            f"{cfg.engine.grad_accum} × {world_size}"
+        )
+        owned.append(("train_batch_size", what, global_batch))
+    return owned
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value)
+
+
+def merged_config(
+    ours: dict[str, Any], user: dict[str, Any], cfg: Config, world_size: int | None
+) -> dict[str, Any]:
+    """``user`` (DeepSpeed's schema) over ``ours``: every key the user sets passes through
+    (offload, bf16/fp16 options, ZeRO-3 settings, its optimizer: DeepSpeed validates them),
+    except that a setting our config owns (``owned_values``) must hold our value, and the lr
+    schedule stays ours. A conflict raises one ``ConfigError`` line naming both values."""
+    where = f"engine.deepspeed_config={cfg.engine.deepspeed_config}"
+    user = dict(user)
+    if "bfloat16" in user:  # DeepSpeed's older name of the section
+        if "bf16" in user:
+            raise ConfigError(f"{where}: sets both bf16 and bfloat16 (DeepSpeed reads one)")
+        user["bf16"] = user.pop("bfloat16")
+    if "scheduler" in user:
+        raise ConfigError(
+            f"{where}: scheduler={_json_text(user['scheduler'])} conflicts with "
+            f"optim.schedule={cfg.optim.schedule}: the lr schedule is ours (optim.schedule, "
+            "optim.warmup_steps); remove scheduler from the file"
+        )
+    for ds_key, our_key, value in owned_values(cfg, world_size):
+        found, theirs = _lookup(user, ds_key)
+        if found and (theirs != value or isinstance(theirs, bool) != isinstance(value, bool)):
+            shown = our_key if "=" in our_key else f"{our_key}={_json_text(value)}"
+            raise ConfigError(
+                f"{where}: {ds_key}={_json_text(theirs)} conflicts with {shown}: remove it "
+                "from the file, or set ours to the same value"
+            )
+    zero = user.get("zero_optimization", {})
+    offload = isinstance(zero, dict) and any(
+        isinstance(zero.get(k), dict) and zero[k].get("device", "none") != "none"
+        for k in ("offload_optimizer", "offload_param")
+    )
+    merged = deep_merge(ours, user)
+    if "optimizer" in user or offload:
+        # DeepSpeed builds the optimizer: an offloaded one must be its own (its CPU Adam unless
+        # the file says otherwise); the file's optimizer takes our lr and weight decay.
+        optimizer = merged.setdefault("optimizer", {"type": "AdamW"})
+        params = optimizer.setdefault("params", {})
+        params.setdefault("lr", cfg.optim.lr)
+        params.setdefault("weight_decay", cfg.optim.weight_decay)
+    return merged
+
+
+def read_mapping(path: str, key: str) -> dict[str, Any]:
+    """A JSON (``.json``) or YAML file holding a mapping; one ``ConfigError`` line otherwise."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{key}={path}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+        data = json.loads(text) if file.suffix.lower() == ".json" else parse_yaml(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"{key}={path}: not a readable JSON/YAML file ({first})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}={path}: must hold a mapping of DeepSpeed settings")
+    return data
 
 
 def build_engine(model: nn.Module, cfg: Config, total_steps: int):
     """Wrap ``model`` in a DeepSpeed engine with Adam(W), the lr schedule and clipping (or, with
-    ``engine.kind=ddp``, in the plain-DDP twin below).
+    ``engine.kind=ddp``, in the plain-DDP twin below). Rank 0 writes the DeepSpeed config it
+    used, resolved, to the run directory (``deepspeed_config.json``).
 
-    A torch optimizer is passed in (not DeepSpeed's fused ones, which need compiled ops).
+    A torch optimizer is passed in (not DeepSpeed's fused ones, which need compiled ops) unless
+    the user's DeepSpeed config names an optimizer or offloads one: then DeepSpeed builds it.
     """
     if cfg.engine.kind == "ddp":
         return DDPEngine(model, cfg, total_steps)
     import deepspeed  # imported late: the accelerator must be chosen first (distributed.device)
 
+    ds_config = deepspeed_config(cfg, world_size())
+    if rank() == 0:
+        run_dir = Path(cfg.run.output_dir) / cfg.run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, total_steps))
+    schedule = lr_lambda(cfg.optim, total_steps)
+    optimizer = scheduler = None
+    if "optimizer" in ds_config:
+
+        def scheduler(opt):  # DeepSpeed calls it with the optimizer it built
+            return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     preload_jit_ops()
     engine, _, _, _ = deepspeed.initialize(
         model=model,
+        model_parameters=params,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg),
+        config=ds_config,
         dist_init_required=False,
     )
     keep_grad_norm(engine)

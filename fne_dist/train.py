@@ -133,6 +133,10 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
             f"memory.size={cfg.memory.size} is smaller than the global batch "
             f"({cfg.train.batch_size} × {world} ranks): one step would overwrite itself"
         )
+    if cfg.engine.kind == "deepspeed" and cfg.engine.deepspeed_config is not None:
+        from .engine import deepspeed_config
+
+        deepspeed_config(cfg, world)  # the user's file read and merged now: one line if not
     env = os.environ if environ is None else environ
     if launcher == "inplace" and world > 1:
         rendezvous(rank_env(env), env)  # none for a multi-process launch: one line, now
