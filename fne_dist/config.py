@@ -151,6 +151,15 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = setting(32, "local batch per rank (reference 32)", ge=2, le=65_536)
+    # The global batch sets the loss (its negatives) and the memory's enqueue size; stating it
+    # lets a resume on another world size keep both by deriving the per-rank batch.
+    global_batch_size: int | None = setting(
+        None,
+        "global batch over all ranks (replaces batch_size: batch_size = it / world size, so a "
+        "resume on another world size keeps the global batch)",
+        ge=2,
+        le=16_777_216,
+    )
     epochs: float = setting(
         25.0, "passes over the training split (reference 25)", gt=0.0, le=10_000.0
     )
@@ -170,6 +179,11 @@ class TrainConfig:
     eval_every: int = setting(0, "evaluate on val every N optimizer steps (0: at the end)", ge=0)
     log_every: int = setting(50, "log a progress line every N steps when not on a terminal", ge=1)
     profile_phases: bool = setting(False, "time each phase of the step (metrics.json)")
+    log_sample_ids: bool = setting(
+        False,
+        "write each step's sample ids and loss per rank to <run dir>/sample_ids-rank<r>.jsonl "
+        "(a host sync per step)",
+    )
 
 
 @dataclass
@@ -193,6 +207,11 @@ class CheckpointConfig:
     keep_last: int = setting(3, "keep the newest K checkpoints (0: keep all)", ge=0)
     resume: str | None = setting(
         None, "resume from 'latest' (newest valid checkpoint in checkpoint.dir) or a path"
+    )
+    allow_batch_change: bool = setting(
+        False,
+        "resume on another world size even if the global batch changes (without "
+        "train.global_batch_size it does): the rest of the interrupted epoch is dropped",
     )
     stop_grace_s: float = setting(
         30.0,
@@ -691,6 +710,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for override in overrides or []:
         apply_override(data, override)
     return config_from_dict(data)
+
+
+def resolve_batch(cfg: Config, world: int) -> Config:
+    """``train.global_batch_size`` as this world size's per-rank ``train.batch_size`` (one
+    ConfigError line when the world size does not divide it)."""
+    g = cfg.train.global_batch_size
+    if g is None:
+        return cfg
+    if g % world or g // world < 2:
+        raise ConfigError(
+            f"train.global_batch_size={g} cannot be split over {world} ranks (each needs a "
+            f"whole batch of at least 2): use a multiple of {world}"
+        )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=g // world))
 
 
 def config_text(cfg: Config) -> str:
