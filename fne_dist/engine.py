@@ -310,29 +310,54 @@ def load_full_state(
     )
     with modify:  # ZeRO-3: rank 0's whole weights are partitioned out when it closes
         engine.module.load_state_dict(weights)
-    base = engine.optimizer.optimizer
+    opt = engine.optimizer
+    base = opt.optimizer
+    # the fp32 partitions AdamW steps; ZeRO-3 lends them to its param_groups only in a step
+    flats = getattr(opt, "fp32_partitioned_groups_flat", None) or [
+        flat for group in base.param_groups for flat in group["params"]
+    ]
     step = torch.tensor(float(meta["step"]))
-    for group in base.param_groups:  # the flat partitions; AdamW creates its state lazily
-        for flat in group["params"]:
-            state = base.state[flat]
-            for key in ADAM_KEYS:
-                state.setdefault(key, torch.zeros_like(flat))
-            state["step"] = step.clone()
-    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    for flat in flats:  # AdamW creates its state lazily, at the first step
+        state = base.state[flat]
+        for key in ADAM_KEYS:
+            state.setdefault(key, torch.zeros_like(flat))
+        state["step"] = step.clone()
+    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:
         # ZeRO 1-2 map each parameter to its slice of the partition's state once, at the
         # first step; the state created here must be mapped now, before it is set
-        engine.optimizer._hp_optimizer_states_linked = False
+        opt._hp_optimizer_states_linked = False
         link()
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
-        safe_set_full_fp32_param(p, tensors[f"fp32/{name}"].to(p.device))
-        for key in ADAM_KEYS:
-            safe_set_full_optimizer_state(p, tensors[f"{key}/{name}"].to(p.device), key)
+        for key in (None, *ADAM_KEYS):
+            value = tensors[f"{key or 'fp32'}/{name}"].to(p.device)
+            if hasattr(p, "ds_id"):
+                _set_zero3_partition(opt, p, value, key)
+            elif key is None:
+                safe_set_full_fp32_param(p, value)
+            else:
+                safe_set_full_optimizer_state(p, value, key)
     engine.lr_scheduler.load_state_dict(dict(meta["scheduler"]))
     for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
     engine.global_steps = meta["global_steps"]
     engine.global_samples = meta["global_samples"]
     engine.skipped_steps = meta["skipped_steps"]
+
+
+def _set_zero3_partition(opt, param, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of ``value`` (whole) into ZeRO-3's fp32 partition of ``param`` (the
+    master weights, or the optimizer state ``key``). DeepSpeed's own setter reads past the
+    end of the whole tensor for the ranks whose partition is padding: the padding stays 0."""
+    part, _ = opt._get_fp32_opt_state_partition(
+        param, release_swap_buffers=False, optim_state_key=key
+    )
+    n = part.numel()
+    start = n * opt._get_param_partition_rank(param)
+    flat = value.flatten().to(part.dtype)
+    chunk = torch.zeros(n, dtype=part.dtype, device=part.device)
+    k = max(0, min(n, flat.numel() - start))
+    chunk[:k] = flat[start : start + k]
+    part.data.copy_(chunk)
