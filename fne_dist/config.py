@@ -242,6 +242,13 @@ class DistConfig:
         ge=0,
         le=1000,
     )
+    min_workers: int = setting(
+        0,
+        "Ray: go on with as few as this many workers after losing some, and grow back to "
+        "dist.workers when Ray can (0: always dist.workers); needs train.global_batch_size",
+        ge=0,
+        le=65_536,
+    )
     rendezvous_timeout_s: float = setting(
         600.0,
         "how long ranks wait for each other at start-up (process-group rendezvous)",
@@ -724,6 +731,31 @@ def resolve_batch(cfg: Config, world: int) -> Config:
             f"whole batch of at least 2): use a multiple of {world}"
         )
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=g // world))
+
+
+def check_world_range(cfg: Config, low: int, high: int) -> None:
+    """A run that may resume on any world size in [low, high] (Ray's elastic worker group):
+    every one must keep the global batch; one ConfigError line otherwise."""
+    key = "dist.min_workers"
+    if low > high:
+        raise ConfigError(f"{key}={low} is more than dist.workers={high}")
+    if low == high:
+        return
+    if cfg.train.global_batch_size is None:
+        if cfg.checkpoint.allow_batch_change:
+            return
+        raise ConfigError(
+            f"{key}={low} lets the worker group shrink, which changes the global batch of a "
+            "per-rank train.batch_size: set train.global_batch_size (or "
+            "checkpoint.allow_batch_change=true)"
+        )
+    bad = [w for w in range(low, high + 1) if cfg.train.global_batch_size % w]
+    if bad:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} cannot be split over "
+            f"{', '.join(map(str, bad))} ranks, which {key}={low}..dist.workers={high} allows: "
+            "use a multiple of every size in that range"
+        )
 
 
 def config_text(cfg: Config) -> str:
