@@ -262,9 +262,11 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def partitioned_optimizer(engine) -> bool:
-    """Whether the optimizer state is split over the ranks (ZeRO 1-3): its engine files then
-    fit only the world size that wrote them."""
-    return engine.zero_optimization_stage() > 0
+    """Whether the optimizer state is split over the ranks (ZeRO 1-3, and DeepSpeed's bf16
+    optimizer at ZeRO-0, which partitions its fp32 master weights like ZeRO-1): its engine
+    files then fit only the world size that wrote them."""
+    bf16 = getattr(engine, "bfloat16_enabled", lambda: False)()
+    return engine.zero_optimization_stage() > 0 or bool(bf16)
 
 
 def full_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -157,3 +157,19 @@ def test_new_ranks_take_the_old_plan_or_the_next_epoch(tmp_path: Path) -> None:
     assert dropped.counters["stale"] == [1.0, 2.0]
     assert "dropped (18 samples)" in dropped.note
     json.dumps(state.data_position)  # what the next checkpoint writes
+
+
+def test_a_ray_worker_range_needs_a_global_batch_every_size_divides() -> None:
+    """Invariant: dist.min_workers hands Ray the range (min, workers) only when every world size
+    in it keeps the global batch; otherwise one ConfigError line at launch, naming the sizes."""
+    from fne_dist.config import check_world_range
+    from fne_dist.distributed.ray_launcher import worker_range
+
+    ok = load_config(None, ["dist.workers=4", "dist.min_workers=2", "train.global_batch_size=12"])
+    check_world_range(ok, 2, 4)
+    assert worker_range(ok) == (2, 4)
+    assert worker_range(load_config(None, ["dist.workers=4"])) == 4
+    with pytest.raises(ConfigError, match="cannot be split over 5 ranks"):
+        check_world_range(load_config(None, ["train.global_batch_size=12"]), 2, 6)
+    with pytest.raises(ConfigError, match="set train.global_batch_size"):
+        check_world_range(load_config(None, []), 1, 2)
