@@ -282,8 +282,11 @@ def full_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any
             continue
         tensors[f"fp32/{name}"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
         for key in ADAM_KEYS:
-            full = safe_get_full_optimizer_state(p, key)
-            tensors[f"{key}/{name}"] = full.detach().float().cpu().clone()
+            try:
+                full = safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+            except (KeyError, ValueError):  # no optimizer step yet (all skipped): AdamW's zeros
+                full = torch.zeros_like(tensors[f"fp32/{name}"])
+            tensors[f"{key}/{name}"] = full
     base = engine.optimizer.optimizer  # the torch AdamW over the partitions
     steps = [float(s["step"]) for s in base.state.values() if "step" in s]
     meta = {
