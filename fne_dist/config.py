@@ -449,6 +449,11 @@ def check_run_name(name: str) -> None:
 
 
 # ---- validation: pydantic models generated from the dataclasses' metadata ----------------
+# Why generated models and not pydantic.TypeAdapter(Config) over the dataclasses themselves
+# (tried with pydantic 2.14): a strict TypeAdapter accepts only dataclass instances, not the
+# loaded mapping (error "dataclass_exact_type"); without it, strictness has to be set per field
+# in the metadata, where pydantic refuses it on Literal fields and does not carry it into list
+# items (["1", "2"] for a list[int] would be coerced to [1, 2]). A generated model checks both.
 
 _STRICT = pydantic.ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 _BOUNDS = ("ge", "gt", "le", "lt")

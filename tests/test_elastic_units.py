@@ -171,5 +171,5 @@ def test_a_ray_worker_range_needs_a_global_batch_every_size_divides() -> None:
     assert worker_range(load_config(None, ["dist.workers=4"])) == 4
     with pytest.raises(ConfigError, match="cannot be split over 5 ranks"):
         check_world_range(load_config(None, ["train.global_batch_size=12"]), 2, 6)
-    with pytest.raises(ConfigError, match="set train.global_batch_size"):
+    with pytest.raises(ConfigError, match=r"set train\.global_batch_size"):
         check_world_range(load_config(None, []), 1, 2)
