@@ -120,7 +120,14 @@ class Checkpointer:
             return None
         meta = validate(directory)
         check_resume_config(directory, self.cfg, meta.get("data"))  # before any state loads
-        saved = load_run_checkpoint(directory, meta, self.target.layout, self.parts, self.rank)
+        allow = self.cfg.checkpoint.allow_batch_change
+        layout = self.target.layout
+        saved = load_run_checkpoint(directory, meta, layout, self.parts, self.rank, allow)
+        if saved.note is not None:
+            say(
+                f"resuming on {self.world} rank(s) × {layout['batch_size']} a checkpoint of "
+                f"{meta['world_size']} rank(s) × {meta['batch_size']}: {saved.note}"
+            )
         return Restored(directory, saved)
 
     # -------------------------------------------------------------------------------- save
@@ -171,6 +178,9 @@ class Checkpointer:
         is_main = self.rank == 0
         global_batch = self.cfg.train.batch_size * self.world
         saved = state.to_rank_state(global_batch, is_main)
+        replay = (saved.data_position or {}).get("replay")
+        if replay is not None:  # every rank is replaying the same epoch: all take part
+            replay["positions"] = merged_replay(dist_ops.all_gather_json(replay))
         path = save_run_checkpoint(self.target, self.parts, saved)
         state.saved_at, state.checkpoint_s = state.opt_step, time.perf_counter() - t0
         self.launcher.register(path, state.opt_step, is_main)
@@ -226,6 +236,16 @@ def resume_source(
         parent, name = spec.rstrip("/").rsplit("/", 1)
         return download(parent, name, local_root)
     return Path(spec)
+
+
+def merged_replay(replays: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every old rank's data position in an epoch replayed on another world size, each from
+    a rank that reads it (the ``reads`` of every rank's replay cover every old rank)."""
+    positions = list(replays[0]["positions"])
+    for replay in replays:
+        for q in replay["reads"]:
+            positions[q] = replay["positions"][q]
+    return positions
 
 
 def _any_checkpoint(root: str) -> bool:

@@ -151,6 +151,15 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = setting(32, "local batch per rank (reference 32)", ge=2, le=65_536)
+    # The global batch sets the loss (its negatives) and the memory's enqueue size; stating it
+    # lets a resume on another world size keep both by deriving the per-rank batch.
+    global_batch_size: int | None = setting(
+        None,
+        "global batch over all ranks (replaces batch_size: batch_size = it / world size, so a "
+        "resume on another world size keeps the global batch)",
+        ge=2,
+        le=16_777_216,
+    )
     epochs: float = setting(
         25.0, "passes over the training split (reference 25)", gt=0.0, le=10_000.0
     )
@@ -170,6 +179,11 @@ class TrainConfig:
     eval_every: int = setting(0, "evaluate on val every N optimizer steps (0: at the end)", ge=0)
     log_every: int = setting(50, "log a progress line every N steps when not on a terminal", ge=1)
     profile_phases: bool = setting(False, "time each phase of the step (metrics.json)")
+    log_sample_ids: bool = setting(
+        False,
+        "write each step's sample ids and loss per rank to <run dir>/sample_ids-rank<r>.jsonl "
+        "(a host sync per step)",
+    )
 
 
 @dataclass
@@ -201,6 +215,11 @@ class CheckpointConfig:
     resume: str | None = setting(
         None, "resume from 'latest' (newest valid checkpoint in checkpoint.dir) or a path"
     )
+    allow_batch_change: bool = setting(
+        False,
+        "resume on another world size even if the global batch changes (without "
+        "train.global_batch_size it does): the rest of the interrupted epoch is dropped",
+    )
     stop_grace_s: float = setting(
         30.0,
         "seconds between SIGTERM and SIGKILL (Slurm's KillWait): on SIGTERM/SIGINT a due "
@@ -229,6 +248,13 @@ class DistConfig:
         "Ray: restart the worker group from the latest checkpoint this many times",
         ge=0,
         le=1000,
+    )
+    min_workers: int = setting(
+        0,
+        "Ray: go on with as few as this many workers after losing some, and grow back to "
+        "dist.workers when Ray can (0: always dist.workers); needs train.global_batch_size",
+        ge=0,
+        le=65_536,
     )
     rendezvous_timeout_s: float = setting(
         600.0,
@@ -769,6 +795,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for override in overrides or []:
         apply_override(data, override)
     return config_from_dict(data)
+
+
+def resolve_batch(cfg: Config, world: int) -> Config:
+    """``train.global_batch_size`` as this world size's per-rank ``train.batch_size`` (one
+    ConfigError line when the world size does not divide it)."""
+    g = cfg.train.global_batch_size
+    if g is None:
+        return cfg
+    if g % world or g // world < 2:
+        raise ConfigError(
+            f"train.global_batch_size={g} cannot be split over {world} ranks (each needs a "
+            f"whole batch of at least 2): use a multiple of {world}"
+        )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=g // world))
+
+
+def check_world_range(cfg: Config, low: int, high: int) -> None:
+    """A run that may resume on any world size in [low, high] (Ray's elastic worker group):
+    every one must keep the global batch; one ConfigError line otherwise."""
+    key = "dist.min_workers"
+    if low > high:
+        raise ConfigError(f"{key}={low} is more than dist.workers={high}")
+    if low == high:
+        return
+    if cfg.train.global_batch_size is None:
+        if cfg.checkpoint.allow_batch_change:
+            return
+        raise ConfigError(
+            f"{key}={low} lets the worker group shrink, which changes the global batch of a "
+            "per-rank train.batch_size: set train.global_batch_size (or "
+            "checkpoint.allow_batch_change=true)"
+        )
+    bad = [w for w in range(low, high + 1) if cfg.train.global_batch_size % w]
+    if bad:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} cannot be split over "
+            f"{', '.join(map(str, bad))} ranks, which {key}={low}..dist.workers={high} allows: "
+            "use a multiple of every size in that range"
+        )
 
 
 def config_text(cfg: Config) -> str:

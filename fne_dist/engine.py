@@ -375,3 +375,114 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
             k: v.detach().float().cpu().clone().contiguous()
             for k, v in engine.module.state_dict().items()
         }
+
+
+# Adam(W)'s per-parameter state, whole: what a resume on another world size re-partitions.
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def partitioned_optimizer(engine) -> bool:
+    """Whether the optimizer state is split over the ranks (ZeRO 1-3, and DeepSpeed's bf16
+    optimizer at ZeRO-0, which partitions its fp32 master weights like ZeRO-1): its engine
+    files then fit only the world size that wrote them."""
+    bf16 = getattr(engine, "bfloat16_enabled", lambda: False)()
+    return engine.zero_optimization_stage() > 0 or bool(bf16)
+
+
+def full_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Under ZeRO 1-3, the optimizer state by parameter name, whole (``fp32/<name>``, the
+    master weights, and ``exp_avg/<name>``, ``exp_avg_sq/<name>``), and as JSON the step, the
+    lr schedule's state and the engine's counters; every rank calls it (DeepSpeed gathers the
+    partitions with collectives). ZeRO-0's and the DDP twin's files hold it whole already."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        tensors[f"fp32/{name}"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+        for key in ADAM_KEYS:
+            try:
+                full = safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()
+            except (KeyError, ValueError):  # no optimizer step yet (all skipped): AdamW's zeros
+                full = torch.zeros_like(tensors[f"fp32/{name}"])
+            tensors[f"{key}/{name}"] = full
+    base = engine.optimizer.optimizer  # the torch AdamW over the partitions
+    steps = [float(s["step"]) for s in base.state.values() if "step" in s]
+    meta = {
+        "step": max(steps) if steps else 0.0,
+        "scheduler": engine.lr_scheduler.state_dict(),  # its lr_lambdas are stored as None
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "skipped_steps": engine.skipped_steps,
+    }
+    return tensors, meta
+
+
+def load_full_state(
+    engine, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    """Put ``full_optimizer_state``'s whole state (and the whole model ``weights``) into an
+    engine of any world size: each rank keeps its own partition of it (every rank calls)."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    params = list(engine.module.parameters())
+    modify = (
+        deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        if engine.zero_optimization_stage() == 3
+        else contextlib.nullcontext()
+    )
+    with modify:  # ZeRO-3: rank 0's whole weights are partitioned out when it closes
+        engine.module.load_state_dict(weights)
+    opt = engine.optimizer
+    base = opt.optimizer
+    # the fp32 partitions AdamW steps; ZeRO-3 lends them to its param_groups only in a step
+    flats = getattr(opt, "fp32_partitioned_groups_flat", None) or [
+        flat for group in base.param_groups for flat in group["params"]
+    ]
+    step = torch.tensor(float(meta["step"]))
+    for flat in flats:  # AdamW creates its state lazily, at the first step
+        state = base.state[flat]
+        for key in ADAM_KEYS:
+            state.setdefault(key, torch.zeros_like(flat))
+        state["step"] = step.clone()
+    link = getattr(opt, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        # ZeRO 1-2 map each parameter to its slice of the partition's state once, at the
+        # first step; the state created here must be mapped now, before it is set
+        opt._hp_optimizer_states_linked = False
+        link()
+    for name, p in engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        for key in (None, *ADAM_KEYS):
+            value = tensors[f"{key or 'fp32'}/{name}"].to(p.device)
+            if hasattr(p, "ds_id"):
+                _set_zero3_partition(opt, p, value, key)
+            elif key is None:
+                safe_set_full_fp32_param(p, value)
+            else:
+                safe_set_full_optimizer_state(p, value, key)
+    engine.lr_scheduler.load_state_dict(dict(meta["scheduler"]))
+    for group, lr in zip(base.param_groups, engine.lr_scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    engine.global_steps = meta["global_steps"]
+    engine.global_samples = meta["global_samples"]
+    engine.skipped_steps = meta["skipped_steps"]
+
+
+def _set_zero3_partition(opt, param, value: torch.Tensor, key: str | None) -> None:
+    """This rank's slice of ``value`` (whole) into ZeRO-3's fp32 partition of ``param`` (the
+    master weights, or the optimizer state ``key``). DeepSpeed's own setter reads past the
+    end of the whole tensor for the ranks whose partition is padding: the padding stays 0."""
+    part, _ = opt._get_fp32_opt_state_partition(
+        param, release_swap_buffers=False, optim_state_key=key
+    )
+    n = part.numel()
+    start = n * opt._get_param_partition_rank(param)
+    flat = value.flatten().to(part.dtype)
+    chunk = torch.zeros(n, dtype=part.dtype, device=part.device)
+    k = max(0, min(n, flat.numel() - start))
+    chunk[:k] = flat[start : start + k]
+    part.data.copy_(chunk)

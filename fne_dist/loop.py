@@ -39,7 +39,7 @@ from .checkpointer import (
     checkpoint_root,
     local_checkpoint_dir,
 )
-from .config import Config, save_config
+from .config import Config, resolve_batch, save_config
 from .data.splits import PairTable
 from .data.stream import TrainStream
 from .distributed.device import backend_for, select_device
@@ -106,6 +106,7 @@ def train(
 
     # 2. process: ranks, device, threads, seeds (identical model init on every rank)
     env, launcher = rank_env(), process_launcher()  # before the group sets RANK & co.
+    cfg = resolve_batch(cfg, env.world_size)  # train.global_batch_size as a per-rank batch
     device = select_device(cfg.engine.device, env.local_rank)
     check_fits(cfg, device, env.world_size, env.local_world_size)  # before anything allocates
     torch.set_num_threads(cfg.run.threads)
@@ -270,11 +271,12 @@ def setup_run(
     for line in launch_warnings(cfg, stream.samples_per_epoch, stream.steps_per_epoch, total_steps):
         fan_out.message(line)
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
-    layout = {  # a checkpoint resumes only with the same values
+    layout = {  # a checkpoint resumes with the same values, or at another world size
         "world_size": world,
         "loader_workers": stream.opts.consumers,
         "batch_size": cfg.train.batch_size,
         "grad_accum": cfg.engine.grad_accum,
+        "steps_per_epoch": stream.steps_per_epoch,  # what a change of global batch drops
     }
     return Run(
         cfg=cfg,
@@ -384,6 +386,16 @@ def resume_or_start(run: Run) -> TrainState:
     return state
 
 
+def log_sample_ids(run: Run, micro: int, epoch: int, ids: torch.Tensor, loss: torch.Tensor) -> None:
+    """One line per micro step in ``sample_ids-rank<r>.jsonl``: which samples this rank
+    trained on and its loss over them (a host sync each step: for checking a data order
+    and comparing runs, not for production), ``repr`` of the float: exact."""
+    doc = {"step": micro + 1, "epoch": epoch, "ids": ids.tolist(), "loss": loss.item()}
+    line = json.dumps(doc)
+    with open(run.run_dir / f"sample_ids-rank{run.rank:05d}.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
 def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict) -> bool:
     """Phases 1-8 of one micro step; True when it ended with an optimizer step."""
     cfg, engine, timer = run.cfg, run.parts.engine, run.timer
@@ -393,6 +405,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
         run.parts.stats.new_epoch()
     state.n_micro += 1
     state.micro, state.position = micro, run.data_log.position
+    ids = batch["ids"]  # the loader's CPU tensor
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     state.warm = state.opt_step < cfg.train.warmup_steps
     # phases 1-5 compute; the statistics' sums and the batch-norm running statistics they
@@ -408,6 +421,8 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
             StepPosition(cfg.run.seed, micro, state.warm),
             timer,
         )
+    if cfg.train.log_sample_ids:
+        log_sample_ids(run, micro, epoch, ids, out.loss)
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss
         out.loss = out.loss + float("nan")
     with timer.phase("finite_check"):  # an all-reduce and a host read

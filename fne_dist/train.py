@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint.format import CheckpointError
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, check_world_range, load_config, resolve_batch
 from .data.sources import DataError
 from .distributed.launch import RendezvousError, rank_env, rendezvous
 from .encoders import EncoderUnavailable
@@ -128,6 +128,9 @@ def check_launch(cfg: Config, launcher: str, environ: dict[str, str] | None = No
     the driver lacks.
     """
     world = {"inplace": rank_env(environ).world_size, "ray": cfg.dist.workers}.get(launcher, 1)
+    cfg = resolve_batch(cfg, world)  # one line now when the world size does not divide it
+    if launcher == "ray" and cfg.dist.min_workers:
+        check_world_range(cfg, cfg.dist.min_workers, cfg.dist.workers)
     if 0 < cfg.memory.size < cfg.train.batch_size * world:
         raise ConfigError(
             f"memory.size={cfg.memory.size} is smaller than the global batch "

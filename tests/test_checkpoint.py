@@ -239,16 +239,23 @@ def test_a_foreign_pickle_in_engine_files_is_refused(straight: Path, tmp_path: P
 
 
 @pytest.mark.timeout(600)  # may build the module's `straight` run first
-def test_resume_with_another_world_size_fails_clearly(straight: Path, tmp_path: Path) -> None:
-    """Invariant: a checkpoint of 1 rank resumed by 2 ranks (torchrun) is refused with a line
-    naming both world sizes, before any step: data positions, per-rank RNG states and ZeRO
-    partitions belong to the saved layout, so continuing would be silently wrong."""
+def test_resume_with_another_global_batch_fails_clearly(straight: Path, tmp_path: Path) -> None:
+    """Invariant: a checkpoint of 1 rank × 16 resumed by 2 ranks × 16 (torchrun, no
+    train.global_batch_size: the global batch, and with it the loss and the memory's enqueue,
+    would double) is refused before any step with one line naming both global batches and the
+    two ways on."""
     run = _torchrun(
-        tmp_path, "other-world", f"checkpoint.resume={straight / 'checkpoints' / 'step-00000008'}"
+        tmp_path,
+        "other-world",
+        f"checkpoint.resume={straight / 'checkpoints' / 'step-00000008'}",
+        "train.batch_size=16",
     )
-    assert run.returncode != 0
+    assert run.returncode != 0  # each rank exits 2; torchrun reports its failed children
     out = run.stdout + run.stderr
-    assert "was written with world_size=1, this run has world_size=2" in out, out[-3000:]
+    lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert lines and all(ln == lines[0] for ln in lines), out[-3000:]  # one line (per rank)
+    assert "global batch of 1 ranks × 16 = 16, this run's is 2 × 16 = 32" in lines[0]
+    assert "train.global_batch_size=16" in lines[0]
     log = tmp_path / "other-world" / "train_log.jsonl"
     assert not log.exists() or not _losses(tmp_path / "other-world")
 

@@ -22,7 +22,14 @@ from safetensors.torch import load_file
 
 from ..distributed import all_gather_json
 from ..distributed.launch import rank_env
-from ..engine import full_weights
+from ..engine import full_weights, partitioned_optimizer
+from .elastic import (
+    check_elastic,
+    elastic_rank_state,
+    load_whole_optimizer,
+    save_whole_optimizer,
+    whole_optimizer,
+)
 from .format import (
     ENGINE_TAG,
     FORMAT,
@@ -105,6 +112,7 @@ def finalize(tmp: Path, final: Path, meta: dict[str, Any], keep_last: int, files
 def _write_parts(target: Target, parts: Parts, state: RankState, tmp: Path) -> None:
     """Every rank writes its files into ``tmp`` (on its own node when not shared)."""
     weights = full_weights(parts.engine)  # a collective under ZeRO-3: before any rank writes
+    whole = whole_optimizer(parts.engine)  # collectives under ZeRO 1-3 (None otherwise)
     if target.local_rank == 0:  # one rank per node: a stale attempt on a node-local disk too
         shutil.rmtree(tmp, ignore_errors=True)
     if target.rank == 0 and target.url is not None:  # an earlier attempt's remote step-N
@@ -119,6 +127,8 @@ def _write_parts(target: Target, parts: Parts, state: RankState, tmp: Path) -> N
         save_tensors(tmp, "memory.safetensors", parts.memory.state_dict())
         save_tensors(tmp, "stats.safetensors", parts.stats.state_dict())
         save_tensors(tmp, "model.safetensors", weights)  # for export: no DeepSpeed needed
+        if whole is not None:  # for a resume on another world size
+            save_whole_optimizer(tmp, whole)
         (tmp / "config.yaml").write_text(target.config_yaml)
     write_rank_files(tmp, target.rank, state)
 
@@ -216,22 +226,58 @@ def check_shared_dir(
         )
 
 
+# What a resume at the same world size must keep (the data positions, per-rank RNG states and
+# ZeRO partitions belong to that layout); at another world size ``check_elastic`` decides.
+LAYOUT_KEYS = ("world_size", "loader_workers", "batch_size", "grad_accum")
+
+
 def load_run_checkpoint(
-    directory: Path, meta: dict[str, Any], expect: dict[str, Any], parts: Parts, rank: int
+    directory: Path,
+    meta: dict[str, Any],
+    expect: dict[str, Any],
+    parts: Parts,
+    rank: int,
+    allow_batch_change: bool = False,
 ) -> RankState:
-    """Restore everything ``save_run_checkpoint`` wrote; ``expect`` holds this run's world size,
-    loader workers, batch size and ZeRO stage, which must match (a different world size would
-    silently mis-assign data positions, RNG states and ZeRO partitions)."""
-    for key, value in expect.items():
-        if meta.get(key) != value:
+    """Restore everything ``save_run_checkpoint`` wrote; ``expect`` is this run's layout
+    (``LAYOUT_KEYS``). At the checkpoint's world size the layout must match and everything is
+    restored exactly; at another one the state is re-planned (``checkpoint.elastic``; the
+    returned state's ``note`` says how the epoch goes on) if the global batch is kept or
+    ``allow_batch_change``."""
+    elastic = "world_size" in expect and meta.get("world_size") != expect["world_size"]
+    keep = True
+    if elastic:
+        keep = check_elastic(directory, meta, expect, allow_batch_change)
+    for key in () if elastic else [k for k in LAYOUT_KEYS if k in expect]:
+        if meta.get(key) != expect[key]:
             raise CheckpointError(
                 f"checkpoint {directory} was written with {key}={meta.get(key)}, this run has "
-                f"{key}={value}: resume with the same setting (data positions, per-rank RNG "
-                f"states and ZeRO partitions belong to that layout), or export its weights "
+                f"{key}={expect[key]}: resume with the same setting (data positions, per-rank "
+                f"RNG states and ZeRO partitions belong to that layout), or export its weights "
                 f"(python -m fne_dist.export) and start a new run from them"
             )
     check_memory_shape(directory, parts.memory.capacity, parts.memory.dim)
     check_engine_files_safe(directory)
+    if elastic and partitioned_optimizer(parts.engine):
+        _fitting(
+            directory,
+            "the whole optimizer state",
+            lambda: load_whole_optimizer(parts.engine, directory),
+        )
+    else:
+        _load_engine(directory, parts)
+    restored = (("momentum", parts.momentum), ("memory", parts.memory), ("stats", parts.stats))
+    for name, part in restored:
+        tensors = load_file(str(directory / f"{name}.safetensors"))
+        _fitting(directory, f"{name}.safetensors", lambda p=part, t=tensors: p.load_state_dict(t))
+    if elastic:
+        return elastic_rank_state(directory, meta, expect, rank, keep)
+    return read_rank_files(directory, rank, meta.get("step"))
+
+
+def _load_engine(directory: Path, parts: Parts) -> None:
+    """DeepSpeed's (or the DDP twin's) own files: partitions of the same world size, or
+    whole state (ZeRO-0, DDP) at any."""
     load_path, _ = _fitting(
         directory,
         "the engine state",
@@ -244,11 +290,6 @@ def load_run_checkpoint(
     )
     if load_path is None:
         raise CheckpointError(f"{directory}: found no engine state under {ENGINE_TAG}/")
-    restored = (("momentum", parts.momentum), ("memory", parts.memory), ("stats", parts.stats))
-    for name, part in restored:
-        tensors = load_file(str(directory / f"{name}.safetensors"))
-        _fitting(directory, f"{name}.safetensors", lambda p=part, t=tensors: p.load_state_dict(t))
-    return read_rank_files(directory, rank, meta.get("step"))
 
 
 def _fitting(directory: Path, what: str, load: Callable[[], Any]) -> Any:

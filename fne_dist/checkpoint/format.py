@@ -160,6 +160,7 @@ class RankState:
 
     counters: dict[str, Any]  # micro, opt_step, epoch, samples_seen, staleness sums, ...
     data_position: dict[str, Any] | None
+    note: str | None = None  # a resume on another world size: how the epoch goes on
 
 
 def write_rank_files(directory: Path, rank: int, state: RankState) -> None:
@@ -180,9 +181,10 @@ def write_rank_files(directory: Path, rank: int, state: RankState) -> None:
     save_file(rng_tensors, str(directory / f"rank-{rank:05d}.safetensors"), metadata=binding)
 
 
-def read_rank_files(directory: Path, rank: int, step: int) -> RankState:
-    """This rank's state at optimizer ``step`` (meta.json's), after checking that both files
-    say they are this rank's at this step; anything else is one CheckpointError line."""
+def read_rank_files(directory: Path, rank: int, step: int, set_rng: bool = True) -> RankState:
+    """Rank ``rank``'s state at optimizer ``step`` (meta.json's), after checking that both files
+    say they are that rank's at this step; anything else is one CheckpointError line. Its RNG
+    states become this process's when ``set_rng``."""
     json_path = directory / f"rank-{rank:05d}.json"
     rng_path = directory / f"rank-{rank:05d}.safetensors"
     try:
@@ -208,7 +210,8 @@ def read_rank_files(directory: Path, rank: int, step: int) -> RankState:
             f"{json_path}: its counters are of step {doc['counters'].get('opt_step')}, not {step}"
         )
     try:
-        set_rng_state(doc["rng"], load_file(str(rng_path)))
+        if set_rng:
+            set_rng_state(doc["rng"], load_file(str(rng_path)))
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
         raise CheckpointError(f"{json_path}: malformed RNG state ({one_line(err)})") from None
     return RankState(doc["counters"], doc.get("data_position"))

@@ -24,6 +24,7 @@ samples can leave a worker short, so the loop agrees on "everyone has a batch" e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections import Counter
@@ -110,15 +111,20 @@ class RankPosition:
     consumers: list[ConsumerPosition]
     shard_order_seed: int = 0
     mode: str = "exact"
+    # the rest of an epoch begun at another world size: that layout's plan, replayed
+    replay: Replay | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "epoch": self.epoch,
             "step": self.step,
             "mode": self.mode,
             "shard_order_seed": self.shard_order_seed,
             "consumers": [c.to_dict() for c in self.consumers],
         }
+        if self.replay is not None:
+            out["replay"] = self.replay.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RankPosition:
@@ -128,7 +134,52 @@ class RankPosition:
             [ConsumerPosition(**c) for c in d["consumers"]],
             int(d.get("shard_order_seed", 0)),
             str(d.get("mode", "exact")),
+            Replay.from_dict(d["replay"]) if d.get("replay") else None,
         )
+
+
+@dataclass
+class Replay:
+    """An epoch begun with another layout (``world`` ranks × ``batch``, ``consumers`` loader
+    workers each) and continued at this run's world size with the same global batch: every
+    rank replays that layout's per-rank streams from ``positions`` (one per old rank) and
+    takes its own slice of each global batch, so the epoch's global batches (their samples
+    and their order) are those of an uninterrupted run; ``reads`` are the old ranks this
+    rank replays (the others' positions are gathered from the ranks that read them)."""
+
+    world: int
+    batch: int
+    consumers: int
+    positions: list[RankPosition]
+    reads: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "world": self.world,
+            "batch": self.batch,
+            "consumers": self.consumers,
+            "positions": [p.to_dict() for p in self.positions],
+            "reads": list(self.reads),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Replay:
+        return cls(
+            int(d["world"]),
+            int(d["batch"]),
+            int(d["consumers"]),
+            [RankPosition.from_dict(p) for p in d["positions"]],
+            [int(q) for q in d.get("reads", [])],
+        )
+
+    def slices(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(old rank, start, stop) of each old rank's batch within global rows [lo, hi)."""
+        out = []
+        for q in range(self.world):
+            a, b = max(lo, q * self.batch), min(hi, (q + 1) * self.batch)
+            if a < b:
+                out.append((q, a - q * self.batch, b - q * self.batch))
+        return out
 
 
 Transform = Callable[[Decoded], dict[str, Any]]
@@ -394,10 +445,13 @@ class TrainStream:
         self, epoch: int, resume: RankPosition | None = None
     ) -> Iterator[tuple[dict[str, torch.Tensor], RankPosition]]:
         """This rank's batches of ``epoch`` in order, each with the position after it."""
-        plan = self.plan(epoch)
         position = resume if resume is not None else self.start_position(epoch)
         if position.epoch != epoch:
             raise ValueError(f"resume position is for epoch {position.epoch}, not {epoch}")
+        if position.replay is not None:
+            yield from self._replay_epoch(position, position.replay)
+            return
+        plan = self.plan(epoch)
         if len(position.consumers) != self.opts.consumers:
             raise DataError(
                 f"the data position has {len(position.consumers)} loader workers per rank, this "
@@ -450,3 +504,98 @@ class TrainStream:
             del loader
         if expected < plan.steps:
             self.counters.dropped += (plan.steps - expected) * o.batch
+
+    def _old_rank_batches(
+        self, replay: Replay, q: int, start: RankPosition
+    ) -> Iterator[dict[str, Any]]:
+        """Old rank ``q``'s batches (lists of transformed samples) from ``start`` on, read in
+        this process in the order its loader's round robin over its consumers gave them."""
+        o = self.opts
+        old = dataclasses.replace(
+            o, rank=q, world=replay.world, batch=replay.batch, workers=replay.consumers
+        )
+        if o.mode == "exact":
+            plan = exact_plan(
+                self.shards.sizes, replay.world, replay.consumers, replay.batch, o.seed, start.epoch
+            )
+        else:
+            plan = resampled_plan(
+                self.samples_per_epoch, replay.world, replay.consumers, replay.batch, start.epoch
+            )
+        readers = [
+            iter(
+                _ConsumerReader(
+                    self.shards,
+                    old,
+                    plan.consumers[q][c],
+                    start.epoch,
+                    start.consumers[c],
+                    self.transform,
+                    list,  # whole samples: this rank collates its own slice of them
+                    self.probabilities,
+                )
+            )
+            for c in range(replay.consumers)
+        ]
+        for j in itertools.count(start.step):
+            if j >= plan.steps:
+                return
+            item = next(readers[j % replay.consumers], None)
+            while item is not None and "end" in item:
+                self.counters.bad.update(item.get("bad", {}))
+                self.counters.dropped += item["dropped"]
+                item = next(readers[j % replay.consumers], None)
+            if item is None:
+                return
+            self.counters.bad.update(item.get("bad", {}))
+            self.counters.shard_errors.update(item.get("shard_errors", {}))
+            yield item
+
+    def _replay_epoch(
+        self, position: RankPosition, replay: Replay
+    ) -> Iterator[tuple[dict[str, torch.Tensor], RankPosition]]:
+        """The rest of an epoch begun with ``replay``'s layout: this rank's rows of each global
+        batch, taken from the old ranks' streams (read here, without loader workers)."""
+        o = self.opts
+        if replay.world * replay.batch != o.world * o.batch:
+            raise DataError(
+                f"the data position replays a global batch of {replay.world}×{replay.batch}, "
+                f"this run's is {o.world}×{o.batch}"
+            )
+        mine = replay.slices(o.rank * o.batch, (o.rank + 1) * o.batch)
+        positions = [RankPosition.from_dict(p.to_dict()) for p in replay.positions]
+        streams = {q: self._old_rank_batches(replay, q, positions[q]) for q, _, _ in mine}
+        self.counters = EpochCounters()
+        step = position.step
+        while True:
+            items: list[dict[str, Any]] = []
+            for q, a, b in mine:
+                item = next(streams[q], None)
+                if item is None:  # the old plan's epoch is over (or a stream came up short)
+                    return
+                c, _ = consumer_of_batch(item["j"], replay.consumers)
+                old = positions[q]
+                old.consumers[c] = ConsumerPosition(**item["position"])
+                positions[q] = RankPosition(
+                    old.epoch, old.step + 1, old.consumers, old.shard_order_seed, old.mode
+                )
+                items.extend(item["batch"][a:b])
+            step += 1
+            after = Replay(
+                replay.world,
+                replay.batch,
+                replay.consumers,
+                [RankPosition.from_dict(p.to_dict()) for p in positions],
+                [q for q, _, _ in mine],
+            )
+            yield (
+                self.collate(items),
+                RankPosition(
+                    position.epoch,
+                    step,
+                    position.consumers,
+                    position.shard_order_seed,
+                    o.mode,
+                    after,
+                ),
+            )

@@ -137,6 +137,12 @@ def _too_few_cpus(cfg: Config, needed: float, available: float) -> str:
     )
 
 
+def worker_range(cfg: Config) -> int | tuple[int, int]:
+    """Ray's ``num_workers``: dist.workers, or (dist.min_workers, dist.workers)."""
+    low = cfg.dist.min_workers
+    return (low, cfg.dist.workers) if 0 < low < cfg.dist.workers else cfg.dist.workers
+
+
 def run_with_ray(cfg: Config) -> dict[str, Any]:
     """Start ``cfg.dist.workers`` Ray Train workers and wait for them; returns final metrics."""
     from ..loop import preflight
@@ -171,7 +177,10 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
         _worker,
         train_loop_config={"config": _absolute(cfg)},
         scaling_config=ScalingConfig(
-            num_workers=cfg.dist.workers,
+            # a range: Ray Train starts with what it can get (at least min_workers), restarts
+            # a failed group with the workers still there, and grows it back when it can;
+            # each start resumes from the latest checkpoint on its world size
+            num_workers=worker_range(cfg),
             use_gpu=cfg.dist.use_gpu,
             resources_per_worker={"CPU": cfg.dist.cpus_per_worker},
         ),

@@ -1,0 +1,183 @@
+"""A checkpoint of 2 ranks resumed on 1 and on 3 (torchrun, `python -m fne_dist.train`), with
+the global batch kept by ``train.global_batch_size``.
+
+One 2-rank run per engine (module-scoped) is resumed from its step-4 checkpoint twice; the
+tests share the three runs. Tiny synthetic shards (42 pairs: 7 steps of 6 per epoch), frozen
+towers (cached features: no batch norm over a rank's batch, which would tie the loss to the
+split), FNE statistics over the gathered batch (``fne.stats_scope=global``: the per-rank
+mutual-top-1 rule sees a rank's block, another block on another split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .shard_factory import write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+# CI time: ZeRO-3 (parameters, gradients and optimizer state partitioned: the most a resume on
+# another world size re-partitions); ZeRO-0 (whole state in DeepSpeed's own files) and ZeRO-2
+# with FNE_ALL_ENGINES=1.
+ENGINES = (
+    ["engine.zero_stage=0", "engine.zero_stage=2", "engine.zero_stage=3"]
+    if os.environ.get("FNE_ALL_ENGINES") == "1"
+    else ["engine.zero_stage=3"]
+)
+# Relative tolerance of a resumed step's global loss against the uninterrupted run's. The
+# global batches hold the same samples in the same order, so the loss is the same function of
+# the same state; only the split differs: each rank's mean over its rows, averaged over the
+# ranks, and the gradients' all-reduce, sum in another order than one rank's batch, which
+# moves fp32 results by a few ulps (~1e-7 relative; measured ≤ 3e-7 over 6 steps and three
+# engines). 1e-5 leaves 30× for Adam to carry that through the resumed steps and stays far
+# below what a wrong sample, a reset optimizer or a lost memory moves (≥ 1e-3 here).
+RTOL = 1e-5
+STEPS = 7  # one epoch: steps 5..7 continue the epoch the checkpoint interrupted
+
+
+def _env() -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _train(tmp: Path, ranks: int, name: str, *overrides: str) -> subprocess.CompletedProcess:
+    from fne_dist.distributed.launch import free_port
+
+    data = f"{tmp / 'data'}/*.tar"
+    launch = (
+        [sys.executable, "-m", "fne_dist.train"]
+        if ranks == 1
+        else [
+            str(Path(sys.executable).parent / "torchrun"),
+            f"--nproc_per_node={ranks}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            "-m",
+            "fne_dist.train",
+        ]
+    )
+    args = [
+        "--config",
+        str(TINY),
+        f"run.output_dir={tmp}",
+        f"run.name={name}",
+        f"data.cache_dir={tmp / 'cache'}",
+        f"data.train={data}",
+        f"data.val={data}",
+        f"data.test={data}",
+        "run.threads=1",
+        "model.image.frozen=true",
+        "model.text.frozen=true",
+        "memory.size=20",
+        "fne.stats_scope=global",
+        "train.global_batch_size=6",
+        "train.epochs=1",
+        "train.log_every=1",
+        "train.log_sample_ids=true",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=0",
+        *overrides,
+    ]
+    return subprocess.run(
+        launch + args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400
+    )
+
+
+def _ok(run: subprocess.CompletedProcess) -> str:
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The engine's uninterrupted 2-rank run and its step-4 checkpoint resumed on 1 and on 3
+    ranks (``logs``: each resumed run's output)."""
+    engine = request.param
+    tmp = tmp_path_factory.mktemp("elastic")
+    write_dataset(tmp / "data", [17, 11, 14])  # 42 pairs: 7 global batches of 6
+    _ok(_train(tmp, 2, "two", engine))
+    step4 = tmp / "two" / "checkpoints" / "step-00000004"
+    logs = {n: _ok(_train(tmp, n, f"on{n}", engine, f"checkpoint.resume={step4}")) for n in (1, 3)}
+    return {"tmp": tmp, "logs": logs, "engine": engine}
+
+
+def _steps(run_dir: Path) -> dict[int, tuple[float, list[int]]]:
+    """step → (global loss: the ranks' mean of their equal-sized batches' means, the global
+    batch's sample ids in rank order), from every rank's sample_ids log."""
+    rows: dict[int, list[dict]] = {}
+    for path in sorted(run_dir.glob("sample_ids-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault(row["step"], []).append(row)
+    return {
+        s: (sum(r["loss"] for r in rs) / len(rs), [i for r in rs for i in r["ids"]])
+        for s, rs in rows.items()
+    }
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_resume_on_another_world_size_repeats_the_uninterrupted_steps(
+    runs: dict, ranks: int
+) -> None:
+    """Invariant: a 2-rank checkpoint (mid-epoch) resumed on 1 or 3 ranks with the global batch
+    kept trains steps 5..7 on the uninterrupted run's global batches (the same sample ids in
+    the same order) with the same losses within RTOL (model, optimizer state, lr schedule,
+    momentum encoders, memory and statistics all carried over), and says how it resumed."""
+    tmp = runs["tmp"]
+    straight, resumed = _steps(tmp / "two"), _steps(tmp / f"on{ranks}")
+    assert sorted(resumed) == [5, 6, 7]
+    for s in resumed:
+        assert resumed[s][1] == straight[s][1], s
+        assert resumed[s][0] == pytest.approx(straight[s][0], rel=RTOL), s
+    line = f"resuming on {ranks} rank(s) × {6 // ranks} a checkpoint of 2 rank(s) × 3"
+    assert line in runs["logs"][ranks]
+    assert "follows the 2-rank data plan" in runs["logs"][ranks]
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_no_sample_of_the_epoch_is_seen_twice(runs: dict, ranks: int) -> None:
+    """Invariant: the epoch trained by 2 ranks up to the checkpoint and by the new world after
+    it covers the plan's samples once each (42 pairs, 7 × 6, none dropped)."""
+    tmp = runs["tmp"]
+    before = [i for s, (_, ids) in _steps(tmp / "two").items() if s <= 4 for i in ids]
+    after = [i for _, ids in _steps(tmp / f"on{ranks}").values() for i in ids]
+    assert len(before + after) == len(set(before + after)) == 42
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_memory_statistics_and_weights_match_the_uninterrupted_run(runs: dict, ranks: int) -> None:
+    """Invariant: at the end of the epoch (step 7) the resumed run's memory (ids and write
+    order exactly, embeddings within tolerance), FNE statistics, momentum encoders and
+    weights equal the uninterrupted run's: what the checkpoint held was carried over, not
+    re-initialised."""
+    tmp = runs["tmp"]
+    a_dir = tmp / "two" / "checkpoints" / "step-00000007"
+    b_dir = tmp / f"on{ranks}" / "checkpoints" / "step-00000007"
+    for name in ("memory", "stats", "momentum", "model"):
+        a = load_file(str(a_dir / f"{name}.safetensors"))
+        b = load_file(str(b_dir / f"{name}.safetensors"))
+        assert a.keys() == b.keys(), name
+        for k in a:
+            exact = not a[k].is_floating_point()
+            tol = {"rtol": 0, "atol": 0} if exact else {"rtol": RTOL, "atol": 1e-6}
+            torch.testing.assert_close(b[k], a[k], equal_nan=True, msg=f"{name}/{k}", **tol)
