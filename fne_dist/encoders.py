@@ -158,6 +158,14 @@ class SquareImage:
         return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def _weight_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
+    """The dtype of ``module``'s first floating parameter (``default`` when it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return default
+
+
 class ImageBackbone(nn.Module):
     """Pixels in [0, 255] (uint8 or float, B×3×S×S) → B×F float features.
 
@@ -205,9 +213,11 @@ class ImageBackbone(nn.Module):
     def forward(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         if pixels_BCHW.ndim != 4 or pixels_BCHW.shape[1] != 3:
             raise ValueError(f"expected pixels B×3×H×W, got shape {tuple(pixels_BCHW.shape)}")
-        # The buffers follow .to(dtype), so bf16 models get bf16 inputs.
-        x_BCHW = pixels_BCHW.to(self.mean_1C11.dtype)
-        x_BCHW = (x_BCHW - self.mean_1C11) / self.std_1C11
+        # Inputs take the weights' dtype: DeepSpeed's bf16/fp16 engines convert the parameters
+        # but not these non-persistent buffers, and a conv refuses fp32 input on bf16 weights.
+        dtype = _weight_dtype(self, self.mean_1C11.dtype)
+        x_BCHW = pixels_BCHW.to(dtype)
+        x_BCHW = (x_BCHW - self.mean_1C11.to(dtype)) / self.std_1C11.to(dtype)
         if self.channels_last:
             x_BCHW = x_BCHW.contiguous(memory_format=torch.channels_last)
         return self.features(x_BCHW)

@@ -42,6 +42,13 @@ class ProjectionHead(nn.Module):
         return self.net(feat_BF)
 
 
+def _project(head: nn.Module, feat_BF: Tensor) -> Tensor:
+    """``head`` applied in its weights' dtype (bf16 under a bf16 engine), returned in fp32: the
+    embeddings meet the fp32 memory and the loss, which stay fp32 at every precision."""
+    dtype = next(head.parameters()).dtype
+    return head(feat_BF.to(dtype)).float()
+
+
 class DualEncoder(nn.Module):
     """Image and text towers → L2-normalised D-dim embeddings; owns infonce's temperature.
 
@@ -72,14 +79,14 @@ class DualEncoder(nn.Module):
             feat_BF = batch["img_feat"]
         else:
             feat_BF = self.image_backbone(batch["pixels"])
-        return F.normalize(self.image_head(feat_BF.float()), dim=-1)
+        return F.normalize(_project(self.image_head, feat_BF), dim=-1)
 
     def encode_text(self, batch: dict[str, Tensor]) -> Tensor:
         if self.text_backbone is None:
             feat_BF = batch["txt_feat"]
         else:
             feat_BF = self.text_backbone(batch["input_ids"], batch["attention_mask"])
-        return F.normalize(self.text_head(feat_BF.float()), dim=-1)
+        return F.normalize(_project(self.text_head, feat_BF), dim=-1)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(image embeddings B×D, text embeddings B×D, temperature). The temperature leaves
