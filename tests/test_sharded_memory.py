@@ -1,0 +1,269 @@
+"""A memory sharded across W ranks samples exactly what one rank with the whole memory samples
+(docs/sharded-memory.md): W real gloo ranks, as threads of this process, against the
+whole-memory sampler (``fne.loss``) on the same global batch and uniforms, in float64.
+
+The problem: W·B anchors, K = 37 memory slots (not a multiple of W) holding ids of the batch's
+anchors on the *other* ranks' shards (masked entries elsewhere), repeated ids, two identical
+candidates on either side of a shard boundary (the tie rule of the fallback), and regimes in
+which the windows are empty (the fallback, and rows without a violator).
+
+Every embedding is a multiple of 2⁻⁶ (``_dyadic``), so every dot product is exact whatever
+order a BLAS kernel sums it in: the similarities are then the same bits for any matrix shape,
+and the test sees the sampler's own arithmetic only. (With arbitrary floats, MKL's float64
+matmul gives different last bits for different shapes; docs/sharded-memory.md.)
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fne_dist.distributed.sharded import GlooComm, ShardStep, sharded_selection
+from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, stats_of
+from fne_dist.fne.detection import COLUMNS
+from fne_dist.fne.loss import _select
+from fne_dist.fne.posteriors import CandidateSample, posterior_for
+from fne_dist.fne.sampling import step_uniforms
+from fne_dist.memory import MomentumMemory, ShardRange
+
+F64 = torch.float64
+B, D, K, SEED = 4, 16, 37, 7
+RULES = {"fne": "fne", "window": "window", "vse_pp": "hardest"}
+
+
+def _dyadic(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to multiples of 2⁻⁶: dot products of 16 of them are exact in float32/64."""
+    return torch.round(x * 64) / 64
+
+
+def _problem(world: int, seed: int = 0):
+    """The global batch (online anchors, momentum block, ids, groups) and the memory's writes."""
+    gen = torch.Generator().manual_seed(seed)
+    G = world * B
+    m_img = F.normalize(torch.randn(G, D, generator=gen, dtype=F64), dim=1)
+    m_txt = F.normalize(m_img + 0.6 * torch.randn(G, D, generator=gen, dtype=F64), dim=1)
+    img = F.normalize(m_img + 0.3 * torch.randn(G, D, generator=gen, dtype=F64), dim=1)
+    txt = F.normalize(m_txt + 0.3 * torch.randn(G, D, generator=gen, dtype=F64), dim=1)
+    ids = torch.arange(G) * 10
+    ids[1] = ids[0]  # two captions of one image in the batch
+    groups = ids // 20
+    groups[3] = -1  # unlabelled
+    # 30 writes: near-copies of the batch (ids of every rank's anchors, so masked entries live
+    # on every shard), fresh ids, and two identical rows either side of the boundary
+    n = 30
+    src = torch.randint(0, G, (n,), generator=gen)
+    w_img = F.normalize(m_img[src] + 0.4 * torch.randn(n, D, generator=gen, dtype=F64), dim=1)
+    w_txt = F.normalize(m_txt[src] + 0.4 * torch.randn(n, D, generator=gen, dtype=F64), dim=1)
+    w_ids = torch.where(torch.rand(n, generator=gen) < 0.4, ids[src], 1000 + torch.arange(n))
+    w_groups = torch.where(w_ids < 1000, w_ids // 20, torch.randint(0, 3, (n,), generator=gen))
+    img, txt, m_img, m_txt, w_img, w_txt = map(_dyadic, (img, txt, m_img, m_txt, w_img, w_txt))
+    # anchor 2 (image→text) has no violator: its pair is the only text with a last coordinate
+    for x in (img, m_txt, w_txt):
+        x[:, -1] = 0.0
+    img[2] = m_txt[2] = F.one_hot(torch.tensor(D - 1), D).to(F64)
+    return dict(
+        online=(img, txt), batch=(m_img, m_txt, ids, groups), writes=(w_img, w_txt, w_ids, w_groups)
+    )
+
+
+def _memory(prob: dict, shard: ShardRange) -> MomentumMemory:
+    mem = MomentumMemory(K, D, seed=SEED, shard=shard, dtype=F64)
+    mem.img_KD, mem.txt_KD = _dyadic(mem.img_KD), _dyadic(mem.txt_KD)
+    mem.txt_KD[:, -1] = 0.0
+    w_img, w_txt, w_ids, w_groups = prob["writes"]
+    mem.enqueue(w_img[:20], w_txt[:20], w_ids[:20], w_groups[:20])
+    # ring slots (20 + i) mod K: make the slots just before and after the 2-rank boundary
+    # (⌊K/2⌋ = 18) identical and the most similar to anchor 0 in both directions
+    tie_img, tie_txt = prob["online"][1][0], prob["online"][0][0]
+    w_img, w_txt = w_img[20:].clone(), w_txt[20:].clone()
+    mem.enqueue(w_img, w_txt, w_ids[20:], w_groups[20:])
+    boundary = K // 2
+    for slot in (boundary - 1, boundary):
+        if shard.lo <= slot < shard.hi:
+            mem.img_KD[slot - shard.lo] = tie_img
+            mem.txt_KD[slot - shard.lo] = tie_txt
+            mem.ids_K[slot - shard.lo] = 5000
+    return mem
+
+
+def _gaussians(regime: str, cfg: FneConfig, prob: dict):
+    """Gaussians whose window holds some candidates (``open``), none (``empty``: every row
+    falls back), or a closed gate; with the posterior of ``cfg`` fitted to a sample."""
+    stats = SimilarityStats()
+    mu_pos = {"open": 0.45, "closed": 0.45, "empty": 2.0}[regime]
+    n_pos = 50 if regime == "closed" else 400
+    gen = torch.Generator().manual_seed(3)
+    stats.add(
+        stats_of(
+            mu_pos + 0.1 * torch.randn(n_pos, generator=gen, dtype=F64),
+            0.1 + 0.15 * torch.randn(2 * n_pos, generator=gen, dtype=F64),
+        )
+    )
+    g = stats.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+    posterior = posterior_for(cfg)
+    totals = torch.zeros(0, dtype=F64)
+    if posterior.samples:
+        img = prob["online"][0]
+        cand = torch.cat([prob["batch"][0], prob["writes"][0]])
+        cols = torch.randint(0, cand.shape[0], (2, img.shape[0], 16), generator=gen)
+        sims = (0.2 + 0.3 * torch.rand(2 * img.shape[0] * 16, generator=gen, dtype=F64)).clamp(
+            -1, 1
+        )
+        sample = CandidateSample(sims, torch.ones_like(sims, dtype=torch.bool), img, cand, cols)
+        totals = posterior.sums(sample)
+    return replace(g, posterior=posterior.fit(g, totals))
+
+
+def _whole(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor):
+    """1 rank, the whole memory, every anchor of the global batch: ``fne.loss``'s selection."""
+    img, txt = prob["online"]
+    m_img, m_txt, ids, groups = prob["batch"]
+    G = img.shape[0]
+    mem = _memory(prob, ShardRange.of(K))
+    cands = Candidates.concat(Candidates(m_img, m_txt, ids, G, groups), mem.candidates())
+    if cfg.loss == "vse_pp" and not cfg.vse_pp_memory:
+        cands = cands.batch_only()
+    a = Anchors(img, txt, ids, torch.arange(G), groups)
+    rule = RULES[cfg.loss]
+    i2t = _select(img, cands.txt_ND, a, cands, cfg, rule, g, u_2Gk[0])
+    t2i = _select(txt, cands.img_ND, a, cands, cfg, rule, g, u_2Gk[1])
+    return (i2t, t2i), cands
+
+
+def _sharded(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor, world: int):
+    """W gloo ranks (threads), each with its shard and its B anchors."""
+    img, txt = prob["online"]
+    m_img, m_txt, ids, groups = prob["batch"]
+    G = img.shape[0]
+    store = dist.HashStore()
+    out: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def rank_main(r: int) -> None:
+        try:
+            comm = GlooComm(dist.PrefixStore("sharded", store), r, world, timeout_s=30)
+            mine = slice(r * B, (r + 1) * B)
+            step = ShardStep(
+                Anchors(img[mine], txt[mine], ids[mine], torch.arange(G)[mine], groups[mine]),
+                Candidates(m_img, m_txt, ids, G, groups),
+                _memory(prob, ShardRange.of(K, r, world)),
+                u_2Gk,
+            )
+            out[r] = sharded_selection(step, cfg, g, RULES[cfg.loss], comm)
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return [out[r] for r in range(world)]
+
+
+def _hinges(anchor_BD, cand_ND, pos_B, picks, margin):
+    """``fne.loss._one_direction``'s sampled hinge per anchor (mean over valid picks)."""
+    neg = torch.einsum("bd,bkd->bk", anchor_BD, cand_ND[picks.index_bk])
+    hinge = torch.relu(margin + neg - pos_B[:, None]) * picks.valid_bk
+    return hinge.sum(1) / picks.valid_bk.sum(1).clamp_min(1)
+
+
+CASES = {
+    "fne, gate open": (dict(), "open"),
+    "fne, k=3": (dict(negatives=3), "open"),
+    "fne, gate closed": (dict(), "closed"),
+    "fne, every window empty (fallback, no violator, tie at the boundary)": (dict(), "empty"),
+    "window": (dict(loss="window"), "open"),
+    "window, k=2, every window empty": (dict(loss="window", negatives=2), "empty"),
+    "vse_pp over the memory": (dict(loss="vse_pp", vse_pp_memory=True), "open"),
+    "fne, fallback scope batch": (dict(fallback_scope="batch"), "empty"),
+    "fne, unflagged fallback": (dict(fallback="unflagged"), "empty"),
+    "fne, oracle group mask": (dict(mask_groups=True), "open"),
+    "fne, no hard cut": (dict(hard_cut=False), "open"),
+    "cross_mixture": (dict(posterior="cross_mixture"), "open"),
+    "intra_mixture, k=2": (dict(posterior="intra_mixture", negatives=2), "open"),
+    "intra_mixture, unflagged, empty": (
+        dict(posterior="intra_mixture", fallback="unflagged"),
+        "empty",
+    ),
+}
+
+
+THREE_RANKS = ("fne, k=3", "fne, every window empty (fallback, no violator, tie at the boundary)",
+               "intra_mixture, k=2")  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "world"), [(c, 2) for c in CASES] + [(c, 3) for c in THREE_RANKS])
+def test_sharded_equals_the_whole_memory(case: str, world: int) -> None:
+    """Invariant: W ranks holding K/W slots each draw, per anchor and direction, the same
+    candidate (global column, similarity, validity), the same fallback / no-violator flags and
+    counts and the same detection sums as 1 rank with the whole memory, and the sampled loss
+    is the same, exactly in float64."""
+    overrides, regime = CASES[case]
+    cfg = FneConfig(**overrides)
+    prob = _problem(world)
+    g = _gaussians(regime, cfg, prob)
+    G = world * B
+    u_2Gk = step_uniforms(SEED, 3, G, cfg.negatives)
+    whole, cands = _whole(prob, cfg, g, u_2Gk)
+    ranks = _sharded(prob, cfg, g, u_2Gk, world)
+    img, txt = prob["online"]
+    for d, anchors in enumerate((img, txt)):
+        want = whole[d]
+        got_cols = torch.cat([r.columns[d] for r in ranks])
+        got = [r.i2t if d == 0 else r.t2i for r in ranks]
+        valid = torch.cat([p.valid_bk for p in got])
+        assert torch.equal(valid, want.valid_bk), case
+        assert torch.equal(got_cols[valid], want.index_bk[valid]), case
+        assert torch.equal(torch.cat([p.sim_bk for p in got])[valid], want.sim_bk[valid]), case
+        assert torch.equal(torch.cat([p.counts_bC for p in got]), want.counts_bC), case
+        detect = torch.cat([p.detect_bF for p in got])
+        assert detect.shape == want.detect_bF.shape
+        if detect.shape[1]:  # every count exact; the Σ P_fn columns are float64 sums per segment
+            exact = [i for i, c in enumerate(COLUMNS) if not c.endswith("_p")]
+            assert torch.equal(detect[:, exact], want.detect_bF[:, exact]), case
+            torch.testing.assert_close(detect, want.detect_bF, rtol=1e-12, atol=1e-12)
+        # the loss: each rank's hinges over its own small block equal the whole memory's
+        cand_whole = cands.txt_ND if d == 0 else cands.img_ND
+        pos = (anchors * cand_whole[torch.arange(G)]).sum(-1)
+        loss_whole = _hinges(anchors, cand_whole, pos, want, cfg.margin)
+        loss_ranks = []
+        for r, (rk, p) in enumerate(zip(ranks, got, strict=True)):
+            mine = slice(r * B, (r + 1) * B)
+            block = rk.candidates.txt_ND if d == 0 else rk.candidates.img_ND
+            loss_ranks.append(_hinges(anchors[mine], block, pos[mine], p, cfg.margin))
+        assert torch.equal(torch.cat(loss_ranks), loss_whole), case
+    empty = sum(
+        float(p.count("fallback").sum() + p.count("no_violator").sum())
+        for r in ranks
+        for p in (r.i2t, r.t2i)
+    )
+    if regime == "empty":
+        assert empty == 2 * world * B  # the case exercises the fallback: every window is empty
+
+
+def test_the_cases_cover_the_edges() -> None:
+    """The problem has what the equivalence must hold through: rows without a violator, masked
+    ids on another rank's shard, and the boundary tie being anchor 0's hardest candidate."""
+    world = 2
+    prob = _problem(world)
+    cfg = FneConfig()
+    g = _gaussians("empty", cfg, prob)
+    (i2t, _), cands = _whole(prob, cfg, g, step_uniforms(SEED, 3, world * B, 1))
+    assert float(i2t.count("no_violator").sum()) > 0
+    assert float(i2t.count("fallback").sum()) > 0
+    G = world * B
+    boundary = G + K // 2
+    assert int(i2t.index_bk[0, 0]) == boundary - 1  # the first of two equal candidates
+    sims = prob["online"][0][0] @ cands.txt_ND.T
+    assert sims[boundary - 1] == sims[boundary]
+    ids = prob["batch"][2]
+    shard1 = cands.ids_N[G + K // 2 :]
+    assert bool(torch.isin(ids[:B], shard1).any())  # rank 0's ids live on rank 1's shard
