@@ -105,6 +105,7 @@ class MomentumMemory:
             raise ValueError(f"memory needs capacity >= 0 and dim > 0, got K={capacity} D={dim}")
         gen = torch.Generator().manual_seed(seed)
         self.capacity, self.dim = capacity, dim
+        self.sharded = shard is not None  # a checkpoint then stores one file per rank
         self.shard = shard or ShardRange.of(capacity)
         n = self.shard.size
         self.img_KD = _unit_rows(gen, capacity, dim, self.shard).to(device=device, dtype=dtype)
@@ -192,3 +193,13 @@ class MomentumMemory:
         self.groups_K.copy_(state["groups"])
         self.seq_K.copy_(state["seq"])
         self.ptr, self.writes = (int(v) for v in state["ptr_writes"].tolist())
+
+
+def build_memory(cfg, device: torch.device | str | None, rank: int, world: int) -> MomentumMemory:
+    """The run's memory (``memory.size`` × ``model.embed_dim``, seeded by ``run.seed``): this
+    rank's shard when ``memory.sharded``, stored in ``memory.dtype``."""
+    shard = ShardRange.of(cfg.memory.size, rank, world) if cfg.memory.sharded else None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.memory.dtype]
+    return MomentumMemory(
+        cfg.memory.size, cfg.model.embed_dim, cfg.run.seed, device, shard=shard, dtype=dtype
+    )

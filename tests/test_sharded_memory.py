@@ -15,6 +15,7 @@ matmul gives different last bits for different shapes; docs/sharded-memory.md.)
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import replace
 
@@ -267,3 +268,87 @@ def test_the_cases_cover_the_edges() -> None:
     ids = prob["batch"][2]
     shard1 = cands.ids_N[G + K // 2 :]
     assert bool(torch.isin(ids[:B], shard1).any())  # rank 0's ids live on rank 1's shard
+
+
+@pytest.mark.parametrize(
+    ("capacity", "dim", "world"), [(37, 16, 2), (37, 7, 3), (5, 3, 8), (300, 33, 4)]
+)
+def test_shards_hold_the_whole_memory_slices(capacity: int, dim: int, world: int) -> None:
+    """Invariant: each rank's shard holds exactly the whole memory's slots [⌊rK/W⌋, ⌊(r+1)K/W⌋)
+    after seeded initialisation (generated in chunks, never whole) and after enqueues that wrap
+    around the ring and cross shard boundaries (G > K included), with the same pointer."""
+    whole = MomentumMemory(capacity, dim, seed=11)
+    shards = [MomentumMemory(capacity, dim, seed=11, shard=ShardRange.of(capacity, r, world))
+              for r in range(world)]  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    for G in (3, capacity - 1, capacity + 5, 2):
+        img, txt = torch.randn(G, dim, generator=gen), torch.randn(G, dim, generator=gen)
+        ids = torch.randint(0, 50, (G,), generator=gen)
+        for m in (whole, *shards):
+            m.enqueue(img, txt, ids, ids // 3)
+        for name in ("img_KD", "txt_KD", "ids_K", "groups_K", "seq_K"):
+            got = torch.cat([getattr(m, name) for m in shards])
+            assert torch.equal(got, getattr(whole, name)), (name, G)
+        assert all(m.ptr == whole.ptr and m.writes == whole.writes for m in shards)
+
+
+def test_memory_init_chunks_consume_the_generator_like_one_tensor(monkeypatch) -> None:
+    """Invariant: a shard generated a chunk at a time (tiny chunks here, D not a multiple of
+    16) holds the whole memory's values, image and text tables alike."""
+    import fne_dist.memory as memory_module
+
+    monkeypatch.setattr(memory_module, "INIT_CHUNK_ELEMENTS", 40)
+    whole = MomentumMemory(101, 5, seed=3)
+    part = MomentumMemory(101, 5, seed=3, shard=ShardRange.of(101, 1, 3))
+    assert torch.equal(part.img_KD, whole.img_KD[33:67])
+    assert torch.equal(part.txt_KD, whole.txt_KD[33:67])
+
+
+def test_bf16_storage_rounds_on_enqueue_and_upcasts_for_scoring() -> None:
+    """Invariant: ``dtype=bfloat16`` stores the rounded embeddings (half the bytes) and the
+    sampler sees them upcast; the sharded and the whole bf16 memories hold the same values."""
+    whole = MomentumMemory(10, 4, seed=1, dtype=torch.bfloat16)
+    half = MomentumMemory(10, 4, seed=1, shard=ShardRange.of(10, 1, 2), dtype=torch.bfloat16)
+    x = torch.randn(6, 4)
+    for m in (whole, half):
+        m.enqueue(x, x, torch.arange(6))
+    assert whole.img_KD.dtype == torch.bfloat16
+    assert whole.img_KD.element_size() * 2 == torch.zeros(1).element_size()
+    assert torch.equal(whole.img_KD[:6].float(), x.bfloat16().float())
+    assert torch.equal(half.img_KD, whole.img_KD[5:])
+
+
+def test_shard_checkpoints_restore_any_layout(tmp_path) -> None:
+    """Invariant: a checkpoint stores one file per shard and is complete only with every one
+    (``validate`` refuses a meta.json that lists fewer); the memory state read back for any
+    shard (2 → 2, 2 → 3, whole → 2, 2 → whole) is the whole memory's slice with its pointer."""
+    from fne_dist.checkpoint.format import FORMAT, META, CheckpointError, hash_files, save_tensors
+    from fne_dist.checkpoint.validation import memory_shard_file, memory_state, validate
+
+    whole = MomentumMemory(37, 5, seed=2)
+    shards = [MomentumMemory(37, 5, seed=2, shard=ShardRange.of(37, r, 2)) for r in range(2)]
+    x = torch.randn(50, 5)
+    for m in (whole, *shards):
+        m.enqueue(x, x + 1, torch.arange(50), torch.arange(50) % 4)
+    sharded_dir, whole_dir = tmp_path / "sharded", tmp_path / "whole"
+    sharded_dir.mkdir(), whole_dir.mkdir()
+    for r, m in enumerate(shards):
+        save_tensors(sharded_dir, memory_shard_file(r), m.state_dict())
+    save_tensors(whole_dir, "memory.safetensors", whole.state_dict())
+    meta = {"memory_shards": 2}
+    for directory, m in ((sharded_dir, meta), (whole_dir, {})):
+        for world in (1, 2, 3):
+            for r in range(world):
+                fresh = MomentumMemory(37, 5, seed=9, shard=ShardRange.of(37, r, world))
+                fresh.load_state_dict(memory_state(directory, m, fresh.shard))
+                lo, hi = fresh.shard.lo, fresh.shard.hi
+                assert torch.equal(fresh.img_KD, whole.img_KD[lo:hi])
+                assert torch.equal(fresh.seq_K, whole.seq_K[lo:hi])
+                assert (fresh.ptr, fresh.writes) == (whole.ptr, whole.writes)
+    names = [memory_shard_file(0)]  # a meta.json listing one of two shards is incomplete
+    table = hash_files(sharded_dir, names)
+    (sharded_dir / META).write_text(
+        json.dumps({"format": FORMAT, "memory_shards": 2, "files": table})
+    )
+    with pytest.raises(CheckpointError, match="incomplete.*memory-rank-00001"):
+        validate(sharded_dir)

@@ -40,7 +40,7 @@ from .format import (
 )
 from .pickle_safety import check_engine_files_safe
 from .remote import publish_meta, remote_path, upload_files
-from .validation import check_memory_shape, list_checkpoints
+from .validation import check_memory_shape, list_checkpoints, memory_shard_file, memory_state
 
 
 @dataclass
@@ -114,9 +114,12 @@ def _write_parts(target: Target, parts: Parts, state: RankState, tmp: Path) -> N
     target.barrier()
     tmp.mkdir(parents=True, exist_ok=True)
     parts.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)  # collective
+    if getattr(parts.memory, "sharded", False):  # every rank its own slots
+        save_tensors(tmp, memory_shard_file(target.rank), parts.memory.state_dict())
     if target.rank == 0:
         save_tensors(tmp, "momentum.safetensors", parts.momentum.state_dict())
-        save_tensors(tmp, "memory.safetensors", parts.memory.state_dict())
+        if not getattr(parts.memory, "sharded", False):
+            save_tensors(tmp, "memory.safetensors", parts.memory.state_dict())
         save_tensors(tmp, "stats.safetensors", parts.stats.state_dict())
         save_tensors(tmp, "model.safetensors", weights)  # for export: no DeepSpeed needed
         (tmp / "config.yaml").write_text(target.config_yaml)
@@ -152,6 +155,11 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
     if target.rank == 0:
         meta = {
             **target.layout,
+            **(
+                {"memory_shards": target.layout["world_size"]}
+                if getattr(parts.memory, "sharded", False)
+                else {}
+            ),
             "run_id": target.run_id,
             "step": c["opt_step"],
             "micro": c["micro"],
@@ -230,7 +238,7 @@ def load_run_checkpoint(
                 f"states and ZeRO partitions belong to that layout), or export its weights "
                 f"(python -m fne_dist.export) and start a new run from them"
             )
-    check_memory_shape(directory, parts.memory.capacity, parts.memory.dim)
+    check_memory_shape(directory, parts.memory.capacity, parts.memory.dim, meta)
     check_engine_files_safe(directory)
     load_path, _ = _fitting(
         directory,
@@ -244,10 +252,12 @@ def load_run_checkpoint(
     )
     if load_path is None:
         raise CheckpointError(f"{directory}: found no engine state under {ENGINE_TAG}/")
-    restored = (("momentum", parts.momentum), ("memory", parts.memory), ("stats", parts.stats))
+    restored = (("momentum", parts.momentum), ("stats", parts.stats))
     for name, part in restored:
         tensors = load_file(str(directory / f"{name}.safetensors"))
         _fitting(directory, f"{name}.safetensors", lambda p=part, t=tensors: p.load_state_dict(t))
+    memory = memory_state(directory, meta, parts.memory.shard)
+    _fitting(directory, "the memory", lambda: parts.memory.load_state_dict(memory))
     return read_rank_files(directory, rank, meta.get("step"))
 
 
