@@ -24,8 +24,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fne_dist.distributed.sharded import GlooComm, ShardStep, sharded_selection
-from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, stats_of
+from fne_dist.distributed.sharded import (
+    GlooComm,
+    ShardStep,
+    sharded_retrieval_loss,
+    sharded_selection,
+)
+from fne_dist.fne import (
+    Anchors,
+    Candidates,
+    FneConfig,
+    SimilarityStats,
+    retrieval_loss,
+    stats_of,
+)
 from fne_dist.fne.detection import COLUMNS
 from fne_dist.fne.loss import _select
 from fne_dist.fne.posteriors import CandidateSample, posterior_for
@@ -155,7 +167,10 @@ def _sharded(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor, world: int):
                 _memory(prob, ShardRange.of(K, r, world)),
                 u_2Gk,
             )
-            out[r] = sharded_selection(step, cfg, g, RULES[cfg.loss], comm)
+            out[r] = (
+                sharded_selection(step, cfg, g, RULES[cfg.loss], comm),
+                sharded_retrieval_loss(step, cfg, g, None, comm),
+            )
         except BaseException as err:
             errors.append(err)
 
@@ -174,6 +189,30 @@ def _hinges(anchor_BD, cand_ND, pos_B, picks, margin):
     neg = torch.einsum("bd,bkd->bk", anchor_BD, cand_ND[picks.index_bk])
     hinge = torch.relu(margin + neg - pos_B[:, None]) * picks.valid_bk
     return hinge.sum(1) / picks.valid_bk.sum(1).clamp_min(1)
+
+
+def _same_losses(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor, sharded: list) -> None:
+    """Each rank's loss and every diagnostic equal ``retrieval_loss`` with the whole memory
+    for the same B anchors (the replicated run), exactly."""
+    img, txt = prob["online"]
+    m_img, m_txt, ids, groups = prob["batch"]
+    G = img.shape[0]
+    mem = _memory(prob, ShardRange.of(K))
+    cands = Candidates.concat(Candidates(m_img, m_txt, ids, G, groups), mem.candidates())
+    for r, got in enumerate(sharded):
+        mine = slice(r * B, (r + 1) * B)
+        a = Anchors(img[mine], txt[mine], ids[mine], torch.arange(G)[mine], groups[mine])
+        want = retrieval_loss(a, cands, cfg, g, u_2Gk[:, mine])
+        assert torch.equal(got.loss, want.loss), (r, float(got.loss), float(want.loss))
+        assert got.diagnostics.keys() == want.diagnostics.keys()
+        for key, value in want.diagnostics.items():
+            if key.startswith("fnd_rel") and key.endswith("_p"):  # Σ P_fn: float64, per segment
+                torch.testing.assert_close(got.diagnostics[key], value, rtol=1e-12, atol=0)
+            else:
+                assert torch.equal(
+                    got.diagnostics[key],
+                    value,
+                ) or (value.isnan() and got.diagnostics[key].isnan()), key
 
 
 CASES = {
@@ -214,7 +253,9 @@ def test_sharded_equals_the_whole_memory(case: str, world: int) -> None:
     G = world * B
     u_2Gk = step_uniforms(SEED, 3, G, cfg.negatives)
     whole, cands = _whole(prob, cfg, g, u_2Gk)
-    ranks = _sharded(prob, cfg, g, u_2Gk, world)
+    ranks_and_losses = _sharded(prob, cfg, g, u_2Gk, world)
+    ranks = [r for r, _ in ranks_and_losses]
+    _same_losses(prob, cfg, g, u_2Gk, [loss for _, loss in ranks_and_losses])
     img, txt = prob["online"]
     for d, anchors in enumerate((img, txt)):
         want = whole[d]
@@ -350,5 +391,5 @@ def test_shard_checkpoints_restore_any_layout(tmp_path) -> None:
     (sharded_dir / META).write_text(
         json.dumps({"format": FORMAT, "memory_shards": 2, "files": table})
     )
-    with pytest.raises(CheckpointError, match="incomplete.*memory-rank-00001"):
+    with pytest.raises(CheckpointError, match=r"incomplete.*memory-rank-00001"):
         validate(sharded_dir)

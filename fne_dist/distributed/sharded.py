@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..fne.loss import Anchors, Candidates
+from ..fne.loss import Anchors, Candidates, LossOutput, retrieval_loss
 from ..fne.params import FneConfig
 from ..fne.posteriors import fit_of
 from ..fne.selection import Picks
@@ -207,7 +207,7 @@ def _direction(step: ShardStep, d: int, ctx: dict, comm: Comm) -> dict:
         no_violator_G = empty_G & ~fb.has_violator_b
     return dict(
         index=index_Gk, sim=sim_Gk, valid=valid_Gk, fallback=fallback_G,
-        no_violator=no_violator_G, counts=counts_G3, detect=detect_GF,
+        no_violator=no_violator_G, counts=counts_G3, detect=detect_GF, pos_sim=ctx["pos_sim"],
     )  # fmt: skip
 
 
@@ -333,7 +333,7 @@ def _picks_of(o: dict, mine: slice, first: int, ctx: dict, cfg: FneConfig) -> Pi
     valid_bk, sim_bk = o["valid"][mine], o["sim"][mine]
     b, k = valid_bk.shape
     index_bk = first + torch.arange(b * k, device=valid_bk.device).view(b, k)
-    pos_sim_b = ctx["pos_sim"][mine]
+    pos_sim_b = o["pos_sim"][mine]
     counts_bC = torch.cat(
         [torch.stack([o["fallback"][mine], o["no_violator"][mine]], 1).double(), o["counts"][mine]],
         1,
@@ -346,4 +346,22 @@ def _picks_of(o: dict, mine: slice, first: int, ctx: dict, cfg: FneConfig) -> Pi
         zero_hinge_bk=(cfg.margin + sim_bk - pos_sim_b[:, None]) <= 0,
         counts_bC=counts_bC,
         detect_bF=o["detect"][mine],
+    )
+
+
+RULES = {"fne": "fne", "window": "window", "vse_pp": "hardest"}
+
+
+def sharded_retrieval_loss(
+    step: ShardStep, cfg: FneConfig, g: Gaussians | None, temperature: Tensor | None, comm: Comm
+) -> LossOutput:
+    """``fne.loss.retrieval_loss`` of this rank's anchors over [gathered batch ; every shard]:
+    the picks made across ranks, the hinges (with gradient) and diagnostics on this rank."""
+    B = step.anchors.ids_B.shape[0]
+    u_2Bk = step.u_2Gk[:, comm.rank * B : (comm.rank + 1) * B]
+    if cfg.loss not in RULES:  # vse0 reads the batch block only (infonce is refused by config)
+        return retrieval_loss(step.anchors, step.gathered, cfg, g, u_2Bk, temperature)
+    p = sharded_selection(step, cfg, g, RULES[cfg.loss], comm)
+    return retrieval_loss(
+        step.anchors, p.candidates, cfg, g, u_2Bk, temperature, picks=(p.i2t, p.t2i)
     )
