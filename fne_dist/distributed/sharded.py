@@ -12,6 +12,7 @@ whole memory it computes what ``fne.loss`` does, through the same segment functi
 from __future__ import annotations
 
 import datetime
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,15 +25,14 @@ from ..fne.params import FneConfig
 from ..fne.posteriors import fit_of
 from ..fne.selection import Picks
 from ..fne.sharded import (
+    Fallback,
     Segment,
     SegmentRows,
     SegmentSummary,
     choose_segments,
-    combine_fallback,
     draw_in_segment,
-    pack,
+    merge_summaries,
     segment_pass,
-    unpack,
 )
 from ..fne.stats import Gaussians
 from . import collectives
@@ -52,6 +52,14 @@ class Comm(Protocol):
         """The element-wise sum over ranks (a new tensor)."""
         ...
 
+    def all_reduce_max(self, x: Tensor) -> Tensor:
+        """The element-wise maximum over ranks (a new tensor)."""
+        ...
+
+    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+        """Runs of ``send_counts[q]`` rows to each rank q; the rows received, by source rank."""
+        ...
+
 
 class DefaultComm:
     """The default process group (identities at world size 1)."""
@@ -64,6 +72,12 @@ class DefaultComm:
 
     def all_reduce_sum(self, x: Tensor) -> Tensor:
         return collectives.all_reduce_sum(x)
+
+    def all_reduce_max(self, x: Tensor) -> Tensor:
+        return collectives.all_reduce_max(x)
+
+    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+        return collectives.all_to_all_rows(x, send_counts, recv_counts)
 
 
 class GlooComm:
@@ -84,6 +98,18 @@ class GlooComm:
     def all_reduce_sum(self, x: Tensor) -> Tensor:
         out = x.clone().contiguous()
         self.group.allreduce([out]).wait()
+        return out
+
+    def all_reduce_max(self, x: Tensor) -> Tensor:
+        out = x.clone().contiguous()
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MAX
+        self.group.allreduce([out], opts).wait()
+        return out
+
+    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        self.group.alltoall_base(out, x.contiguous(), recv_counts, send_counts).wait()
         return out
 
 
@@ -172,23 +198,24 @@ def _direction(step: ShardStep, d: int, ctx: dict, comm: Comm) -> dict:
     every_G = torch.arange(G, device=anchor_GD.device)
     batch_parts = _passes(anchor_GD, mine_B, batch_emb, batch_seg, ctx)
     mem_parts = _passes(anchor_GD, every_G, mem_emb, mem_seg, ctx) if ctx["use_memory"] else []
-    # all-gather the summaries: the batch segment's B rows per rank, the shards' G rows each
-    ints_b, floats_b = (comm.all_gather(x) for x in pack(_cat_summaries(batch_parts)))
-    segs = [unpack(ints_b, floats_b, dtype)]
+    # Only the segments' totals are all-gathered (W·G integers); the fallback and the counts
+    # are one maximum and one sum over ranks of each rank's own segments.
+    batch_sum = _cat_summaries(batch_parts)
+    units = [comm.all_gather(batch_sum.units_b)[:, None]]
+    local = _spread(batch_sum, mine_B, G)
     if ctx["use_memory"]:
-        ints_m, floats_m = pack(_cat_summaries(mem_parts))
-        ints_m, floats_m = comm.all_gather(ints_m), comm.all_gather(floats_m)
-        for r in range(comm.world):
-            segs.append(unpack(ints_m[r * G : (r + 1) * G], floats_m[r * G : (r + 1) * G], dtype))
-    units_GP = torch.stack([s.units_b for s in segs], 1)
-    fb = combine_fallback(
-        torch.stack([s.best_b for s in segs], 1),
-        torch.stack([s.best_col_b for s in segs], 1),
-        ctx["pos_sim"],
-        cfg.margin,
+        mem_sum = _cat_summaries(mem_parts)
+        units.append(comm.all_gather(mem_sum.units_b).view(comm.world, G).T)
+        local = merge_summaries(local, mem_sum)
+    units_GP = torch.cat(units, 1)
+    best_G = comm.all_reduce_max(local.best_b)
+    # the first column holding the maximum: the smallest of every rank's first column there
+    first_G = torch.where(local.best_b == best_G, local.best_col_b, NO_COLUMN)
+    fb = Fallback(
+        -comm.all_reduce_max(-first_G), best_G, (cfg.margin + best_G - ctx["pos_sim"]) > 0
     )
-    counts_G3 = sum(s.counts_b3 for s in segs)
-    detect_GF = sum(s.detect_bF for s in segs)
+    counts_G3 = comm.all_reduce_sum(local.counts_b3)
+    detect_GF = comm.all_reduce_sum(local.detect_bF)
     if ctx["rule"] == "hardest":
         index_Gk, sim_Gk = fb.col_b[:, None], fb.best_b[:, None]
         valid_Gk = fb.has_violator_b[:, None]
@@ -209,6 +236,19 @@ def _direction(step: ShardStep, d: int, ctx: dict, comm: Comm) -> dict:
         index=index_Gk, sim=sim_Gk, valid=valid_Gk, fallback=fallback_G,
         no_violator=no_violator_G, counts=counts_G3, detect=detect_GF, pos_sim=ctx["pos_sim"],
     )  # fmt: skip
+
+
+NO_COLUMN = 2**62  # larger than any column: "this rank does not hold the maximum"
+
+
+def _spread(s: SegmentSummary, rows_b: Tensor, G: int) -> SegmentSummary:
+    """A summary of some anchors (``rows_b``) as G rows: nothing (−inf, no column, 0) elsewhere."""
+    best = s.best_b.new_full((G,), -math.inf).index_copy(0, rows_b, s.best_b)
+    col = torch.full((G,), NO_COLUMN, dtype=torch.long, device=rows_b.device)
+    col = col.index_copy(0, rows_b, s.best_col_b)
+    counts = s.counts_b3.new_zeros(G, 3).index_copy(0, rows_b, s.counts_b3)
+    detect = s.detect_bF.new_zeros(G, s.detect_bF.shape[1]).index_copy(0, rows_b, s.detect_bF)
+    return SegmentSummary(s.units_b.new_zeros(G), best, col, counts, detect)
 
 
 def _groups(c: Candidates) -> Tensor:
@@ -250,22 +290,38 @@ def _draws(step: ShardStep, d: int, units_GP: Tensor, owned: list, ctx: dict, co
 
 
 @torch.no_grad()
-def fetch_memory_rows(memory, cols_X: Tensor, G: int, comm: Comm) -> Candidates:
-    """The candidates at global columns ``cols_X`` (the same on every rank; columns < G are
-    left zero: the batch block is on every rank already) from the shards that hold them: each
-    owner writes its rows, the rest are zero, and a sum across ranks copies them exactly."""
-    slot_X = cols_X - G - memory.shard.lo
-    mine_X = (cols_X >= G) & (slot_X >= 0) & (slot_X < memory.shard.size)
-    at_X = slot_X.clamp(0, max(memory.shard.size - 1, 0))
-    emb = torch.zeros(cols_X.shape[0], 2, memory.dim, dtype=torch.float32, device=cols_X.device)
-    labels = torch.zeros(cols_X.shape[0], 2, dtype=torch.long, device=cols_X.device)
-    if memory.shard.size:
-        emb[:, 0] = torch.where(mine_X[:, None], memory.img_KD[at_X].float(), 0.0)
-        emb[:, 1] = torch.where(mine_X[:, None], memory.txt_KD[at_X].float(), 0.0)
-        labels[:, 0] = torch.where(mine_X, memory.ids_K[at_X], 0)
-        labels[:, 1] = torch.where(mine_X, memory.groups_K[at_X], 0)
-    emb, labels = comm.all_reduce_sum(emb), comm.all_reduce_sum(labels)
-    return Candidates(emb[:, 0], emb[:, 1], labels[:, 0], 0, labels[:, 1])
+def rows_for_anchors(memory, cols_AGr: Tensor, G: int, comm: Comm) -> Candidates:
+    """The candidates at global columns ``cols_AGr`` (A lists of r columns per gathered anchor,
+    the same on every rank) for this rank's anchors: (A, B, r) rows, flattened. Memory rows
+    come from their shard's owner in one all-to-all each for embeddings and labels (every rank
+    knows who sends what: the columns are known everywhere); batch columns (< G) are left zero
+    for ``_with_batch_rows``. Each owner sends only the rows of other ranks' anchors."""
+    A, _, r = cols_AGr.shape
+    W, me, K = comm.world, comm.rank, memory.capacity
+    B = G // W
+    device = cols_AGr.device
+    his = torch.tensor([(q + 1) * K // W for q in range(W)], device=device)
+    slot = cols_AGr - G
+    owner = torch.where(slot >= 0, torch.searchsorted(his, slot, right=True), -1).flatten()
+    dest = (torch.arange(G, device=device) // B)[None, :, None].expand(A, G, r).flatten()
+    send = (owner == me).nonzero().squeeze(1)
+    send = send[torch.argsort(dest[send], stable=True)]
+    recv = ((dest == me) & (owner >= 0)).nonzero().squeeze(1)
+    recv = recv[torch.argsort(owner[recv], stable=True)]
+    send_counts = torch.bincount(dest[send], minlength=W).tolist()
+    recv_counts = torch.bincount(owner[recv], minlength=W).tolist()
+    local = slot.flatten()[send] - memory.shard.lo
+    emb = torch.cat([memory.img_KD[local].float(), memory.txt_KD[local].float()], 1)
+    labels = torch.stack([memory.ids_K[local], memory.groups_K[local]], 1)
+    got_emb = comm.all_to_all(emb, send_counts, recv_counts)
+    got_labels = comm.all_to_all(labels, send_counts, recv_counts)
+    # place the received rows at this rank's anchors' positions of (A, G, r)
+    at = (recv // (G * r)) * (B * r) + (recv % (G * r)) - me * B * r
+    n = A * B * r
+    out_emb = got_emb.new_zeros(n, 2 * memory.dim).index_copy(0, at, got_emb)
+    out_labels = got_labels.new_zeros(n, 2).index_copy(0, at, got_labels)
+    D = memory.dim
+    return Candidates(out_emb[:, :D], out_emb[:, D:], out_labels[:, 0], 0, out_labels[:, 1])
 
 
 def _with_batch_rows(rows: Candidates, cols_X: Tensor, gathered: Candidates) -> Candidates:
@@ -310,18 +366,12 @@ def sharded_selection(
     )  # fmt: skip
     out = [_direction(step, d, ctx, comm) for d in (0, 1)]
     k = out[0]["index"].shape[1]
-    cols_X = torch.cat([o["index"].reshape(-1) for o in out])  # (direction, anchor, draw)
-    rows = _with_batch_rows(fetch_memory_rows(step.memory, cols_X, G, comm), cols_X, gathered)
     mine = slice(comm.rank * B, (comm.rank + 1) * B)
+    cols_2Gk = torch.stack([o["index"] for o in out])
+    rows = rows_for_anchors(step.memory, cols_2Gk, G, comm)  # (direction, anchor, draw)
     block = Candidates.concat(
-        gathered,
-        Candidates(
-            *(torch.cat([x.view(2, G, k, *x.shape[1:])[d, mine].flatten(0, 1) for d in (0, 1)])
-              for x in (rows.img_ND, rows.txt_ND, rows.ids_N)),
-            0,
-            torch.cat([rows.groups_N.view(2, G, k)[d, mine].flatten() for d in (0, 1)]),
-        ),
-    )  # fmt: skip
+        gathered, _with_batch_rows(rows, cols_2Gk[:, mine].flatten(), gathered)
+    )
     picks = [_picks_of(o, mine, G + d * B * k, ctx, cfg) for d, o in enumerate(out)]
     columns = (out[0]["index"][mine], out[1]["index"][mine])
     return ShardedPicks(block, picks[0], picks[1], columns)

@@ -20,7 +20,6 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .detection import N_COLUMNS as N_DETECTION
 from .detection import dense_detection
 from .groups import same_group
 from .params import FneConfig
@@ -135,40 +134,23 @@ def segment_pass(
     return SegmentPass(summary, units_bS)
 
 
-def pack(s: SegmentSummary) -> tuple[Tensor, Tensor]:
-    """A summary as (int64 b×2, float64 b×(4 + F)) for one all-gather each (exact: a float32 or
-    float64 similarity is exact in float64)."""
-    ints = torch.stack([s.units_b, s.best_col_b], 1)
-    floats = torch.cat([s.best_b.to(torch.float64)[:, None], s.counts_b3, s.detect_bF], 1)
-    return ints, floats
-
-
-def unpack(ints: Tensor, floats: Tensor, sim_dtype: torch.dtype) -> SegmentSummary:
+def merge_summaries(x: SegmentSummary, y: SegmentSummary) -> SegmentSummary:
+    """Two summaries of the same anchors as one (totals and counts added; the fallback is the
+    larger best, the lower column on a tie: the first most similar candidate of both)."""
+    take_y = (y.best_b > x.best_b) | ((y.best_b == x.best_b) & (y.best_col_b < x.best_col_b))
     return SegmentSummary(
-        ints[..., 0], floats[..., 0].to(sim_dtype), ints[..., 1], floats[..., 1:4], floats[..., 4:]
+        x.units_b + y.units_b,
+        torch.where(take_y, y.best_b, x.best_b),
+        torch.where(take_y, y.best_col_b, x.best_col_b),
+        x.counts_b3 + y.counts_b3,
+        x.detect_bF + y.detect_bF,
     )
-
-
-def summary_width(detect: bool) -> int:
-    """The float columns ``pack`` writes."""
-    return 4 + (N_DETECTION if detect else 0)
 
 
 class Fallback(NamedTuple):
     col_b: Tensor  # the hardest violator's global column (its first occurrence)
     best_b: Tensor  # its similarity
     has_violator_b: Tensor
-
-
-def combine_fallback(
-    best_bP: Tensor, best_col_bP: Tensor, pos_sim_b: Tensor, margin: float
-) -> Fallback:
-    """The whole row's first most similar candidate from the segments' (best, first column),
-    segments in column order: the largest best, the lowest segment on a tie."""
-    best_b = best_bP.amax(1)
-    seg_b = (best_bP == best_b[:, None]).to(torch.uint8).argmax(1)
-    col_b = best_col_bP.gather(1, seg_b[:, None]).squeeze(1)
-    return Fallback(col_b, best_b, (margin + best_b - pos_sim_b) > 0)
 
 
 class SegmentChoice(NamedTuple):
