@@ -42,8 +42,15 @@ def worker(args: argparse.Namespace) -> None:
     import torch.nn.functional as F
 
     from fne_dist.distributed.sharded import DefaultComm, ShardStep, sharded_retrieval_loss
-    from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, retrieval_loss
-    from fne_dist.fne import stats_of, step_uniforms
+    from fne_dist.fne import (
+        Anchors,
+        Candidates,
+        FneConfig,
+        SimilarityStats,
+        retrieval_loss,
+        stats_of,
+        step_uniforms,
+    )
     from fne_dist.memory import MomentumMemory, ShardRange
 
     torch.set_num_threads(args.threads)
@@ -113,7 +120,8 @@ def launch(args: argparse.Namespace, size: int, layout: str) -> list[dict]:
         port, procs = free_port(), []
         for rank in range(args.world):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.world),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                       OMP_NUM_THREADS=str(args.threads))  # fmt: skip
             cmd = [sys.executable, __file__, "--worker", "--size", str(size), "--layout", layout,
                    "--out", out, "--dim", str(args.dim), "--batch", str(args.batch),
                    "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
