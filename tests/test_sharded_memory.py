@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from fne_dist.distributed.sharded import (
     GlooComm,
     ShardStep,
+    sampled_block,
     sharded_retrieval_loss,
     sharded_selection,
+    sharded_staleness,
 )
 from fne_dist.fne import (
     Anchors,
@@ -39,6 +41,7 @@ from fne_dist.fne import (
     stats_of,
 )
 from fne_dist.fne.detection import COLUMNS
+from fne_dist.fne.estimators import random_candidate_sims, sample_columns
 from fne_dist.fne.loss import _select
 from fne_dist.fne.posteriors import CandidateSample, posterior_for
 from fne_dist.fne.sampling import step_uniforms
@@ -393,3 +396,66 @@ def test_shard_checkpoints_restore_any_layout(tmp_path) -> None:
     )
     with pytest.raises(CheckpointError, match=r"incomplete.*memory-rank-00001"):
         validate(sharded_dir)
+
+
+def _threads(world: int, fn) -> list:
+    """fn(rank, comm) on ``world`` gloo ranks (threads); their results in rank order."""
+    store = dist.HashStore()
+    out: dict[int, object] = {}
+    errors: list[BaseException] = []
+
+    def main(r: int) -> None:
+        try:
+            out[r] = fn(r, GlooComm(dist.PrefixStore("t", store), r, world, timeout_s=30))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    if errors:
+        raise errors[0]
+    return [out[r] for r in range(world)]
+
+
+def test_staleness_and_the_candidate_sample_equal_the_whole_memory() -> None:
+    """Invariant: the staleness sums of each rank's anchors (the newest slot of its id over
+    every shard) and the stats' random candidate sample (similarities, validity and the
+    posterior's sums of the mixture that samples) equal the whole memory's, exactly."""
+    world, r_samples = 2, 5
+    prob = _problem(world)
+    img, txt = prob["online"]
+    m_img, m_txt, ids, groups = prob["batch"]
+    G = world * B
+    gathered = Candidates(m_img, m_txt, ids, G, groups)
+    whole = _memory(prob, ShardRange.of(K))
+    cands = Candidates.concat(gathered, whole.candidates())
+    cols_2Gr = sample_columns(SEED, 4, G, r_samples, G + K)
+    cfg = FneConfig(posterior="intra_mixture")
+    posterior = posterior_for(cfg)
+
+    def rank_main(r: int, comm: GlooComm):
+        memory = _memory(prob, ShardRange.of(K, r, world))
+        stale = sharded_staleness(memory, gathered, B, comm)
+        block, cols = sampled_block(memory, gathered, cols_2Gr, comm)
+        mine = slice(r * B, (r + 1) * B)
+        sims, valid = random_candidate_sims(
+            img[mine], txt[mine], ids[mine], block.img_ND, block.txt_ND, block.ids_N, cols
+        )
+        sums = posterior.sums(CandidateSample(sims, valid, img[mine], block.img_ND, cols))
+        return stale, sims, valid, sums
+
+    for r, (stale, sims, valid, sums) in enumerate(_threads(world, rank_main)):
+        mine = slice(r * B, (r + 1) * B)
+        want_stale = torch.stack(whole.staleness(ids[mine], m_img[mine]))
+        assert torch.equal(stale, want_stale), (stale, want_stale)
+        cols = cols_2Gr[:, mine]
+        want = random_candidate_sims(
+            img[mine], txt[mine], ids[mine], cands.img_ND, cands.txt_ND, cands.ids_N, cols
+        )
+        assert torch.equal(sims, want[0]) and torch.equal(valid, want[1])
+        want_sums = posterior.sums(CandidateSample(want[0], want[1], img[mine], cands.img_ND, cols))
+        assert torch.equal(sums, want_sums)
+    assert float(torch.stack(whole.staleness(ids, m_img))[1]) > 0  # some ids are in the memory

@@ -415,3 +415,38 @@ def sharded_retrieval_loss(
     return retrieval_loss(
         step.anchors, p.candidates, cfg, g, u_2Bk, temperature, picks=(p.i2t, p.t2i)
     )
+
+
+@torch.no_grad()
+def sharded_staleness(memory, gathered: Candidates, B: int, comm: Comm) -> Tensor:
+    """``MomentumMemory.staleness`` of this rank's anchors when the memory is sharded: each
+    shard finds the gathered ids among its slots, the newest write (largest write counter)
+    over the shards wins, and its owner scores the cosine. (sum of cosines, count), float64."""
+    slot_G = memory.slots_of(gathered.ids_N)
+    hit = slot_G >= 0
+    at = slot_G.clamp_min(0)
+    seq_G = torch.where(hit, memory.seq_K[at], -1) if memory.shard.size else slot_G
+    newest_G = comm.all_reduce_max(seq_G)
+    owner_G = hit & (seq_G == newest_G)
+    cos_G = torch.zeros(slot_G.shape[0], dtype=memory.img_KD.dtype, device=slot_G.device)
+    if memory.shard.size:
+        cos = (memory.img_KD[at] * gathered.img_ND.to(memory.img_KD)).sum(1)
+        cos_G = torch.where(owner_G, cos, 0.0)
+    cos_G = comm.all_reduce_sum(cos_G)
+    mine = slice(comm.rank * B, (comm.rank + 1) * B)
+    cos_B, hit_B = cos_G[mine], newest_G[mine] >= 0
+    return torch.stack([(cos_B * hit_B).sum().to(torch.float64), hit_B.sum().to(torch.float64)])
+
+
+@torch.no_grad()
+def sampled_block(memory, gathered: Candidates, cols_2Gr: Tensor, comm: Comm):
+    """The step's random candidate sample (``fne.estimators.sample_columns`` of every gathered
+    anchor, columns of [gathered batch ; memory]) as a small block holding this rank's anchors'
+    sampled rows, and their columns in it: ``random_candidate_sims`` and the posteriors' sums
+    over (block, columns) equal those over the whole candidates and the original columns."""
+    B = gathered.n_batch // comm.world
+    mine = slice(comm.rank * B, (comm.rank + 1) * B)
+    rows = rows_for_anchors(memory, cols_2Gr, gathered.n_batch, comm)
+    block = _with_batch_rows(rows, cols_2Gr[:, mine].flatten(), gathered)
+    cols_2Br = torch.arange(block.ids_N.shape[0], device=cols_2Gr.device).view(2, B, -1)
+    return block, cols_2Br
