@@ -87,8 +87,8 @@ def _problem(world: int, seed: int = 0):
     )
 
 
-def _memory(prob: dict, shard: ShardRange) -> MomentumMemory:
-    mem = MomentumMemory(K, D, seed=SEED, shard=shard, dtype=F64)
+def _memory(prob: dict, shard: ShardRange, dtype: torch.dtype = F64) -> MomentumMemory:
+    mem = MomentumMemory(K, D, seed=SEED, shard=shard, dtype=dtype)
     mem.img_KD, mem.txt_KD = _dyadic(mem.img_KD), _dyadic(mem.txt_KD)
     mem.txt_KD[:, -1] = 0.0
     w_img, w_txt, w_ids, w_groups = prob["writes"]
@@ -140,7 +140,7 @@ def _whole(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor):
     img, txt = prob["online"]
     m_img, m_txt, ids, groups = prob["batch"]
     G = img.shape[0]
-    mem = _memory(prob, ShardRange.of(K))
+    mem = _memory(prob, ShardRange.of(K), prob.get("memory_dtype", F64))
     cands = Candidates.concat(Candidates(m_img, m_txt, ids, G, groups), mem.candidates())
     if cfg.loss == "vse_pp" and not cfg.vse_pp_memory:
         cands = cands.batch_only()
@@ -167,7 +167,7 @@ def _sharded(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor, world: int):
             step = ShardStep(
                 Anchors(img[mine], txt[mine], ids[mine], torch.arange(G)[mine], groups[mine]),
                 Candidates(m_img, m_txt, ids, G, groups),
-                _memory(prob, ShardRange.of(K, r, world)),
+                _memory(prob, ShardRange.of(K, r, world), prob.get("memory_dtype", F64)),
                 u_2Gk,
             )
             out[r] = (
@@ -200,7 +200,7 @@ def _same_losses(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor, sharded: li
     img, txt = prob["online"]
     m_img, m_txt, ids, groups = prob["batch"]
     G = img.shape[0]
-    mem = _memory(prob, ShardRange.of(K))
+    mem = _memory(prob, ShardRange.of(K), prob.get("memory_dtype", F64))
     cands = Candidates.concat(Candidates(m_img, m_txt, ids, G, groups), mem.candidates())
     for r, got in enumerate(sharded):
         mine = slice(r * B, (r + 1) * B)
@@ -252,6 +252,7 @@ def test_sharded_equals_the_whole_memory(case: str, world: int) -> None:
     overrides, regime = CASES[case]
     cfg = FneConfig(**overrides)
     prob = _problem(world)
+    prob["memory_dtype"] = torch.bfloat16 if case.startswith("bf16") else F64
     g = _gaussians(regime, cfg, prob)
     G = world * B
     u_2Gk = step_uniforms(SEED, 3, G, cfg.negatives)
@@ -459,3 +460,15 @@ def test_staleness_and_the_candidate_sample_equal_the_whole_memory() -> None:
         want_sums = posterior.sums(CandidateSample(want[0], want[1], img[mine], cands.img_ND, cols))
         assert torch.equal(sums, want_sums)
     assert float(torch.stack(whole.staleness(ids, m_img))[1]) > 0  # some ids are in the memory
+
+
+@pytest.mark.parametrize(
+    "override", ["fne.loss=infonce", "fne.reduction=expected"], ids=["infonce", "expected"]
+)
+def test_a_sharded_memory_refuses_losses_over_every_candidate(override: str) -> None:
+    """Invariant: memory.sharded with a loss that spans every memory candidate on the anchor's
+    rank (infonce, the expected reduction) fails at load in one line naming both settings."""
+    from fne_dist.config import ConfigError, load_config
+
+    with pytest.raises((ConfigError, ValueError), match=r"memory\.sharded=true with fne"):
+        load_config(None, ["memory.sharded=true", override])
