@@ -33,6 +33,7 @@ from ..fne.sharded import (
     draw_in_segment,
     merge_summaries,
     segment_pass,
+    units_at,
 )
 from ..fne.stats import Gaussians
 from . import collectives
@@ -157,15 +158,18 @@ def _rows(
     )
 
 
-def _passes(anchor_XD: Tensor, rows_X: Tensor, seg_emb: Tensor, seg: Segment, ctx: dict) -> list:
+def _passes(
+    anchor_XD: Tensor, rows_X: Tensor, seg_emb: Tensor, seg: Segment, ctx: dict, draw: bool = False
+) -> list:
     """``segment_pass`` over the anchors ``rows_X`` (indices into the gathered anchors) against
-    one segment, in matmuls of ``block_rows`` anchors (as the whole-row sampler)."""
+    one segment, in matmuls of ``block_rows`` anchors (as the whole-row sampler). ``draw``:
+    only the weights are needed (no detection sums)."""
     cfg = ctx["cfg"]
     out = []
     for b0 in range(0, rows_X.shape[0], cfg.block_rows):
         idx = rows_X[b0 : b0 + cfg.block_rows]
         sim = anchor_XD[idx] @ seg_emb.T
-        rows = _rows(sim, idx, ctx, ctx["img_G"], ctx["detect_groups"])
+        rows = _rows(sim, idx, ctx, ctx["img_G"], None if draw else ctx["detect_groups"])
         out.append((idx, sim, segment_pass(rows, seg, ctx["g"], cfg, ctx["rule"], ctx["fit"])))
     return out
 
@@ -272,14 +276,13 @@ def _draws(step: ShardStep, d: int, units_GP: Tensor, owned: list, ctx: dict, co
             rows_X = rows_X[choice.segment_b[rows_X] == seg_id]
             if rows_X.numel() == 0:
                 continue
-            for idx, sim, p in _passes(ctx["anchor_G"][d], rows_X, emb, seg, ctx):
-                assert p.units_bS is not None
+            for idx, sim, p in _passes(ctx["anchor_G"][d], rows_X, emb, seg, ctx, draw=True):
                 prev = torch.stack(index, 1)[idx] - seg.offset if index else None
                 if prev is not None:
                     prev = torch.where((prev >= 0) & (prev < sim.shape[1]), prev, -1)
-                local = draw_in_segment(p.units_bS, choice.target_b[idx], prev)
+                local = draw_in_segment(p, choice.target_b[idx], prev)
                 pick_i[idx, 0] = local + seg.offset + 1
-                pick_i[idx, 1] = p.units_bS.gather(1, local[:, None])[:, 0]
+                pick_i[idx, 1] = units_at(p, local)
                 pick_s[idx] = sim.gather(1, local[:, None])[:, 0]
         pick_i, pick_s = comm.all_reduce_sum(pick_i), comm.all_reduce_sum(pick_s)
         index.append(pick_i[:, 0] - 1)

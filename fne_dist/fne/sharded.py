@@ -20,13 +20,21 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .detection import dense_detection
+from .detection import N_BINS, RELIABILITY_EDGES, evaluable
 from .groups import same_group
 from .params import FneConfig
-from .posteriors import PairSims, PosteriorFit
+from .posterior import fn_log_odds_threshold
+from .posteriors import PairSims, PosteriorFit, quadratic_fit_of
 from .sampling import draw_in_units, draw_target, first_argmax, weight_units
+from .selection import WINDOW_MAX_FRACTION
 from .stats import Gaussians
-from .weights import count_true, cut_threshold, is_false_negative, sampling_weights
+from .weights import (
+    count_true,
+    cut_threshold,
+    is_false_negative,
+    sampling_weights,
+    window_weights,
+)
 
 
 class SegmentRows(NamedTuple):
@@ -63,7 +71,8 @@ class SegmentSummary(NamedTuple):
 
 class SegmentPass(NamedTuple):
     summary: SegmentSummary
-    units_bS: Tensor | None  # every candidate's weight in units (None for the hardest rule)
+    units_bS: Tensor | None  # the weights in units (None for the hardest rule)
+    cols_bS: Tensor | None = None  # their segment columns when compacted to the window
 
 
 def segment_mask(rows: SegmentRows, seg: Segment) -> Tensor:
@@ -99,7 +108,7 @@ def segment_pass(
     masked_bS = sim_bS.masked_fill(mask_bS, -math.inf)
     zeros_b = torch.zeros(b, dtype=torch.long, device=sim_bS.device)
     fallback_bS = masked_bS
-    units_bS, units_b, counts = None, zeros_b, (zeros_b, zeros_b, zeros_b)
+    units_bS, cols_bS, units_b, counts = None, None, zeros_b, (zeros_b, zeros_b, zeros_b)
     detect_bF = sim_bS.new_zeros(b, 0, dtype=f64)
     if rule != "hardest":
         assert g is not None
@@ -108,11 +117,21 @@ def segment_pass(
         if every_pair:
             assert fit is not None and rows.img_bD is not None and seg.img_SD is not None
             log_odds = fit.log_odds(PairSims(sim_bS, rows.img_bD, seg.img_SD)).to(sim_bS.dtype)
-        w = sampling_weights(sim_bS, rows.pos_sim_b, mask_bS, g, cfg, rule, masked_bS,
-                             log_odds_BN=log_odds)  # fmt: skip
-        units_bS = weight_units(w.w_BN)
+        ww = None
+        if sim_bS.device.type == "cpu" and log_odds is None:
+            # the CPU form of the whole-row sampler: weights inside the hard-cut window only
+            masked = mask_bS.nonzero(as_tuple=True)
+            ww = window_weights(sim_bS, rows.pos_sim_b, masked_bS, masked, g, cfg, rule,
+                                WINDOW_MAX_FRACTION)  # fmt: skip
+        if ww is not None:
+            units_bS, cols_bS = weight_units(ww.w_BM), ww.col_BM
+            counts = (ww.n_fn_B, n - count_true(mask_bS), ww.n_window_B)
+        else:
+            w = sampling_weights(sim_bS, rows.pos_sim_b, mask_bS, g, cfg, rule, masked_bS,
+                                 log_odds_BN=log_odds)  # fmt: skip
+            units_bS = weight_units(w.w_BN)
+            counts = (w.n_fn_B, n - count_true(mask_bS), w.n_window_B)
         units_b = units_bS.sum(1)
-        counts = (w.n_fn_B, n - count_true(mask_bS), w.n_window_B)
         if cfg.fallback == "unflagged" and log_odds is not None and rule == "fne":
             flagged_bS = is_false_negative(log_odds, cfg.eps) & g.gate_open
             fallback_bS = masked_bS.masked_fill(flagged_bS, -math.inf)
@@ -121,8 +140,10 @@ def segment_pass(
                 cut_threshold(g, cfg.cut_margin, sim_bS.dtype) if cfg.hard_cut else -math.inf
             )
             window_bS = masked_bS > threshold
-            detect_bF = dense_detection(sim_bS, mask_bS, rows.detect_groups_b, seg.groups_S,
-                                        window_bS, g, cfg, rule == "fne", log_odds)  # fmt: skip
+            labels = (rows.detect_groups_b, seg.groups_S)
+            detect_bF = segment_detection(
+                sim_bS, mask_bS, labels, window_bS, g, cfg, rule, log_odds
+            )
     if n and seg.fallback:
         best_b, idx_b = first_argmax(fallback_bS)
     else:
@@ -131,7 +152,49 @@ def segment_pass(
     summary = SegmentSummary(
         units_b, best_b, idx_b + seg.offset, torch.stack([c.to(f64) for c in counts], 1), detect_bF
     )
-    return SegmentPass(summary, units_bS)
+    return SegmentPass(summary, units_bS, cols_bS)
+
+
+def segment_detection(
+    sim_bS: Tensor,
+    mask_bS: Tensor,
+    labels: tuple[Tensor, Tensor],
+    window_bS: Tensor,
+    g: Gaussians,
+    cfg: FneConfig,
+    rule: str,
+    log_odds_bS: Tensor | None,
+) -> Tensor:
+    """``detection.dense_detection`` of one segment (the same sums, so segments add up): the
+    counts over every candidate as boolean row counts, the reliability bins over the window's
+    entries only (listed), which is where they are nonzero."""
+    groups_b, groups_S = labels
+    f64 = torch.float64
+    same_bS = same_group(groups_b[:, None], groups_S[None, :])
+    eval_bS = evaluable(groups_b, groups_S, mask_bS)
+    in_win_bS = eval_bS & window_bS
+    zeros_b = torch.zeros(sim_bS.shape[0], dtype=torch.long, device=sim_bS.device)
+    pfn = (zeros_b, zeros_b)
+    with_posterior = rule == "fne"
+    if with_posterior:
+        if log_odds_bS is None:
+            log_odds_bS = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_bS)
+        pred_bS = eval_bS & (log_odds_bS > fn_log_odds_threshold(cfg.eps))
+        pfn = (pred_bS.count_nonzero(1), (pred_bS & same_bS).count_nonzero(1))
+    cols = [eval_bS.count_nonzero(1), (eval_bS & same_bS).count_nonzero(1), *pfn,
+            in_win_bS.count_nonzero(1), (in_win_bS & same_bS).count_nonzero(1)]  # fmt: skip
+    out_bF = torch.stack(cols, 1).to(f64)
+    rel_bR3 = torch.zeros(sim_bS.shape[0], N_BINS, 3, dtype=f64, device=sim_bS.device)
+    if with_posterior:
+        assert log_odds_bS is not None
+        rows_W, cols_W = in_win_bS.nonzero(as_tuple=True)
+        p_W = log_odds_bS[rows_W, cols_W].to(f64).sigmoid()
+        edges = torch.tensor(RELIABILITY_EDGES[1:-1], dtype=f64, device=sim_bS.device)
+        bin_W = torch.bucketize(p_W, edges, right=True)
+        values = (torch.ones_like(p_W), p_W, same_bS[rows_W, cols_W].to(f64))
+        for k, value_W in enumerate(values):
+            rel_bR3[:, :, k].index_put_((rows_W, bin_W), value_W, accumulate=True)
+    return torch.cat([out_bF, rel_bR3.flatten(1)], dim=1)
 
 
 def merge_summaries(x: SegmentSummary, y: SegmentSummary) -> SegmentSummary:
@@ -174,12 +237,29 @@ def choose_segments(units_bP: Tensor, u_b: Tensor) -> SegmentChoice:
     return SegmentChoice(seg_b, target_b - before_b, total_b)
 
 
-def draw_in_segment(units_bS: Tensor, target_b: Tensor, removed_bk: Tensor | None) -> Tensor:
+def draw_in_segment(p: SegmentPass, target_b: Tensor, removed_bk: Tensor | None) -> Tensor:
     """The segment-local column of each row's draw at ``target_b`` (``choose_segments``), with
-    the local columns ``removed_bk`` (earlier picks; −1: none) taken out of the row first."""
+    the local columns ``removed_bk`` (earlier picks; −1: none) taken out of the row first.
+    Compacted weights (``p.cols_bS``) keep the columns' order, so their cdf is the row's."""
+    units_bS = p.units_bS
+    assert units_bS is not None
     if removed_bk is not None and removed_bk.shape[1]:
-        hits_bS = torch.zeros_like(units_bS).scatter_add_(
-            1, removed_bk.clamp_min(0), (removed_bk >= 0).long()
-        )
-        units_bS = units_bS.masked_fill(hits_bS > 0, 0)
-    return draw_in_units(units_bS, target_b)
+        if p.cols_bS is None:
+            hits_bS = torch.zeros_like(units_bS).scatter_add_(
+                1, removed_bk.clamp_min(0), (removed_bk >= 0).long()
+            )
+            units_bS = units_bS.masked_fill(hits_bS > 0, 0)
+        else:
+            hit_bS = (p.cols_bS[:, :, None] == removed_bk[:, None, :]).any(-1)
+            units_bS = units_bS.masked_fill(hit_bS, 0)
+    at_b = draw_in_units(units_bS, target_b)
+    return at_b if p.cols_bS is None else p.cols_bS.gather(1, at_b[:, None])[:, 0]
+
+
+def units_at(p: SegmentPass, local_b: Tensor) -> Tensor:
+    """The weight (units) of each row's segment-local column ``local_b``."""
+    assert p.units_bS is not None
+    if p.cols_bS is None:
+        return p.units_bS.gather(1, local_b[:, None])[:, 0]
+    found_bS = p.cols_bS == local_b[:, None]
+    return (p.units_bS * found_bS).sum(1)
