@@ -382,6 +382,14 @@ class Config:
                 "memory candidate on the anchor's rank (use fne.reduction=sample, or an "
                 "unsharded memory)"
             )
+        samples = self.fne.stats_source == "all_pairs" or self.fne.posterior != "paper"
+        if self.memory.sharded and self.fne.stats_scope == "global" and samples:
+            raise ValueError(
+                "memory.sharded=true with fne.stats_scope=global and a random candidate sample "
+                f"(fne.stats_source={self.fne.stats_source}, fne.posterior={self.fne.posterior}):"
+                " every rank would need every anchor's sampled memory rows (use "
+                "fne.stats_scope=local, or an unsharded memory)"
+            )
         if self.engine.precision == "fp16" and self.engine.device == "cpu":
             raise ValueError("engine.precision=fp16 is not supported on the CPU (use bf16 or fp32)")
         if self.engine.kind == "ddp" and (

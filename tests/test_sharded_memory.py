@@ -472,3 +472,17 @@ def test_a_sharded_memory_refuses_losses_over_every_candidate(override: str) -> 
 
     with pytest.raises((ConfigError, ValueError), match=r"memory\.sharded=true with fne"):
         load_config(None, ["memory.sharded=true", override])
+
+
+def test_launch_sizing_counts_one_shard_per_rank() -> None:
+    """Invariant: the launch-time size check counts ⌈K/W⌉ slots per rank with a sharded memory
+    (no concatenated copy), so a memory that fits only sharded is not refused."""
+    from fne_dist.config import load_config
+    from fne_dist.sizing import host_needs, rank_needs
+
+    sharded = load_config(None, ["memory.size=1048576", "memory.sharded=true"])
+    whole = load_config(None, ["memory.size=1048576"])
+    D = whole.model.embed_dim
+    assert rank_needs(sharded, 64).memory == 2 * 16384 * D * 4 + 3 * 16384 * 8
+    assert rank_needs(whole, 64).memory > 64 * rank_needs(sharded, 64).memory
+    assert host_needs(sharded, 64) * 64 == host_needs(whole, 64)
