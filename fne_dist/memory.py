@@ -76,7 +76,7 @@ def _unit_rows(gen: torch.Generator, capacity: int, dim: int, keep: ShardRange) 
         chunk = torch.randn(n, dim, generator=gen)
         lo, hi = max(row, keep.lo), min(row + n, keep.hi)
         if lo < hi:
-            kept.append(chunk[lo - row : hi - row])
+            kept.append(chunk[lo - row : hi - row].clone())  # let the chunk go
         row += n
     rows = torch.cat(kept) if kept else torch.empty(0, dim)
     return F.normalize(rows, dim=1)
