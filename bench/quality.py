@@ -58,7 +58,7 @@ from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
 from fne_dist.retrieval_metrics import retrieval_metrics
 from fne_dist.run_summary import EpochDiagnostics
-from fne_dist.step import forward_step
+from fne_dist.step import StepPosition, forward_step
 
 NEVER = 10**12  # a gate size no epoch reaches: the Bayes part stays off (kernel only)
 _FNE_INTRA = dict(loss="fne", posterior="intra_mixture", eps=0.5, tau_fn=4.0)
@@ -278,7 +278,9 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
                     memory, (momentum, model), train, slot_rows, s.fresh_memory
                 )
                 stale[3:] += _batch_lag(model, momentum, batch)
-            out = forward_step(model, momentum, batch, memory, stats, cfg, seed, step, warm)
+            out = forward_step(
+                model, momentum, batch, memory, stats, cfg, StepPosition(seed, step, warm)
+            )
             stats.add_step(out.stat_sums, cfg.mixture_decay)  # no skipped steps here
             opt.zero_grad()
             out.loss.backward()

@@ -165,6 +165,7 @@ def forms(args, img, cands, anchors, u, g) -> None:
     candidates and for the default config's size (16 anchors, 32 + 1,024 candidates). The
     compiled form runs last: Inductor's OpenMP threads slow the eager ops that follow them."""
     from fne_dist.fne.loss import _compiled_dense
+    from fne_dist.fne.rules import FNE
     from fne_dist.fne.selection import (
         CandidateLabels,
         Rows,
@@ -190,7 +191,7 @@ def forms(args, img, cands, anchors, u, g) -> None:
                     select[form](
                         Rows(sim_BN[part, :n], anchors.pos_col_B[part], anchors.ids_B[part],
                              u[0, part]),
-                        CandidateLabels(cands.ids_N[:n]), g, cfg, "fne", **extra,
+                        CandidateLabels(cands.ids_N[:n]), g, cfg, FNE, **extra,
                     ).index_bk
                 )  # fmt: skip
             return torch.cat(picks)

@@ -79,7 +79,7 @@ from .running_stats import PendingRunningStats, deferred_running_stats
 from .sharded_eval import evaluate_table
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
-from .step import StepOutput, forward_step
+from .step import StepOutput, StepPosition, forward_step
 from .timing import NullTimer, PhaseTimer
 
 log = logging.getLogger("fne_dist")
@@ -395,9 +395,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
             run.parts.memory,
             run.parts.stats,
             cfg.fne,
-            cfg.run.seed,
-            micro,
-            state.warm,
+            StepPosition(cfg.run.seed, micro, state.warm),
             timer,
         )
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss

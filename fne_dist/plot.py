@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, load_config
-from .fne import Candidates, FneConfig, SimilarityStats, fn_posterior, sampling_weights
+from .fne import AnchorSims, Candidates, FneConfig, SimilarityStats, fn_posterior, sampling_weights
+from .fne.rules import FNE, WINDOW
 from .monitoring.similarities import SimilaritySamples, gaussians_from_dict, write_snapshot
 
 log = logging.getLogger("fne_dist")
@@ -53,15 +54,13 @@ def fne_curves(data: dict[str, Any], cfg: FneConfig) -> dict[str, list[float]]:
     g = gaussians_from_dict(data["gaussians"])
     s_N = torch.linspace(-1.0, 1.0, GRID, dtype=torch.float64)
     s_pos = float(g.mu_pos) if bool(g.has_mu_pos) and math.isfinite(float(g.mu_pos)) else 0.0
-    rule = "window" if cfg.loss == "window" else "fne"
-    w_1N = sampling_weights(
+    rule = WINDOW if cfg.loss == "window" else FNE
+    rows = AnchorSims.of(
         s_N[None, :],
         torch.tensor([s_pos], dtype=torch.float64),
         torch.zeros(1, GRID, dtype=torch.bool),
-        g,
-        cfg,
-        rule=rule,
-    ).w_BN
+    )
+    w_1N = sampling_weights(rows, g, cfg, rule=rule).w_BN
     top = float(w_1N.max())
     return {
         "s": s_N.tolist(),

@@ -51,6 +51,16 @@ class StepOutput:
     stat_sums: Tensor  # the step's all-reduced statistic sums, for the caller to commit
 
 
+@dataclass(frozen=True)
+class StepPosition:
+    """Where a micro step sits in the run: the run's seed and the micro step's index (together
+    the key of the step's random draws), and whether it is a warm-up step."""
+
+    seed: int
+    step: int
+    warmup: bool
+
+
 def forward_step(
     online: Encoder,
     momentum: nn.Module,
@@ -58,9 +68,7 @@ def forward_step(
     memory: MomentumMemory,
     stats: SimilarityStats,
     cfg: FneConfig,
-    seed: int,
-    step: int,
-    warmup: bool,
+    at: StepPosition,
     timer: NullTimer | None = None,
 ) -> StepOutput:
     """The loss of one micro-batch; ``batch`` holds this rank's B pairs (model inputs + ids).
@@ -88,13 +96,11 @@ def forward_step(
     posterior = posterior_for(cfg)
     if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
         # every rank computes the same sums, so no reduction is needed.
-        batch_stats = _batch_stats(
-            gathered.img_ND, gathered.txt_ND, gathered.ids_N, candidates, posterior, cfg, seed,
-            step,
-        )  # fmt: skip
+        batch_stats = _batch_stats(gathered, candidates, posterior, cfg, at)
     else:  # 4. reference meaning: each rank's own B×B online matrix, then SUM over ranks
-        pool = _sample_pool(memory, candidates, cfg, seed, step) if sharded else candidates
-        local = _batch_stats(img_BD, txt_BD, ids_B, pool, posterior, cfg, seed, step, rank, G)
+        online_block = Candidates(img_BD, txt_BD, ids_B, B)
+        pool = _sample_pool(memory, candidates, cfg, at) if sharded else candidates
+        local = _batch_stats(online_block, pool, posterior, cfg, at, rank, G)
         with t.phase("reduce"):
             batch_stats = dist_ops.all_reduce_sum(local)
     # the estimates with this step's sums (the posterior's last; none for the paper's), as the
@@ -104,7 +110,7 @@ def forward_step(
     gauss = replace(gauss, posterior=posterior.fit(gauss, seen.posterior_totals))
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):
-        if warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
+        if at.warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
             out = retrieval_loss(
                 Anchors(img_BD, txt_BD, ids_B, torch.arange(B, device=device), groups_B),
                 Candidates(img_BD, txt_BD, ids_B, B, groups_B),
@@ -118,7 +124,7 @@ def forward_step(
                 img_BD, txt_BD, ids_B, rank * B + torch.arange(B, device=device), groups_B
             )
             shard_step = ShardStep(
-                anchors, gathered, memory, step_uniforms(seed, step, G, cfg.negatives)
+                anchors, gathered, memory, step_uniforms(at.seed, at.step, G, cfg.negatives)
             )
             out = sharded_retrieval_loss(shard_step, cfg, gauss, temperature, comm)
         else:  # 5b. the configured loss over [gathered batch ; memory]
@@ -128,7 +134,7 @@ def forward_step(
                 candidates,
                 cfg,
                 gauss,
-                step_uniforms(seed, step, G, cfg.negatives, rank, B),
+                step_uniforms(at.seed, at.step, G, cfg.negatives, rank, B),
                 temperature=temperature,
             )
     return StepOutput(out.loss, out.diagnostics, gathered, stale, batch_stats)
@@ -144,7 +150,7 @@ class SampledPool:
 
 
 def _sample_pool(
-    memory: MomentumMemory, gathered: Candidates, cfg: FneConfig, seed: int, step: int
+    memory: MomentumMemory, gathered: Candidates, cfg: FneConfig, at: StepPosition
 ) -> Candidates | SampledPool:
     """What the step's random candidate sample is drawn from: with a sharded memory, the
     sampled rows of [gathered batch ; memory] (the same columns as the whole memory's), fetched
@@ -152,7 +158,7 @@ def _sample_pool(
     if cfg.stats_source == "mutual_top1" and not posterior_for(cfg).samples:
         return gathered
     G = gathered.n_batch
-    cols_2Gr = sample_columns(seed, step, G, cfg.stats_samples, G + memory.capacity)
+    cols_2Gr = sample_columns(at.seed, at.step, G, cfg.stats_samples, G + memory.capacity)
     block, cols_2Br = sampled_block(
         memory, gathered, cols_2Gr.to(gathered.ids_N.device), DefaultComm()
     )
@@ -160,20 +166,20 @@ def _sample_pool(
 
 
 def _batch_stats(
-    img_BD: Tensor,
-    txt_BD: Tensor,
-    ids_B: Tensor,
+    batch: Candidates,
     candidates: Candidates | SampledPool,
     posterior: Posterior,
     cfg: FneConfig,
-    seed: int,
-    step: int,
+    at: StepPosition,
     rank: int = 0,
     global_batch: int | None = None,
 ) -> Tensor:
     """This batch's sums for the running estimates: the six Gaussian sums of
     ``cfg.stats_source``, then the posterior's sums (``Posterior.sums``: the mixtures'
-    histogram of a random candidate sample). One vector, so one all-reduce carries all of it."""
+    histogram of a random candidate sample). One vector, so one all-reduce carries all of it.
+    ``batch``: the block the statistics are taken over (this rank's online embeddings, or the
+    gathered momentum block), its rows' image and text embeddings and ids."""
+    img_BD, txt_BD, ids_B = batch.img_ND, batch.txt_ND, batch.ids_N
     sim_BB = img_BD.detach() @ txt_BD.detach().T
     if cfg.stats_source == "mutual_top1" and not posterior.samples:  # no random sample needed
         return mutual_top1_stats(sim_BB, ids_B)
@@ -182,8 +188,9 @@ def _batch_stats(
         candidates, cols = candidates.block, candidates.cols_2Br
     else:
         cols = sample_columns(
-            seed, step, global_batch or b, cfg.stats_samples, candidates.ids_N.shape[0], rank, b
-        )
+            at.seed, at.step, global_batch or b, cfg.stats_samples, candidates.ids_N.shape[0],
+            rank, b,
+        )  # fmt: skip
     sims_S, valid_S = random_candidate_sims(
         img_BD, txt_BD, ids_B, candidates.img_ND, candidates.txt_ND, candidates.ids_N, cols
     )

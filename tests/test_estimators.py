@@ -130,7 +130,7 @@ def test_forward_step_with_each_option(source: str, posterior: str) -> None:
     from fne_dist.memory import MomentumMemory
     from fne_dist.model import DualEncoder
     from fne_dist.momentum import make_momentum_copy
-    from fne_dist.step import forward_step
+    from fne_dist.step import StepPosition, forward_step
 
     torch.manual_seed(0)
     model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
@@ -146,7 +146,7 @@ def test_forward_step_with_each_option(source: str, posterior: str) -> None:
         "groups": torch.tensor([0, 0, 0, 1, 1, 2, 2, -1]),
     }
     before = stats.totals.clone()
-    out = forward_step(model, momentum, batch, memory, stats, cfg, 0, 0, False)
+    out = forward_step(model, momentum, batch, memory, stats, cfg, StepPosition(0, 0, False))
     assert torch.equal(stats.totals, before) and stats.posterior_totals.numel() == 0
     stats.add_step(out.stat_sums, cfg.mixture_decay)  # the step changed nothing: commit it
     added = stats.totals - before

@@ -10,6 +10,7 @@ import torch
 
 from fne_dist.fne import Anchors, Candidates, FneConfig, retrieval_loss
 from fne_dist.fne.detection import COLUMNS, dense_detection, detection_rates
+from fne_dist.fne.rules import RULES
 from fne_dist.fne.selection import (
     WINDOW_MAX_FRACTION,
     CandidateLabels,
@@ -44,7 +45,7 @@ def test_hand_made_detection_sums() -> None:
     mask[:, 5] = True
     groups_b, cand_groups = torch.tensor([0, -1]), torch.tensor([0, 1, 0, 0, -1, 0])
     window = (sim > 0.6) & ~mask
-    out = dense_detection(sim, mask, groups_b, cand_groups, window, g, cfg, True)
+    out = dense_detection(sim, mask, (groups_b, cand_groups), window, g, cfg, True)
     a0, a1 = _columns(out[0]), _columns(out[1])
     assert (a0["n_eval"], a0["n_actual"]) == (4, 3)
     assert (a0["pfn_pred"], a0["pfn_tp"]) == (3, 2)
@@ -73,7 +74,7 @@ def test_reliability_bins_by_posterior() -> None:
     cfg = FneConfig(prior=0.5, eps=0.5)
     sim = torch.tensor([[0.5, 0.1, 0.1]])
     mask = torch.zeros(1, 3, dtype=torch.bool)
-    out = _columns(dense_detection(sim, mask, torch.tensor([2]), torch.tensor([2, 2, 3]),
+    out = _columns(dense_detection(sim, mask, (torch.tensor([2]), torch.tensor([2, 2, 3])),
                                    ~mask, g, cfg, True)[0])  # fmt: skip
     assert (out["rel5_n"], out["rel5_fn"]) == (1, 1)
     assert (out["rel3_n"], out["rel3_fn"]) == (2, 1)
@@ -114,7 +115,7 @@ def test_window_slot_form_equals_dense_definition(rule: str, sd_neg: float) -> N
         assert ((sim > 0.65).double().mean() < WINDOW_MAX_FRACTION).item()
         u = torch.rand(sim.shape[0], 1, generator=torch.Generator().manual_seed(seed))
         rows = Rows(sim, pos_col, ids, u.double(), detect_groups_b=g_b)
-        args = (rows, CandidateLabels(cand_ids, g_n), g, cfg, rule)
+        args = (rows, CandidateLabels(cand_ids, g_n), g, cfg, RULES[rule])
         dense = select_dense(*args)
         listed = select_listed(*args)
         assert dense.detect_bF.shape == (sim.shape[0], len(COLUMNS))

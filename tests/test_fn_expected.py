@@ -23,6 +23,7 @@ from fne_dist.fne import (
 )
 from fne_dist.fne.mixture import Mixture
 from fne_dist.fne.posteriors.intra_mixture import IntraFit
+from fne_dist.fne.rules import FNE
 from fne_dist.fne.selection import CandidateLabels, Rows, select_dense, select_listed
 from tests.test_losses import _setup
 from tests.test_sampler import REGIMES, _gaussians, _problem, _reference_rows
@@ -57,12 +58,12 @@ def test_shares_equal_the_plain_loop(regime: str) -> None:
     cfg = FneConfig(hard_cut=hard_cut, reduction="expected")
     for select in (select_dense, select_listed):
         args = (Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g)
-        picks = select(*args, cfg, "fne")
+        picks = select(*args, cfg, FNE)
         torch.testing.assert_close(picks.prob_bN, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(
             (picks.prob_bN * hinge).sum(1), (want * hinge).sum(1), rtol=1e-12, atol=1e-12
         )
-        assert select(*args, FneConfig(hard_cut=hard_cut), "fne").prob_bN.shape[1] == 0
+        assert select(*args, FneConfig(hard_cut=hard_cut), FNE).prob_bN.shape[1] == 0
     if REGIMES[regime][0] == 0.5 and REGIMES[regime][4] and hard_cut:  # cut at .3: rows 0, 1 empty
         assert want[0].sum() == 0 and want[1].max() == 1  # no violator; the fallback
 

@@ -9,6 +9,7 @@ import torch
 
 from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, retrieval_loss, stats_of
 from fne_dist.fne import reference as ref
+from fne_dist.fne.rules import FNE
 from fne_dist.fne.selection import CandidateLabels, Rows, select_dense, select_listed
 from tests.test_sampler import _gaussians, _problem, _reference_rows
 
@@ -64,7 +65,7 @@ def test_batch_scope_equals_the_plain_loop() -> None:
     assert sum(sum(r[0]) == 0 for r in rows) >= 2  # some rows do fall back
     rows_ = Rows(sim, pos_col, ids, u, fallback_cols=n_batch)
     for select in (select_dense, select_listed):
-        p = select(rows_, CandidateLabels(cand_ids), g, FneConfig(), "fne")
+        p = select(rows_, CandidateLabels(cand_ids), g, FneConfig(), FNE)
         got = [
             int(j) if ok else None for j, ok in zip(p.index_bk[:, 0], p.valid_bk[:, 0], strict=True)
         ]

@@ -170,7 +170,7 @@ def test_forward_step_with_the_mixture() -> None:
     from fne_dist.memory import MomentumMemory
     from fne_dist.model import DualEncoder
     from fne_dist.momentum import make_momentum_copy
-    from fne_dist.step import forward_step
+    from fne_dist.step import StepPosition, forward_step
 
     torch.manual_seed(0)
     model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
@@ -184,7 +184,7 @@ def test_forward_step_with_the_mixture() -> None:
         "ids": torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]),
         "groups": torch.tensor([0, 0, 0, 1, 1, 2, 2, -1]),
     }
-    out = forward_step(model, momentum, batch, memory, stats, cfg, 0, 0, False)
+    out = forward_step(model, momentum, batch, memory, stats, cfg, StepPosition(0, 0, False))
     assert stats.posterior_totals.numel() == 0  # the step changed nothing: the loop commits
     stats.add_step(out.stat_sums, cfg.mixture_decay)
     assert 0 < float(stats.posterior_totals.sum()) <= 8 * 3 * 2

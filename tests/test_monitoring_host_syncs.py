@@ -10,12 +10,13 @@ torch function mode, on the CPU, so it needs no GPU.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from fne_dist.config import ModelConfig
+from fne_dist.config import ModelConfig, load_config
 from fne_dist.fne import FneConfig, SimilarityStats
 from fne_dist.fne import loss as loss_module
 from fne_dist.fne.selection import select_dense
@@ -24,7 +25,8 @@ from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
 from fne_dist.monitoring.similarities import SimilaritySamples
 from fne_dist.state import TrainState
-from fne_dist.step import forward_step
+from fne_dist.step import StepPosition, forward_step
+from fne_dist.train import DEFAULT_CONFIG
 
 HOST_READS = {
     torch.Tensor.item: "item",
@@ -71,13 +73,21 @@ def test_a_gpu_step_reads_nothing_on_the_host(
 ) -> None:
     """Invariant: phases 1-5, 7 and 8 of a step (forward, gather, statistics, FNE loss and
     draws, EMA, enqueue, the diagnostics' sums, the pictures' samples) on the GPU path read no
-    tensor value on the host, in the warm-up and with the FNE loss over a full memory. The
+    tensor value on the host, in the warm-up and with the FNE loss over a full memory, with the
+    default run's sampler (``fne`` of the packaged default.yaml: the intra_mixture posterior,
+    all_pairs statistics, the unflagged fallback; a gate small enough to open here). The
     loop's only reads are at log windows (TrainState.take_window), outside this path."""
     monkeypatch.setattr(loss_module, "_selector", lambda _d, _c, _g, cfg, *_: (select_dense, 64))
     torch.manual_seed(0)
     model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
     momentum, memory = make_momentum_copy(model), MomentumMemory(20, 4, seed=0)
-    stats, cfg, state = SimilarityStats(), FneConfig(gate_size=4), TrainState()
+    cfg = replace(load_config(DEFAULT_CONFIG).fne, gate_size=4)
+    assert (cfg.posterior, cfg.stats_source, cfg.fallback) == (
+        "intra_mixture",
+        "all_pairs",
+        "unflagged",
+    ), "the default changed: update docs/monitoring.md (Host syncs) and this test"
+    stats, state = SimilarityStats(), TrainState()
     samples = SimilaritySamples()
     gen = torch.Generator().manual_seed(1)
     for step in range(4):
@@ -88,7 +98,9 @@ def test_a_gpu_step_reads_nothing_on_the_host(
             "groups": torch.full((8,), -1),
         }
         with HostReads() as reads:
-            out = forward_step(model, momentum, batch, memory, stats, cfg, 0, step, warmup)
+            out = forward_step(
+                model, momentum, batch, memory, stats, cfg, StepPosition(0, step, warmup)
+            )
             stats.add_step(out.stat_sums, cfg.mixture_decay)  # the loop's commit
             out.loss.backward()
             ema_update(momentum, model, 0.99)
@@ -98,8 +110,10 @@ def test_a_gpu_step_reads_nothing_on_the_host(
             state.add_diagnostics(out.loss, out.diagnostics)
         assert reads.calls == {}, (step, dict(reads.calls))
     assert memory.writes == 32  # the memory filled and wrapped: the FNE path saw candidates
-    if not warmup:  # the CPU path (select_listed) does read: the recorder reaches the step
+    if not warmup:  # the CPU path (select_listed, taken by the paper's quadratic posterior)
+        # does read: the recorder reaches the step
         monkeypatch.undo()
+        paper, fresh = FneConfig(gate_size=4), SimilarityStats()
         with HostReads() as reads:
-            forward_step(model, momentum, batch, memory, stats, cfg, 0, 4, warmup)
+            forward_step(model, momentum, batch, memory, fresh, paper, StepPosition(0, 4, warmup))
         assert reads.calls, "the CPU selector's reads were not seen"

@@ -125,7 +125,8 @@ def test_curves_agree_with_the_reference_sampler() -> None:
     g = data["gaussians"]
     rg = ref.Gaussians(g["mu_pos"], g["var_pos"], g["mu_neg"], g["var_neg"], int(g["n_pos"]))
     kw = {"eps": cfg.eps, "tau": cfg.tau_kernel, "margin": cfg.cut_margin, "prior": cfg.prior}
-    w_ref = [ref.weight(s, g["mu_pos"], False, rg, gate=cfg.gate_size, **kw) for s in curves["s"]]
+    c = ref.Constants(gate=cfg.gate_size, **kw)
+    w_ref = [ref.weight(s, g["mu_pos"], False, rg, c) for s in curves["s"]]
     top = max(w_ref)
     for s, p, w, wr in zip(curves["s"], curves["p_fn"], curves["w"], w_ref, strict=True):
         assert p == pytest.approx(ref.p_fn(s, rg, cfg.prior), abs=1e-9)

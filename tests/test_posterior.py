@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from fne_dist.fne import FneConfig, fn_log_odds, fn_posterior, gaussians_from_stats, stats_of
 from fne_dist.fne import reference as ref
-from fne_dist.fne.weights import sampling_weights
+from fne_dist.fne.rules import FNE
+from fne_dist.fne.weights import AnchorSims, sampling_weights
 
 
 def _g(pos: list[float], neg: list[float], variance: str = "separate"):
@@ -81,5 +82,5 @@ def test_posterior_and_weights_are_finite(pos, neg, prior, variance) -> None:
         assert torch.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()
         sim = s.repeat(3, 1)
         mask = torch.zeros_like(sim, dtype=torch.bool)
-        w = sampling_weights(sim, s[[0, 20, 40]], mask, g, cfg, "fne").w_BN
+        w = sampling_weights(AnchorSims.of(sim, s[[0, 20, 40]], mask), g, cfg, FNE).w_BN
         assert torch.isfinite(w).all() and (w >= 0).all() and (w <= 1).all()

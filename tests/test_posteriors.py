@@ -106,14 +106,16 @@ def test_sampler_weights_take_the_given_log_odds() -> None:
     """Invariant: with log-odds given (a posterior not a function of s) the FNE weight is
     exp(−τ_fn P_fn) where P_fn > ε (gate open) and the kernel exp(−τ_k (s − s⁺)²) elsewhere,
     zero at or below the hard cut μ⁺ − margin, whatever the quadratic in s would say."""
-    from fne_dist.fne.weights import sampling_weights
+    from fne_dist.fne.weights import AnchorSims, sampling_weights
 
     g = _gauss()  # μ⁺ 0.5, cut at 0.3
     cfg = FneConfig(posterior="intra_mixture", eps=0.5, tau_fn=4.0, tau_kernel=0.5)
     sim = torch.tensor([[0.9, 0.45, 0.4, 0.2]], dtype=F64)  # column 0: the positive
     mask = torch.tensor([[True, False, False, False]])
     p = torch.tensor([[0.5, 0.95, 0.1, 0.99]], dtype=F64)
-    w = sampling_weights(sim, sim[:, 0], mask, g, cfg, log_odds_BN=torch.log(p / (1 - p)))
+    w = sampling_weights(
+        AnchorSims.of(sim, sim[:, 0], mask), g, cfg, log_odds_BN=torch.log(p / (1 - p))
+    )
     want = [0.0, math.exp(-4.0 * 0.95), math.exp(-0.5 * 0.5**2), 0.0]
     torch.testing.assert_close(w.w_BN[0], torch.tensor(want, dtype=F64))
     assert w.n_fn_B.tolist() == [2]  # columns 1 and 3 (the cut does not matter for the count)

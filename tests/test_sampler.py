@@ -21,6 +21,7 @@ from fne_dist.fne import (
     window_weights,
 )
 from fne_dist.fne import reference as ref
+from fne_dist.fne.rules import FNE, HARDEST, WINDOW
 from fne_dist.fne.selection import (
     CandidateLabels,
     Rows,
@@ -29,6 +30,7 @@ from fne_dist.fne.selection import (
     select_dense,
     select_listed,
 )
+from fne_dist.fne.weights import AnchorSims
 
 B, N = 12, 400
 PAPER = FneConfig()  # prior 1e-4, ε 1e-3, τ 0.5, margin 0.2, gate 200
@@ -100,7 +102,7 @@ def _reference_rows(sim, pos_col, mask, g_ref, hard_cut: bool):
     for i in range(B):
         s_row, m_row, s_pos = sim[i].double().tolist(), mask[i].tolist(), float(sim[i, pos_col[i]])
         w = [
-            ref.weight(s, s_pos, m, g_ref, hard_cut=hard_cut)
+            ref.weight(s, s_pos, m, g_ref, ref.Constants(hard_cut=hard_cut))
             for s, m in zip(s_row, m_row, strict=True)
         ]
         hinges = [ref.hinge(s, s_pos, m) for s, m in zip(s_row, m_row, strict=True)]
@@ -153,11 +155,11 @@ def test_fast_forms_equal_the_reference(regime: str, dtype: torch.dtype) -> None
     tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 1e-6}
 
     pos_sim = sim[torch.arange(B), pos_col]
-    dense = sampling_weights(sim, pos_sim, mask, g, cfg)
+    sims = AnchorSims.of(sim, pos_sim, mask)
+    dense = sampling_weights(sims, g, cfg)
     torch.testing.assert_close(dense.w_BN.double(), w_ref, **tol)
     masked = masked_positions(ids, pos_col, candidate_index(cand_ids), N)
-    masked_sim = sim.masked_fill(mask, -math.inf)
-    window = window_weights(sim, pos_sim, masked_sim, masked, g, cfg, "fne", max_fraction=0.25)
+    window = window_weights(sims, masked, g, cfg, FNE, max_fraction=0.25)
     wide = sum(r[3] for r in expected) > 0.25 * B * N
     assert (window is None) == (not hard_cut or g_ref.skip_cut or wide)  # compacted when narrow
     if window is not None:
@@ -167,7 +169,7 @@ def test_fast_forms_equal_the_reference(regime: str, dtype: torch.dtype) -> None
     for k in (1, 3):
         u = torch.rand(B, k, generator=torch.Generator().manual_seed(k), dtype=torch.float64)
         cfg = FneConfig(negatives=k, hard_cut=hard_cut)
-        args = (Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g, cfg, "fne")
+        args = (Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g, cfg, FNE)
         for picks in (select_dense(*args), select_listed(*args)):
             for i, (w, hinges, n_fn, n_window, n_unmasked, _) in enumerate(expected):
                 draws = _reference_draws(w, hinges, u[i].tolist())
@@ -199,13 +201,11 @@ def test_hard_cut_boundary_is_inclusive() -> None:
     sim = torch.tensor([row], dtype=torch.float64)
     pos_col = torch.tensor([len(row) - 1])
     mask = negative_mask(torch.tensor([0]), pos_col, torch.arange(1, len(row) + 1))
-    w = sampling_weights(sim, sim[:, -1], mask, g, PAPER)
+    w = sampling_weights(AnchorSims.of(sim, sim[:, -1], mask), g, PAPER)
     assert w.w_BN[0, 0] == 0 and w.w_BN[0, 1] > 0 and w.w_BN[0, 2] == 0
     assert w.n_window_B.tolist() == [1]
     masked = mask.nonzero(as_tuple=True)
-    ww = window_weights(
-        sim, sim[:, -1], sim.masked_fill(mask, -math.inf), masked, g, PAPER, "fne", 0.25
-    )
+    ww = window_weights(AnchorSims.of(sim, sim[:, -1], mask), masked, g, PAPER, FNE, 0.25)
     assert ww is not None and ww.col_BM.tolist() == [[1]] and ww.n_window_B.tolist() == [1]
     g_ref = ref.Gaussians(0.5, float(g.var_pos), float(g.mu_neg), float(g.var_neg), 1)
     assert ref.weight(edge, 0.9, False, g_ref) == 0 < ref.weight(row[1], 0.9, False, g_ref)
@@ -223,13 +223,11 @@ def test_fn_weight_needs_p_fn_strictly_above_eps() -> None:
     pos_col = torch.tensor([0])
     mask = negative_mask(torch.tensor([0]), pos_col, torch.arange(1, sim.shape[1] + 1))
     kernel = torch.exp(-cfg.tau_kernel * (sim - 0.9).square()).masked_fill(mask | (sim <= -0.2), 0)
-    w = sampling_weights(sim, sim[:, 0], mask, g, cfg)
+    w = sampling_weights(AnchorSims.of(sim, sim[:, 0], mask), g, cfg)
     torch.testing.assert_close(w.w_BN, kernel, rtol=1e-15, atol=0)
     assert w.n_fn_B.tolist() == [0]
     masked = mask.nonzero(as_tuple=True)
-    ww = window_weights(
-        sim, sim[:, 0], sim.masked_fill(mask, -math.inf), masked, g, cfg, "fne", 0.25
-    )
+    ww = window_weights(AnchorSims.of(sim, sim[:, 0], mask), masked, g, cfg, FNE, 0.25)
     assert ww is not None and ww.n_fn_B.tolist() == [0]
     torch.testing.assert_close(ww.w_BM, kernel[:, 1:4], rtol=1e-15, atol=0)
 
@@ -241,7 +239,7 @@ def test_a_candidate_exactly_at_the_margin_is_no_violator() -> None:
     assert PAPER.margin + 0.3 - 0.5 == 0.0
     rows = Rows(sim, torch.tensor([0]), torch.tensor([0]))
     for select in (select_dense, select_listed):
-        picks = select(rows, CandidateLabels(torch.tensor([0, 1, 2])), None, PAPER, "hardest")
+        picks = select(rows, CandidateLabels(torch.tensor([0, 1, 2])), None, PAPER, HARDEST)
         assert picks.index_bk.tolist() == [[1]] and picks.valid_bk.tolist() == [[False]]
         assert picks.count("no_violator").tolist() == [1.0] and picks.zero_hinge_bk.tolist() == [
             [True]
@@ -258,7 +256,7 @@ def test_masked_candidates_are_never_drawn() -> None:
     for seed in range(5):
         u = torch.rand(B, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         for select in (select_dense, select_listed):
-            picks = select(Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g, cfg, "fne")
+            picks = select(Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g, cfg, FNE)
             assert not (mask.gather(1, picks.index_bk) & picks.valid_bk).any()
 
 
@@ -291,7 +289,7 @@ def test_window_rule_is_uniform_over_the_window() -> None:
     g, _ = _gaussians("gate closed")
     sim, _, _, pos_col, mask = _problem(7, torch.float64)
     pos_sim = sim[torch.arange(B), pos_col]
-    w = sampling_weights(sim, pos_sim, mask, g, cfg, "window").w_BN
+    w = sampling_weights(AnchorSims.of(sim, pos_sim, mask), g, cfg, WINDOW).w_BN
     inside = (sim > g.mu_pos - cfg.margin) & ~mask
     assert torch.equal(w, inside.to(w.dtype))
 
@@ -308,7 +306,7 @@ def test_compiled_sampler_matches_eager() -> None:
     sim, ids, cand_ids, pos_col, _ = _problem(11, torch.float64)
     u = torch.rand(B, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     cfg = FneConfig(negatives=2)
-    args = (Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g, cfg, "fne")
+    args = (Rows(sim, pos_col, ids, u), CandidateLabels(cand_ids), g, cfg, FNE)
     eager, fused = select_dense(*args), _compiled_dense()(*args)
     assert torch.equal(eager.index_bk, fused.index_bk)
     assert torch.equal(eager.valid_bk, fused.valid_bk)

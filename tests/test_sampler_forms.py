@@ -12,6 +12,7 @@ from fne_dist.fne import FneConfig, gaussians_from_stats, negative_mask, stats_o
 from fne_dist.fne import reference as ref
 from fne_dist.fne.posterior import fn_log_odds, fn_log_odds_threshold
 from fne_dist.fne.posteriors import paper_fit
+from fne_dist.fne.rules import RULES
 from fne_dist.fne.sampling import first_argmax, inverse_cdf_draw
 from fne_dist.fne.selection import (
     CandidateLabels,
@@ -83,7 +84,13 @@ def test_listed_form_picks_what_the_dense_form_picks(
         sim, ids, cand_ids, pos_col, g_b, g_n = _problem(seed, groups=groups)
         cfg = FneConfig(negatives=k, hard_cut=hard_cut, prior=0.05, eps=0.01)
         u = torch.rand(B, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        args = (Rows(sim, pos_col, ids, u, g_b), CandidateLabels(cand_ids, g_n), g, cfg, rule)
+        args = (
+            Rows(sim, pos_col, ids, u, g_b),
+            CandidateLabels(cand_ids, g_n),
+            g,
+            cfg,
+            RULES[rule],
+        )
         dense = select_dense(*args)
         listed = select_listed(*args)
         for field in dense._fields:

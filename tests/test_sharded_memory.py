@@ -44,12 +44,12 @@ from fne_dist.fne.detection import COLUMNS
 from fne_dist.fne.estimators import random_candidate_sims, sample_columns
 from fne_dist.fne.loss import _select
 from fne_dist.fne.posteriors import CandidateSample, posterior_for
+from fne_dist.fne.rules import RULE_OF_LOSS
 from fne_dist.fne.sampling import step_uniforms
 from fne_dist.memory import MomentumMemory, ShardRange
 
 F64 = torch.float64
 B, D, K, SEED = 4, 16, 37, 7
-RULES = {"fne": "fne", "window": "window", "vse_pp": "hardest"}
 
 
 def _dyadic(x: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ def _whole(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor):
     if cfg.loss == "vse_pp" and not cfg.vse_pp_memory:
         cands = cands.batch_only()
     a = Anchors(img, txt, ids, torch.arange(G), groups)
-    rule = RULES[cfg.loss]
+    rule = RULE_OF_LOSS[cfg.loss]
     i2t = _select(img, cands.txt_ND, a, cands, cfg, rule, g, u_2Gk[0])
     t2i = _select(txt, cands.img_ND, a, cands, cfg, rule, g, u_2Gk[1])
     return (i2t, t2i), cands
@@ -171,7 +171,7 @@ def _sharded(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor, world: int):
                 u_2Gk,
             )
             out[r] = (
-                sharded_selection(step, cfg, g, RULES[cfg.loss], comm),
+                sharded_selection(step, cfg, g, RULE_OF_LOSS[cfg.loss], comm),
                 sharded_retrieval_loss(step, cfg, g, None, comm),
             )
         except BaseException as err:

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..fne.loss import Anchors, Candidates, LossOutput, retrieval_loss
 from ..fne.params import FneConfig
 from ..fne.posteriors import fit_of
+from ..fne.rules import RULE_OF_LOSS, Rule
 from ..fne.selection import Picks
 from ..fne.sharded import (
     Fallback,
@@ -138,7 +139,7 @@ class ShardedPicks:
 def _memory_segment(memory, G: int, dtype: torch.dtype, ctx: dict) -> Segment:
     """This rank's shard as a segment; the fallback is not sought there when its scope is the
     batch block (``fne.fallback_scope``; the hardest rule ignores the scope)."""
-    scope = ctx["cfg"].fallback_scope != "batch" or ctx["rule"] == "hardest"
+    scope = ctx["cfg"].fallback_scope != "batch" or not ctx["rule"].draws
     return Segment(
         G + memory.shard.lo, memory.ids_K, memory.groups_K, memory.img_KD.to(dtype), scope
     )
@@ -220,7 +221,7 @@ def _direction(step: ShardStep, d: int, ctx: dict, comm: Comm) -> dict:
     )
     counts_G3 = comm.all_reduce_sum(local.counts_b3)
     detect_GF = comm.all_reduce_sum(local.detect_bF)
-    if ctx["rule"] == "hardest":
+    if not ctx["rule"].draws:
         index_Gk, sim_Gk = fb.col_b[:, None], fb.best_b[:, None]
         valid_Gk = fb.has_violator_b[:, None]
         fallback_G = torch.zeros_like(fb.has_violator_b)
@@ -350,7 +351,7 @@ def _with_batch_rows(rows: Candidates, cols_X: Tensor, gathered: Candidates) -> 
 
 
 def sharded_selection(
-    step: ShardStep, cfg: FneConfig, g: Gaussians | None, rule: str, comm: Comm
+    step: ShardStep, cfg: FneConfig, g: Gaussians | None, rule: Rule, comm: Comm
 ) -> ShardedPicks:
     """The picks of this rank's anchors over [gathered batch ; every rank's shard], the same as
     the whole-memory sampler's (``fne.loss``), and the candidate block the loss indexes."""
@@ -358,14 +359,14 @@ def sharded_selection(
     G, B = gathered.n_batch, a.ids_B.shape[0]
     img_G, txt_G = comm.all_gather(a.img_BD.detach()), comm.all_gather(a.txt_BD.detach())
     groups_G = None if a.groups_B is None else comm.all_gather(a.groups_B)
-    measure = groups_G is not None and gathered.groups_N is not None and rule != "hardest"
+    measure = groups_G is not None and gathered.groups_N is not None and rule.draws
     ctx = dict(
         cfg=cfg, g=g, rule=rule, img_G=img_G, txt_G=txt_G, anchor_G=(img_G, txt_G),
         ids=comm.all_gather(a.ids_B), pos_col=comm.all_gather(a.pos_col_B),
         mask_groups=groups_G if cfg.mask_groups else None,
         detect_groups=groups_G if measure else None,
-        fit=None if rule != "fne" or g is None else fit_of(g, cfg.prior),
-        use_memory=rule != "hardest" or cfg.vse_pp_memory,
+        fit=None if not rule.uses_posterior or g is None else fit_of(g, cfg.prior),
+        use_memory=rule.draws or cfg.vse_pp_memory,
     )  # fmt: skip
     out = [_direction(step, d, ctx, comm) for d in (0, 1)]
     k = out[0]["index"].shape[1]
@@ -402,9 +403,6 @@ def _picks_of(o: dict, mine: slice, first: int, ctx: dict, cfg: FneConfig) -> Pi
     )
 
 
-RULES = {"fne": "fne", "window": "window", "vse_pp": "hardest"}
-
-
 def sharded_retrieval_loss(
     step: ShardStep, cfg: FneConfig, g: Gaussians | None, temperature: Tensor | None, comm: Comm
 ) -> LossOutput:
@@ -412,9 +410,11 @@ def sharded_retrieval_loss(
     the picks made across ranks, the hinges (with gradient) and diagnostics on this rank."""
     B = step.anchors.ids_B.shape[0]
     u_2Bk = step.u_2Gk[:, comm.rank * B : (comm.rank + 1) * B]
-    if cfg.loss not in RULES:  # vse0 reads the batch block only (infonce is refused by config)
+    if (
+        cfg.loss not in RULE_OF_LOSS
+    ):  # vse0 reads the batch block only (infonce is refused by config)
         return retrieval_loss(step.anchors, step.gathered, cfg, g, u_2Bk, temperature)
-    p = sharded_selection(step, cfg, g, RULES[cfg.loss], comm)
+    p = sharded_selection(step, cfg, g, RULE_OF_LOSS[cfg.loss], comm)
     return retrieval_loss(
         step.anchors, p.candidates, cfg, g, u_2Bk, temperature, picks=(p.i2t, p.t2i)
     )

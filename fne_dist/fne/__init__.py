@@ -39,11 +39,12 @@ from .stats import (
     mutual_top1_stats,
     stats_of,
 )
-from .weights import Weights, sampling_weights, window_weights
+from .weights import AnchorSims, Weights, sampling_weights, window_weights
 
 __all__ = [
     "LOSSES",
     "POSTERIORS",
+    "AnchorSims",
     "Anchors",
     "Candidates",
     "Draw",

@@ -38,6 +38,7 @@ from .params import FneConfig
 from .posterior import fn_log_odds_threshold
 from .posteriors import quadratic_fit_of
 from .stats import Gaussians
+from .weights import WindowWeights
 
 RELIABILITY_EDGES: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0)
 """Bin edges of P_fn (log-spaced below 0.1: the posterior lives near the prior, 1e-4)."""
@@ -105,11 +106,15 @@ def detection_sums(
     return torch.cat([out_bF, rel_bR3.flatten(1)], dim=1)
 
 
+GroupLabels = tuple[Tensor, Tensor]
+"""(the b anchors' group labels, the N candidates' group labels): what detection is scored
+against."""
+
+
 def dense_detection(
     sim_bN: Tensor,
     mask_bN: Tensor,
-    groups_b: Tensor,
-    cand_groups_N: Tensor,
+    groups: GroupLabels,
     window_bN: Tensor,
     g: Gaussians,
     cfg: FneConfig,
@@ -117,6 +122,7 @@ def dense_detection(
     log_odds_bN: Tensor | None = None,
 ) -> Tensor:
     """``detection_sums`` over every candidate: the definition (any device)."""
+    groups_b, cand_groups_N = groups
     same_bN = same_group(groups_b[:, None], cand_groups_N[None, :])
     eval_bN = evaluable(groups_b, cand_groups_N, mask_bN)
     return detection_sums(sim_bN, eval_bN, same_bN, window_bN, g, cfg, with_posterior, log_odds_bN)
@@ -125,22 +131,23 @@ def dense_detection(
 def listed_detection(
     sim_bN: Tensor,
     masked: tuple[Tensor, Tensor],
-    groups_b: Tensor,
-    cand_groups_N: Tensor,
-    col_bM: Tensor,
-    n_window_b: Tensor,
+    groups: GroupLabels,
+    window: WindowWeights,
     g: Gaussians,
     cfg: FneConfig,
     with_posterior: bool,
 ) -> Tensor:
-    """``dense_detection`` from the hard-cut window's slots (col_bM, the first n_window_b of
-    each row) and the listed mask, for a window that holds every candidate with P_fn > ε.
+    """``dense_detection`` from the hard-cut window's slots (``window.col_BM``, the first
+    ``window.n_window_B`` of each row) and the listed mask, for a window that holds every
+    candidate with P_fn > ε.
 
     Every predicted candidate is inside the window then, so the window's slots give every
     column except n_eval and n_actual, which are counts of labels: labelled (same-group)
     candidates of the whole row, by binary search in the sorted candidate labels, less the
     masked entries that are labelled (same-group).
     """
+    groups_b, cand_groups_N = groups
+    col_bM, n_window_b = window.col_BM, window.n_window_B
     b, m = col_bM.shape
     rows_M, cols_M = masked
     slot_bM = torch.arange(m, device=col_bM.device)[None, :] < n_window_b[:, None]

@@ -42,6 +42,7 @@ from .detection import COLUMNS as DETECTION_COLUMNS
 from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
 from .posteriors import PairSims, fit_of
+from .rules import RULE_OF_LOSS, Rule
 from .selection import (
     COUNTS,
     CandidateLabels,
@@ -133,9 +134,9 @@ def retrieval_loss(
         raise ValueError(f"unknown loss {name!r} (valid: {', '.join(LOSSES)})")
     if name in ("vse0", "infonce"):
         return _full_matrix_loss(name, a, c, cfg, temperature, gaussians)
-    rule = {"fne": "fne", "window": "window", "vse_pp": "hardest"}[name]
+    rule = RULE_OF_LOSS[name]
     cands = c.batch_only() if name == "vse_pp" and not cfg.vse_pp_memory else c
-    if rule != "hardest" and (gaussians is None or uniforms_2Bk is None):
+    if rule.draws and (gaussians is None or uniforms_2Bk is None):
         raise ValueError(f"loss {name!r} needs the running Gaussians and the step's uniforms")
     u = (None, None) if uniforms_2Bk is None else uniforms_2Bk.to(a.img_BD.device)
     if picks is None:
@@ -164,12 +165,13 @@ def retrieval_loss(
         share = s["same_group"] / n_labelled.clamp_min(1.0)
         diag["frac_neg_same_group"] = torch.where(n_labelled > 0, share, math.nan)
         diag["neg_same_group"], diag["neg_labelled"] = s["same_group"], n_labelled
-        for key in DETECTION_COLUMNS if rule != "hardest" else ():
-            if rule == "fne" or not key.startswith(("pfn_", "rel")):  # no posterior: no P_fn
+        for key in DETECTION_COLUMNS if rule.draws else ():
+            # no posterior: no P_fn columns
+            if rule.uses_posterior or not key.startswith(("pfn_", "rel")):
                 diag[f"fnd_{key}"] = s[f"fnd_{key}"]  # per-step sums: fne.detection
-    if rule == "fne":
+    if rule.uses_posterior:
         diag["frac_pfn_gt_eps"] = s["fn"] / s["unmasked"].clamp_min(1.0)
-    if rule != "hardest":  # the share of candidates the draw spreads over
+    if rule.draws:  # the share of candidates the draw spreads over
         diag["frac_in_window"] = s["window"] / s["unmasked"].clamp_min(1.0)
     if gaussians is not None:
         diag.update(gaussian_diagnostics(gaussians))
@@ -230,7 +232,7 @@ def _select(
     a: Anchors,
     c: Candidates,
     cfg: FneConfig,
-    rule: str,
+    rule: Rule,
     g: Gaussians | None,
     u_Bk: Tensor | None,
 ) -> Picks:
@@ -239,15 +241,15 @@ def _select(
     chunks of that block's rows, so no B×N temporary outlives a chunk."""
     groups_B = a.groups_B if cfg.mask_groups else None
     select, chunk = _selector(cand_ND.device, c, groups_B, cfg, rule, g)
-    fit = None if rule != "fne" or g is None else fit_of(g, cfg.prior)
+    fit = None if not rule.uses_posterior or g is None else fit_of(g, cfg.prior)
     # A posterior that is not a function of s (or the fallback that skips flagged candidates)
     # needs the log-odds of every pair: the dense form, with the log-odds computed here (the
     # listed form's window shortcuts assume the quadratic in s).
     every_pair = fit is not None and (not fit.quadratic or cfg.fallback == "unflagged")
     if every_pair:
         select, chunk = select_dense, cfg.chunk_rows
-    measure = a.groups_B is not None and c.groups_N is not None and rule != "hardest"
-    fallback_cols = c.n_batch if cfg.fallback_scope == "batch" and rule != "hardest" else None
+    measure = a.groups_B is not None and c.groups_N is not None and rule.draws
+    fallback_cols = c.n_batch if cfg.fallback_scope == "batch" and rule.draws else None
     cands = CandidateLabels(c.ids_N, c.groups_N)
     cand_detached_ND = cand_ND.detach()
     picks: list[Picks] = []
@@ -280,7 +282,7 @@ def _selector(
     c: Candidates,
     groups_B: Tensor | None,
     cfg: FneConfig,
-    rule: str,
+    rule: Rule,
     g: Gaussians | None,
 ):
     """(selector, rows per chunk) for this step.
@@ -294,8 +296,8 @@ def _selector(
     if device.type != "cpu":
         return _compiled_dense() if cfg.compile else select_dense, cfg.chunk_rows
     index = candidate_index(c.ids_N, None if groups_B is None else c.groups_N)
-    assert rule == "hardest" or g is not None
-    dense_weights = rule != "hardest" and window_is_everything(g, cfg)  # type: ignore[arg-type]
+    assert not rule.draws or g is not None
+    dense_weights = rule.draws and window_is_everything(g, cfg)  # type: ignore[arg-type]
     return partial(select_listed, index=index), (
         cfg.chunk_rows if dense_weights else cfg.window_chunk_rows
     )

@@ -32,16 +32,25 @@ def p_fn(s: float, g: Gaussians, prior: float = 1e-4) -> float:
     return math.exp(a - top) / (math.exp(a - top) + math.exp(b - top))
 
 
-def weight(s: float, s_pos: float, masked: bool, g: Gaussians, eps=1e-3, tau=0.5, margin=0.2,
-           gate=200, prior=1e-4, hard_cut=True) -> float:  # fmt: skip
+@dataclass(frozen=True)
+class Constants:
+    eps: float = 1e-3
+    tau: float = 0.5
+    margin: float = 0.2  # of the hard cut
+    gate: int = 200
+    prior: float = 1e-4
+    hard_cut: bool = True
+
+
+def weight(s: float, s_pos: float, masked: bool, g: Gaussians, c: Constants = Constants()) -> float:
     if masked:
         return 0.0  # a positive (same image id) is never a negative
-    if hard_cut and not g.skip_cut and s <= g.mu_pos - margin:
+    if c.hard_cut and not g.skip_cut and s <= g.mu_pos - c.margin:
         return 0.0  # hard cut: too easy to teach anything
-    p = p_fn(s, g, prior)
-    if g.n_pos > gate and p > eps:
-        return math.exp(-tau * p)  # FN weight: likely false negatives down-weighted
-    return math.exp(-tau * (s - s_pos) ** 2)  # kernel weight (cut-down strategy: P_fn ≤ ε)
+    p = p_fn(s, g, c.prior)
+    if g.n_pos > c.gate and p > c.eps:
+        return math.exp(-c.tau * p)  # FN weight: likely false negatives down-weighted
+    return math.exp(-c.tau * (s - s_pos) ** 2)  # kernel weight (cut-down strategy: P_fn ≤ ε)
 
 
 def hinge(s: float, s_pos: float, masked: bool, margin: float = 0.2) -> float:

@@ -13,7 +13,8 @@ Two selectors with the same picks (``tests/test_sampler.py`` holds both equal to
   ~0.1-2 % of the candidates in our runs (``frac_in_window``); a wide window (no hard cut, or
   more than ``WINDOW_MAX_FRACTION`` of the candidates) takes the dense weights.
 
-rule: "hardest" (VSE++: the most similar unmasked candidate), "fne" or "window" (a draw).
+rule (``fne.rules``): the hardest violator (VSE++: the most similar unmasked candidate), or a
+draw with FNE's weights or uniform ones over the window.
 """
 
 from __future__ import annotations
@@ -24,13 +25,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .detection import dense_detection, empty_detection, listed_detection
+from .detection import GroupLabels, dense_detection, empty_detection, listed_detection
 from .groups import same_group
 from .params import FneConfig
 from .posteriors import quadratic_fit_of
-from .sampling import draw_negatives, hardest_violator
+from .rules import Rule
+from .sampling import Draw, draw_negatives, hardest_violator
 from .stats import Gaussians
 from .weights import (
+    AnchorSims,
+    WindowWeights,
     count_true,
     cut_threshold,
     fn_region_inside_window,
@@ -92,11 +96,11 @@ class Picks(NamedTuple):
 
 
 def select_dense(
-    rows: Rows, cands: CandidateLabels, g: Gaussians | None, cfg: FneConfig, rule: str
+    rows: Rows, cands: CandidateLabels, g: Gaussians | None, cfg: FneConfig, rule: Rule
 ) -> Picks:
     """The picks of b anchors, dense: the mask and the weights as b×N tensors (any device).
 
-    Detection (``fne.detection``) is measured with the fne and window rules when
+    Detection (``fne.detection``) is measured with the rules that draw when
     ``rows.detect_groups_b`` and the candidates' groups are given. ``rows.log_odds_bN``: the
     posterior's log-odds of every pair (a posterior that is not a function of sim, or the
     ``unflagged`` fallback); ``rows.fallback_cols``: the fallback violator is sought in the
@@ -108,30 +112,26 @@ def select_dense(
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     mask_bN = negative_mask(ids_b, pos_col_b, cands.ids_N, rows.mask_groups_b, cands.groups_N)
     masked_sim_bN = sim_bN.masked_fill(mask_bN, -math.inf)
-    if rule == "hardest":
-        return _hardest_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin)
+    sims = AnchorSims(sim_bN, pos_sim_b, mask_bN, masked_sim_bN)
+    if not rule.draws:
+        return _hardest_picks(sims, cfg.margin)
     assert g is not None and u_bk is not None
-    w = sampling_weights(
-        sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN, log_odds_BN=log_odds_bN
-    )
+    w = sampling_weights(sims, g, cfg, rule, log_odds_BN=log_odds_bN)
     counts = (w.n_fn_B, n - count_true(mask_bN), w.n_window_B)
-    detect = _dense_detection(
-        sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule, log_odds_bN
-    )
+    detect = _dense_detection(sims, detect_groups, g, cfg, rule, log_odds_bN)
     fallback_sim_bN = masked_sim_bN
-    if cfg.fallback == "unflagged" and log_odds_bN is not None and rule == "fne":
+    if cfg.fallback == "unflagged" and log_odds_bN is not None and rule.uses_posterior:
         # the empty-window fallback skips candidates with P_fn > ε (gate open): measured on
         # emoji, most rows' windows empty late in training and the hardest violator is then
         # the family mate the posterior flagged (fne.params ``fallback``)
         flagged_bN = is_false_negative(log_odds_bN, cfg.eps) & g.gate_open
         fallback_sim_bN = masked_sim_bN.masked_fill(flagged_bN, -math.inf)
     return _drawn_picks(
-        sim_bN, fallback_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, w.w_BN, None, counts,
-        detect,
-    )  # fmt: skip
+        sims, fallback_sim_bN[:, :fallback_cols], cfg, u_bk, w.w_BN, None, counts, detect
+    )
 
 
-def _detect_groups(rows: Rows, cands: CandidateLabels) -> tuple[Tensor, Tensor] | None:
+def _detect_groups(rows: Rows, cands: CandidateLabels) -> GroupLabels | None:
     """(anchor groups, candidate groups) to measure detection against, or None."""
     if rows.detect_groups_b is None or cands.groups_N is None:
         return None
@@ -139,23 +139,22 @@ def _detect_groups(rows: Rows, cands: CandidateLabels) -> tuple[Tensor, Tensor] 
 
 
 def _dense_detection(
-    sim_bN: Tensor,
-    mask_bN: Tensor,
-    masked_sim_bN: Tensor,
-    detect_groups: tuple[Tensor, Tensor] | None,
+    sims: AnchorSims,
+    detect_groups: GroupLabels | None,
     g: Gaussians,
     cfg: FneConfig,
-    rule: str,
+    rule: Rule,
     log_odds_bN: Tensor | None = None,
 ) -> Tensor:
     """``fne.detection.dense_detection`` with this step's window, or b×0 if not measured."""
+    sim_bN, _, mask_bN, masked_sim_bN = sims
     if detect_groups is None:
         return empty_detection(sim_bN.shape[0], sim_bN.device)
+    assert mask_bN is not None
     threshold = cut_threshold(g, cfg.cut_margin, sim_bN.dtype) if cfg.hard_cut else -math.inf
     window_bN = masked_sim_bN > threshold
-    groups_b, cand_groups_N = detect_groups
     return dense_detection(
-        sim_bN, mask_bN, groups_b, cand_groups_N, window_bN, g, cfg, rule == "fne", log_odds_bN
+        sim_bN, mask_bN, detect_groups, window_bN, g, cfg, rule.uses_posterior, log_odds_bN
     )
 
 
@@ -164,7 +163,7 @@ def select_listed(
     cands: CandidateLabels,
     g: Gaussians | None,
     cfg: FneConfig,
-    rule: str,
+    rule: Rule,
     index: CandidateIndex | None = None,
 ) -> Picks:
     """The picks of b anchors, listed: the masked entries by binary search (``index``: the
@@ -180,73 +179,67 @@ def select_listed(
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
     masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
-    if rule == "hardest":
-        return _hardest_picks(sim_bN, masked_sim_bN, pos_sim_b, cfg.margin)
+    sims = AnchorSims(sim_bN, pos_sim_b, None, masked_sim_bN)
+    if not rule.draws:
+        return _hardest_picks(sims, cfg.margin)
     assert g is not None and u_bk is not None
     n_unmasked_b = n - torch.bincount(masked[0], minlength=b)
-    ww = window_weights(sim_bN, pos_sim_b, masked_sim_bN, masked, g, cfg, rule, WINDOW_MAX_FRACTION)
+    ww = window_weights(sims, masked, g, cfg, rule, WINDOW_MAX_FRACTION)
     if ww is not None:
         counts = (ww.n_fn_B, n_unmasked_b, ww.n_window_B)
-        detect = _listed_detection(sim_bN, masked, masked_sim_bN, detect_groups, ww, g, cfg, rule)
+        detect = _listed_detection(sims, masked, detect_groups, ww, g, cfg, rule)
         return _drawn_picks(
-            sim_bN, masked_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, ww.w_BM, ww.col_BM,
-            counts, detect,
-        )  # fmt: skip
+            sims, masked_sim_bN[:, :fallback_cols], cfg, u_bk, ww.w_BM, ww.col_BM, counts, detect
+        )
     # A wide window: the dense weights, with the listed mask.
     mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(masked, torch.tensor(True))
-    w = sampling_weights(sim_bN, pos_sim_b, mask_bN, g, cfg, rule, masked_sim_bN, masked)
+    sims = sims._replace(mask_BN=mask_bN)
+    w = sampling_weights(sims, g, cfg, rule, masked)
     counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
-    detect = _dense_detection(sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule)
+    detect = _dense_detection(sims, detect_groups, g, cfg, rule)
     return _drawn_picks(
-        sim_bN, masked_sim_bN[:, :fallback_cols], pos_sim_b, cfg, u_bk, w.w_BN, None, counts,
-        detect,
-    )  # fmt: skip
+        sims, masked_sim_bN[:, :fallback_cols], cfg, u_bk, w.w_BN, None, counts, detect
+    )
 
 
 def _listed_detection(
-    sim_bN: Tensor,
+    sims: AnchorSims,
     masked: tuple[Tensor, Tensor],
-    masked_sim_bN: Tensor,
-    detect_groups: tuple[Tensor, Tensor] | None,
-    ww,
+    detect_groups: GroupLabels | None,
+    ww: WindowWeights,
     g: Gaussians,
     cfg: FneConfig,
-    rule: str,
+    rule: Rule,
 ) -> Tensor:
     """Detection sums from the window's slots when every P_fn > ε candidate is inside the
     window (the usual case); otherwise from the dense mask (same sums)."""
+    sim_bN = sims.sim_BN
     if detect_groups is None:
         return empty_detection(sim_bN.shape[0], sim_bN.device)
-    groups_b, cand_groups_N = detect_groups
     threshold = float(cut_threshold(g, cfg.cut_margin, sim_bN.dtype))
-    if rule == "window" or fn_region_inside_window(
+    if not rule.uses_posterior or fn_region_inside_window(
         quadratic_fit_of(g, cfg.prior), cfg.eps, threshold
     ):
-        return listed_detection(
-            sim_bN, masked, groups_b, cand_groups_N, ww.col_BM, ww.n_window_B, g, cfg,
-            rule == "fne",
-        )  # fmt: skip
+        return listed_detection(sim_bN, masked, detect_groups, ww, g, cfg, rule.uses_posterior)
     mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(masked, torch.tensor(True))
-    return _dense_detection(sim_bN, mask_bN, masked_sim_bN, detect_groups, g, cfg, rule)
+    return _dense_detection(sims._replace(mask_BN=mask_bN), detect_groups, g, cfg, rule)
 
 
-def _hardest_picks(
-    sim_bN: Tensor, masked_sim_bN: Tensor, pos_sim_b: Tensor, margin: float
-) -> Picks:
+def _hardest_picks(sims: AnchorSims, margin: float) -> Picks:
     """VSE++: the hardest unmasked candidate of each anchor, valid if it violates the margin."""
-    h_b, has_violator_b = hardest_violator(masked_sim_bN, pos_sim_b, margin)
+    sim_bN = sims.sim_BN
+    h_b, has_violator_b = hardest_violator(sims.masked_sim_BN, sims.pos_sim_B, margin)
     zeros_b = torch.zeros_like(h_b)
+    d = Draw(h_b[:, None], has_violator_b[:, None], zeros_b.bool(), ~has_violator_b)
     return _picks(
-        sim_bN, pos_sim_b, margin, h_b[:, None], has_violator_b[:, None],
-        zeros_b.bool(), ~has_violator_b, (zeros_b, zeros_b, zeros_b),
+        sims, margin, d, (zeros_b, zeros_b, zeros_b),
         empty_detection(sim_bN.shape[0], sim_bN.device), sim_bN.new_zeros(len(h_b), 0),
     )  # fmt: skip
 
 
 def _drawn_picks(
-    sim_bN: Tensor,
-    masked_sim_bN: Tensor,
-    pos_sim_b: Tensor,
+    sims: AnchorSims,
+    fallback_sim_bN: Tensor,
     cfg: FneConfig,
     u_bk: Tensor,
     w_bM: Tensor,
@@ -256,18 +249,17 @@ def _drawn_picks(
 ) -> Picks:
     """k draws from the weights w_bM (col_bM: their columns when compacted to the window),
     with the hardest violator as the fallback of a row whose weights sum to 0 (sought among
-    the columns of ``masked_sim_bN``: a leading slice when the fallback's scope is narrowed); with
-    ``cfg.reduction`` expected, also the normalised weights as dense rows (the draws are then
-    diagnostics only)."""
-    h_b, has_violator_b = hardest_violator(masked_sim_bN, pos_sim_b, cfg.margin)
+    the columns of ``fallback_sim_bN``, masked similarities: a leading slice when the
+    fallback's scope is narrowed, flagged candidates masked too under the unflagged fallback);
+    with ``cfg.reduction`` expected, also the normalised weights as dense rows (the draws are
+    then diagnostics only)."""
+    sim_bN = sims.sim_BN
+    h_b, has_violator_b = hardest_violator(fallback_sim_bN, sims.pos_sim_B, cfg.margin)
     d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
     prob_bN = sim_bN.new_zeros(len(h_b), 0)
     if cfg.reduction == "expected":
         prob_bN = expected_shares(w_bM, col_bM, sim_bN.shape[1], h_b, has_violator_b)
-    return _picks(
-        sim_bN, pos_sim_b, cfg.margin, d.index_Bk, d.valid_Bk, d.fallback_B, d.no_violator_B,
-        counts, detect_bF, prob_bN.to(sim_bN.dtype),
-    )  # fmt: skip
+    return _picks(sims, cfg.margin, d, counts, detect_bF, prob_bN.to(sim_bN.dtype))
 
 
 def expected_shares(
@@ -292,25 +284,22 @@ def expected_shares(
 
 
 def _picks(
-    sim_bN: Tensor,
-    pos_sim_b: Tensor,
+    sims: AnchorSims,
     margin: float,
-    idx_bk: Tensor,
-    valid_bk: Tensor,
-    fallback_b: Tensor,
-    no_violator_b: Tensor,
+    d: Draw,
     counts: tuple[Tensor, Tensor, Tensor],
     detect_bF: Tensor,
     prob_bN: Tensor,
 ) -> Picks:
-    neg_sim_bk = sim_bN.gather(1, idx_bk)
-    columns = (fallback_b, no_violator_b, *counts)  # the order of COUNTS
+    """The picks of the draw ``d`` (or the hardest violator as one), with their diagnostics."""
+    neg_sim_bk = sims.sim_BN.gather(1, d.index_Bk)
+    columns = (d.fallback_B, d.no_violator_B, *counts)  # the order of COUNTS
     return Picks(
-        index_bk=idx_bk,
-        valid_bk=valid_bk,
+        index_bk=d.index_Bk,
+        valid_bk=d.valid_Bk,
         prob_bN=prob_bN,
         sim_bk=neg_sim_bk,
-        zero_hinge_bk=(margin + neg_sim_bk - pos_sim_b[:, None]) <= 0,
+        zero_hinge_bk=(margin + neg_sim_bk - sims.pos_sim_B[:, None]) <= 0,
         counts_bC=torch.stack([c.to(torch.float64) for c in columns], dim=1),
         detect_bF=detect_bF,
     )

@@ -25,10 +25,12 @@ from .groups import same_group
 from .params import FneConfig
 from .posterior import fn_log_odds_threshold
 from .posteriors import PairSims, PosteriorFit, quadratic_fit_of
+from .rules import Rule
 from .sampling import draw_in_units, draw_target, first_argmax, weight_units
 from .selection import WINDOW_MAX_FRACTION
 from .stats import Gaussians
 from .weights import (
+    AnchorSims,
     count_true,
     cut_threshold,
     is_false_negative,
@@ -92,7 +94,7 @@ def segment_mask(rows: SegmentRows, seg: Segment) -> Tensor:
 
 
 def segment_pass(
-    rows: SegmentRows, seg: Segment, g: Gaussians | None, cfg: FneConfig, rule: str,
+    rows: SegmentRows, seg: Segment, g: Gaussians | None, cfg: FneConfig, rule: Rule,
     fit: PosteriorFit | None,
 ) -> SegmentPass:  # fmt: skip
     """The summary of b anchors over one segment, and the segment's weights in units.
@@ -110,7 +112,7 @@ def segment_pass(
     fallback_bS = masked_bS
     units_bS, cols_bS, units_b, counts = None, None, zeros_b, (zeros_b, zeros_b, zeros_b)
     detect_bF = sim_bS.new_zeros(b, 0, dtype=f64)
-    if rule != "hardest":
+    if rule.draws:
         assert g is not None
         log_odds = None
         every_pair = fit is not None and (not fit.quadratic or cfg.fallback == "unflagged")
@@ -118,21 +120,20 @@ def segment_pass(
             assert fit is not None and rows.img_bD is not None and seg.img_SD is not None
             log_odds = fit.log_odds(PairSims(sim_bS, rows.img_bD, seg.img_SD)).to(sim_bS.dtype)
         ww = None
+        sims = AnchorSims(sim_bS, rows.pos_sim_b, mask_bS, masked_bS)
         if sim_bS.device.type == "cpu" and log_odds is None:
             # the CPU form of the whole-row sampler: weights inside the hard-cut window only
             masked = mask_bS.nonzero(as_tuple=True)
-            ww = window_weights(sim_bS, rows.pos_sim_b, masked_bS, masked, g, cfg, rule,
-                                WINDOW_MAX_FRACTION)  # fmt: skip
+            ww = window_weights(sims, masked, g, cfg, rule, WINDOW_MAX_FRACTION)
         if ww is not None:
             units_bS, cols_bS = weight_units(ww.w_BM), ww.col_BM
             counts = (ww.n_fn_B, n - count_true(mask_bS), ww.n_window_B)
         else:
-            w = sampling_weights(sim_bS, rows.pos_sim_b, mask_bS, g, cfg, rule, masked_bS,
-                                 log_odds_BN=log_odds)  # fmt: skip
+            w = sampling_weights(sims, g, cfg, rule, log_odds_BN=log_odds)
             units_bS = weight_units(w.w_BN)
             counts = (w.n_fn_B, n - count_true(mask_bS), w.n_window_B)
         units_b = units_bS.sum(1)
-        if cfg.fallback == "unflagged" and log_odds is not None and rule == "fne":
+        if cfg.fallback == "unflagged" and log_odds is not None and rule.uses_posterior:
             flagged_bS = is_false_negative(log_odds, cfg.eps) & g.gate_open
             fallback_bS = masked_bS.masked_fill(flagged_bS, -math.inf)
         if rows.detect_groups_b is not None:
@@ -162,7 +163,7 @@ def segment_detection(
     window_bS: Tensor,
     g: Gaussians,
     cfg: FneConfig,
-    rule: str,
+    rule: Rule,
     log_odds_bS: Tensor | None,
 ) -> Tensor:
     """``detection.dense_detection`` of one segment (the same sums, so segments add up): the
@@ -175,7 +176,7 @@ def segment_detection(
     in_win_bS = eval_bS & window_bS
     zeros_b = torch.zeros(sim_bS.shape[0], dtype=torch.long, device=sim_bS.device)
     pfn = (zeros_b, zeros_b)
-    with_posterior = rule == "fne"
+    with_posterior = rule.uses_posterior
     if with_posterior:
         if log_odds_bS is None:
             log_odds_bS = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_bS)

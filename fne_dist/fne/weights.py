@@ -24,7 +24,23 @@ from torch import Tensor
 from .params import FneConfig
 from .posterior import fn_log_odds_threshold
 from .posteriors import QuadraticFit, quadratic_fit_of
+from .rules import FNE, Rule
 from .stats import Gaussians
+
+
+class AnchorSims(NamedTuple):
+    """B anchors' similarity rows as the sampler scores them (no gradient): what every weight,
+    detection and pick of those anchors reads."""
+
+    sim_BN: Tensor  # anchor-candidate similarities
+    pos_sim_B: Tensor  # s⁺ per anchor
+    mask_BN: Tensor | None  # candidates that are never negatives (None: only listed)
+    masked_sim_BN: Tensor  # sim with −inf on the mask
+
+    @classmethod
+    def of(cls, sim_BN: Tensor, pos_sim_B: Tensor, mask_BN: Tensor) -> AnchorSims:
+        """The rows with their masked similarities computed here."""
+        return cls(sim_BN, pos_sim_B, mask_BN, sim_BN.masked_fill(mask_BN, -math.inf))
 
 
 def cut_threshold(g: Gaussians, cut_margin: float, dtype: torch.dtype) -> Tensor:
@@ -64,33 +80,30 @@ class Weights(NamedTuple):
 
 
 def sampling_weights(
-    sim_BN: Tensor,
-    pos_sim_B: Tensor,
-    mask_BN: Tensor,
+    rows: AnchorSims,
     g: Gaussians,
     cfg: FneConfig,
-    rule: str = "fne",
-    masked_sim_BN: Tensor | None = None,
+    rule: Rule = FNE,
     masked_entries: tuple[Tensor, Tensor] | None = None,
     log_odds_BN: Tensor | None = None,
 ) -> Weights:
-    """Unnormalised sampling weights over candidates; rule "fne" (the paper) or "window".
+    """Unnormalised sampling weights over candidates, for a rule that draws: FNE's (the paper)
+    or, for a rule without the posterior ("window", FNE without the Bayes part), uniform
+    weight inside the hard-cut window.
 
-    "window" is FNE without the Bayes part: uniform weight inside the hard-cut window.
-    sim_BN: anchor-candidate similarities (no gradient needed); pos_sim_B: s⁺ per anchor;
-    mask_BN: candidates that are never negatives (positives, and the oracle's group mates);
-    masked_sim_BN: sim with −inf on the mask, if the caller has it already; masked_entries:
-    the mask's True entries as (rows, columns), if the caller has them (counts then skip a
-    pass over the mask); log_odds_BN: the posterior's log-odds when the caller has them (a
-    posterior that is not a function of sim, ``fne.posteriors``), else the quadratic in sim.
+    rows: the anchors' similarities, s⁺, their mask (positives, and the oracle's group mates)
+    and masked similarities; masked_entries: the mask's True entries as (rows, columns), if
+    the caller has them (counts then skip a pass over the mask); log_odds_BN: the posterior's
+    log-odds when the caller has them (a posterior that is not a function of sim,
+    ``fne.posteriors``), else the quadratic in sim.
 
     The dense form, for any device and for torch.compile: the gate and "no μ⁺ yet" are folded
     into scalar thresholds (a masked candidate has similarity −inf, so the cut removes it too)
     and the log-odds are one quadratic αs² + βs + γ. The cut is applied after the exp: an exp
     of −inf is several times slower than of a finite number on CPUs.
     """
-    if masked_sim_BN is None:
-        masked_sim_BN = sim_BN.masked_fill(mask_BN, -math.inf)
+    sim_BN, pos_sim_B, mask_BN, masked_sim_BN = rows
+    assert mask_BN is not None, "the dense weights need the dense mask"
     b = sim_BN.shape[0]
     if cfg.hard_cut:
         threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype)
@@ -99,10 +112,10 @@ def sampling_weights(
         threshold, cut_BN = sim_BN.new_full((), -math.inf), mask_BN
     n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
     n_window_B = count_greater(masked_sim_BN, threshold)
-    if rule == "window":
+    if not rule.draws:
+        raise ValueError(f"the {rule.name} rule draws nothing: it has no sampling weights")
+    if not rule.uses_posterior:
         return Weights((~cut_BN).to(sim_BN.dtype), n_fn_B, n_window_B)
-    if rule != "fne":
-        raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
     if log_odds_BN is None:
         log_odds_BN = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_BN)
     is_fn_BN = is_false_negative(log_odds_BN, cfg.eps)
@@ -151,13 +164,11 @@ def window_is_everything(g: Gaussians, cfg: FneConfig) -> bool:
 
 
 def window_weights(
-    sim_BN: Tensor,
-    pos_sim_B: Tensor,
-    masked_sim_BN: Tensor,
+    rows: AnchorSims,
     masked_entries: tuple[Tensor, Tensor],
     g: Gaussians,
     cfg: FneConfig,
-    rule: str,
+    rule: Rule,
     max_fraction: float,
 ) -> WindowWeights | None:
     """``sampling_weights`` evaluated only inside the hard-cut window, where weights can be > 0.
@@ -165,13 +176,17 @@ def window_weights(
     The window (s > μ⁺ − margin, unmasked) is usually a small fraction of [batch ; memory]: the
     exps, sigmoids and the cumulative sum then run on that fraction, and only the log-odds
     (for the P_fn > ε count over all candidates) and the window test touch every candidate.
-    masked_sim_BN: sim with −inf at the masked positions; masked_entries: those positions as
-    (rows, columns), each once. Needs the window's size on the host (``nonzero``): meant for
-    CPU tensors, where that costs no device sync. Returns None when no hard cut applies or the
+    rows: the anchors' similarities, s⁺ and masked similarities (−inf at the masked positions;
+    the dense mask is not read); masked_entries: those positions as (rows, columns), each
+    once. Needs the window's size on the host (``nonzero``): meant for CPU tensors, where
+    that costs no device sync. Returns None when no hard cut applies or the
     window holds more than ``max_fraction`` of the candidates: the dense form is then faster.
     """
+    if not rule.draws:
+        raise ValueError(f"the {rule.name} rule draws nothing: it has no sampling weights")
     if window_is_everything(g, cfg):
         return None
+    sim_BN, pos_sim_B, masked_sim_BN = rows.sim_BN, rows.pos_sim_B, rows.masked_sim_BN
     b, n = sim_BN.shape
     threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype)
     # Flat positions, row-major: each row's window in column order, so a compacted row's
@@ -181,7 +196,7 @@ def window_weights(
     if flat_W.numel() > max_fraction * b * n:
         return None
     rows_W = flat_W // n
-    if rule == "fne":
+    if rule.uses_posterior:
         fit = quadratic_fit_of(g, cfg.prior)
         sim_W = sim_BN.reshape(-1).take(flat_W)
         log_odds_W = fit.log_odds_sim(sim_W)
@@ -193,11 +208,9 @@ def window_weights(
         else:
             n_fn_B = _count_fn_listed(sim_BN, masked_entries, fit, cfg.eps, cfg.chunk_rows)
         w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
-    elif rule == "window":
+    else:
         n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
         w_W = torch.ones(flat_W.shape, dtype=sim_BN.dtype, device=sim_BN.device)
-    else:
-        raise ValueError(f"unknown sampling rule {rule!r} (valid: fne, window)")
     return _left_aligned(w_W, flat_W, rows_W, n, n_fn_B)
 
 

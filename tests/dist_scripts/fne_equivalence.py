@@ -37,7 +37,7 @@ from fne_dist.fne.selection import CandidateLabels, Rows, select_listed
 from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
-from fne_dist.step import forward_step
+from fne_dist.step import StepPosition, forward_step
 
 SEED = 7
 N_IMAGES, CAPTIONS_PER_IMAGE = 40, 2  # two captions share an image id: same-id masking matters
@@ -191,7 +191,9 @@ def run(mode: str, rank: int, world: int, block_reference: bool) -> dict:
             stats.replacement = rec["block_stats"][0] + rec["block_stats"][1]
         totals_before = stats.totals.clone()
         model.zero_grad(set_to_none=True)
-        out = forward_step(model, momentum, batch, memory, stats, FNE_CFG, SEED, step, warm)
+        out = forward_step(
+            model, momentum, batch, memory, stats, FNE_CFG, StepPosition(SEED, step, warm)
+        )
         stats.add_step(out.stat_sums, FNE_CFG.mixture_decay)  # the loop's commit
         rec["stats_added"] = stats.totals - totals_before
         rec["stats_forward_step"] = stats.added[-1]  # what forward_step computed and reduced
@@ -232,7 +234,7 @@ def plain_first_step() -> dict:
     data = make_data()
     model, momentum, memory, stats = build_state("equiv", data)
     batch = local_batch(data, 0, GLOBAL_BATCH["equiv"], 0, 1)
-    out = forward_step(model, momentum, batch, memory, stats, FNE_CFG, SEED, 0, False)
+    out = forward_step(model, momentum, batch, memory, stats, FNE_CFG, StepPosition(SEED, 0, False))
     stats.add_step(out.stat_sums, FNE_CFG.mixture_decay)  # the loop's commit
     return {
         "loss": out.loss.detach().clone(),

@@ -33,7 +33,7 @@ from fne_dist.fne import SimilarityStats
 from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
-from fne_dist.step import forward_step
+from fne_dist.step import StepPosition, forward_step
 
 PIXELS, VOCAB, HIDDEN, TOKENS = 24, 2048, 64, 6  # the embedding table (131k) exceeds ZeRO-3's
 # default persistence threshold (1e5 elements), so it is really partitioned at stage 3.
@@ -123,7 +123,13 @@ def run(stage: int) -> list[str]:
     for step in range(STEPS):
         warm = step == 0
         out = forward_step(
-            engine, momentum, batch_of(step, D.rank()), memory, stats, cfg.fne, 0, step, warm
+            engine,
+            momentum,
+            batch_of(step, D.rank()),
+            memory,
+            stats,
+            cfg.fne,
+            StepPosition(0, step, warm),
         )
         stats.add_step(out.stat_sums, cfg.fne.mixture_decay)  # the loop's commit
         engine.backward(out.loss)
