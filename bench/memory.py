@@ -126,9 +126,12 @@ def launch(args: argparse.Namespace, size: int, layout: str) -> list[dict]:
                    "--out", out, "--dim", str(args.dim), "--batch", str(args.batch),
                    "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
             procs.append(subprocess.Popen(cmd, env=env))
-        for p in procs:
-            if p.wait(timeout=3600) != 0:
-                raise SystemExit(f"a {layout} rank at K={size} failed (exit {p.returncode})")
+        codes = [p.wait(timeout=3600) for p in procs]
+        if any(codes):  # e.g. -9: the kernel's OOM killer; reported as a row, not hidden
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            return [{"failed": min(codes)}]
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.world)]
 
 
@@ -195,6 +198,12 @@ def main() -> None:
         base = None
         for layout in ("replicated", "sharded"):
             recs = launch(args, size, layout)
+            if "failed" in recs[0]:
+                why = "killed (out of memory)" if recs[0]["failed"] == -9 else "failed"
+                print(
+                    f"| {size:,} | {layout} | {why}, exit {recs[0]['failed']} | | | |", flush=True
+                )
+                continue
             mem = max(r["memory_bytes"] for r in recs)
             peak = max(r["peak_rss"] for r in recs)
             step = max(r["step_s"] for r in recs)
