@@ -207,9 +207,10 @@ def main() -> None:
             mem = max(r["memory_bytes"] for r in recs)
             peak = max(r["peak_rss"] for r in recs)
             step = max(r["step_s"] for r in recs)
-            base = base or step
+            base = base or (step if layout == "replicated" else None)
+            ratio = f"{step / base:.2f}×" if base else "n/a"
             print(f"| {size:,} | {layout} | {mib(mem)} | {mib(peak)} | {step * 1e3:,.0f} ms | "
-                  f"{step / base:.2f}× |", flush=True)  # fmt: skip
+                  f"{ratio} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
