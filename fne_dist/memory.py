@@ -70,16 +70,17 @@ def _unit_rows(gen: torch.Generator, capacity: int, dim: int, keep: ShardRange) 
         return F.normalize(torch.randn(capacity, dim, generator=gen), dim=1)
     step = max(1, INIT_CHUNK_ELEMENTS // dim) * (16 // math.gcd(16, dim))
     tail = -(-16 // dim)  # rows that make a last chunk of at least 16 values
-    kept, row = [], 0
+    rows = torch.empty(keep.size, dim)
+    row = 0
     while row < capacity:
         n = step if capacity - row >= step + tail else capacity - row
         chunk = torch.randn(n, dim, generator=gen)
         lo, hi = max(row, keep.lo), min(row + n, keep.hi)
         if lo < hi:
-            kept.append(chunk[lo - row : hi - row].clone())  # let the chunk go
+            rows[lo - keep.lo : hi - keep.lo] = chunk[lo - row : hi - row]
         row += n
-    rows = torch.cat(kept) if kept else torch.empty(0, dim)
-    return F.normalize(rows, dim=1)
+    # F.normalize's x / max(‖x‖, eps), in place: the same values without a second shard
+    return rows.div_(rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 class MomentumMemory:
