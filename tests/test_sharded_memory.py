@@ -486,3 +486,57 @@ def test_launch_sizing_counts_one_shard_per_rank() -> None:
     assert rank_needs(sharded, 64).memory == 2 * 16384 * D * 4 + 3 * 16384 * 8
     assert rank_needs(whole, 64).memory > 64 * rank_needs(sharded, 64).memory
     assert host_needs(sharded, 64) * 64 == host_needs(whole, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(posterior="intra_mixture", stats_source="all_pairs", fallback="unflagged")],
+    ids=["paper", "intra_mixture+all_pairs"],
+)
+def test_the_training_step_is_the_same_with_a_sharded_memory(overrides: dict) -> None:
+    """Invariant: ``forward_step`` (world size 1, no process group) through the sharded branch
+    (its staleness, its candidate sample fetched from the shard, its loss) returns the loss,
+    every diagnostic, the staleness and the statistics' sums of the whole-memory branch, over
+    three steps with the enqueues in between (float32: the diagnostics that average similarities
+    or P_fn, scored by matmuls of another shape, to their last bits)."""
+    from fne_dist.config import ModelConfig
+    from fne_dist.model import DualEncoder
+    from fne_dist.momentum import make_momentum_copy
+    from fne_dist.step import StepPosition, forward_step
+
+    cfg = FneConfig(stats_samples=3, gate_size=0, **overrides)
+    torch.manual_seed(0)
+    model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
+    momentum = make_momentum_copy(model)
+    whole = MomentumMemory(19, 4, seed=0)
+    shard = MomentumMemory(19, 4, seed=0, shard=ShardRange.of(19, 0, 1))
+    assert shard.sharded and not whole.sharded
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        batch = {
+            "img_feat": torch.randn(8, 6, generator=gen),
+            "txt_feat": torch.randn(8, 6, generator=gen),
+            "ids": torch.tensor([0, 0, 1, 2, 3, 4, 5, 6]) + 3 * step,
+            "groups": torch.tensor([0, 0, 0, 1, 1, 2, 2, -1]),
+        }
+        outs = [
+            forward_step(
+                model, momentum, batch, m, SimilarityStats(), cfg, StepPosition(0, step, False)
+            )
+            for m in (whole, shard)
+        ]
+        a, b = outs
+        assert torch.equal(a.loss, b.loss) and torch.equal(a.stat_sums, b.stat_sums)
+        assert torch.equal(a.staleness, b.staleness)
+        assert a.diagnostics.keys() == b.diagnostics.keys()
+        for key, value in a.diagnostics.items():
+            if key == "mean_neg_sim" or (key.startswith("fnd_rel") and key.endswith("_p")):
+                # similarities (and P_fn of them) from float32 matmuls of other shapes
+                torch.testing.assert_close(b.diagnostics[key], value, rtol=1e-5, atol=1e-7)
+                continue
+            same = torch.equal(value, b.diagnostics[key])
+            assert same or (value.isnan() and b.diagnostics[key].isnan()), key
+        for m in (whole, shard):
+            g = a.gathered
+            m.enqueue(g.img_ND, g.txt_ND, g.ids_N, g.groups_N)
+    assert float(a.staleness[1]) > 0  # ids found in the memory
