@@ -236,6 +236,7 @@ CASES = {
         dict(posterior="intra_mixture", fallback="unflagged"),
         "empty",
     ),
+    "bf16 storage": (dict(), "open"),
 }
 
 

@@ -315,7 +315,9 @@ def rows_for_anchors(memory, cols_AGr: Tensor, G: int, comm: Comm) -> Candidates
     send_counts = torch.bincount(dest[send], minlength=W).tolist()
     recv_counts = torch.bincount(owner[recv], minlength=W).tolist()
     local = slot.flatten()[send] - memory.shard.lo
-    emb = torch.cat([memory.img_KD[local].float(), memory.txt_KD[local].float()], 1)
+    # bf16 storage travels upcast (as the whole-row sampler scores it); float64 stays float64
+    wide = torch.promote_types(memory.img_KD.dtype, torch.float32)
+    emb = torch.cat([memory.img_KD[local].to(wide), memory.txt_KD[local].to(wide)], 1)
     labels = torch.stack([memory.ids_K[local], memory.groups_K[local]], 1)
     got_emb = comm.all_to_all(emb, send_counts, recv_counts)
     got_labels = comm.all_to_all(labels, send_counts, recv_counts)
