@@ -73,6 +73,16 @@ class MemoryConfig:
         le=2**24,
     )
     momentum: float = setting(0.995, "EMA coefficient m of the momentum encoders", ge=0.0, le=1.0)
+    sharded: bool = setting(
+        False,
+        "each rank holds K/W of the memory; the draws are the same as with the whole memory on "
+        "every rank (docs/sharded-memory.md: when to shard)",
+    )
+    dtype: Literal["float32", "bfloat16"] = setting(
+        "float32",
+        "storage of the memory's embeddings; bfloat16 halves its bytes, candidates are scored "
+        "upcast (docs/sharded-memory.md says what it changes in the draws)",
+    )
 
 
 @dataclass
@@ -431,6 +441,34 @@ class Config:
             )
         # memory.size against the global batch needs the launched world size: see
         # fne_dist.train.check_launch, which runs before any worker starts.
+        if self.memory.sharded and self.fne.loss == "infonce":
+            raise ValueError(
+                "memory.sharded=true with fne.loss=infonce: the softmax spans every memory "
+                "candidate on the anchor's rank (use fne.loss fne, window or vse_pp, or an "
+                "unsharded memory)"
+            )
+        if (
+            self.memory.sharded
+            and self.fne.reduction == "expected"
+            and self.fne.loss
+            in (
+                "fne",
+                "window",
+            )
+        ):
+            raise ValueError(
+                "memory.sharded=true with fne.reduction=expected: the expectation spans every "
+                "memory candidate on the anchor's rank (use fne.reduction=sample, or an "
+                "unsharded memory)"
+            )
+        samples = self.fne.stats_source == "all_pairs" or self.fne.posterior != "paper"
+        if self.memory.sharded and self.fne.stats_scope == "global" and samples:
+            raise ValueError(
+                "memory.sharded=true with fne.stats_scope=global and a random candidate sample "
+                f"(fne.stats_source={self.fne.stats_source}, fne.posterior={self.fne.posterior}):"
+                " every rank would need every anchor's sampled memory rows (use "
+                "fne.stats_scope=local, or an unsharded memory)"
+            )
         if self.engine.precision == "fp16" and self.engine.device == "cpu":
             raise ValueError("engine.precision=fp16 is not supported on the CPU (use bf16 or fp32)")
         if self.engine.kind == "ddp" and (

@@ -57,7 +57,7 @@ from .export import write_sidecar
 from .fne import SimilarityStats
 from .interrupt import Interrupted, StopRequest, handle_signals
 from .loop_inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
-from .memory import MomentumMemory
+from .memory import build_memory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
@@ -256,9 +256,7 @@ def setup_run(
     parts = Parts(
         engine=build_engine(model, cfg, total_steps),
         momentum=momentum,
-        memory=MomentumMemory(
-            cfg.memory.size, cfg.model.embed_dim, seed=cfg.run.seed, device=device
-        ),
+        memory=build_memory(cfg, device, rank, world),
         stats=SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device),
     )
     G = cfg.train.batch_size * world

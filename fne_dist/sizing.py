@@ -15,6 +15,11 @@ What a rank holds at least (float32 = 4 bytes, int64 = 8), a lower bound on its 
 The memory is built on the host (seeded ``torch.randn``) and then moved, so the host needs its
 embeddings once per local rank even when training runs on a GPU; the GPU check reads
 ``torch.cuda.mem_get_info`` only when the run's device is CUDA.
+
+A sharded memory (``memory.sharded``) holds ⌈K/W⌉ slots per rank and is scored in place (no
+concatenated copy; a float32 copy of the shard when stored in bf16); its similarities are
+``fne.block_rows`` gathered anchors × ⌈K/W⌉ at a time; its host copy is generated a chunk at a
+time.
 """
 
 from __future__ import annotations
@@ -46,13 +51,22 @@ def rank_needs(cfg: Config, world: int = 1) -> Need:
     """The lower bound of one rank's peak (module docstring), from the config alone."""
     K, D, B = cfg.memory.size, cfg.model.embed_dim, cfg.train.batch_size
     G, S = B * world, cfg.model.image.image_size
+    images = B * 3 * S * S * 4
+    if cfg.memory.sharded:
+        k = -(-K // world)
+        stored = 2 if cfg.memory.dtype == "bfloat16" else 4
+        memory = 2 * k * D * stored + 3 * k * 8 + (2 * k * D * 4 if stored == 2 else 0)
+        rows = min(G, cfg.fne.block_rows)
+        return Need(memory=memory, similarities=2 * rows * (k + G) * 4, images=images)
     memory = 2 * K * D * 4 + 3 * K * 8 + 2 * (K + G) * D * 4 + 2 * (K + G) * 8
-    return Need(memory=memory, similarities=2 * B * (K + G) * 4, images=B * 3 * S * S * 4)
+    return Need(memory=memory, similarities=2 * B * (K + G) * 4, images=images)
 
 
-def host_needs(cfg: Config) -> int:
-    """Host bytes a rank needs transiently even on a GPU: the memory's seeded embeddings."""
-    return 2 * cfg.memory.size * cfg.model.embed_dim * 4
+def host_needs(cfg: Config, world: int = 1) -> int:
+    """Host bytes a rank needs transiently even on a GPU: the memory's seeded embeddings (its
+    shard, when sharded)."""
+    K = -(-cfg.memory.size // world) if cfg.memory.sharded else cfg.memory.size
+    return 2 * K * cfg.model.embed_dim * 4
 
 
 def _gib(n: float) -> str:
@@ -93,17 +107,17 @@ def check_fits(
             f"{_gib(free)} {where} available: lower memory.size or train.batch_size"
         )
     if not on_host:
-        check_host(cfg, local_ranks, host_free)
+        check_host(cfg, local_ranks, host_free, world)
 
 
-def check_host(cfg: Config, local_ranks: int, host_free: int | None = None) -> None:
+def check_host(cfg: Config, local_ranks: int, host_free: int | None = None, world: int = 1) -> None:
     """ConfigError unless the host can build the memories of its ``local_ranks`` GPU ranks
-    (seeded on the host, then moved to the device)."""
+    (seeded on the host, then moved to the device) of ``world``."""
     host_free = int(psutil.virtual_memory().available) if host_free is None else host_free
-    if host_needs(cfg) * local_ranks > host_free:
+    if host_needs(cfg, world) * local_ranks > host_free:
         raise ConfigError(
             f"memory.size={cfg.memory.size} × model.embed_dim={cfg.model.embed_dim} is built on "
-            f"the host first: needs {_gib(host_needs(cfg) * local_ranks)} for {local_ranks} "
+            f"the host first: needs {_gib(host_needs(cfg, world) * local_ranks)} for {local_ranks} "
             f"rank(s), {_gib(host_free)} host memory available: lower memory.size"
         )
 

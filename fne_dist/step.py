@@ -18,6 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist_ops
+from .distributed.sharded import (
+    DefaultComm,
+    ShardStep,
+    sampled_block,
+    sharded_retrieval_loss,
+    sharded_staleness,
+)
 from .fne import (
     Anchors,
     Candidates,
@@ -82,14 +89,16 @@ def forward_step(
         )
         gathered = Candidates(g_img, g_txt, g_ids, B * dist_ops.world_size(), g_groups)
     G = gathered.n_batch
-    candidates = Candidates.concat(gathered, memory.candidates())
+    sharded = memory.sharded  # each rank holds K/W slots (docs/sharded-memory.md)
+    candidates = gathered if sharded else Candidates.concat(gathered, memory.candidates())
     posterior = posterior_for(cfg)
     if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
         # every rank computes the same sums, so no reduction is needed.
         batch_stats = _batch_stats(gathered, candidates, posterior, cfg, at)
     else:  # 4. reference meaning: each rank's own B×B online matrix, then SUM over ranks
         online_block = Candidates(img_BD, txt_BD, ids_B, B)
-        local = _batch_stats(online_block, candidates, posterior, cfg, at, rank, G)
+        pool = _sample_pool(memory, candidates, cfg, at) if sharded else candidates
+        local = _batch_stats(online_block, pool, posterior, cfg, at, rank, G)
         with t.phase("reduce"):
             batch_stats = dist_ops.all_reduce_sum(local)
     # the estimates with this step's sums (the posterior's last; none for the paper's), as the
@@ -106,6 +115,16 @@ def forward_step(
                 cfg,
                 loss="vse_pp",
             )
+        elif sharded:  # 5b. the same loss, the memory's shards scored where they live
+            comm = DefaultComm()
+            stale = sharded_staleness(memory, gathered, B, comm)
+            anchors = Anchors(
+                img_BD, txt_BD, ids_B, rank * B + torch.arange(B, device=device), groups_B
+            )
+            shard_step = ShardStep(
+                anchors, gathered, memory, step_uniforms(at.seed, at.step, G, cfg.negatives)
+            )
+            out = sharded_retrieval_loss(shard_step, cfg, gauss, temperature, comm)
         else:  # 5b. the configured loss over [gathered batch ; memory]
             stale = torch.stack(memory.staleness(ids_B, m_img_BD))
             out = retrieval_loss(
@@ -119,9 +138,34 @@ def forward_step(
     return StepOutput(out.loss, out.diagnostics, gathered, stale, batch_stats)
 
 
+@dataclass
+class SampledPool:
+    """A sharded memory's random candidate sample: a block holding this rank's anchors' sampled
+    rows and their columns in it (``distributed.sharded.sampled_block``)."""
+
+    block: Candidates
+    cols_2Br: Tensor
+
+
+def _sample_pool(
+    memory: MomentumMemory, gathered: Candidates, cfg: FneConfig, at: StepPosition
+) -> Candidates | SampledPool:
+    """What the step's random candidate sample is drawn from: with a sharded memory, the
+    sampled rows of [gathered batch ; memory] (the same columns as the whole memory's), fetched
+    from the shards; the gathered batch alone when no sample is needed."""
+    if cfg.stats_source == "mutual_top1" and not posterior_for(cfg).samples:
+        return gathered
+    G = gathered.n_batch
+    cols_2Gr = sample_columns(at.seed, at.step, G, cfg.stats_samples, G + memory.capacity)
+    block, cols_2Br = sampled_block(
+        memory, gathered, cols_2Gr.to(gathered.ids_N.device), DefaultComm()
+    )
+    return SampledPool(block, cols_2Br)
+
+
 def _batch_stats(
     batch: Candidates,
-    candidates: Candidates,
+    candidates: Candidates | SampledPool,
     posterior: Posterior,
     cfg: FneConfig,
     at: StepPosition,
@@ -138,9 +182,13 @@ def _batch_stats(
     if cfg.stats_source == "mutual_top1" and not posterior.samples:  # no random sample needed
         return mutual_top1_stats(sim_BB, ids_B)
     b = ids_B.shape[0]
-    cols = sample_columns(
-        at.seed, at.step, global_batch or b, cfg.stats_samples, candidates.ids_N.shape[0], rank, b
-    )
+    if isinstance(candidates, SampledPool):  # a sharded memory: the sample was fetched
+        candidates, cols = candidates.block, candidates.cols_2Br
+    else:
+        cols = sample_columns(
+            at.seed, at.step, global_batch or b, cfg.stats_samples, candidates.ids_N.shape[0],
+            rank, b,
+        )  # fmt: skip
     sims_S, valid_S = random_candidate_sims(
         img_BD, txt_BD, ids_B, candidates.img_ND, candidates.txt_ND, candidates.ids_N, cols
     )

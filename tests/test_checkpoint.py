@@ -435,3 +435,51 @@ def test_zero3_loop_evaluates_and_saves_whole_weights(zero3: Path) -> None:
     w3 = load_file(str(zero3 / "two" / "model.safetensors"))
     assert {k: v.shape for k, v in w3.items()} == {k: v.shape for k, v in w0.items()}
     assert max(v.numel() for v in w3.values()) >= 100_000  # really a partitioned tensor
+
+
+def _split_memory(whole_ckpt: Path, out: Path, world: int) -> Path:
+    """A copy of a whole-memory checkpoint with its memory split into ``world`` shard files
+    (what a sharded run writes), meta.json listing and hashing them: as if that run had been
+    sharded and killed after this checkpoint."""
+    from fne_dist.checkpoint.format import META, hash_files, save_tensors
+    from fne_dist.checkpoint.validation import memory_shard_file
+    from fne_dist.memory import ShardRange
+
+    shutil.copytree(whole_ckpt, out)
+    whole = load_file(str(out / "memory.safetensors"))
+    (out / "memory.safetensors").unlink()
+    K = whole["img"].shape[0]
+    for r in range(world):
+        s = ShardRange.of(K, r, world)
+        part = {k: whole[k][s.lo : s.hi] for k in ("img", "txt", "ids", "groups", "seq")}
+        part["ptr_writes"] = whole["ptr_writes"]
+        part["shard"] = torch.tensor([s.lo, s.hi, K])
+        save_tensors(out, memory_shard_file(r), part)
+    meta = json.loads((out / META).read_text())
+    names = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != META]
+    meta.update(memory_shards=world, files=dict(sorted(hash_files(out, names).items())))
+    (out / META).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+@pytest.mark.timeout(400)
+def test_sharded_memory_run_resumes_and_equals_the_replicated_run(zero3: Path) -> None:
+    """Invariant: 2 ranks (ZeRO-3) with ``memory.sharded=true``, resumed from a sharded step-4
+    checkpoint (one memory file per rank), repeat the replicated run's losses at steps 5..10 bit
+    for bit: the shards draw what the whole memory draws. The run's own checkpoints hold one
+    memory file per rank (complete only with both), whose slots are the replicated run's memory
+    at the same step."""
+    step4 = _split_memory(zero3 / "two" / "checkpoints" / "step-00000004", zero3 / "split4", 2)
+    assert validate(step4)["memory_shards"] == 2
+    run = _torchrun(zero3, "sharded", "engine.zero_stage=3", "memory.sharded=true",
+                    f"checkpoint.resume={step4}")  # fmt: skip
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    a, b = _losses(zero3 / "two"), _losses(zero3 / "sharded")
+    assert sorted(b) == list(range(5, 11)) and all(a[s] == b[s] for s in b), (a, b)
+    step8 = zero3 / "sharded" / "checkpoints" / "step-00000008"
+    assert validate(step8)["memory_shards"] == 2 and not (step8 / "memory.safetensors").exists()
+    whole = load_file(str(zero3 / "two" / "checkpoints" / "step-00000008" / "memory.safetensors"))
+    parts = [load_file(str(step8 / f"memory-rank-{r:05d}.safetensors")) for r in range(2)]
+    for key in ("img", "txt", "ids", "groups", "seq"):
+        assert torch.equal(torch.cat([p[key] for p in parts]), whole[key]), key
+    assert all(torch.equal(p["ptr_writes"], whole["ptr_writes"]) for p in parts)

@@ -47,7 +47,7 @@ from .format import (
 )
 from .pickle_safety import check_engine_files_safe
 from .remote import publish_meta, remote_path, upload_files
-from .validation import check_memory_shape, list_checkpoints
+from .validation import check_memory_shape, list_checkpoints, memory_shard_file, memory_state
 
 
 @dataclass
@@ -122,9 +122,12 @@ def _write_parts(target: Target, parts: Parts, state: RankState, tmp: Path) -> N
     target.barrier()
     tmp.mkdir(parents=True, exist_ok=True)
     parts.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)  # collective
+    if getattr(parts.memory, "sharded", False):  # every rank its own slots
+        save_tensors(tmp, memory_shard_file(target.rank), parts.memory.state_dict())
     if target.rank == 0:
         save_tensors(tmp, "momentum.safetensors", parts.momentum.state_dict())
-        save_tensors(tmp, "memory.safetensors", parts.memory.state_dict())
+        if not getattr(parts.memory, "sharded", False):
+            save_tensors(tmp, "memory.safetensors", parts.memory.state_dict())
         save_tensors(tmp, "stats.safetensors", parts.stats.state_dict())
         save_tensors(tmp, "model.safetensors", weights)  # for export: no DeepSpeed needed
         if whole is not None:  # for a resume on another world size
@@ -162,6 +165,11 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
     if target.rank == 0:
         meta = {
             **target.layout,
+            **(
+                {"memory_shards": target.layout["world_size"]}
+                if getattr(parts.memory, "sharded", False)
+                else {}
+            ),
             "run_id": target.run_id,
             "step": c["opt_step"],
             "micro": c["micro"],
@@ -256,7 +264,7 @@ def load_run_checkpoint(
                 f"RNG states and ZeRO partitions belong to that layout), or export its weights "
                 f"(python -m fne_dist.export) and start a new run from them"
             )
-    check_memory_shape(directory, parts.memory.capacity, parts.memory.dim)
+    check_memory_shape(directory, parts.memory.capacity, parts.memory.dim, meta)
     check_engine_files_safe(directory)
     if elastic and partitioned_optimizer(parts.engine):
         _fitting(
@@ -266,10 +274,14 @@ def load_run_checkpoint(
         )
     else:
         _load_engine(directory, parts)
-    restored = (("momentum", parts.momentum), ("memory", parts.memory), ("stats", parts.stats))
+    restored = (("momentum", parts.momentum), ("stats", parts.stats))
     for name, part in restored:
         tensors = load_file(str(directory / f"{name}.safetensors"))
         _fitting(directory, f"{name}.safetensors", lambda p=part, t=tensors: p.load_state_dict(t))
+    # The memory's slots this rank holds, read from whichever layout wrote them (whole or
+    # sharded, any world size): a resume on another world size reshards it here.
+    memory = memory_state(directory, meta, parts.memory.shard)
+    _fitting(directory, "the memory", lambda: parts.memory.load_state_dict(memory))
     if elastic:
         return elastic_rank_state(directory, meta, expect, rank, keep)
     return read_rank_files(directory, rank, meta.get("step"))

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from .format import FORMAT, META, CheckpointError, sha256_of
@@ -57,6 +58,13 @@ def validate(directory: Path) -> dict[str, Any]:
                 raise CheckpointError(
                     f"{directory}: incomplete: {META} lists no {name} (world size {world})"
                 )
+    shards = meta.get("memory_shards")
+    for r in range(shards if isinstance(shards, int) else 0):  # a sharded memory: every shard
+        if memory_shard_file(r) not in meta["files"]:
+            raise CheckpointError(
+                f"{directory}: incomplete: {META} lists no {memory_shard_file(r)} (the memory "
+                f"is sharded over {shards} ranks)"
+            )
     for name, info in meta["files"].items():
         path = directory / name
         if not path.is_file():
@@ -101,13 +109,67 @@ def find_resumable(
     return found
 
 
-def check_memory_shape(directory: Path, size: int, dim: int) -> None:
-    """The checkpoint's memory is ``size``×``dim`` (memory.size × model.embed_dim), else one
-    CheckpointError naming the setting: read from the file's header, before anything loads."""
-    path = directory / "memory.safetensors"
+def memory_shard_file(rank: int) -> str:
+    """The file holding rank ``rank``'s slots of a sharded memory."""
+    return f"memory-rank-{rank:05d}.safetensors"
+
+
+def _memory_files(directory: Path, meta: dict[str, Any]) -> list[tuple[Path, int, int]]:
+    """(file, first slot, end slot) of every file holding the memory: the whole memory, or
+    one shard per rank (each records its slot range)."""
+    shards = meta.get("memory_shards")
+    if not isinstance(shards, int):
+        path = directory / "memory.safetensors"
+        return [(path, 0, _rows_of(path))]
+    out = []
+    for r in range(shards):
+        path = directory / memory_shard_file(r)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                lo, hi, _ = (int(v) for v in f.get_tensor("shard").tolist())
+        except (OSError, SafetensorError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{path}: no readable memory shard ({err})") from None
+        out.append((path, lo, hi))
+    return out
+
+
+def _rows_of(path: Path) -> int:
     try:
         with safe_open(str(path), framework="pt") as f:
-            saved = tuple(f.get_slice("img").get_shape())
+            return int(f.get_slice("img").get_shape()[0])
+    except (OSError, SafetensorError, KeyError) as err:  # validate() checked hashes, not names
+        raise CheckpointError(f"{path}: no readable memory embeddings ({err})") from None
+
+
+def memory_state(directory: Path, meta: dict[str, Any], shard: Any) -> dict[str, torch.Tensor]:
+    """The memory state of slots [shard.lo, shard.hi), read from the files that hold them (the
+    whole memory's, or the shards': the rows of each that overlap, nothing more), with the
+    ring pointer. A sharded run resumes a whole-memory checkpoint and back."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    ptr_writes = None
+    for path, lo, hi in _memory_files(directory, meta):
+        a = min(max(lo, shard.lo), hi)
+        b = max(a, min(hi, shard.hi))  # an empty overlap reads an empty slice of the shape
+        with safe_open(str(path), framework="pt") as f:
+            ptr_writes = f.get_tensor("ptr_writes")
+            for key in ("img", "txt", "ids", "groups", "seq"):
+                parts.setdefault(key, []).append(f.get_slice(key)[a - lo : b - lo])
+    state = {k: torch.cat(v) for k, v in parts.items()}
+    assert ptr_writes is not None
+    state["ptr_writes"] = ptr_writes
+    return state
+
+
+def check_memory_shape(
+    directory: Path, size: int, dim: int, meta: dict[str, Any] | None = None
+) -> None:
+    """The checkpoint's memory is ``size``×``dim`` (memory.size × model.embed_dim), else one
+    CheckpointError naming the setting: read from the files' headers, before anything loads."""
+    files = _memory_files(directory, meta or {})
+    path = files[0][0]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = (max(hi for _, _, hi in files), int(f.get_slice("img").get_shape()[1]))
     except (OSError, SafetensorError, KeyError) as err:  # validate() checked hashes, not names
         raise CheckpointError(f"{path}: no readable memory embeddings ({err})") from None
     if len(saved) != 2:

@@ -76,6 +76,26 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return out
 
 
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Elementwise maximum over ranks (a new tensor; ``x`` is left untouched)."""
+    if not _active():
+        return x
+    out = x.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+@torch.no_grad()
+def all_to_all_rows(x_N: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+    """Rank r sends its rows ``x_N`` in runs of ``send_counts[q]`` to each rank q (in rank
+    order) and receives ``recv_counts[q]`` rows from each: the received rows, by source rank."""
+    if not _active():
+        return x_N
+    out = x_N.new_empty((sum(recv_counts), *x_N.shape[1:]))
+    dist.all_to_all_single(out, x_N.contiguous(), recv_counts, send_counts)
+    return out
+
+
 def barrier() -> None:
     """Every rank waits for the others, at most the collective timeout."""
     if _active():

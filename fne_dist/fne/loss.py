@@ -120,11 +120,14 @@ def retrieval_loss(
     uniforms_2Bk: Tensor | None = None,
     temperature: Tensor | None = None,
     loss: str | None = None,
+    picks: tuple[Picks, Picks] | None = None,
 ) -> LossOutput:
     """The configured bidirectional loss (``loss`` overrides ``cfg.loss``, e.g. for warm-up).
 
     gaussians: needed by fne/window; uniforms_2Bk: uniforms of this rank's anchors for the two
     directions (i2t, t2i) from ``step_uniforms``; temperature: infonce's (clamped here).
+    picks: the (i2t, t2i) selections made elsewhere (a sharded memory,
+    ``distributed.sharded``), as columns of ``c``; the loss then selects nothing itself.
     """
     name = cfg.loss if loss is None else loss
     if name not in LOSSES:
@@ -136,8 +139,15 @@ def retrieval_loss(
     if rule.draws and (gaussians is None or uniforms_2Bk is None):
         raise ValueError(f"loss {name!r} needs the running Gaussians and the step's uniforms")
     u = (None, None) if uniforms_2Bk is None else uniforms_2Bk.to(a.img_BD.device)
-    i2t, s1 = _one_direction(a.img_BD, cands.txt_ND, a, cands, cfg, rule, gaussians, u[0])
-    t2i, s2 = _one_direction(a.txt_BD, cands.img_ND, a, cands, cfg, rule, gaussians, u[1])
+    if picks is None:
+        picks = (
+            _select(a.img_BD, cands.txt_ND, a, cands, cfg, rule, gaussians, u[0]),
+            _select(a.txt_BD, cands.img_ND, a, cands, cfg, rule, gaussians, u[1]),
+        )
+    else:
+        cands = c
+    i2t, s1 = _one_direction(a.img_BD, cands.txt_ND, a, cands, cfg, picks[0])
+    t2i, s2 = _one_direction(a.txt_BD, cands.img_ND, a, cands, cfg, picks[1])
     s = {key: s1[key] + s2[key] for key in s1}
     draws = s["draws"].clamp_min(1.0)
     diag = dict(
@@ -174,12 +184,9 @@ def _one_direction(
     a: Anchors,
     c: Candidates,
     cfg: FneConfig,
-    rule: Rule,
-    g: Gaussians | None,
-    u_Bk: Tensor | None,
+    p: Picks,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean over anchors of the selected hinges for one direction, plus diagnostic sums."""
-    p = _select(anchor_BD, cand_ND, a, c, cfg, rule, g, u_Bk)
+    """Mean over anchors of the picked hinges for one direction, plus diagnostic sums."""
     # Gradient only through the selected similarities: s = a · c_j for the k picks and s⁺.
     pos_sim_B = (anchor_BD * cand_ND[a.pos_col_B]).sum(-1)
     if p.prob_bN.shape[1]:  # fne.reduction expected: Σ_j p_ij C_ij over every candidate

@@ -44,7 +44,8 @@ with the weight computation), and only one block per row is ever scanned."""
 
 
 def block_reduce(x_BN: Tensor, block: int, op: str) -> Tensor:
-    """Per-row reduction over consecutive column blocks of ``block``: "sum" (float64) or "max".
+    """Per-row reduction over consecutive column blocks of ``block``: "sum" (float64; int64 for
+    int64 input) or "max".
 
     A last partial block (N not a multiple of ``block``) is reduced on its own, so nothing is
     padded or copied.
@@ -54,7 +55,9 @@ def block_reduce(x_BN: Tensor, block: int, op: str) -> Tensor:
 
     def reduce(t: Tensor, dim: int, keepdim: bool = False) -> Tensor:
         if op == "sum":  # a short sum in the input dtype; the sums of blocks in float64
-            return t.sum(dim, keepdim=keepdim).to(torch.float64)
+            # (integer units stay int64: exact)
+            out = t.sum(dim, keepdim=keepdim)
+            return out if out.dtype == torch.int64 else out.to(torch.float64)
         return t.amax(dim, keepdim=keepdim)
 
     parts = [reduce(x_BN[:, :full].unflatten(1, (-1, block)), -1)] if full else []
@@ -71,37 +74,75 @@ def block_columns(x_BN: Tensor, block_B: Tensor, block: int, fill: float) -> Ten
     return x_BN.gather(1, cols_Bc.clamp_max(n - 1)).masked_fill_(~inside_Bc, fill)
 
 
-def inverse_cdf_draw(w_BN: Tensor, u_B: Tensor, block: int = DRAW_BLOCK) -> tuple[Tensor, Tensor]:
-    """Draw j ~ Categorical(w_i / Σ_j w_ij) per row: the first j with cdf_j > u·total.
+WEIGHT_UNIT_BITS = 38
+"""The draw's cumulative sums are exact integers: a weight w ≥ 0 counts as ⌈w·2^38⌉ units.
 
-    Two levels, so no B×N cumulative sum is ever written: float64 sums of column blocks, the
-    first block whose cumulative sum exceeds the target, then the cumulative sum inside that
-    block only (started from the blocks before it). The cdf is the plain left-to-right sum up
-    to float64 rounding of the summation order.
+Integer sums are associative, so the cdf is the same whatever the summation order: the dense
+and the window-compacted forms, a plain loop, and a memory split into shards that are summed
+separately and then added (``fne.sharded``) all draw the same column from the same uniform.
+Every float32 weight ≥ 2^-15 is a whole number of units (its ulp is ≥ 2^-38), so in float32 the
+cdf is the exact sum of the weights; in float64 a weight moves by < 2^-38 (a draw's odds by
+~1e-11). ⌈·⌉ keeps every positive weight positive. Rows of up to 2^25 candidates cannot overflow
+int64 (the weights are ≤ 1).
+"""
 
-    A zero-weight column is never returned while the row total is positive: its cdf equals its
-    left neighbour's exactly, so it can never be the first to exceed the target; if rounding of
-    the block sums leaves no column of the chosen block above the target, the block's last
-    positive weight is taken. Returns (index_B, total_B float64); a row with total 0 returns an
-    arbitrary index and must use the fallback.
+MAX_DRAW_COLUMNS = 2**25
+
+
+def weight_units(w_BN: Tensor) -> Tensor:
+    """The weights as int64 units of 2^-38 (``WEIGHT_UNIT_BITS``), rounded up."""
+    return torch.ceil(w_BN.to(torch.float64) * float(2**WEIGHT_UNIT_BITS)).to(torch.int64)
+
+
+def draw_target(u_B: Tensor, total_B: Tensor) -> Tensor:
+    """The inverse-CDF target ⌊u·total⌋ in units, in [0, total − 1] (0 for an empty row): the
+    first column whose cdf exceeds it is drawn. Computed from the integer total alone, so
+    every rank and every form that knows the total gets the same target."""
+    target_B = (u_B.to(torch.float64) * total_B.to(torch.float64)).floor().to(torch.int64)
+    return torch.minimum(target_B, (total_B - 1).clamp_min(0))
+
+
+def unit_cdf(q_BN: Tensor, block: int = DRAW_BLOCK) -> Tensor:
+    """Cumulative sums of the column blocks of ``q_BN`` (int64 units); the last is the total."""
+    assert q_BN.shape[1] < MAX_DRAW_COLUMNS, q_BN.shape
+    return block_reduce(q_BN, block, "sum").cumsum(dim=1)
+
+
+def draw_in_units(
+    q_BN: Tensor, target_B: Tensor, cdf_Bb: Tensor | None = None, block: int = DRAW_BLOCK
+) -> Tensor:
+    """The first column whose cumulative sum of ``q_BN`` (int64 units) exceeds ``target_B``.
+
+    Two levels, so no B×N cumulative sum is written: the block cdf (``unit_cdf``, computed
+    here if not given), the first block whose cdf exceeds the target, then the cumulative sum
+    inside that block. A zero-weight column is never returned while target < total (its cdf
+    equals its left neighbour's). A row with target ≥ total returns an arbitrary column.
     """
-    n = w_BN.shape[1]
-    cdf_Bb = block_reduce(w_BN, block, "sum").cumsum(dim=1)
-    total_B = cdf_Bb[:, -1]
-    # Keep the target strictly below the total: u·total can round up to it for u near 1, and
-    # then no cdf entry would exceed it.
-    target_B = torch.minimum(u_B.to(torch.float64) * total_B, torch.nextafter(total_B, 0 * total_B))
+    n = q_BN.shape[1]
+    if cdf_Bb is None:
+        cdf_Bb = unit_cdf(q_BN, block)
     blk_B = torch.searchsorted(cdf_Bb, target_B[:, None], right=True).squeeze(1)
     blk_B = blk_B.clamp_max(cdf_Bb.shape[1] - 1)
     before_B = torch.where(
-        blk_B > 0, cdf_Bb.gather(1, (blk_B - 1).clamp_min(0)[:, None]).squeeze(1), 0.0
+        blk_B > 0, cdf_Bb.gather(1, (blk_B - 1).clamp_min(0)[:, None]).squeeze(1), 0
     )
-    w_Bc = block_columns(w_BN, blk_B, block, 0.0).to(torch.float64)
-    cdf_Bc = torch.cat([before_B[:, None], w_Bc], dim=1).cumsum(dim=1)[:, 1:]
+    q_Bc = block_columns(q_BN, blk_B, block, 0)
+    cdf_Bc = torch.cat([before_B[:, None], q_Bc], dim=1).cumsum(dim=1)[:, 1:]
     j_B = torch.searchsorted(cdf_Bc.contiguous(), target_B[:, None], right=True).squeeze(1)
-    # argmax of a non-decreasing row = its first maximum = the block's last positive weight.
-    j_B = torch.where(j_B < block, j_B, cdf_Bc.argmax(dim=1))
-    return (blk_B * block + j_B).clamp_max(n - 1), total_B
+    return (blk_B * block + j_B.clamp_max(block - 1)).clamp_max(n - 1)
+
+
+def inverse_cdf_draw(w_BN: Tensor, u_B: Tensor, block: int = DRAW_BLOCK) -> tuple[Tensor, Tensor]:
+    """Draw j ~ Categorical(w_i / Σ_j w_ij) per row: the first j with cdf_j > ⌊u·total⌋, the cdf
+    in exact integer units (``WEIGHT_UNIT_BITS``), so the summation order does not matter.
+
+    Returns (index_B, total_B in units, int64); a row with total 0 returns an arbitrary index
+    and must use the fallback.
+    """
+    q_BN = weight_units(w_BN)
+    cdf_Bb = unit_cdf(q_BN, block)
+    total_B = cdf_Bb[:, -1]
+    return draw_in_units(q_BN, draw_target(u_B, total_B), cdf_Bb, block), total_B
 
 
 def first_argmax(x_BN: Tensor, block: int = DRAW_BLOCK) -> tuple[Tensor, Tensor]:
