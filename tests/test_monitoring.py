@@ -8,6 +8,7 @@ promtool is absent; CI installs Debian's prometheus through .ci/apt-packages.txt
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -303,7 +304,7 @@ def test_dashboard_rows_and_a_unit_per_series() -> None:
     assert {"Throughput", "FNE", "Data", "Checkpoints", "System"} <= set(rows), rows
     assert board["panels"][0]["type"] == "row"
     kinds = [p["type"] for p in board["panels"]]
-    assert all(a != "row" or b != "row" for a, b in zip(kinds, kinds[1:])), "an empty row"
+    assert all(a != "row" or b != "row" for a, b in itertools.pairwise(kinds)), "an empty row"
     for p in board["panels"]:
         if p["type"] == "row":
             continue
