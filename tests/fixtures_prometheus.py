@@ -18,6 +18,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -173,6 +174,25 @@ def wait_targets_up(
             break
         time.sleep(0.5)
     return seen
+
+
+class TargetWatch(threading.Thread):
+    """``wait_targets_up`` in a thread started as the job is submitted, so that the targets of
+    a run are seen while it runs whichever test asks first (``seen``)."""
+
+    def __init__(self, server: Prometheus, job: str, where: Callable[[dict], bool],
+                 want: int, running: Callable[[], bool]) -> None:  # fmt: skip
+        super().__init__(daemon=True)
+        self.args_ = (server, job, where, want, running)
+        self.result: list[dict] = []
+        self.start()
+
+    def run(self) -> None:
+        self.result = wait_targets_up(*self.args_)
+
+    def seen(self) -> list[dict]:
+        self.join(timeout=5 * QUERY_S)
+        return self.result
 
 
 def target_lines(targets: list[dict]) -> list[str]:

@@ -27,7 +27,7 @@ import pytest
 
 from fne_dist.checkpoint.validation import find_resumable, validate
 from fne_dist.distributed.launch import free_port
-from tests.fixtures_prometheus import every_family, target_lines, wait_targets_up
+from tests.fixtures_prometheus import TargetWatch, every_family, target_lines
 from tests.fixtures_slurm import SlurmCluster
 from tests.launch_helpers import is_launcher_var
 
@@ -79,7 +79,7 @@ def job_env(cluster: SlurmCluster, work: Path, engine: str, **extra: str) -> dic
         FNE_CONFIG="tests/configs/tiny.yaml",
         FNE_ARGS=" ".join(args),
         # the scripts' Prometheus discovery files: here, not in the checkout's targets/
-        FNE_PROM_TARGETS=str(work / "targets"),
+        FNE_PROM_TARGETS=extra.pop("FNE_PROM_TARGETS", str(work / "targets")),
         **extra,
     )
     return env
@@ -108,10 +108,13 @@ class Pending:
     run_dir: Path
     start: float
     timeout_s: float
+    done: Job | None = None
 
     def wait(self) -> Job:
-        """The job's result; at the timeout (from submission) the job is cancelled (scancel
-        by its id) and its return code is None."""
+        """The job's result (the same for every caller); at the timeout (from submission) the
+        job is cancelled (scancel by its id) and its return code is None."""
+        if self.done is not None:
+            return self.done
         left = max(1.0, self.start + self.timeout_s - time.monotonic())
         try:
             submitted, _ = self.proc.communicate(timeout=left)
@@ -124,7 +127,8 @@ class Pending:
         seconds = time.monotonic() - self.start
         TIMINGS[self.name] = seconds
         log = self.out.read_text(errors="replace") if self.out.is_file() else "(no job output)"
-        return Job(self.name, returncode, f"{submitted}\n{log}", seconds, self.run_dir)
+        self.done = Job(self.name, returncode, f"{submitted}\n{log}", seconds, self.run_dir)
+        return self.done
 
 
 def _cancel(job_id: str, env: dict[str, str]) -> str:
@@ -312,6 +316,15 @@ def launched(
     targets = prom.targets if prom else None
     jobs["ray"], jobs["ray_tmp"], jobs["ray_home"] = _ray_job(slurm_cluster, work, targets)
     jobs["prometheus"] = prom
+    if prom is not None:
+        job, folder = jobs["ray"], str(prom.targets / "ray")
+        jobs["ray_targets"] = TargetWatch(
+            prom,
+            "ray",
+            lambda t: t["discoveredLabels"].get("__meta_filepath", "").startswith(folder),
+            1,
+            lambda: job.proc.poll() is None,
+        )
     try:
         yield jobs
     finally:
@@ -473,16 +486,8 @@ def test_ray_script_is_scraped_by_the_shipped_prometheus_config(launched: dict) 
     prom = launched["prometheus"]
     if prom is None:
         pytest.skip("prometheus (Debian package) not installed")
-    job: Pending = launched["ray"]
-    folder = str(prom.targets / "ray")
-    targets = wait_targets_up(
-        prom,
-        "ray",
-        lambda t: t["discoveredLabels"].get("__meta_filepath", "").startswith(folder),
-        1,
-        lambda: job.proc.poll() is None,
-    )
-    done = job.wait()
+    targets = launched["ray_targets"].seen()
+    done = launched["ray"].wait()
     print("\nray.sbatch job, Prometheus /api/v1/targets (job=ray):")
     print("\n".join(target_lines(targets)))
     assert targets and all(t["health"] == "up" for t in targets), (targets, done.tail())

@@ -26,7 +26,7 @@ import pytest
 
 from fne_dist.checkpoint.validation import list_checkpoints, validate
 from fne_dist.distributed.launch import free_port
-from tests.fixtures_prometheus import every_family, target_lines, wait_targets_up
+from tests.fixtures_prometheus import TargetWatch, every_family, target_lines
 from tests.fixtures_slurm import (
     SlurmCluster,
     _free_ports,
@@ -179,6 +179,15 @@ def launched(
         jobs[launch] = submit(two_nodes, work / launch, script, [*opts, gpus], engine, **more)
     jobs["torchrun"].run_dir = work / "torchrun" / "out" / SCRAPED_RUN
     jobs["prometheus"] = prom
+    if prom is not None:
+        job = jobs["torchrun"]
+        jobs["torchrun_targets"] = TargetWatch(
+            prom,
+            "fne",
+            lambda t: t["labels"].get("run") == SCRAPED_RUN,
+            2,
+            lambda: job.proc.poll() is None,
+        )
     try:
         yield jobs
     finally:
@@ -217,15 +226,8 @@ def test_torchrun_on_two_nodes_is_scraped_at_each_nodes_address(launched: dict) 
     prom = launched["prometheus"]
     if prom is None:
         pytest.skip("prometheus (Debian package) not installed")
-    job = launched["torchrun"]
-    targets = wait_targets_up(
-        prom,
-        "fne",
-        lambda t: t["labels"].get("run") == SCRAPED_RUN,
-        2,
-        lambda: job.proc.poll() is None,
-    )
-    done = job.wait()
+    targets = launched["torchrun_targets"].seen()
+    done = launched["torchrun"].wait()
     print("\ntwo-node torchrun.sbatch job, Prometheus /api/v1/targets (job=fne):")
     print("\n".join(target_lines(targets)))
     assert len(targets) == 2 and all(t["health"] == "up" for t in targets), (targets, done.tail())
