@@ -39,6 +39,7 @@ from tests.fixtures_slurm import (
 from tests.test_cluster_slurm import (
     JOB_TIMEOUT_S,
     ROOT,
+    TIME_LIMIT,
     assert_trained_two_ranks,
     job_env,
     submit,
@@ -241,7 +242,7 @@ def test_torchrun_on_two_nodes_is_scraped_at_each_nodes_address(launched: dict) 
 
 def _submit(env: dict[str, str], out: Path, options: list[str], wait: bool) -> tuple[str, int]:
     """sbatch srun.sbatch from the repository root; (job id, sbatch's exit code)."""
-    cmd = ["sbatch", "--parsable", f"--output={out}", "--time=6", *options]
+    cmd = ["sbatch", "--parsable", f"--output={out}", TIME_LIMIT, *options]
     done = subprocess.run(
         [*cmd, *(["--wait"] if wait else []), "cluster/slurm/srun.sbatch"],
         cwd=ROOT,
