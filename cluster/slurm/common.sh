@@ -29,8 +29,10 @@ if [ -z "$CONFIG" ]; then
 fi
 read -r -a EXTRA <<< "${FNE_ARGS:-}"
 EXTRA+=("${@:2}")
+# The training resumes a requeued job by itself (it reads SLURM_RESTART_COUNT, inherited by
+# every step): from the newest checkpoint, or afresh when the first attempt wrote none (an
+# explicit checkpoint.resume=latest would fail there).
 if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
-  EXTRA+=("checkpoint.resume=latest")
   echo "requeued job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT}): resuming from the newest checkpoint"
 fi
 # Since Slurm 22.05 srun no longer inherits --cpus-per-task from the batch step: without this a
