@@ -79,7 +79,7 @@ run_step() {
     rc=0
     wait "$pid" || rc=$?
   done
-  if [ -n "$PREEMPTED" ]; then
+  if [ -n "$PREEMPTED" ] && [ "$rc" -ne 0 ]; then  # exit 0: it finished before the signal
     echo "pre-emption: training step ended (exit ${rc}); requeueing job ${SLURM_JOB_ID}"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
