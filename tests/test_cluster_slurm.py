@@ -231,7 +231,8 @@ def _ray_job(cluster: SlurmCluster, work: Path, targets: Path | None) -> tuple[P
         HOME=str(home),
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
-        FNE_ARGS=f"run.name={RAY_RUN} monitor.linger_s=12",
+        # run.id: the Ray launcher labels the series with it (a generated one otherwise)
+        FNE_ARGS=f"run.name={RAY_RUN} run.id={RAY_RUN} monitor.linger_s=12",
         **({"FNE_PROM_TARGETS": str(targets)} if targets else {}),
     )
     job.run_dir = shared / "shared" / "runs" / RAY_RUN
