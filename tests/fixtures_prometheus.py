@@ -205,15 +205,20 @@ def target_lines(targets: list[dict]) -> list[str]:
     ]
 
 
-def every_family(server: Prometheus, selector: str, ranks: set[str]) -> list[str]:
-    """Every fne_* name a CPU rank exports (the catalog's, GPU-only ones excepted) has a
-    series from each of ``ranks`` under ``selector``; one line per name."""
+def every_family(
+    server: Prometheus, selector: str, ranks: set[str], upto: str | None = None
+) -> list[str]:
+    """Every fne_* name a CPU rank exports (the catalog's, GPU-only ones excepted; with
+    ``upto``, those before that name) has a series from each of ``ranks`` under ``selector``;
+    one line per name."""
     from fne_dist.monitoring.catalog import METRICS
 
     lines = []
     for m in METRICS:
         if m.gpu_only:
             continue
+        if m.name == upto:
+            break
         for name in m.exported:
             result = server.poll(recorded(f"{name}{{{selector}}}"), want=len(ranks))
             assert {s["metric"].get("rank") for s in result} == ranks, (name, result)
