@@ -295,7 +295,8 @@ class MonitorConfig:
     )
     host: str = setting(
         "127.0.0.1",
-        "IPv4 address each rank's /metrics listens on (0.0.0.0: a cluster's Prometheus reaches it)",
+        "IPv4 address each rank's /metrics listens on (cluster/slurm scripts: the node's "
+        "NodeAddr; 0.0.0.0: every interface, advertised as the host name's address)",
     )
     port: int = setting(
         9400,
@@ -308,8 +309,8 @@ class MonitorConfig:
     )
     linger_s: float = setting(
         0.0,
-        "keep /metrics up this long after training so the final values are scraped "
-        "(about two scrape intervals)",
+        "keep /metrics (under Ray Train: the worker, for Ray's metrics agent) up this long "
+        "after training so the final values are scraped (about two scrape intervals)",
         ge=0.0,
         le=3600.0,
     )

@@ -8,6 +8,7 @@ promtool is absent; CI installs Debian's prometheus through .ci/apt-packages.txt
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -288,8 +289,36 @@ def dashboard_queries() -> list[tuple[str, str, bool]]:
     return [
         (p["title"], t["expr"], p["description"].startswith("GPU only"))
         for p in board["panels"]
+        if p["type"] != "row"
         for t in p["targets"]
     ]
+
+
+def test_dashboard_rows_and_a_unit_per_series() -> None:
+    """Invariant: the dashboard is laid out in rows (throughput, FNE, data, checkpoints, system
+    among them, each with panels under it), and every query of every panel has its own unit
+    override on its refId, so a panel mixing seconds, bytes and counts labels each in its
+    own unit (no bytes scaled into "MB" under a seconds axis, no hours under a share)."""
+    board = json.loads((GRAFANA / "fne_dashboard.json").read_text())
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert {"Throughput", "FNE", "Data", "Checkpoints", "System"} <= set(rows), rows
+    assert board["panels"][0]["type"] == "row"
+    kinds = [p["type"] for p in board["panels"]]
+    assert all(a != "row" or b != "row" for a, b in itertools.pairwise(kinds)), "an empty row"
+    for p in board["panels"]:
+        if p["type"] == "row":
+            continue
+        units = {
+            o["matcher"]["options"]: [q["value"] for q in o["properties"] if q["id"] == "unit"]
+            for o in p["fieldConfig"]["overrides"]
+            if o["matcher"]["id"] == "byFrameRefID"
+        }
+        for t in p["targets"]:
+            assert len(units.get(t["refId"], [])) == 1, (p["title"], t["refId"], units)
+            assert "/ 1e6" not in t["expr"] and "/ 3600" not in t["expr"], (p["title"], t)
+    by_title = {p["title"]: p for p in board["panels"]}
+    ckpt = by_title["Checkpoints written, duration and size"]["fieldConfig"]["overrides"]
+    assert [o["properties"][0]["value"] for o in ckpt] == ["s", "bytes", "short"]
 
 
 @pytest.mark.system  # runs the generator as the docs do

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 
 from fne_dist.checkpoint.validation import list_checkpoints, validate
+from fne_dist.distributed.launch import free_port
+from tests.fixtures_prometheus import TargetWatch, every_family, target_lines
 from tests.fixtures_slurm import (
     SlurmCluster,
     _free_ports,
@@ -37,6 +39,7 @@ from tests.fixtures_slurm import (
 from tests.test_cluster_slurm import (
     JOB_TIMEOUT_S,
     ROOT,
+    TIME_LIMIT,
     assert_trained_two_ranks,
     job_env,
     submit,
@@ -148,20 +151,48 @@ TWO_NODE_SCRIPTS = {
 }
 
 
+SCRAPED_RUN = "tiny2n"  # run.name of the two-node torchrun job the session Prometheus scrapes
+
+
 @pytest.fixture(scope="module")
-def launched(two_nodes: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+def launched(
+    two_nodes: SlurmCluster,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[dict]:
     """Every script of TWO_NODE_SCRIPTS submitted at once (``--oversubscribe``), so that their
-    start-ups overlap; each test waits for its own. Jobs left at teardown are cancelled."""
+    start-ups overlap; each test waits for its own. The torchrun job writes its discovery file
+    where the session's Prometheus (where installed) looks, as the scripts do for a cluster's
+    (FNE_PROM_TARGETS), and keeps /metrics up 4 s after training. Jobs left at teardown are
+    cancelled."""
+    prom = None
+    with contextlib.suppress(pytest.skip.Exception):
+        prom = request.getfixturevalue("prometheus")
+    scraped = {
+        "FNE_ARGS": f"run.name={SCRAPED_RUN} monitor.linger_s=4 monitor.port={free_port()}",
+        **({"FNE_PROM_TARGETS": str(prom.targets)} if prom else {}),
+    }
     work = tmp_path_factory.mktemp("two-node-jobs")
     opts = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--oversubscribe"]
-    jobs = {
-        launch: submit(two_nodes, work / launch, script, [*opts, gpus], engine, **extra)
-        for launch, (script, engine, gpus, extra) in TWO_NODE_SCRIPTS.items()
-    }
+    jobs: dict = {}
+    for launch, (script, engine, gpus, extra) in TWO_NODE_SCRIPTS.items():
+        more = {**extra, **scraped} if launch == "torchrun" else extra
+        jobs[launch] = submit(two_nodes, work / launch, script, [*opts, gpus], engine, **more)
+    jobs["torchrun"].run_dir = work / "torchrun" / "out" / SCRAPED_RUN
+    jobs["prometheus"] = prom
+    if prom is not None:
+        job = jobs["torchrun"]
+        jobs["torchrun_targets"] = TargetWatch(
+            prom,
+            "fne",
+            lambda t: t["labels"].get("run") == SCRAPED_RUN,
+            2,
+            lambda: job.proc.poll() is None,
+        )
     try:
         yield jobs
     finally:
-        for job in jobs.values():
+        for job in (jobs[launch] for launch in TWO_NODE_SCRIPTS):
             if job.proc.poll() is None:
                 job.timeout_s = 0.0  # cancels the job by its id
                 job.wait()
@@ -185,9 +216,33 @@ def test_scripts_on_two_nodes(two_nodes: SlurmCluster, launched: dict, launch: s
         assert "n1 slots=1" in job.output and "n2 slots=1" in job.output, job.tail()
 
 
+@pytest.mark.timeout(JOB_TIMEOUT_S + 120)
+def test_torchrun_on_two_nodes_is_scraped_at_each_nodes_address(launched: dict) -> None:
+    """Invariant: torchrun.sbatch across two Slurm nodes binds each node's ranks' /metrics to
+    that node's NodeAddr (not loopback 127.0.0.1, which no other host reaches) and writes the
+    run's targets where the shipped prometheus.yml's "fne" job looks (FNE_PROM_TARGETS, here
+    the session server's templated targets/); that real Prometheus scrapes one rank at
+    127.0.0.2 and the other at 127.0.0.3 (both up, node labels 0 and 1) and receives every
+    fne_* family from both ranks."""
+    prom = launched["prometheus"]
+    if prom is None:
+        pytest.skip("prometheus (Debian package) not installed")
+    targets = launched["torchrun_targets"].seen()
+    done = launched["torchrun"].wait()
+    print("\ntwo-node torchrun.sbatch job, Prometheus /api/v1/targets (job=fne):")
+    print("\n".join(target_lines(targets)))
+    assert len(targets) == 2 and all(t["health"] == "up" for t in targets), (targets, done.tail())
+    # torchrun numbers the nodes in rendezvous order: either node may hold rank 0
+    hosts = {t["labels"]["node"]: t["labels"]["instance"].split(":")[0] for t in targets}
+    assert sorted(hosts.values()) == sorted(NODES.values()), hosts
+    assert sorted(hosts) == ["0", "1"] and {t["labels"]["rank"] for t in targets} == {"0", "1"}
+    assert_trained_two_ranks(done)
+    print("\n".join(every_family(prom, f'job="fne", run="{SCRAPED_RUN}"', {"0", "1"})))
+
+
 def _submit(env: dict[str, str], out: Path, options: list[str], wait: bool) -> tuple[str, int]:
     """sbatch srun.sbatch from the repository root; (job id, sbatch's exit code)."""
-    cmd = ["sbatch", "--parsable", f"--output={out}", "--time=6", *options]
+    cmd = ["sbatch", "--parsable", f"--output={out}", TIME_LIMIT, *options]
     done = subprocess.run(
         [*cmd, *(["--wait"] if wait else []), "cluster/slurm/srun.sbatch"],
         cwd=ROOT,

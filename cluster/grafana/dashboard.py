@@ -1,6 +1,8 @@
 """Generates cluster/grafana/fne_dashboard.json: ``python cluster/grafana/dashboard.py``.
 
-One panel list, reviewable here rather than in Grafana's JSON. Variables: ``run`` (from
+One panel list, reviewable here rather than in Grafana's JSON, in rows (throughput, training,
+FNE, data, checkpoints, system); every query carries its own unit (a per-series override), so
+seconds, bytes and counts in one panel are each labelled in theirs. Variables: ``run`` (from
 fne_run_info) and ``rank`` (multi-select, all by default). Queries use the fne_* names of both
 paths (Ray's are recorded under them by cluster/prometheus/rules/fne_ray_names.yml) and the
 per-run recording rules. Panels that only a GPU feeds say so in their description ("GPU only");
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "fne_dashboard.json"
@@ -20,275 +23,282 @@ RUN = '{run=~"$run"}'
 RI = "$__rate_interval"
 GPU_ONLY = "GPU only: "
 
-# (section, title, unit, [(query, legend)], description)
-PANELS: list[tuple[str, str, str, list[tuple[str, str]], str]] = [
+# Grafana unit ids; a custom "suffix:" unit where Grafana has none (samples/s, steps).
+SAMPLES_S = "suffix: samples/s"
+COUNT = "short"
+SECONDS = "s"
+SHARE = "percentunit"  # 0..1
+PERCENT = "percent"  # 0..100
+BYTES = "bytes"
+
+
+@dataclass(frozen=True)
+class Series:
+    """One query of a panel, with its own legend and unit (a per-series override)."""
+
+    expr: str
+    legend: str
+    unit: str
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    series: tuple[Series, ...]
+    text: str = ""
+
+
+def _s(expr: str, legend: str, unit: str = COUNT) -> Series:
+    return Series(expr, legend, unit)
+
+
+# (row, panels): each row one concern an operator looks at together.
+ROWS: list[tuple[str, list[Panel]]] = [
     (
         "Throughput",
-        "Samples/s (run)",
-        "short",
-        [(f"fne:samples_per_second:run{RUN}", "{{run}}")],
-        "",
-    ),
-    (
-        "Throughput",
-        "Samples/s per rank",
-        "short",
-        [(f"fne_samples_per_second{SEL}", "rank {{rank}}")],
-        "",
-    ),
-    (
-        "Throughput",
-        "Step time by phase",
-        "s",
         [
-            (
-                f"sum by (phase) (rate(fne_phase_seconds_total{SEL}[{RI}]))"
-                f" / ignoring(phase) group_left sum(rate(fne_micro_steps_total{SEL}[{RI}]))",
-                "{{phase}}",
-            )
-        ],
-        "seconds per micro step (train.profile_phases=true)",
-    ),
-    (
-        "Throughput",
-        "Step time p50 / p90",
-        "s",
-        [
-            (
-                f"histogram_quantile(0.5, sum by (le) (rate(fne_step_seconds_bucket{SEL}[{RI}])))",
-                "p50",
+            Panel("Samples/s (run)", (_s(f"run:fne_samples:rate1m{RUN}", "{{run}}", SAMPLES_S),)),
+            Panel(
+                "Samples/s per rank",
+                (_s(f"fne_samples_per_second{SEL}", "rank {{rank}}", SAMPLES_S),),
             ),
-            (
-                f"histogram_quantile(0.9, sum by (le) (rate(fne_step_seconds_bucket{SEL}[{RI}])))",
-                "p90",
+            Panel(
+                "Step time by phase",
+                (
+                    _s(
+                        f"sum by (phase) (rate(fne_phase_seconds_total{SEL}[{RI}]))"
+                        " / ignoring(phase) group_left"
+                        f" sum(rate(fne_micro_steps_total{SEL}[{RI}]))",
+                        "{{phase}}",
+                        SECONDS,
+                    ),
+                ),
+                "seconds per micro step (train.profile_phases=true)",
+            ),
+            Panel(
+                "Step time p50 / p90",
+                tuple(
+                    _s(
+                        f"histogram_quantile({q}, sum by (le) "
+                        f"(rate(fne_step_seconds_bucket{SEL}[{RI}])))",
+                        f"p{int(q * 100)}",
+                        SECONDS,
+                    )
+                    for q in (0.5, 0.9)
+                ),
+            ),
+            Panel(
+                "Share of the step in collectives",
+                (
+                    _s(
+                        f"run:fne_collective_seconds_per_phase_seconds:ratio_rate1m{RUN}",
+                        "{{run}}",
+                        SHARE,
+                    ),
+                ),
+                "all-gather + statistics all-reduce",
             ),
         ],
-        "",
     ),
     (
-        "Throughput",
-        "Share of the step in collectives",
-        "percentunit",
-        [(f"fne:collective_share:run{RUN}", "{{run}}")],
-        "all-gather + statistics all-reduce",
-    ),
-    ("Loss", "Loss by direction", "short", [(f"fne_loss{SEL}", "{{direction}} rank {{rank}}")], ""),
-    (
-        "Loss",
-        "Learning rate and temperature",
-        "short",
+        "Training",
         [
-            (f"fne_learning_rate{SEL}", "lr rank {{rank}}"),
-            (f"fne_temperature{SEL}", "temperature rank {{rank}}"),
+            Panel("Loss by direction", (_s(f"fne_loss{SEL}", "{{direction}} rank {{rank}}"),)),
+            Panel(
+                "Learning rate and temperature",
+                (
+                    _s(f"fne_learning_rate{SEL}", "lr rank {{rank}}"),
+                    _s(f"fne_temperature{SEL}", "temperature rank {{rank}}"),
+                ),
+                "temperature: infonce only",
+            ),
+            Panel(
+                "Non-finite loss windows and skipped steps",
+                (
+                    _s(
+                        f"increase(fne_nonfinite_loss_total{SEL}[{RI}])", "non-finite rank {{rank}}"
+                    ),
+                    _s(f"increase(fne_skipped_steps_total{SEL}[{RI}])", "skipped rank {{rank}}"),
+                ),
+            ),
+            Panel(
+                "Gradient norm",
+                (_s(f"fne_grad_norm{SEL}", "rank {{rank}}"),),
+                "global norm of the last optimizer step before clipping (optim.grad_clip)",
+            ),
+            Panel(
+                "Optimizer step, epoch, warm-up",
+                (
+                    _s(f"fne_optimizer_step{SEL}", "step rank {{rank}}"),
+                    _s(f"fne_epoch{SEL}", "epoch rank {{rank}}"),
+                    _s(f"fne_warmup{SEL}", "warm-up rank {{rank}}"),
+                ),
+            ),
+            Panel(
+                "Time since the last step",
+                (
+                    _s(f"time() - fne_last_step_timestamp_seconds{SEL}", "rank {{rank}}", SECONDS),
+                    _s(f"fne_stall_after_seconds{SEL}", "alert after rank {{rank}}", SECONDS),
+                ),
+            ),
+            Panel(
+                "Recall@k",
+                (
+                    _s(
+                        'fne_eval_recall{run=~"$run", rank="0"}',
+                        "{{split}} {{direction}} R@{{k}}",
+                        PERCENT,
+                    ),
+                ),
+            ),
+            Panel(
+                "rsum",
+                (
+                    _s('fne_eval_rsum{run=~"$run", rank="0"}', "{{split}} rsum"),
+                    _s('fne_eval_group_rsum{run=~"$run", rank="0"}', "{{split}} group rsum"),
+                ),
+            ),
         ],
-        "temperature: infonce only",
-    ),
-    (
-        "Progress",
-        "Optimizer step, epoch, warm-up",
-        "short",
-        [
-            (f"fne_optimizer_step{SEL}", "step rank {{rank}}"),
-            (f"fne_epoch{SEL}", "epoch rank {{rank}}"),
-            (f"fne_warmup{SEL}", "warm-up rank {{rank}}"),
-        ],
-        "",
-    ),
-    (
-        "Progress",
-        "Time since the last step",
-        "s",
-        [
-            (f"time() - fne_last_step_timestamp_seconds{SEL}", "rank {{rank}}"),
-            (f"fne_stall_after_seconds{SEL}", "alert after rank {{rank}}"),
-        ],
-        "",
-    ),
-    (
-        "Loss",
-        "Non-finite loss windows and skipped steps",
-        "short",
-        [
-            (f"increase(fne_nonfinite_loss_total{SEL}[{RI}])", "non-finite rank {{rank}}"),
-            (f"increase(fne_skipped_steps_total{SEL}[{RI}])", "skipped rank {{rank}}"),
-        ],
-        "",
-    ),
-    (
-        "Loss",
-        "Gradient norm",
-        "short",
-        [(f"fne_grad_norm{SEL}", "rank {{rank}}")],
-        "global norm of the last optimizer step before clipping (optim.grad_clip)",
     ),
     (
         "FNE",
-        "Gate open and positives n+",
-        "short",
         [
-            (f"fne_gate_open{SEL}", "gate rank {{rank}}"),
-            (f"fne_positives{SEL}", "n+ rank {{rank}}"),
+            Panel(
+                "Gate open and positives n+",
+                (
+                    _s(f"fne_gate_open{SEL}", "gate rank {{rank}}"),
+                    _s(f"fne_positives{SEL}", "n+ rank {{rank}}"),
+                ),
+            ),
+            Panel(
+                "Gaussians mu / sigma, mean drawn-negative similarity",
+                (
+                    _s(f"fne_gaussian_mean{SEL}", "mu {{side}} rank {{rank}}"),
+                    _s(f"fne_gaussian_stddev{SEL}", "sigma {{side}} rank {{rank}}"),
+                    _s(f"fne_mean_negative_similarity{SEL}", "drawn negatives rank {{rank}}"),
+                ),
+            ),
+            Panel(
+                "Share P_fn > eps and in the hard-cut window",
+                (
+                    _s(f"run:fne_fn_share:avg{RUN}", "P_fn > eps (run)", SHARE),
+                    _s(f"fne_fn_share{SEL}", "P_fn > eps rank {{rank}}", SHARE),
+                    _s(f"fne_window_share{SEL}", "window rank {{rank}}", SHARE),
+                ),
+            ),
+            Panel(
+                "Fallbacks, no-violator anchors per step",
+                (
+                    _s(f"fne_fallbacks_per_step{SEL}", "fallbacks rank {{rank}}"),
+                    _s(f"fne_no_violator_per_step{SEL}", "no violator rank {{rank}}"),
+                ),
+            ),
+            Panel(
+                "Zero-hinge draws and same-group negatives",
+                (
+                    _s(f"fne_zero_hinge_share{SEL}", "zero hinge rank {{rank}}", SHARE),
+                    _s(f"fne_same_group_share{SEL}", "same group rank {{rank}}", SHARE),
+                ),
+            ),
+            Panel(
+                "Memory fill and staleness",
+                (
+                    _s(f"fne_memory_fill{SEL}", "fill rank {{rank}}", SHARE),
+                    _s(f"fne_memory_staleness{SEL}", "staleness rank {{rank}}"),
+                ),
+                "staleness: mean cosine between momentum embeddings and their memory rows",
+            ),
         ],
-        "",
-    ),
-    (
-        "FNE",
-        "Gaussians mu / sigma, mean drawn-negative similarity",
-        "short",
-        [
-            (f"fne_gaussian_mean{SEL}", "mu {{side}} rank {{rank}}"),
-            (f"fne_gaussian_stddev{SEL}", "sigma {{side}} rank {{rank}}"),
-            (f"fne_mean_negative_similarity{SEL}", "drawn negatives rank {{rank}}"),
-        ],
-        "",
-    ),
-    (
-        "FNE",
-        "Share P_fn > eps and in the hard-cut window",
-        "percentunit",
-        [
-            (f"fne:fn_share:run{RUN}", "P_fn > eps (run)"),
-            (f"fne_fn_share{SEL}", "P_fn > eps rank {{rank}}"),
-            (f"fne_window_share{SEL}", "window rank {{rank}}"),
-        ],
-        "",
-    ),
-    (
-        "FNE",
-        "Fallbacks, no-violator anchors per step",
-        "short",
-        [
-            (f"fne_fallbacks_per_step{SEL}", "fallbacks rank {{rank}}"),
-            (f"fne_no_violator_per_step{SEL}", "no violator rank {{rank}}"),
-        ],
-        "",
-    ),
-    (
-        "FNE",
-        "Zero-hinge draws and same-group negatives",
-        "percentunit",
-        [
-            (f"fne_zero_hinge_share{SEL}", "zero hinge rank {{rank}}"),
-            (f"fne_same_group_share{SEL}", "same group rank {{rank}}"),
-        ],
-        "",
-    ),
-    (
-        "FNE",
-        "Memory fill and staleness",
-        "short",
-        [
-            (f"fne_memory_fill{SEL}", "fill rank {{rank}}"),
-            (f"fne_memory_staleness{SEL}", "staleness rank {{rank}}"),
-        ],
-        "",
     ),
     (
         "Data",
-        "Samples read and bad samples /s",
-        "short",
         [
-            (f"sum(rate(fne_samples_total{SEL}[{RI}]))", "read"),
-            (f"sum by (reason) (rate(fne_bad_samples_total{SEL}[{RI}]))", "bad {{reason}}"),
+            Panel(
+                "Samples read and bad samples /s",
+                (
+                    _s(f"sum(rate(fne_samples_total{SEL}[{RI}]))", "read", SAMPLES_S),
+                    _s(
+                        f"sum by (reason) (rate(fne_bad_samples_total{SEL}[{RI}]))",
+                        "bad {{reason}}",
+                        SAMPLES_S,
+                    ),
+                ),
+            ),
+            Panel(
+                "Bad-sample fraction vs limit",
+                (
+                    _s(
+                        f"run:fne_bad_samples_per_samples_read:ratio_rate5m{RUN}",
+                        "bad fraction",
+                        SHARE,
+                    ),
+                    _s(f"max by (run) (fne_max_bad_fraction{RUN})", "data.max_bad_fraction", SHARE),
+                ),
+            ),
+            Panel(
+                "Shard errors",
+                (_s(f"sum by (reason) (fne_shard_errors_total{SEL})", "{{reason}}"),),
+                "shard pieces that ended early (truncated or corrupt archives)",
+            ),
+            Panel(
+                "Dropped samples",
+                (_s(f"sum by (cause) (fne_dropped_samples_total{SEL})", "{{cause}}"),),
+            ),
+            Panel(
+                "Long tasks (feature cache, shard index, evaluation, upload)",
+                (
+                    _s(f"fne_task_progress{SEL}", "{{task}} done rank {{rank}}", SHARE),
+                    _s(f"fne_task_seconds{SEL}", "{{task}} time rank {{rank}}", SECONDS),
+                ),
+                "share done of each long task (fne_dist/progress.py) and time spent; NaN until "
+                "the task first runs",
+            ),
         ],
-        "",
-    ),
-    (
-        "Data",
-        "Bad-sample fraction vs limit",
-        "percentunit",
-        [
-            (f"fne:bad_sample_fraction:run{RUN}", "bad fraction"),
-            (f"max by (run) (fne_max_bad_fraction{RUN})", "data.max_bad_fraction"),
-        ],
-        "",
-    ),
-    (
-        "Data",
-        "Shard errors",
-        "short",
-        [(f"sum by (reason) (fne_shard_errors_total{SEL})", "{{reason}}")],
-        "shard pieces that ended early (truncated or corrupt archives)",
-    ),
-    (
-        "Data",
-        "Dropped samples",
-        "short",
-        [(f"sum by (cause) (fne_dropped_samples_total{SEL})", "{{cause}}")],
-        "",
     ),
     (
         "Checkpoints",
-        "Checkpoints written, duration and size",
-        "s",
         [
-            (f"fne_checkpoint_seconds{SEL}", "seconds rank {{rank}}"),
-            (f"fne_checkpoint_bytes{SEL} / 1e6", "MB rank {{rank}}"),
-            (f"fne_checkpoints_total{SEL}", "written rank {{rank}}"),
+            Panel(
+                "Checkpoints written, duration and size",
+                (
+                    _s(f"fne_checkpoint_seconds{SEL}", "duration rank {{rank}}", SECONDS),
+                    _s(f"fne_checkpoint_bytes{SEL}", "size rank {{rank}}", BYTES),
+                    _s(f"fne_checkpoints_total{SEL}", "written rank {{rank}}"),
+                ),
+            ),
+            Panel(
+                "Age of the newest checkpoint",
+                (
+                    _s(
+                        f"time() - fne_checkpoint_timestamp_seconds{SEL}",
+                        "age rank {{rank}}",
+                        SECONDS,
+                    ),
+                    _s(f"fne_checkpoint_max_age_seconds{SEL}", "alert age rank {{rank}}", SECONDS),
+                ),
+            ),
         ],
-        "",
     ),
     (
-        "Checkpoints",
-        "Age of the newest checkpoint",
-        "s",
+        "System",
         [
-            (f"time() - fne_checkpoint_timestamp_seconds{SEL}", "age rank {{rank}}"),
-            (f"fne_checkpoint_max_age_seconds{SEL}", "alert age rank {{rank}}"),
+            Panel(
+                "Resident memory",
+                (_s(f"fne_process_resident_memory_bytes{SEL}", "rank {{rank}}", BYTES),),
+            ),
+            Panel(
+                "CPU (cores)",
+                (_s(f"rate(fne_process_cpu_seconds_total{SEL}[{RI}])", "rank {{rank}}"),),
+            ),
+            Panel(
+                "CUDA memory",
+                (
+                    _s(f"fne_cuda_memory_allocated_bytes{SEL}", "allocated rank {{rank}}", BYTES),
+                    _s(f"fne_cuda_memory_reserved_bytes{SEL}", "reserved rank {{rank}}", BYTES),
+                ),
+                GPU_ONLY + "the CUDA caching allocator's counters",
+            ),
         ],
-        "",
-    ),
-    (
-        "Evaluation",
-        "Recall@k",
-        "short",
-        [('fne_eval_recall{run=~"$run", rank="0"}', "{{split}} {{direction}} R@{{k}}")],
-        "",
-    ),
-    (
-        "Evaluation",
-        "rsum",
-        "short",
-        [
-            ('fne_eval_rsum{run=~"$run", rank="0"}', "{{split}} rsum"),
-            ('fne_eval_group_rsum{run=~"$run", rank="0"}', "{{split}} group rsum"),
-        ],
-        "",
-    ),
-    (
-        "Progress",
-        "Long tasks (feature cache, shard index, evaluation, upload)",
-        "percentunit",
-        [
-            (f"fne_task_progress{SEL}", "{{task}} rank {{rank}}"),
-            (f"fne_task_seconds{SEL} / 3600", "{{task}} hours rank {{rank}}"),
-        ],
-        "share done of each long task (fne_dist/progress.py) and hours spent; NaN until the "
-        "task first runs",
-    ),
-    (
-        "Process",
-        "Resident memory",
-        "bytes",
-        [(f"fne_process_resident_memory_bytes{SEL}", "rank {{rank}}")],
-        "",
-    ),
-    (
-        "Process",
-        "CPU (cores)",
-        "short",
-        [(f"rate(fne_process_cpu_seconds_total{SEL}[{RI}])", "rank {{rank}}")],
-        "",
-    ),
-    (
-        "Process",
-        "CUDA memory",
-        "bytes",
-        [
-            (f"fne_cuda_memory_allocated_bytes{SEL}", "allocated rank {{rank}}"),
-            (f"fne_cuda_memory_reserved_bytes{SEL}", "reserved rank {{rank}}"),
-        ],
-        GPU_ONLY + "the CUDA caching allocator's counters",
     ),
 ]
 
@@ -308,27 +318,54 @@ def _variable(name: str, query: str) -> dict:
     }
 
 
-def _panel(i: int, title: str, unit: str, targets: list[tuple[str, str]], text: str) -> dict:
+def _panel(pid: int, panel: Panel, x: int, y: int) -> dict:
+    """A time series panel; each query's unit is an override on its refId, so series of
+    different units (seconds, bytes, a count) are each drawn and labelled in their own."""
+    refs = [chr(ord("A") + j) for j in range(len(panel.series))]
     return {
-        "id": i + 1,
+        "id": pid,
         "type": "timeseries",
-        "title": title,
-        "description": text,
+        "title": panel.title,
+        "description": panel.text,
         "datasource": {"type": "prometheus", "uid": "${datasource}"},
-        "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
+        "fieldConfig": {
+            "defaults": {"unit": panel.series[0].unit},
+            "overrides": [
+                {
+                    "matcher": {"id": "byFrameRefID", "options": ref},
+                    "properties": [{"id": "unit", "value": s.unit}],
+                }
+                for ref, s in zip(refs, panel.series, strict=True)
+            ],
+        },
         "targets": [
-            {"refId": chr(ord("A") + j), "expr": expr, "legendFormat": legend}
-            for j, (expr, legend) in enumerate(targets)
+            {"refId": ref, "expr": s.expr, "legendFormat": s.legend}
+            for ref, s in zip(refs, panel.series, strict=True)
         ],
     }
 
 
+def _row(pid: int, title: str, y: int) -> dict:
+    return {
+        "id": pid,
+        "type": "row",
+        "title": title,
+        "collapsed": False,
+        "gridPos": {"h": 1, "w": 24, "x": 0, "y": y},
+        "panels": [],
+    }
+
+
 def dashboard() -> dict:
-    panels = [
-        _panel(i, f"{section}: {title}", unit, targets, text)
-        for i, (section, title, unit, targets, text) in enumerate(PANELS)
-    ]
+    panels: list[dict] = []
+    y = 0
+    for row, members in ROWS:
+        panels.append(_row(len(panels) + 1, row, y))
+        y += 1
+        for i, panel in enumerate(members):
+            panels.append(_panel(len(panels) + 1, panel, 12 * (i % 2), y + 8 * (i // 2)))
+        y += 8 * ((len(members) + 1) // 2)
     datasource = {"name": "datasource", "type": "datasource", "query": "prometheus"}
     return {
         "uid": "fne-dist",

@@ -95,6 +95,17 @@ def mode(cfg: Config, launcher: str) -> str:
     return "off"
 
 
+class _Lingering(MetricsReporter):
+    """The reporter of the Ray path: at close the worker waits monitor.linger_s, so that Ray's
+    metrics agent exports the final values before Ray Train ends the worker."""
+
+    linger_s = 0.0
+
+    def close(self) -> None:
+        time.sleep(self.linger_s)
+        super().close()
+
+
 class _Served(MetricsReporter):
     """The reporter of the http path, owning its server (stopped at close). Rank 0 empties
     the discovery files at close (a finished run's targets are gone, not down), after
@@ -157,7 +168,9 @@ def build_monitor(
     if how == "ray":
         from .sinks import RaySink
 
-        return MetricsReporter(RaySink(base), info, limits, REASONS, cuda)
+        lingering = _Lingering(RaySink(base), info, limits, REASONS, cuda)
+        lingering.linger_s = cfg.monitor.linger_s
+        return lingering
     from .sinks import PromSink
 
     sink = PromSink(base)
