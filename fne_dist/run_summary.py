@@ -28,6 +28,7 @@ DIAGNOSTICS_OF: dict[str, frozenset[str]] = {
     "window": frozenset({"window", "draws", "group_share", "detection", "memory"}),
     "vse_pp": frozenset({"draws", "group_share", "memory"}),
     "vse0": frozenset(),
+    "fne_sum": frozenset({"posterior", "group_share", "detection", "memory"}),
     "infonce": frozenset({"temperature", "memory"}),
 }
 """Diagnostic line kinds each loss produces; a line is printed only if its loss has it."""
