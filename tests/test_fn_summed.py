@@ -98,10 +98,10 @@ def test_summed_weights_bite_when_the_gate_is_open() -> None:
     side = SumSide(cands, cand_ids, None, anchors.detach(), cands)
     closed, _ = weighted_sum_of_hinges(
         anchors, side, ids, pos_col, None, _gaussians("gate closed")[0], cfg
-    )  # noqa: E501
+    )
     opened, _ = weighted_sum_of_hinges(
         anchors, side, ids, pos_col, None, _gaussians("gate open")[0], cfg
-    )  # noqa: E501
+    )
     plain = _reference_loss(
         anchors, cands, ids, cand_ids, pos_col, ref.Gaussians(0, 1, 0, 1, 0), cfg
     )
@@ -114,9 +114,9 @@ def test_fne_sum_on_the_batch_with_the_gate_closed_is_vse0() -> None:
     every weight 1) is vse0, the plain sum of hinges over the batch, in value and diagnostics'
     directions (both directions summed)."""
     g, _ = _gaussians("gate closed")
-    anchors, cands, ids, cand_ids, pos_col = _problem(2)
+    anchors, cands, _, cand_ids, _ = _problem(2)
     txt = torch.nn.functional.normalize(anchors.detach() + 0.3, dim=1).requires_grad_(True)
-    a = Anchors(anchors, txt, cand_ids[:B] * 0 + torch.arange(B), torch.arange(B))
+    a = Anchors(anchors, txt, torch.arange(B), torch.arange(B))
     batch = Candidates(anchors.detach(), txt.detach(), torch.arange(B), B)
     memory = Candidates(cands, cands, cand_ids + 10_000, 0)
     c = Candidates.concat(batch, memory)
