@@ -634,7 +634,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     for variant in variants:
         cfg = FneConfig(**VARIANTS[variant])
         name = variant + args.suffix
-        runs[name] = [train_run(cfg, data, s, seed) for seed in seeds]
+        runs[name] = []
+        for seed in seeds:  # runs.json after each seed: a slow set survives an interruption
+            runs[name].append(train_run(cfg, data, s, seed))
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
         m = runs[name]
         per_seed = " / ".join(f"{r['group_rsum']:.1f}" for r in m)
         wall = sum(r["wall_s"] for r in m)
