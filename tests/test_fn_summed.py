@@ -106,7 +106,7 @@ def test_summed_weights_bite_when_the_gate_is_open() -> None:
         anchors, cands, ids, cand_ids, pos_col, ref.Gaussians(0, 1, 0, 1, 0), cfg
     )
     torch.testing.assert_close(closed, plain)
-    assert float(opened) < float(closed)
+    assert opened.item() < closed.item()
 
 
 def test_fne_sum_on_the_batch_with_the_gate_closed_is_vse0() -> None:
@@ -124,5 +124,5 @@ def test_fne_sum_on_the_batch_with_the_gate_closed_is_vse0() -> None:
     summed = retrieval_loss(a, c, FneConfig(loss="fne_sum", sum_scope="batch"), g)
     torch.testing.assert_close(summed.loss, vse0.loss)
     over_memory = retrieval_loss(a, c, FneConfig(loss="fne_sum"), g)
-    assert float(over_memory.loss) > float(vse0.loss)  # the memory's violators count too
+    assert over_memory.loss.item() > vse0.loss.item()  # the memory's violators count too
     assert PAPER.gate_size == 200
