@@ -448,6 +448,12 @@ class Config:
                 "candidate on the anchor's rank (use fne.loss fne, window or vse_pp, or an "
                 "unsharded memory)"
             )
+        if self.memory.sharded and self.fne.loss == "fne_sum" and self.fne.sum_scope != "batch":
+            raise ValueError(
+                "memory.sharded=true with fne.loss=fne_sum: its sum spans every memory "
+                "candidate on the anchor's rank (use fne.sum_scope=batch, a sampled loss, or an "
+                "unsharded memory)"
+            )
         if (
             self.memory.sharded
             and self.fne.reduction == "expected"

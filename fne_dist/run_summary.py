@@ -28,6 +28,7 @@ DIAGNOSTICS_OF: dict[str, frozenset[str]] = {
     "window": frozenset({"window", "draws", "group_share", "detection", "memory"}),
     "vse_pp": frozenset({"draws", "group_share", "memory"}),
     "vse0": frozenset(),
+    "fne_sum": frozenset({"posterior", "group_share", "detection", "memory"}),
     "infonce": frozenset({"temperature", "memory"}),
 }
 """Diagnostic line kinds each loss produces; a line is printed only if its loss has it."""
@@ -97,9 +98,9 @@ def diagnostic_lines(
             f"{d.get('fallback', 0):.2f}/step, no violator {d.get('no_violator', 0):.2f}/step"
         )
     if "group_share" in kinds:
-        parts.append(
-            f"sampled negatives sharing the anchor's group {_pct(d, 'frac_neg_same_group')}"
-        )
+        # fne_sum samples nothing: its share is of the violators' weight (fne.summed)
+        what = "violators' weight" if loss == "fne_sum" else "sampled negatives"
+        parts.append(f"{what} sharing the anchor's group {_pct(d, 'frac_neg_same_group')}")
     if "temperature" in kinds:
         parts.append(f"temperature {d.get('temperature', math.nan):.4f}")
     if "memory" in kinds and staleness is not None:

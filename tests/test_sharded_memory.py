@@ -464,11 +464,14 @@ def test_staleness_and_the_candidate_sample_equal_the_whole_memory() -> None:
 
 
 @pytest.mark.parametrize(
-    "override", ["fne.loss=infonce", "fne.reduction=expected"], ids=["infonce", "expected"]
+    "override",
+    ["fne.loss=infonce", "fne.reduction=expected", "fne.loss=fne_sum"],
+    ids=["infonce", "expected", "fne_sum"],
 )
 def test_a_sharded_memory_refuses_losses_over_every_candidate(override: str) -> None:
     """Invariant: memory.sharded with a loss that spans every memory candidate on the anchor's
-    rank (infonce, the expected reduction) fails at load in one line naming both settings."""
+    rank (infonce, the expected reduction, fne_sum over the memory) fails at load in one
+    line naming both settings."""
     from fne_dist.config import ConfigError, load_config
 
     with pytest.raises((ConfigError, ValueError), match=r"memory\.sharded=true with fne"):

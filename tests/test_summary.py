@@ -33,11 +33,13 @@ def test_every_loss_has_a_rule() -> None:
 @pytest.mark.parametrize("loss", LOSSES)
 def test_lines_only_of_the_loss_in_use(loss: str) -> None:
     """Invariant: no loss prints a diagnostic it does not produce: infonce prints no
-    'positives this epoch', window no posterior, vse0 nothing; only fne prints P_fn."""
+    'positives this epoch', window no posterior, vse0 nothing; only the losses that ask the
+    posterior (fne, fne_sum) print P_fn."""
     text = "\n".join(diagnostic_lines(loss, FULL, staleness=0.9))
-    assert ("positives this epoch" in text) == (loss == "fne")
-    assert ("P_fn>eps" in text) == (loss == "fne")
-    assert ("hard-cut window" in text) == (loss in ("fne", "window"))
+    posterior = loss in ("fne", "fne_sum")
+    assert ("positives this epoch" in text) == posterior
+    assert ("P_fn>eps" in text) == posterior
+    assert ("hard-cut window" in text) == (loss in ("fne", "window", "fne_sum"))
     assert ("temperature" in text) == (loss == "infonce")
     assert ("staleness" in text) == (loss != "vse0")
     assert "nan" not in text

@@ -203,7 +203,7 @@ DEFAULT_FNE = [
 RUNS = {
     **{
         f"loss_{loss}": [f"fne.loss={loss}"]
-        for loss in ("fne", "window", "vse_pp", "vse0", "infonce")
+        for loss in ("fne", "window", "vse_pp", "vse0", "infonce", "fne_sum")
     },
     "posterior_cross_mixture": ["fne.loss=fne", "fne.posterior=cross_mixture"],
 }

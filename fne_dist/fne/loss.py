@@ -11,6 +11,8 @@ dim, k negatives per anchor.
 | `vse_pp`  | batch, or [batch ; memory] | hardest negative (VSE++)                            |
 | `vse0`    | batch                      | sum of hinges over all negatives                    |
 | `infonce` | [batch ; memory]           | softmax CE, learnable temperature (ALBEF-style)     |
+| `fne_sum` | [batch ; memory], or batch | sum of hinges, each weighted by P(true negative)    |
+|           |                            | from the posterior (``fne.summed``)                 |
 
 Triplet losses are the mean over anchors of i2t + t2i (the paper's sum of the two directions);
 infonce is the mean of the two directions (ALBEF). ``mask_groups`` (the oracle) additionally
@@ -54,6 +56,7 @@ from .selection import (
     select_listed,
 )
 from .stats import Gaussians
+from .summed import SumSide, summed_diagnostics, weighted_sum_of_hinges
 from .weights import window_is_everything
 
 
@@ -134,6 +137,10 @@ def retrieval_loss(
         raise ValueError(f"unknown loss {name!r} (valid: {', '.join(LOSSES)})")
     if name in ("vse0", "infonce"):
         return _full_matrix_loss(name, a, c, cfg, temperature, gaussians)
+    if name == "fne_sum":
+        if gaussians is None:
+            raise ValueError("loss 'fne_sum' needs the running Gaussians (its posterior)")
+        return _summed_loss(a, c.batch_only() if cfg.sum_scope == "batch" else c, cfg, gaussians)
     rule = RULE_OF_LOSS[name]
     cands = c.batch_only() if name == "vse_pp" and not cfg.vse_pp_memory else c
     if rule.draws and (gaussians is None or uniforms_2Bk is None):
@@ -342,6 +349,22 @@ def _full_matrix_loss(
         diag["temperature"] = temp.detach()
     diag.update(loss_i2t=i2t.detach(), loss_t2i=t2i.detach())
     return LossOutput(total, diag)
+
+
+def _summed_loss(a: Anchors, c: Candidates, cfg: FneConfig, g: Gaussians) -> LossOutput:
+    """fne_sum: both directions of ``fne.summed.weighted_sum_of_hinges`` (the posterior reads
+    the anchors' and candidates' images in both, as the sampler's does)."""
+    sides = (
+        SumSide(c.txt_ND, c.ids_N, c.groups_N, a.img_BD, c.img_ND),
+        SumSide(c.img_ND, c.ids_N, c.groups_N, a.img_BD, c.img_ND),
+    )
+    (i2t, s1), (t2i, s2) = (
+        weighted_sum_of_hinges(anchor, side, a.ids_B, a.pos_col_B, a.groups_B, g, cfg)
+        for anchor, side in zip((a.img_BD, a.txt_BD), sides, strict=True)
+    )
+    diag = summed_diagnostics({k: s1[k] + s2[k] for k in s1}, DETECTION_COLUMNS)
+    diag.update(loss_i2t=i2t.detach(), loss_t2i=t2i.detach(), **gaussian_diagnostics(g))
+    return LossOutput(i2t + t2i, diag)
 
 
 def _sum_of_hinges(

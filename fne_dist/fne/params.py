@@ -16,7 +16,7 @@ from .estimators import StatsSource
 from .posteriors import PosteriorName
 from .stats import NoPosMu
 
-Loss = Literal["fne", "window", "vse_pp", "vse0", "infonce"]
+Loss = Literal["fne", "window", "vse_pp", "vse0", "infonce", "fne_sum"]
 LOSSES: tuple[str, ...] = get_args(Loss)
 
 
@@ -64,6 +64,23 @@ class FneConfig:
         "w_j (sample, the paper) or the expectation of that hinge under the same weights, "
         "Σ_j w_j/Σw · hinge_j (expected: same target, no sampling noise in the gradient); rows "
         "whose weights sum to 0 keep the fallback either way",
+    )
+    sum_weight: Literal["one_minus", "exp", "hard"] = setting(
+        "one_minus",
+        "fne_sum: each candidate's weight in the sum of hinges, from its P_fn: 1 − P_fn "
+        "(one_minus, the probability of a true negative), exp(−τ_fn P_fn) (exp) or "
+        "1[P_fn <= eps] (hard: drop the flagged candidates); 1 while the gate is closed",
+    )
+    sum_kernel: bool = setting(
+        False, "fne_sum: also multiply each weight by the kernel exp(-τ_kernel (s - s⁺)²)"
+    )
+    sum_cut: bool = setting(
+        False, "fne_sum: also zero the weight where s <= μ⁺ - hard_cut_margin (the hard cut)"
+    )
+    sum_scope: Literal["candidates", "batch"] = setting(
+        "candidates",
+        "fne_sum: sum over [gathered batch ; memory] (candidates) or the gathered batch only "
+        "(batch, vse0's candidates)",
     )
     stats_reset: Literal["epoch", "never"] = setting(
         "epoch", "reset the statistics every epoch or never"
