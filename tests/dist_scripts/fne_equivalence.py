@@ -32,6 +32,7 @@ from torch import Tensor
 from fne_dist import distributed as D
 from fne_dist.config import ModelConfig
 from fne_dist.fne import Candidates, FneConfig, SimilarityStats, mutual_top1_stats, stats_of
+from fne_dist.fne.rules import FNE
 from fne_dist.fne.sampling import step_uniforms
 from fne_dist.fne.selection import CandidateLabels, Rows, select_listed
 from fne_dist.memory import MomentumMemory
@@ -150,7 +151,7 @@ def recompute_picks(model, batch, cands: Candidates, stats, step, rank, world) -
         ):
             sim = anchor @ cand.T
             rows = Rows(sim, pos_col, batch["ids"], u_Bk)
-            p = select_listed(rows, CandidateLabels(cands.ids_N, cands.groups_N), g, FNE_CFG, "fne")
+            p = select_listed(rows, CandidateLabels(cands.ids_N, cands.groups_N), g, FNE_CFG, FNE)
             pos = sim.gather(1, pos_col[:, None])
             hinge = (FNE_CFG.margin + p.sim_bk - pos).clamp_min(0) * p.valid_bk
             loss += (hinge.sum(1) / p.valid_bk.sum(1).clamp_min(1)).mean().double()
