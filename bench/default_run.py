@@ -25,22 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from fne_dist.monitoring import catalog
+
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = (
-    "data",
-    "online_forward",
-    "momentum_forward",
-    "gather",
-    "reduce",
-    "fne_loss",
-    "backward_step",
-    "ema",
-    "enqueue",
-    "finite_check",
-    "log",
-    "checkpoint",
-    "evaluate",
-)
+# The PhaseTimer's names, as the monitoring catalog lists them (one list, not two).
+PHASES = catalog.PHASES
 
 
 def one_run(checkout: Path, overrides: list[str], out: Path, name: str, torchrun: bool) -> dict:
