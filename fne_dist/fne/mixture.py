@@ -123,25 +123,22 @@ def mixture_from_sums(totals: Tensor, var_floor: float = 1e-8) -> Mixture:
     Each variance is floored at ``MIN_VAR_SHARE`` of the pooled sample's: maximum likelihood
     is unbounded for a component shrinking onto one value (on a histogram, one bin), and EM
     walked into that spike in training (σ_f → 0, π → 0.01)."""
-    n_f, n_t = totals[0].clamp_min(1e-12), totals[3].clamp_min(1e-12)
-    mu_f, mu_t = totals[1] / n_f, totals[4] / n_t
+    # The two components as the rows of (n, Σs, Σs²): the same float64 operations per value
+    # as one component at a time, in fewer calls (the cost of FIT_ITERS M-steps per step).
+    comp_23 = totals.reshape(2, 3)
+    n_2 = comp_23[:, 0].clamp_min(1e-12)
+    mu_2 = comp_23[:, 1] / n_2
     n = (totals[0] + totals[3]).clamp_min(1e-12)
     mean = (totals[1] + totals[4]) / n
     total_var = ((totals[2] + totals[5]) / n - mean.square()).clamp_min(0.0)
     var_floor_t = (MIN_VAR_SHARE * total_var).clamp_min(var_floor)
-    var_f = torch.maximum(totals[2] / n_f - mu_f.square(), var_floor_t)
-    var_t = torch.maximum(totals[5] / n_t - mu_t.square(), var_floor_t)
-    prior = (totals[0] / (totals[0] + totals[3]).clamp_min(1e-12)).clamp(
-        MIX_PRIOR_MIN, MIX_PRIOR_MAX
-    )
-    swap = mu_f < mu_t
-    return Mixture(
-        torch.where(swap, 1.0 - prior, prior).clamp(MIX_PRIOR_MIN, MIX_PRIOR_MAX),
-        torch.where(swap, mu_t, mu_f),
-        torch.where(swap, var_t, var_f),
-        torch.where(swap, mu_f, mu_t),
-        torch.where(swap, var_f, var_t),
-    )
+    var_2 = torch.maximum(comp_23[:, 2] / n_2 - mu_2.square(), var_floor_t)
+    prior = (totals[0] / n).clamp(MIX_PRIOR_MIN, MIX_PRIOR_MAX)
+    swap = mu_2[0] < mu_2[1]
+    mu_2 = torch.where(swap, mu_2.flip(0), mu_2)
+    var_2 = torch.where(swap, var_2.flip(0), var_2)
+    prior = torch.where(swap, 1.0 - prior, prior).clamp(MIX_PRIOR_MIN, MIX_PRIOR_MAX)
+    return Mixture(prior, mu_2[0], var_2[0], mu_2[1], var_2[1])
 
 
 def histogram(sims_S: Tensor, valid_S: Tensor, bins: int = HIST_BINS) -> Tensor:
