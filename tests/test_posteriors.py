@@ -202,3 +202,22 @@ def test_infonce_diagnostics_are_scalars() -> None:
     assert all(v.dim() == 0 for v in out.diagnostics.values()), {
         k: v.shape for k, v in out.diagnostics.items()
     }
+
+
+def test_intra_log_odds_in_slices_are_the_whole_formula_bit_for_bit() -> None:
+    """Invariant: the intra posterior's log-odds, evaluated in cache-sized float64 slices and
+    rounded to the similarities' float32, are the bits of the formula evaluated on the whole
+    b×N matrix at once (a matrix of several slices, not a multiple of the slice), so slicing
+    changes no weight and no draw."""
+    from fne_dist.fne.posteriors.intra_mixture import ODDS_SLICE
+
+    gen = torch.Generator().manual_seed(3)
+    b, n = 3, ODDS_SLICE // 2 + 77
+    img_a = torch.nn.functional.normalize(torch.randn(b, 16, generator=gen), dim=1)
+    img_c = torch.nn.functional.normalize(torch.randn(n, 16, generator=gen), dim=1)
+    pairs = PairSims(torch.zeros(b, n), img_a, img_c)
+    m = INTRA
+    whole = torch.log(m.prior) - torch.log1p(-m.prior) + log_likelihood_ratio(img_a @ img_c.T, m)
+    got = IntraFit(m).log_odds(pairs)
+    assert got.dtype == torch.float32 and torch.equal(got, whole.to(torch.float32))
+    assert IntraFit.direction_free and not MixtureFit.direction_free

@@ -189,3 +189,23 @@ def test_count_true_equals_sum() -> None:
     """Invariant: the byte-sum count equals ``sum`` on rows longer than 255 (no uint8 wrap)."""
     x = torch.rand(7, 5000, generator=torch.Generator().manual_seed(0)) > 0.1
     assert torch.equal(count_true(x), x.sum(dim=1))
+
+
+def test_float_units_are_the_integer_units() -> None:
+    """Invariant: the draw's float32 units are the same whole numbers as ``weight_units``
+    (0, 1, tiny and subnormal weights, float32 neighbours), and their block cdf is the
+    integer one exactly, so the float32 draw picks what the int64 draw picks."""
+    from fne_dist.fne.sampling import float_units, unit_cdf, weight_units
+
+    gen = torch.Generator().manual_seed(9)
+    w = torch.rand(6, N, generator=gen)
+    w[w < 0.3] = 0.0
+    w[0, :5] = torch.tensor([1.0, 1e-45, 2.0**-15, 2.0**-15 - 2.0**-40, 0.999999])
+    w[1] = 1.0  # the largest block sums
+    units = float_units(w)
+    assert units.dtype == torch.float32
+    assert torch.equal(units.long(), weight_units(w))
+    assert torch.equal(unit_cdf(units), unit_cdf(weight_units(w)))
+    u = torch.rand(6, generator=gen, dtype=torch.float64)
+    w64 = w.double()
+    assert torch.equal(inverse_cdf_draw(w, u)[0], inverse_cdf_draw(w64, u)[0])

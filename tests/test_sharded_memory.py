@@ -146,9 +146,7 @@ def _whole(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor):
         cands = cands.batch_only()
     a = Anchors(img, txt, ids, torch.arange(G), groups)
     rule = RULE_OF_LOSS[cfg.loss]
-    i2t = _select(img, cands.txt_ND, a, cands, cfg, rule, g, u_2Gk[0])
-    t2i = _select(txt, cands.img_ND, a, cands, cfg, rule, g, u_2Gk[1])
-    return (i2t, t2i), cands
+    return _select(a, cands, cfg, rule, g, (u_2Gk[0], u_2Gk[1])), cands
 
 
 def _sharded(prob: dict, cfg: FneConfig, g, u_2Gk: torch.Tensor, world: int):

@@ -147,10 +147,7 @@ def retrieval_loss(
         raise ValueError(f"loss {name!r} needs the running Gaussians and the step's uniforms")
     u = (None, None) if uniforms_2Bk is None else uniforms_2Bk.to(a.img_BD.device)
     if picks is None:
-        picks = (
-            _select(a.img_BD, cands.txt_ND, a, cands, cfg, rule, gaussians, u[0]),
-            _select(a.txt_BD, cands.img_ND, a, cands, cfg, rule, gaussians, u[1]),
-        )
+        picks = _select(a, cands, cfg, rule, gaussians, u)
     else:
         cands = c
     i2t, s1 = _one_direction(a.img_BD, cands.txt_ND, a, cands, cfg, picks[0])
@@ -233,21 +230,28 @@ def _expected_hinges(
     return (hinge_BN * prob_BN.to(hinge_BN.dtype)).sum(1)
 
 
+DENSE_CHUNK_ELEMENTS = 1 << 19
+"""A chunk of the dense weights holds ``fne.chunk_rows`` rows, or more while it stays under this
+many elements: 8 rows of 65,664 candidates fit the cache, and at the default run's 1,056
+candidates one chunk takes every row, so the step issues half the small ops (their dispatch,
+not the arithmetic, is the cost at that size)."""
+
+
 def _select(
-    anchor_BD: Tensor,
-    cand_ND: Tensor,
     a: Anchors,
     c: Candidates,
     cfg: FneConfig,
     rule: Rule,
     g: Gaussians | None,
-    u_Bk: Tensor | None,
-) -> Picks:
-    """The picks of every anchor (no gradient): one similarity matmul per block of block_rows
-    anchors (a chunked matmul would re-read all N×D candidates per chunk), then the selector on
-    chunks of that block's rows, so no B×N temporary outlives a chunk."""
+    u: tuple[Tensor | None, Tensor | None],
+) -> tuple[Picks, Picks]:
+    """The picks of every anchor in both directions (i2t, t2i; u: their uniforms), no
+    gradient: per block of block_rows anchors one similarity matmul per direction (a chunked
+    matmul would re-read all N×D candidates per chunk), then the selector on chunks of that
+    block's rows, so no B×N temporary outlives a chunk. A posterior of the pair's images alone
+    (``direction_free``) is evaluated once per block for both directions."""
     groups_B = a.groups_B if cfg.mask_groups else None
-    select, chunk = _selector(cand_ND.device, c, groups_B, cfg, rule, g)
+    select, chunk = _selector(c.img_ND.device, c, groups_B, cfg, rule, g)
     fit = None if not rule.uses_posterior or g is None else fit_of(g, cfg.prior)
     # A posterior that is not a function of s (or the fallback that skips flagged candidates)
     # needs the log-odds of every pair: the dense form, with the log-odds computed here (the
@@ -255,33 +259,39 @@ def _select(
     every_pair = fit is not None and (not fit.quadratic or cfg.fallback == "unflagged")
     if every_pair:
         select, chunk = select_dense, cfg.chunk_rows
+    if chunk == cfg.chunk_rows:  # short rows: more of them per chunk (fewer small ops)
+        chunk = max(chunk, DENSE_CHUNK_ELEMENTS // max(1, c.ids_N.shape[0]))
     measure = a.groups_B is not None and c.groups_N is not None and rule.draws
     fallback_cols = c.n_batch if cfg.fallback_scope == "batch" and rule.draws else None
     cands = CandidateLabels(c.ids_N, c.groups_N)
-    cand_detached_ND = cand_ND.detach()
-    picks: list[Picks] = []
+    directions = ((a.img_BD, c.txt_ND.detach(), u[0]), (a.txt_BD, c.img_ND.detach(), u[1]))
+    picks: tuple[list[Picks], list[Picks]] = ([], [])
     with torch.no_grad():
-        for b0 in range(0, anchor_BD.shape[0], cfg.block_rows):
-            sim_bN = anchor_BD[b0 : b0 + cfg.block_rows].detach() @ cand_detached_ND.T
+        for b0 in range(0, a.img_BD.shape[0], cfg.block_rows):
+            block = slice(b0, b0 + cfg.block_rows)
             odds_bN = None
-            if every_pair:
-                assert fit is not None
-                pairs = PairSims(sim_bN, a.img_BD[b0 : b0 + cfg.block_rows], c.img_ND)
-                odds_bN = fit.log_odds(pairs).to(sim_bN.dtype)
-            for r0 in range(0, sim_bN.shape[0], chunk):
-                rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
-                chunk_rows = Rows(
-                    sim_bN[r0 : r0 + chunk],
-                    a.pos_col_B[rows],
-                    a.ids_B[rows],
-                    u_bk=None if u_Bk is None else u_Bk[rows],
-                    mask_groups_b=None if groups_B is None else groups_B[rows],
-                    detect_groups_b=a.groups_B[rows] if measure else None,  # type: ignore[index]
-                    log_odds_bN=None if odds_bN is None else odds_bN[r0 : r0 + chunk],
-                    fallback_cols=fallback_cols,
-                )
-                picks.append(select(chunk_rows, cands, g, cfg, rule))
-    return Picks(*(torch.cat(parts) for parts in zip(*picks, strict=True)))
+            for parts, (anchor_BD, cand_ND, u_Bk) in zip(picks, directions, strict=True):
+                sim_bN = anchor_BD[block].detach() @ cand_ND.T
+                if every_pair and (odds_bN is None or not fit.direction_free):  # type: ignore[union-attr]
+                    assert fit is not None
+                    pairs = PairSims(sim_bN, a.img_BD[block], c.img_ND)
+                    odds_bN = fit.log_odds(pairs).to(sim_bN.dtype)
+                for r0 in range(0, sim_bN.shape[0], chunk):
+                    rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
+                    chunk_rows = Rows(
+                        sim_bN[r0 : r0 + chunk],
+                        a.pos_col_B[rows],
+                        a.ids_B[rows],
+                        u_bk=None if u_Bk is None else u_Bk[rows],
+                        mask_groups_b=None if groups_B is None else groups_B[rows],
+                        detect_groups_b=a.groups_B[rows] if measure else None,  # type: ignore[index]
+                        log_odds_bN=None if odds_bN is None else odds_bN[r0 : r0 + chunk],
+                        fallback_cols=fallback_cols,
+                    )
+                    parts.append(select(chunk_rows, cands, g, cfg, rule))
+    return tuple(  # type: ignore[return-value]
+        Picks(*(torch.cat(fields) for fields in zip(*parts, strict=True))) for parts in picks
+    )
 
 
 def _selector(

@@ -147,7 +147,10 @@ class FneConfig:
         "eager window sampler, which is faster there)",
     )
     chunk_rows: int = setting(
-        8, "anchors per element-wise chunk of the dense sampler (cache-sized)", ge=1
+        8,
+        "anchors per element-wise chunk of the dense sampler (cache-sized); more while a "
+        "chunk stays under 2^19 candidate pairs (short rows)",
+        ge=1,
     )
     window_chunk_rows: int = setting(
         32,

@@ -124,7 +124,10 @@ def select_dense(
         # the empty-window fallback skips candidates with P_fn > ε (gate open): measured on
         # emoji, most rows' windows empty late in training and the hardest violator is then
         # the family mate the posterior flagged (fne.params ``fallback``)
-        flagged_bN = is_false_negative(log_odds_bN, cfg.eps) & g.gate_open
+        # the weights' own "FN weight applies" (the same log-odds, ε and gate): no new pass
+        flagged_bN = w.use_fn_BN
+        if flagged_bN is None:
+            flagged_bN = is_false_negative(log_odds_bN, cfg.eps) & g.gate_open
         fallback_sim_bN = masked_sim_bN.masked_fill(flagged_bN, -math.inf)
     return _drawn_picks(
         sims, fallback_sim_bN[:, :fallback_cols], cfg, u_bk, w.w_BN, None, counts, detect

@@ -57,15 +57,23 @@ def is_false_negative(log_odds: Tensor, eps: float) -> Tensor:
 
 
 def uncut_weight(
-    sim: Tensor, pos_sim: Tensor, log_odds: Tensor, is_fn: Tensor, g: Gaussians, cfg: FneConfig
+    sim: Tensor,
+    pos_sim: Tensor,
+    log_odds: Tensor,
+    is_fn: Tensor,
+    g: Gaussians,
+    cfg: FneConfig,
+    use_fn: Tensor | None = None,
 ) -> Tensor:
     """FNE's weight before the cut, element-wise on any shape (pos_sim broadcast to sim).
 
     The one formula both forms use, so they agree per element. The sigmoid sees the log-odds
     clamped just below logit(ε): every P_fn that is used (> ε) is unchanged, and no exp
-    overflows on far tails (several times slower on CPUs).
+    overflows on far tails (several times slower on CPUs). use_fn: ``is_fn & g.gate_open``
+    (where the FN weight applies), if the caller has it.
     """
-    use_fn = is_fn & g.gate_open
+    if use_fn is None:
+        use_fn = is_fn & g.gate_open
     p_fn = log_odds.clamp_min(fn_log_odds_threshold(cfg.eps) - 1.0).sigmoid_()
     exponent = sim - pos_sim
     exponent.mul_(exponent).mul_(-cfg.tau_kernel)  # kernel weight = exp(this)
@@ -77,6 +85,9 @@ class Weights(NamedTuple):
     w_BN: Tensor
     n_fn_B: Tensor  # per anchor: unmasked candidates with P_fn > ε (0 for the window rule)
     n_window_B: Tensor  # per anchor: candidates in the hard-cut window (unmasked, not cut)
+    # where the FN weight applies (P_fn > ε and the gate open): the candidates the unflagged
+    # fallback skips; None for a rule without the posterior
+    use_fn_BN: Tensor | None = None
 
 
 def sampling_weights(
@@ -127,8 +138,9 @@ def sampling_weights(
         fn_masked_M = is_fn_BN[rows_M, cols_M].to(torch.float64)
         n_fn_B = count_greater(log_odds_BN, fn_log_odds_threshold(cfg.eps))
         n_fn_B -= torch.bincount(rows_M, weights=fn_masked_M, minlength=b).long()
-    w_BN = uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, is_fn_BN, g, cfg)
-    return Weights(w_BN.masked_fill_(cut_BN, 0.0), n_fn_B, n_window_B)
+    use_fn_BN = is_fn_BN & g.gate_open
+    w_BN = uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, is_fn_BN, g, cfg, use_fn_BN)
+    return Weights(w_BN.masked_fill_(cut_BN, 0.0), n_fn_B, n_window_B, use_fn_BN)
 
 
 def count_true(x_BN: Tensor) -> Tensor:

@@ -59,10 +59,13 @@ class PosteriorFit(ABC):
     """A fitted posterior: L = logit P_fn for candidate pairs (no host sync)."""
 
     quadratic: ClassVar[bool] = False
+    # L reads the pair's images only, never ``sim_bN`` (beyond its dtype): the same for the
+    # i2t and the t2i direction, so the sampler computes it once for both.
+    direction_free: ClassVar[bool] = False
 
     @abstractmethod
     def log_odds(self, pairs: PairSims) -> Tensor:
-        """L of every pair of ``pairs`` (b×N)."""
+        """L of every pair of ``pairs`` (b×N), in float64 or in ``sim_bN``'s dtype."""
 
     def diagnostics(self) -> dict[str, Tensor]:
         """The fitted parameters as 0-dim tensors, for the logs."""
