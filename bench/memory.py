@@ -3,13 +3,17 @@
     python bench/memory.py [--sizes 65536 262144 1048576 --dim 256 --batch 32 --steps 5]
     python bench/memory.py --paper   # the sizes on paper at 64 GPUs (docs/sharded-memory.md)
 
-For each K, one run of 2 gloo ranks (CPU processes) per layout, one after the other in this
-run. Each rank builds its memory (the whole one, or its K/2 shard) and runs ``--steps``
+For each K, one run of 2 gloo ranks (CPU processes) that holds both layouts side by side: each
+rank builds its K/2 shard, then the whole memory (the same seeded slots), and runs
 forward+backward steps of the FNE loss over [gathered batch ; memory] on synthetic unit
-embeddings (μ⁺ placed so ~1 % of the candidates are in the window). Reported per rank (the
-larger of the two): the memory's bytes as measured (RSS after building it less RSS before),
-the peak RSS of the process, and the median step time. Memory numbers are measured, not
-computed; step times on a shared machine are noisy (ratios of medians, same run).
+embeddings (μ⁺ placed so ~1 % of the candidates are in the window), the two layouts
+interleaved step by step (the order alternating: R S, S R, ...) on the same anchors and
+uniforms, so that load on a shared machine hits both alike. Reported per rank (the larger of
+the two ranks): the memory's bytes as measured (RSS after building it less RSS before), the
+step's transient peak (peak RSS during the step less RSS before it: the whole-row sampler's
+concatenated block, the similarities, autograd), the median step time and the ratio of the
+medians, sharded ÷ replicated; and the largest |loss difference| between the layouts over the
+steps (both draw the same candidates; float32). Memory numbers are measured, not computed.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,6 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+LAYOUTS = ("replicated", "sharded")
 
 
 def _rss() -> int:
@@ -35,8 +39,24 @@ def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def _reset_peak() -> bool:
+    """Reset the kernel's peak RSS of this process (VmHWM; Linux ≥ 4.0), False where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One rank: build the memory, time the steps, write a JSON record."""
+    """One rank: build both memories, time interleaved steps, write a JSON record."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -58,23 +78,31 @@ def worker(args: argparse.Namespace) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     K, D, B = args.size, args.dim, args.batch
     G = B * world
-    rss0 = _rss()
-    shard = ShardRange.of(K, rank, world) if args.layout == "sharded" else None
-    memory = MomentumMemory(K, D, seed=1, shard=shard)
-    memory.ids_K.copy_(torch.arange(memory.shard.lo, memory.shard.hi) + 10**6)  # all written
-    rss1 = _rss()
+    # a shard built and dropped first: the first build's one-time costs (the allocator keeps
+    # the heap its generation chunks grew) are not charged to the measured ones
+    MomentumMemory(K, D, seed=1, shard=ShardRange.of(K, rank, world))
+    memories, memory_bytes = {}, {}
+    for layout in ("sharded", "replicated"):  # the small one first: its Δ holds no leftovers
+        before = _rss()
+        shard = ShardRange.of(K, rank, world) if layout == "sharded" else None
+        memory = MomentumMemory(K, D, seed=1, shard=shard)
+        memory.ids_K.copy_(torch.arange(memory.shard.lo, memory.shard.hi) + 10**6)  # all written
+        memories[layout], memory_bytes[layout] = memory, _rss() - before
     cfg = FneConfig()
     gen = torch.Generator().manual_seed(rank)
     # μ⁺ so that ~1 % of random 256-d cosines (sd ≈ 1/16) lie above μ⁺ − margin
     stats = SimilarityStats()
     stats.add(stats_of(torch.full((400,), 0.2 + 2.3 / D**0.5), torch.zeros(800)))
     g = stats.gaussians()
-    times = []
-    for step in range(args.steps + 1):
-        img = F.normalize(torch.randn(B, D, generator=gen), dim=1).requires_grad_()
-        txt = F.normalize(torch.randn(B, D, generator=gen), dim=1).requires_grad_()
-        ids = torch.arange(B) + rank * B
+    peaks_ok = _reset_peak()
+    times: dict[str, list[float]] = {k: [] for k in LAYOUTS}
+    peaks: dict[str, int] = dict.fromkeys(LAYOUTS, 0)
+    loss_gap, window = 0.0, {}
+
+    def step(layout: str, img, txt, ids, u) -> tuple[float, float, int]:
+        img, txt = img.detach().requires_grad_(), txt.detach().requires_grad_()
         dist.barrier()
+        rss, reset = _rss(), _reset_peak()
         t0 = time.perf_counter()
         gathered = Candidates(
             *(torch.cat(_gather(x.detach())) for x in (img, txt)),
@@ -83,22 +111,39 @@ def worker(args: argparse.Namespace) -> None:
             torch.cat(_gather(ids)),
         )
         anchors = Anchors(img, txt, ids, rank * B + torch.arange(B), ids)
-        u = step_uniforms(0, step, G, 1)
-        if args.layout == "sharded":
+        memory = memories[layout]
+        if layout == "sharded":
             out = sharded_retrieval_loss(ShardStep(anchors, gathered, memory, u), cfg, g, None,
                                          DefaultComm())  # fmt: skip
         else:
             cands = Candidates.concat(gathered, memory.candidates())
             out = retrieval_loss(anchors, cands, cfg, g, u[:, rank * B : (rank + 1) * B])
         out.loss.backward()
-        if step:  # the first step warms up
-            times.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        window[layout] = float(out.diagnostics["frac_in_window"])
+        return seconds, float(out.loss.detach()), (_peak() - rss) if reset else 0
+
+    for i in range(args.steps + 1):  # step 0 warms both up
+        img = F.normalize(torch.randn(B, D, generator=gen), dim=1)
+        txt = F.normalize(torch.randn(B, D, generator=gen), dim=1)
+        ids = torch.arange(B) + rank * B
+        u = step_uniforms(0, i, G, 1)
+        order = LAYOUTS if i % 2 == 0 else LAYOUTS[::-1]
+        losses = {}
+        for layout in order:
+            seconds, losses[layout], peak = step(layout, img, txt, ids, u)
+            if i:
+                times[layout].append(seconds)
+            peaks[layout] = max(peaks[layout], peak)
+        loss_gap = max(loss_gap, abs(losses["sharded"] - losses["replicated"]))
     record = dict(
         rank=rank,
-        memory_bytes=rss1 - rss0,
-        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        step_s=statistics.median(times),
-        window=float(out.diagnostics["frac_in_window"]),
+        memory_bytes=memory_bytes,
+        step_peak=peaks if peaks_ok else None,
+        step_s={k: statistics.median(v) for k, v in times.items()},
+        ratios=[s / r for s, r in zip(times["sharded"], times["replicated"], strict=True)],
+        loss_gap=loss_gap,
+        window=window,
     )
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
@@ -113,7 +158,7 @@ def _gather(x):
     return parts
 
 
-def launch(args: argparse.Namespace, size: int, layout: str) -> list[dict]:
+def launch(args: argparse.Namespace, size: int) -> list[dict]:
     from fne_dist.distributed.launch import free_port
 
     with tempfile.TemporaryDirectory() as out:
@@ -122,15 +167,18 @@ def launch(args: argparse.Namespace, size: int, layout: str) -> list[dict]:
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(args.world),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                        OMP_NUM_THREADS=str(args.threads))  # fmt: skip
-            cmd = [sys.executable, __file__, "--worker", "--size", str(size), "--layout", layout,
-                   "--out", out, "--dim", str(args.dim), "--batch", str(args.batch),
+            cmd = [sys.executable, __file__, "--worker", "--size", str(size), "--out", out,
+                   "--dim", str(args.dim), "--batch", str(args.batch),
                    "--steps", str(args.steps), "--threads", str(args.threads)]  # fmt: skip
             procs.append(subprocess.Popen(cmd, env=env))
-        codes = [p.wait(timeout=3600) for p in procs]
-        if any(codes):  # e.g. -9: the kernel's OOM killer; reported as a row, not hidden
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+        # one rank dead (e.g. -9: the kernel's OOM killer) leaves the other in a collective
+        while any(p.poll() is None for p in procs) and not any(p.poll() for p in procs):
+            time.sleep(0.5)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        codes = [p.wait() for p in procs]
+        if any(codes):  # reported as a row, not hidden
             return [{"failed": min(codes)}]
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.world)]
 
@@ -181,7 +229,6 @@ def main() -> None:
     ap.add_argument("--paper", action="store_true", help="print the sizes on paper and exit")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--layout", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -190,27 +237,35 @@ def main() -> None:
     if args.paper:
         print(paper_table())
         return
-    print(f"D={args.dim}, {args.world} ranks × B={args.batch}, {args.steps} steps, "
-          f"{args.threads} thread(s) per rank; per rank, the larger of the ranks")  # fmt: skip
-    print("| K | layout | memory (RSS Δ) | peak RSS | step (median) | step ÷ replicated |")
+    print(f"D={args.dim}, {args.world} ranks × B={args.batch}, {args.steps} interleaved steps "
+          f"per layout, {args.threads} thread(s) per rank; per rank, the larger of the "
+          "ranks")  # fmt: skip
+    print("| K | layout | memory (RSS Δ) | step peak (RSS) | step (median) "
+          "| sharded ÷ replicated |")  # fmt: skip
     print("|---|---|---|---|---|---|")
+    notes = []
     for size in args.sizes:
-        base = None
-        for layout in ("replicated", "sharded"):
-            recs = launch(args, size, layout)
-            if "failed" in recs[0]:
-                why = "killed (out of memory)" if recs[0]["failed"] == -9 else "failed"
-                print(
-                    f"| {size:,} | {layout} | {why}, exit {recs[0]['failed']} | | | |", flush=True
-                )
-                continue
-            mem = max(r["memory_bytes"] for r in recs)
-            peak = max(r["peak_rss"] for r in recs)
-            step = max(r["step_s"] for r in recs)
-            base = base or (step if layout == "replicated" else None)
-            ratio = f"{step / base:.2f}×" if base else "n/a"
-            print(f"| {size:,} | {layout} | {mib(mem)} | {mib(peak)} | {step * 1e3:,.0f} ms | "
-                  f"{ratio} |", flush=True)  # fmt: skip
+        recs = launch(args, size)
+        if "failed" in recs[0]:
+            why = "killed (out of memory?)" if recs[0]["failed"] == -9 else "failed"
+            print(f"| {size:,} | both | {why}, exit {recs[0]['failed']} | | | |", flush=True)
+            continue
+        step = {k: max(r["step_s"][k] for r in recs) for k in LAYOUTS}
+        for layout in LAYOUTS:
+            mem = max(r["memory_bytes"][layout] for r in recs)
+            peak = (mib(max(r["step_peak"][layout] for r in recs))
+                    if recs[0]["step_peak"] is not None else "n/a")  # fmt: skip
+            ratio = (f"{step['sharded'] / step['replicated']:.2f}×"
+                     if layout == "sharded" else "")  # fmt: skip
+            print(f"| {size:,} | {layout} | {mib(mem)} | {peak} | {step[layout] * 1e3:,.0f} ms "
+                  f"| {ratio} |", flush=True)  # fmt: skip
+        pairs = sorted(x for r in recs for x in r["ratios"])
+        notes.append(
+            f"K={size:,}: per-step ratios sharded ÷ replicated (both ranks) "
+            f"{pairs[0]:.2f}..{pairs[-1]:.2f}; max |Δloss| {max(r['loss_gap'] for r in recs):.1e}; "
+            f"in window {recs[0]['window']['replicated']:.1%} / {recs[0]['window']['sharded']:.1%}"
+        )
+    print("\n".join(notes))
 
 
 if __name__ == "__main__":

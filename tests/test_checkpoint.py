@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from safetensors.torch import load_file
 from fne_dist.checkpoint.format import ENGINE_TAG, CheckpointError, RankState, sha256_of
 from fne_dist.checkpoint.remote import remote_checkpoints
 from fne_dist.checkpoint.validation import find_resumable, list_checkpoints, validate
+from tests.launch_helpers import MARKER, marked_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -343,35 +348,38 @@ def test_ddp_twin_with_a_url_checkpoint_dir_resumes_exactly(tmp_path: Path) -> N
     assert sorted(b) == [17, 18, 19] and all(a[s] == b[s] for s in b)
 
 
+def _torchrun_cmd(tmp: Path, name: str, *overrides: str) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "fne_dist.train",
+        "--config",
+        str(TINY),
+        f"run.output_dir={tmp}",
+        f"run.name={name}",
+        f"data.cache_dir={tmp / 'cache'}",
+        "run.threads=1",
+        "train.batch_size=8",
+        "train.epochs=0.05",
+        "train.log_every=1",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=0",
+        "train.eval_every=4",  # periodic evaluations (ZeRO-3 gathers parameters for them)
+        *overrides,
+    ]
+
+
 def _torchrun(tmp: Path, name: str, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**_env(), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [
-            str(Path(sys.executable).parent / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "fne_dist.train",
-            "--config",
-            str(TINY),
-            f"run.output_dir={tmp}",
-            f"run.name={name}",
-            f"data.cache_dir={tmp / 'cache'}",
-            "run.threads=1",
-            "train.batch_size=8",
-            "train.epochs=0.05",
-            "train.log_every=1",
-            "checkpoint.every_steps=4",
-            "checkpoint.keep_last=0",
-            "train.eval_every=4",  # periodic evaluations (ZeRO-3 gathers parameters for them)
-            *overrides,
-        ],
+        _torchrun_cmd(tmp, name, *overrides),
         cwd=ROOT,
-        env=env,
+        env={**_env(), "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
         timeout=280,
@@ -419,19 +427,28 @@ def test_two_rank_resume_is_exact(
     assert sorted(b) == list(range(5, 11)) and all(a[s] == b[s] for s in b), (a, b)
 
 
+@pytest.fixture(scope="module")
+def zero0(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 2-rank ZeRO-0 run with the whole memory on each rank (10 steps,
+    checkpoints every 4, evaluations every 4): the reference of the ZeRO-3 loop test and of the
+    killed sharded run."""
+    tmp = tmp_path_factory.mktemp("zero0")
+    run = _torchrun(tmp, "zero0", "engine.zero_stage=0")
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    return tmp / "zero0"
+
+
 @pytest.mark.timeout(600)
-def test_zero3_loop_evaluates_and_saves_whole_weights(zero3: Path) -> None:
+def test_zero3_loop_evaluates_and_saves_whole_weights(zero3: Path, zero0: Path) -> None:
     """Invariant: under ZeRO-3 (the tiny text embedding is large enough to be partitioned), the
     periodic and final evaluations run on every rank and give ZeRO-0's metrics, and the saved
     weights are whole tensors with ZeRO-0's shapes (not the empty local partitions)."""
-    run = _torchrun(zero3, "zero0", "engine.zero_stage=0")
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    m0, m3 = (json.loads((zero3 / n / "metrics.json").read_text()) for n in ("zero0", "two"))
+    m0, m3 = (json.loads((d / "metrics.json").read_text()) for d in (zero0, zero3 / "two"))
     assert m3["steps"] == m0["steps"]
     assert [h["step"] for h in m3["history"] if "val" in h] == [4, 8]  # then the final one
     for key in ("rsum", "group_rsum"):
         assert m3["test"][key] == pytest.approx(m0["test"][key], abs=1e-6)
-    w0 = load_file(str(zero3 / "zero0" / "model.safetensors"))
+    w0 = load_file(str(zero0 / "model.safetensors"))
     w3 = load_file(str(zero3 / "two" / "model.safetensors"))
     assert {k: v.shape for k, v in w3.items()} == {k: v.shape for k, v in w0.items()}
     assert max(v.numel() for v in w3.values()) >= 100_000  # really a partitioned tensor
@@ -483,3 +500,85 @@ def test_sharded_memory_run_resumes_and_equals_the_replicated_run(zero3: Path) -
     for key in ("img", "txt", "ids", "groups", "seq"):
         assert torch.equal(torch.cat([p[key] for p in parts]), whole[key]), key
     assert all(torch.equal(p["ptr_writes"], whole["ptr_writes"]) for p in parts)
+
+
+def _start_marked(tmp: Path, name: str, marker: str, *overrides: str) -> subprocess.Popen:
+    """torchrun in a session of its own, every process it starts carrying ``marker`` (torchrun
+    starts each rank in a session of its own too: a kill by process group would miss them)."""
+    env = {**_env(), "OMP_NUM_THREADS": "1", MARKER: marker}
+    log = (tmp / f"{name}.log").open("w")
+    with log:
+        cmd = _torchrun_cmd(tmp, name, *overrides)
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _kill_marked(marker: str) -> list[int]:
+    """SIGKILL the launcher and both ranks (by PID): no handler runs, nothing is flushed."""
+    pids = marked_pids(marker)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+@pytest.mark.timeout(400)
+def test_sharded_zero0_run_killed_and_resumed_equals_the_uninterrupted_run(
+    zero0: Path, tmp_path: Path
+) -> None:
+    """Invariant: 2 ranks (ZeRO-0) with ``memory.sharded=true`` from step 0, every process
+    SIGKILLed mid-run once the step-4 checkpoint is complete, then started again with
+    checkpoint.resume=latest, log steps 1..10 with the uninterrupted replicated ZeRO-0 run's
+    losses bit for bit (the steps before the kill: a sharded run from scratch equals the
+    replicated one; after it: the shards, pointer, statistics, optimizer and data position
+    come back exactly). Its final checkpoint holds one memory file per rank whose slots are
+    the uninterrupted run's final memory, with the same statistics and weights.
+
+    The reference is the replicated run (shared with the ZeRO-3 loop test) rather than an
+    uninterrupted sharded one: one run less, and the sharded run is meant to equal it."""
+    marker, killed = uuid.uuid4().hex, tmp_path / "killed"
+    proc = _start_marked(tmp_path, "killed", marker, "engine.zero_stage=0", "memory.sharded=true")
+    try:
+        first = killed / "checkpoints" / "step-00000004" / "meta.json"  # written last
+        deadline = time.monotonic() + 240
+        while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.is_file(), (tmp_path / "killed.log").read_text()[-3000:]
+        assert len(_kill_marked(marker)) >= 3, "expected torchrun and its 2 ranks to kill"
+        assert proc.wait(timeout=60) != 0
+    finally:
+        _kill_marked(marker)
+        proc.wait()
+    from fne_dist.plot import read_log  # skips a last line the kill cut short
+
+    before = {r["step"]: r["loss"] for r in read_log(killed) if "loss" in r}
+    assert not (killed / "metrics.json").exists() and max(before) < 10, before  # mid-run
+
+    run = _torchrun(tmp_path, "killed", "engine.zero_stage=0", "memory.sharded=true",
+                    "checkpoint.resume=latest")  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    resumed = next(ln for ln in out.splitlines() if "resumed from" in ln)
+    step = int(resumed.split("optimizer step ")[1].split(",")[0])
+    assert step in (4, 8) and step <= max(before), (resumed, before)
+    a, b = _losses(zero0), _losses(killed)
+    assert sorted(b) == list(range(1, 11)), b
+    differ = {s: (a[s], b[s]) for s in b if a[s] != b[s]}
+    assert not differ, f"killed after step {max(before)}, resumed at {step}: {differ}"
+    final = killed / "checkpoints" / "step-00000010"
+    assert validate(final)["memory_shards"] == 2 and not (final / "memory.safetensors").exists()
+    reference = zero0 / "checkpoints" / "step-00000010"
+    whole = load_file(str(reference / "memory.safetensors"))
+    parts = [load_file(str(final / f"memory-rank-{r:05d}.safetensors")) for r in range(2)]
+    for key in ("img", "txt", "ids", "groups", "seq"):
+        assert torch.equal(torch.cat([p[key] for p in parts]), whole[key]), key
+    assert all(torch.equal(p["ptr_writes"], whole["ptr_writes"]) for p in parts)
+    x, y = (load_file(str(d / "stats.safetensors")) for d in (reference, final))
+    assert x.keys() == y.keys()
+    for k in x:  # bitwise; NaN (no μ⁺ yet) counts as equal to NaN
+        torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    wa, wb = (load_file(str(d / "model.safetensors")) for d in (zero0, killed))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    print(f"\nkilled after step {max(before)}; {resumed.strip()}; steps 1..10 equal the "
+          f"replicated run's losses bit for bit")  # fmt: skip
