@@ -354,20 +354,34 @@ def _job_state(cluster: SlurmCluster, env: dict[str, str], job_id: str) -> dict[
     return dict(f.split("=", 1) for f in shown.split() if "=" in f)
 
 
+# Why a requeued job may not start at once: the requeue revokes the job's credential on the
+# node at that second (slurmd keeps the revoke time in whole seconds), and slurmd refuses a
+# batch launch whose credential was created in that same second or earlier ("Job N already
+# killed, do not launch batch job": the job ends FAILED). Slurm itself waits the credential
+# lifetime (120 s) through the begin time it sets; the test makes the job eligible once the
+# clock has moved past the second of the revoke, which came before the job was seen pending.
+REQUEUE_RELEASE_S = 2.0
+
+
 def _wait_job(cluster, env, job_id: str, done, timeout_s: float) -> dict[str, str]:
     """Poll the job until ``done(state)``; a requeued job held back by Slurm's begin-time
-    delay is made eligible at once (only the wait is shortened, not the requeue)."""
+    delay is made eligible REQUEUE_RELEASE_S after it was first seen so (only the wait is
+    shortened, not the requeue)."""
     deadline = time.monotonic() + timeout_s
+    held_since: float | None = None
     while time.monotonic() < deadline:
         state = _job_state(cluster, env, job_id)
         if done(state):
             return state
         if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
-            print(f"job {job_id}: requeued with a begin time, made eligible now")
-            subprocess.run(
-                ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
-                capture_output=True, timeout=30, check=False,
-            )  # fmt: skip
+            held_since = held_since or time.time()
+            if time.time() >= held_since + REQUEUE_RELEASE_S:
+                print(f"job {job_id}: requeued with a begin time, made eligible now")
+                subprocess.run(
+                    ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env,
+                    capture_output=True, timeout=30, check=False,
+                )  # fmt: skip
+                held_since = None
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} not done after {timeout_s} s: {state}")
 
@@ -415,7 +429,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     shown = [ln for ln in output.splitlines() if ln.lstrip().startswith(PREEMPT_LINES)]
     print(f"\npre-emption test: USR1 after {signalled_at:.1f} s, done after "
           f"{TIMINGS['preempt']:.1f} s\n" + "\n".join(shown))  # fmt: skip
-    assert final.get("JobState") == "COMPLETED" and final.get("Restarts") == "1", (final, output)
+    assert final.get("JobState") == "COMPLETED" and final.get("Restarts") == "1", (
+        final, output[-5000:], slurm_cluster.log("slurmd"), slurm_cluster.log("slurmctld")
+    )
     assert output.count("site hook: FNE_PYTHON=") == 2, output[-5000:]  # both attempts
     assert "config tests/configs/tiny.yaml" in output, output[-5000:]
     assert "pre-emption: USR1 received" in output, output[-5000:]
