@@ -22,7 +22,6 @@ from .export import fit_weights, load_weights
 from .pretrained import is_export, load_towers
 from .reporters import json_safe
 
-
 HELP = """\
 Retrieval recall of a trained model on one split: R@1/5/10 image-to-text and text-to-image,
 their sum (rsum), and the group-aware recall (an item of the query's group counts as a hit).

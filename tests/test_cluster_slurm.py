@@ -430,7 +430,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes(
     print(f"\npre-emption test: USR1 after {signalled_at:.1f} s, done after "
           f"{TIMINGS['preempt']:.1f} s\n" + "\n".join(shown))  # fmt: skip
     assert final.get("JobState") == "COMPLETED" and final.get("Restarts") == "1", (
-        final, output[-5000:], slurm_cluster.log("slurmd"), slurm_cluster.log("slurmctld")
+        final,
+        output[-5000:],
+        slurm_cluster.log("slurmd"),
+        slurm_cluster.log("slurmctld"),
     )
     assert output.count("site hook: FNE_PYTHON=") == 2, output[-5000:]  # both attempts
     assert "config tests/configs/tiny.yaml" in output, output[-5000:]
