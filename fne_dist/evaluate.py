@@ -22,16 +22,55 @@ from .export import fit_weights, load_weights
 from .pretrained import is_export, load_towers
 from .reporters import json_safe
 
+HELP = """\
+Retrieval recall of a trained model on one split: R@1/5/10 image-to-text and text-to-image,
+their sum (rsum), and the group-aware recall (an item of the query's group counts as a hit).
+Prints the numbers as JSON."""
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fne_dist.evaluate", description=__doc__)
-    ap.add_argument("run_dir", nargs="?", help="a run directory written by fne_dist.train")
-    ap.add_argument("--weights", help="model.safetensors (instead of RUN_DIR)")
-    ap.add_argument("--config", help="the run's config.yaml (instead of RUN_DIR)")
-    ap.add_argument("--split", default="test", choices=("train", "val", "test"))
-    ap.add_argument("--shards", help="shard pattern to evaluate instead of the config's split")
-    ap.add_argument("--fold-size", type=int, default=0, help="COCO 1K protocol: images per fold")
-    args = ap.parse_args(argv)
+EXAMPLES = """\
+examples:
+  %(prog)s runs/ref-1                        a run directory, its test split
+  %(prog)s runs/ref-1 --split val
+  %(prog)s runs/coco-1 --fold-size 1000      COCO 1K: mean over folds of 1,000 images
+  %(prog)s exports/ref-1                     an export (no model cache needed)
+  %(prog)s --weights model.safetensors --config config.yaml --shards 'data/x/{000..009}.tar'
+
+exit status: 0 done; 2 a missing or broken file, config or data (one line says which)."""
+
+
+def build_parser(prog: str = "python -m fne_dist.evaluate") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description=HELP,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "run_dir",
+        nargs="?",
+        metavar="RUN_OR_EXPORT",
+        help="a run directory (run.output_dir/run.name) or an export directory",
+    )
+    ap.add_argument("--weights", metavar="FILE", help="model.safetensors (instead of a directory)")
+    ap.add_argument("--config", metavar="FILE", help="the run's config.yaml (with --weights)")
+    ap.add_argument(
+        "--split", default="test", choices=("train", "val", "test"), help="default: test"
+    )
+    ap.add_argument(
+        "--shards", metavar="PATTERN", help="shards to evaluate instead of the config's split"
+    )
+    ap.add_argument(
+        "--fold-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="average over folds of N images (1000: COCO's 1K protocol; default: the whole split)",
+    )
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m fne_dist.evaluate") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         if args.run_dir:
             run = Path(args.run_dir)

@@ -149,11 +149,43 @@ def export(source: Path, out: Path) -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fne_dist.export", description=__doc__)
-    ap.add_argument("source", help="a run directory or a checkpoint directory (step-N)")
-    ap.add_argument("out", help="output directory (created; an earlier export there is replaced)")
-    args = ap.parse_args(argv)
+HELP = """\
+Write a trained model to a directory that holds everything inference needs: the weights
+(frozen backbones included), the tokenizer, the image preprocessing and a small config.
+Load it with fne_dist.api.Retriever.from_pretrained(OUT), or evaluate it with
+`fne-dist evaluate OUT`: no DeepSpeed, Ray or model cache is needed where it is loaded.
+The encoders must be available on the machine that exports."""
+
+EXAMPLES = """\
+examples:
+  %(prog)s runs/ref-1 exports/ref-1                              the run's final weights
+  %(prog)s runs/ref-1/checkpoints/step-00002000 exports/ref-1-2k  one checkpoint
+
+Weights are checked (their .sha256, then as safetensors) before they are used; OUT/export.json
+records the source and the sha256 of every file written.
+exit status: 0 done; 2 a missing, truncated or mismatched file (one line says which)."""
+
+
+def build_parser(prog: str = "python -m fne_dist.export") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog=prog,
+        description=HELP,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "source",
+        metavar="RUN_OR_CHECKPOINT",
+        help="a run directory, or one of its checkpoints (checkpoints/step-N)",
+    )
+    ap.add_argument(
+        "out", metavar="OUT", help="output directory (created; an earlier export there is replaced)"
+    )
+    return ap
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m fne_dist.export") -> int:
+    args = build_parser(prog).parse_args(argv)
     try:
         info = export(Path(args.source), Path(args.out))
     except (CheckpointError, ConfigError, ValueError) as err:

@@ -340,10 +340,35 @@ class NoPictures(RunPictures):
         return []
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fne_dist.plot", description=__doc__)
-    parser.add_argument("run_dir", type=Path, help="a run directory (run.output_dir/run.name)")
-    args = parser.parse_args(argv)
+HELP = """\
+Draw the pictures of a run again into RUN_DIR/plots (training writes them as it goes):
+training.png (loss per direction, rsum per split, the false-negative share, gradient norm and
+samples/s over the steps) and, at each evaluation, fne-step-STEP.png (the positive and
+negative similarity histograms with their fitted Gaussians, the false-negative posterior and
+the sampling weight). No display needed."""
+
+EXAMPLES = """\
+examples:
+  %(prog)s runs/ref-1
+
+exit status: 0 done; 2 not a finished run directory, or the pictures cannot be written."""
+
+
+def build_parser(prog: str = "python -m fne_dist.plot") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=HELP,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "run_dir", type=Path, metavar="RUN_DIR", help="a run directory (run.output_dir/run.name)"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m fne_dist.plot") -> int:
+    args = build_parser(prog).parse_args(argv)
     for name in ("config.yaml", "metrics.json", "train_log.jsonl"):
         if not (args.run_dir / name).is_file():
             sys.stderr.write(f"{args.run_dir}: no {name} (not a finished run directory)\n")

@@ -3,6 +3,7 @@ lists the config keys and prints a resolved config. Called in-process: no proces
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.metadata
 import re
@@ -98,6 +99,35 @@ def test_train_help_is_for_users_and_train_keeps_its_own_entry(
     verbose = parse_args(["fne.prior=1e-3", "-v", "optim.lr=3e-5"]).overrides
     assert verbose == ["fne.prior=1e-3", "optim.lr=3e-5", "report.console=full"]
     assert parse_args(["fne.prior=1e-3"]).overrides == ["fne.prior=1e-3"]
+
+
+def _every_help_command() -> list[list[str]]:
+    """Every command and subcommand a user can ask --help of (shards' and config's from their
+    parsers, so a new one is covered without editing this list)."""
+    from fne_dist.shards.__main__ import build_parser
+
+    found = [[c.name] for c in cli.COMMANDS]
+    for name, parser in (("shards", build_parser()), ("config", cli.config_parser())):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        found += [[name, action] for action in sub.choices]
+    return found
+
+
+@pytest.mark.parametrize("command", _every_help_command(), ids=" ".join)
+def test_every_command_help_is_written_for_users(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Invariant: ``fne-dist COMMAND [SUBCOMMAND] --help`` exits 0 with a usage line that
+    names the command as the user typed it (not ``python -m fne_dist.X``), a description of
+    what it does, and no tracker codes, docstring markup or module paths: help is written
+    for users, not copied from module docstrings."""
+    code, out, _ = _run([*command, "--help"], capsys)
+    assert code == 0 and out.startswith(f"usage: fne-dist {' '.join(command)} "), out
+    description = out.split("\n\n")[1]
+    assert not description.startswith(("positional arguments", "options")), out
+    assert len(description.split()) >= 5, out
+    assert not NOT_FOR_USERS.search(out), out
+    assert "python -m" not in out and "fne_dist." not in out.replace("fne_dist.api", ""), out
 
 
 def test_config_keys_lists_every_key_with_default_range_and_doc(

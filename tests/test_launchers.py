@@ -117,11 +117,18 @@ def test_ray_two_workers_run_end_to_end(world2: dict[str, Run], sandbox: Sandbox
 def test_ray_console_shows_one_short_line_per_window(world2: dict[str, Run]) -> None:
     """Invariant: under Ray the console carries rank 0's short progress line once per log
     window (step/total, losses, lr, samples/s, time left, FNE) and not Ray Train's per-report
-    ``Reporting training result N: TrainingReport(...)`` dump of every metric (from any rank);
-    every metric stays in train_log.jsonl."""
+    ``Reporting training result N: TrainingReport(...)`` dump of every metric (from any rank)
+    nor its ``Checkpoint successfully created at: Checkpoint(...)`` line per checkpoint (the
+    run registers its final checkpoint with Ray Train); every metric stays in
+    train_log.jsonl."""
     run = world2["ray"]
     assert run.returncode == 0, run.tail()
+    print(f"\nray console: {run.output.count('Reporting training result')} report dumps, "
+          f"{run.output.count('Checkpoint successfully created')} checkpoint lines, "
+          f"{len(list((run.run_dir / 'checkpoints').glob('step-*')))} checkpoints")  # fmt: skip
+    assert list((run.run_dir / "checkpoints").glob("step-*")), run.tail()
     assert "Reporting training result" not in run.output, run.tail()
+    assert "Checkpoint successfully created" not in run.output, run.tail()
     lines = [line for line in run.stdout.splitlines() if "] step " in line and " | epoch " in line]
     log = [json.loads(line) for line in (run.run_dir / "train_log.jsonl").read_text().splitlines()]
     assert len(lines) == len(log) >= 2, run.tail()

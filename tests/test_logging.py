@@ -118,8 +118,9 @@ def test_short_line_without_fne_and_with_skipped_steps() -> None:
 
 def test_ray_report_lines_are_dropped_except_rank_0_verbose() -> None:
     """Invariant: Ray Train's per-report ``Reporting training result N: TrainingReport(...)``
-    line is dropped on every worker's root handlers; with report.console=full rank 0 keeps
-    it (other ranks never do); every other record passes."""
+    and ``Checkpoint successfully created at: ...`` lines are dropped on the handlers of every
+    worker's root and ``ray.train`` loggers; with report.console=full rank 0 keeps them (other
+    ranks never do); every other record passes."""
     from fne_dist.config import load_config
     from fne_dist.distributed.ray_launcher import RayReportLines, quiet_ray_reports
 
@@ -127,19 +128,25 @@ def test_ray_report_lines_are_dropped_except_rank_0_verbose() -> None:
         return logging.LogRecord("/x/context.py", logging.INFO, "x", 1, msg, None, None)
 
     report = record("Reporting training result 3: TrainingReport(metrics={'loss': 1.0})")
-    other = record("Checkpoint successfully created at: /x")
+    saved = record("Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)")
+    other = record("Checkpoint x could not be deleted")
     assert not RayReportLines(keep=False).filter(report)
+    assert not RayReportLines(keep=False).filter(saved)
     assert RayReportLines(keep=False).filter(other)
-    root = logging.getLogger()
-    handler = logging.StreamHandler()
-    root.addHandler(handler)
+    handlers = {"": logging.StreamHandler(), "ray.train": logging.StreamHandler()}
+    for name, handler in handlers.items():
+        logging.getLogger(name).addHandler(handler)
     try:
         for console, rank, kept in (("short", 0, False), ("full", 1, False), ("full", 0, True)):
-            handler.filters.clear()
             cfg = load_config(None, [f"report.console={console}"])
+            for handler in handlers.values():
+                handler.filters.clear()
             quiet_ray_reports(cfg, rank)
             quiet_ray_reports(cfg, rank)  # a second run in the same worker: one filter
-            assert len(handler.filters) == 1
-            assert bool(handler.filter(report)) == kept and handler.filter(other)
+            for handler in handlers.values():
+                assert len(handler.filters) == 1
+                assert bool(handler.filter(report)) == kept == bool(handler.filter(saved))
+                assert handler.filter(other)
     finally:
-        root.removeHandler(handler)
+        for name, handler in handlers.items():
+            logging.getLogger(name).removeHandler(handler)

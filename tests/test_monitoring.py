@@ -198,14 +198,73 @@ def test_discovery_file_lists_every_rank(tmp_path: Path) -> None:
 
 def test_ray_name_rules_are_current_and_cover_the_catalog() -> None:
     """Invariant: the committed Ray-name rules equal what the catalog generates, and every
-    exported fne_* series name is recorded from its ray_ twin."""
+    exported fne_* series name is recorded from its ray_ twin (a gauge's through the rule that
+    turns the Ray sink's NaN stand-in back into NaN)."""
     committed = (PROM / "rules" / "fne_ray_names.yml").read_text()
     assert committed == render(), "regenerate: python -m fne_dist.monitoring.rules"
     rules = yaml.safe_load(committed)["groups"][0]["rules"]
     recorded = {r["record"]: r["expr"] for r in rules}
     for m in METRICS:
         for name in m.exported:
-            assert recorded[name] == f"ray_{name}"
+            if m.kind == "gauge":
+                assert recorded[name].startswith(f"ray_{name} / (ray_{name} != bool "), name
+            else:
+                assert recorded[name] == f"ray_{name}"
+
+
+@pytest.mark.system
+@needs_promtool
+@pytest.mark.timeout(120)
+def test_ray_name_rules_give_back_what_the_ray_sink_was_given(tmp_path: Path) -> None:
+    """Invariant: a gauge value the Ray sink sends (``ray_value``: NaN as a finite stand-in,
+    since Ray's agent drops NaN) comes out of the ray-name rules as the value the reporter
+    set: NaN as NaN, a finite value unchanged; a counter unchanged (promtool on the
+    committed rules)."""
+    from fne_dist.monitoring.sinks import ray_value
+
+    rules = PROM / "rules" / "fne_ray_names.yml"
+    series = {"0": ray_value(float("nan")), "1": ray_value(0.07), "2": ray_value(-3.5)}
+    inputs = [
+        {"series": f'ray_fne_temperature{{run="r",rank="{rank}",node="0"}}', "values": repr(v)}
+        for rank, v in series.items()
+    ] + [{"series": 'ray_fne_samples_total{run="r",rank="0",node="0"}', "values": "0 40"}]
+    expect = [  # NaN != NaN keeps only the NaN sample; x == x every other one, unchanged
+        ("count(fne_temperature != fne_temperature) by (rank)", [({"rank": "0"}, 1)]),
+        ("fne_temperature == fne_temperature", [({"rank": "1"}, 0.07), ({"rank": "2"}, -3.5)]),
+        ("fne_samples_total", [({"rank": "0"}, 40)]),
+    ]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": inputs,
+            "promql_expr_test": [
+                {
+                    "expr": expr,
+                    "eval_time": "1m",
+                    "exp_samples": [
+                        {"labels": _labels(name_of(expr), labels), "value": value}
+                        for labels, value in samples
+                    ],
+                }
+                for expr, samples in expect
+            ],
+        }
+    ]
+    case = tmp_path / "ray_names_test.yml"
+    case.write_text(yaml.safe_dump({"rule_files": [str(rules)], "tests": tests}))
+    out = promtool("test", "rules", str(case))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def name_of(expr: str) -> str | None:
+    """The metric name a promql_expr_test result keeps (comparisons with == keep it)."""
+    return None if expr.startswith("count") else expr.split()[0]
+
+
+def _labels(name: str | None, labels: dict[str, str]) -> str:
+    full = {} if name is None else {"run": "r", **labels, "node": "0"}
+    inner = ",".join(f'{k}="{v}"' for k, v in (full or labels).items())
+    return f"{name or ''}{{{inner}}}"
 
 
 def test_launcher_mode_and_node_rank() -> None:

@@ -70,29 +70,39 @@ class RayCheckpoints(LauncherCheckpoints):
         return local if local.is_dir() else Path(checkpoint.to_directory())
 
 
+# Ray Train's INFO lines per ray.train.report that our own console already covers: the whole
+# metrics dict (~1,500 characters per log window and rank), and the path of each checkpoint it
+# registered (our checkpoint line names it).
+RAY_REPORT_LINES = ("Reporting training result", "Checkpoint successfully created")
+
+
 class RayReportLines(logging.Filter):
-    """Drops Ray Train's ``Reporting training result N: TrainingReport(...)`` line, which each
-    worker logs at INFO for every ``ray.train.report`` (the whole metrics dict, ~1,500
-    characters per log window and rank): our progress line says what matters. With
-    ``report.console: full`` rank 0 keeps it."""
+    """Drops Ray Train's ``Reporting training result N: TrainingReport(...)`` and
+    ``Checkpoint successfully created at: Checkpoint(...)`` lines, which workers log at INFO
+    for every ``ray.train.report``: our progress and checkpoint lines say what matters. With
+    ``report.console: full`` rank 0 keeps them."""
 
     def __init__(self, keep: bool) -> None:
         super().__init__()
         self.keep = keep
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.keep or not str(record.msg).startswith("Reporting training result")
+        return self.keep or not str(record.msg).startswith(RAY_REPORT_LINES)
 
 
 def quiet_ray_reports(cfg: Config, rank: int) -> None:
-    """Install ``RayReportLines`` on the worker's root handlers. Ray Train logs that line
-    through a logger named after its file (so neither ``ray.train``'s level nor
-    ``RunConfig(logging_config=...)`` reaches it) that propagates to the root logger, whose
-    console handler Ray Train configures before the training function starts."""
+    """Install ``RayReportLines`` on the handlers of the worker's root and ``ray.train``
+    loggers, which Ray Train configures before the training function starts. The report line
+    comes from a logger named after its file (so neither ``ray.train``'s level nor
+    ``RunConfig(logging_config=...)`` reaches it) that propagates to the root logger; the
+    checkpoint line from a ``ray.train.*`` module logger, which stops at ``ray.train``'s own
+    handlers (propagate: false). A handler filter sees both; a logger's own filter would
+    not see records propagated from its children."""
     keep = cfg.report.console == "full" and rank == 0
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RayReportLines) for f in handler.filters):
-            handler.addFilter(RayReportLines(keep))
+    for logger in (logging.getLogger(), logging.getLogger("ray.train")):
+        for handler in logger.handlers:
+            if not any(isinstance(f, RayReportLines) for f in handler.filters):
+                handler.addFilter(RayReportLines(keep))
 
 
 def _worker(loop_config: dict[str, Any]) -> None:

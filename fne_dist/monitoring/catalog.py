@@ -8,6 +8,7 @@ prometheus_client and Ray append it. Gauges hold the mean over the last log wind
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 from ..data.stream import SHARD_ERRORS
@@ -33,6 +34,13 @@ COLLECTIVE_PHASES = ("gather", "reduce")  # the step's own collectives (data hol
 SPLITS = ("val", "test")
 RECALL_KEYS = {f"{d}_r{k}": (d, str(k)) for d in ("i2t", "t2i") for k in (1, 5, 10)}
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Ray's metrics agent hands each worker's gauges to OpenTelemetry's SDK as observable gauges,
+# and the SDK drops a value that is not finite ("Callback returned a non-finite value ...,
+# ignoring measurement"): a gauge still NaN (not measured: fne_temperature of a hinge loss,
+# recall before the first evaluation) would never reach Prometheus. The Ray sink sends this
+# value for NaN instead, and the ray-name recording rules turn it back into NaN, so both paths
+# show the same series. The most negative float: no measured value is ever that.
+RAY_NAN = -sys.float_info.max
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,33 @@ counter, ``observe`` a histogram, each with the extra label values of one series
 ``ray_fne_*``). Ray's counters refuse an increment of 0, so a series could not exist before its
 first event: ``RaySink`` exports each counter as a gauge named ``<name>_total`` holding the
 cumulative value (rate() reads it the same), which keeps one set of names for both paths.
-Ray also forgets a gauge that was not set for ~20 s (seen with Ray 2.60) and drops NaN values:
-``RaySink`` sets every known value again every ``REFRESH_S`` from a daemon thread, and a
-gauge first appears with its first finite value.
+Ray also forgets a gauge that was not set for ~20 s (seen with Ray 2.60), and its agent drops
+values that are not finite: ``RaySink`` sets every known value again every ``REFRESH_S`` from a
+daemon thread, and sends NaN as ``catalog.RAY_NAN`` (the recording rules of
+``monitoring.rules`` turn it back into NaN) and ±Inf as the largest finite values.
 """
 
 from __future__ import annotations
 
+import math
+import sys
 import threading
 from typing import Any
 
-from .catalog import BASE_LABELS, METRICS, STEP_BUCKETS, Metric
+from .catalog import BASE_LABELS, METRICS, RAY_NAN, STEP_BUCKETS, Metric
+
+# ±Inf through Ray: the largest finite values (RAY_NAN, the most negative float, stands for NaN)
+_RAY_INF = sys.float_info.max
+_RAY_MINUS_INF = math.nextafter(RAY_NAN, 0.0)
+
+
+def ray_value(value: float) -> float:
+    """A gauge value as Ray's agent carries it: finite values as they are, NaN as RAY_NAN."""
+    if math.isnan(value):
+        return RAY_NAN
+    if math.isinf(value):
+        return _RAY_INF if value > 0 else _RAY_MINUS_INF
+    return value
 
 REFRESH_S = 5.0  # RaySink: well under the ~20 s after which Ray drops a gauge not set again
 
@@ -83,7 +99,7 @@ class RaySink:
             with self.lock:
                 values = list(self.values.items())
             for (name, labels), value in values:
-                self.metrics[name].set(value, tags=self._tags(name, labels))
+                self.metrics[name].set(ray_value(value), tags=self._tags(name, labels))
 
     def _tags(self, name: str, labels: tuple[str, ...]) -> dict[str, str]:
         return {**self.tags, **dict(zip(self.keys[name], labels, strict=True))}
@@ -91,7 +107,7 @@ class RaySink:
     def set(self, name: str, labels: tuple[str, ...], value: float) -> None:
         with self.lock:
             self.values[(name, labels)] = value
-        self.metrics[name].set(value, tags=self._tags(name, labels))
+        self.metrics[name].set(ray_value(value), tags=self._tags(name, labels))
 
     def add(self, name: str, labels: tuple[str, ...], amount: float) -> None:
         with self.lock:

@@ -209,15 +209,34 @@ def run_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+EXAMPLES = """\
+Run `%(prog)s COMMAND --help` for the options of a command.
+
+examples:
+  %(prog)s karpathy --captions dataset_coco.json --images coco/ --out data/coco \\
+      --captions-per-image 5                       train/ val/ test/ of the Karpathy split
+  %(prog)s folder --captions captions.tsv --out data/mine
+  %(prog)s index 'data/laion/{00000..00099}.tar'
+
+Rerunning an interrupted command resumes it; --overwrite starts over.
+exit status: 0 done; 2 an input is missing or unparseable, or nothing was written (one
+`error:` line says which); 130 interrupted (finished shards are kept)."""
+
+
+def build_parser(prog: str = "python -m fne_dist.shards") -> argparse.ArgumentParser:
     """The argparse parser of all subcommands."""
     parser = argparse.ArgumentParser(
-        prog="python -m fne_dist.shards",
-        description="Turn image-text data into WebDataset shards.",
-        epilog=__doc__.split("\n\n", 1)[1],
+        prog=prog,
+        description="Turn image-text data into WebDataset shards (a sample per image-caption\n"
+        "pair, or per image with all its captions), with the sizes.json the loader reads.",
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
+        """A subcommand whose --help opens with its line of the command list."""
+        return sub.add_parser(name, help=text, description=f"{prog} {name}: {text}.", **kwargs)
 
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("output")
@@ -260,9 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
             "default, since an untrusted annotation file could name any file of this machine",
         )
 
-    p = sub.add_parser(
-        "folder", parents=[common], help="image folder + captions CSV/TSV or JSON Lines"
-    )
+    p = command("folder", "image folder + captions CSV/TSV or JSON Lines", parents=[common])
     p.add_argument("--captions", type=Path, required=True, help="captions .csv/.tsv/.jsonl")
     images_option(p, required=False)
     p.add_argument("--image-column", default="filepath", help="image path column/key")
@@ -272,14 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delimiter", help="CSV delimiter (default: tab for .tsv, else comma)")
     p.set_defaults(run=run_folder)
 
-    p = sub.add_parser("coco", parents=[common], help="COCO captions JSON + images")
+    p = command("coco", "COCO captions JSON + images", parents=[common])
     p.add_argument("--captions", type=Path, required=True, help="captions_*.json")
     images_option(p)
     p.set_defaults(run=run_coco)
 
-    p = sub.add_parser(
-        "karpathy", parents=[common], help="Karpathy split JSON + images → train/ val/ test/"
-    )
+    p = command("karpathy", "Karpathy split JSON + images → train/ val/ test/", parents=[common])
     p.add_argument("--captions", type=Path, required=True, help="dataset_*.json")
     images_option(p)
     p.add_argument(
@@ -298,12 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=run_karpathy)
 
-    p = sub.add_parser("albef", parents=[common], help="ALBEF/FNE annotation list + images")
+    p = command("albef", "ALBEF/FNE annotation list + images", parents=[common])
     p.add_argument("--captions", type=Path, required=True, help="the annotation .json list")
     images_option(p)
     p.set_defaults(run=run_albef)
 
-    p = sub.add_parser("features", parents=[common], help="precomputed features (.npy) + captions")
+    p = command("features", "precomputed features (.npy) + captions", parents=[common])
     p.add_argument("--features", type=Path, required=True, help="N×D float .npy matrix")
     p.add_argument(
         "--captions",
@@ -321,16 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=run_features)
 
-    p = sub.add_parser("index", help="(re)build sizes.json for existing shards")
+    p = command("index", "(re)build sizes.json for existing shards")
     p.add_argument("shards", help="a directory, or a glob/brace pattern of .tar/.tar.gz files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run_index)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m fne_dist.shards") -> int:
     """Command-line entry point; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         return int(args.run(args))
     except ShardError as err:
