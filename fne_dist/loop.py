@@ -78,6 +78,7 @@ from .run_lock import owned
 from .run_summary import group_rsum_text
 from .running_stats import PendingRunningStats, deferred_running_stats
 from .sharded_eval import evaluate_table
+from .shared_prefix import SharedPrefix
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
 from .step import StepOutput, StepPosition, forward_step
@@ -214,6 +215,7 @@ class Run:
     timer: PhaseTimer | NullTimer
     data_log: DataLog
     pictures: RunPictures  # rank 0's (plots/); a null object elsewhere
+    prefix: SharedPrefix  # the online and momentum forwards, frozen early layers run once
 
     @property
     def is_main(self) -> bool:
@@ -291,6 +293,7 @@ def setup_run(
         timer=timer,
         data_log=DataLog(stream, fan_out),
         pictures=RunPictures(run_dir, cfg) if rank == 0 and cfg.run.pictures else NoPictures(),
+        prefix=SharedPrefix(parts.engine, parts.engine.module, momentum),
     )
 
 
@@ -410,8 +413,8 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     # saw are applied only by commit_step, once the step is known finite
     with deferred_running_stats(engine.module, run.parts.momentum) as running:
         out = forward_step(
-            engine,
-            run.parts.momentum,
+            run.prefix.online,
+            run.prefix.momentum,
             batch,
             run.parts.memory,
             run.parts.stats,
