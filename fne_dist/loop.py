@@ -51,7 +51,7 @@ from .encoders import (
     build_text_backbone,
     check_available,
 )
-from .engine import build_engine, full_weights, gathered_parameters
+from .engine import build_engine, full_weights, gathered_parameters, partitioned_optimizer
 from .epochs import DataLog, agreed_batches
 from .export import write_sidecar
 from .fne import SimilarityStats
@@ -61,7 +61,7 @@ from .memory import build_memory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
-from .nonfinite import check_in_row, finite_everywhere, grads_finite
+from .nonfinite import check_in_row, finite_everywhere, grads_finite, poisoned
 from .plot import NoPictures, RunPictures
 from .reporters import (
     ConsoleReporter,
@@ -426,18 +426,24 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
         log_sample_ids(run, micro, epoch, ids, out.loss)
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss
         out.loss = out.loss + float("nan")
-    with timer.phase("finite_check"):  # an all-reduce and a host read
-        finite = finite_everywhere(out.loss)
-    if not finite:
-        return skip_nonfinite(run, state, micro, out.loss)
-    state.nonfinite_in_row = 0
-    run.pictures.offer(out.gathered)  # a reference; sampled at log windows
+    loss = out.loss
+    if cfg.engine.grad_accum == 1 and not partitioned_optimizer(engine):
+        loss = poisoned(out.loss)  # the flag rides on the gradient all-reduce (nonfinite.py)
+    else:
+        with timer.phase("finite_check"):  # an all-reduce and a host read
+            finite = finite_everywhere(out.loss)
+        if not finite:
+            return skip_nonfinite(run, state, micro, out.loss)
     with timer.phase("backward_step"):
-        engine.backward(out.loss)  # 6
+        engine.backward(loss)  # 6
         if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # skip the step
             engine.module.zero_grad(set_to_none=True)
-            return skip_nonfinite(run, state, micro, None)
+            # the skip path only: whether a loss was the cause, for its log window
+            shown = out.loss if loss is not out.loss and not finite_everywhere(out.loss) else None
+            return skip_nonfinite(run, state, micro, shown)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
+    state.nonfinite_in_row = 0
+    run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     boundary = (micro + 1) % cfg.engine.grad_accum == 0
     commit_step(run, state, out, running, boundary)
     return boundary

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 import functools
+
+import torch
 
 from fne_dist.config import ImageEncoderConfig, ModelConfig, TextEncoderConfig
 from fne_dist.encoders import (
