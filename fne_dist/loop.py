@@ -42,7 +42,7 @@ from .checkpointer import (
 from .config import Config, resolve_batch, save_config
 from .data.splits import PairTable
 from .data.stream import TrainStream
-from .distributed.device import backend_for, select_device
+from .distributed.device import backend_for, select_device, threads_per_rank
 from .distributed.launch import Timeouts, init_process_group, rank_env
 from .encoders import (
     ImageBackbone,
@@ -110,7 +110,7 @@ def train(
     cfg = resolve_batch(cfg, env.world_size)  # train.global_batch_size as a per-rank batch
     device = select_device(cfg.engine.device, env.local_rank)
     check_fits(cfg, device, env.world_size, env.local_world_size)  # before anything allocates
-    torch.set_num_threads(cfg.run.threads)
+    torch.set_num_threads(threads_per_rank(cfg.run.threads, env.local_world_size))
     seed_everything(cfg.run.seed)
     created_group = init_process_group(env, backend_for(device), Timeouts.from_config(cfg))
     try:

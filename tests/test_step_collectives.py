@@ -101,3 +101,16 @@ def test_a_poisoned_loss_keeps_finite_gradients_bit_for_bit_and_spreads_nan() ->
     for bad in (float("nan"), float("inf")):
         nan = grads(lambda loss, b=bad: poisoned(loss + b))
         assert all(g.isnan().all() for g in nan) and not grads_finite(net)
+
+
+def test_threads_per_rank_splits_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant: run.threads wins; unset (null), the user's OMP_NUM_THREADS; else the usable
+    cores split over the node's ranks, at least one each."""
+    from fne_dist.distributed import device
+
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert device.threads_per_rank(3, 2) == 3
+    assert [device.threads_per_rank(None, n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert device.threads_per_rank(None, 2) == 5 and device.threads_per_rank(1, 2) == 1
