@@ -87,6 +87,12 @@ class MemoryConfig:
         "storage of the memory's embeddings; bfloat16 halves its bytes, candidates are scored "
         "upcast (docs/sharded-memory.md says what it changes in the draws)",
     )
+    encoder: Literal["momentum", "online"] = setting(
+        "momentum",
+        "what fills the memory: the momentum (EMA) encoder (MoCo/ALBEF, the reference) or the "
+        "online model's detached embeddings (XBM-style: no momentum forward and no EMA, but the "
+        "entries come from older weights; docs/benchmarks.md: the trade-off)",
+    )
 
 
 @dataclass

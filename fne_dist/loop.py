@@ -78,7 +78,7 @@ from .run_lock import owned
 from .run_summary import group_rsum_text
 from .running_stats import PendingRunningStats, deferred_running_stats
 from .sharded_eval import evaluate_table
-from .shared_prefix import SharedPrefix
+from .shared_prefix import OnlineMemory, SharedPrefix
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
 from .step import StepOutput, StepPosition, forward_step
@@ -215,7 +215,7 @@ class Run:
     timer: PhaseTimer | NullTimer
     data_log: DataLog
     pictures: RunPictures  # rank 0's (plots/); a null object elsewhere
-    prefix: SharedPrefix  # the online and momentum forwards, frozen early layers run once
+    encoders: SharedPrefix | OnlineMemory  # the step's online and momentum forwards
 
     @property
     def is_main(self) -> bool:
@@ -293,7 +293,11 @@ def setup_run(
         timer=timer,
         data_log=DataLog(stream, fan_out),
         pictures=RunPictures(run_dir, cfg) if rank == 0 and cfg.run.pictures else NoPictures(),
-        prefix=SharedPrefix(parts.engine, parts.engine.module, momentum),
+        encoders=(
+            OnlineMemory(parts.engine)
+            if cfg.memory.encoder == "online"
+            else SharedPrefix(parts.engine, parts.engine.module, momentum)
+        ),
     )
 
 
@@ -413,8 +417,8 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     # saw are applied only by commit_step, once the step is known finite
     with deferred_running_stats(engine.module, run.parts.momentum) as running:
         out = forward_step(
-            run.prefix.online,
-            run.prefix.momentum,
+            run.encoders.online,
+            run.encoders.momentum,
             batch,
             run.parts.memory,
             run.parts.stats,
@@ -459,8 +463,9 @@ def commit_step(
     run.parts.stats.add_step(out.stat_sums, cfg.fne.mixture_decay)
     running.commit()  # before the EMA, which copies the online model's buffers
     if boundary:
-        with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
-            ema_update(run.parts.momentum, engine.module, cfg.memory.momentum)  # 7
+        if cfg.memory.encoder == "momentum":  # online: the momentum copy is never read
+            with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
+                ema_update(run.parts.momentum, engine.module, cfg.memory.momentum)  # 7
         state.opt_step += 1
     if not state.warm:  # 8: the reference fills the memory only after the warm-up
         g = out.gathered

@@ -100,3 +100,23 @@ def _answer(value: Tensor) -> Callable[..., Tensor]:
 def _dtype(module: nn.Module) -> torch.dtype | None:
     p = next(module.parameters(), None)
     return None if p is None else p.dtype
+
+
+class OnlineMemory:
+    """``memory.encoder: online``: the "momentum" embeddings are the online forward's own,
+    detached (an XBM-style cross-batch memory); no second forward. Same call order as
+    ``SharedPrefix``."""
+
+    def __init__(self, online: Encoder) -> None:
+        self._online = online
+        self._last: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def online(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        self._last = self._online(batch)
+        return self._last
+
+    def momentum(self, _batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        if self._last is None:
+            raise RuntimeError("OnlineMemory.momentum before online")
+        last, self._last = self._last, None
+        return tuple(t.detach() for t in last)  # type: ignore[return-value]

@@ -104,3 +104,33 @@ def test_shared_prefix_needs_a_frozen_block_and_ema_keeps_frozen_weights() -> No
             assert torch.equal(p, q), name
             frozen += 1
     assert frozen > 50 and trained > 10
+
+
+def test_online_memory_enqueues_the_online_embeddings_and_runs_no_momentum_forward() -> None:
+    """Invariant (memory.encoder: online): the step's gathered block, what the memory gets, is
+    the online forward's embeddings detached, and the momentum model is never called."""
+    from fne_dist.fne import FneConfig, SimilarityStats
+    from fne_dist.memory import MomentumMemory
+    from fne_dist.model import DualEncoder
+    from fne_dist.shared_prefix import OnlineMemory
+    from fne_dist.step import StepPosition, forward_step
+
+    torch.manual_seed(0)
+    model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
+    momentum = make_momentum_copy(model)
+    called = _calls(momentum)
+    gen = torch.Generator().manual_seed(1)
+    batch = {
+        "img_feat": torch.randn(8, 6, generator=gen),
+        "txt_feat": torch.randn(8, 6, generator=gen),
+        "ids": torch.arange(8),
+        "groups": torch.full((8,), -1),
+    }
+    pair = OnlineMemory(model)
+    memory, stats, cfg = MomentumMemory(20, 4, seed=0), SimilarityStats(), FneConfig()
+    at = StepPosition(0, 0, False)
+    out = forward_step(pair.online, pair.momentum, batch, memory, stats, cfg, at)
+    img, txt, _ = model(batch)
+    assert called == [] and not out.gathered.img_ND.requires_grad
+    assert torch.equal(out.gathered.img_ND, img) and torch.equal(out.gathered.txt_ND, txt)
+    assert out.loss.requires_grad
