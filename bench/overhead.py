@@ -246,19 +246,19 @@ def report(variants: list[Variant]) -> None:
     }
     total = {v.name: statistics.median(sum(s.values()) for s in v.steps) for v in variants}
     base = total[variants[0].name]
-    print(f"{'ms per step':18s}" + "".join(f"{v.name:>20s}" for v in variants))
+    print(f"{'ms per step':18s}" + "".join(f"{v.name:>21s}" for v in variants))
     for p in PHASES:
         if any(med[v.name][p] for v in variants):
-            print(f"{p:18s}" + "".join(f"{1e3 * med[v.name][p]:20.1f}" for v in variants))
-    print(f"{'step (median)':18s}" + "".join(f"{1e3 * total[v.name]:20.1f}" for v in variants))
-    print(f"{'÷ in-batch':18s}" + "".join(f"{total[v.name] / base:19.3f}x" for v in variants))
+            print(f"{p:18s}" + "".join(f"{1e3 * med[v.name][p]:21.1f}" for v in variants))
+    print(f"{'step (median)':18s}" + "".join(f"{1e3 * total[v.name]:21.1f}" for v in variants))
+    print(f"{'÷ in-batch':18s}" + "".join(f"{total[v.name] / base:20.3f}x" for v in variants))
     fne_part = {  # the step without the momentum encoder's forward and EMA
         v.name: statistics.median(
             sum(s.values()) - s.get("momentum_forward", 0.0) - s.get("ema", 0.0) for s in v.steps
         )
         for v in variants
     }
-    ratios = "".join(f"{fne_part[v.name] / base:19.3f}x" for v in variants)
+    ratios = "".join(f"{fne_part[v.name] / base:20.3f}x" for v in variants)
     print(f"{'FNE part ÷ in-b.':18s}" + ratios)
     # what FNE itself adds: its phases (the in-batch loss subtracted) over the in-batch step,
     # each phase's median on its own: robust to a slow step elsewhere
@@ -267,12 +267,12 @@ def report(variants: list[Variant]) -> None:
     added = {v.name: sum(med[v.name][p] for p in fne_only) - base_loss for v in variants}
     print(
         f"{'FNE phases ÷ in-b.':18s}"
-        + "".join(f"{100 * added[v.name] / base:18.1f}%" for v in variants)
+        + "".join(f"{100 * added[v.name] / base:20.1f}%" for v in variants)
     )
     mom = {v.name: med[v.name]["momentum_forward"] + med[v.name]["ema"] for v in variants}
     print(
         f"{'momentum enc ÷ in-b.':18s}"
-        + "".join(f"{100 * mom[v.name] / base:18.1f}%" for v in variants)
+        + "".join(f"{100 * mom[v.name] / base:20.1f}%" for v in variants)
     )
 
 
