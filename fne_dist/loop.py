@@ -464,7 +464,8 @@ def commit_step(
     running.commit()  # before the EMA, which copies the online model's buffers
     if boundary:
         if cfg.memory.encoder == "momentum":  # online: the momentum copy is never read
-            with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
+            # ZeRO-3: the trained parameters whole (ema_update leaves frozen ones alone)
+            with timer.phase("ema"), gathered_parameters(engine, trained_only=True):
                 ema_update(run.parts.momentum, engine.module, cfg.memory.momentum)  # 7
         state.opt_step += 1
     if not state.warm:  # 8: the reference fills the memory only after the warm-up
