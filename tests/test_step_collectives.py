@@ -21,7 +21,7 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 NAN_STEP = 6  # 1-based: a warm-up step (3) and a few FNE steps come before it
 
 
-def _run(out: Path, *overrides: str) -> list[list[dict]]:
+def _run(out: Path, *overrides: str, nan_rank: int | None = None) -> list[list[dict]]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     args = [
@@ -37,6 +37,8 @@ def _run(out: Path, *overrides: str) -> list[list[dict]]:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
             PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
         )  # fmt: skip
+        if nan_rank is not None:
+            env.update(NAN_RANK=str(nan_rank), NAN_STEP=str(NAN_STEP))
         cmd = [sys.executable, str(SCRIPT), str(out), str(TINY), *args]
         procs.append(
             subprocess.Popen(
@@ -63,9 +65,10 @@ def test_a_ddp_step_makes_one_gather_and_one_all_reduce(tmp_path: Path) -> None:
     """Invariants (2 ranks, DDP, grad_accum 1, gloo): a finite step's own collectives are the
     packed gather and the statistics' all-reduce (the non-finite flag rides on DDP's gradient
     all-reduce, which is not counted here), and between two steps there is only the data
-    agreement; a NaN loss on one step (debug.nan_at_step) is still skipped on both ranks (one
-    extra all-reduce on that skip path only), and the weights stay finite."""
-    ranks = _run(tmp_path, f"debug.nan_at_step={NAN_STEP}")
+    agreement; a NaN loss on one rank only is still skipped on both ranks (the NaN reaches
+    the other through the gradient all-reduce; one extra all-reduce on that skip path only),
+    and the weights stay finite."""
+    ranks = _run(tmp_path, nan_rank=1)
     for steps in ranks:
         assert len(steps) >= NAN_STEP + 3, len(steps)
         for s in steps[1:]:  # the first step's "between" holds the run's start-up

@@ -1,11 +1,13 @@
 """One rank of tests/test_step_collectives.py: the training loop with every Python-level
 torch.distributed collective counted.
 
-    RANK=r WORLD_SIZE=2 LOCAL_RANK=r ... python step_collectives.py OUT CONFIG [KEY=VALUE ...]
+    RANK=r WORLD_SIZE=2 LOCAL_RANK=r ... [NAN_RANK=q NAN_STEP=n] python step_collectives.py OUT
+        CONFIG [KEY=VALUE ...]
 
 Runs ``loop.train`` and writes OUT/rank{r}.json: per micro step, the collectives inside
 ``train_step`` and those since the previous step ended (the data agreement, log windows,
 checkpoints), by name. DDP's gradient all-reduce runs in its C++ reducer and is not counted.
+With NAN_RANK, that rank's loss of micro step NAN_STEP (1-based) is made NaN, on it alone.
 """
 
 from __future__ import annotations
@@ -60,6 +62,16 @@ def main() -> None:
         return result
 
     loop.train_step = train_step
+    if os.environ.get("NAN_RANK") == os.environ["RANK"]:  # a NaN loss on this rank only
+        nan_step, inner_forward = int(os.environ["NAN_STEP"]), loop.forward_step
+
+        def forward_step(*args, **kwargs):
+            out = inner_forward(*args, **kwargs)
+            if args[6].step + 1 == nan_step:  # StepPosition: 0-based micro step
+                out.loss = out.loss + float("nan")
+            return out
+
+        loop.forward_step = forward_step
     loop.train(load_config(config, overrides))
     (out / f"rank{os.environ['RANK']}.json").write_text(json.dumps(steps))
 
