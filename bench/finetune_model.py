@@ -22,6 +22,7 @@ from fne_dist.encoders import (
     EfficientNetLiteBackbone,
     ImageBackbone,
     TextBackbone,
+    _train_last,
     build_image_backbone,
     build_text_backbone,
 )
@@ -79,9 +80,15 @@ def _random_text(max_length: int) -> tuple[TextBackbone, str]:
 
 
 def finetune_model(
-    pretrained: bool, image_size: int = 128, max_length: int = 32, embed_dim: int = 256
+    pretrained: bool,
+    image_size: int = 128,
+    max_length: int = 32,
+    embed_dim: int = 256,
+    train_blocks: tuple[int | None, int | None] = (None, None),
 ) -> tuple[DualEncoder, str]:
-    """Both towers trainable plus MLP heads to ``embed_dim`` (the default run's heads)."""
+    """Both towers trainable plus MLP heads to ``embed_dim`` (the default run's heads);
+    ``train_blocks`` (image, text): only the last blocks trained, as ``model.*.train_blocks``
+    (configs/finetune.yaml: 4 of 16 MBConv blocks, 2 of 6 layers); None: the whole tower."""
     if pretrained:
         image = build_image_backbone(
             ImageEncoderConfig(
@@ -99,6 +106,13 @@ def finetune_model(
         image, img_note = _random_image(image_size)
         text, txt_note = _random_text(max_length)
         note = f"{img_note} + {txt_note}, both trained"
+    for tower, n, key in ((image, train_blocks[0], "image"), (text, train_blocks[1], "text")):
+        if n is not None:
+            before, blocks = tower.blocks()
+            tower.fixed = _train_last(before, blocks, n, f"model.{key}.train_blocks")
+            tower.train()
+    if train_blocks != (None, None):
+        note += f", last blocks trained (image {train_blocks[0]}, text {train_blocks[1]})"
     cfg = ModelConfig(embed_dim=embed_dim, head="mlp")
     return DualEncoder(image, text, image.out_dim, text.out_dim, cfg), note
 

@@ -13,6 +13,13 @@ shared and noisy) and each reports the median of ``--repeats`` steps:
 - ``fne paper K=…`` / ``fne default K=…``: the loop's step (``fne_dist.step.forward_step``:
   online + momentum forward, gather, statistics, FNE over [gathered batch ; memory]), backward
   + step, EMA, enqueue, with the paper's posterior and the default run's (image-image mixture).
+  With ``--train-blocks`` (configs/finetune.yaml's 4 and 2 by default) the frozen early layers
+  run once for both encoders, as in the loop (``fne_dist.shared_prefix``);
+- ``… unshared``: the same step with the momentum model run in full (the loop before the shared
+  prefix), for the first K;
+- ``… online memory``: the memory fed from the online model's detached embeddings (XBM-style
+  cross-batch memory: no momentum forward, no EMA), for the first K: what dropping the momentum
+  encoder would save (not a training option: see docs/benchmarks.md for the trade-off).
 
 At world size 1 the gather is an identity; ``bench/distributed.py`` measures the collectives.
 The memory is filled with random unit vectors before timing, so every step's FNE sees K
@@ -35,6 +42,7 @@ from finetune_model import finetune_model, synthetic_batch  # bench/ is on sys.p
 from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, retrieval_loss
 from fne_dist.memory import MomentumMemory
 from fne_dist.momentum import ema_update, make_momentum_copy
+from fne_dist.shared_prefix import SharedPrefix
 from fne_dist.step import StepPosition, forward_step
 from fne_dist.timing import PhaseTimer
 
@@ -78,6 +86,21 @@ class Variant:
     memory: MomentumMemory | None
     stats: SimilarityStats = field(default_factory=SimilarityStats)
     steps: list[dict[str, float]] = field(default_factory=list)
+    encoders: str = "shared"  # shared (the loop's), unshared, online (no momentum encoder)
+
+
+class OnlineAsMomentum:
+    """An XBM-style memory: the "momentum" embeddings are the online ones, detached."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.last = model, None
+
+    def online(self, batch):
+        self.last = self.model(batch)
+        return self.last
+
+    def momentum(self, _batch):
+        return tuple(t.detach() for t in self.last)
 
 
 def main() -> None:
@@ -93,6 +116,10 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="autocast the towers to bfloat16")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument(
+        "--train-blocks", type=int, nargs=2, default=[4, 2], metavar=("IMAGE", "TEXT"),
+        help="last blocks trained per tower (configs/finetune.yaml's); -1 -1: whole towers",
+    )  # fmt: skip
+    ap.add_argument(
         "--cpu-time",
         action="store_true",
         help="time the process's CPU seconds, not wall seconds (a loaded machine; CPU only)",
@@ -101,7 +128,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, note = finetune_model(not args.random_init, image_size=args.image_size)
+    blocks = tuple(None if n < 0 else n for n in args.train_blocks)
+    model, note = finetune_model(not args.random_init, args.image_size, train_blocks=blocks)
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -113,6 +141,19 @@ def main() -> None:
         for label, extra in (("paper", {}), ("default", DEFAULT_FNE)):
             cfg = FneConfig(gate_size=args.batch, **extra)
             variants.append(Variant(f"fne {label} K={k}", cfg, filled_memory(k, dim, device)))
+    k0, cfg0 = args.memory[0], FneConfig(gate_size=args.batch, **DEFAULT_FNE)
+    if SharedPrefix(model, model, momentum).active:
+        variants.append(
+            Variant(
+                f"dflt K={k0} unshared",
+                cfg0,
+                filled_memory(k0, dim, device),
+                encoders="unshared",
+            )
+        )
+    variants.append(
+        Variant(f"dflt K={k0} online", cfg0, filled_memory(k0, dim, device), encoders="online")
+    )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
@@ -166,17 +207,26 @@ def one_step(v: Variant, parts, batch, step: int, autocast, device) -> dict[str,
                 v.cfg,
             ).loss
     else:
+        if v.encoders == "shared":
+            pair = SharedPrefix(model, model, momentum)
+            encoders = (pair.online, pair.momentum)
+        elif v.encoders == "online":
+            pair = OnlineAsMomentum(model)
+            encoders = (pair.online, pair.momentum)
+        else:
+            encoders = (model, momentum)
         with autocast:
             at = StepPosition(0, step, False)
-            out = forward_step(model, momentum, batch, v.memory, v.stats, v.cfg, at, timer)
+            out = forward_step(*encoders, batch, v.memory, v.stats, v.cfg, at, timer)
         loss = out.loss
     with timer.phase("backward_step"):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     if v.memory is not None:
-        with timer.phase("ema"):
-            ema_update(momentum, model, 0.995)
+        if v.encoders != "online":
+            with timer.phase("ema"):
+                ema_update(momentum, model, 0.995)
         with timer.phase("enqueue"):
             v.stats.add_step(out.stat_sums, v.cfg.mixture_decay)
             g = out.gathered
@@ -196,19 +246,19 @@ def report(variants: list[Variant]) -> None:
     }
     total = {v.name: statistics.median(sum(s.values()) for s in v.steps) for v in variants}
     base = total[variants[0].name]
-    print(f"{'ms per step':18s}" + "".join(f"{v.name:>20s}" for v in variants))
+    print(f"{'ms per step':18s}" + "".join(f"{v.name:>21s}" for v in variants))
     for p in PHASES:
         if any(med[v.name][p] for v in variants):
-            print(f"{p:18s}" + "".join(f"{1e3 * med[v.name][p]:20.1f}" for v in variants))
-    print(f"{'step (median)':18s}" + "".join(f"{1e3 * total[v.name]:20.1f}" for v in variants))
-    print(f"{'÷ in-batch':18s}" + "".join(f"{total[v.name] / base:19.3f}x" for v in variants))
+            print(f"{p:18s}" + "".join(f"{1e3 * med[v.name][p]:21.1f}" for v in variants))
+    print(f"{'step (median)':18s}" + "".join(f"{1e3 * total[v.name]:21.1f}" for v in variants))
+    print(f"{'÷ in-batch':18s}" + "".join(f"{total[v.name] / base:20.3f}x" for v in variants))
     fne_part = {  # the step without the momentum encoder's forward and EMA
         v.name: statistics.median(
             sum(s.values()) - s.get("momentum_forward", 0.0) - s.get("ema", 0.0) for s in v.steps
         )
         for v in variants
     }
-    ratios = "".join(f"{fne_part[v.name] / base:19.3f}x" for v in variants)
+    ratios = "".join(f"{fne_part[v.name] / base:20.3f}x" for v in variants)
     print(f"{'FNE part ÷ in-b.':18s}" + ratios)
     # what FNE itself adds: its phases (the in-batch loss subtracted) over the in-batch step,
     # each phase's median on its own: robust to a slow step elsewhere
@@ -217,12 +267,12 @@ def report(variants: list[Variant]) -> None:
     added = {v.name: sum(med[v.name][p] for p in fne_only) - base_loss for v in variants}
     print(
         f"{'FNE phases ÷ in-b.':18s}"
-        + "".join(f"{100 * added[v.name] / base:18.1f}%" for v in variants)
+        + "".join(f"{100 * added[v.name] / base:20.1f}%" for v in variants)
     )
     mom = {v.name: med[v.name]["momentum_forward"] + med[v.name]["ema"] for v in variants}
     print(
         f"{'momentum enc ÷ in-b.':18s}"
-        + "".join(f"{100 * mom[v.name] / base:18.1f}%" for v in variants)
+        + "".join(f"{100 * mom[v.name] / base:20.1f}%" for v in variants)
     )
 
 

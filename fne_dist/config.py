@@ -48,8 +48,12 @@ class RunConfig:
     seed: int = setting(
         3407, "seed of every generator (reference: 3407; torch takes int64)", ge=0, lt=INT64_END
     )
-    threads: int = setting(
-        2, "torch intra-op threads per process (pinned: results depend on it)", ge=1, le=1024
+    threads: int | None = setting(
+        2,
+        "torch intra-op threads per process (pinned: results depend on it); null: "
+        "OMP_NUM_THREADS when set, else this machine's usable cores ÷ its local ranks",
+        ge=1,
+        le=1024,
     )
     id: str | None = setting(
         None,
@@ -82,6 +86,12 @@ class MemoryConfig:
         "float32",
         "storage of the memory's embeddings; bfloat16 halves its bytes, candidates are scored "
         "upcast (docs/sharded-memory.md says what it changes in the draws)",
+    )
+    encoder: Literal["momentum", "online"] = setting(
+        "momentum",
+        "what fills the memory: the momentum (EMA) encoder (MoCo/ALBEF, the reference) or the "
+        "online model's detached embeddings (XBM-style: no momentum forward and no EMA, but the "
+        "entries come from older weights; docs/benchmarks.md: the trade-off)",
     )
 
 

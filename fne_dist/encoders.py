@@ -226,6 +226,13 @@ class ImageBackbone(nn.Module):
         """(modules before the blocks, the blocks in order): what ``train_blocks`` splits."""
         raise ConfigError(f"{type(self).__name__} cannot train only its last blocks")
 
+    def frozen_prefix(self) -> list[nn.Module]:
+        """The fixed modules in call order when the last one's output is all that the rest of
+        the forward reads (at least one block fixed), else []: what ``shared_prefix`` runs once
+        for the online and momentum encoders. Only where the forward calls the blocks
+        themselves (EfficientNet-Lite)."""
+        return []
+
     def train(self, mode: bool = True) -> ImageBackbone:
         super().train(mode)
         if self.frozen:
@@ -262,6 +269,9 @@ class EfficientNetLiteBackbone(ImageBackbone):
 
     def blocks(self) -> tuple[list[nn.Module], Sequence[nn.Module]]:
         return [self.trunk._conv_stem, self.trunk._bn0], list(self.trunk._blocks)
+
+    def frozen_prefix(self) -> list[nn.Module]:
+        return _chain_prefix(self.fixed, self.blocks()[1])
 
 
 class HFImageBackbone(ImageBackbone):
@@ -445,6 +455,12 @@ class TextBackbone(nn.Module):
             raise ConfigError(f"{type(self.model).__name__} cannot train only its last layers")
         return [embeddings], list(layers)
 
+    def frozen_prefix(self) -> list[nn.Module]:
+        """As ``ImageBackbone.frozen_prefix``: the embeddings and the fixed layers, whose last
+        layer's hidden states are all that the trained layers read (with the attention mask,
+        which every call recomputes from the input)."""
+        return _chain_prefix(self.fixed, self.blocks()[1])
+
     @property
     def max_length(self) -> int:
         return self.tokenizer.max_length
@@ -543,6 +559,15 @@ def _train_last(
     for module in fixed:
         _freeze(module)
     return fixed
+
+
+def _chain_prefix(fixed: list[nn.Module], blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    """``fixed`` when it ends with a block (the chain's last output is the whole state that
+    the trained blocks read), else [] (e.g. only embeddings fixed: two modules' outputs are
+    summed, and neither alone is the state)."""
+    if fixed and any(fixed[-1] is b for b in blocks):
+        return list(fixed)
+    return []
 
 
 @contextlib.contextmanager

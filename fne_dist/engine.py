@@ -265,8 +265,9 @@ def jit_build_guard(op: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def gathered_parameters(engine):
-    """Context in which ``engine.module``'s parameters are whole on every rank.
+def gathered_parameters(engine, trained_only: bool = False):
+    """Context in which ``engine.module``'s parameters (``trained_only``: those that train,
+    all the EMA reads) are whole on every rank.
 
     Under ZeRO-3 each rank holds a shard and ``p.data`` is empty outside forward: gather them
     (read-only) for the EMA. Stages 0-2 keep full parameters: nothing to do.
@@ -274,9 +275,8 @@ def gathered_parameters(engine):
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(
-            list(engine.module.parameters()), modifier_rank=None
-        )
+        params = [p for p in engine.module.parameters() if p.requires_grad or not trained_only]
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
 

@@ -106,12 +106,13 @@ def evaluate_weights(
 ) -> dict[str, float]:
     """Rebuild the model from its config (or the given backbones), load weights, and evaluate
     one split (one process)."""
+    from .distributed.device import threads_per_rank
     from .encoders import build_image_backbone, build_text_backbone
     from .loop_inputs import eval_table, split_shards
     from .model import build_dual_encoder
     from .sharded_eval import evaluate_table
 
-    torch.set_num_threads(cfg.run.threads)
+    torch.set_num_threads(threads_per_rank(cfg.run.threads, 1))  # one process
     if towers is None:
         towers = build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
     image_backbone, text_backbone = towers

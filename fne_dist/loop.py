@@ -42,7 +42,7 @@ from .checkpointer import (
 from .config import Config, resolve_batch, save_config
 from .data.splits import PairTable
 from .data.stream import TrainStream
-from .distributed.device import backend_for, select_device
+from .distributed.device import backend_for, select_device, threads_per_rank
 from .distributed.launch import Timeouts, init_process_group, rank_env
 from .encoders import (
     ImageBackbone,
@@ -51,7 +51,7 @@ from .encoders import (
     build_text_backbone,
     check_available,
 )
-from .engine import build_engine, full_weights, gathered_parameters
+from .engine import build_engine, full_weights, gathered_parameters, partitioned_optimizer
 from .epochs import DataLog, agreed_batches
 from .export import write_sidecar
 from .fne import SimilarityStats
@@ -61,7 +61,7 @@ from .memory import build_memory
 from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
-from .nonfinite import check_in_row, finite_everywhere, grads_finite
+from .nonfinite import check_in_row, finite_everywhere, grads_finite, poisoned
 from .plot import NoPictures, RunPictures
 from .reporters import (
     ConsoleReporter,
@@ -78,6 +78,7 @@ from .run_lock import owned
 from .run_summary import group_rsum_text
 from .running_stats import PendingRunningStats, deferred_running_stats
 from .sharded_eval import evaluate_table
+from .shared_prefix import OnlineMemory, SharedPrefix
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
 from .step import StepOutput, StepPosition, forward_step
@@ -109,7 +110,7 @@ def train(
     cfg = resolve_batch(cfg, env.world_size)  # train.global_batch_size as a per-rank batch
     device = select_device(cfg.engine.device, env.local_rank)
     check_fits(cfg, device, env.world_size, env.local_world_size)  # before anything allocates
-    torch.set_num_threads(cfg.run.threads)
+    torch.set_num_threads(threads_per_rank(cfg.run.threads, env.local_world_size))
     seed_everything(cfg.run.seed)
     created_group = init_process_group(env, backend_for(device), Timeouts.from_config(cfg))
     try:
@@ -214,6 +215,7 @@ class Run:
     timer: PhaseTimer | NullTimer
     data_log: DataLog
     pictures: RunPictures  # rank 0's (plots/); a null object elsewhere
+    encoders: SharedPrefix | OnlineMemory  # the step's online and momentum forwards
 
     @property
     def is_main(self) -> bool:
@@ -291,6 +293,11 @@ def setup_run(
         timer=timer,
         data_log=DataLog(stream, fan_out),
         pictures=RunPictures(run_dir, cfg) if rank == 0 and cfg.run.pictures else NoPictures(),
+        encoders=(
+            OnlineMemory(parts.engine)
+            if cfg.memory.encoder == "online"
+            else SharedPrefix(parts.engine, parts.engine.module, momentum)
+        ),
     )
 
 
@@ -410,8 +417,8 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     # saw are applied only by commit_step, once the step is known finite
     with deferred_running_stats(engine.module, run.parts.momentum) as running:
         out = forward_step(
-            engine,
-            run.parts.momentum,
+            run.encoders.online,
+            run.encoders.momentum,
             batch,
             run.parts.memory,
             run.parts.stats,
@@ -423,18 +430,24 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
         log_sample_ids(run, micro, epoch, ids, out.loss)
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss
         out.loss = out.loss + float("nan")
-    with timer.phase("finite_check"):  # an all-reduce and a host read
-        finite = finite_everywhere(out.loss)
-    if not finite:
-        return skip_nonfinite(run, state, micro, out.loss)
-    state.nonfinite_in_row = 0
-    run.pictures.offer(out.gathered)  # a reference; sampled at log windows
+    loss = out.loss
+    if cfg.engine.grad_accum == 1 and not partitioned_optimizer(engine):
+        loss = poisoned(out.loss)  # the flag rides on the gradient all-reduce (nonfinite.py)
+    else:
+        with timer.phase("finite_check"):  # an all-reduce and a host read
+            finite = finite_everywhere(out.loss)
+        if not finite:
+            return skip_nonfinite(run, state, micro, out.loss)
     with timer.phase("backward_step"):
-        engine.backward(out.loss)  # 6
+        engine.backward(loss)  # 6
         if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # skip the step
             engine.module.zero_grad(set_to_none=True)
-            return skip_nonfinite(run, state, micro, None)
+            # the skip path only: whether a loss was the cause, for its log window
+            shown = out.loss if loss is not out.loss and not finite_everywhere(out.loss) else None
+            return skip_nonfinite(run, state, micro, shown)
         engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
+    state.nonfinite_in_row = 0
+    run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     boundary = (micro + 1) % cfg.engine.grad_accum == 0
     commit_step(run, state, out, running, boundary)
     return boundary
@@ -450,8 +463,10 @@ def commit_step(
     run.parts.stats.add_step(out.stat_sums, cfg.fne.mixture_decay)
     running.commit()  # before the EMA, which copies the online model's buffers
     if boundary:
-        with timer.phase("ema"), gathered_parameters(engine):  # ZeRO-3: full parameters
-            ema_update(run.parts.momentum, engine.module, cfg.memory.momentum)  # 7
+        if cfg.memory.encoder == "momentum":  # online: the momentum copy is never read
+            # ZeRO-3: the trained parameters whole (ema_update leaves frozen ones alone)
+            with timer.phase("ema"), gathered_parameters(engine, trained_only=True):
+                ema_update(run.parts.momentum, engine.module, cfg.memory.momentum)  # 7
         state.opt_step += 1
     if not state.warm:  # 8: the reference fills the memory only after the warm-up
         g = out.gathered

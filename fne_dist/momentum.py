@@ -24,16 +24,23 @@ def make_momentum_copy(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def ema_update(momentum: nn.Module, online: nn.Module, m: float) -> None:
-    """p̂ ← m·p̂ + (1 − m)·p for every parameter pair (same order, same shapes).
+    """p̂ ← m·p̂ + (1 − m)·p for every trained parameter pair (same order, same shapes).
 
-    Buffers (e.g. batch-norm statistics) are copied, not averaged: they are not learned.
+    A frozen online parameter (``requires_grad=False``: the fixed early blocks of a partly
+    trained tower) is left alone: its momentum copy stays bit-equal to it, which the shared
+    frozen prefix (``shared_prefix``) relies on; averaging two equal values would move the
+    copy by a rounding error each step (m·p + (1 − m)·p ≠ p in float32 for a few per cent
+    of values). Buffers (e.g. batch-norm statistics) are copied, not averaged: they are not learned.
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {m}")
-    targets = list(momentum.parameters())
-    sources = [p.detach().to(torch.float32) for p in online.parameters()]
-    if len(targets) != len(sources):
-        raise ValueError(f"momentum has {len(targets)} parameters, online has {len(sources)}")
+    pairs = list(zip(momentum.parameters(), online.parameters(), strict=False))
+    n_m, n_o = sum(1 for _ in momentum.parameters()), sum(1 for _ in online.parameters())
+    if n_m != n_o:
+        raise ValueError(f"momentum has {n_m} parameters, online has {n_o}")
+    trained = [(t, p) for t, p in pairs if p.requires_grad]
+    targets = [t for t, _ in trained]
+    sources = [p.detach().to(torch.float32) for _, p in trained]
     if targets:
         torch._foreach_mul_(targets, m)
         torch._foreach_add_(targets, sources, alpha=1.0 - m)

@@ -1,8 +1,14 @@
 """A non-finite step never updates the weights.
 
-Every rank computes its own loss, so the ranks agree first: one all-reduce of a 0/1 flag per
-micro step (it reads one number back from the device: the price of deciding on the host
-whether to step). A micro step whose loss is non-finite on any rank is skipped on every rank:
+Every rank computes its own loss, so the ranks agree. Where the gradients are whole on every
+rank after backward (DDP, DeepSpeed ZeRO-0 without its bf16 optimizer) and ``grad_accum`` = 1,
+the loss's flag rides on the gradient all-reduce: the loss is multiplied by 1 where finite and
+by NaN elsewhere (``poisoned``, on the device), so a non-finite loss on any rank makes every
+rank's averaged gradients NaN, and the one gradient check after backward decides for both:
+no collective and no host read of its own (bit-identical when finite: x·1 = x). Elsewhere
+(ZeRO ≥ 1, accumulation) the ranks agree first: one all-reduce of a 0/1 flag per micro step
+(it reads one number back from the device: the price of deciding on the host whether to
+step). A micro step whose loss is non-finite on any rank is skipped on every rank:
 no backward (it adds no gradient), no optimizer step, no EMA, no enqueue, and neither its FNE
 statistics nor the batch-norm running statistics its forward saw are applied: the loop commits
 those only for a finite step (``loop.commit_step``), so nothing is copied to be taken back. With
@@ -31,6 +37,15 @@ def finite_everywhere(loss: Tensor) -> bool:
     return float(dist_ops.all_reduce_sum(bad)) == 0.0
 
 
+def poisoned(loss: Tensor) -> Tensor:
+    """``loss`` where finite, NaN where not, with a gradient that is NaN everywhere in the
+    second case (even for a NaN that did not come from the weights): backward of a non-finite
+    loss then spreads NaN through the gradient all-reduce to every rank. No host read."""
+    one = torch.ones((), dtype=loss.dtype, device=loss.device)
+    factor = torch.where(torch.isfinite(loss.detach()).all(), one, one * float("nan"))
+    return loss * factor
+
+
 def grads_finite(module: torch.nn.Module) -> bool:
     """Whether every gradient held in ``module`` is finite (its norm too: an overflowing norm
     would make clipping scale by 0 or NaN). Gradients are already averaged over ranks when
@@ -39,7 +54,9 @@ def grads_finite(module: torch.nn.Module) -> bool:
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return True
-    return bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all())
+    # one foreach kernel per dtype rather than one norm per tensor, then one host read
+    norms = torch._foreach_norm([g.detach().float() for g in grads])
+    return bool(torch.isfinite(torch.stack(norms)).all())
 
 
 def check_in_row(in_row: int, limit: int, micro: int, total: int) -> None:

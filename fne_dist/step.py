@@ -63,7 +63,7 @@ class StepPosition:
 
 def forward_step(
     online: Encoder,
-    momentum: nn.Module,
+    momentum: Encoder | nn.Module,
     batch: dict[str, Tensor],
     memory: MomentumMemory,
     stats: SimilarityStats,
@@ -73,7 +73,9 @@ def forward_step(
 ) -> StepOutput:
     """The loss of one micro-batch; ``batch`` holds this rank's B pairs (model inputs + ids).
 
-    ``timer`` (optional) receives the phases online/momentum/gather/reduce/loss."""
+    ``timer`` (optional) receives the phases online/momentum/gather/reduce/loss. ``online`` runs
+    first, then ``momentum`` (``shared_prefix.SharedPrefix`` hands the frozen layers' output from
+    the one to the other)."""
     t = timer or NullTimer()
     ids_B, groups_B = batch["ids"], batch["groups"]
     B, device = ids_B.shape[0], ids_B.device

@@ -38,3 +38,20 @@ def cuda_index(local_rank: int, visible: int) -> int:
 
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def threads_per_rank(configured: int | None, local_world_size: int) -> int:
+    """torch's intra-op threads for this process: ``run.threads`` when set; else the user's
+    OMP_NUM_THREADS; else the cores this process may use split evenly over the node's ranks
+    (two ranks of two threads each on two cores would fight over them: every thread of one
+    op waits for the slowest, so oversubscription costs far more than it shares)."""
+    if configured is not None:
+        return configured
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size))

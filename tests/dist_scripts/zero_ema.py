@@ -137,7 +137,7 @@ def run(stage: int) -> list[str]:
         if stage == 3:
             empty = [n for n, p in engine.module.named_parameters() if p.data.numel() == 0]
             check(bool(empty), "ZeRO-3 left every parameter whole: the test is vacuous", failures)
-        with gathered_parameters(engine):
+        with gathered_parameters(engine, trained_only=True):
             ema_update(momentum, engine.module, cfg.memory.momentum)
             gathered = [p.detach().clone() for p in engine.module.parameters()]
         full = full_parameters(engine)  # independent of gathered_parameters

@@ -1,0 +1,119 @@
+"""How many collectives a 2-rank training step makes (gloo, the real loop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fne_dist.distributed.launch import free_port
+from fne_dist.nonfinite import grads_finite, poisoned
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist_scripts" / "step_collectives.py"
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+NAN_STEP = 6  # 1-based: a warm-up step (3) and a few FNE steps come before it
+
+
+def _run(out: Path, *overrides: str, nan_rank: int | None = None) -> list[list[dict]]:
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [
+        f"run.output_dir={out}", "run.name=count", "run.threads=1", "dist.workers=2",
+        "engine.kind=ddp", "train.batch_size=8", "train.epochs=0.05", "train.log_every=1000",
+        "train.eval_every=0", "checkpoint.at_epoch_end=false", *overrides,
+    ]  # fmt: skip
+    procs = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+        env.update(
+            RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+        )  # fmt: skip
+        if nan_rank is not None:
+            env.update(NAN_RANK=str(nan_rank), NAN_STEP=str(NAN_STEP))
+        cmd = [sys.executable, str(SCRIPT), str(out), str(TINY), *args]
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=out, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    deadline = time.monotonic() + 240
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = [p.stdout.read()[-3000:] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.system
+@pytest.mark.timeout(300)
+def test_a_ddp_step_makes_one_gather_and_one_all_reduce(tmp_path: Path) -> None:
+    """Invariants (2 ranks, DDP, grad_accum 1, gloo): a finite step's own collectives are the
+    packed gather and the statistics' all-reduce (the non-finite flag rides on DDP's gradient
+    all-reduce, which is not counted here), and between two steps there is only the data
+    agreement; a NaN loss on one rank only is still skipped on both ranks (the NaN reaches
+    the other through the gradient all-reduce; one extra all-reduce on that skip path only),
+    and the weights stay finite."""
+    ranks = _run(tmp_path, nan_rank=1)
+    for steps in ranks:
+        assert len(steps) >= NAN_STEP + 3, len(steps)
+        for s in steps[1:]:  # the first step's "between" holds the run's start-up
+            assert s["between"] == ["all_reduce"], s
+        for s in steps:
+            assert s["weights_finite"], s
+            if s["micro"] + 1 == NAN_STEP:
+                assert s["skipped"] == 1, s
+                assert s["inside"] == ["all_gather", "all_reduce", "all_reduce"], s
+            else:
+                assert s["inside"] == ["all_gather", "all_reduce"], s
+                assert s["skipped"] == (1 if s["micro"] + 1 > NAN_STEP else 0), s
+
+
+def test_a_poisoned_loss_keeps_finite_gradients_bit_for_bit_and_spreads_nan() -> None:
+    """Invariants: ``poisoned(loss)`` of a finite loss has the loss's value and gradients bit
+    for bit (x·1 = x); of a non-finite loss, every gradient is NaN, even when the NaN did not
+    come through the weights (an added constant), so the gradient check sees it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+    x = torch.randn(9, 5)
+
+    def grads(transform) -> list[torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        loss = transform(net(x).square().mean() * 3.7)
+        loss.backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    plain = grads(lambda loss: loss)
+    assert all(torch.equal(a, b) for a, b in zip(plain, grads(poisoned), strict=True))
+    assert torch.equal(poisoned(torch.tensor(2.5)), torch.tensor(2.5))
+    assert grads_finite(net)
+    for bad in (float("nan"), float("inf")):
+        nan = grads(lambda loss, b=bad: poisoned(loss + b))
+        assert all(g.isnan().all() for g in nan) and not grads_finite(net)
+
+
+def test_threads_per_rank_splits_the_cores_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Invariant: run.threads wins; unset (null), the user's OMP_NUM_THREADS; else the usable
+    cores split over the node's ranks, at least one each."""
+    from fne_dist.distributed import device
+
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda _pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert device.threads_per_rank(3, 2) == 3
+    assert [device.threads_per_rank(None, n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert device.threads_per_rank(None, 2) == 5 and device.threads_per_rank(1, 2) == 1
