@@ -382,11 +382,20 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def partitioned_optimizer(engine) -> bool:
-    """Whether the optimizer state is split over the ranks (ZeRO 1-3, and DeepSpeed's bf16
-    optimizer at ZeRO-0, which partitions its fp32 master weights like ZeRO-1): its engine
-    files then fit only the world size that wrote them."""
-    bf16 = getattr(engine, "bfloat16_enabled", lambda: False)()
-    return engine.zero_optimization_stage() > 0 or bool(bf16)
+    """Whether the optimizer state is split over the ranks: its engine files then fit only the
+    world size that wrote them. ZeRO 1-3 split it, and so does DeepSpeed's ``BF16_Optimizer``
+    (fp32 master weights partitioned like ZeRO-1), which DeepSpeed chooses for bf16 at ZeRO-0
+    up to 0.17 and at ZeRO-1 with ``data_types.grad_accum_dtype: fp32``. At ZeRO-0 from 0.18
+    bf16 and fp16 go through ``FP16_UnfusedOptimizer`` / ``FP16_Optimizer``: whole fp32 master
+    weights on every rank, saved whole in the engine files like fp32 ZeRO-0's (and without the
+    parameter-to-partition mapping the whole-state accessors read: they answer None)."""
+    if engine.zero_optimization_stage() > 0:
+        return True
+    if not getattr(engine, "bfloat16_enabled", lambda: False)():
+        return False
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return isinstance(engine.optimizer, BF16_Optimizer)
 
 
 def full_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -400,7 +409,13 @@ def full_optimizer_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any
     for name, p in engine.module.named_parameters():
         if not p.requires_grad:
             continue
-        tensors[f"fp32/{name}"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+        master = safe_get_full_fp32_param(p)
+        if master is None:  # an optimizer partitioned_optimizer does not know
+            raise RuntimeError(
+                f"DeepSpeed's {type(engine.optimizer).__name__} gives no whole fp32 weights for "
+                f"{name}: the whole-optimizer checkpoint cannot be written"
+            )
+        tensors[f"fp32/{name}"] = master.detach().float().cpu().clone()
         for key in ADAM_KEYS:
             try:
                 full = safe_get_full_optimizer_state(p, key).detach().float().cpu().clone()

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .batch_norm import keep_batch_norm_fp32
 from .config import ModelConfig
 
 
@@ -69,6 +70,11 @@ class DualEncoder(nn.Module):
         self.embed_dim = cfg.embed_dim
         self.image_backbone = image_backbone
         self.text_backbone = text_backbone
+        # Trained towers meet a bf16/fp16 engine's low-precision parameters: batch norm keeps
+        # its statistics and arithmetic in fp32 (batch_norm.py)
+        for backbone in (image_backbone, text_backbone):
+            if backbone is not None:
+                keep_batch_norm_fp32(backbone)
         self.image_head = ProjectionHead(image_dim, cfg.embed_dim, cfg.head)
         self.text_head = ProjectionHead(text_dim, cfg.embed_dim, cfg.head)
         # Shape (1,), not a scalar: DeepSpeed broadcasts parameters as byte views at init.
