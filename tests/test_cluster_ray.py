@@ -36,6 +36,7 @@ import yaml
 from fne_dist.checkpoint.validation import find_resumable, list_checkpoints, validate
 from fne_dist.distributed.launch import free_port
 from tests.fixtures_prometheus import Prometheus, recorded
+from tests.launch_helpers import global_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -536,36 +537,47 @@ def test_ray_run_arrives_under_the_same_names(resumed: dict, prometheus: Prometh
 @pytest.mark.system
 @pytest.mark.slow
 @pytest.mark.timeout(3 * JOB_TIMEOUT_S)
-@pytest.mark.skipif(
-    os.environ.get("FNE_RAY_ELASTIC") != "1",
-    reason="Ray 2.60 here restarts the group asking for dist.workers and fails after "
-    "dist.worker_start_timeout_s instead of starting with dist.min_workers (observed); "
-    "FNE_RAY_ELASTIC=1 runs it",
-)
 def test_a_ray_run_that_loses_its_second_node_goes_on_with_one_worker(
     ray_head: RayHead, second_node: str
 ) -> None:
     """Invariant: a 2-worker job (one worker per node) with dist.min_workers=1 and the global
     batch stated, whose second node is stopped after a complete checkpoint, is restarted by
-    Ray with the one worker the head still has room for; that worker resumes the 2-rank
-    checkpoint on 1 rank × 16 (the global batch kept) and trains to the end: the job
-    succeeds and every step is logged once."""
+    Ray's elastic policy with the one worker the head still has room for (after the restart
+    that still counted the lost node times out: fne_dist.distributed.ray_launcher
+    .start_retries); that worker resumes the 2-rank checkpoint on 1 rank × 16 (the global
+    batch kept) and trains to the end: the job succeeds, every step is logged once, and no
+    sample of the epoch is trained twice (train.log_sample_ids)."""
     run_dir = ray_head.base / "shared" / "runs" / "elastic"
     args = _tiny(ray_head, "elastic", *STOP_ARGS, "dist.min_workers=1")
-    args += ["train.global_batch_size=16"]  # the tiny run's 2 × 8
+    args += ["train.global_batch_size=16", "train.log_sample_ids=true"]  # the tiny run's 2 × 8
+    # 14 steps, one evaluation (at the end); a start that still counts the lost node waits
+    # 30 s (> the 20 s between refreshes of Ray's view of the cluster) before the retry
+    args += ["train.epochs=0.08", "train.eval_every=0", "dist.worker_start_timeout_s=30"]
     t0 = time.monotonic()
     job = ray_head.start("elastic", *args)
     assert _until(lambda: _complete_steps(run_dir), JOB_TIMEOUT_S), ray_head.ray(
         "job", "logs", job
     )[-3000:]
-    before = max(_complete_steps(run_dir))
+    before, logged = max(_complete_steps(run_dir)), len(_steps(run_dir))
+    t_stop = time.monotonic()
     _stop(second_node)  # every process of the second node: its raylet and its worker
     status, logs = ray_head.ended(job)
-    print(f"\nnode loss: job {status} in {time.monotonic() - t0:.1f} s")
+    print(f"\nnode loss: job {status}, {t_stop - t0:.1f} s to the stop, "
+          f"{time.monotonic() - t_stop:.1f} s after it")  # fmt: skip
     assert status == "SUCCEEDED", logs[-5000:]
     lines = [ln for ln in logs.splitlines() if "a checkpoint of 2 rank(s) × 8" in ln]
     assert lines and "resuming on 1 rank(s) × 16" in lines[0], logs[-5000:]
-    print("\n".join(ln.strip() for ln in logs.splitlines() if "resum" in ln))
+    print(f"before the stop: {logged} steps logged, checkpoint of step {before} complete")
+    keys = ("Detected ready resources", "FailurePolicy", "Source:", "resum", "Error count")
+    print("\n".join(ln.strip() for ln in logs.splitlines() if any(k in ln for k in keys)))
     _, last = find_resumable("latest", run_dir / "checkpoints", print, None)
     assert last["world_size"] == 1 and last["step"] > before, (last, before)
     assert _steps(run_dir) == list(range(1, last["step"] + 1))
+    resumed = [ln for ln in logs.splitlines() if "resumed from" in ln]
+    resumed_at = int(resumed[-1].split("optimizer step ")[1].split(",")[0])
+    assert 4 <= resumed_at <= before, (resumed_at, before)
+    batches = global_batches(run_dir, resumed_at)
+    assert sorted(batches) == list(range(1, last["step"] + 1)), sorted(batches)
+    assert all(len(ids) == 16 for ids in batches.values()), batches
+    seen = [i for step in sorted(batches) for i in batches[step]]
+    assert len(seen) == len(set(seen)), "a sample of the epoch was trained twice"

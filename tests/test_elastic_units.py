@@ -173,3 +173,18 @@ def test_a_ray_worker_range_needs_a_global_batch_every_size_divides() -> None:
         check_world_range(load_config(None, ["train.global_batch_size=12"]), 2, 6)
     with pytest.raises(ConfigError, match=r"set train\.global_batch_size"):
         check_world_range(load_config(None, []), 1, 2)
+
+
+def test_a_ray_worker_range_retries_a_start_that_counted_a_lost_node() -> None:
+    """Invariant: with a worker range, a worker group Ray could not place (its restart after a
+    node loss asked for dist.workers on a view of the cluster that still had the node) is
+    scheduled again up to dist.max_failures times (Ray's controller_failure_limit); a fixed
+    group is not (a start that cannot be placed ends the run, as before)."""
+    from fne_dist.distributed.ray_launcher import start_retries
+
+    elastic = ["dist.workers=2", "dist.min_workers=1", "train.global_batch_size=16"]
+    assert start_retries(load_config(None, [*elastic, "dist.max_failures=3"])) == 3
+    assert start_retries(load_config(None, [*elastic, "dist.max_failures=0"])) == 0
+    assert start_retries(load_config(None, ["dist.workers=2", "dist.max_failures=3"])) == 0
+    same = ["dist.workers=2", "dist.min_workers=2", "dist.max_failures=3"]
+    assert start_retries(load_config(None, same)) == 0  # min = max: a fixed group

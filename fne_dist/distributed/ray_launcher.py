@@ -153,6 +153,17 @@ def worker_range(cfg: Config) -> int | tuple[int, int]:
     return (low, cfg.dist.workers) if 0 < low < cfg.dist.workers else cfg.dist.workers
 
 
+def start_retries(cfg: Config) -> int:
+    """Ray's ``controller_failure_limit``: how often a worker group that could not be placed
+    within dist.worker_start_timeout_s is scheduled again. A fixed group: never (an
+    autoscaler that never delivers ends the run). A worker range: up to dist.max_failures
+    times, because Ray Train's elastic policy sizes a restart from the AutoscalingCoordinator's
+    view of the cluster, refreshed every 20 s (Ray 2.60): right after a node is lost that view
+    still counts the node, the restart asks for dist.workers and times out, and only the next
+    try sees the smaller cluster and starts the workers that fit (at least dist.min_workers)."""
+    return cfg.dist.max_failures if isinstance(worker_range(cfg), tuple) else 0
+
+
 def run_with_ray(cfg: Config) -> dict[str, Any]:
     """Start ``cfg.dist.workers`` Ray Train workers and wait for them; returns final metrics."""
     from ..loop import preflight
@@ -201,11 +212,11 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
         run_config=RunConfig(
             name=cfg.run.name,
             # A worker group that cannot start within dist.worker_start_timeout_s (e.g. an
-            # autoscaler that never delivers) ends the run; Ray's default retries forever.
-            # A worker that dies restarts the group (from the latest checkpoint) at most
-            # dist.max_failures times.
+            # autoscaler that never delivers) ends the run, after start_retries(cfg) more
+            # tries; Ray's default retries forever. A worker that dies restarts the group
+            # (from the latest checkpoint) at most dist.max_failures times.
             failure_config=FailureConfig(
-                max_failures=cfg.dist.max_failures, controller_failure_limit=0
+                max_failures=cfg.dist.max_failures, controller_failure_limit=start_retries(cfg)
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last or None),
             storage_path=str((Path(cfg.run.output_dir) / "ray").resolve()),
