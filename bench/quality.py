@@ -5,9 +5,19 @@
     python bench/quality.py --features .cache/features --epochs 4 --out results/emoji
     python bench/quality.py --from-runs a/runs.json b/runs.json --out results/merged
     python bench/quality.py --features F --variants vse_pp_memory --momentum 0.9 --suffix _m09
+    python bench/quality.py --loop --features F --epochs 4 --variants vse0 infonce fne_sum_intra
 
-``--memory``, ``--momentum`` and ``--fresh-memory`` (re-encode the memory every step: no
-staleness) change the run's setup for a diagnosis; ``--suffix`` names those rows apart.
+``--loop`` trains each run through the CLI itself, in this process (``fne_dist.train.main`` on
+the packaged default config: the emoji shards and their feature cache, the default encoders,
+heads, memory, schedule and warm-up; one rank with the default run's global batch of 32), so
+a loss that crashes ``python -m fne_dist.train`` fails the benchmark's goals. It reports the
+end-of-run test (what the CLI reports), not a val-selected epoch, and trains on the default
+config's data whatever ``--classes`` says. Without it, each run uses the benchmark's own loop
+below (the same step, not the same data path, engine or launcher).
+
+``--memory``, ``--momentum``, ``--warmup-epochs`` and ``--fresh-memory`` (re-encode the memory
+every step: no staleness) change the run's setup for a diagnosis; ``--suffix`` names those rows
+apart.
 
 Data: a generator with a controllable false-negative rate (``--classes`` C: every candidate of
 the anchor's class is a false negative, rate ≈ 1/C). Frozen towers with cached features are
