@@ -7,13 +7,13 @@
     python bench/quality.py --features F --variants vse_pp_memory --momentum 0.9 --suffix _m09
     python bench/quality.py --loop --features F --epochs 4 --variants vse0 infonce fne_sum_intra
 
-``--loop`` trains each run through the CLI itself, in this process (``fne_dist.train.main`` on
-the packaged default config: the emoji shards and their feature cache, the default encoders,
-heads, memory, schedule and warm-up; one rank with the default run's global batch of 32), so
-a loss that crashes ``python -m fne_dist.train`` fails the benchmark's goals. It reports the
-end-of-run test (what the CLI reports), not a val-selected epoch, and trains on the default
-config's data whatever ``--classes`` says. Without it, each run uses the benchmark's own loop
-below (the same step, not the same data path, engine or launcher).
+``--loop`` trains each run through the CLI itself (``python -m fne_dist.train``, one child
+process per run, on the packaged default config: the emoji shards and their feature cache, the
+default encoders, heads, memory, schedule and warm-up; one rank, the default run's global batch
+of 32), so a loss that crashes ``python -m fne_dist.train`` fails the benchmark's goals. It
+reports the end-of-run test (what the CLI reports), not a val-selected epoch, and trains on the
+default config's data whatever ``--classes`` says. Without it, each run uses the benchmark's
+own loop below (the same step, not the same data path, engine or launcher).
 
 ``--memory``, ``--momentum``, ``--warmup-epochs`` and ``--fresh-memory`` (re-encode the memory
 every step: no staleness) change the run's setup for a diagnosis; ``--suffix`` names those rows
@@ -52,6 +52,8 @@ import io
 import json
 import math
 import statistics
+import subprocess
+import sys
 import tarfile
 import time
 from dataclasses import dataclass, fields, replace
@@ -412,14 +414,13 @@ def _yaml_value(v: object) -> str:
 
 
 def loop_run(variant: str, seed: int, args: argparse.Namespace) -> dict:
-    """One run through the CLI itself, in this process: ``fne_dist.train.main`` on the packaged
-    default config (its data, encoders, heads, memory, schedule and warm-up), one rank with the
-    default run's global batch (32), ``--epochs`` epochs, the variant's whole ``fne`` section.
+    """One run through the CLI itself, ``python -m fne_dist.train`` in a child process, on the
+    packaged default config (its data, encoders, heads, memory, schedule and warm-up), one rank
+    with the default run's global batch (32), ``--epochs`` epochs, the variant's whole ``fne``
+    section.
     A run that exits non-zero is recorded as ``failed`` (its exit status): the goals then fail
     for it. Only the end-of-run test is known (what the CLI reports): ``best_epoch`` is NaN and
     the val-selected columns repeat the end ones."""
-    from fne_dist import train as cli
-
     fne = FneConfig(**VARIANTS[variant])
     name = f"{variant}{args.suffix}-s{seed}"
     run_root = args.out / "loop-runs"
@@ -436,15 +437,12 @@ def loop_run(variant: str, seed: int, args: argparse.Namespace) -> dict:
         overrides.append(f"train.warmup_epochs={args.warmup_epochs}")
     overrides += [f"fne.{f.name}={_yaml_value(getattr(fne, f.name))}" for f in fields(fne)]
     t0 = time.perf_counter()
-    try:
-        code = cli.main(overrides)
-    except SystemExit as e:  # a config error exits through argparse / the CLI's one line
-        code = e.code if isinstance(e.code, int) else 2
-    except Exception as e:  # the benchmark records the crash: its goals fail
-        print(f"{name}: crashed: {type(e).__name__}: {e}", flush=True)
-        code = 1
+    # a fresh process per run: the CLI exactly as a user starts it (a process group, its port
+    # and the rendezvous environment do not survive into the next run)
+    code = subprocess.run([sys.executable, "-m", "fne_dist.train", *overrides]).returncode
     wall = time.perf_counter() - t0
     if code != 0:
+        print(f"{name}: python -m fne_dist.train exited {code}", flush=True)
         return {"failed": float(code), "wall_s": wall}
     metrics = json.loads((run_root / name / "metrics.json").read_text())
     test, diag = metrics["test"], metrics.get("diagnostics", {})
@@ -644,9 +642,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--loop",
         action="store_true",
-        help="train each run through the CLI in this process (fne_dist.train.main on the "
-        "packaged default config: its shards, encoders and feature cache, one rank, global "
-        "batch 32) instead of the benchmark's own loop; end-of-run test only",
+        help="train each run through the CLI (python -m fne_dist.train, a child process per "
+        "run, on the packaged default config: its shards, encoders and feature cache, one "
+        "rank, global batch 32) instead of the benchmark's own loop; end-of-run test only",
     )
     p.add_argument(
         "--warmup-epochs",
