@@ -5,9 +5,19 @@
     python bench/quality.py --features .cache/features --epochs 4 --out results/emoji
     python bench/quality.py --from-runs a/runs.json b/runs.json --out results/merged
     python bench/quality.py --features F --variants vse_pp_memory --momentum 0.9 --suffix _m09
+    python bench/quality.py --loop --features F --epochs 4 --variants vse0 infonce fne_sum_intra
 
-``--memory``, ``--momentum`` and ``--fresh-memory`` (re-encode the memory every step: no
-staleness) change the run's setup for a diagnosis; ``--suffix`` names those rows apart.
+``--loop`` trains each run through the CLI itself (``python -m fne_dist.train``, one child
+process per run, on the packaged default config: the emoji shards and their feature cache, the
+default encoders, heads, memory, schedule and warm-up; one rank, the default run's global batch
+of 32), so a loss that crashes ``python -m fne_dist.train`` fails the benchmark's goals. It
+reports the end-of-run test (what the CLI reports), not a val-selected epoch, and trains on the
+default config's data whatever ``--classes`` says. Without it, each run uses the benchmark's
+own loop below (the same step, not the same data path, engine or launcher).
+
+``--memory``, ``--momentum``, ``--warmup-epochs`` and ``--fresh-memory`` (re-encode the memory
+every step: no staleness) change the run's setup for a diagnosis; ``--suffix`` names those rows
+apart.
 
 Data: a generator with a controllable false-negative rate (``--classes`` C: every candidate of
 the anchor's class is a false negative, rate ≈ 1/C). Frozen towers with cached features are
@@ -42,9 +52,11 @@ import io
 import json
 import math
 import statistics
+import subprocess
+import sys
 import tarfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +142,13 @@ VARIANTS: dict[str, dict] = {
     "fne_sum_intra_kernel_cut": dict(_FNE_SUM, sum_kernel=True, sum_cut=True),
     "fne_sum_intra_batch": dict(_FNE_SUM, sum_scope="batch"),
     "fne_sum_cross": dict(_FNE_SUM, posterior="cross_mixture"),
+    # the mixture's true-negative density as two (three) Gaussians (fne.null_mixture): the
+    # negatives' skewed tail gets its own component, the false-negative one fits the mates
+    "fne_sum_intra_null2": dict(_FNE_SUM, mixture_null_components=2),
+    "fne_sum_intra_null3": dict(_FNE_SUM, mixture_null_components=3),
+    "fne_intra_all_pairs_unflagged_null2": dict(
+        _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", mixture_null_components=2
+    ),
     "fne_sum_paper": dict(loss="fne_sum"),
     "fne_sum_paper_hard": dict(loss="fne_sum", sum_weight="hard"),
 }
@@ -387,6 +406,57 @@ def _batch_lag(model: DualEncoder, momentum: torch.nn.Module, batch: dict) -> Te
     return torch.stack([cos.sum().double(), torch.tensor(float(cos.numel()), dtype=torch.float64)])
 
 
+def _yaml_value(v: object) -> str:
+    """A config override's value as the CLI parses it (YAML): booleans lower-case, None null."""
+    if v is None:
+        return "null"
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def loop_run(variant: str, seed: int, args: argparse.Namespace) -> dict:
+    """One run through the CLI itself, ``python -m fne_dist.train`` in a child process, on the
+    packaged default config (its data, encoders, heads, memory, schedule and warm-up), one rank
+    with the default run's global batch (32), ``--epochs`` epochs, the variant's whole ``fne``
+    section.
+    A run that exits non-zero is recorded as ``failed`` (its exit status): the goals then fail
+    for it. Only the end-of-run test is known (what the CLI reports): ``best_epoch`` is NaN and
+    the val-selected columns repeat the end ones."""
+    fne = FneConfig(**VARIANTS[variant])
+    name = f"{variant}{args.suffix}-s{seed}"
+    run_root = args.out / "loop-runs"
+    overrides = [f"run.name={name}", f"run.output_dir={run_root}", f"run.seed={seed}",
+                 "dist.workers=1", "train.batch_size=32", f"train.epochs={args.epochs}",
+                 "checkpoint.at_epoch_end=false"]  # fmt: skip
+    if args.features is not None:
+        overrides.append(f"data.cache_dir={args.features}")
+    if args.momentum is not None:
+        overrides.append(f"memory.momentum={args.momentum}")
+    if args.memory is not None:
+        overrides.append(f"memory.size={args.memory}")
+    if args.warmup_epochs is not None:
+        overrides.append(f"train.warmup_epochs={args.warmup_epochs}")
+    overrides += [f"fne.{f.name}={_yaml_value(getattr(fne, f.name))}" for f in fields(fne)]
+    t0 = time.perf_counter()
+    # a fresh process per run: the CLI exactly as a user starts it (a process group, its port
+    # and the rendezvous environment do not survive into the next run)
+    code = subprocess.run([sys.executable, "-m", "fne_dist.train", *overrides]).returncode
+    wall = time.perf_counter() - t0
+    if code != 0:
+        print(f"{name}: python -m fne_dist.train exited {code}", flush=True)
+        return {"failed": float(code), "wall_s": wall}
+    metrics = json.loads((run_root / name / "metrics.json").read_text())
+    test, diag = metrics["test"], metrics.get("diagnostics", {})
+    kept = ("fn_", "frac_")
+    return {**test, **{f"end_{k}": v for k, v in test.items()}, "best_epoch": math.nan,
+            **{k: v for k, v in diag.items() if k.startswith(kept)},
+            "staleness": float(metrics.get("staleness") or math.nan), "wall_s": wall}  # fmt: skip
+
+
+def failed(runs: dict[str, list[dict]], name: str) -> bool:
+    """Some run of ``name`` exited non-zero (``--loop``): it cannot pass a goal."""
+    return any("failed" in r for r in runs.get(name, []))
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
@@ -419,7 +489,9 @@ def _beats(runs: dict, a: str, b: str, key: str) -> bool:
 
 def best_fne(runs: dict[str, list[dict]]) -> str | None:
     """The FNE form (sampled or summed) with the highest mean group rsum, or None."""
-    fne_like = [v for v in runs if v.startswith("fne") and v != "fne_kernel"]
+    fne_like = [
+        v for v in runs if v.startswith("fne") and v != "fne_kernel" and not failed(runs, v)
+    ]
     if not fne_like:
         return None
     return max(fne_like, key=lambda v: mean_std(_col(runs, v, "group_rsum"))[0])
@@ -435,15 +507,20 @@ def goals(runs: dict[str, list[dict]]) -> list[str]:
     """The goals as PASS/FAIL lines (only those whose variants ran), with the margin: the best
     FNE form against every baseline (vse0, the winner, included), the share of the vse0 →
     best-oracle gap, and the posterior's detection."""
+    crashed = [v for v in runs if failed(runs, v)]
+    lines = [f"FAIL {v} exited non-zero through the CLI (--loop)" for v in crashed]
     best = best_fne(runs)
     if best is None:
-        return []
-    lines = [f"best FNE configuration (group rsum): {best}"]
+        return lines
+    lines.append(f"best FNE configuration (group rsum): {best}")
     if len(runs[best]) < 2:
         lines.append("(one seed: no standard deviation; the '> 1 sd' goals cannot pass)")
     verdict = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
     for base in BASELINES:
         if base not in runs:
+            continue
+        if failed(runs, base):
+            lines.append(f"FAIL {base} exited non-zero: no comparison")
             continue
         parts, ok = [], True
         for k in ("group_rsum", "group_map"):
@@ -562,6 +639,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="re-encode the memory with the current momentum model every step (no staleness)",
     )
     p.add_argument("--suffix", default="", help="appended to each variant's row name")
+    p.add_argument(
+        "--loop",
+        action="store_true",
+        help="train each run through the CLI (python -m fne_dist.train, a child process per "
+        "run, on the packaged default config: its shards, encoders and feature cache, one "
+        "rank, global batch 32) instead of the benchmark's own loop; end-of-run test only",
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=float,
+        help="train.warmup_epochs of the run (default: the packaged default config's)",
+    )
     return p.parse_args(argv)
 
 
@@ -630,17 +719,22 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     overrides = {"memory": args.memory, "momentum": args.momentum}
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
     s = replace(s, fresh_memory=args.fresh_memory)
+    if args.warmup_epochs is not None:
+        s = replace(s, warmup_epochs=args.warmup_epochs)
     runs: dict[str, list[dict]] = {}
     for variant in variants:
         cfg = FneConfig(**VARIANTS[variant])
         name = variant + args.suffix
         runs[name] = []
         for seed in seeds:  # runs.json after each seed: a slow set survives an interruption
-            runs[name].append(train_run(cfg, data, s, seed))
+            if args.loop:
+                runs[name].append(loop_run(variant, seed, args))
+            else:
+                runs[name].append(train_run(cfg, data, s, seed))
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
         m = runs[name]
-        per_seed = " / ".join(f"{r['group_rsum']:.1f}" for r in m)
+        per_seed = " / ".join(f"{r.get('group_rsum', math.nan):.1f}" for r in m)
         wall = sum(r["wall_s"] for r in m)
         print(f"{name:<18} group rsum {per_seed}  ({wall:.1f} s)", flush=True)
         args.out.mkdir(parents=True, exist_ok=True)  # partial results survive an interruption

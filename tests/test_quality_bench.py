@@ -65,3 +65,20 @@ def test_gap_share_and_bootstrap_by_hand() -> None:
     assert "fne_sum beats vse0" in lines and "fne_sum beats infonce" in lines
     assert "50% of the vse0 → vse0_oracle group_map gap" in lines
     assert quality.paired_bootstrap([3.0, 5.0, 7.0], [1.0, 3.0, 5.0]) == (2.0, 2.0)
+
+
+def test_a_run_that_exits_non_zero_fails_the_goals() -> None:
+    """Invariant (``--loop``): a form with a run that exited non-zero through the CLI is never
+    the best FNE form and its goal line says FAIL; a crashed baseline gives no comparison."""
+    quality = _bench()
+    ok = [{"group_rsum": 500.0, "group_map": 50.0}, {"group_rsum": 502.0, "group_map": 51.0}]
+    runs = {
+        "vse0": ok,
+        "infonce": [{"failed": 1.0, "wall_s": 1.0}, *ok[1:]],
+        "fne_sum_intra": [{"failed": 2.0, "wall_s": 1.0}, {"group_rsum": 900.0}],
+        "fne_intra": ok,
+    }
+    assert quality.best_fne(runs) == "fne_intra"
+    lines = quality.goals(runs)
+    assert "FAIL fne_sum_intra exited non-zero through the CLI (--loop)" in lines
+    assert "FAIL infonce exited non-zero: no comparison" in lines

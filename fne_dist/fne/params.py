@@ -115,6 +115,14 @@ class FneConfig:
         gt=0.0,
         lt=1.0,
     )
+    mixture_null_components: int = setting(
+        1,
+        "posterior cross_mixture / intra_mixture: Gaussian components of the true-negative "
+        "density (1: the two-component mixture; 2: the negatives' skewed tail gets a component "
+        "of its own, so the false-negative one fits the false negatives; fne.null_mixture)",
+        ge=1,
+        le=3,
+    )
     fallback: Literal["hardest", "unflagged"] = setting(
         "hardest",
         "fne sampler, a row whose window weights sum to 0: draw the hardest violator (hardest, "

@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 from ..mixture import Mixture, histogram, refit
+from ..null_mixture import NullMixture, fit_null_mixture, null_diagnostics, null_log_odds
 from ..posterior import quadratic_coefficients
 from ..stats import Gaussians
-from .base import CandidateSample, Posterior, QuadraticFit
+from .base import CandidateSample, PairSims, Posterior, PosteriorFit, QuadraticFit
 
 
 class MixtureFit(QuadraticFit):
@@ -36,6 +37,20 @@ class MixtureFit(QuadraticFit):
                 "mu_tn": m.mu_tn, "sigma_tn": m.var_tn.sqrt()}  # fmt: skip
 
 
+class CrossNullFit(PosteriorFit):
+    """L(s) under a mixture with a J-component null (``fne.mixture_null_components`` ≥ 2;
+    ``fne.null_mixture``): not a quadratic in s, so the sampler evaluates it on every pair."""
+
+    def __init__(self, m: NullMixture) -> None:
+        self.mixture = m
+
+    def log_odds(self, pairs: PairSims) -> Tensor:
+        return null_log_odds(pairs.sim_bN, self.mixture)
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        return null_diagnostics(self.mixture)
+
+
 class CrossMixturePosterior(Posterior):
     name = "cross_mixture"
     samples = True
@@ -44,5 +59,8 @@ class CrossMixturePosterior(Posterior):
         """This step's histogram of the sampled cross-modal similarities."""
         return histogram(sample.cross_S, sample.valid_S)
 
-    def fit(self, g: Gaussians, totals: Tensor) -> MixtureFit:
+    def fit(self, g: Gaussians, totals: Tensor) -> PosteriorFit:
+        j = self.cfg.mixture_null_components
+        if j > 1:
+            return CrossNullFit(fit_null_mixture(totals, j, var_floor=self.cfg.var_floor))
         return MixtureFit(refit(totals, self.cfg.var_floor))

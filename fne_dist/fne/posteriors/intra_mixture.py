@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..mixture import Mixture, histogram, refit
+from ..null_mixture import NullMixture, fit_null_mixture, null_diagnostics, null_log_odds
 from ..stats import Gaussians
 from .base import CandidateSample, PairSims, Posterior, PosteriorFit
 
@@ -77,6 +78,20 @@ class IntraFit(PosteriorFit):
                 "mu_tn_intra": m.mu_tn, "sigma_tn_intra": m.var_tn.sqrt()}  # fmt: skip
 
 
+class IntraNullFit(PosteriorFit):
+    """L of the image-image similarity under a mixture with a J-component null
+    (``fne.mixture_null_components`` ≥ 2; ``fne.null_mixture``)."""
+
+    def __init__(self, m: NullMixture) -> None:
+        self.mixture = m
+
+    def log_odds(self, pairs: PairSims) -> Tensor:
+        return null_log_odds(pairs.anchor_img_bD.detach() @ pairs.cand_img_ND.T, self.mixture)
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        return null_diagnostics(self.mixture, "_intra")
+
+
 class IntraMixturePosterior(Posterior):
     name = "intra_mixture"
     samples = True
@@ -85,5 +100,8 @@ class IntraMixturePosterior(Posterior):
         """This step's histogram of the sampled image-image similarities."""
         return histogram(intra_candidate_sims(sample), sample.valid_S)
 
-    def fit(self, g: Gaussians, totals: Tensor) -> IntraFit:
+    def fit(self, g: Gaussians, totals: Tensor) -> PosteriorFit:
+        j = self.cfg.mixture_null_components
+        if j > 1:
+            return IntraNullFit(fit_null_mixture(totals, j, var_floor=self.cfg.var_floor))
         return IntraFit(refit(totals, self.cfg.var_floor))
