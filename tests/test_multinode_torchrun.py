@@ -280,10 +280,14 @@ def test_torchrun_elastic_loses_a_node_and_goes_on_with_one(nodes: TwoNodes) -> 
         with (work / f"{run}.log").open("w") as log:
             procs.append(
                 subprocess.Popen(
-                    cmd, cwd=work, env=nodes.env, stdout=log, stderr=subprocess.STDOUT,
+                    cmd,
+                    cwd=work,
+                    env={**nodes.env, "LOGLEVEL": "INFO"},  # the agents' rendezvous lines
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
-            )  # fmt: skip
+            )
     first = shared / f"step-{EVERY:08d}" / "meta.json"  # written last, after every rank's part
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not first.is_file() and time.monotonic() < deadline and procs[1].poll() is None:
@@ -301,9 +305,15 @@ def test_torchrun_elastic_loses_a_node_and_goes_on_with_one(nodes: TwoNodes) -> 
     reap(nodes.marker, grace_s=10)
     log0 = nodes.log(0, run)
     print(f"\nelastic: {t_kill - t0:.1f} s to the kill, {time.monotonic() - t_kill:.1f} s after")
-    keys = ("rendezvous", "Rendezvous", "restart", "resum", "world_size", "Worker group")
-    print("\n".join(ln.strip()[:300] for ln in log0.splitlines() if any(k in ln for k in keys)))
+    keys = ("Rendezvous complete", "restart_count", "group_world_size=", "FAILED", "resum")
+    agent = [ln.split("] ", 1)[-1].strip() for ln in log0.splitlines()]
+    agent = [ln for ln in agent if any(k in ln for k in keys)]
+    print("\n".join(agent))
     assert code == 0, log0[-5000:]
+    # the agent's own account: the group failed, was restarted once and re-formed with 1 node
+    assert any("Worker group FAILED" in ln and "will restart" in ln for ln in agent), log0[-5000:]
+    after = agent[agent.index("restart_count=1") :]
+    assert "group_world_size=1" in after, agent
     lines = [ln for ln in log0.splitlines() if "a checkpoint of 2 rank(s) × 8" in ln]
     assert lines and "resuming on 1 rank(s) × 16" in lines[0], log0[-5000:]
     resumed = [ln for ln in log0.splitlines() if "resumed from" in ln]
