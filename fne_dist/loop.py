@@ -397,6 +397,8 @@ def log_sample_ids(run: Run, micro: int, epoch: int, ids: torch.Tensor, loss: to
     and comparing runs, not for production), ``repr`` of the float: exact."""
     doc = {"step": micro + 1, "epoch": epoch, "ids": ids.tolist(), "loss": loss.item()}
     line = json.dumps(doc)
+    # rank 0 makes the run directory; on another node (node-local run.output_dir) nobody has
+    run.run_dir.mkdir(parents=True, exist_ok=True)
     with open(run.run_dir / f"sample_ids-rank{run.rank:05d}.jsonl", "a") as f:
         f.write(line + "\n")
 

@@ -279,17 +279,22 @@ def assert_same_results(runs: dict[str, Run], reference: str) -> None:
         assert got["steps"] == ref["steps"], (name, got["steps"], ref["steps"])
 
 
-def global_batches(run_dir: Path, resumed_at: int) -> dict[int, list[int]]:
+def global_batches(
+    run_dir: Path, resumed_at: int, lost: tuple[Path, ...] = ()
+) -> dict[int, list[int]]:
     """step → the global batch's sample ids (train.log_sample_ids) as trained by a run that
     was resumed on one rank at optimizer step ``resumed_at``: up to it every rank's rows of
-    the earlier attempt, after it rank 0's last rows (a restarted rank appends to its file:
-    its rows of redone steps come after the earlier attempt's)."""
+    the earlier attempt, after it rank 0's last rows in ``run_dir`` (a restarted rank appends
+    to its file: its rows of redone steps come after the earlier attempt's). ``lost``: run
+    directories of nodes that are gone (node-local run dirs), read for the earlier attempt
+    only."""
     batches: dict[int, list[int]] = {}
-    for path in sorted(run_dir.glob("sample_ids-rank*.jsonl")):
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            if row["step"] <= resumed_at:
-                batches.setdefault(row["step"], []).extend(row["ids"])
-            elif path.name == "sample_ids-rank00000.jsonl":
-                batches[row["step"]] = row["ids"]
+    for where in (run_dir, *lost):
+        for path in sorted(where.glob("sample_ids-rank*.jsonl")):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if row["step"] <= resumed_at:
+                    batches.setdefault(row["step"], []).extend(row["ids"])
+                elif where == run_dir and path.name == "sample_ids-rank00000.jsonl":
+                    batches[row["step"]] = row["ids"]
     return batches

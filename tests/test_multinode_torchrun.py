@@ -24,7 +24,14 @@ from pathlib import Path
 import pytest
 
 from fne_dist.distributed.launch import free_port
-from tests.launch_helpers import BIN, marked_pids, reap, sandbox_env, train_args
+from tests.launch_helpers import (
+    BIN,
+    global_batches,
+    marked_pids,
+    reap,
+    sandbox_env,
+    train_args,
+)
 
 pytestmark = pytest.mark.system
 
@@ -229,3 +236,95 @@ def test_kill_one_node_then_resume_both_from_a_url_checkpoint(
     assert last["step"] == STEPS and last["world_size"] == 2
     print(f"\nkilled after step {before[-1]['step']}; {resumed[0].strip()}")
     print(f"steps logged: {[h['step'] for h in whole]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun's elastic mode: `--nnodes 1:2`, a c10d rendezvous, and a lost node
+
+
+def _elastic_cmd(node: int, port: int, run: str, *extra: str) -> list[str]:
+    """Node ``node``'s agent of an elastic run: node 0 hosts the rendezvous store (is_host:
+    both addresses are loopback, so torch's own guess would make both try to host it)."""
+    cmd = [str(BIN / "torchrun"), "--nnodes", "1:2", "--nproc_per_node", "1"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{NODE_ADDR}:{port}"]
+    cmd += ["--rdzv-id", run, "--local-addr", f"127.0.0.{2 + node}", "--max-restarts", "2"]
+    # last_call: how long a rendezvous that has its minimum (1 node) waits for more; the
+    # first one sees both nodes well within it, the one after the loss forms 10 s later
+    conf = f"is_host={'true' if node == 0 else 'false'},join_timeout=60,last_call_timeout=10"
+    cmd += ["--rdzv-conf", conf]
+    short = ("train.log_every=1", "dist.rendezvous_timeout_s=60", "engine.kind=ddp")
+    return cmd + train_args(2, *short, f"run.name={run}", *extra)
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_elastic_loses_a_node_and_goes_on_with_one(nodes: TwoNodes) -> None:
+    """Invariant: a `torchrun --nnodes 1:2` run (c10d rendezvous hosted by node 0's agent,
+    train.global_batch_size=16, a shared checkpoint.dir) whose other node (agent and worker)
+    is SIGKILLed after a complete checkpoint goes on by itself: the surviving agent restarts
+    its worker (TORCHELASTIC_RESTART_COUNT=1), the rendezvous re-forms with one node, the
+    worker resumes the latest complete 2-rank checkpoint on 1 rank × 16 without being told to
+    (no checkpoint.resume: the restart count says it is the same run) and trains to the end;
+    every step of the epoch is trained once with 16 samples, and no sample twice."""
+    from fne_dist.checkpoint.validation import find_resumable, list_checkpoints
+
+    run, shared = "elastic", nodes.shared / "elastic"
+    extra = (f"checkpoint.dir={shared}", f"checkpoint.every_steps={EVERY}")
+    extra += ("checkpoint.keep_last=0", "train.global_batch_size=16", "train.log_sample_ids=true")
+    extra += ("train.eval_every=0",)
+    port, procs = free_port(), []
+    t0 = time.monotonic()
+    for node in (0, 1):
+        work = nodes.node_dir(node)
+        work.mkdir(parents=True, exist_ok=True)
+        cmd = [c.replace("{work}", str(work)) for c in _elastic_cmd(node, port, run, *extra)]
+        with (work / f"{run}.log").open("w") as log:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=work,
+                    env={**nodes.env, "LOGLEVEL": "INFO"},  # the agents' rendezvous lines
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+    first = shared / f"step-{EVERY:08d}" / "meta.json"  # written last, after every rank's part
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not first.is_file() and time.monotonic() < deadline and procs[1].poll() is None:
+        time.sleep(0.2)
+    assert first.is_file(), nodes.log(0, run)[-3000:] + nodes.log(1, run)[-3000:]
+    before = max(meta(d)["step"] for d in list_checkpoints(shared))
+    t_kill = time.monotonic()
+    assert nodes.kill_node(1), "node 1 had no process to kill"
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while procs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    code = procs[0].poll()
+    for p in procs:
+        kill(p)
+    reap(nodes.marker, grace_s=10)
+    log0 = nodes.log(0, run)
+    print(f"\nelastic: {t_kill - t0:.1f} s to the kill, {time.monotonic() - t_kill:.1f} s after")
+    keys = ("Rendezvous complete", "restart_count", "group_world_size=", "FAILED", "resum")
+    agent = [ln.split("] ", 1)[-1].strip() for ln in log0.splitlines()]
+    agent = [ln for ln in agent if any(k in ln for k in keys)]
+    print("\n".join(agent))
+    assert code == 0, log0[-5000:]
+    # the agent's own account: the group failed, was restarted once and re-formed with 1 node
+    assert any("Worker group FAILED" in ln and "will restart" in ln for ln in agent), log0[-5000:]
+    after = agent[agent.index("restart_count=1") :]
+    assert "group_world_size=1" in after, agent
+    lines = [ln for ln in log0.splitlines() if "a checkpoint of 2 rank(s) × 8" in ln]
+    assert lines and "resuming on 1 rank(s) × 16" in lines[0], log0[-5000:]
+    resumed = [ln for ln in log0.splitlines() if "resumed from" in ln]
+    assert resumed, log0[-5000:]
+    resumed_at = int(resumed[-1].split("optimizer step ")[1].split(",")[0])
+    assert EVERY <= resumed_at <= before + EVERY and resumed_at % EVERY == 0, (resumed_at, before)
+    _, last = find_resumable("latest", shared, print, None)
+    assert last["world_size"] == 1 and last["step"] == STEPS, last
+    run_dirs = [nodes.node_dir(n) / "out" / run for n in (0, 1)]
+    batches = global_batches(run_dirs[0], resumed_at, lost=(run_dirs[1],))
+    assert sorted(batches) == list(range(1, STEPS + 1)), sorted(batches)
+    assert all(len(ids) == 16 for ids in batches.values()), batches
+    seen = [i for step in sorted(batches) for i in batches[step]]
+    assert len(seen) == len(set(seen)), "a sample of the epoch was trained twice"
