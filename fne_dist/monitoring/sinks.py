@@ -34,6 +34,7 @@ def ray_value(value: float) -> float:
         return _RAY_INF if value > 0 else _RAY_MINUS_INF
     return value
 
+
 REFRESH_S = 5.0  # RaySink: well under the ~20 s after which Ray drops a gauge not set again
 
 
