@@ -146,6 +146,9 @@ VARIANTS: dict[str, dict] = {
     # negatives' skewed tail gets its own component, the false-negative one fits the mates
     "fne_sum_intra_null2": dict(_FNE_SUM, mixture_null_components=2),
     "fne_sum_intra_null3": dict(_FNE_SUM, mixture_null_components=3),
+    # J = 3 only on steps whose one-null fit is a tail (fne.mixture_null_auto): one form for
+    # data whose false negatives are a few near-duplicates (emoji) and dense classes (synthetic)
+    "fne_sum_intra_nullauto3": dict(_FNE_SUM, mixture_null_components=3, mixture_null_auto=True),
     "fne_intra_all_pairs_unflagged_null2": dict(
         _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", mixture_null_components=2
     ),

@@ -175,3 +175,66 @@ def test_fne_sum_with_the_null_mixture_equals_the_plain_loop() -> None:
     (g_got,) = torch.autograd.grad(got, anchors)
     (g_want,) = torch.autograd.grad(want, anchors)
     torch.testing.assert_close(g_got, g_want, rtol=1e-9, atol=1e-12)
+
+
+def _class_like(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Similarities and labels shaped like bench/quality.py's ten classes: 10 % false negatives
+    N(0.5, 0.19²), a wide bump overlapping a symmetric null N(−0.05, 0.2²)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=gen, dtype=F64)
+    z = torch.randn(n, generator=gen, dtype=F64)
+    fn = u < 0.1
+    return torch.where(fn, 0.5 + 0.19 * z, -0.05 + 0.2 * z).clamp(-1.0, 1.0), fn
+
+
+def _two_component_log_odds(x: float, m) -> float:
+    """logit P_fn of the two-component mixture, one value at a time."""
+    f = float(m.prior) * _normal(x, float(m.mu_fn), float(m.var_fn))
+    t = (1.0 - float(m.prior)) * _normal(x, float(m.mu_tn), float(m.var_tn))
+    return math.log(f) - math.log(t)
+
+
+def test_auto_null_uses_j_components_on_a_tail_and_two_on_a_bump() -> None:
+    """Invariant (``fne.mixture_null_auto``): on the emoji's shape (a skewed null whose tail the
+    one-null fit's false-negative component covers, σ_f > σ_t) the fit is the J-component one;
+    on the classes' shape (a wide bump, σ_f ≤ σ_t) it is the two-component fit, its log-odds
+    equal to Bayes' rule over the two Gaussians computed one value at a time. Both keep
+    P_fn > ½ precision and recall ≥ 0.5 against the labels, the issue's goal for one setting."""
+    from fne_dist.fne.null_mixture import is_tail, select_null_fit
+
+    for shape, want_tail in ((_emoji_like, True), (_class_like, False)):
+        x, fn = shape(200_000, 6)
+        hist = histogram(x, torch.ones_like(x, dtype=torch.bool))
+        assert bool(is_tail(hist)) is want_tail, shape.__name__
+        m = select_null_fit(hist, 3)
+        assert float(m.tail) == float(want_tail)
+        if want_tail:
+            want = fit_null_mixture(hist, 3)
+            torch.testing.assert_close(null_log_odds(x[:50], m), null_log_odds(x[:50], want))
+        else:
+            two = refit(hist)
+            for v, L in zip(x[:50].tolist(), null_log_odds(x[:50], m).tolist(), strict=True):
+                assert math.isclose(L, _two_component_log_odds(v, two), rel_tol=1e-9, abs_tol=1e-9)
+        flagged = null_log_odds(x, m) > 0
+        precision = float((flagged & fn).sum() / flagged.sum())
+        recall = float((flagged & fn).sum() / fn.sum())
+        assert precision >= 0.5 and recall >= 0.5, (shape.__name__, precision, recall)
+
+
+def test_auto_null_posterior_and_config() -> None:
+    """Invariant: with ``fne.mixture_null_auto`` both mixture posteriors fit through the
+    selection and log its choice (``frac_tail``); without null components to choose it fails
+    at config time with one clear line."""
+    import pytest
+
+    x, _ = _emoji_like(20_000, 7)
+    hist = histogram(x, torch.ones_like(x, dtype=torch.bool))
+    g = gaussians_from_stats(stats_of(torch.zeros(0), torch.zeros(0)), 200, 1e-8, "separate")
+    auto = dict(mixture_null_components=3, mixture_null_auto=True)
+    intra = posterior_for(FneConfig(posterior="intra_mixture", **auto)).fit(g, hist)
+    cross = posterior_for(FneConfig(posterior="cross_mixture", **auto)).fit(g, hist)
+    assert isinstance(intra, IntraNullFit) and isinstance(cross, CrossNullFit)
+    assert float(intra.diagnostics()["frac_tail_intra"]) == 1.0
+    assert "frac_tail" in cross.diagnostics()
+    with pytest.raises(ValueError, match="mixture_null_auto"):
+        FneConfig(posterior="intra_mixture", mixture_null_auto=True).check()

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .mixture import MIX_PRIOR_MAX, MIX_PRIOR_MIN, bin_centres
+from .mixture import MIX_PRIOR_MAX, MIX_PRIOR_MIN, Mixture, bin_centres, refit
 
 NULL_FIT_ITERS = 100  # EM iterations per step (the small component converges in ~50-100)
 FN_START_QUANTILE = 0.99  # the false-negative component starts in the upper tail
@@ -56,6 +56,7 @@ class NullMixture:
     weights_K: Tensor
     mu_K: Tensor
     var_K: Tensor
+    tail: Tensor | None = None  # ``select_null_fit`` only: 1.0 where the J-component null was used
 
     @property
     def prior(self) -> Tensor:
@@ -124,11 +125,55 @@ def fit_null_mixture(
     return NullMixture(torch.cat([null, prior[None]]), m.mu_K[order], m.var_K[order])
 
 
+def is_tail(hist: Tensor) -> Tensor:
+    """True (0-dim bool, no host sync) where the one-null fit's false-negative component is
+    wider than its null: σ_f > σ_t of ``fit_null_mixture(hist, 1)`` (``fne.mixture_null_auto``).
+
+    Why: false negatives are a cluster (a family's near-duplicates, a class's members), so
+    their component stands out of the negatives narrower than them; a "false-negative"
+    component wider than the null is the null's own skewed tail (measured on the last
+    histograms of ``fne_sum_intra`` runs: emoji σ_f / σ_t 1.9, the tail; the synthetic ten
+    classes 0.83, a bump)."""
+    one = fit_null_mixture(hist, 1)
+    return one.var_K[-1] > one.var_K[0]
+
+
+def padded(m: Mixture, null_components: int) -> NullMixture:
+    """The two-component mixture as a NullMixture with J null slots: the first holds the
+    true-negative component, the others weight 0 (log 0 = −∞ drops out of every
+    log-sum-exp), so its log-odds are the two-component ones."""
+    pad = null_components - 1
+    zero = torch.zeros((), dtype=torch.float64, device=m.prior.device)
+    weights = torch.stack([1.0 - m.prior, *[zero] * pad, m.prior])
+    mu = torch.stack([m.mu_tn, *[m.mu_tn] * pad, m.mu_fn])
+    var = torch.stack([m.var_tn, *[m.var_tn] * pad, m.var_fn])
+    return NullMixture(weights, mu, var)
+
+
+def select_null_fit(hist: Tensor, null_components: int, var_floor: float = 1e-8) -> NullMixture:
+    """``fne.mixture_null_auto``: the J-component null fit where ``is_tail`` says the
+    two-component fit spends its false-negative component on the null's tail, and the
+    two-component fit (``refit``, as with J = 1) where its component is a bump. Chosen per
+    step on the running histogram by ``torch.where`` (no host sync, every rank the same)."""
+    many = fit_null_mixture(hist, null_components, var_floor=var_floor)
+    two = padded(refit(hist, var_floor), null_components)
+    tail = is_tail(hist)
+    pick = [torch.where(tail, a, b) for a, b in zip(
+        (many.weights_K, many.mu_K, many.var_K), (two.weights_K, two.mu_K, two.var_K), strict=True
+    )]  # fmt: skip
+    return NullMixture(*pick, tail=tail.to(torch.float64))
+
+
 def null_diagnostics(m: NullMixture, suffix: str = "") -> dict[str, Tensor]:
-    """The false-negative component and the null's mean and sd (0-dim tensors, for the logs)."""
+    """The false-negative component and the null's mean and sd (0-dim tensors, for the logs);
+    with ``fne.mixture_null_auto`` also ``frac_tail``, 1 on steps that used the J-component
+    null (its epoch mean is the share of such steps)."""
     null_w = m.weights_K[:-1] / m.weights_K[:-1].sum()
     null_mu = (null_w * m.mu_K[:-1]).sum()
     null_var = (null_w * (m.var_K[:-1] + m.mu_K[:-1].square())).sum() - null_mu.square()
-    return {f"prior{suffix}": m.prior, f"mu_fn{suffix}": m.mu_K[-1],
-            f"sigma_fn{suffix}": m.var_K[-1].sqrt(), f"mu_tn{suffix}": null_mu,
-            f"sigma_tn{suffix}": null_var.clamp_min(0.0).sqrt()}  # fmt: skip
+    out = {f"prior{suffix}": m.prior, f"mu_fn{suffix}": m.mu_K[-1],
+           f"sigma_fn{suffix}": m.var_K[-1].sqrt(), f"mu_tn{suffix}": null_mu,
+           f"sigma_tn{suffix}": null_var.clamp_min(0.0).sqrt()}  # fmt: skip
+    if m.tail is not None:
+        out[f"frac_tail{suffix}"] = m.tail
+    return out

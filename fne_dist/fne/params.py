@@ -123,6 +123,13 @@ class FneConfig:
         ge=1,
         le=3,
     )
+    mixture_null_auto: bool = setting(
+        False,
+        "posterior cross_mixture / intra_mixture with fne.mixture_null_components >= 2: use the "
+        "J-component null only on steps where the one-null fit's false-negative component is "
+        "wider than its null (the null's skewed tail, not a cluster), else the two-component "
+        "mixture (fne.null_mixture.select_null_fit)",
+    )
     fallback: Literal["hardest", "unflagged"] = setting(
         "hardest",
         "fne sampler, a row whose window weights sum to 0: draw the hardest violator (hardest, "
@@ -178,6 +185,11 @@ class FneConfig:
         if self.reduction == "expected" and self.negatives != 1 and self.loss in ("fne", "window"):
             raise ValueError(
                 "fne.reduction=expected averages over every candidate: use it with fne.negatives=1"
+            )
+        if self.mixture_null_auto and self.mixture_null_components < 2:
+            raise ValueError(
+                "fne.mixture_null_auto chooses between the two-component mixture and "
+                "fne.mixture_null_components >= 2 null components: set it to 2 or 3"
             )
         if self.temperature_min > self.temperature_max:
             raise ValueError(

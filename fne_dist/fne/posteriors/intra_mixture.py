@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 
 from ..mixture import Mixture, histogram, refit
-from ..null_mixture import NullMixture, fit_null_mixture, null_diagnostics, null_log_odds
+from ..null_mixture import (
+    NullMixture,
+    fit_null_mixture,
+    null_diagnostics,
+    null_log_odds,
+    select_null_fit,
+)
 from ..stats import Gaussians
 from .base import CandidateSample, PairSims, Posterior, PosteriorFit
 
@@ -102,6 +108,8 @@ class IntraMixturePosterior(Posterior):
 
     def fit(self, g: Gaussians, totals: Tensor) -> PosteriorFit:
         j = self.cfg.mixture_null_components
+        if j > 1 and self.cfg.mixture_null_auto:
+            return IntraNullFit(select_null_fit(totals, j, self.cfg.var_floor))
         if j > 1:
             return IntraNullFit(fit_null_mixture(totals, j, var_floor=self.cfg.var_floor))
         return IntraFit(refit(totals, self.cfg.var_floor))
