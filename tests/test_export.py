@@ -157,6 +157,35 @@ def test_export_stores_each_tensor_once(tiny_vit: Path, tmp_path: Path, image: s
     print(f"\n{image}: the export's safetensors {size} bytes, the run's weights {run_size}")
 
 
+def test_evaluate_of_an_export_equals_the_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Invariant: `python -m fne_dist.evaluate` of an export (its model.safetensors without
+    the trained backbones' tensors, which it reads from image_encoder/ and text_encoder/)
+    prints the metrics of the run directory it was exported from (the tiny config's test
+    split, initial weights)."""
+    from fne_dist.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(TINY, ["run.threads=1"])
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(1)
+    model = build_dual_encoder(
+        cfg.model, build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
+    )
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors")
+    )
+    assert export_main([str(run), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    printed = []
+    for where in (run, tmp_path / "out"):
+        assert evaluate_main([str(where), "--split", "test"]) == 0
+        printed.append(json.loads(capsys.readouterr().out))
+    assert printed[0] == printed[1] and printed[0]["rsum"] > 0, printed
+
+
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An export of the tiny config, loaded once intact."""
