@@ -41,7 +41,7 @@ from .model import build_dual_encoder
 from .pretrained import load_towers, save_towers
 
 WEIGHTS = "model.safetensors"
-TOWERS = ("image_backbone.", "text_backbone.")  # the model's names of a trained backbone's
+TOWERS = ("image_backbone.", "text_backbone.")  # a trained backbone's tensors in the model
 
 
 def sidecar(weights: Path) -> Path:
