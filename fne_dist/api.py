@@ -21,14 +21,16 @@ from torch import Tensor
 
 from .config import Config, load_config
 from .encoders import ImageBackbone, TextBackbone, build_image_backbone, build_text_backbone
-from .export import WEIGHTS, fit_weights, load_weights
+from .export import WEIGHTS, fit_weights, load_weights, with_tower_weights
 from .model import DualEncoder, build_dual_encoder
 from .pretrained import is_export, load_towers
 
 
 class Retriever:
     """A dual encoder: a self-contained export (``from_pretrained``) or a run directory's
-    ``config.yaml`` + ``model.safetensors`` with its encoders from this machine (``load``)."""
+    ``config.yaml`` + ``model.safetensors`` with its encoders from this machine (``load``).
+    ``towers`` (given) hold their weights: a backbone tensor that ``weights`` lacks is
+    theirs (an export stores each tensor once, a trained backbone's in its own folder)."""
 
     def __init__(
         self,
@@ -39,6 +41,7 @@ class Retriever:
     ) -> None:
         self.cfg = cfg
         self.device = torch.device(device)
+        given = towers is not None
         if towers is None:
             towers = build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
         self.image_backbone = towers[0].to(self.device).eval()
@@ -46,6 +49,8 @@ class Retriever:
         self.model: DualEncoder = build_dual_encoder(
             cfg.model, self.image_backbone, self.text_backbone
         )
+        if given:  # they hold their weights: an export's weights leave those out
+            weights = with_tower_weights(self.model, weights)
         fit_weights(self.model, weights, "Retriever")
         self.model.to(self.device).eval()
 

@@ -31,7 +31,13 @@ from .config import Config, config_text
 from .distributed.launch import rank_env
 from .interrupt import StopRequest
 from .reporters import Reporter
-from .run_identity import check_resume_config, data_identity, restart_of_same_run, resume_request
+from .run_identity import (
+    check_resume_config,
+    data_identity,
+    deepspeed_identity,
+    restart_of_same_run,
+    resume_request,
+)
 from .state import TrainState
 
 
@@ -106,6 +112,7 @@ class Checkpointer:
             barrier=dist_ops.barrier,
             url=self.root if url else None,  # every rank uploads its part, rank 0 meta.json last
             data=data_identity(cfg),  # resume reuses the data position only for the same shards
+            deepspeed=deepspeed_identity(cfg),  # resume refuses other state-shaping settings
         )
 
     # ------------------------------------------------------------------------------ resume
@@ -119,7 +126,8 @@ class Checkpointer:
         if directory is None:
             return None
         meta = validate(directory)
-        check_resume_config(directory, self.cfg, meta.get("data"))  # before any state loads
+        # before any state loads
+        check_resume_config(directory, self.cfg, meta.get("data"), meta.get("deepspeed"))
         allow = self.cfg.checkpoint.allow_batch_change
         layout = self.target.layout
         saved = load_run_checkpoint(directory, meta, layout, self.parts, self.rank, allow)

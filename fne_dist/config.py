@@ -442,90 +442,131 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def check(self) -> None:
-        """Rules that span fields or sections (raised as one-line ValueErrors)."""
+        """Rules that span fields or sections (raised as one-line ValueErrors): the FNE
+        section's own, then one named check per section (``SECTION_CHECKS``), in that order,
+        so the first broken rule is the one reported."""
         self.fne.check()
-        if self.train.warmup_epochs is not None and self.train.warmup_steps:
+        for check in SECTION_CHECKS:
+            check(self)
+
+
+def check_train(cfg: Config) -> None:
+    """train: the warm-up is counted in steps or in epochs, not both."""
+    if cfg.train.warmup_epochs is not None and cfg.train.warmup_steps:
+        raise ValueError(
+            f"train.warmup_steps={cfg.train.warmup_steps} and train.warmup_epochs="
+            f"{cfg.train.warmup_epochs} are both set (a base config may set one): set "
+            "train.warmup_epochs=null to count steps, or train.warmup_steps=0"
+        )
+
+
+def check_memory(cfg: Config) -> None:
+    """memory: a sharded memory only with a loss and statistics that never need every memory
+    candidate on the anchor's rank. (memory.size against the global batch needs the launched
+    world size: see fne_dist.train.check_launch, which runs before any worker starts.)"""
+    if not cfg.memory.sharded:
+        return
+    fne = cfg.fne
+    if fne.loss == "infonce":
+        raise ValueError(
+            "memory.sharded=true with fne.loss=infonce: the softmax spans every memory "
+            "candidate on the anchor's rank (use fne.loss fne, window or vse_pp, or an "
+            "unsharded memory)"
+        )
+    if fne.loss == "fne_sum" and fne.sum_scope != "batch":
+        raise ValueError(
+            "memory.sharded=true with fne.loss=fne_sum: its sum spans every memory "
+            "candidate on the anchor's rank (use fne.sum_scope=batch, a sampled loss, or an "
+            "unsharded memory)"
+        )
+    if fne.reduction == "expected" and fne.loss in ("fne", "window"):
+        raise ValueError(
+            "memory.sharded=true with fne.reduction=expected: the expectation spans every "
+            "memory candidate on the anchor's rank (use fne.reduction=sample, or an "
+            "unsharded memory)"
+        )
+    samples = fne.stats_source == "all_pairs" or fne.posterior != "paper"
+    if fne.stats_scope == "global" and samples:
+        raise ValueError(
+            "memory.sharded=true with fne.stats_scope=global and a random candidate sample "
+            f"(fne.stats_source={fne.stats_source}, fne.posterior={fne.posterior}):"
+            " every rank would need every anchor's sampled memory rows (use "
+            "fne.stats_scope=local, or an unsharded memory)"
+        )
+
+
+def check_engine(cfg: Config) -> None:
+    """engine: precision the device supports; DDP without DeepSpeed's features."""
+    engine = cfg.engine
+    if engine.precision == "fp16" and engine.device == "cpu":
+        raise ValueError("engine.precision=fp16 is not supported on the CPU (use bf16 or fp32)")
+    if engine.kind == "ddp" and (engine.zero_stage or engine.precision != "fp32"):
+        raise ValueError("engine.kind=ddp supports neither ZeRO nor bf16/fp16 (use deepspeed)")
+    if engine.kind == "ddp" and engine.deepspeed_config is not None:
+        raise ValueError(
+            f"engine.deepspeed_config={engine.deepspeed_config} needs "
+            "engine.kind=deepspeed (got ddp)"
+        )
+
+
+def check_model(cfg: Config) -> None:
+    """model: blocks are trained only in a backbone that trains."""
+    for tower in ("image", "text"):
+        enc = getattr(cfg.model, tower)
+        if enc.frozen and enc.train_blocks is not None:
             raise ValueError(
-                f"train.warmup_steps={self.train.warmup_steps} and train.warmup_epochs="
-                f"{self.train.warmup_epochs} are both set (a base config may set one): set "
-                "train.warmup_epochs=null to count steps, or train.warmup_steps=0"
+                f"model.{tower}.train_blocks={enc.train_blocks} trains blocks of a frozen "
+                f"backbone: set model.{tower}.frozen=false, or train_blocks=null"
             )
-        # memory.size against the global batch needs the launched world size: see
-        # fne_dist.train.check_launch, which runs before any worker starts.
-        if self.memory.sharded and self.fne.loss == "infonce":
-            raise ValueError(
-                "memory.sharded=true with fne.loss=infonce: the softmax spans every memory "
-                "candidate on the anchor's rank (use fne.loss fne, window or vse_pp, or an "
-                "unsharded memory)"
-            )
-        if self.memory.sharded and self.fne.loss == "fne_sum" and self.fne.sum_scope != "batch":
-            raise ValueError(
-                "memory.sharded=true with fne.loss=fne_sum: its sum spans every memory "
-                "candidate on the anchor's rank (use fne.sum_scope=batch, a sampled loss, or an "
-                "unsharded memory)"
-            )
-        if (
-            self.memory.sharded
-            and self.fne.reduction == "expected"
-            and self.fne.loss
-            in (
-                "fne",
-                "window",
-            )
+
+
+def check_dist(cfg: Config) -> None:
+    """dist: GPU workers only where the engine may use a GPU."""
+    if cfg.dist.use_gpu and cfg.engine.device == "cpu":
+        raise ValueError("dist.use_gpu=true contradicts engine.device=cpu")
+
+
+def check_run(cfg: Config) -> None:
+    """run (and every text value): no NUL byte anywhere; a run name that names a directory."""
+    check_text_values(cfg)
+    check_run_name(cfg.run.name)
+
+
+def check_data(cfg: Config) -> None:
+    """data: no shell-command URLs unless allowed; source weights only for resampled data,
+    one positive weight per source."""
+    data = cfg.data
+    for split in ("train", "val", "test"):
+        spec = getattr(data, split)
+        if not data.allow_pipe and any(
+            part.strip().startswith("pipe:") for part in spec.split("::")
         ):
             raise ValueError(
-                "memory.sharded=true with fne.reduction=expected: the expectation spans every "
-                "memory candidate on the anchor's rank (use fne.reduction=sample, or an "
-                "unsharded memory)"
+                f"data.{split}: 'pipe:' URLs run a shell command and are refused "
+                "(set data.allow_pipe=true to allow them)"
             )
-        samples = self.fne.stats_source == "all_pairs" or self.fne.posterior != "paper"
-        if self.memory.sharded and self.fne.stats_scope == "global" and samples:
+    if data.train_weights is not None:
+        n_sources = len([p for p in data.train.split("::") if p.strip()])
+        if data.mode != "resampled":
+            raise ValueError("data.train_weights needs data.mode=resampled")
+        if len(data.train_weights) != n_sources or min(data.train_weights) <= 0:
             raise ValueError(
-                "memory.sharded=true with fne.stats_scope=global and a random candidate sample "
-                f"(fne.stats_source={self.fne.stats_source}, fne.posterior={self.fne.posterior}):"
-                " every rank would need every anchor's sampled memory rows (use "
-                "fne.stats_scope=local, or an unsharded memory)"
+                f"data.train_weights: expected {n_sources} positive weight(s), one per "
+                f"'::' source of data.train, got {data.train_weights}"
             )
-        if self.engine.precision == "fp16" and self.engine.device == "cpu":
-            raise ValueError("engine.precision=fp16 is not supported on the CPU (use bf16 or fp32)")
-        if self.engine.kind == "ddp" and (
-            self.engine.zero_stage or self.engine.precision != "fp32"
-        ):
-            raise ValueError("engine.kind=ddp supports neither ZeRO nor bf16/fp16 (use deepspeed)")
-        if self.engine.kind == "ddp" and self.engine.deepspeed_config is not None:
-            raise ValueError(
-                f"engine.deepspeed_config={self.engine.deepspeed_config} needs "
-                "engine.kind=deepspeed (got ddp)"
-            )
-        for tower in ("image", "text"):
-            enc = getattr(self.model, tower)
-            if enc.frozen and enc.train_blocks is not None:
-                raise ValueError(
-                    f"model.{tower}.train_blocks={enc.train_blocks} trains blocks of a frozen "
-                    f"backbone: set model.{tower}.frozen=false, or train_blocks=null"
-                )
-        if self.dist.use_gpu and self.engine.device == "cpu":
-            raise ValueError("dist.use_gpu=true contradicts engine.device=cpu")
-        check_text_values(self)
-        check_run_name(self.run.name)
-        for split in ("train", "val", "test"):
-            spec = getattr(self.data, split)
-            if not self.data.allow_pipe and any(
-                part.strip().startswith("pipe:") for part in spec.split("::")
-            ):
-                raise ValueError(
-                    f"data.{split}: 'pipe:' URLs run a shell command and are refused "
-                    "(set data.allow_pipe=true to allow them)"
-                )
-        if self.data.train_weights is not None:
-            n_sources = len([p for p in self.data.train.split("::") if p.strip()])
-            if self.data.mode != "resampled":
-                raise ValueError("data.train_weights needs data.mode=resampled")
-            if len(self.data.train_weights) != n_sources or min(self.data.train_weights) <= 0:
-                raise ValueError(
-                    f"data.train_weights: expected {n_sources} positive weight(s), one per "
-                    f"'::' source of data.train, got {self.data.train_weights}"
-                )
+
+
+SECTION_CHECKS: tuple[typing.Callable[[Config], None], ...] = (
+    check_train,
+    check_memory,
+    check_engine,
+    check_model,
+    check_dist,
+    check_run,
+    check_data,
+)
+"""``Config.check``'s rules by section, in the order they run (the first broken one is
+reported)."""
 
 
 def _text_values(section: Any, prefix: str = "") -> typing.Iterator[tuple[str, str]]:

@@ -18,7 +18,7 @@ import torch
 
 from .config import ConfigError, load_config
 from .data.sources import DataError
-from .export import fit_weights, load_weights
+from .export import fit_weights, load_weights, with_tower_weights
 from .pretrained import is_export, load_towers
 from .reporters import json_safe
 
@@ -104,8 +104,8 @@ def evaluate_weights(
     where: str = "weights",
     towers: tuple | None = None,
 ) -> dict[str, float]:
-    """Rebuild the model from its config (or the given backbones), load weights, and evaluate
-    one split (one process)."""
+    """Rebuild the model from its config (or the given backbones, holding their weights: an
+    export's), load weights, and evaluate one split (one process)."""
     from .distributed.device import threads_per_rank
     from .encoders import build_image_backbone, build_text_backbone
     from .loop_inputs import eval_table, split_shards
@@ -113,10 +113,13 @@ def evaluate_weights(
     from .sharded_eval import evaluate_table
 
     torch.set_num_threads(threads_per_rank(cfg.run.threads, 1))  # one process
+    given = towers is not None
     if towers is None:
         towers = build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
     image_backbone, text_backbone = towers
     model = build_dual_encoder(cfg.model, image_backbone, text_backbone)
+    if given:  # an export's backbones hold their weights, which its weights leave out
+        weights = with_tower_weights(model, weights)
     fit_weights(model, weights, where)
     shards = split_shards(cfg, split, image_backbone, text_backbone, log=lambda m: None)
     table = eval_table(cfg, split, shards, image_backbone, rank=0, world=1)

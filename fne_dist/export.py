@@ -5,7 +5,11 @@ their hash (``model.safetensors.sha256``, sha256sum's format), the resolved trai
 (``config.yaml``), both backbones with the weights they hold (``image_encoder/``,
 ``text_encoder/``: frozen backbones included, which training kept outside the model), the
 tokenizer files, the image preprocessing (``preprocessing.json``) and a small config
-(``fne_export.json``). ``fne_dist.api.Retriever.from_pretrained(OUT)`` and
+(``fne_export.json``). Each tensor is stored once: a trained backbone's tensors live in its
+folder (a standard one, that opens on its own), and ``model.safetensors`` leaves out every
+tensor that folder gives back bit for bit when read (``load_towers``); the loaders
+(``Retriever.from_pretrained``, ``evaluate``) take those from the backbones they read
+(``with_tower_weights``). ``fne_dist.api.Retriever.from_pretrained(OUT)`` and
 ``python -m fne_dist.evaluate OUT`` load it without DeepSpeed, Ray, the Hugging Face cache or
 the encoders' weight packages. The source is a run directory (its final weights) or one
 checkpoint directory (validated first; every checkpoint holds the gathered fp32 weights next
@@ -26,6 +30,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from .checkpoint.format import META, CheckpointError, sha256_of
@@ -33,9 +38,10 @@ from .checkpoint.validation import validate
 from .config import ConfigError, load_config
 from .encoders import build_image_backbone, build_text_backbone
 from .model import build_dual_encoder
-from .pretrained import save_towers
+from .pretrained import load_towers, save_towers
 
 WEIGHTS = "model.safetensors"
+TOWERS = ("image_backbone.", "text_backbone.")  # a trained backbone's tensors in the model
 
 
 def sidecar(weights: Path) -> Path:
@@ -97,6 +103,40 @@ def fit_weights(model: nn.Module, weights: dict[str, Tensor], where: str) -> Non
     model.load_state_dict(weights)
 
 
+def with_tower_weights(model: nn.Module, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``weights`` with the backbone tensors they lack taken from ``model``, whose backbones
+    hold them: an export's ``model.safetensors`` leaves out what its backbone folders hold,
+    and ``model`` is built around the backbones ``load_towers`` read from those folders."""
+    held = model.state_dict()
+    return {**{k: held[k] for k in held if k.startswith(TOWERS) and k not in weights}, **weights}
+
+
+def _left_to_towers(out: Path, weights: dict[str, Tensor]) -> set[str]:
+    """The names of ``weights`` that the backbone folders written to ``out`` give back bit for
+    bit when read (``load_towers``, as the loaders read them): stored there, not again."""
+    _, image_backbone, text_backbone = load_towers(out)
+    held = {
+        f"{prefix}{k}": v
+        for prefix, backbone in zip(TOWERS, (image_backbone, text_backbone), strict=True)
+        for k, v in backbone.state_dict().items()
+    }
+    return {
+        k
+        for k, v in weights.items()
+        if k in held and held[k].dtype == v.dtype and held[k].shape == v.shape
+        and torch.equal(held[k], v)
+    }  # fmt: skip
+
+
+def _write_weights(weights: dict[str, Tensor], path: Path) -> None:
+    """``weights`` to ``path`` through a temporary file and a rename."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
 def _check_out(source: Path, out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"OUT {out} exists and is not a directory")
@@ -133,10 +173,11 @@ def export(source: Path, out: Path) -> dict:
     fit_weights(build_dual_encoder(cfg.model, image_backbone, text_backbone), weights, str(source))
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS, "config.yaml"):
-            _copy_into(source / name, out)
-        write_sidecar(out / WEIGHTS)
+        _copy_into(source / "config.yaml", out)
         save_towers(cfg.model, image_backbone, text_backbone, out)
+        stored = _left_to_towers(out, weights)  # each tensor once: not again in WEIGHTS
+        _write_weights({k: v for k, v in weights.items() if k not in stored}, out / WEIGHTS)
+        write_sidecar(out / WEIGHTS)
         files = sorted(
             p.relative_to(out).as_posix()
             for p in out.rglob("*")

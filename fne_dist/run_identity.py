@@ -102,7 +102,10 @@ def check_writable(cfg: Config) -> None:
 # (optim.schedule, milestones, gamma, warmup_steps: the schedule is rebuilt from the config and
 # continues at the checkpoint's step), logging, evaluation, checkpointing, monitoring, paths,
 # timeouts. (train.batch_size, engine.grad_accum, data.loader_workers, the world size and
-# memory.size are checked against the checkpoint's layout when it loads.)
+# memory.size are checked against the checkpoint's layout when it loads.) engine.deepspeed_config
+# names a file: its path may change (a moved copy) and so may its other settings (bucket sizes,
+# communication options), but the settings of DEEPSPEED_MUST_MATCH, read from the resolved
+# DeepSpeed config, must equal the checkpoint's (meta.json ``deepspeed``).
 RESUME_MUST_MATCH: dict[str, str] = {
     "model": "the weights are of that architecture",
     "optim.lr": "the optimizer and its schedule resume with the checkpoint's peak lr",
@@ -116,6 +119,59 @@ RESUME_MUST_MATCH: dict[str, str] = {
     "data.samples_per_epoch": "the data position belongs to that epoch plan",
     "data.shuffle_buffer": "the data position includes that shuffle buffer",
 }
+
+
+DEEPSPEED_MUST_MATCH: dict[str, str] = {
+    "zero_optimization.stage": "the optimizer state is partitioned for that stage",
+    "zero_optimization.offload_optimizer.device": (
+        "the optimizer state was saved by the optimizer of that placement (an offloaded one is "
+        "DeepSpeed's own CPU optimizer)"
+    ),
+    "zero_optimization.offload_param.device": "ZeRO-3's parameters were partitioned for it",
+    "optimizer.type": "the optimizer state is that optimizer's",
+}
+"""The settings of the resolved DeepSpeed config (``engine.deepspeed_config`` merged over ours)
+whose value a checkpoint's engine state was written for. Absent: ``none`` (no offload), and
+``torch AdamW`` for the optimizer (ours, passed to DeepSpeed when the file names none)."""
+
+ABSENT = {"optimizer.type": "torch AdamW"}
+
+
+def deepspeed_identity(cfg: Config) -> dict[str, Any] | None:
+    """What a checkpoint records of its DeepSpeed settings (meta.json ``deepspeed``): each of
+    ``DEEPSPEED_MUST_MATCH`` in the resolved config; None for the DDP engine. Reads the user's
+    file (one ConfigError line if it is not readable)."""
+    if cfg.engine.kind != "deepspeed":
+        return None
+    from .engine import deepspeed_config
+
+    resolved = deepspeed_config(cfg)
+    found = {}
+    for key in DEEPSPEED_MUST_MATCH:
+        node: Any = resolved
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        found[key] = ABSENT.get(key, "none") if node is None else node
+    return found
+
+
+def _check_deepspeed(directory: Path, cfg: Config, saved: Mapping[str, Any]) -> None:
+    """Refuse (one line) a resume whose resolved DeepSpeed config changes a setting of
+    ``DEEPSPEED_MUST_MATCH`` from the checkpoint's (``saved``)."""
+    here = deepspeed_identity(cfg)
+    if here is None:
+        return  # engine.kind changed: RESUME_MUST_MATCH has refused it already
+    for key, reason in DEEPSPEED_MUST_MATCH.items():
+        if key not in saved or saved[key] == here[key]:
+            continue
+        where = cfg.engine.deepspeed_config
+        source = f"engine.deepspeed_config={where}" if where else "no engine.deepspeed_config"
+        raise ConfigError(
+            f"resume from {directory}: the DeepSpeed config ({source}) has {key}={here[key]}, "
+            f"the checkpoint's had {key}={saved[key]} ({reason}): resume with a DeepSpeed "
+            "config that has the checkpoint's value, or export its weights (python -m "
+            "fne_dist.export) and start a new run from them"
+        )
 
 
 def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -146,10 +202,18 @@ def shard_fingerprint(urls: Sequence[str], sizes: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
 
 
-def check_resume_config(directory: Path, cfg: Config, data: Mapping[str, Any] | None) -> None:
+def check_resume_config(
+    directory: Path,
+    cfg: Config,
+    data: Mapping[str, Any] | None,
+    deepspeed: Mapping[str, Any] | None = None,
+) -> None:
     """Refuse (one line, ConfigError) resuming ``directory`` with a setting of
-    ``RESUME_MUST_MATCH`` changed, or with other training shards than the checkpoint's
-    (``data``: meta.json's ``{"train": pattern, "fingerprint": ...}`` against this run's)."""
+    ``RESUME_MUST_MATCH`` changed, with a DeepSpeed config whose settings of
+    ``DEEPSPEED_MUST_MATCH`` differ from ``deepspeed`` (meta.json's; None: a checkpoint of
+    the DDP engine, or written before it was recorded), or with other training shards than
+    the checkpoint's (``data``: meta.json's ``{"train": pattern, "fingerprint": ...}`` against
+    this run's)."""
     try:
         saved = load_config(directory / "config.yaml")
     except ConfigError as err:
@@ -164,6 +228,8 @@ def check_resume_config(directory: Path, cfg: Config, data: Mapping[str, Any] | 
             f"{key}={old[key]} ({reason}): resume with {key}={old[key]}, or export its weights "
             "(python -m fne_dist.export) and start a new run from them"
         )
+    if isinstance(deepspeed, Mapping):
+        _check_deepspeed(directory, cfg, deepspeed)
     if data is None or not isinstance(data, Mapping):
         return  # written before the fingerprint existed: nothing to compare
     here = data_identity(cfg)

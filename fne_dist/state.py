@@ -10,9 +10,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed as dist_ops
 from .checkpoint.format import CheckpointError, RankState
 from .data.stream import RankPosition
 from .run_summary import RATIOS, EpochDiagnostics, ratios_of_sums
+
+GLOBAL_KEYS = ("loss", "loss_i2t", "loss_t2i")
+"""The sums reported as the global batch's (the mean over ranks of each rank's mean over its
+B anchors: the loss DDP/DeepSpeed average the gradients of), not this rank's own. The other
+diagnostics stay this rank's."""
+
+
+def mean_over_ranks(sums: dict[str, Tensor | float], device: torch.device) -> None:
+    """Replace each of ``GLOBAL_KEYS`` in ``sums`` by its mean over ranks, in ONE all-reduce of
+    a fixed-length vector (a key absent here sends 0 and stays absent). Every rank must call it
+    at the same point (log windows and epoch ends are agreed); an identity at world size 1."""
+    world = dist_ops.world_size()
+    if world == 1:
+        return
+    local = [
+        torch.as_tensor(sums.get(k, 0.0), dtype=torch.float64, device=device) for k in GLOBAL_KEYS
+    ]
+    total = dist_ops.all_reduce_sum(torch.stack(local)) / world
+    for i, key in enumerate(GLOBAL_KEYS):
+        if key in sums:
+            sums[key] = total[i]
 
 
 @dataclass
@@ -55,12 +77,18 @@ class TrainState:
         self.diag_epoch = self.epoch
 
     def close_epoch(self) -> dict[str, Any]:
-        """The finished epoch's mean diagnostics (appended to ``epoch_diag.epochs``)."""
+        """The finished epoch's mean diagnostics (appended to ``epoch_diag.epochs``); its loss
+        is the global batch's (one all-reduce per epoch, every rank calls this)."""
+        if self.epoch_diag.steps:
+            mean_over_ranks(self.epoch_diag.sums, self.stale.device)  # type: ignore[arg-type]
         return self.epoch_diag.close_epoch(self.diag_epoch)
 
     def take_window(self) -> dict[str, float]:
-        """The means of the sums since the last log line; the sums start again."""
+        """The means of the sums since the last log line; the sums start again. The loss is
+        the global batch's (``mean_over_ranks``: one all-reduce per log window, not per step;
+        every rank calls this at the same log windows)."""
         n = float(self.sums.pop("_n"))  # a host float: one per micro step
+        mean_over_ranks(self.sums, self.stale.device)
         keys = list(self.sums)
         # one device→host copy for every mean (a float() each would be one read per key)
         values = torch.stack([torch.as_tensor(self.sums[k]) for k in keys]).tolist() if keys else []

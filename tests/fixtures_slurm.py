@@ -25,8 +25,11 @@ from pathlib import Path
 
 import pytest
 
-BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "srun")
+BINARIES = (
+    "munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "srun", "squeue", "scancel",
+)  # fmt: skip
 START_TIMEOUT_S = 30.0
+CANCEL_TIMEOUT_S = 30.0  # scancel, then the jobs' steps end (KillWait=5 below)
 
 
 def missing_binaries() -> list[str]:
@@ -74,8 +77,45 @@ class SlurmCluster:
             check=False,
         ).stdout
 
+    def _client(self, *args: str) -> subprocess.CompletedProcess | None:
+        """A Slurm client command against this cluster (None if it could not run in time)."""
+        try:
+            return subprocess.run(
+                [_which(args[0]), *args[1:]],
+                env={**os.environ, **self.env},
+                capture_output=True,
+                text=True,
+                timeout=15,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    def job_ids(self) -> list[str]:
+        """Every job slurmctld still holds (pending, running or completing)."""
+        done = self._client("squeue", "--noheader", "--format=%i")
+        return done.stdout.split() if done is not None and done.returncode == 0 else []
+
+    def cancel_jobs(self, timeout_s: float = CANCEL_TIMEOUT_S) -> list[str]:
+        """scancel every job of this cluster by its id, then wait (at most ``timeout_s``) until
+        slurmctld holds none: their steps have ended on every node. Every job on the cluster is
+        this session's (its SLURM_CONF is private). A test that failed mid-way leaves its jobs
+        running; stopping the daemons without this would leave their steps (slurmstepd and the
+        training processes) running with no daemon to end them. Returns the ids cancelled."""
+        ids = self.job_ids()
+        if ids:
+            self._client("scancel", *ids)
+            deadline = time.monotonic() + timeout_s
+            while self.job_ids() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        return ids
+
     def stop(self) -> None:
-        """Stop every daemon by its PID (slurmd first, munged last)."""
+        """Cancel the cluster's jobs while slurmctld runs (``cancel_jobs``), then stop every
+        daemon by its PID (slurmd first, munged last)."""
+        ctld = self.procs.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:
+            self.cancel_jobs()
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:

@@ -206,6 +206,27 @@ def test_two_ranks_equal_one_rank_with_double_batch(equiv_runs: dict[int, list[d
     print("\n" + "\n".join(report))
 
 
+def test_logged_loss_is_the_global_batchs_on_every_rank(equiv_runs: dict[int, list[dict]]) -> None:
+    """Invariant: the loss the loop logs (``TrainState.take_window``: the console line and
+    train_log.jsonl; ``close_epoch``: metrics.json) is the global batch's, so 2 ranks × B log
+    what 1 rank × 2B logs (to float rounding), on both ranks alike; not rank 0's own loss over
+    its B anchors. The same for the per-direction losses."""
+    r0, r1 = equiv_runs[2]
+    (single,) = equiv_runs[1]
+    for key in ("loss", "loss_i2t", "loss_t2i"):
+        for what in ("window", "epoch_row"):
+            assert torch.equal(r0[what][key], r1[what][key]), (what, key)  # one value, every rank
+            _close(r0[what][key], single[what][key], rtol=1e-6, atol=1e-7)
+    # the check has content: rank 0's own mean is far from the global one
+    own = torch.stack([s["loss"] for s in r0["steps"]]).double().mean()
+    assert abs(float(own) - float(single["window"]["loss"])) > 1e-3, float(own)
+    print(
+        f"\nlogged loss: 1×2B {float(single['window']['loss']):.9f} | 2×B rank 0 "
+        f"{float(r0['window']['loss']):.9f}, rank 1 {float(r1['window']['loss']):.9f} "
+        f"(rank 0's own {float(own):.9f})"
+    )
+
+
 def test_world_size_one_without_group_equals_group_of_one(
     equiv_runs: dict[int, list[dict]],
 ) -> None:

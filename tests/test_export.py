@@ -4,6 +4,7 @@ or tampered export fails with one line naming the file."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -17,8 +18,10 @@ from fne_dist.api import Retriever
 from fne_dist.checkpoint.format import CheckpointError
 from fne_dist.config import load_config, save_config
 from fne_dist.encoders import build_image_backbone, build_text_backbone
+from fne_dist.export import fit_weights, with_tower_weights
 from fne_dist.export import main as export_main
 from fne_dist.model import build_dual_encoder
+from fne_dist.pretrained import load_towers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
@@ -105,6 +108,82 @@ def test_export_carries_a_frozen_hf_image_tower(tiny_vit: Path, tmp_path: Path) 
     assert spec["pixel_mean"] == pytest.approx([0.4 * 255, 0.5 * 255, 0.6 * 255])
     hashes = json.loads((out / "export.json").read_text())["sha256"]
     assert {"image_encoder/model.safetensors", "text_encoder/tokenizer.json"} <= set(hashes)
+
+
+def _tensor_copies(out: Path) -> tuple[dict[str, list[str]], int]:
+    """Every floating-point tensor of more than one element in the export's safetensors files,
+    by the sha256 of its bytes: file:name of each copy; and the files' total bytes."""
+    copies: dict[str, list[str]] = {}
+    files = sorted(out.rglob("*.safetensors"))
+    for path in files:
+        for name, t in load_file(str(path)).items():
+            if t.is_floating_point() and t.numel() > 1:
+                data = t.contiguous().view(torch.uint8).numpy().tobytes()
+                digest = hashlib.sha256(data).hexdigest()
+                copies.setdefault(digest, []).append(f"{path.relative_to(out)}:{name}")
+    return copies, sum(p.stat().st_size for p in files)
+
+
+@pytest.mark.parametrize("image", ["tiny", "hf"])
+def test_export_stores_each_tensor_once(tiny_vit: Path, tmp_path: Path, image: str) -> None:
+    """Invariant: an export of a run whose backbones train holds each tensor once: no
+    tensor's bytes are in two of its safetensors files (model.safetensors leaves out what
+    image_encoder/ and text_encoder/ hold; the run's weights are random, so two equal float
+    tensors can only be one stored twice), and loading it (from_pretrained, load, evaluate's
+    path) gives the run's weights, every one, bit for bit. Both backbone folder kinds: the
+    tiny nets' trunk file and a transformers ViT's save_pretrained folder."""
+    overrides = (
+        [] if image == "tiny" else ["model.image.type=hf", f"model.image.name_or_path={tiny_vit}"]
+    )
+    run = _run_dir(tmp_path / "run", overrides)
+    want = load_file(str(run / "model.safetensors"))
+    assert any(k.startswith("image_backbone.") for k in want)  # trained: in the model
+    out = tmp_path / "export"
+    assert export_main([str(run), str(out)]) == 0
+    copies, size = _tensor_copies(out)
+    twice = {d: names for d, names in copies.items() if len(names) > 1}
+    assert not twice, list(twice.values())[:5]
+    for loaded in (Retriever.from_pretrained(out), Retriever.load(out)):
+        got = loaded.model.state_dict()
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[k], want[k]) for k in want), image
+    cfg = load_config(out / "config.yaml")
+    _, image_backbone, text_backbone = load_towers(out)
+    model = build_dual_encoder(cfg.model, image_backbone, text_backbone)
+    tensors = with_tower_weights(model, load_file(str(out / "model.safetensors")))
+    fit_weights(model, tensors, "export")  # what evaluate_weights does with an export
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+    run_size = (run / "model.safetensors").stat().st_size
+    print(f"\n{image}: the export's safetensors {size} bytes, the run's weights {run_size}")
+
+
+def test_evaluate_of_an_export_equals_the_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Invariant: `python -m fne_dist.evaluate` of an export (its model.safetensors without
+    the trained backbones' tensors, which it reads from image_encoder/ and text_encoder/)
+    prints the metrics of the run directory it was exported from (the tiny config's test
+    split, initial weights)."""
+    from fne_dist.evaluate import main as evaluate_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(TINY, ["run.threads=1"])
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(1)
+    model = build_dual_encoder(
+        cfg.model, build_image_backbone(cfg.model.image), build_text_backbone(cfg.model.text)
+    )
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, str(run / "model.safetensors")
+    )
+    assert export_main([str(run), str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    printed = []
+    for where in (run, tmp_path / "out"):
+        assert evaluate_main([str(where), "--split", "test"]) == 0
+        printed.append(json.loads(capsys.readouterr().out))
+    assert printed[0] == printed[1] and printed[0]["rsum"] > 0, printed
 
 
 @pytest.fixture(scope="module")

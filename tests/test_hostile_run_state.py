@@ -31,13 +31,14 @@ from fne_dist.checkpoint.format import (
     write_rank_files,
 )
 from fne_dist.checkpoint.validation import validate
-from fne_dist.checkpointer import LauncherCheckpoints, resume_source
+from fne_dist.checkpointer import Checkpointer, LauncherCheckpoints, resume_source
 from fne_dist.config import ConfigError, load_config, save_config
 from fne_dist.data.stream import RankPosition
 from fne_dist.engine import DDPEngine
 from fne_dist.fne import SimilarityStats
 from fne_dist.interrupt import Interrupted, handle_signals
 from fne_dist.memory import MomentumMemory
+from fne_dist.reporters import Reporter
 from fne_dist.run_lock import LOCK_NAME, RunDirBusy, RunLock, owned
 from fne_dist.state import TrainState
 from fne_dist.train import check_launch
@@ -276,6 +277,47 @@ def test_hostile_resume_applies_the_other_settings(written, tmp_path: Path) -> N
     _, _, step4 = written
     cfg = _cfg(tmp_path, "train.epochs=0.5", "train.log_every=1", "fne.loss=infonce")
     run_identity.check_resume_config(step4, cfg, validate(step4).get("data"))
+
+
+def _ds_file(path: Path, zero: dict) -> str:
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    return f"engine.deepspeed_config={path}"
+
+
+def test_hostile_resume_refuses_a_deepspeed_config_its_state_depends_on(tmp_path: Path) -> None:
+    """Invariant: a checkpoint records the DeepSpeed settings its engine state was written for
+    (DEEPSPEED_MUST_MATCH, from the resolved config: meta.json ``deepspeed``); resuming through
+    the Checkpointer with an engine.deepspeed_config whose file offloads the optimizer where
+    the checkpoint's did not is refused in one line naming the setting with both values,
+    before any state loads; the same settings in a moved file with another bucket size (not
+    state-shaping) resume."""
+    data = tmp_path / "data"
+    write_dataset(data, [4, 4])
+    base = [f"data.train={data}/*.tar", "engine.zero_stage=1"]
+    cfg = _cfg(tmp_path, *base, _ds_file(tmp_path / "ds.json", {"stage": 1}))
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    writer = Checkpointer(cfg, run_dir, _parts(cfg), {"world_size": 1}, Reporter())
+    state = TrainState.fresh(torch.device("cpu"), warm=False)
+    state.opt_step, state.n_micro, state.micro, state.epoch = 2, 2, 1, 0
+    state.position = RankPosition(epoch=0, step=2, consumers=[])
+    writer.save(state)
+    step = run_dir / "checkpoints" / "step-00000002"
+
+    def resume(*extra: str):
+        again = _cfg(tmp_path, *base, "checkpoint.resume=latest", *extra)
+        return Checkpointer(again, run_dir, _parts(again), {"world_size": 1}, Reporter()).resume()
+
+    offload = {"stage": 1, "offload_optimizer": {"device": "cpu"}}
+    with pytest.raises(ConfigError) as err:
+        resume(_ds_file(tmp_path / "ds.json", offload))  # the same path, edited
+    line = _one_line(err)
+    assert "zero_optimization.offload_optimizer.device=cpu" in line, line
+    assert "checkpoint's had zero_optimization.offload_optimizer.device=none" in line, line
+    assert f"engine.deepspeed_config={tmp_path / 'ds.json'}" in line, line
+    moved = _ds_file(tmp_path / "moved.json", {"stage": 1, "reduce_bucket_size": 1000})
+    assert resume(moved).directory == step
+    assert validate(step)["deepspeed"]["zero_optimization.offload_optimizer.device"] == "none"
 
 
 def test_hostile_resume_reuses_the_data_position_only_for_the_same_shards(

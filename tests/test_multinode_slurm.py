@@ -4,8 +4,9 @@ and log paths. The node names do not resolve: a rank that looked its rendezvous 
 instead of taking Slurm's NodeAddr would never meet the other. Both report the same host name,
 so node identity must come from Slurm (SLURM_NODEID), not from the host.
 
-The daemons are this module's children, stopped by their PIDs; jobs go through the same
-``sbatch --wait`` helper as the single-node cluster tests.
+The daemons are this module's children, stopped by their PIDs after every job left on the
+cluster is cancelled by its id; jobs go through the same ``sbatch --wait`` helper as the
+single-node cluster tests.
 """
 
 from __future__ import annotations
@@ -109,7 +110,12 @@ def start_two_nodes() -> SlurmCluster:
 
 
 def stop(cluster: SlurmCluster) -> None:
-    """Every daemon by its PID: the slurmds, then slurmctld, then munged."""
+    """The cluster's jobs cancelled by their ids first (``SlurmCluster.cancel_jobs``, bounded:
+    a test that failed mid-way leaves its jobs running), then every daemon by its PID: the
+    slurmds, then slurmctld, then munged."""
+    ctld = cluster.procs.get("slurmctld")
+    if ctld is not None and ctld.poll() is None:
+        cluster.cancel_jobs()
     for key in (*(f"slurmd-{n}" for n in NODES), "slurmctld"):
         proc = cluster.procs.pop(key, None)
         if proc is not None and proc.poll() is None:
@@ -310,3 +316,61 @@ def test_kill_a_rank_on_one_node_then_resubmit_resumes(
     assert [h["step"] for h in after] == list(range(1, 11))
     print(f"\nrank 1 killed after step {json.loads(before[-1])['step']}; {resumed[0].strip()}")
     print(f"steps logged: {[h['step'] for h in after]}")
+
+
+def _job_processes(job_id: str) -> list[int]:
+    """PIDs of a job's live processes on this machine: its tasks (by SLURM_JOB_ID in their
+    environment) and its slurmstepd daemons (by their title)."""
+    title, var = f"slurmstepd: [{job_id}.".encode(), f"SLURM_JOB_ID={job_id}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if not proc.name.isdigit():
+                continue
+            ours = (proc / "cmdline").read_bytes().startswith(title) or var in (
+                proc / "environ"
+            ).read_bytes().split(b"\0")
+            if ours and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.timeout(240)
+def test_teardown_cancels_running_jobs_before_stopping_the_daemons(tmp_path: Path) -> None:
+    """Invariant: this module's teardown (``stop``) of a cluster on which a job still runs a
+    step on both nodes (what a test that failed mid-way leaves) cancels the job by its id
+    before it stops the daemons, within its bound: none of the job's processes (tasks,
+    slurmstepd) outlive the cluster. (Anything left is killed by PID here, so a failure
+    leaves nothing behind either.)"""
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing)")
+    cluster = start_two_nodes()
+    job = ""
+    try:
+        done = subprocess.run(
+            ["sbatch", "--parsable", f"--output={tmp_path / 'job.out'}", TIME_LIMIT,
+             "--nodes=2", "--ntasks-per-node=1", "--wrap", "srun sleep 600"],
+            env={**os.environ, **cluster.env}, cwd=tmp_path, capture_output=True, text=True,
+            timeout=30, check=False,
+        )  # fmt: skip
+        job = done.stdout.strip().split(";")[0]
+        assert done.returncode == 0 and job.isdigit(), done.stderr
+        sleeping = lambda: sum(  # noqa: E731
+            b"sleep" in Path(f"/proc/{p}/cmdline").read_bytes()
+            for p in _job_processes(job)
+            if Path(f"/proc/{p}/cmdline").exists()
+        )
+        assert _until(lambda: sleeping() >= 2, 90), (tmp_path / "job.out").read_text()
+    finally:
+        t0 = time.monotonic()
+        stop(cluster)
+        stop_s = time.monotonic() - t0
+        shutil.rmtree(cluster.base, ignore_errors=True)
+    _until(lambda: not _job_processes(job), 5)  # the last ones exiting
+    left = _job_processes(job)
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    print(f"\nteardown with job {job} running on both nodes: {stop_s:.1f} s, {len(left)} left")
+    assert not left, f"job {job} outlived the cluster: PIDs {left}"

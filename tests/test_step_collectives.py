@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "step_collectives.py"
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 NAN_STEP = 6  # 1-based: a warm-up step (3) and a few FNE steps come before it
+LOG_EVERY = 4  # a log window after micro steps 4, 8, ...: its all-reduce comes before the next
 
 
 def _run(out: Path, *overrides: str, nan_rank: int | None = None) -> list[list[dict]]:
@@ -26,8 +27,9 @@ def _run(out: Path, *overrides: str, nan_rank: int | None = None) -> list[list[d
     port = free_port()
     args = [
         f"run.output_dir={out}", "run.name=count", "run.threads=1", "dist.workers=2",
-        "engine.kind=ddp", "train.batch_size=8", "train.epochs=0.05", "train.log_every=1000",
-        "train.eval_every=0", "checkpoint.at_epoch_end=false", *overrides,
+        "engine.kind=ddp", "train.batch_size=8", "train.epochs=0.05",
+        f"train.log_every={LOG_EVERY}", "train.eval_every=0", "checkpoint.at_epoch_end=false",
+        *overrides,
     ]  # fmt: skip
     procs = []
     for rank in range(2):
@@ -64,15 +66,17 @@ def _run(out: Path, *overrides: str, nan_rank: int | None = None) -> list[list[d
 def test_a_ddp_step_makes_one_gather_and_one_all_reduce(tmp_path: Path) -> None:
     """Invariants (2 ranks, DDP, grad_accum 1, gloo): a finite step's own collectives are the
     packed gather and the statistics' all-reduce (the non-finite flag rides on DDP's gradient
-    all-reduce, which is not counted here), and between two steps there is only the data
-    agreement; a NaN loss on one rank only is still skipped on both ranks (the NaN reaches
-    the other through the gradient all-reduce; one extra all-reduce on that skip path only),
-    and the weights stay finite."""
+    all-reduce, which is not counted here); between two steps there is only the data
+    agreement, and after a log window its one all-reduce (the global loss): none per step; a
+    NaN loss on one rank only is still skipped on both ranks (the NaN reaches the other
+    through the gradient all-reduce; one extra all-reduce on that skip path only), and the
+    weights stay finite."""
     ranks = _run(tmp_path, nan_rank=1)
     for steps in ranks:
         assert len(steps) >= NAN_STEP + 3, len(steps)
         for s in steps[1:]:  # the first step's "between" holds the run's start-up
-            assert s["between"] == ["all_reduce"], s
+            logged = s["micro"] % LOG_EVERY == 0  # the step before it closed a log window
+            assert s["between"] == ["all_reduce"] * (2 if logged else 1), s
         for s in steps:
             assert s["weights_finite"], s
             if s["micro"] + 1 == NAN_STEP:

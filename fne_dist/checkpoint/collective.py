@@ -73,6 +73,7 @@ class Target:
     barrier: Callable[[], None]
     url: str | None = None  # a URL checkpoint.dir: every rank uploads its part, meta.json last
     data: dict[str, Any] | None = None  # the training shards' identity (resume compares it)
+    deepspeed: dict[str, Any] | None = None  # the DeepSpeed settings the engine state needs
     gather: Callable[[Any], list[Any]] = field(default=all_gather_json)  # every rank's JSON
     local_rank: int = field(default_factory=lambda: rank_env().local_rank)
 
@@ -178,6 +179,8 @@ def save_run_checkpoint(target: Target, parts: Parts, state: RankState) -> Path:
         }
         if target.data is not None:
             meta["data"] = target.data
+        if target.deepspeed is not None:
+            meta["deepspeed"] = target.deepspeed
         keep = 1 if target.url else target.keep_last
         error = write_error(finalize, tmp, final, meta, keep, files)
         if target.url is not None and error is None:  # last: no meta.json, no checkpoint

@@ -12,10 +12,11 @@ Modes:
   memory  2 warm-up + 6 FNE steps; writes the final memory (and the pairs enqueued).
   equiv   3 FNE steps from a pre-filled memory and pre-loaded statistics that open the gate;
           writes per step the candidates, the statistics added, the picks, the loss, the
-          averaged gradients and the updated parameters. At world size 1 the statistics the
-          step adds are replaced by the block-wise ones of the W = 2 split (see BlockStats), and
-          the process also runs one plain ``forward_step`` with and then without a process
-          group (check c).
+          averaged gradients and the updated parameters, and the loss the loop would log for
+          the 3 steps (``TrainState.take_window``, ``close_epoch``). At world size 1 the
+          statistics the step adds are replaced by the block-wise ones of the W = 2 split (see
+          BlockStats), and the process also runs one plain ``forward_step`` with and then
+          without a process group (check c).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from fne_dist.fne.selection import CandidateLabels, Rows, select_listed
 from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
+from fne_dist.state import TrainState
 from fne_dist.step import StepPosition, forward_step
 
 SEED = 7
@@ -177,6 +179,8 @@ def run(mode: str, rank: int, world: int, block_reference: bool) -> dict:
     stats = BlockStats(base_stats)
     G = GLOBAL_BATCH[mode]
     steps = []
+    logged = TrainState.fresh(torch.device("cpu"), warm=False)  # what the loop logs
+    logged.epoch = logged.diag_epoch = 0
     for step in range(STEPS[mode]):
         warm = step < WARMUP_STEPS[mode]
         batch = local_batch(data, step, G, rank, world)
@@ -200,6 +204,7 @@ def run(mode: str, rank: int, world: int, block_reference: bool) -> dict:
         rec["stats_forward_step"] = stats.added[-1]  # what forward_step computed and reduced
         rec["loss"] = out.loss.detach().clone()
         rec["diagnostics"] = {k: v.detach().clone() for k, v in out.diagnostics.items()}
+        logged.add_diagnostics(out.loss, out.diagnostics)
         if not warm:
             cands = Candidates.concat(out.gathered, memory.candidates())
             rec["cand"] = {
@@ -227,7 +232,15 @@ def run(mode: str, rank: int, world: int, block_reference: bool) -> dict:
         rec["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         rec["momentum"] = {n: p.detach().clone() for n, p in momentum.named_parameters()}
         steps.append(rec)
-    return {"steps": steps, "memory": memory.state_dict(), "world": torch.tensor(world)}
+    # the loop's log window and epoch row over these steps (every rank: they all-reduce)
+    window, epoch_row = logged.take_window(), logged.close_epoch()
+    return {
+        "steps": steps,
+        "memory": memory.state_dict(),
+        "world": torch.tensor(world),
+        "window": {k: torch.tensor(v) for k, v in window.items()},
+        "epoch_row": {k: torch.tensor(v) for k, v in epoch_row.items() if k.startswith("loss")},
+    }
 
 
 def plain_first_step() -> dict:
