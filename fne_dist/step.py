@@ -92,7 +92,7 @@ def forward_step(
         gathered = Candidates(g_img, g_txt, g_ids, B * dist_ops.world_size(), g_groups)
     G = gathered.n_batch
     sharded = memory.sharded  # each rank holds K/W slots (docs/sharded-memory.md)
-    candidates = gathered if sharded else Candidates.concat(gathered, memory.candidates())
+    candidates = gathered if sharded else memory.after_batch(gathered)  # no copy of the K rows
     posterior = posterior_for(cfg)
     if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
         # every rank computes the same sums, so no reduction is needed.
