@@ -345,9 +345,7 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
                     memory, (reference, model), train, slot_rows, s.fresh_memory
                 )
                 stale[3:] += _batch_lag(model, reference, batch)
-            out = forward_step(
-                *encoders, batch, memory, stats, cfg, StepPosition(seed, step, warm)
-            )
+            out = forward_step(*encoders, batch, memory, stats, cfg, StepPosition(seed, step, warm))
             stats.add_step(out.stat_sums, cfg.mixture_decay)  # no skipped steps here
             opt.zero_grad()
             out.loss.backward()
