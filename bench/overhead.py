@@ -17,9 +17,9 @@ shared and noisy) and each reports the median of ``--repeats`` steps:
   run once for both encoders, as in the loop (``fne_dist.shared_prefix``);
 - ``… unshared``: the same step with the momentum model run in full (the loop before the shared
   prefix), for the first K;
-- ``… online memory``: the memory fed from the online model's detached embeddings (XBM-style
-  cross-batch memory: no momentum forward, no EMA), for the first K: what dropping the momentum
-  encoder would save (not a training option: see docs/benchmarks.md for the trade-off).
+- ``dflt K=… online``: ``memory.encoder: online``, the memory fed from the online model's
+  detached embeddings (XBM-style cross-batch memory: no momentum forward, no EMA), at every K
+  (docs/benchmarks.md: its cost and its quality against the momentum memory).
 
 At world size 1 the gather is an identity; ``bench/distributed.py`` measures the collectives.
 The memory is filled with random unit vectors before timing, so every step's FNE sees K
@@ -125,6 +125,7 @@ def main() -> None:
         help="time the process's CPU seconds, not wall seconds (a loaded machine; CPU only)",
     )
     args = ap.parse_args()
+    print("load average at the start {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -151,9 +152,11 @@ def main() -> None:
                 encoders="unshared",
             )
         )
-    variants.append(
-        Variant(f"dflt K={k0} online", cfg0, filled_memory(k0, dim, device), encoders="online")
-    )
+    for k in args.memory:  # memory.encoder: online at every K (the ≤ 5 % candidate)
+        v_cfg = FneConfig(gate_size=args.batch, **DEFAULT_FNE)
+        variants.append(
+            Variant(f"dflt K={k} online", v_cfg, filled_memory(k, dim, device), encoders="online")
+        )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )

@@ -82,8 +82,12 @@ def forward_step(
     rank = dist_ops.rank()
     with t.phase("online_forward"):
         img_BD, txt_BD, temperature = online(batch)  # 1. online embeddings
-    with t.phase("momentum_forward"), torch.no_grad():
-        m_img_BD, m_txt_BD, _ = momentum(batch)  # 2. momentum embeddings
+    with t.phase("momentum_forward"):
+        with torch.inference_mode():  # 2. momentum embeddings, with no autograd bookkeeping
+            m_out = momentum(batch)  # (no_grad still counts versions and tracks views)
+        # normal tensors again (B×D: a negligible copy): an inference tensor may not be saved
+        # for a backward, and with a sharded memory these rows are candidates of the loss
+        m_img_BD, m_txt_BD = m_out[0].clone(), m_out[1].clone()
     with t.phase("gather"):  # 3. gather momentum embeddings, ids and groups, in rank order,
         # in one collective (one gather per tensor cost four latencies)
         g_img, g_txt, g_ids, g_groups = dist_ops.all_gather_rows(
