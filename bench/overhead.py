@@ -124,6 +124,13 @@ def main() -> None:
         action="store_true",
         help="time the process's CPU seconds, not wall seconds (a loaded machine; CPU only)",
     )
+    ap.add_argument(
+        "--groups",
+        type=int,
+        default=0,
+        help="label each pair with group id %% GROUPS (emoji-like data: FN detection is then "
+        "measured every step); 0: no labels (Flickr/COCO-like, detection skipped on the CPU)",
+    )
     args = ap.parse_args()
     print("load average at the start {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     torch.set_num_threads(args.threads)
@@ -141,21 +148,27 @@ def main() -> None:
     for k in args.memory:
         for label, extra in (("paper", {}), ("default", DEFAULT_FNE)):
             cfg = FneConfig(gate_size=args.batch, **extra)
-            variants.append(Variant(f"fne {label} K={k}", cfg, filled_memory(k, dim, device)))
+            memory = filled_memory(k, dim, device, args.groups)
+            variants.append(Variant(f"fne {label} K={k}", cfg, memory))
     k0, cfg0 = args.memory[0], FneConfig(gate_size=args.batch, **DEFAULT_FNE)
     if SharedPrefix(model, model, momentum).active:
         variants.append(
             Variant(
                 f"dflt K={k0} unshared",
                 cfg0,
-                filled_memory(k0, dim, device),
+                filled_memory(k0, dim, device, args.groups),
                 encoders="unshared",
             )
         )
     for k in args.memory:  # memory.encoder: online at every K (the ≤ 5 % candidate)
         v_cfg = FneConfig(gate_size=args.batch, **DEFAULT_FNE)
         variants.append(
-            Variant(f"dflt K={k} online", v_cfg, filled_memory(k, dim, device), encoders="online")
+            Variant(
+                f"dflt K={k} online",
+                v_cfg,
+                filled_memory(k, dim, device, args.groups),
+                encoders="online",
+            )
         )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
@@ -165,12 +178,15 @@ def main() -> None:
         f"{note}; {params / 1e6:.1f}M trained parameters; batch {args.batch}, "
         f"{args.image_size} px, device {device}{', bf16 autocast' if args.bf16 else ''}, "
         f"threads {args.threads}, median of {args.repeats} interleaved steps "
-        f"after {args.warmup} untimed; {'CPU' if args.cpu_time else 'wall'} time"
+        f"after {args.warmup} untimed; {'CPU' if args.cpu_time else 'wall'} time; "
+        + (f"group labels id % {args.groups}" if args.groups else "no group labels")
     )
     step = 0
     for r in range(args.warmup + args.repeats):
         for v in variants:
             batch = synthetic_batch(args.batch, step, device, args.image_size)
+            if args.groups:
+                batch["groups"] = batch["ids"] % args.groups
             if args.channels_last:
                 batch["pixels"] = batch["pixels"].contiguous(memory_format=torch.channels_last)
             timer = CpuPhaseTimer(device) if args.cpu_time else PhaseTimer(device)
@@ -183,11 +199,12 @@ def main() -> None:
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
-def filled_memory(k: int, dim: int, device: torch.device) -> MomentumMemory:
+def filled_memory(k: int, dim: int, device: torch.device, groups: int = 0) -> MomentumMemory:
     memory = MomentumMemory(k, dim, seed=1, device=device)
     g = torch.Generator().manual_seed(2)
     rows = torch.nn.functional.normalize(torch.randn(2, k, dim, generator=g), dim=2).to(device)
-    memory.enqueue(rows[0], rows[1], 10**9 + torch.arange(k, device=device))
+    ids = 10**9 + torch.arange(k, device=device)
+    memory.enqueue(rows[0], rows[1], ids, ids % groups if groups else None)
     return memory
 
 
