@@ -169,6 +169,8 @@ def test_unlabelled_anchors_skip_the_passes_with_the_definitions_sums() -> None:
     sim, _, cand_ids, _, g_b, g_n = _small_window_problem(0)
     g_b = torch.full_like(g_b, -1)
     assert known_unlabelled(g_b) and not known_unlabelled(g_b.clone().fill_(2))
+    # off the host it answers without reading a value (a meta tensor has none to read)
+    assert not known_unlabelled(torch.full((3,), -1, device="meta"))
     mask = cand_ids[None, :] == cand_ids[:1, None]
     window = sim > 0.65
     got = dense_detection(sim, mask, (g_b, g_n), window, g, cfg, True)
