@@ -17,9 +17,9 @@ shared and noisy) and each reports the median of ``--repeats`` steps:
   run once for both encoders, as in the loop (``fne_dist.shared_prefix``);
 - ``… unshared``: the same step with the momentum model run in full (the loop before the shared
   prefix), for the first K;
-- ``… online memory``: the memory fed from the online model's detached embeddings (XBM-style
-  cross-batch memory: no momentum forward, no EMA), for the first K: what dropping the momentum
-  encoder would save (not a training option: see docs/benchmarks.md for the trade-off).
+- ``dflt K=… online``: ``memory.encoder: online``, the memory fed from the online model's
+  detached embeddings (XBM-style cross-batch memory: no momentum forward, no EMA), at every K
+  (docs/benchmarks.md: its cost and its quality against the momentum memory).
 
 At world size 1 the gather is an identity; ``bench/distributed.py`` measures the collectives.
 The memory is filled with random unit vectors before timing, so every step's FNE sees K
@@ -124,7 +124,15 @@ def main() -> None:
         action="store_true",
         help="time the process's CPU seconds, not wall seconds (a loaded machine; CPU only)",
     )
+    ap.add_argument(
+        "--groups",
+        type=int,
+        default=0,
+        help="label each pair with group id %% GROUPS (emoji-like data: FN detection is then "
+        "measured every step); 0: no labels (Flickr/COCO-like, detection skipped on the CPU)",
+    )
     args = ap.parse_args()
+    print("load average at the start {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -140,20 +148,28 @@ def main() -> None:
     for k in args.memory:
         for label, extra in (("paper", {}), ("default", DEFAULT_FNE)):
             cfg = FneConfig(gate_size=args.batch, **extra)
-            variants.append(Variant(f"fne {label} K={k}", cfg, filled_memory(k, dim, device)))
+            memory = filled_memory(k, dim, device, args.groups)
+            variants.append(Variant(f"fne {label} K={k}", cfg, memory))
     k0, cfg0 = args.memory[0], FneConfig(gate_size=args.batch, **DEFAULT_FNE)
     if SharedPrefix(model, model, momentum).active:
         variants.append(
             Variant(
                 f"dflt K={k0} unshared",
                 cfg0,
-                filled_memory(k0, dim, device),
+                filled_memory(k0, dim, device, args.groups),
                 encoders="unshared",
             )
         )
-    variants.append(
-        Variant(f"dflt K={k0} online", cfg0, filled_memory(k0, dim, device), encoders="online")
-    )
+    for k in args.memory:  # memory.encoder: online at every K (the ≤ 5 % candidate)
+        v_cfg = FneConfig(gate_size=args.batch, **DEFAULT_FNE)
+        variants.append(
+            Variant(
+                f"dflt K={k} online",
+                v_cfg,
+                filled_memory(k, dim, device, args.groups),
+                encoders="online",
+            )
+        )
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
@@ -162,12 +178,15 @@ def main() -> None:
         f"{note}; {params / 1e6:.1f}M trained parameters; batch {args.batch}, "
         f"{args.image_size} px, device {device}{', bf16 autocast' if args.bf16 else ''}, "
         f"threads {args.threads}, median of {args.repeats} interleaved steps "
-        f"after {args.warmup} untimed; {'CPU' if args.cpu_time else 'wall'} time"
+        f"after {args.warmup} untimed; {'CPU' if args.cpu_time else 'wall'} time; "
+        + (f"group labels id % {args.groups}" if args.groups else "no group labels")
     )
     step = 0
     for r in range(args.warmup + args.repeats):
         for v in variants:
             batch = synthetic_batch(args.batch, step, device, args.image_size)
+            if args.groups:
+                batch["groups"] = batch["ids"] % args.groups
             if args.channels_last:
                 batch["pixels"] = batch["pixels"].contiguous(memory_format=torch.channels_last)
             timer = CpuPhaseTimer(device) if args.cpu_time else PhaseTimer(device)
@@ -180,11 +199,12 @@ def main() -> None:
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
 
-def filled_memory(k: int, dim: int, device: torch.device) -> MomentumMemory:
+def filled_memory(k: int, dim: int, device: torch.device, groups: int = 0) -> MomentumMemory:
     memory = MomentumMemory(k, dim, seed=1, device=device)
     g = torch.Generator().manual_seed(2)
     rows = torch.nn.functional.normalize(torch.randn(2, k, dim, generator=g), dim=2).to(device)
-    memory.enqueue(rows[0], rows[1], 10**9 + torch.arange(k, device=device))
+    ids = 10**9 + torch.arange(k, device=device)
+    memory.enqueue(rows[0], rows[1], ids, ids % groups if groups else None)
     return memory
 
 

@@ -71,6 +71,7 @@ from fne_dist.model import DualEncoder
 from fne_dist.momentum import ema_update, make_momentum_copy
 from fne_dist.retrieval_metrics import retrieval_metrics
 from fne_dist.run_summary import EpochDiagnostics
+from fne_dist.shared_prefix import OnlineMemory
 from fne_dist.step import StepPosition, forward_step
 
 NEVER = 10**12  # a gate size no epoch reaches: the Bayes part stays off (kernel only)
@@ -185,6 +186,9 @@ class Setup:
     # diagnosis only (--fresh-memory): re-encode every memory entry with the current momentum
     # model before each step, so the memory holds the same items with no staleness
     fresh_memory: bool = False
+    # memory.encoder (--memory-encoder): what fills the memory and the batch candidates: the
+    # momentum (EMA) copy, or the online model's detached embeddings (XBM-style: no EMA)
+    memory_encoder: str = "momentum"
     # the CLI's schedule (the packaged default config's): the lr schedule and its linear
     # warm-up (optim.*), and the warm-up of in-batch VSE++ in epochs (train.warmup_epochs)
     optim: OptimConfig | None = None
@@ -322,6 +326,11 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.optim, per_epoch * s.epochs))
     best: tuple[float, dict, dict] = (-math.inf, {}, {})
     slot_rows = torch.full((s.memory,), -1, dtype=torch.long)  # train row of each memory slot
+    online_memory = s.memory_encoder == "online"
+    # the loop's encoder pair (fne_dist.loop): online memory = the online forward, detached
+    pair = OnlineMemory(model) if online_memory else None
+    encoders = (pair.online, pair.momentum) if pair is not None else (model, momentum)
+    reference = model if online_memory else momentum  # what the memory's entries come from
     for epoch in range(s.epochs):
         stats.new_epoch()
         epoch_diag = EpochDiagnostics()
@@ -336,12 +345,10 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
                      if k in ("img_feat", "txt_feat", "ids", "groups")}  # fmt: skip
             if not warm:
                 stale += _refresh_memory(
-                    memory, (momentum, model), train, slot_rows, s.fresh_memory
+                    memory, (reference, model), train, slot_rows, s.fresh_memory
                 )
-                stale[3:] += _batch_lag(model, momentum, batch)
-            out = forward_step(
-                model, momentum, batch, memory, stats, cfg, StepPosition(seed, step, warm)
-            )
+                stale[3:] += _batch_lag(model, reference, batch)
+            out = forward_step(*encoders, batch, memory, stats, cfg, StepPosition(seed, step, warm))
             stats.add_step(out.stat_sums, cfg.mixture_decay)  # no skipped steps here
             opt.zero_grad()
             out.loss.backward()
@@ -349,7 +356,8 @@ def train_run(cfg: FneConfig, data: dict, s: Setup, seed: int, keep: dict | None
             opt.step()
             if sched is not None:
                 sched.step()
-            ema_update(momentum, model, s.momentum)
+            if not online_memory:  # online: the momentum copy is never read (as the loop)
+                ema_update(momentum, model, s.momentum)
             if not warm:
                 g = out.gathered
                 slots = (memory.ptr + torch.arange(len(rows))) % max(s.memory, 1)
@@ -438,6 +446,7 @@ def loop_run(variant: str, seed: int, args: argparse.Namespace) -> dict:
         overrides.append(f"memory.size={args.memory}")
     if args.warmup_epochs is not None:
         overrides.append(f"train.warmup_epochs={args.warmup_epochs}")
+    overrides.append(f"memory.encoder={args.memory_encoder}")
     overrides += [f"fne.{f.name}={_yaml_value(getattr(fne, f.name))}" for f in fields(fne)]
     t0 = time.perf_counter()
     # a fresh process per run: the CLI exactly as a user starts it (a process group, its port
@@ -641,6 +650,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="re-encode the memory with the current momentum model every step (no staleness)",
     )
+    p.add_argument(
+        "--memory-encoder",
+        choices=("momentum", "online"),
+        default="momentum",
+        help="memory.encoder: the momentum (EMA) copy fills the memory, or the online model's "
+        "detached embeddings (XBM-style); name the rows apart with --suffix",
+    )
     p.add_argument("--suffix", default="", help="appended to each variant's row name")
     p.add_argument(
         "--loop",
@@ -721,7 +737,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         data = make_data(s)
     overrides = {"memory": args.memory, "momentum": args.momentum}
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
-    s = replace(s, fresh_memory=args.fresh_memory)
+    s = replace(s, fresh_memory=args.fresh_memory, memory_encoder=args.memory_encoder)
     if args.warmup_epochs is not None:
         s = replace(s, warmup_epochs=args.warmup_epochs)
     runs: dict[str, list[dict]] = {}

@@ -147,6 +147,43 @@ class MomentumMemory:
         return Candidates(self.img_KD, self.txt_KD, self.ids_K, 0, self.groups_K)
 
     @torch.no_grad()
+    def after_batch(self, batch: Candidates) -> Candidates:
+        """[batch ; memory] as one candidate block, the same values as ``Candidates.concat(batch,
+        self.candidates())`` without copying the K memory rows each step: the memory's tensors
+        are the tail of (G + K)-row buffers whose first G rows take the batch block here (at
+        K = 16,384, D = 256, the copy was 2 × 16 MB a step; at a GPU's K = 10⁶, 2 GB). The
+        block aliases the memory: it is valid until the next ``after_batch`` or ``enqueue``
+        (autograd's version check fails loudly if a backward reads it after either). Falls back
+        to the copy when the batch's dtype or device differs from the memory's (a bf16 memory
+        next to an fp32 batch: the copy promotes, the buffer would round the batch)."""
+        g = batch.img_ND.shape[0]
+        same = (
+            batch.groups_N is not None
+            and batch.img_ND.dtype == batch.txt_ND.dtype == self.img_KD.dtype
+            and batch.img_ND.device == self.img_KD.device
+        )
+        if not same or self.ids_K.numel() == 0:
+            return Candidates.concat(batch, self.candidates())
+        bufs = self._front_buffers(g)
+        heads = (batch.img_ND, batch.txt_ND, batch.ids_N, batch.groups_N)
+        for buf, head in zip(bufs, heads, strict=True):
+            buf[:g].copy_(head)
+        return Candidates(bufs[0], bufs[1], bufs[2], g, bufs[3])
+
+    def _front_buffers(self, g: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The (g + K)-row buffers whose tails are the memory's tensors; allocated (and the
+        memory moved into them, once) when g changes or a tensor was replaced from outside."""
+        bufs = getattr(self, "_fronts", None)
+        tails = (self.img_KD, self.txt_KD, self.ids_K, self.groups_K)
+        if bufs is None or not all(_is_tail(t, b, g) for t, b in zip(tails, bufs, strict=True)):
+            bufs = tuple(t.new_empty((g + t.shape[0], *t.shape[1:])) for t in tails)
+            for buf, tail in zip(bufs, tails, strict=True):
+                buf[g:].copy_(tail)
+            self.img_KD, self.txt_KD, self.ids_K, self.groups_K = (b[g:] for b in bufs)
+            self._fronts = bufs
+        return bufs  # type: ignore[return-value]
+
+    @torch.no_grad()
     def slots_of(self, ids_B: Tensor) -> Tensor:
         """Newest slot holding each id, or -1: the id → slot index of the staleness metric.
 
@@ -194,6 +231,16 @@ class MomentumMemory:
         self.groups_K.copy_(state["groups"])
         self.seq_K.copy_(state["seq"])
         self.ptr, self.writes = (int(v) for v in state["ptr_writes"].tolist())
+
+
+def _is_tail(tail: Tensor, buf: Tensor, g: int) -> bool:
+    """``tail`` is ``buf[g:]`` (the same storage, offset and rows)."""
+    return (
+        tail.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+        and tail.storage_offset() == buf.storage_offset() + g * buf.stride(0)
+        and tail.shape[0] == buf.shape[0] - g
+        and tail.is_contiguous()
+    )
 
 
 def build_memory(cfg, device: torch.device | str | None, rank: int, world: int) -> MomentumMemory:

@@ -34,15 +34,17 @@ def ema_update(momentum: nn.Module, online: nn.Module, m: float) -> None:
     """
     if not 0.0 <= m <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {m}")
-    pairs = list(zip(momentum.parameters(), online.parameters(), strict=False))
-    n_m, n_o = sum(1 for _ in momentum.parameters()), sum(1 for _ in online.parameters())
-    if n_m != n_o:
-        raise ValueError(f"momentum has {n_m} parameters, online has {n_o}")
-    trained = [(t, p) for t, p in pairs if p.requires_grad]
+    params_m, params_o = list(momentum.parameters()), list(online.parameters())
+    if len(params_m) != len(params_o):
+        raise ValueError(f"momentum has {len(params_m)} parameters, online has {len(params_o)}")
+    trained = [(t, p) for t, p in zip(params_m, params_o, strict=True) if p.requires_grad]
     targets = [t for t, _ in trained]
     sources = [p.detach().to(torch.float32) for _, p in trained]
     if targets:
         torch._foreach_mul_(targets, m)
         torch._foreach_add_(targets, sources, alpha=1.0 - m)
-    for b_m, b_o in zip(momentum.buffers(), online.buffers(), strict=True):
-        b_m.copy_(b_o)
+    buffers_m, buffers_o = list(momentum.buffers()), list(online.buffers())
+    if len(buffers_m) != len(buffers_o):
+        raise ValueError(f"momentum has {len(buffers_m)} buffers, online has {len(buffers_o)}")
+    if buffers_m:  # one foreach call, not a copy_ per buffer (a tower has ~150 of them)
+        torch._foreach_copy_(buffers_m, buffers_o)

@@ -82,8 +82,12 @@ def forward_step(
     rank = dist_ops.rank()
     with t.phase("online_forward"):
         img_BD, txt_BD, temperature = online(batch)  # 1. online embeddings
-    with t.phase("momentum_forward"), torch.no_grad():
-        m_img_BD, m_txt_BD, _ = momentum(batch)  # 2. momentum embeddings
+    with t.phase("momentum_forward"):
+        with torch.inference_mode():  # 2. momentum embeddings, with no autograd bookkeeping
+            m_out = momentum(batch)  # (no_grad still counts versions and tracks views)
+        # normal tensors again (B×D: a negligible copy): an inference tensor may not be saved
+        # for a backward, and with a sharded memory these rows are candidates of the loss
+        m_img_BD, m_txt_BD = m_out[0].clone(), m_out[1].clone()
     with t.phase("gather"):  # 3. gather momentum embeddings, ids and groups, in rank order,
         # in one collective (one gather per tensor cost four latencies)
         g_img, g_txt, g_ids, g_groups = dist_ops.all_gather_rows(
@@ -92,7 +96,7 @@ def forward_step(
         gathered = Candidates(g_img, g_txt, g_ids, B * dist_ops.world_size(), g_groups)
     G = gathered.n_batch
     sharded = memory.sharded  # each rank holds K/W slots (docs/sharded-memory.md)
-    candidates = gathered if sharded else Candidates.concat(gathered, memory.candidates())
+    candidates = gathered if sharded else memory.after_batch(gathered)  # no copy of the K rows
     posterior = posterior_for(cfg)
     if cfg.stats_scope == "global":  # 4. the rule over the gathered G×G *momentum* matrix:
         # every rank computes the same sums, so no reduction is needed.

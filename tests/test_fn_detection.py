@@ -154,3 +154,32 @@ def test_loss_reports_detection_sums_only_with_groups(loss: str) -> None:
         # 4 labelled anchors × 2 directions; each sees 1 labelled group mate (not masked).
         assert float(with_groups["fnd_n_actual"]) == 8.0
         assert float(with_groups["fnd_n_eval"]) == 8 * 3.0
+
+
+def test_unlabelled_anchors_skip_the_passes_with_the_definitions_sums() -> None:
+    """Invariant: a chunk whose anchors carry no group label (data without groups) returns,
+    without its b×N passes, exactly the definition's sums (``detection_sums`` over the
+    evaluable slots: all 0), and the loss still reports every detection column."""
+    from fne_dist.fne.detection import detection_sums, evaluable, known_unlabelled
+    from fne_dist.fne.groups import same_group
+
+    f = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    g = Gaussians(f(0.85), f(0.05**2), f(0.3), f(0.3**2), f(500.0), f(1) > 0, f(1) > 0)
+    cfg = FneConfig(prior=0.01, eps=0.01)
+    sim, _, cand_ids, _, g_b, g_n = _small_window_problem(0)
+    g_b = torch.full_like(g_b, -1)
+    assert known_unlabelled(g_b) and not known_unlabelled(g_b.clone().fill_(2))
+    # off the host it answers without reading a value (a meta tensor has none to read)
+    assert not known_unlabelled(torch.full((3,), -1, device="meta"))
+    mask = cand_ids[None, :] == cand_ids[:1, None]
+    window = sim > 0.65
+    got = dense_detection(sim, mask, (g_b, g_n), window, g, cfg, True)
+    same = same_group(g_b[:, None], g_n[None, :])
+    want = detection_sums(sim, evaluable(g_b, g_n, mask), same, window, g, cfg, True)
+    assert torch.equal(got, want) and got.dtype == want.dtype and not got.any()
+    a, c = _batch(True)
+    a.groups_B, c.groups_N = torch.full((6,), -1), torch.full((6,), -1)
+    u = torch.rand(2, 6, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    diag = retrieval_loss(a, c, FneConfig(), g, u).diagnostics
+    assert {k[4:] for k in diag if k.startswith("fnd_")} == set(COLUMNS)
+    assert all(float(v) == 0.0 for k, v in diag.items() if k.startswith("fnd_"))

@@ -83,3 +83,65 @@ def test_staleness_is_cosine_to_fresh_embedding() -> None:
         torch.tensor([1, 2, 3]), torch.tensor([[1.0, 0], [1.0, 0], [0, 1.0]])
     )
     assert count.item() == 2 and total.item() == pytest.approx(1.0)
+
+
+def _block(G: int, D: int, step: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(step)
+    img, txt = torch.randn(G, D, generator=g), torch.randn(G, D, generator=g)
+    ids = torch.arange(G) + 100 * step
+    return img, txt, ids, ids % 3
+
+
+@pytest.mark.parametrize("K,G", [(10, 3), (7, 7), (5, 12)])
+def test_after_batch_is_the_concatenation_without_copying_the_memory(K: int, G: int) -> None:
+    """Invariant: ``after_batch`` gives exactly ``Candidates.concat(batch, memory)`` at every
+    step (wrap-around, G not dividing K or above K), its memory rows are the memory's own
+    storage (no per-step copy), and enqueueing after it leaves the memory as a memory that
+    never called it."""
+    from fne_dist.fne import Candidates
+
+    D = 4
+    fast, plain = MomentumMemory(K, D, seed=3), MomentumMemory(K, D, seed=3)
+    for step in range(6):
+        img, txt, ids, groups = _block(G, D, step)
+        batch = Candidates(img, txt, ids, G, groups)
+        got, want = fast.after_batch(batch), Candidates.concat(batch, plain.candidates())
+        for a, b in zip(
+            (got.img_ND, got.txt_ND, got.ids_N, got.groups_N),
+            (want.img_ND, want.txt_ND, want.ids_N, want.groups_N),
+            strict=True,
+        ):
+            assert torch.equal(a, b)
+        assert got.n_batch == want.n_batch == G
+        assert got.img_ND[G:].data_ptr() == fast.img_KD.data_ptr()  # the memory itself
+        fast.enqueue(img, txt, ids, groups)
+        plain.enqueue(img, txt, ids, groups)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(fast.state_dict()[key], value), key
+
+
+def test_after_batch_block_read_after_an_enqueue_fails_loudly() -> None:
+    """Invariant: the block aliases the memory, so a backward that reads it after the memory
+    changed must raise (autograd's version check), never use the new rows silently."""
+    from fne_dist.fne import Candidates
+
+    mem = MomentumMemory(8, 4, seed=0)
+    img, txt, ids, groups = _block(2, 4, 0)
+    block = mem.after_batch(Candidates(img, txt, ids, 2, groups))
+    query = torch.randn(2, 4, requires_grad=True)
+    loss = (query @ block.img_ND.T).sum()
+    mem.enqueue(img, txt, ids, groups)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_after_batch_copies_when_the_memory_is_bf16() -> None:
+    """Invariant: a bf16 memory next to an fp32 batch gives concat's promoted fp32 block (the
+    batch rows unrounded), not a bf16 buffer."""
+    from fne_dist.fne import Candidates
+
+    mem = MomentumMemory(6, 4, seed=0, dtype=torch.bfloat16)
+    img, txt, ids, groups = _block(3, 4, 1)
+    batch = Candidates(img, txt, ids, 3, groups)
+    got, want = mem.after_batch(batch), Candidates.concat(batch, mem.candidates())
+    assert got.img_ND.dtype == torch.float32 and torch.equal(got.img_ND, want.img_ND)

@@ -18,7 +18,9 @@ from torch.overrides import TorchFunctionMode
 
 from fne_dist.config import ModelConfig, load_config
 from fne_dist.fne import FneConfig, SimilarityStats
+from fne_dist.fne import detection as detection_module
 from fne_dist.fne import loss as loss_module
+from fne_dist.fne import selection as selection_module
 from fne_dist.fne.selection import select_dense
 from fne_dist.memory import MomentumMemory
 from fne_dist.model import DualEncoder
@@ -78,6 +80,10 @@ def test_a_gpu_step_reads_nothing_on_the_host(
     all_pairs statistics, the unflagged fallback; a gate small enough to open here). The
     loop's only reads are at log windows (TrainState.take_window), outside this path."""
     monkeypatch.setattr(loss_module, "_selector", lambda _d, _c, _g, cfg, *_: (select_dense, 64))
+    # detection's host-only shortcut for unlabelled anchors: on a GPU it answers False without
+    # a read (tests/test_fn_detection.py), which is the path this test pins
+    for module in (detection_module, selection_module):
+        monkeypatch.setattr(module, "known_unlabelled", lambda _groups: False)
     torch.manual_seed(0)
     model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
     momentum, memory = make_momentum_copy(model), MomentumMemory(20, 4, seed=0)

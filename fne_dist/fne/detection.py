@@ -111,6 +111,19 @@ GroupLabels = tuple[Tensor, Tensor]
 against."""
 
 
+def known_unlabelled(groups_b: Tensor) -> bool:
+    """No anchor of ``groups_b`` carries a group label, where reading that costs no device
+    sync (host tensors; on an accelerator this answers False and the sums run). Data without
+    group labels (Flickr/COCO-style captions) then skips detection's b×N passes: every sum of
+    an unlabelled anchor's row is 0, so ``zero_detection`` is what they would have given."""
+    return groups_b.device.type == "cpu" and not bool(labelled(groups_b).any())
+
+
+def zero_detection(b: int, device: torch.device | str | None = None) -> Tensor:
+    """b×F zeros: ``detection_sums`` of b anchors none of which is labelled."""
+    return torch.zeros(b, N_COLUMNS, dtype=torch.float64, device=device)
+
+
 def dense_detection(
     sim_bN: Tensor,
     mask_bN: Tensor,
@@ -123,6 +136,8 @@ def dense_detection(
 ) -> Tensor:
     """``detection_sums`` over every candidate: the definition (any device)."""
     groups_b, cand_groups_N = groups
+    if known_unlabelled(groups_b):
+        return zero_detection(sim_bN.shape[0], sim_bN.device)
     same_bN = same_group(groups_b[:, None], cand_groups_N[None, :])
     eval_bN = evaluable(groups_b, cand_groups_N, mask_bN)
     return detection_sums(sim_bN, eval_bN, same_bN, window_bN, g, cfg, with_posterior, log_odds_bN)

@@ -25,7 +25,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .detection import GroupLabels, dense_detection, empty_detection, listed_detection
+from .detection import (
+    GroupLabels,
+    dense_detection,
+    empty_detection,
+    known_unlabelled,
+    listed_detection,
+    zero_detection,
+)
 from .groups import same_group
 from .params import FneConfig
 from .posteriors import quadratic_fit_of
@@ -153,6 +160,8 @@ def _dense_detection(
     sim_bN, _, mask_bN, masked_sim_bN = sims
     if detect_groups is None:
         return empty_detection(sim_bN.shape[0], sim_bN.device)
+    if known_unlabelled(detect_groups[0]):  # not even the window's b×N pass
+        return zero_detection(sim_bN.shape[0], sim_bN.device)
     assert mask_bN is not None
     threshold = cut_threshold(g, cfg.cut_margin, sim_bN.dtype) if cfg.hard_cut else -math.inf
     window_bN = masked_sim_bN > threshold
