@@ -79,6 +79,7 @@ class CpuSampler(threading.Thread):
         super().__init__(daemon=True)
         self.root = psutil.Process(pid)
         self.seen: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU seconds
+        self.kind: dict[tuple[int, float], str] = {}  # (pid, start time) -> process_kind
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -89,13 +90,45 @@ class CpuSampler(threading.Thread):
                 continue
             for p in procs:
                 try:
-                    t = p.cpu_times()
-                    self.seen[(p.pid, p.create_time())] = t.user + t.system
+                    t, key = p.cpu_times(), (p.pid, p.create_time())
+                    self.seen[key] = t.user + t.system
+                    if key not in self.kind:
+                        self.kind[key] = process_kind(p, self.root)
                 except psutil.Error:
                     pass
 
     def total(self) -> float:
         return sum(self.seen.values())
+
+    def by_kind(self) -> dict[str, float]:
+        kinds: dict[str, float] = {}
+        for key, seconds in self.seen.items():
+            kinds[self.kind[key]] = kinds.get(self.kind[key], 0.0) + seconds
+        return kinds
+
+
+# What a descendant process is, by its title (Ray names its processes), for the CPU split
+KINDS = (
+    ("RayTrainWorker", "train workers"),
+    ("TrainController", "Ray Train actors"),
+    ("ray::", "Ray Train actors"),  # the state actor, coordinator, cleaner, watcher, idle
+    ("raylet", "Ray daemons"),
+    ("gcs_server", "Ray daemons"),
+    ("dashboard", "Ray dashboard + agents"),
+    ("agent", "Ray dashboard + agents"),
+    ("log_monitor", "Ray daemons"),
+    ("monitor", "Ray daemons"),
+)
+
+
+def process_kind(p: psutil.Process, root: psutil.Process) -> str:
+    if p.pid == root.pid:
+        return "driver"
+    try:
+        title = " ".join(p.cmdline()[:3]) or p.name()
+    except psutil.Error:
+        return "other"
+    return next((kind for needle, kind in KINDS if needle in title), "other")
 
 
 def one_run(
@@ -145,6 +178,7 @@ def one_run(
     metrics = json.loads((out / name / "metrics.json").read_text())
     metrics["process_wall_s"] = wall
     metrics["process_cpu_s"] = cpu.total()
+    metrics["cpu_by_kind_s"] = cpu.by_kind()
     metrics["markers_s"] = seen
     marks = metrics.get("timeline") or {}
     metrics["timeline_s"] = {k: v - t0_epoch for k, v in marks.items()}
@@ -212,6 +246,8 @@ def table(results: dict[str, list[dict]]) -> None:
     row("runs", lambda m: len(results[m["_label"]]), "{:16.0f}")
     row("process wall (s)", lambda m: m["process_wall_s"])
     row("process CPU (s)", lambda m: m.get("process_cpu_s", nan))
+    for kind in dict.fromkeys(kind for _, kind in (*KINDS, ("", "driver"), ("", "other"))):
+        row(f"  CPU {kind} (s)", lambda m, k=kind: m.get("cpu_by_kind_s", {}).get(k, 0.0))
     # the process's stages, from when each marker line arrived: a stage runs from the last
     # marker seen before it (Ray's lines are missing under torchrun); NaN: its line never came
     for i, (label, _) in enumerate(MARKERS):
