@@ -184,6 +184,9 @@ def one_run(
     metrics["timeline_s"] = {k: v - t0_epoch for k, v in marks.items()}
     bare = [ln.split(") ", 1)[-1] if ln.startswith("(") else ln for ln in lines]  # Ray's prefix
     metrics["summary"] = [ln for ln in bare if ln.startswith(("test ", "val ")) and "rsum" in ln]
+    own = ("process_wall_s", "process_cpu_s", "cpu_by_kind_s", "markers_s", "timeline_s", "summary")
+    # beside metrics.json: --tabulate reads it back (a benchmark killed half-way still counts)
+    (out / name / "bench.json").write_text(json.dumps({k: metrics[k] for k in own}, indent=1))
     return metrics
 
 
@@ -312,6 +315,8 @@ def tabulate(run_dir: Path, log: Path | None) -> None:
         m["process_wall_s"] = walls.get(name, nan)
         m.setdefault("markers_s", {})
         m["timeline_s"] = {}
+        if (metrics.parent / "bench.json").is_file():  # what the benchmark measured itself
+            m.update(json.loads((metrics.parent / "bench.json").read_text()))
         m["_label"] = name.rsplit("-", 1)[0]
         results.setdefault(m["_label"], []).append(m)
     table(results)
