@@ -21,7 +21,6 @@ from the code's. ``--out`` keeps the run directories.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -240,11 +239,11 @@ def main() -> None:
 def table(results: dict[str, list[dict]]) -> None:
     """Medians per label of the runs' metrics (process_wall_s: NaN where unknown)."""
     labels = [label for label, ms in results.items() if ms]
-    print(f"{'':28s}" + "".join(f"{label:>16s}" for label in labels))
+    print(f"{'':34s}" + "".join(f"{label:>16s}" for label in labels))
 
     def row(name: str, fn, fmt: str = "{:16.1f}") -> None:
         vals = [statistics.median(fn(m) for m in results[label]) for label in labels]
-        print(f"{name:28s}" + "".join(fmt.format(v) for v in vals))
+        print(f"{name:34s}" + "".join(fmt.format(v) for v in vals))
 
     row("runs", lambda m: len(results[m["_label"]]), "{:16.0f}")
     row("process wall (s)", lambda m: m["process_wall_s"])
@@ -258,8 +257,8 @@ def table(results: dict[str, list[dict]]) -> None:
     row("  ..exit (s)", lambda m: _marker_span(m, len(MARKERS)))
     # inside train() on rank 0 (metrics.json's timeline, where the checkout writes one)
     row("  train() from start (s)", lambda m: m["timeline_s"].get("train_start", nan))
-    for a, b in itertools.pairwise(TIMELINE):
-        row(f"    ..{b} (s)", lambda m, a=a, b=b: _span(m["timeline_s"], a, b))
+    for i, mark in enumerate(TIMELINE[1:], 1):  # from the last earlier mark the checkout writes
+        row(f"    ..{mark} (s)", lambda m, i=i: _since_last(m["timeline_s"], TIMELINE, i))
     row("    ..exit (s)", lambda m: m["process_wall_s"] - m["timeline_s"].get("evaluated", nan))
     row("  outside train() (s)", lambda m: m["process_wall_s"] - m["wall_time_s"])
     row("  train() (s)", lambda m: m["wall_time_s"])
@@ -286,16 +285,14 @@ def table(results: dict[str, list[dict]]) -> None:
 def _marker_span(m: dict, i: int) -> float:
     """Seconds from the last marker seen before ``MARKERS[i]`` (or the start) to it (``i`` past
     the end: to the process's exit)."""
-    seen = m["markers_s"]
-    end = m["process_wall_s"] if i == len(MARKERS) else seen.get(MARKERS[i][0], nan)
-    earlier = [seen[label] for label, _ in MARKERS[:i] if label in seen]
-    return end - (earlier[-1] if earlier else 0.0)
+    order = (*(label for label, _ in MARKERS), "exit")
+    return _since_last({**m["markers_s"], "exit": m["process_wall_s"]}, order, i)
 
 
-def _span(times: dict[str, float], a: str | None, b: str) -> float:
-    """Seconds from mark ``a`` (None: the start) to mark ``b``; NaN if either is missing."""
-    start = 0.0 if a is None else times.get(a, nan)
-    return times.get(b, nan) - start
+def _since_last(times: dict[str, float], order: tuple[str, ...], i: int) -> float:
+    """Seconds from the last mark of ``order[:i]`` in ``times`` (or 0) to ``order[i]``."""
+    earlier = [times[name] for name in order[:i] if name in times]
+    return times.get(order[i], nan) - (earlier[-1] if earlier else 0.0)
 
 
 def tabulate(run_dir: Path, log: Path | None) -> None:
