@@ -91,8 +91,8 @@ class CpuSampler(threading.Thread):
                 try:
                     t, key = p.cpu_times(), (p.pid, p.create_time())
                     self.seen[key] = t.user + t.system
-                    if key not in self.kind:
-                        self.kind[key] = process_kind(p, self.root)
+                    # the latest title: a prestarted Ray worker becomes an actor later
+                    self.kind[key] = process_kind(p, self.root)
                 except psutil.Error:
                     pass
 
