@@ -44,9 +44,7 @@ from .data.splits import PairTable
 from .data.stream import TrainStream
 from .distributed.device import backend_for, select_device, threads_per_rank
 from .distributed.launch import Timeouts, init_process_group, rank_env
-from .encoders import (
-    check_available,
-)
+from .encoders import check_available
 from .engine import build_engine, full_weights, gathered_parameters, partitioned_optimizer
 from .epochs import DataLog, agreed_batches
 from .export import write_sidecar
