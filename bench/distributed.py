@@ -35,6 +35,7 @@ PHASES = (
     "momentum_forward",
     "gather",
     "reduce",
+    "posterior_fit",
     "fne_loss",
     "backward_step",
     "ema",

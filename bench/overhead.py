@@ -51,6 +51,7 @@ PHASES = (
     "momentum_forward",
     "gather",
     "reduce",
+    "posterior_fit",
     "fne_loss",
     "backward_step",
     "ema",
@@ -282,7 +283,7 @@ def report(variants: list[Variant]) -> None:
     print(f"{'FNE part ÷ in-b.':18s}" + ratios)
     # what FNE itself adds: its phases (the in-batch loss subtracted) over the in-batch step,
     # each phase's median on its own: robust to a slow step elsewhere
-    fne_only = ("gather", "reduce", "fne_loss", "enqueue", "other")
+    fne_only = ("gather", "reduce", "posterior_fit", "fne_loss", "enqueue", "other")
     base_loss = med[variants[0].name]["fne_loss"]
     added = {v.name: sum(med[v.name][p] for p in fne_only) - base_loss for v in variants}
     print(

@@ -111,6 +111,7 @@ def evaluate_weights(
     from .loop_inputs import eval_table, split_shards
     from .model import build_dual_encoder
     from .sharded_eval import evaluate_table
+    from .towers import Towers
 
     torch.set_num_threads(threads_per_rank(cfg.run.threads, 1))  # one process
     given = towers is not None
@@ -121,7 +122,8 @@ def evaluate_weights(
     if given:  # an export's backbones hold their weights, which its weights leave out
         weights = with_tower_weights(model, weights)
     fit_weights(model, weights, where)
-    shards = split_shards(cfg, split, image_backbone, text_backbone, log=lambda m: None)
+    given = Towers.given(cfg.model, image_backbone, text_backbone)
+    shards = split_shards(cfg, split, given, log=lambda m: None)
     table = eval_table(cfg, split, shards, image_backbone, rank=0, world=1)
     return evaluate_table(model, table, fold_size)
 

@@ -44,21 +44,21 @@ from .data.splits import PairTable
 from .data.stream import TrainStream
 from .distributed.device import backend_for, select_device, threads_per_rank
 from .distributed.launch import Timeouts, init_process_group, rank_env
-from .encoders import (
-    ImageBackbone,
-    TextBackbone,
-    build_image_backbone,
-    build_text_backbone,
-    check_available,
-)
+from .encoders import check_available
 from .engine import build_engine, full_weights, gathered_parameters, partitioned_optimizer
 from .epochs import DataLog, agreed_batches
 from .export import write_sidecar
 from .fne import SimilarityStats
 from .interrupt import Interrupted, StopRequest, handle_signals
-from .loop_inputs import SPLITS, eval_table, raw_shards, split_shards, train_stream
+from .loop_inputs import (
+    SPLITS,
+    eval_table,
+    raw_shards,
+    split_shards,
+    towers_to_load,
+    train_stream,
+)
 from .memory import build_memory
-from .model import build_dual_encoder
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
 from .nonfinite import check_in_row, finite_everywhere, grads_finite, poisoned
@@ -82,7 +82,8 @@ from .shared_prefix import OnlineMemory, SharedPrefix
 from .sizing import check_fits, launch_warnings
 from .state import TrainState
 from .step import StepOutput, StepPosition, forward_step
-from .timing import NullTimer, PhaseTimer
+from .timing import NullTimer, PhaseTimer, Timeline
+from .towers import Towers
 
 log = logging.getLogger("fne_dist")
 
@@ -98,12 +99,13 @@ def train(
     to the console and to the run's train_log.jsonl. launcher_checkpoints: a launcher's own
     record of the run's checkpoints (Ray Train's), told of each one and asked on resume.
     """
-    t_start = time.perf_counter()
+    timeline = Timeline()
     setup_logging()  # every launcher's process passes here: "[rank r] ..." on stdout
     # 1. fail fast on what a user can get wrong: every shard path, every encoder name
     preflight(cfg)
-    image_backbone = build_image_backbone(cfg.model.image)
-    text_backbone = build_text_backbone(cfg.model.text)
+    towers = Towers(cfg.model)  # a frozen tower with a complete feature cache is never loaded
+    towers.build(towers_to_load(cfg))
+    timeline.mark("towers_built")
 
     # 2. process: ranks, device, threads, seeds (identical model init on every rank)
     env, launcher = rank_env(), process_launcher()  # before the group sets RANK & co.
@@ -113,15 +115,15 @@ def train(
     torch.set_num_threads(threads_per_rank(cfg.run.threads, env.local_world_size))
     seed_everything(cfg.run.seed)
     created_group = init_process_group(env, backend_for(device), Timeouts.from_config(cfg))
+    timeline.mark("group_ready")
     try:
-        backbones = (image_backbone, text_backbone)
         # one live run per run directory and per checkpoint.dir; a signal stops the run
         # between steps
         run_dir = run_directory(cfg)
         owner = owned(run_dir, dist_ops.rank(), local_checkpoint_dir(cfg, run_dir), cfg.run.name)
         with owner, handle_signals() as stop:
             hooks = Hooks(extra_reporter, launcher_checkpoints, stop)
-            result = _train(cfg, hooks, backbones, device, launcher, t_start)
+            result = _train(cfg, hooks, towers, device, launcher, timeline)
         if created_group:
             dist_ops.barrier()  # no rank tears the group down while another still uses it
         return result
@@ -151,17 +153,19 @@ def seed_everything(seed: int) -> None:
 def _train(
     cfg: Config,
     hooks: Hooks,
-    backbones: tuple[ImageBackbone, TextBackbone],
+    towers: Towers,
     device: torch.device,
     launcher: str,
-    t_start: float,
+    timeline: Timeline,
 ) -> dict:
     """Phases 3-5 of ``train`` inside an initialised process group."""
     # 3. run directory, data, model, momentum model, engine, memory, statistics, reporters
-    run = setup_run(cfg, hooks, *backbones, device, launcher)
+    run = setup_run(cfg, hooks, towers, device, launcher, timeline)
+    timeline.mark("engine_ready")
     # 4. resume (a launcher's checkpoint after a restart, else checkpoint.resume), the loop
     state = resume_or_start(run)
     run.reporter.progress(progress(run, state))  # the metrics' baseline
+    timeline.mark("loop_start")
     t_loop = time.perf_counter()
     stop = hooks.stop
     batches = agreed_batches(
@@ -180,9 +184,12 @@ def _train(
                 maybe_evaluate(run, state)
     if stop is not None and stop.agreed:
         stop_on_signal(run, state, stop)
+    timeline.mark("loop_end")
     end_of_training(run, state)
+    loop_time = time.perf_counter() - t_loop  # the last checkpoint included, as always
+    timeline.mark("last_checkpoint")
     # 5. final evaluation, summary and run directory
-    return finish(run, state, time.perf_counter() - t_loop, t_start)
+    return finish(run, state, loop_time, timeline)
 
 
 @dataclass
@@ -229,10 +236,10 @@ class Run:
 def setup_run(
     cfg: Config,
     hooks: Hooks,
-    image_backbone: ImageBackbone,
-    text_backbone: TextBackbone,
+    towers: Towers,
     device: torch.device,
     launcher: str,
+    timeline: Timeline | None = None,
 ) -> Run:
     """Everything a run builds before its first step, in the order the seeded initialisation
     relies on; rank 0 also writes the run directory's config (resolved: the checkpoints' copy
@@ -247,13 +254,15 @@ def setup_run(
     monitor = build_monitor(cfg, run_dir, launcher, device)
     stop = hooks.stop
     stop_reason = (lambda: stop.signal_name) if stop is not None else (lambda: None)
-    stream, tables = open_data(cfg, image_backbone, text_backbone, rank, world, stop_reason)
+    stream, tables = open_data(cfg, towers, rank, world, stop_reason)
+    if timeline is not None:
+        timeline.mark("data_ready")
     cfg = resolve_warmup(cfg, stream.steps_per_epoch)
     if rank == 0:  # once, resolved: what the checkpoints hold and a resume compares
         save_config(cfg, run_dir / "config.yaml")
     total_micro = max(1, math.ceil(cfg.train.epochs * stream.steps_per_epoch))
     total_steps = max(1, total_micro // cfg.engine.grad_accum)
-    model = build_dual_encoder(cfg.model, image_backbone, text_backbone, cfg.fne.temperature)
+    model = towers.dual_encoder(cfg.fne.temperature)
     momentum = make_momentum_copy(model).to(device)  # before the engine: the order seeds use
     parts = Parts(
         engine=build_engine(model, cfg, total_steps),
@@ -261,6 +270,8 @@ def setup_run(
         memory=build_memory(cfg, device, rank, world),
         stats=SimilarityStats(cfg.fne.stats_reset, cfg.fne.no_pos_mu, device=device),
     )
+    if timeline is not None:
+        timeline.mark("engine_built")
     G = cfg.train.batch_size * world
     fan_out = build_reporters(cfg, hooks.reporter, monitor, run_dir, total_micro)
     fan_out.message(
@@ -329,8 +340,7 @@ def build_reporters(
 
 def open_data(
     cfg: Config,
-    image_backbone: ImageBackbone,
-    text_backbone: TextBackbone,
+    towers: Towers,
     rank: int,
     world: int,
     stop_reason: Callable[[], str | None] = lambda: None,
@@ -342,8 +352,7 @@ def open_data(
         split: split_shards(
             cfg,
             split,
-            image_backbone,
-            text_backbone,
+            towers,
             env.local_rank,
             env.local_world_size,
             log=log.info,
@@ -351,10 +360,10 @@ def open_data(
         )
         for split in SPLITS
     }
-    stream = train_stream(cfg, shards["train"], image_backbone, text_backbone, rank, world)
-    tables = {
-        s: eval_table(cfg, s, shards[s], image_backbone, rank, world) for s in ("val", "test")
-    }
+    image = None if cfg.model.image.frozen else towers.image  # frozen: cached features
+    text = None if cfg.model.text.frozen else towers.text
+    stream = train_stream(cfg, shards["train"], image, text, rank, world)
+    tables = {s: eval_table(cfg, s, shards[s], image, rank, world) for s in ("val", "test")}
     return stream, tables
 
 
@@ -566,12 +575,13 @@ def end_of_training(run: Run, state: TrainState) -> None:
     run.checkpointer.save_at_end(state)
 
 
-def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dict:
+def finish(run: Run, state: TrainState, loop_time: float, timeline: Timeline) -> dict:
     """Final val/test evaluation and data counts (collectives); rank 0 writes metrics.json, then
     the weights, and reports the summary. Returns the metrics ({} on other ranks)."""
     dist_ops.barrier()
     final_val = evaluate_table(run.parts.engine.module, run.tables["val"])
     final_test = evaluate_table(run.parts.engine.module, run.tables["test"])
+    timeline.mark("evaluated")
     run.reporter.evaluation(state.opt_step, "val", final_val)
     run.reporter.evaluation(state.opt_step, "test", final_test)
     data_counts = run.data_log.totals(run.device)
@@ -592,8 +602,10 @@ def finish(run: Run, state: TrainState, loop_time: float, t_start: float) -> dic
             "phase_seconds": run.timer.totals(),
             "data": data_counts,
             "world_size": run.world,
-            "wall_time_s": time.perf_counter() - t_start,
+            "wall_time_s": timeline.elapsed(),
         }
+        if run.cfg.train.profile_phases:
+            result["timeline"] = timeline.marks
         history = {**result, "epochs": state.epoch_diag.epochs, "history": state.history}
         error = write_results(run.run_dir, history, weights, state.saved_at == state.opt_step)
         run.pictures.evaluation(state.opt_step, run.parts.stats)

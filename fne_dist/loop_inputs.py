@@ -30,6 +30,7 @@ from .data.splits import PairTable, load_split
 from .data.stream import StreamOptions, TrainStream
 from .encoders import ImageBackbone, TextBackbone
 from .interrupt import Interrupted
+from .towers import TOWERS, Towers
 
 SPLITS = ("train", "val", "test")
 
@@ -60,11 +61,22 @@ def cache_dir(cfg: Config, split: str, shards: ShardList) -> Path:
     return Path(cfg.data.cache_dir) / f"feat-{cache_fingerprint(identity)}"
 
 
+def towers_to_load(cfg: Config) -> list[str]:
+    """The backbones a run must load: a trained tower, and a frozen one while some split's
+    feature cache is not complete (the cache is built with it). Checked before any rank starts
+    building, so a complete cache is read without loading the frozen towers at all."""
+    image, text = cfg.model.image, cfg.model.text
+    if (image.frozen or text.frozen) and not all(
+        is_complete(cache_dir(cfg, split, raw_shards(cfg, split))) for split in SPLITS
+    ):
+        return list(TOWERS)
+    return [name for name, tower in zip(TOWERS, (image, text), strict=True) if not tower.frozen]
+
+
 def split_shards(
     cfg: Config,
     split: str,
-    image_backbone: ImageBackbone,
-    text_backbone: TextBackbone,
+    towers: Towers,
     local_rank: int = 0,
     local_world: int = 1,
     log=print,
@@ -87,7 +99,7 @@ def split_shards(
             # the other local ranks only wait: lend their cores to the build
             torch.set_num_threads(min(os.cpu_count() or 1, threads * local_world))
             try:
-                built = _build(cfg, split, shards, out, image_backbone, text_backbone, stop_reason)
+                built = _build(cfg, split, shards, out, towers, stop_reason)
                 bad.update(built)
             finally:
                 torch.set_num_threads(threads)
@@ -121,8 +133,7 @@ def _build(
     split: str,
     shards: ShardList,
     out: Path,
-    image_backbone: ImageBackbone,
-    text_backbone: TextBackbone,
+    towers: Towers,
     stop_reason: Callable[[], str | None],
 ) -> dict[str, int]:
     return dict(
@@ -130,8 +141,8 @@ def _build(
             shards,
             out,
             (
-                image_backbone if cfg.model.image.frozen else None,
-                text_backbone if cfg.model.text.frozen else None,
+                towers.image if cfg.model.image.frozen else None,
+                towers.text if cfg.model.text.frozen else None,
             ),
             cfg.data,
             all_captions=split != "train",
@@ -144,8 +155,8 @@ def _build(
 def train_stream(
     cfg: Config,
     shards: ShardList,
-    image_backbone: ImageBackbone,
-    text_backbone: TextBackbone,
+    image_backbone: ImageBackbone | None,
+    text_backbone: TextBackbone | None,
     rank: int,
     world: int,
 ) -> TrainStream:
@@ -165,19 +176,26 @@ def train_stream(
         max_pixels=d.max_pixels,
         max_bad_fraction=d.max_bad_fraction,
     )
-    transform = PairTransform(None if cfg.model.image.frozen else image_backbone.preprocess)
-    collate = PairCollate(None if cfg.model.text.frozen else text_backbone.tokenize)
+    image = None if cfg.model.image.frozen else image_backbone  # frozen: features are cached
+    text = None if cfg.model.text.frozen else text_backbone
+    transform = PairTransform(None if image is None else image.preprocess)
+    collate = PairCollate(None if text is None else text.tokenize)
     return TrainStream(shards, opts, transform, collate)
 
 
 def eval_table(
-    cfg: Config, split: str, shards: ShardList, image_backbone: ImageBackbone, rank: int, world: int
+    cfg: Config,
+    split: str,
+    shards: ShardList,
+    image_backbone: ImageBackbone | None,
+    rank: int,
+    world: int,
 ) -> PairTable:
     """This rank's share of an evaluation split (every W-th sample)."""
     return load_split(
         shards,
         f"data.{split}",
-        None if cfg.model.image.frozen else image_backbone.preprocess,
+        None if cfg.model.image.frozen or image_backbone is None else image_backbone.preprocess,
         cfg.data.caption_key,
         cfg.data.max_pixels,
         rank,

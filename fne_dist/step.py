@@ -73,9 +73,9 @@ def forward_step(
 ) -> StepOutput:
     """The loss of one micro-batch; ``batch`` holds this rank's B pairs (model inputs + ids).
 
-    ``timer`` (optional) receives the phases online/momentum/gather/reduce/loss. ``online`` runs
-    first, then ``momentum`` (``shared_prefix.SharedPrefix`` hands the frozen layers' output from
-    the one to the other)."""
+    ``timer`` (optional) receives the phases online/momentum/gather/reduce/posterior_fit/loss.
+    ``online`` runs first, then ``momentum`` (``shared_prefix.SharedPrefix`` hands the frozen
+    layers' output from the one to the other)."""
     t = timer or NullTimer()
     ids_B, groups_B = batch["ids"], batch["groups"]
     B, device = ids_B.shape[0], ids_B.device
@@ -109,9 +109,10 @@ def forward_step(
             batch_stats = dist_ops.all_reduce_sum(local)
     # the estimates with this step's sums (the posterior's last; none for the paper's), as the
     # step will leave them; ``stats`` itself changes only when the caller commits the step
-    seen = stats.with_step(batch_stats, cfg.mixture_decay)
-    gauss = seen.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
-    gauss = replace(gauss, posterior=posterior.fit(gauss, seen.posterior_totals))
+    with t.phase("posterior_fit"):  # the running Gaussians and the posterior's EM
+        seen = stats.with_step(batch_stats, cfg.mixture_decay)
+        gauss = seen.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+        gauss = replace(gauss, posterior=posterior.fit(gauss, seen.posterior_totals))
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):
         if at.warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank

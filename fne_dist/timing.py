@@ -44,3 +44,23 @@ class PhaseTimer(NullTimer):
 
     def totals(self) -> dict[str, float]:
         return dict(self.seconds)
+
+
+class Timeline:
+    """Wall-clock marks of a run's stages, written to metrics.json with train.profile_phases.
+
+    Seconds since the Unix epoch (``time.time``), not a process's own clock: a benchmark puts
+    them on one axis with the launching process's start and exit, so that the time outside the
+    loop (Ray's start, the workers' imports, the data, the engine, the final evaluation, the
+    writes, the shutdown) is split by where it is spent. ``elapsed`` is ``perf_counter``'s.
+    """
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+        self.marks: dict[str, float] = {"train_start": time.time()}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start

@@ -41,6 +41,7 @@ from fne_dist.memory import MomentumMemory
 from fne_dist.reporters import Reporter
 from fne_dist.run_lock import LOCK_NAME, RunDirBusy, RunLock, owned
 from fne_dist.state import TrainState
+from fne_dist.towers import Towers
 from fne_dist.train import check_launch
 from fne_dist.train import main as train_main
 from tests.shard_factory import write_dataset
@@ -444,7 +445,7 @@ def test_hostile_sigterm_stops_the_feature_cache_build_and_leaves_no_cache(
     )  # fmt: skip
     tower = _TextTower()
     with handle_signals() as stop, pytest.raises(Interrupted) as err:
-        loop.open_data(cfg, None, tower, 0, 1, lambda: stop.signal_name)
+        loop.open_data(cfg, Towers.given(cfg.model, None, tower), 0, 1, lambda: stop.signal_name)
     assert tower.calls == 1
     line = _one_line(err)
     assert line.startswith("SIGTERM during the feature cache train build")

@@ -70,6 +70,9 @@ class RayCheckpoints(LauncherCheckpoints):
         return local if local.is_dir() else Path(checkpoint.to_directory())
 
 
+# Read by Ray Train's controller (Ray 2.60: ray.train.v2 constants, propagated to the controller)
+PREEMPTION_WATCHER_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 # Ray Train's INFO lines per ray.train.report that our own console already covers: the whole
 # metrics dict (~1,500 characters per log window and rank), and the path of each checkpoint it
 # registered (our checkpoint line names it).
@@ -188,6 +191,10 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
                 ray.init(address=address, log_to_driver=True)
             else:  # a local Ray instance for this run, on loopback
                 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+                # Ray Train's preemption watcher (one more actor process: ~2 CPU seconds to
+                # start on the default run's 2 cores) only logs node drains, which an
+                # autoscaler or `ray drain-node` start: none on an instance this run owns
+                os.environ.setdefault(PREEMPTION_WATCHER_VAR, "0")
                 ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     available = ray.cluster_resources().get("CPU", 0.0)
     if not address and needed > available:

@@ -21,6 +21,7 @@ PHASES = (  # the PhaseTimer's names (train.profile_phases), loop order
     "momentum_forward",
     "gather",
     "reduce",
+    "posterior_fit",  # the running Gaussians and the posterior's fit (its EM), per step
     "fne_loss",
     "backward_step",
     "ema",
