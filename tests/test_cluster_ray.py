@@ -575,7 +575,6 @@ def test_a_ray_run_that_loses_its_second_node_goes_on_with_one_worker(
     keys = ("Detected ready resources", "FailurePolicy", "Source:", "resum", "Error count",
             "startup timed out", "cluster view re-read")  # fmt: skip
     print("\n".join(ln.strip() for ln in logs.splitlines() if any(k in ln for k in keys)))
-    assert "cluster view re-read after a failure" in logs, logs[-5000:]  # ray_elastic ran
     _, last = find_resumable("latest", run_dir / "checkpoints", print, None)
     assert last["world_size"] == 1 and last["step"] > before, (last, before)
     assert _steps(run_dir) == list(range(1, last["step"] + 1))

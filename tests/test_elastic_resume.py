@@ -1,9 +1,11 @@
 """A checkpoint of 2 ranks resumed on 1 and on 3 (torchrun, `python -m fne_dist.train`), with
 the global batch kept by ``train.global_batch_size``, under ZeRO-0, ZeRO-2 and ZeRO-3.
 
-One 2-rank run per engine (module-scoped) is resumed from its step-4 checkpoint on 1 and on 3
-ranks, the two resumes at once (they share only the read-only checkpoint and feature cache);
-the tests share the three runs. Tiny synthetic shards (42 pairs: 7 steps of 6 per epoch),
+One 2-rank run per engine is resumed from its step-4 checkpoint on 1 and on 3 ranks; the tests
+share the nine runs (module-scoped). The three engines' 2-rank runs go at once, then the six
+resumes (each engine's runs have their own directory; a resume only reads its checkpoint and
+feature cache): 63 s for all 18 tests on 2 cores at load 2, where one after the other took
+~80 s warm. Tiny synthetic shards (42 pairs: 7 steps of 6 per epoch),
 frozen towers (cached features: no batch norm over a rank's batch, which would tie the loss
 to the split), FNE statistics over the gathered batch (``fne.stats_scope=global``: the per-rank
 mutual-top-1 rule sees a rank's block, another block on another split).
@@ -112,27 +114,40 @@ def _ok(tmp: Path, name: str, run: subprocess.Popen) -> str:
     return out
 
 
-@pytest.fixture(scope="module", params=ENGINES)
-def runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The engine's uninterrupted 2-rank run and its step-4 checkpoint resumed on 1 and on 3
-    ranks (``logs``: each resumed run's output)."""
-    engine = request.param
-    tmp = tmp_path_factory.mktemp("elastic")
-    write_dataset(tmp / "data", [17, 11, 14])  # 42 pairs: 7 global batches of 6
+@pytest.fixture(scope="module")
+def all_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every engine's uninterrupted 2-rank run (the three at once), then every engine's step-4
+    checkpoint resumed on 1 and on 3 ranks (the six at once); engine → its runs."""
+    tmps = {e: tmp_path_factory.mktemp("elastic") for e in ENGINES}
+    for tmp in tmps.values():
+        write_dataset(tmp / "data", [17, 11, 14])  # 42 pairs: 7 global batches of 6
     t0 = time.monotonic()
-    _ok(tmp, "two", _train(tmp, 2, "two", engine))
-    t1 = time.monotonic()
-    step4 = tmp / "two" / "checkpoints" / "step-00000004"
-    started = {n: _train(tmp, n, f"on{n}", engine, f"checkpoint.resume={step4}") for n in (1, 3)}
+    started = {(e, 2): _train(tmps[e], 2, "two", e) for e in ENGINES}
     try:
-        logs = {n: _ok(tmp, f"on{n}", run) for n, run in started.items()}
+        for e in ENGINES:
+            _ok(tmps[e], "two", started[e, 2])
+        t1 = time.monotonic()
+        for e in ENGINES:
+            step4 = tmps[e] / "two" / "checkpoints" / "step-00000004"
+            for n in (1, 3):
+                started[e, n] = _train(tmps[e], n, f"on{n}", e, f"checkpoint.resume={step4}")
+        logs = {
+            key: _ok(tmps[key[0]], f"on{key[1]}", started[key]) for key in started if key[1] != 2
+        }
     finally:
-        for run in started.values():  # the other resume, when one failed
+        for run in started.values():  # the others, when one failed
             if run.poll() is None:
                 run.kill()
     t2 = time.monotonic()
-    print(f"\n{engine}: the 2-rank run {t1 - t0:.1f} s, the resumes on 1 and 3 {t2 - t1:.1f} s")
-    return {"tmp": tmp, "logs": logs, "engine": engine}
+    print(f"\nthe 2-rank runs {t1 - t0:.1f} s, the resumes on 1 and 3 {t2 - t1:.1f} s")
+    return {
+        e: {"tmp": tmps[e], "engine": e, "logs": {n: logs[e, n] for n in (1, 3)}} for e in ENGINES
+    }
+
+
+@pytest.fixture(params=ENGINES)
+def runs(request: pytest.FixtureRequest, all_runs: dict) -> dict:
+    return all_runs[request.param]
 
 
 def _steps(run_dir: Path) -> dict[int, tuple[float, list[int]]]:

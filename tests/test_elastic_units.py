@@ -191,7 +191,7 @@ def test_a_ray_worker_range_retries_a_start_that_counted_a_lost_node() -> None:
 
 
 def test_a_ray_worker_range_refreshes_the_cluster_view_after_a_failure(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Invariant: a worker range hands Ray Train a controller callback that, before a failure
     decision is carried out (the restart that follows is sized from the AutoscalingCoordinator's
@@ -220,7 +220,7 @@ def test_a_ray_worker_range_refreshes_the_cluster_view_after_a_failure(
     monkeypatch.setattr(ray_elastic.ray, "get", lambda ref, timeout: {})
     callback.before_controller_execute_failure_decision("RETRY")
     assert len(calls) == 1 and calls[0][1] == {"recompute": True}
-    assert "cluster view re-read after a failure (RETRY)" in capsys.readouterr().out
+    assert "cluster view re-read after a failure (RETRY)" in caplog.text
 
     def unreachable(ref: object, timeout: float) -> None:
         raise TimeoutError("coordinator did not answer")

@@ -46,7 +46,7 @@ class RefreshClusterViewOnFailure(ControllerCallback):
                 _coordinator().get_reserved_resources.remote("fne-refresh", recompute=True),
                 timeout=REFRESH_TIMEOUT_S,
             )
-            # the controller's stdout reaches the job log (Ray's own lines are there too)
-            print(f"[fne] cluster view re-read after a failure ({failure_decision})", flush=True)
+            # a warning: the controller's stderr reaches the job log, beside Ray's own lines
+            log.warning("[fne] cluster view re-read after a failure (%s)", failure_decision)
         except Exception as err:  # another Ray (no recompute), a slow actor: Ray's path stays
             log.warning("could not refresh Ray's cluster view after a failure: %s", err)
