@@ -188,3 +188,42 @@ def test_a_ray_worker_range_retries_a_start_that_counted_a_lost_node() -> None:
     assert start_retries(load_config(None, ["dist.workers=2", "dist.max_failures=3"])) == 0
     same = ["dist.workers=2", "dist.min_workers=2", "dist.max_failures=3"]
     assert start_retries(load_config(None, same)) == 0  # min = max: a fixed group
+
+
+def test_a_ray_worker_range_refreshes_the_cluster_view_after_a_failure(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Invariant: a worker range hands Ray Train a controller callback that, before a failure
+    decision is carried out (the restart that follows is sized from the AutoscalingCoordinator's
+    view), makes the coordinator re-read the cluster (get_reserved_resources with
+    recompute=True); a fixed group gets none; a coordinator that cannot answer leaves Ray's own
+    path (timeout, retry) in place instead of failing the run."""
+    pytest.importorskip("ray.train.v2._internal.execution.callback")
+    from fne_dist.distributed import ray_elastic
+    from fne_dist.distributed.ray_launcher import _elastic_callbacks
+
+    elastic = ["dist.workers=2", "dist.min_workers=1", "train.global_batch_size=16"]
+    (callback,) = _elastic_callbacks(load_config(None, elastic))
+    assert _elastic_callbacks(load_config(None, ["dist.workers=2"])) == []
+
+    calls: list[tuple] = []
+
+    class Method:
+        def remote(self, *args: object, **kwargs: object) -> tuple:
+            calls.append((args, kwargs))
+            return ("ref",)
+
+    class Coordinator:
+        get_reserved_resources = Method()
+
+    monkeypatch.setattr(ray_elastic, "_coordinator", Coordinator)
+    monkeypatch.setattr(ray_elastic.ray, "get", lambda ref, timeout: {})
+    callback.before_controller_execute_failure_decision("RETRY")
+    assert len(calls) == 1 and calls[0][1] == {"recompute": True}
+    assert "cluster view re-read after a failure (RETRY)" in caplog.text
+
+    def unreachable(ref: object, timeout: float) -> None:
+        raise TimeoutError("coordinator did not answer")
+
+    monkeypatch.setattr(ray_elastic.ray, "get", unreachable)
+    callback.before_controller_execute_failure_decision("RETRY")  # logged, not raised

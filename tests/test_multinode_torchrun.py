@@ -249,8 +249,12 @@ def _elastic_cmd(node: int, port: int, run: str, *extra: str) -> list[str]:
     cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{NODE_ADDR}:{port}"]
     cmd += ["--rdzv-id", run, "--local-addr", f"127.0.0.{2 + node}", "--max-restarts", "2"]
     # last_call: how long a rendezvous that has its minimum (1 node) waits for more; the
-    # first one sees both nodes well within it, the one after the loss forms 10 s later
+    # first one sees both nodes well within it, the one after the loss forms 10 s later.
+    # keep_alive: a node that has not renewed its heartbeat for interval × attempts is taken
+    # as gone, which the next round waits for (torch's 5 s × 3: 15 s); 1 s × 5 tolerates four
+    # missed beats of a live agent on a loaded machine.
     conf = f"is_host={'true' if node == 0 else 'false'},join_timeout=60,last_call_timeout=10"
+    conf += ",keep_alive_interval=1,keep_alive_max_attempt=5"
     cmd += ["--rdzv-conf", conf]
     short = ("train.log_every=1", "dist.rendezvous_timeout_s=60", "engine.kind=ddp")
     return cmd + train_args(2, *short, f"run.name={run}", *extra)

@@ -167,6 +167,16 @@ def start_retries(cfg: Config) -> int:
     return cfg.dist.max_failures if isinstance(worker_range(cfg), tuple) else 0
 
 
+def _elastic_callbacks(cfg: Config) -> list[Any]:
+    """Ray Train callbacks for a worker range: the cluster view refreshed after a failure (see
+    ray_elastic). A fixed group's restart does not look at that view: none."""
+    if not isinstance(worker_range(cfg), tuple):
+        return []
+    from .ray_elastic import RefreshClusterViewOnFailure
+
+    return [RefreshClusterViewOnFailure()]
+
+
 def run_with_ray(cfg: Config) -> dict[str, Any]:
     """Start ``cfg.dist.workers`` Ray Train workers and wait for them; returns final metrics."""
     from ..loop import preflight
@@ -226,6 +236,8 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
                 max_failures=cfg.dist.max_failures, controller_failure_limit=start_retries(cfg)
             ),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last or None),
+            # a range: a restart after a failure is sized from a fresh view of the cluster
+            callbacks=_elastic_callbacks(cfg),
             storage_path=str((Path(cfg.run.output_dir) / "ray").resolve()),
         ),
     )
