@@ -65,8 +65,9 @@ def main() -> None:
     ap.add_argument("--finetune", action="store_true", help="both towers trained (--scaling)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=96, help="--finetune's image size")
+    ap.add_argument("--ddp", action="store_true", help="--scaling: add 2 ranks x 1 thread, DDP")
     ap.add_argument(
-        "--baseline", help="a checkout (git worktree add --detach) whose 2-rank run is added"
+        "--baseline", help="a checkout (git worktree add --detach) whose 2x1 and 1x2 runs are added"
     )
     args = ap.parse_args()
     if args.scaling:
@@ -173,9 +174,16 @@ def scaling(args: argparse.Namespace) -> None:
         "1 rank x 1 thread": (1, 1),
     }
     checkouts = {label: ROOT for label in layouts}
-    if args.baseline:
-        layouts["2x1 baseline"] = (2, 1)
-        checkouts["2x1 baseline"] = Path(args.baseline).resolve()
+    overrides: dict[str, list[str]] = {label: [] for label in layouts}
+    if args.ddp:  # torch DDP: the gradient all-reduce in buckets, overlapping backward
+        layouts["2x1 ddp"] = (2, 1)
+        checkouts["2x1 ddp"] = ROOT
+        overrides["2x1 ddp"] = ["engine.kind=ddp"]
+    if args.baseline:  # the layouts a change of ours can move (1 × 1 has no threads to share)
+        for label, shape in (("2x1 baseline", (2, 1)), ("1x2 baseline", (1, 2))):
+            layouts[label] = shape
+            checkouts[label] = Path(args.baseline).resolve()
+            overrides[label] = []
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -189,7 +197,7 @@ def scaling(args: argparse.Namespace) -> None:
                     f"dist.workers={ranks}", f"train.batch_size={32 // ranks}",
                     f"train.epochs={args.epochs}", "train.profile_phases=true",
                     "train.log_every=100000", "train.warmup_steps=3", "train.warmup_epochs=null",
-                    "run.pictures=false", *extra,
+                    "run.pictures=false", *extra, *overrides[label],
                 ]  # fmt: skip
                 m = run(name, cmd, out, checkouts[label])
                 results[label].append(m)

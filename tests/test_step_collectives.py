@@ -117,3 +117,32 @@ def test_threads_per_rank_splits_the_cores_unless_told(monkeypatch: pytest.Monke
     assert [device.threads_per_rank(None, n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert device.threads_per_rank(None, 2) == 5 and device.threads_per_rank(1, 2) == 1
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_openmp_threads_wait_passively_unless_told(
+    given: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant: a process that starts in fne_dist (``python -m fne_dist.train``, the ranks of
+    every launcher) has OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP, which reads it only
+    then (a spinning waiter holds a shared core): the package sets it on import, and imports
+    nothing that could load torch first; a user's own value is kept."""
+    import ast
+    import importlib
+
+    import fne_dist
+
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    importlib.reload(fne_dist)
+    assert os.environ["OMP_WAIT_POLICY"] == (given or "PASSIVE")
+    tree = ast.parse(Path(fne_dist.__file__).read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported == {"os"}
