@@ -69,6 +69,7 @@ def test_a_ddp_step_makes_one_gather_and_one_all_reduce(tmp_path: Path) -> None:
     the other through the gradient all-reduce; one extra all-reduce on that skip path only),
     and the weights stay finite."""
     ranks = _run(tmp_path, nan_rank=1)
+    assert [s["weights"] for s in ranks[0]] == [s["weights"] for s in ranks[1]]
     for steps in ranks:
         assert len(steps) >= NAN_STEP + 3, len(steps)
         for s in steps[1:]:  # the first step's "between" holds the run's start-up
@@ -81,6 +82,20 @@ def test_a_ddp_step_makes_one_gather_and_one_all_reduce(tmp_path: Path) -> None:
             else:
                 assert s["inside"] == ["all_gather", "all_reduce"], s
                 assert s["skipped"] == (1 if s["micro"] + 1 > NAN_STEP else 0), s
+
+
+@pytest.mark.system
+@pytest.mark.timeout(300)
+def test_ddp_with_infonce_trains_the_temperature_after_the_warm_up(tmp_path: Path) -> None:
+    """Invariant: with infonce the temperature gets no gradient in the warm-up (vse_pp) and one
+    after it: DDP neither waits for it nor leaves it out (its ranks' weights stay equal, and
+    the temperature moves once the warm-up is over). With the other losses it is left out of
+    DDP's all-reduce (the test above: its ranks' weights stay equal too)."""
+    ranks = _run(tmp_path, "fne.loss=infonce")
+    assert [s["weights"] for s in ranks[0]] == [s["weights"] for s in ranks[1]]
+    temperature = [s["temperature"] for s in ranks[0]]  # after each step; 3 warm-up steps
+    start = float(torch.tensor([0.07]))  # the model's initial value, in float32
+    assert temperature[:3] == [start] * 3 and temperature[-1] != start, temperature
 
 
 def test_a_poisoned_loss_keeps_finite_gradients_bit_for_bit_and_spreads_nan() -> None:
