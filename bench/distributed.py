@@ -1,7 +1,8 @@
 """Distributed step profile: where a step's time goes, and what each launcher costs.
 
     python bench/distributed.py [--epochs 2] [--config configs/default.yaml]
-    python bench/distributed.py --scaling [--finetune] [--epochs 0.2] [--repeats 3]
+    python bench/distributed.py --scaling [--finetune] [--epochs 0.2] [--repeats 3] [--ddp]
+        [--baseline CHECKOUT]
 
 Runs, one after the other in this process's lifetime (this machine is shared and noisy, so
 compare within one run): 1 rank and 2 ranks under torchrun (DeepSpeed engine), 2 Ray Train
@@ -14,6 +15,9 @@ reduce; DeepSpeed's gradient all-reduce is inside backward_step), and the ratios
 torchrun, interleaved ``--repeats`` times (medians): 2 ranks × 1 thread, 1 rank × 2 threads,
 1 rank × 1 thread. ``--finetune`` trains both towers (EfficientNet-Lite0 + MiniLM from the raw
 shards, ``model.*.frozen=false``), where a step is the encoders' work rather than the heads'.
+``--ddp`` adds 2 ranks × 1 thread under torch DDP (the gradient all-reduce in buckets during
+backward) beside DeepSpeed's ZeRO-0 (one reduction after backward); ``--baseline`` adds another
+checkout's 2 × 1 and 1 × 2 runs (before/after a change, interleaved with this tree's).
 """
 
 from __future__ import annotations
