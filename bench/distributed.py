@@ -205,7 +205,13 @@ def scaling(args: argparse.Namespace) -> None:
                 ]  # fmt: skip
                 m = run(name, cmd, out, checkouts[label])
                 results[label].append(m)
-                print(f"# {label} #{r}: {m['samples_per_s']:.1f} samples/s", flush=True)
+                per_step = {p: 1e3 * m["phase_seconds"].get(p, 0.0) / m["steps"] for p in PHASES}
+                shown = " ".join(f"{p} {v:.0f}" for p, v in per_step.items() if v >= 0.5)
+                print(
+                    f"# {label} #{r}: {m['samples_per_s']:.1f} samples/s; ms/step: {shown}; "
+                    f"load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
     what = "fine-tuning both towers" if args.finetune else Path(args.config).name
     print(f"{what}, global batch 32, {args.epochs} epochs, median of {args.repeats} interleaved")
     print(f"{'ms/step':24s}" + "".join(f"{n:>20s}" for n in layouts))
