@@ -1,7 +1,8 @@
 """Distributed step profile: where a step's time goes, and what each launcher costs.
 
     python bench/distributed.py [--epochs 2] [--config configs/default.yaml]
-    python bench/distributed.py --scaling [--finetune] [--epochs 0.2] [--repeats 3]
+    python bench/distributed.py --scaling [--finetune] [--epochs 0.2] [--repeats 3] [--ddp]
+        [--baseline CHECKOUT]
 
 Runs, one after the other in this process's lifetime (this machine is shared and noisy, so
 compare within one run): 1 rank and 2 ranks under torchrun (DeepSpeed engine), 2 Ray Train
@@ -14,6 +15,9 @@ reduce; DeepSpeed's gradient all-reduce is inside backward_step), and the ratios
 torchrun, interleaved ``--repeats`` times (medians): 2 ranks × 1 thread, 1 rank × 2 threads,
 1 rank × 1 thread. ``--finetune`` trains both towers (EfficientNet-Lite0 + MiniLM from the raw
 shards, ``model.*.frozen=false``), where a step is the encoders' work rather than the heads'.
+``--ddp`` adds 2 ranks × 1 thread under torch DDP (the gradient all-reduce in buckets during
+backward) beside DeepSpeed's ZeRO-0 (one reduction after backward); ``--baseline`` adds another
+checkout's 2 × 1 and 1 × 2 runs (before/after a change, interleaved with this tree's).
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ def main() -> None:
     ap.add_argument("--finetune", action="store_true", help="both towers trained (--scaling)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=96, help="--finetune's image size")
+    ap.add_argument("--ddp", action="store_true", help="--scaling: add 2 ranks x 1 thread, DDP")
     ap.add_argument(
-        "--baseline", help="a checkout (git worktree add --detach) whose 2-rank run is added"
+        "--baseline", help="a checkout (git worktree add --detach) whose 2x1 and 1x2 runs are added"
     )
     args = ap.parse_args()
     if args.scaling:
@@ -174,9 +179,16 @@ def scaling(args: argparse.Namespace) -> None:
         "1 rank x 1 thread": (1, 1),
     }
     checkouts = {label: ROOT for label in layouts}
-    if args.baseline:
-        layouts["2x1 baseline"] = (2, 1)
-        checkouts["2x1 baseline"] = Path(args.baseline).resolve()
+    overrides: dict[str, list[str]] = {label: [] for label in layouts}
+    if args.ddp:  # torch DDP: the gradient all-reduce in buckets, overlapping backward
+        layouts["2x1 ddp"] = (2, 1)
+        checkouts["2x1 ddp"] = ROOT
+        overrides["2x1 ddp"] = ["engine.kind=ddp"]
+    if args.baseline:  # the layouts a change of ours can move (1 × 1 has no threads to share)
+        for label, shape in (("2x1 baseline", (2, 1)), ("1x2 baseline", (1, 2))):
+            layouts[label] = shape
+            checkouts[label] = Path(args.baseline).resolve()
+            overrides[label] = []
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -190,11 +202,17 @@ def scaling(args: argparse.Namespace) -> None:
                     f"dist.workers={ranks}", f"train.batch_size={32 // ranks}",
                     f"train.epochs={args.epochs}", "train.profile_phases=true",
                     "train.log_every=100000", "train.warmup_steps=3", "train.warmup_epochs=null",
-                    "run.pictures=false", *extra,
+                    "run.pictures=false", *extra, *overrides[label],
                 ]  # fmt: skip
                 m = run(name, cmd, out, checkouts[label])
                 results[label].append(m)
-                print(f"# {label} #{r}: {m['samples_per_s']:.1f} samples/s", flush=True)
+                per_step = {p: 1e3 * m["phase_seconds"].get(p, 0.0) / m["steps"] for p in PHASES}
+                shown = " ".join(f"{p} {v:.0f}" for p, v in per_step.items() if v >= 0.5)
+                print(
+                    f"# {label} #{r}: {m['samples_per_s']:.1f} samples/s; ms/step: {shown}; "
+                    f"load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
     what = "fine-tuning both towers" if args.finetune else Path(args.config).name
     print(f"{what}, global batch 32, {args.epochs} epochs, median of {args.repeats} interleaved")
     print(f"{'ms/step':24s}" + "".join(f"{n:>20s}" for n in layouts))

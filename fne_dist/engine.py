@@ -298,9 +298,14 @@ class DDPEngine:
         self.module = model
         active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         # find_unused_parameters: the temperature only gets a gradient from infonce (never in
-        # the warm-up), and DDP otherwise waits forever for its gradient
+        # the warm-up), and DDP otherwise waits forever for its gradient. Gradients are views
+        # of the all-reduce buckets (no copy of them after the reduction).
         self.wrapped = (
-            DistributedDataParallel(model, find_unused_parameters=True) if active else model
+            DistributedDataParallel(
+                model, find_unused_parameters=True, gradient_as_bucket_view=True
+            )
+            if active
+            else model
         )
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(

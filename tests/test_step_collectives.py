@@ -72,6 +72,7 @@ def test_a_ddp_step_makes_one_gather_and_one_all_reduce(tmp_path: Path) -> None:
     through the gradient all-reduce; one extra all-reduce on that skip path only), and the
     weights stay finite."""
     ranks = _run(tmp_path, nan_rank=1)
+    assert [s["weights"] for s in ranks[0]] == [s["weights"] for s in ranks[1]]
     for steps in ranks:
         assert len(steps) >= NAN_STEP + 3, len(steps)
         for s in steps[1:]:  # the first step's "between" holds the run's start-up
@@ -85,6 +86,20 @@ def test_a_ddp_step_makes_one_gather_and_one_all_reduce(tmp_path: Path) -> None:
             else:
                 assert s["inside"] == ["all_gather", "all_reduce"], s
                 assert s["skipped"] == (1 if s["micro"] + 1 > NAN_STEP else 0), s
+
+
+@pytest.mark.system
+@pytest.mark.timeout(300)
+def test_ddp_with_infonce_trains_the_temperature_after_the_warm_up(tmp_path: Path) -> None:
+    """Invariant: with infonce the temperature gets no gradient in the warm-up (vse_pp) and one
+    after it: DDP neither waits for it nor leaves it out (its ranks' weights stay equal, and
+    the temperature moves once the warm-up is over). With the other losses it is left out of
+    DDP's all-reduce (the test above: its ranks' weights stay equal too)."""
+    ranks = _run(tmp_path, "fne.loss=infonce")
+    assert [s["weights"] for s in ranks[0]] == [s["weights"] for s in ranks[1]]
+    temperature = [s["temperature"] for s in ranks[0]]  # after each step; 3 warm-up steps
+    start = float(torch.tensor([0.07]))  # the model's initial value, in float32
+    assert temperature[:3] == [start] * 3 and temperature[-1] != start, temperature
 
 
 def test_a_poisoned_loss_keeps_finite_gradients_bit_for_bit_and_spreads_nan() -> None:
@@ -121,3 +136,32 @@ def test_threads_per_rank_splits_the_cores_unless_told(monkeypatch: pytest.Monke
     assert [device.threads_per_rank(None, n) for n in (1, 2, 3, 8)] == [4, 2, 1, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "5")
     assert device.threads_per_rank(None, 2) == 5 and device.threads_per_rank(1, 2) == 1
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_openmp_threads_wait_passively_unless_told(
+    given: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Invariant: a process that starts in fne_dist (``python -m fne_dist.train``, the ranks of
+    every launcher) has OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP, which reads it only
+    then (a spinning waiter holds a shared core): the package sets it on import, and imports
+    nothing that could load torch first; a user's own value is kept."""
+    import ast
+    import importlib
+
+    import fne_dist
+
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    importlib.reload(fne_dist)
+    assert os.environ["OMP_WAIT_POLICY"] == (given or "PASSIVE")
+    tree = ast.parse(Path(fne_dist.__file__).read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported == {"os"}

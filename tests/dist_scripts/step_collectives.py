@@ -56,6 +56,9 @@ def main() -> None:
                 "inside": calls[start:],
                 "skipped": state.skipped_nonfinite,
                 "weights_finite": all(bool(p.isfinite().all()) for p in module.parameters()),
+                # the ranks' weights stay equal (DDP's buckets reduce every trained gradient)
+                "weights": [float(p.double().sum()) for p in module.parameters()],
+                "temperature": float(module.temperature.detach().double().sum()),
             }
         )
         mark[0] = len(calls)
