@@ -143,6 +143,47 @@ def sampling_weights(
     return Weights(w_BN.masked_fill_(cut_BN, 0.0), n_fn_B, n_window_B, use_fn_BN)
 
 
+def listed_mask_weights(
+    rows: AnchorSims,
+    masked_entries: tuple[Tensor, Tensor],
+    g: Gaussians,
+    cfg: FneConfig,
+    rule: Rule = FNE,
+    log_odds_BN: Tensor | None = None,
+) -> Weights:
+    """``sampling_weights`` over every candidate with the mask given as its entries only
+    (rows, columns; each once): the masked weights are zeroed and the window count corrected
+    there, so no dense mask or masked copy of the similarities is made. The CPU form of a
+    wide window (no hard cut, or a window too wide to compact): the same weights and counts,
+    element for element (the cut is s ≤ μ⁺ − margin, or nothing, then the masked entries)."""
+    sim_BN, pos_sim_B = rows.sim_BN, rows.pos_sim_B
+    if not rule.draws:
+        raise ValueError(f"the {rule.name} rule draws nothing: it has no sampling weights")
+    b = sim_BN.shape[0]
+    rows_M, cols_M = masked_entries
+    threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype) if cfg.hard_cut else None
+    above_M = sim_BN[rows_M, cols_M] > (-math.inf if threshold is None else threshold)
+    n_window_B = count_greater(sim_BN, -math.inf if threshold is None else threshold)
+    n_window_B -= torch.bincount(rows_M, weights=above_M.to(torch.float64), minlength=b).long()
+    n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
+    use_fn_BN = None
+    if not rule.uses_posterior:
+        w_BN = torch.ones_like(sim_BN)
+    else:
+        if log_odds_BN is None:
+            log_odds_BN = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_BN)
+        is_fn_BN = is_false_negative(log_odds_BN, cfg.eps)
+        n_fn_B = count_greater(log_odds_BN, fn_log_odds_threshold(cfg.eps))
+        fn_masked_M = is_fn_BN[rows_M, cols_M].to(torch.float64)
+        n_fn_B -= torch.bincount(rows_M, weights=fn_masked_M, minlength=b).long()
+        use_fn_BN = is_fn_BN & g.gate_open
+        w_BN = uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, is_fn_BN, g, cfg, use_fn_BN)
+    if threshold is not None:
+        w_BN.masked_fill_(sim_BN <= threshold, 0.0)
+    return Weights(w_BN.index_put_(masked_entries, w_BN.new_zeros(())), n_fn_B, n_window_B,
+                   use_fn_BN)  # fmt: skip
+
+
 def count_true(x_BN: Tensor) -> Tensor:
     """Per row: how many entries are True (int64)."""
     return x_BN.sum(dim=1)
@@ -182,6 +223,7 @@ def window_weights(
     cfg: FneConfig,
     rule: Rule,
     max_fraction: float,
+    log_odds_BN: Tensor | None = None,
 ) -> WindowWeights | None:
     """``sampling_weights`` evaluated only inside the hard-cut window, where weights can be > 0.
 
@@ -190,25 +232,38 @@ def window_weights(
     (for the P_fn > ε count over all candidates) and the window test touch every candidate.
     rows: the anchors' similarities, s⁺ and masked similarities (−inf at the masked positions;
     the dense mask is not read); masked_entries: those positions as (rows, columns), each
-    once. Needs the window's size on the host (``nonzero``): meant for CPU tensors, where
-    that costs no device sync. Returns None when no hard cut applies or the
-    window holds more than ``max_fraction`` of the candidates: the dense form is then faster.
+    once. log_odds_BN: the posterior's log-odds of every pair when the caller has them (a
+    posterior that is not a quadratic in s: ``fne.posteriors``); the window's are then taken
+    from them and the P_fn > ε count reads them all. Needs the window's size on the host
+    (``nonzero``): meant for CPU tensors, where that costs no device sync. Returns None when
+    no hard cut applies or the window holds more than ``max_fraction`` of the candidates: the
+    dense form is then faster.
     """
     if not rule.draws:
         raise ValueError(f"the {rule.name} rule draws nothing: it has no sampling weights")
     if window_is_everything(g, cfg):
         return None
-    sim_BN, pos_sim_B, masked_sim_BN = rows.sim_BN, rows.pos_sim_B, rows.masked_sim_BN
+    sim_BN, pos_sim_B = rows.sim_BN, rows.pos_sim_B
     b, n = sim_BN.shape
     threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype)
     # Flat positions, row-major: each row's window in column order, so a compacted row's
     # left-to-right sum is the dense row's with its zeros left out. (1-D indexing is several
     # times faster than (row, column) pairs; nonzero's size is the count, so no count pass.)
-    flat_W = (masked_sim_BN > threshold).view(-1).nonzero().squeeze(1)
+    # The test on sim with the masked entries then cleared: the masked similarities' test, with
+    # a 1-byte pass instead of a 4-byte copy.
+    inside_BN = (sim_BN > threshold).index_put_(masked_entries, torch.tensor(False))
+    flat_W = inside_BN.view(-1).nonzero().squeeze(1)
     if flat_W.numel() > max_fraction * b * n:
         return None
     rows_W = flat_W // n
-    if rule.uses_posterior:
+    if rule.uses_posterior and log_odds_BN is not None:
+        # the same float32 log-odds the dense form reads, element for element
+        log_odds_W = log_odds_BN.reshape(-1).take(flat_W)
+        is_fn_W = is_false_negative(log_odds_W, cfg.eps)
+        n_fn_B = _count_fn_given(log_odds_BN, masked_entries, cfg.eps)
+        sim_W = sim_BN.reshape(-1).take(flat_W)
+        w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
+    elif rule.uses_posterior:
         fit = quadratic_fit_of(g, cfg.prior)
         sim_W = sim_BN.reshape(-1).take(flat_W)
         log_odds_W = fit.log_odds_sim(sim_W)
@@ -224,6 +279,17 @@ def window_weights(
         n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
         w_W = torch.ones(flat_W.shape, dtype=sim_BN.dtype, device=sim_BN.device)
     return _left_aligned(w_W, flat_W, rows_W, n, n_fn_B)
+
+
+def _count_fn_given(
+    log_odds_BN: Tensor, masked_entries: tuple[Tensor, Tensor], eps: float
+) -> Tensor:
+    """Per row: unmasked candidates with P_fn > ε, from given log-odds of every pair: all of
+    them, less the masked ones (listed, each once)."""
+    rows_M, cols_M = masked_entries
+    n_fn_B = count_greater(log_odds_BN, fn_log_odds_threshold(eps))
+    is_fn_M = is_false_negative(log_odds_BN[rows_M, cols_M], eps).to(torch.float64)
+    return n_fn_B - torch.bincount(rows_M, weights=is_fn_M, minlength=log_odds_BN.shape[0]).long()
 
 
 def _count_fn_listed(
