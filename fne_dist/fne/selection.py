@@ -20,6 +20,8 @@ draw with FNE's weights or uniform ones over the window.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -209,7 +211,7 @@ def select_listed(
         # detection (which takes the log-odds)
         dense_sims = _with_dense_mask(sims, masked, dense=True)
         detect = _dense_detection(dense_sims, detect_groups, g, cfg, rule, odds)
-    fallback = _listed_fallback(sims, masked, w_bM, rows, g, cfg, rule)
+    fallback = partial(_listed_fallback, sims, masked, rows, g, cfg, rule)
     return _drawn_picks(sims, fallback, cfg, u_bk, w_bM, col_bM, counts, detect)
 
 
@@ -230,26 +232,25 @@ def _with_dense_mask(sims: AnchorSims, masked: tuple[Tensor, Tensor], dense: boo
 def _listed_fallback(
     sims: AnchorSims,
     masked: tuple[Tensor, Tensor],
-    w_bM: Tensor,
     rows: Rows,
     g: Gaussians,
     cfg: FneConfig,
     rule: Rule,
+    need_b: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """(hardest violator, whether it violates) of each row, sought only in the rows whose
-    weights are all 0: the draw reads them nowhere else (``sampling.draw_negatives``), so the
-    other rows get column 0 and False. Among the first ``rows.fallback_cols`` columns, the
-    flagged candidates skipped under the unflagged fallback, as ``select_dense`` does. Reads
-    how many rows need it on the host (CPU form)."""
-    b = w_bM.shape[0]
-    hardest_b = torch.zeros(b, dtype=torch.long, device=w_bM.device)
-    violates_b = torch.zeros(b, dtype=torch.bool, device=w_bM.device)
-    need_r = (~(w_bM > 0).any(dim=1)).nonzero().squeeze(1)
-    if need_r.numel() == 0:
-        return hardest_b, violates_b
+    """(hardest violator, whether it violates) of each row, sought only in the rows ``need_b``
+    (those whose weights sum to 0): the draw reads them nowhere else
+    (``sampling.draw_negatives``), so the other rows get column 0 and False. Among the first
+    ``rows.fallback_cols`` columns, the flagged candidates skipped under the unflagged
+    fallback, as ``select_dense`` does."""
+    b = need_b.shape[0]
+    device = need_b.device
+    hardest_b = torch.zeros(b, dtype=torch.long, device=device)
+    violates_b = torch.zeros(b, dtype=torch.bool, device=device)
+    need_r = need_b.nonzero().squeeze(1)
     # those rows' similarities with their masked entries at −inf (the masked entries are few)
-    local_b = torch.full((b,), -1, dtype=torch.long, device=w_bM.device)
-    local_b[need_r] = torch.arange(need_r.numel(), device=w_bM.device)
+    local_b = torch.full((b,), -1, dtype=torch.long, device=device)
+    local_b[need_r] = torch.arange(need_r.numel(), device=device)
     local_M = local_b[masked[0]]
     keep_M = local_M >= 0
     fallback_rN = sims.sim_BN[need_r].index_put_(
@@ -301,7 +302,7 @@ def _hardest_picks(sims: AnchorSims, margin: float) -> Picks:
 
 def _drawn_picks(
     sims: AnchorSims,
-    fallback: Tensor | tuple[Tensor, Tensor],
+    fallback: Tensor | Callable[[Tensor], tuple[Tensor, Tensor]],
     cfg: FneConfig,
     u_bk: Tensor,
     w_bM: Tensor,
@@ -312,15 +313,22 @@ def _drawn_picks(
     """k draws from the weights w_bM (col_bM: their columns when compacted to the window),
     with the hardest violator as the fallback of a row whose weights sum to 0 (sought among
     the columns of ``fallback``, masked similarities: a leading slice when the fallback's
-    scope is narrowed, flagged candidates masked too under the unflagged fallback; or the
-    (violator, violates) pair found already); with ``cfg.reduction`` expected, also the
-    normalised weights as dense rows (the draws are then diagnostics only)."""
+    scope is narrowed, flagged candidates masked too under the unflagged fallback; or a
+    function of the rows that need it giving (violator, violates): then the draw runs first
+    and the fallback is sought only if a row's weights sum to 0, which needs a host read:
+    the CPU form); with ``cfg.reduction`` expected, also the normalised weights as dense rows
+    (the draws are then diagnostics only)."""
     sim_bN = sims.sim_BN
     if isinstance(fallback, Tensor):
         h_b, has_violator_b = hardest_violator(fallback, sims.pos_sim_B, cfg.margin)
-    else:
-        h_b, has_violator_b = fallback
-    d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+        d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+    else:  # no violator given: an empty row reads "no violator", so those are the empty rows
+        h_b = torch.zeros(w_bM.shape[0], dtype=torch.long, device=w_bM.device)
+        has_violator_b = torch.zeros_like(h_b, dtype=torch.bool)
+        d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+        if bool(d.no_violator_B.any()):
+            h_b, has_violator_b = fallback(d.no_violator_B)
+            d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
     prob_bN = sim_bN.new_zeros(len(h_b), 0)
     if cfg.reduction == "expected":
         prob_bN = expected_shares(w_bM, col_bM, sim_bN.shape[1], h_b, has_violator_b)

@@ -152,36 +152,69 @@ def listed_mask_weights(
     log_odds_BN: Tensor | None = None,
 ) -> Weights:
     """``sampling_weights`` over every candidate with the mask given as its entries only
-    (rows, columns; each once): the masked weights are zeroed and the window count corrected
-    there, so no dense mask or masked copy of the similarities is made. The CPU form of a
-    wide window (no hard cut, or a window too wide to compact): the same weights and counts,
-    element for element (the cut is s ≤ μ⁺ − margin, or nothing, then the masked entries)."""
+    (rows, columns; each once), in fewer passes over b×N: the CPU form of a wide window (no
+    hard cut, or a window too wide to compact). The same weights and counts, element for
+    element: the masked weights are zeroed and the counts corrected at the listed entries (no
+    dense mask, no masked copy of the similarities), one pass gives both the P_fn > ε count
+    and whether any FN weight applies, and without one the sigmoid and the choice of
+    ``uncut_weight`` are left out (its kernel weight everywhere). Reads host values (CPU form
+    only); ``use_fn_BN`` is not returned (None)."""
     sim_BN, pos_sim_B = rows.sim_BN, rows.pos_sim_B
     if not rule.draws:
         raise ValueError(f"the {rule.name} rule draws nothing: it has no sampling weights")
+    if log_odds_BN is not None and log_odds_BN.dtype != sim_BN.dtype:  # mixed precision: the
+        # dense form's type promotion decides the weights' dtype
+        mask_BN = torch.zeros_like(sim_BN, dtype=torch.bool).index_put_(
+            masked_entries, torch.tensor(True)
+        )
+        masked_sim_BN = sim_BN.masked_fill(mask_BN, -math.inf)
+        sims = AnchorSims(sim_BN, pos_sim_B, mask_BN, masked_sim_BN)
+        return sampling_weights(sims, g, cfg, rule, masked_entries, log_odds_BN)
     b = sim_BN.shape[0]
     rows_M, cols_M = masked_entries
     threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype) if cfg.hard_cut else None
+    n_window_B = _count_above(sim_BN, threshold)
     above_M = sim_BN[rows_M, cols_M] > (-math.inf if threshold is None else threshold)
-    n_window_B = count_greater(sim_BN, -math.inf if threshold is None else threshold)
     n_window_B -= torch.bincount(rows_M, weights=above_M.to(torch.float64), minlength=b).long()
     n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
-    use_fn_BN = None
     if not rule.uses_posterior:
         w_BN = torch.ones_like(sim_BN)
     else:
         if log_odds_BN is None:
             log_odds_BN = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_BN)
-        is_fn_BN = is_false_negative(log_odds_BN, cfg.eps)
-        n_fn_B = count_greater(log_odds_BN, fn_log_odds_threshold(cfg.eps))
-        fn_masked_M = is_fn_BN[rows_M, cols_M].to(torch.float64)
+        # P_fn > ε as 0/1 of the log-odds' dtype: its row sums are the count (with the masked
+        # ones, taken out below) and its nonzeros the flagged candidates, in one pass
+        fn_threshold = fn_log_odds_threshold(cfg.eps)
+        is_fn_BN = torch.gt(log_odds_BN, fn_threshold, out=torch.empty_like(log_odds_BN))
+        n_fn_B = is_fn_BN.sum(dim=1).long()
+        fn_masked_M = (log_odds_BN[rows_M, cols_M] > fn_threshold).to(torch.float64)
         n_fn_B -= torch.bincount(rows_M, weights=fn_masked_M, minlength=b).long()
-        use_fn_BN = is_fn_BN & g.gate_open
-        w_BN = uncut_weight(sim_BN, pos_sim_B[:, None], log_odds_BN, is_fn_BN, g, cfg, use_fn_BN)
+        # the kernel weight's exponent everywhere, then the FN weight's where it applies
+        exponent_BN = sim_BN - pos_sim_B[:, None]
+        exponent_BN.mul_(exponent_BN).mul_(-cfg.tau_kernel)
+        if bool(g.gate_open) and int(n_fn_B.sum()) + int(fn_masked_M.sum()) > 0:
+            # uncut_weight's choice, as it makes it (measured: listing a few per cent of
+            # flagged candidates costs more than the dense sigmoid and where)
+            use_fn_BN = log_odds_BN > fn_threshold
+            p_fn_BN = log_odds_BN.clamp_min(fn_threshold - 1.0).sigmoid_().mul_(-cfg.tau_fn)
+            exponent_BN = torch.where(use_fn_BN, p_fn_BN, exponent_BN)
+        w_BN = exponent_BN.exp_()
     if threshold is not None:
         w_BN.masked_fill_(sim_BN <= threshold, 0.0)
-    return Weights(w_BN.index_put_(masked_entries, w_BN.new_zeros(())), n_fn_B, n_window_B,
-                   use_fn_BN)  # fmt: skip
+    return Weights(w_BN.index_put_(masked_entries, w_BN.new_zeros(())), n_fn_B, n_window_B)
+
+
+def _count_above(sim_BN: Tensor, threshold: Tensor | None) -> Tensor:
+    """Per row: entries above ``threshold`` (None: above −inf). Without a threshold, in one
+    pass: a row whose sum is finite holds no NaN or −inf, so all n count; only the other rows
+    are compared."""
+    if threshold is not None:
+        return count_greater(sim_BN, threshold)
+    n_B = torch.full((sim_BN.shape[0],), sim_BN.shape[1], dtype=torch.long, device=sim_BN.device)
+    odd_r = (~sim_BN.sum(dim=1).isfinite()).nonzero().squeeze(1)
+    if odd_r.numel():
+        n_B[odd_r] = count_greater(sim_BN[odd_r], -math.inf)
+    return n_B
 
 
 def count_true(x_BN: Tensor) -> Tensor:
