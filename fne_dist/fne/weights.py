@@ -303,8 +303,7 @@ def window_weights(
         is_fn_W = is_false_negative(log_odds_W, cfg.eps)
         if fn_region_inside_window(fit, cfg.eps, float(threshold)):
             # Every candidate with P_fn > ε is in the window: count it there.
-            n_fn_B = torch.bincount(rows_W, weights=is_fn_W.to(torch.float64), minlength=b)
-            n_fn_B = n_fn_B.long()
+            n_fn_B = _row_sums(is_fn_W, flat_W, b, n)
         else:
             n_fn_B = _count_fn_listed(sim_BN, masked_entries, fit, cfg.eps, cfg.chunk_rows)
         w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
@@ -346,6 +345,21 @@ def _count_fn_listed(
     return n_fn_B - torch.bincount(rows_M, weights=is_fn_M.to(torch.float64), minlength=b).long()
 
 
+def _row_starts(flat_W: Tensor, b: int, n: int) -> Tensor:
+    """Where each of the b rows starts in the sorted flat positions ``flat_W`` of a b × n
+    matrix, and where the last ends (b + 1 indices): a binary search per row, where a count
+    per entry (``bincount``) reads every entry."""
+    bounds = torch.arange(b + 1, device=flat_W.device) * n
+    return torch.searchsorted(flat_W, bounds)
+
+
+def _row_sums(flag_W: Tensor, flat_W: Tensor, b: int, n: int) -> Tensor:
+    """Per row: how many of the entries at the sorted flat positions ``flat_W`` are True
+    (int64): a running count read at the rows' starts (exact integers)."""
+    running = torch.cat([flag_W.new_zeros(1, dtype=torch.long), flag_W.cumsum(0)])
+    return running[_row_starts(flat_W, b, n)].diff()
+
+
 def _left_aligned(
     w_W: Tensor, flat_W: Tensor, rows_W: Tensor, n: int, n_fn_B: Tensor
 ) -> WindowWeights:
@@ -353,7 +367,7 @@ def _left_aligned(
     their rows) packed left-aligned into b × m rows, m the largest window (zero-padded), with
     their columns."""
     b = n_fn_B.shape[0]
-    count_B = torch.bincount(rows_W, minlength=b)
+    count_B = _row_starts(flat_W, b, n).diff()
     m = max(int(count_B.max()) if b else 0, 1)
     start_B = count_B.cumsum(0) - count_B
     # Slot of each window entry in its row of the b × m layout, flattened.
