@@ -11,7 +11,10 @@ Two selectors with the same picks (``tests/test_sampler.py`` holds both equal to
 - ``select_listed`` (CPU): the masked entries (a few per anchor) are listed by binary search in
   the sorted ids, and the weights are computed in the hard-cut window only, which holds
   ~0.1-2 % of the candidates in our runs (``frac_in_window``); a wide window (no hard cut, or
-  more than ``WINDOW_MAX_FRACTION`` of the candidates) takes the dense weights.
+  more than ``WINDOW_MAX_FRACTION`` of the candidates) takes the weights of every candidate
+  with the listed mask (``weights.listed_mask_weights``). Given log-odds of every pair (the
+  default posterior), it reads them inside the window and counts P_fn > ε over them all; the
+  fallback violator is sought only in rows whose weights sum to 0.
 
 rule (``fne.rules``): the hardest violator (VSE++: the most similar unmasked candidate), or a
 draw with FNE's weights or uniform ones over the window.
