@@ -209,3 +209,43 @@ def test_float_units_are_the_integer_units() -> None:
     u = torch.rand(6, generator=gen, dtype=torch.float64)
     w64 = w.double()
     assert torch.equal(inverse_cdf_draw(w, u)[0], inverse_cdf_draw(w64, u)[0])
+
+
+@pytest.mark.parametrize("hard_cut", [True, False])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("fallback", ["hardest", "unflagged"])
+@pytest.mark.parametrize("gate", ["open", "closed"])
+def test_listed_form_with_given_log_odds_picks_what_the_dense_form_picks(
+    hard_cut: bool, k: int, fallback: str, gate: str
+) -> None:
+    """Invariant: with the posterior's log-odds given for every pair (a posterior that is not a
+    function of s, such as the default's image-image one), the CPU form draws what the dense
+    form draws and reports the same counts, detection and expected shares: flagged candidates
+    inside and outside the window, rows whose window is empty (the fallback, skipping flagged
+    candidates under ``unflagged``, within the batch block), the oracle's groups or none."""
+    g = _gaussians(mu_pos=0.75, sd_pos=0.05, sd_neg=0.05, n_pos=400 if gate == "open" else 50)
+    for seed, groups in ((2, False), (3, True)):
+        sim, ids, cand_ids, pos_col, g_b, g_n = _problem(seed, groups=groups)
+        sim[:3] *= 0.5  # three rows with an empty window: they fall back
+        gen = torch.Generator().manual_seed(seed + 10)
+        log_odds = (torch.rand(B, N, generator=gen) * 8 - 6).to(sim.dtype)  # ~25 % flagged
+        log_odds[:3, :200] += 3.0  # the fallback rows' batch block: mostly flagged
+        u = torch.rand(B, k, generator=gen, dtype=torch.float64)
+        for reduction in ("sample", "expected"):
+            cfg = FneConfig(negatives=k, hard_cut=hard_cut, eps=0.5, tau_fn=4.0,
+                            fallback=fallback, reduction=reduction)  # fmt: skip
+            rows = Rows(sim, pos_col, ids, u, None, g_b, log_odds, fallback_cols=200)
+            args = (rows, CandidateLabels(cand_ids, g_n), g, cfg, RULES["fne"])
+            dense, listed = select_dense(*args), select_listed(*args)
+            # a draw that does not exist (valid False: an exhausted or empty row) names an
+            # arbitrary column, which nothing reads (the loss weighs its hinge, similarity and
+            # counts by valid: 0)
+            valid = dense.valid_bk
+            assert torch.equal(valid, listed.valid_bk)
+            per_draw = {"index_bk", "sim_bk", "zero_hinge_bk"}
+            for field in per_draw:
+                assert torch.equal(getattr(dense, field)[valid], getattr(listed, field)[valid])
+            for field in set(dense._fields) - per_draw:
+                assert torch.equal(getattr(dense, field), getattr(listed, field)), (field, seed)
+            assert int(dense.count("fallback").sum()) > 0 or hard_cut is False
+            assert int(dense.count("fn").sum()) > 0

@@ -254,10 +254,12 @@ def _select(
     select, chunk = _selector(c.img_ND.device, c, groups_B, cfg, rule, g)
     fit = None if not rule.uses_posterior or g is None else fit_of(g, cfg.prior)
     # A posterior that is not a function of s (or the fallback that skips flagged candidates)
-    # needs the log-odds of every pair: the dense form, with the log-odds computed here (the
-    # listed form's window shortcuts assume the quadratic in s).
+    # needs the log-odds of every pair, computed here; both forms take them (the listed one
+    # reads them inside the window, for its P_fn > ε count and for the rows that fall back).
     every_pair = fit is not None and (not fit.quadratic or cfg.fallback == "unflagged")
-    if every_pair:
+    if every_pair and a.img_BD.shape[0] * c.ids_N.shape[0] <= DENSE_CHUNK_ELEMENTS:
+        # every row in one dense chunk: fewer, larger ops than the listed form's (measured
+        # at the default run's 16 × 1,056: bench/fne_phase.py), the same picks
         select, chunk = select_dense, cfg.chunk_rows
     if chunk == cfg.chunk_rows:  # short rows: more of them per chunk (fewer small ops)
         chunk = max(chunk, DENSE_CHUNK_ELEMENTS // max(1, c.ids_N.shape[0]))

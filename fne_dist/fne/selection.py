@@ -11,7 +11,10 @@ Two selectors with the same picks (``tests/test_sampler.py`` holds both equal to
 - ``select_listed`` (CPU): the masked entries (a few per anchor) are listed by binary search in
   the sorted ids, and the weights are computed in the hard-cut window only, which holds
   ~0.1-2 % of the candidates in our runs (``frac_in_window``); a wide window (no hard cut, or
-  more than ``WINDOW_MAX_FRACTION`` of the candidates) takes the dense weights.
+  more than ``WINDOW_MAX_FRACTION`` of the candidates) takes the weights of every candidate
+  with the listed mask (``weights.listed_mask_weights``). Given log-odds of every pair (the
+  default posterior), it reads them inside the window and counts P_fn > ε over them all; the
+  fallback violator is sought only in rows whose weights sum to 0.
 
 rule (``fne.rules``): the hardest violator (VSE++: the most similar unmasked candidate), or a
 draw with FNE's weights or uniform ones over the window.
@@ -20,6 +23,8 @@ draw with FNE's weights or uniform ones over the window.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -46,6 +51,7 @@ from .weights import (
     cut_threshold,
     fn_region_inside_window,
     is_false_negative,
+    listed_mask_weights,
     sampling_weights,
     window_weights,
 )
@@ -180,38 +186,95 @@ def select_listed(
 ) -> Picks:
     """The picks of b anchors, listed: the masked entries by binary search (``index``: the
     sorted candidate ids, built here if not given), the weights inside the hard-cut window
-    only. Reads the window's size on the host: for CPU tensors. ``rows`` as ``select_dense``
-    (without log-odds: the listed form computes the quadratic posterior itself)."""
+    only, and the fallback violator sought only in the rows that need it. Reads the window's
+    size on the host: for CPU tensors. ``rows`` as ``select_dense`` (without log-odds, the
+    listed form computes the quadratic posterior itself)."""
     sim_bN, pos_col_b, ids_b, u_bk = rows.sim_bN, rows.pos_col_b, rows.ids_b, rows.u_bk
-    groups_b, fallback_cols = rows.mask_groups_b, rows.fallback_cols
+    groups_b, log_odds_bN = rows.mask_groups_b, rows.log_odds_bN
     detect_groups = _detect_groups(rows, cands)
     b, n = sim_bN.shape
     if index is None:
         index = candidate_index(cands.ids_N, None if groups_b is None else cands.groups_N)
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
     masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
-    masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
-    sims = AnchorSims(sim_bN, pos_sim_b, None, masked_sim_bN)
     if not rule.draws:
-        return _hardest_picks(sims, cfg.margin)
+        masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
+        return _hardest_picks(AnchorSims(sim_bN, pos_sim_b, None, masked_sim_bN), cfg.margin)
     assert g is not None and u_bk is not None
+    # The draws read no masked copy of the similarities: the window and the weights take the
+    # masked entries as a list, and the rows that fall back mask their own (few) copies.
+    sims = AnchorSims(sim_bN, pos_sim_b, None, sim_bN)
     n_unmasked_b = n - torch.bincount(masked[0], minlength=b)
-    ww = window_weights(sims, masked, g, cfg, rule, WINDOW_MAX_FRACTION)
+    odds = log_odds_bN if rule.uses_posterior else None
+    ww = window_weights(sims, masked, g, cfg, rule, WINDOW_MAX_FRACTION, odds)
     if ww is not None:
         counts = (ww.n_fn_B, n_unmasked_b, ww.n_window_B)
-        detect = _listed_detection(sims, masked, detect_groups, ww, g, cfg, rule)
-        return _drawn_picks(
-            sims, masked_sim_bN[:, :fallback_cols], cfg, u_bk, ww.w_BM, ww.col_BM, counts, detect
+        w_bM, col_bM = ww.w_BM, ww.col_BM
+    else:  # A wide window: the weights of every candidate, with the listed mask.
+        w = listed_mask_weights(sims, masked, g, cfg, rule, odds)
+        counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
+        w_bM, col_bM = w.w_BN, None
+    detect = empty_detection(b, sim_bN.device)
+    if detect_groups is not None and ww is not None and odds is None:
+        detect = _listed_detection(
+            _with_dense_mask(sims, masked, dense=False), masked, detect_groups, ww, g, cfg, rule
         )
-    # A wide window: the dense weights, with the listed mask.
-    mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool).index_put_(masked, torch.tensor(True))
-    sims = sims._replace(mask_BN=mask_bN)
-    w = sampling_weights(sims, g, cfg, rule, masked)
-    counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
-    detect = _dense_detection(sims, detect_groups, g, cfg, rule)
-    return _drawn_picks(
-        sims, masked_sim_bN[:, :fallback_cols], cfg, u_bk, w.w_BN, None, counts, detect
-    )
+    elif detect_groups is not None:  # a wide window or a posterior of every pair: the dense
+        # detection (which takes the log-odds)
+        dense_sims = _with_dense_mask(sims, masked, dense=True)
+        detect = _dense_detection(dense_sims, detect_groups, g, cfg, rule, odds)
+    fallback = partial(_listed_fallback, sims, masked, rows, g, cfg, rule)
+    return _drawn_picks(sims, fallback, cfg, u_bk, w_bM, col_bM, counts, detect)
+
+
+def _with_dense_mask(sims: AnchorSims, masked: tuple[Tensor, Tensor], dense: bool) -> AnchorSims:
+    """``sims`` with its masked similarities (and, if ``dense``, the dense mask) made from the
+    listed entries: what the detection reads (not made when it measures nothing)."""
+    if not dense and masked[0].numel() == 0:
+        return sims
+    sim_bN = sims.sim_BN
+    masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
+    mask_bN = None
+    if dense:
+        mask_bN = torch.zeros_like(sim_bN, dtype=torch.bool)
+        mask_bN.index_put_(masked, torch.tensor(True))
+    return sims._replace(mask_BN=mask_bN, masked_sim_BN=masked_sim_bN)
+
+
+def _listed_fallback(
+    sims: AnchorSims,
+    masked: tuple[Tensor, Tensor],
+    rows: Rows,
+    g: Gaussians,
+    cfg: FneConfig,
+    rule: Rule,
+    need_b: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """(hardest violator, whether it violates) of each row, sought only in the rows ``need_b``
+    (those whose weights sum to 0): the draw reads them nowhere else
+    (``sampling.draw_negatives``), so the other rows get column 0 and False. Among the first
+    ``rows.fallback_cols`` columns, the flagged candidates skipped under the unflagged
+    fallback, as ``select_dense`` does."""
+    b = need_b.shape[0]
+    device = need_b.device
+    hardest_b = torch.zeros(b, dtype=torch.long, device=device)
+    violates_b = torch.zeros(b, dtype=torch.bool, device=device)
+    need_r = need_b.nonzero().squeeze(1)
+    # those rows' similarities with their masked entries at −inf (the masked entries are few)
+    local_b = torch.full((b,), -1, dtype=torch.long, device=device)
+    local_b[need_r] = torch.arange(need_r.numel(), device=device)
+    local_M = local_b[masked[0]]
+    keep_M = local_M >= 0
+    fallback_rN = sims.sim_BN[need_r].index_put_(
+        (local_M[keep_M], masked[1][keep_M]), sims.sim_BN.new_full((), -math.inf)
+    )[:, : rows.fallback_cols]
+    if cfg.fallback == "unflagged" and rows.log_odds_bN is not None and rule.uses_posterior:
+        # the same flags as the dense form's: P_fn > ε with the gate open
+        odds_rN = rows.log_odds_bN[need_r, : rows.fallback_cols]
+        fallback_rN = fallback_rN.masked_fill(is_false_negative(odds_rN, cfg.eps) & g.gate_open,
+                                              -math.inf)  # fmt: skip
+    h_r, violates_r = hardest_violator(fallback_rN, sims.pos_sim_B[need_r], cfg.margin)
+    return hardest_b.index_put_((need_r,), h_r), violates_b.index_put_((need_r,), violates_r)
 
 
 def _listed_detection(
@@ -251,7 +314,7 @@ def _hardest_picks(sims: AnchorSims, margin: float) -> Picks:
 
 def _drawn_picks(
     sims: AnchorSims,
-    fallback_sim_bN: Tensor,
+    fallback: Tensor | Callable[[Tensor], tuple[Tensor, Tensor]],
     cfg: FneConfig,
     u_bk: Tensor,
     w_bM: Tensor,
@@ -261,13 +324,23 @@ def _drawn_picks(
 ) -> Picks:
     """k draws from the weights w_bM (col_bM: their columns when compacted to the window),
     with the hardest violator as the fallback of a row whose weights sum to 0 (sought among
-    the columns of ``fallback_sim_bN``, masked similarities: a leading slice when the
-    fallback's scope is narrowed, flagged candidates masked too under the unflagged fallback);
-    with ``cfg.reduction`` expected, also the normalised weights as dense rows (the draws are
-    then diagnostics only)."""
+    the columns of ``fallback``, masked similarities: a leading slice when the fallback's
+    scope is narrowed, flagged candidates masked too under the unflagged fallback; or a
+    function of the rows that need it giving (violator, violates): then the draw runs first
+    and the fallback is sought only if a row's weights sum to 0, which needs a host read:
+    the CPU form); with ``cfg.reduction`` expected, also the normalised weights as dense rows
+    (the draws are then diagnostics only)."""
     sim_bN = sims.sim_BN
-    h_b, has_violator_b = hardest_violator(fallback_sim_bN, sims.pos_sim_B, cfg.margin)
-    d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+    if isinstance(fallback, Tensor):
+        h_b, has_violator_b = hardest_violator(fallback, sims.pos_sim_B, cfg.margin)
+        d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+    else:  # no violator given: an empty row reads "no violator", so those are the empty rows
+        h_b = torch.zeros(w_bM.shape[0], dtype=torch.long, device=w_bM.device)
+        has_violator_b = torch.zeros_like(h_b, dtype=torch.bool)
+        d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+        if bool(d.no_violator_B.any()):
+            h_b, has_violator_b = fallback(d.no_violator_B)
+            d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
     prob_bN = sim_bN.new_zeros(len(h_b), 0)
     if cfg.reduction == "expected":
         prob_bN = expected_shares(w_bM, col_bM, sim_bN.shape[1], h_b, has_violator_b)

@@ -143,6 +143,80 @@ def sampling_weights(
     return Weights(w_BN.masked_fill_(cut_BN, 0.0), n_fn_B, n_window_B, use_fn_BN)
 
 
+def listed_mask_weights(
+    rows: AnchorSims,
+    masked_entries: tuple[Tensor, Tensor],
+    g: Gaussians,
+    cfg: FneConfig,
+    rule: Rule = FNE,
+    log_odds_BN: Tensor | None = None,
+) -> Weights:
+    """``sampling_weights`` over every candidate with the mask given as its entries only
+    (rows, columns; each once), in fewer passes over b×N: the CPU form of a wide window (no
+    hard cut, or a window too wide to compact). The same weights and counts, element for
+    element: the masked weights are zeroed and the counts corrected at the listed entries (no
+    dense mask, no masked copy of the similarities), one pass gives both the P_fn > ε count
+    and whether any FN weight applies, and without one the sigmoid and the choice of
+    ``uncut_weight`` are left out (its kernel weight everywhere). Reads host values (CPU form
+    only); ``use_fn_BN`` is not returned (None)."""
+    sim_BN, pos_sim_B = rows.sim_BN, rows.pos_sim_B
+    if not rule.draws:
+        raise ValueError(f"the {rule.name} rule draws nothing: it has no sampling weights")
+    if log_odds_BN is not None and log_odds_BN.dtype != sim_BN.dtype:  # mixed precision: the
+        # dense form's type promotion decides the weights' dtype
+        mask_BN = torch.zeros_like(sim_BN, dtype=torch.bool).index_put_(
+            masked_entries, torch.tensor(True)
+        )
+        masked_sim_BN = sim_BN.masked_fill(mask_BN, -math.inf)
+        sims = AnchorSims(sim_BN, pos_sim_B, mask_BN, masked_sim_BN)
+        return sampling_weights(sims, g, cfg, rule, masked_entries, log_odds_BN)
+    b = sim_BN.shape[0]
+    rows_M, cols_M = masked_entries
+    threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype) if cfg.hard_cut else None
+    n_window_B = _count_above(sim_BN, threshold)
+    above_M = sim_BN[rows_M, cols_M] > (-math.inf if threshold is None else threshold)
+    n_window_B -= torch.bincount(rows_M, weights=above_M.to(torch.float64), minlength=b).long()
+    n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
+    if not rule.uses_posterior:
+        w_BN = torch.ones_like(sim_BN)
+    else:
+        if log_odds_BN is None:
+            log_odds_BN = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_BN)
+        # P_fn > ε as 0/1 of the log-odds' dtype: its row sums are the count (with the masked
+        # ones, taken out below) and its nonzeros the flagged candidates, in one pass
+        fn_threshold = fn_log_odds_threshold(cfg.eps)
+        is_fn_BN = torch.gt(log_odds_BN, fn_threshold, out=torch.empty_like(log_odds_BN))
+        n_fn_B = is_fn_BN.sum(dim=1).long()
+        fn_masked_M = (log_odds_BN[rows_M, cols_M] > fn_threshold).to(torch.float64)
+        n_fn_B -= torch.bincount(rows_M, weights=fn_masked_M, minlength=b).long()
+        # the kernel weight's exponent everywhere, then the FN weight's where it applies
+        exponent_BN = sim_BN - pos_sim_B[:, None]
+        exponent_BN.mul_(exponent_BN).mul_(-cfg.tau_kernel)
+        if bool(g.gate_open) and int(n_fn_B.sum()) + int(fn_masked_M.sum()) > 0:
+            # uncut_weight's choice, as it makes it (measured: listing a few per cent of
+            # flagged candidates costs more than the dense sigmoid and where)
+            use_fn_BN = log_odds_BN > fn_threshold
+            p_fn_BN = log_odds_BN.clamp_min(fn_threshold - 1.0).sigmoid_().mul_(-cfg.tau_fn)
+            exponent_BN = torch.where(use_fn_BN, p_fn_BN, exponent_BN)
+        w_BN = exponent_BN.exp_()
+    if threshold is not None:
+        w_BN.masked_fill_(sim_BN <= threshold, 0.0)
+    return Weights(w_BN.index_put_(masked_entries, w_BN.new_zeros(())), n_fn_B, n_window_B)
+
+
+def _count_above(sim_BN: Tensor, threshold: Tensor | None) -> Tensor:
+    """Per row: entries above ``threshold`` (None: above −inf). Without a threshold, in one
+    pass: a row whose sum is finite holds no NaN or −inf, so all n count; only the other rows
+    are compared."""
+    if threshold is not None:
+        return count_greater(sim_BN, threshold)
+    n_B = torch.full((sim_BN.shape[0],), sim_BN.shape[1], dtype=torch.long, device=sim_BN.device)
+    odd_r = (~sim_BN.sum(dim=1).isfinite()).nonzero().squeeze(1)
+    if odd_r.numel():
+        n_B[odd_r] = count_greater(sim_BN[odd_r], -math.inf)
+    return n_B
+
+
 def count_true(x_BN: Tensor) -> Tensor:
     """Per row: how many entries are True (int64)."""
     return x_BN.sum(dim=1)
@@ -182,6 +256,7 @@ def window_weights(
     cfg: FneConfig,
     rule: Rule,
     max_fraction: float,
+    log_odds_BN: Tensor | None = None,
 ) -> WindowWeights | None:
     """``sampling_weights`` evaluated only inside the hard-cut window, where weights can be > 0.
 
@@ -190,33 +265,45 @@ def window_weights(
     (for the P_fn > ε count over all candidates) and the window test touch every candidate.
     rows: the anchors' similarities, s⁺ and masked similarities (−inf at the masked positions;
     the dense mask is not read); masked_entries: those positions as (rows, columns), each
-    once. Needs the window's size on the host (``nonzero``): meant for CPU tensors, where
-    that costs no device sync. Returns None when no hard cut applies or the
-    window holds more than ``max_fraction`` of the candidates: the dense form is then faster.
+    once. log_odds_BN: the posterior's log-odds of every pair when the caller has them (a
+    posterior that is not a quadratic in s: ``fne.posteriors``); the window's are then taken
+    from them and the P_fn > ε count reads them all. Needs the window's size on the host
+    (``nonzero``): meant for CPU tensors, where that costs no device sync. Returns None when
+    no hard cut applies or the window holds more than ``max_fraction`` of the candidates: the
+    dense form is then faster.
     """
     if not rule.draws:
         raise ValueError(f"the {rule.name} rule draws nothing: it has no sampling weights")
     if window_is_everything(g, cfg):
         return None
-    sim_BN, pos_sim_B, masked_sim_BN = rows.sim_BN, rows.pos_sim_B, rows.masked_sim_BN
+    sim_BN, pos_sim_B = rows.sim_BN, rows.pos_sim_B
     b, n = sim_BN.shape
     threshold = cut_threshold(g, cfg.cut_margin, sim_BN.dtype)
     # Flat positions, row-major: each row's window in column order, so a compacted row's
     # left-to-right sum is the dense row's with its zeros left out. (1-D indexing is several
     # times faster than (row, column) pairs; nonzero's size is the count, so no count pass.)
-    flat_W = (masked_sim_BN > threshold).view(-1).nonzero().squeeze(1)
+    # The test on sim with the masked entries then cleared: the masked similarities' test, with
+    # a 1-byte pass instead of a 4-byte copy.
+    inside_BN = (sim_BN > threshold).index_put_(masked_entries, torch.tensor(False))
+    flat_W = inside_BN.view(-1).nonzero().squeeze(1)
     if flat_W.numel() > max_fraction * b * n:
         return None
     rows_W = flat_W // n
-    if rule.uses_posterior:
+    if rule.uses_posterior and log_odds_BN is not None:
+        # the same float32 log-odds the dense form reads, element for element
+        log_odds_W = log_odds_BN.reshape(-1).take(flat_W)
+        is_fn_W = is_false_negative(log_odds_W, cfg.eps)
+        n_fn_B = _count_fn_given(log_odds_BN, masked_entries, cfg.eps)
+        sim_W = sim_BN.reshape(-1).take(flat_W)
+        w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
+    elif rule.uses_posterior:
         fit = quadratic_fit_of(g, cfg.prior)
         sim_W = sim_BN.reshape(-1).take(flat_W)
         log_odds_W = fit.log_odds_sim(sim_W)
         is_fn_W = is_false_negative(log_odds_W, cfg.eps)
         if fn_region_inside_window(fit, cfg.eps, float(threshold)):
             # Every candidate with P_fn > ε is in the window: count it there.
-            n_fn_B = torch.bincount(rows_W, weights=is_fn_W.to(torch.float64), minlength=b)
-            n_fn_B = n_fn_B.long()
+            n_fn_B = _row_sums(is_fn_W, flat_W, b, n)
         else:
             n_fn_B = _count_fn_listed(sim_BN, masked_entries, fit, cfg.eps, cfg.chunk_rows)
         w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
@@ -224,6 +311,17 @@ def window_weights(
         n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
         w_W = torch.ones(flat_W.shape, dtype=sim_BN.dtype, device=sim_BN.device)
     return _left_aligned(w_W, flat_W, rows_W, n, n_fn_B)
+
+
+def _count_fn_given(
+    log_odds_BN: Tensor, masked_entries: tuple[Tensor, Tensor], eps: float
+) -> Tensor:
+    """Per row: unmasked candidates with P_fn > ε, from given log-odds of every pair: all of
+    them, less the masked ones (listed, each once)."""
+    rows_M, cols_M = masked_entries
+    n_fn_B = count_greater(log_odds_BN, fn_log_odds_threshold(eps))
+    is_fn_M = is_false_negative(log_odds_BN[rows_M, cols_M], eps).to(torch.float64)
+    return n_fn_B - torch.bincount(rows_M, weights=is_fn_M, minlength=log_odds_BN.shape[0]).long()
 
 
 def _count_fn_listed(
@@ -247,6 +345,21 @@ def _count_fn_listed(
     return n_fn_B - torch.bincount(rows_M, weights=is_fn_M.to(torch.float64), minlength=b).long()
 
 
+def _row_starts(flat_W: Tensor, b: int, n: int) -> Tensor:
+    """Where each of the b rows starts in the sorted flat positions ``flat_W`` of a b × n
+    matrix, and where the last ends (b + 1 indices): a binary search per row, where a count
+    per entry (``bincount``) reads every entry."""
+    bounds = torch.arange(b + 1, device=flat_W.device) * n
+    return torch.searchsorted(flat_W, bounds)
+
+
+def _row_sums(flag_W: Tensor, flat_W: Tensor, b: int, n: int) -> Tensor:
+    """Per row: how many of the entries at the sorted flat positions ``flat_W`` are True
+    (int64): a running count read at the rows' starts (exact integers)."""
+    running = torch.cat([flag_W.new_zeros(1, dtype=torch.long), flag_W.cumsum(0)])
+    return running[_row_starts(flat_W, b, n)].diff()
+
+
 def _left_aligned(
     w_W: Tensor, flat_W: Tensor, rows_W: Tensor, n: int, n_fn_B: Tensor
 ) -> WindowWeights:
@@ -254,7 +367,7 @@ def _left_aligned(
     their rows) packed left-aligned into b × m rows, m the largest window (zero-padded), with
     their columns."""
     b = n_fn_B.shape[0]
-    count_B = torch.bincount(rows_W, minlength=b)
+    count_B = _row_starts(flat_W, b, n).diff()
     m = max(int(count_B.max()) if b else 0, 1)
     start_B = count_B.cumsum(0) - count_B
     # Slot of each window entry in its row of the b × m layout, flattened.
