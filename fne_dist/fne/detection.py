@@ -94,16 +94,51 @@ def detection_sums(
         cols += [zeros_b, zeros_b]
     cols += [in_win_bX.sum(1), (in_win_bX & same_bX).sum(1)]
     out_bF = torch.stack(cols, dim=1).to(f64)
-    rel_bR3 = torch.zeros(sim_bX.shape[0], N_BINS, 3, dtype=f64, device=sim_bX.device)
-    if with_posterior:
-        p_bX = log_odds_bX.to(f64).sigmoid()
-        edges = torch.tensor(RELIABILITY_EDGES[1:-1], dtype=f64, device=sim_bX.device)
-        # bin r holds P_fn in [edge_r, edge_{r+1}); P_fn = 1 falls in the last bin.
-        bin_bX = torch.bucketize(p_bX, edges, right=True)
-        w_bX = in_win_bX.to(f64)
-        for value_bX, k in ((w_bX, 0), (w_bX * p_bX, 1), (w_bX * same_bX, 2)):
-            rel_bR3[:, :, k].scatter_add_(1, bin_bX, value_bX)
+    if not with_posterior:
+        rel_bR3 = torch.zeros(sim_bX.shape[0], N_BINS, 3, dtype=f64, device=sim_bX.device)
+    elif in_win_bX.device.type == "cpu":
+        rel_bR3 = listed_reliability(log_odds_bX, in_win_bX, same_bX)
+    else:  # no nonzero() on an accelerator: it would be a host sync
+        rel_bR3 = dense_reliability(log_odds_bX, in_win_bX, same_bX)
     return torch.cat([out_bF, rel_bR3.flatten(1)], dim=1)
+
+
+def _bins(p_X: Tensor) -> Tensor:
+    """The reliability bin of each P_fn: bin r holds [edge_r, edge_{r+1}); P_fn = 1 falls in
+    the last bin."""
+    edges = torch.tensor(RELIABILITY_EDGES[1:-1], dtype=p_X.dtype, device=p_X.device)
+    return torch.bucketize(p_X, edges, right=True)
+
+
+def dense_reliability(log_odds_bX: Tensor, in_win_bX: Tensor, same_bX: Tensor) -> Tensor:
+    """b×R×3 float64 (count, Σ P_fn, true FNs) per reliability bin over the window's
+    evaluable slots ``in_win_bX``: every slot evaluated, the outside ones weighted 0 (the
+    definition; no data-dependent shapes, so no host sync on an accelerator)."""
+    f64 = torch.float64
+    p_bX = log_odds_bX.to(f64).sigmoid()
+    bin_bX = _bins(p_bX)
+    w_bX = in_win_bX.to(f64)
+    rel_bR3 = torch.zeros(p_bX.shape[0], N_BINS, 3, dtype=f64, device=p_bX.device)
+    for value_bX, k in ((w_bX, 0), (w_bX * p_bX, 1), (w_bX * same_bX, 2)):
+        rel_bR3[:, :, k].scatter_add_(1, bin_bX, value_bX)
+    return rel_bR3
+
+
+def listed_reliability(log_odds_bX: Tensor, in_win_bX: Tensor, same_bX: Tensor) -> Tensor:
+    """``dense_reliability`` from the window's slots only (host tensors): the sigmoid, the
+    binning and the sums over the few slots inside the window instead of all b×X, in float64
+    as before. Bit-identical: the dense sums add exact zeros for the outside slots, and each
+    bin here adds the same values in the same order (row-major, ascending slot)."""
+    f64 = torch.float64
+    b = log_odds_bX.shape[0]
+    rows_W, cols_W = in_win_bX.nonzero(as_tuple=True)
+    p_W = log_odds_bX[rows_W, cols_W].to(f64).sigmoid()
+    flat_W = rows_W * N_BINS + _bins(p_W)
+    size = b * N_BINS
+    n_Z = torch.bincount(flat_W, minlength=size)  # integer counts: exact
+    fn_Z = torch.bincount(flat_W[same_bX[rows_W, cols_W]], minlength=size)
+    p_Z = torch.bincount(flat_W, weights=p_W, minlength=size)  # sequential float64 sums
+    return torch.stack([n_Z.to(f64), p_Z, fn_Z.to(f64)], dim=1).view(b, N_BINS, 3)
 
 
 GroupLabels = tuple[Tensor, Tensor]
