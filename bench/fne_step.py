@@ -11,8 +11,9 @@ memory is filled with random unit vectors, as in ``bench/overhead.py``; ``--grou
 the pairs (group = id mod N: FN detection is then measured every step, as on emoji), 0 leaves
 them unlabelled (Flickr/COCO-like). One thread, the process's CPU seconds per step. Each
 checkout runs in its own process (``PYTHONPATH``), interleaved (A, B, A, B, ...); medians of
-the rounds' medians, the ratio to the first checkout, and a digest of every step's loss and
-gradients, so the checkouts' results can be compared bit for bit.
+the rounds' medians, the ratio to the first checkout, and a digest of every step's loss,
+gradients and logged diagnostics (the detection sums with ``--groups``), so the checkouts'
+results can be compared bit for bit.
 """
 
 from __future__ import annotations
@@ -83,7 +84,10 @@ def measure(batch: int, k: int, form: str, groups: int, steps: int) -> dict:
         memory.enqueue(gathered.img_ND, gathered.txt_ND, gathered.ids_N, gathered.groups_N)
         if step >= 3:  # the first steps warm the allocator and the statistics
             times.append(time.process_time() - t0)
-        for t in (out.loss, img.grad, txt.grad):
+        # the logged diagnostics too (with labels: the detection sums), so a cheaper
+        # diagnostic is checked to log the same numbers
+        diag = [out.diagnostics[key] for key in sorted(out.diagnostics)]
+        for t in (out.loss, img.grad, txt.grad, *diag):
             digest.update(t.detach().double().numpy().tobytes())
     return {"ms": 1e3 * statistics.median(times), "digest": digest.hexdigest()[:16]}
 
@@ -129,7 +133,7 @@ def main() -> None:
     same = all(
         len({r["digest"] for lab in labels for r in runs[(lab, k, form)]}) == 1 for k, form in cases
     )
-    print(f"losses and gradients bit-identical across checkouts: {same}")
+    print(f"losses, gradients and diagnostics bit-identical across checkouts: {same}")
 
 
 if __name__ == "__main__":

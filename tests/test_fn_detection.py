@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from fne_dist.fne import Anchors, Candidates, FneConfig, retrieval_loss
-from fne_dist.fne.detection import COLUMNS, dense_detection, detection_rates
+from fne_dist.fne.detection import (
+    COLUMNS,
+    RELIABILITY_EDGES,
+    dense_detection,
+    dense_reliability,
+    detection_rates,
+    host_reliability,
+)
 from fne_dist.fne.rules import RULES
 from fne_dist.fne.selection import (
     WINDOW_MAX_FRACTION,
@@ -120,6 +127,35 @@ def test_window_slot_form_equals_dense_definition(rule: str, sd_neg: float) -> N
         listed = select_listed(*args)
         assert dense.detect_bF.shape == (sim.shape[0], len(COLUMNS))
         torch.testing.assert_close(listed.detect_bF, dense.detect_bF, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("window_share", [0.05, 0.3, 0.9])  # listed and keyed-in-full forms
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_reliability_is_bit_identical_to_the_dense_sums(
+    window_share: float, dtype: torch.dtype
+) -> None:
+    """Invariant: the CPU reliability histogram gives the dense definition's float64 sums bit
+    for bit (same values added in the same order; the dense form's outside slots add exact
+    zeros), with P_fn on every bin edge, NaN and ±inf log-odds, many slots per bin and rows
+    with no slot or every slot in the window."""
+    gen = torch.Generator().manual_seed(0)
+    b, n = 7, 3000
+    edges = torch.tensor(RELIABILITY_EDGES[1:-1], dtype=torch.float64)
+    at_edges = torch.logit(edges).repeat(n // len(edges) + 1)[:n]
+    odds_bX = torch.randn(b, n, generator=gen, dtype=torch.float64) * 6 - 4
+    odds_bX[1] = at_edges  # P_fn exactly on (the float of) each edge
+    odds_bX[4, :3] = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)
+    odds_bX = odds_bX.to(dtype)
+    in_win_bX = torch.rand(b, n, generator=gen) < window_share
+    in_win_bX[2] = False  # a row with no slot in the window
+    in_win_bX[3] = True
+    in_win_bX[4, :3] = True
+    same_bX = torch.rand(b, n, generator=gen) < 0.2
+    dense = dense_reliability(odds_bX, in_win_bX, same_bX)
+    host = host_reliability(odds_bX, in_win_bX, same_bX)
+    assert dense.dtype == host.dtype == torch.float64 and dense.shape == host.shape
+    assert torch.equal(host.nan_to_num(-1.0), dense.nan_to_num(-1.0))
+    assert dense[2].abs().sum() == 0 and dense[:, :, 0].sum() == in_win_bX.sum()
 
 
 def _batch(groups: bool, b: int = 6, d: int = 8):

@@ -35,3 +35,28 @@ def test_ema_formula_and_float32() -> None:
     assert any(moved)
     with pytest.raises(ValueError):
         ema_update(bf16, online, 1.5)
+
+
+def test_cpu_ema_loop_equals_the_foreach_form_bit_for_bit() -> None:
+    """Invariant: the CPU's per-tensor EMA gives exactly the fused form's values (foreach mul
+    by m, then add (1−m)·p), over many steps and odd-sized tensors, so the cheaper loop moves
+    no run; frozen parameters stay untouched."""
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(7, 5), nn.Linear(5, 3), nn.BatchNorm1d(3))
+    online[0].requires_grad_(False)  # a frozen early layer
+    loop, fused = make_momentum_copy(online), make_momentum_copy(online)
+    trained = [i for i, p in enumerate(online.parameters()) if p.requires_grad]
+    for _ in range(20):
+        with torch.no_grad():
+            for p in online.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        ema_update(loop, online, 0.995)
+        targets = [list(fused.parameters())[i] for i in trained]
+        sources = [list(online.parameters())[i].detach() for i in trained]
+        torch._foreach_mul_(targets, 0.995)
+        torch._foreach_add_(targets, sources, alpha=1.0 - 0.995)
+    for p_loop, p_fused in zip(loop.parameters(), fused.parameters(), strict=True):
+        assert torch.equal(p_loop, p_fused)
+    assert torch.equal(loop[0].weight, online[0].weight)
+    assert not torch.equal(loop[1].weight, online[1].weight)
