@@ -149,7 +149,15 @@ VARIANTS: dict[str, dict] = {
     "fne_sum_intra_null3": dict(_FNE_SUM, mixture_null_components=3),
     # J = 3 only on steps whose one-null fit is a tail (fne.mixture_null_auto): one form for
     # data whose false negatives are a few near-duplicates (emoji) and dense classes (synthetic)
-    "fne_sum_intra_nullauto3": dict(_FNE_SUM, mixture_null_components=3, mixture_null_auto=True),
+    # (decided afresh every step: fne.mixture_null_latch = 0, the form measured before the latch)
+    "fne_sum_intra_nullauto3": dict(
+        _FNE_SUM, mixture_null_components=3, mixture_null_auto=True, mixture_null_latch=0
+    ),
+    # the same choice latched to J = 3 after 50 tail steps in a row (fne.mixture_null_latch):
+    # the per-step choice flipped late in long emoji runs
+    "fne_sum_intra_nulllatch3": dict(
+        _FNE_SUM, mixture_null_components=3, mixture_null_auto=True, mixture_null_latch=50
+    ),
     "fne_intra_all_pairs_unflagged_null2": dict(
         _FNE_INTRA, stats_source="all_pairs", fallback="unflagged", mixture_null_components=2
     ),

@@ -36,6 +36,7 @@ from .fne import (
 from .fne.estimators import all_pairs_stats, random_candidate_sims, sample_columns
 from .fne.posteriors import CandidateSample, Posterior, posterior_for
 from .fne.sampling import step_uniforms
+from .fne.stats import with_posterior_state
 from .memory import MomentumMemory
 from .timing import NullTimer
 
@@ -48,7 +49,8 @@ class StepOutput:
     diagnostics: dict[str, Tensor]
     gathered: Candidates  # the momentum block of the global batch, to enqueue after the step
     staleness: Tensor  # (sum of cosines, count) of this rank's anchors found in the memory
-    stat_sums: Tensor  # the step's all-reduced statistic sums, for the caller to commit
+    stat_sums: Tensor  # the step's all-reduced statistic sums and the posterior's next state,
+    # for the caller to commit (``SimilarityStats.add_step``)
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,15 @@ def forward_step(
     # the estimates with this step's sums (the posterior's last; none for the paper's), as the
     # step will leave them; ``stats`` itself changes only when the caller commits the step
     with t.phase("posterior_fit"):  # the running Gaussians and the posterior's EM
-        seen = stats.with_step(batch_stats, cfg.mixture_decay)
+        kept = stats.posterior_state
+        seen = stats.with_step(with_posterior_state(batch_stats, kept), cfg.mixture_decay)
         gauss = seen.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
-        gauss = replace(gauss, posterior=posterior.fit(gauss, seen.posterior_totals))
+        fit = posterior.fit(gauss, seen.posterior_totals, kept)
+        gauss = replace(gauss, posterior=fit)
+        # the posterior's next state rides with the sums the caller commits; warm-up steps
+        # (in-batch vse_pp, the fit unused) leave it as it was: the latch counts training steps
+        next_state = kept if at.warmup or fit.state is None else fit.state
+        stat_sums = with_posterior_state(batch_stats, next_state)
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):
         if at.warmup:  # 5a. reference epoch 0: in-batch online-vs-online VSE++, per rank
@@ -142,7 +150,7 @@ def forward_step(
                 step_uniforms(at.seed, at.step, G, cfg.negatives, rank, B),
                 temperature=temperature,
             )
-    return StepOutput(out.loss, out.diagnostics, gathered, stale, batch_stats)
+    return StepOutput(out.loss, out.diagnostics, gathered, stale, stat_sums)
 
 
 @dataclass

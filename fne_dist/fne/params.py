@@ -130,6 +130,13 @@ class FneConfig:
         "wider than its null (the null's skewed tail, not a cluster), else the two-component "
         "mixture (fne.null_mixture.select_null_fit)",
     )
+    mixture_null_latch: int = setting(
+        50,
+        "fne.mixture_null_auto: after this many training steps in a row that chose the "
+        "J-component null (warm-up not counted), keep it for the rest of the run (a state in the "
+        "checkpointed statistics; fne.null_mixture.latch_step); 0: decide every step afresh",
+        ge=0,
+    )
     fallback: Literal["hardest", "unflagged"] = setting(
         "hardest",
         "fne sampler, a row whose window weights sum to 0: draw the hardest violator (hardest, "

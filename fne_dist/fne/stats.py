@@ -26,6 +26,15 @@ NO_POS_MU: tuple[str, ...] = get_args(NoPosMu)
 """What μ⁺ is before this epoch's first positive sample (see ``SimilarityStats``)."""
 
 STATS_FIELDS = ("n_pos", "sum_pos", "sumsq_pos", "n_neg", "sum_neg", "sumsq_neg")
+POSTERIOR_STATE = 2  # floats of the posterior's carried state (null_mixture.LATCH_STATE)
+_STATE_END = len(STATS_FIELDS) + POSTERIOR_STATE
+
+
+def with_posterior_state(batch_stats: Tensor, posterior_state: Tensor) -> Tensor:
+    """A step's sums as ``SimilarityStats.add_step`` takes them: ``batch_stats`` (the six
+    Gaussian sums, then the posterior's sums) with the posterior's next state between. One
+    vector, so every caller that commits a step's sums commits the state with them."""
+    return torch.cat([batch_stats[:6], posterior_state.to(batch_stats), batch_stats[6:]])
 
 
 def empty_stats(device: torch.device | str | None = None) -> Tensor:
@@ -178,15 +187,20 @@ class SimilarityStats:
         # candidate similarities, sized by its first add; none for the paper's). Never reset:
         # the decay forgets.
         self.posterior_totals = torch.zeros(0, dtype=torch.float64, device=device)
+        # The posterior's carried state (``Posterior.fit``'s ``state``: fne.mixture_null_latch's
+        # latch), replaced, not summed, by each committed step
+        self.posterior_state = torch.zeros(POSTERIOR_STATE, dtype=torch.float64, device=device)
 
     def add(self, batch_stats: Tensor) -> None:
         self.totals = merge_stats(self.totals, batch_stats.to(self.totals))
 
     def add_step(self, step_sums: Tensor, decay: float) -> None:
-        """Commit one step's (all-reduced) sums: the six Gaussian sums, then the posterior's
-        (``decay``: its forgetting factor)."""
+        """Commit one step's (all-reduced) sums, laid out as ``step_sums``'s: the six Gaussian
+        sums, the posterior's next state (it replaces the kept one), then the posterior's sums
+        (``decay``: their forgetting factor)."""
         self.add(step_sums[:6])
-        self.add_posterior(step_sums[6:], decay)
+        self.posterior_state = step_sums[6:_STATE_END].to(self.posterior_state)
+        self.add_posterior(step_sums[_STATE_END:], decay)
 
     def with_step(self, step_sums: Tensor, decay: float) -> SimilarityStats:
         """What ``add_step`` would make of these statistics, as a new object; ``self`` is left
@@ -228,6 +242,7 @@ class SimilarityStats:
             "carried_mu_pos": self.carried_mu_pos.clone(),
             # the key predates fne.posterior (the mixture's histogram): old checkpoints load
             "mix_totals": self.posterior_totals.clone(),
+            "posterior_state": self.posterior_state.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
@@ -236,3 +251,5 @@ class SimilarityStats:
         # a checkpoint's "em_totals" (the retired prior_mode: em) is ignored
         if "mix_totals" in state:  # checkpoints written before the mixtures have none
             self.posterior_totals = state["mix_totals"].to(self.posterior_totals)
+        if "posterior_state" in state:  # older checkpoints: not latched, no tail steps counted
+            self.posterior_state = state["posterior_state"].to(self.posterior_state)

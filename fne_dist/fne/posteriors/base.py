@@ -62,6 +62,9 @@ class PosteriorFit(ABC):
     # L reads the pair's images only, never ``sim_bN`` (beyond its dtype): the same for the
     # i2t and the t2i direction, so the sampler computes it once for both.
     direction_free: ClassVar[bool] = False
+    # the posterior's carried state after this step (``Posterior.fit``'s ``state``), for the
+    # caller to commit with the step's sums; None: the posterior keeps none
+    state: Tensor | None = None
 
     @abstractmethod
     def log_odds(self, pairs: PairSims) -> Tensor:
@@ -105,5 +108,8 @@ class Posterior(ABC):
         return torch.zeros(0, dtype=torch.float64, device=sample.cross_S.device)
 
     @abstractmethod
-    def fit(self, g: Gaussians, totals: Tensor) -> PosteriorFit:
-        """This step's posterior from the Gaussians and the running totals of ``sums``."""
+    def fit(self, g: Gaussians, totals: Tensor, state: Tensor | None = None) -> PosteriorFit:
+        """This step's posterior from the Gaussians and the running totals of ``sums``.
+        ``state``: the carried state (``SimilarityStats.posterior_state``) of a posterior that
+        keeps one across steps (``fne.mixture_null_latch``), the fit's ``state`` the next one;
+        None (a caller that keeps no state): the posterior's stateless form."""

@@ -16,10 +16,10 @@ from torch import Tensor
 from ..mixture import Mixture, histogram, refit
 from ..null_mixture import (
     NullMixture,
+    auto_null_fit,
     fit_null_mixture,
     null_diagnostics,
     null_log_odds,
-    select_null_fit,
 )
 from ..posterior import quadratic_coefficients
 from ..stats import Gaussians
@@ -65,10 +65,14 @@ class CrossMixturePosterior(Posterior):
         """This step's histogram of the sampled cross-modal similarities."""
         return histogram(sample.cross_S, sample.valid_S)
 
-    def fit(self, g: Gaussians, totals: Tensor) -> PosteriorFit:
+    def fit(self, g: Gaussians, totals: Tensor, state: Tensor | None = None) -> PosteriorFit:
         j = self.cfg.mixture_null_components
         if j > 1 and self.cfg.mixture_null_auto:
-            return CrossNullFit(select_null_fit(totals, j, self.cfg.var_floor))
+            latch = self.cfg.mixture_null_latch
+            m, nxt = auto_null_fit(totals, j, self.cfg.var_floor, state, latch)
+            fit = CrossNullFit(m)
+            fit.state = nxt
+            return fit
         if j > 1:
             return CrossNullFit(fit_null_mixture(totals, j, var_floor=self.cfg.var_floor))
         return MixtureFit(refit(totals, self.cfg.var_floor))

@@ -25,10 +25,10 @@ from torch import Tensor
 from ..mixture import Mixture, histogram, refit
 from ..null_mixture import (
     NullMixture,
+    auto_null_fit,
     fit_null_mixture,
     null_diagnostics,
     null_log_odds,
-    select_null_fit,
 )
 from ..stats import Gaussians
 from .base import CandidateSample, PairSims, Posterior, PosteriorFit
@@ -106,10 +106,14 @@ class IntraMixturePosterior(Posterior):
         """This step's histogram of the sampled image-image similarities."""
         return histogram(intra_candidate_sims(sample), sample.valid_S)
 
-    def fit(self, g: Gaussians, totals: Tensor) -> PosteriorFit:
+    def fit(self, g: Gaussians, totals: Tensor, state: Tensor | None = None) -> PosteriorFit:
         j = self.cfg.mixture_null_components
         if j > 1 and self.cfg.mixture_null_auto:
-            return IntraNullFit(select_null_fit(totals, j, self.cfg.var_floor))
+            latch = self.cfg.mixture_null_latch
+            m, nxt = auto_null_fit(totals, j, self.cfg.var_floor, state, latch)
+            fit = IntraNullFit(m)
+            fit.state = nxt
+            return fit
         if j > 1:
             return IntraNullFit(fit_null_mixture(totals, j, var_floor=self.cfg.var_floor))
         return IntraFit(refit(totals, self.cfg.var_floor))

@@ -29,7 +29,7 @@ def fit_of(g: Gaussians, prior: float) -> PosteriorFit:
 class PaperPosterior(Posterior):
     name = "paper"
 
-    def fit(self, g: Gaussians, totals: Tensor) -> QuadraticFit:
+    def fit(self, g: Gaussians, totals: Tensor, state: Tensor | None = None) -> QuadraticFit:
         return paper_fit(g, self.cfg.prior)
 
 
