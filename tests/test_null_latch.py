@@ -24,7 +24,8 @@ def _reference_latch(tails: list[bool], steps: int) -> tuple[list[bool], bool, i
     """The rule one step at a time in plain Python: (each step's choice, latched, run)."""
     latched, run, used = False, 0, []
     for tail in tails:
-        run = run + 1 if tail else 0
+        if not latched:  # a latched run's count stays where it latched
+            run = run + 1 if tail else 0
         latched = latched or (steps > 0 and run >= steps)
         used.append(tail or latched)
     return used, latched, run
@@ -162,3 +163,26 @@ def test_the_step_commits_the_state_and_warm_up_leaves_it() -> None:
                 want = kept
             assert torch.equal(stats.posterior_state, want), (cfg.mixture_null_auto, warm)
             assert stats.posterior_totals.numel() > 0
+
+
+def test_the_host_shortcut_equals_the_accelerator_form(monkeypatch) -> None:
+    """Invariant: on the CPU ``auto_null_fit`` computes only the chosen fit (and no tail test
+    once latched); its mixture, choice and next state equal the accelerator form's (both fits
+    and the tail test, picked by torch.where) bit for bit, latched or not, tail or bump."""
+    from fne_dist.fne import detection
+    from fne_dist.fne.null_mixture import auto_null_fit
+
+    hists = [_hist("tail", 5), _hist("bump", 6)]
+    states = [torch.tensor(s, dtype=F64) for s in ([0.0, 0.0], [0.0, 1.0], [1.0, 2.0])]
+    for h in hists:
+        for state in states:
+            host, host_next = auto_null_fit(h, 3, 1e-8, state, 2)
+            with monkeypatch.context() as m:
+                m.setattr(detection, "on_host", lambda _t: False)
+                dev, dev_next = auto_null_fit(h, 3, 1e-8, state, 2)
+            for a, b in zip(
+                (host.weights_K, host.mu_K, host.var_K, host.tail, host_next),
+                (dev.weights_K, dev.mu_K, dev.var_K, dev.tail, dev_next),
+                strict=True,
+            ):
+                assert torch.equal(a, b), (state.tolist(), a, b)

@@ -170,8 +170,11 @@ def latch_step(state: Tensor, tail: Tensor, steps: int) -> tuple[Tensor, Tensor]
     never shows ``steps`` tail steps in a row, so it keeps the two-component fit.
     Pure and elementwise: no host sync, and every rank (same histogram, same state) agrees."""
     state = state.to(torch.float64)
-    run = torch.where(tail, state[1] + 1.0, torch.zeros_like(state[1]))
-    latched = (state[0] > 0) | ((run >= steps) & (steps > 0))
+    was = state[0] > 0
+    # a latched run's count stays where it latched: the state then no longer depends on the
+    # step's tail test, which is what lets a host run skip that fit (``auto_null_fit``)
+    run = torch.where(was, state[1], torch.where(tail, state[1] + 1.0, torch.zeros_like(state[1])))
+    latched = was | ((run >= steps) & (steps > 0))
     return tail | latched, torch.stack([latched.to(torch.float64), run])
 
 
@@ -182,9 +185,18 @@ def select_null_fit(
     step's ``is_tail``; with the latch, ``latch_step``'s choice) holds, the two-component fit
     (``refit``, as with J = 1) elsewhere: by ``torch.where`` (no host sync, every rank the
     same)."""
+    tail = is_tail(hist) if use_many is None else use_many
+    if _on_host(hist):
+        # a host read is free on the CPU, so only the chosen fit is computed (each is ~100 EM
+        # iterations of small ops: 3-9 ms a step); the values are the torch.where's below
+        m = (
+            fit_null_mixture(hist, null_components, var_floor=var_floor)
+            if bool(tail)
+            else padded(refit(hist, var_floor), null_components)
+        )
+        return NullMixture(m.weights_K, m.mu_K, m.var_K, tail=tail.to(torch.float64))
     many = fit_null_mixture(hist, null_components, var_floor=var_floor)
     two = padded(refit(hist, var_floor), null_components)
-    tail = is_tail(hist) if use_many is None else use_many
     pick = [torch.where(tail, a, b) for a, b in zip(
         (many.weights_K, many.mu_K, many.var_K), (two.weights_K, two.mu_K, two.var_K), strict=True
     )]  # fmt: skip
@@ -198,8 +210,21 @@ def auto_null_fit(
     state (a caller that keeps none), else ``latch_step`` on ``state``."""
     if state is None:
         return select_null_fit(hist, null_components, var_floor), None
-    use_many, nxt = latch_step(state, is_tail(hist), latch_steps)
+    if _on_host(hist) and bool(state[0] > 0):
+        # latched: the choice and the next state no longer read the tail test (``latch_step``)
+        tail = torch.ones((), dtype=torch.bool, device=hist.device)
+    else:
+        tail = is_tail(hist)
+    use_many, nxt = latch_step(state, tail, latch_steps)
     return select_null_fit(hist, null_components, var_floor, use_many), nxt
+
+
+def _on_host(t: Tensor) -> bool:
+    """detection.on_host, looked up at call time (tests pin the accelerator path there; a
+    module-level import would be circular through the posteriors)."""
+    from . import detection
+
+    return detection.on_host(t)
 
 
 def null_diagnostics(m: NullMixture, suffix: str = "") -> dict[str, Tensor]:
