@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 from fne_dist.config import ModelConfig, load_config
 from fne_dist.fne import FneConfig, SimilarityStats
 from fne_dist.fne import detection as detection_module
+from fne_dist.fne import host as host_module
 from fne_dist.fne import loss as loss_module
 from fne_dist.fne import selection as selection_module
 from fne_dist.fne.selection import select_dense
@@ -84,7 +85,7 @@ def test_a_gpu_step_reads_nothing_on_the_host(
     # a read (tests/test_fn_detection.py), which is the path this test pins
     for module in (detection_module, selection_module):
         monkeypatch.setattr(module, "known_unlabelled", lambda _groups: False)
-    monkeypatch.setattr(detection_module, "on_host", lambda _t: False)  # the dense histogram
+    monkeypatch.setattr(host_module, "on_host", lambda _t: False)  # dense histogram, both fits
     torch.manual_seed(0)
     model = DualEncoder(None, None, 6, 6, ModelConfig(embed_dim=4, head="linear"))
     momentum, memory = make_momentum_copy(model), MomentumMemory(20, 4, seed=0)

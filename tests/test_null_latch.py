@@ -169,7 +169,7 @@ def test_the_host_shortcut_equals_the_accelerator_form(monkeypatch) -> None:
     """Invariant: on the CPU ``auto_null_fit`` computes only the chosen fit (and no tail test
     once latched); its mixture, choice and next state equal the accelerator form's (both fits
     and the tail test, picked by torch.where) bit for bit, latched or not, tail or bump."""
-    from fne_dist.fne import detection
+    from fne_dist.fne import host as host_module
     from fne_dist.fne.null_mixture import auto_null_fit
 
     hists = [_hist("tail", 5), _hist("bump", 6)]
@@ -178,7 +178,7 @@ def test_the_host_shortcut_equals_the_accelerator_form(monkeypatch) -> None:
         for state in states:
             host, host_next = auto_null_fit(h, 3, 1e-8, state, 2)
             with monkeypatch.context() as m:
-                m.setattr(detection, "on_host", lambda _t: False)
+                m.setattr(host_module, "on_host", lambda _t: False)
                 dev, dev_next = auto_null_fit(h, 3, 1e-8, state, 2)
             for a, b in zip(
                 (host.weights_K, host.mu_K, host.var_K, host.tail, host_next),

@@ -33,6 +33,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import host
 from .groups import labelled, same_group
 from .params import FneConfig
 from .posterior import fn_log_odds_threshold
@@ -96,18 +97,11 @@ def detection_sums(
     out_bF = torch.stack(cols, dim=1).to(f64)
     if not with_posterior:
         rel_bR3 = torch.zeros(sim_bX.shape[0], N_BINS, 3, dtype=f64, device=sim_bX.device)
-    elif on_host(in_win_bX):
+    elif host.on_host(in_win_bX):
         rel_bR3 = host_reliability(log_odds_bX, in_win_bX, same_bX)
     else:  # no data-dependent shapes on an accelerator: nonzero() would be a host sync
         rel_bR3 = dense_reliability(log_odds_bX, in_win_bX, same_bX)
     return torch.cat([out_bF, rel_bR3.flatten(1)], dim=1)
-
-
-def on_host(t: Tensor) -> bool:
-    """Whether data-dependent shapes and host reads on ``t`` are free (host tensors); on an
-    accelerator they are device syncs (tests/test_monitoring_host_syncs.py pins the GPU path
-    by answering False here on the CPU)."""
-    return t.device.type == "cpu"
 
 
 def dense_reliability(log_odds_bX: Tensor, in_win_bX: Tensor, same_bX: Tensor) -> Tensor:

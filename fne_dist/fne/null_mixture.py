@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import host
 from .mixture import MIX_PRIOR_MAX, MIX_PRIOR_MIN, Mixture, bin_centres, refit
 
 NULL_FIT_ITERS = 100  # EM iterations per step (the small component converges in ~50-100)
@@ -186,7 +187,7 @@ def select_null_fit(
     (``refit``, as with J = 1) elsewhere: by ``torch.where`` (no host sync, every rank the
     same)."""
     tail = is_tail(hist) if use_many is None else use_many
-    if _on_host(hist):
+    if host.on_host(hist):
         # a host read is free on the CPU, so only the chosen fit is computed (each is ~100 EM
         # iterations of small ops: 3-9 ms a step); the values are the torch.where's below
         m = (
@@ -210,21 +211,13 @@ def auto_null_fit(
     state (a caller that keeps none), else ``latch_step`` on ``state``."""
     if state is None:
         return select_null_fit(hist, null_components, var_floor), None
-    if _on_host(hist) and bool(state[0] > 0):
+    if host.on_host(hist) and bool(state[0] > 0):
         # latched: the choice and the next state no longer read the tail test (``latch_step``)
         tail = torch.ones((), dtype=torch.bool, device=hist.device)
     else:
         tail = is_tail(hist)
     use_many, nxt = latch_step(state, tail, latch_steps)
     return select_null_fit(hist, null_components, var_floor, use_many), nxt
-
-
-def _on_host(t: Tensor) -> bool:
-    """detection.on_host, looked up at call time (tests pin the accelerator path there; a
-    module-level import would be circular through the posteriors)."""
-    from . import detection
-
-    return detection.on_host(t)
 
 
 def null_diagnostics(m: NullMixture, suffix: str = "") -> dict[str, Tensor]:
