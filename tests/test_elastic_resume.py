@@ -1,5 +1,6 @@
-"""A checkpoint of 2 ranks resumed on 1 and on 3 (torchrun, `python -m fne_dist.train`), with
-the global batch kept by ``train.global_batch_size``, under ZeRO-0, ZeRO-2 and ZeRO-3.
+"""A checkpoint of 2 ranks resumed on 1 (`python -m fne_dist.train`) and on 3 (torchrun), with
+the global batch kept by ``train.global_batch_size``, under ZeRO-0, ZeRO-2 and ZeRO-3 (the
+2-rank references: two plain processes with torchrun's variables, no agent process).
 
 One 2-rank run per engine is resumed from its step-4 checkpoint on 1 and on 3 ranks; the tests
 share the nine runs (module-scoped). The three engines' 2-rank runs go at once, then the six
