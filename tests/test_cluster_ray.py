@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -209,6 +210,11 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, ray_temp_root: Path) -> I
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
         RAY_metrics_report_interval_ms="1000",  # workers' metrics reach the agent every second
+        # Ray Train's pre-emption watcher only logs node drains (an autoscaler's or `ray
+        # drain-node`'s): none here, and it is one more actor process at every worker group
+        # start (six starts in this module) on 2 busy cores. Read by the controller, which
+        # inherits the raylet's environment.
+        RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
         GLOO_SOCKET_IFNAME="lo",
         DS_ACCELERATOR="cpu",
         **{MARKER: marker},
@@ -265,6 +271,34 @@ def _steps(run_dir: Path) -> list[int]:
     path = run_dir / "train_log.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
     return [json.loads(line)["step"] for line in lines]
+
+
+class JobLogClock:
+    """Reads a job's log every 0.5 s in a thread and notes when each line first appeared (s
+    since ``t0``): Ray's lines carry no time of their own, and a CI log then shows where a
+    job's time went (the start of a worker group, the detection of a lost node, a wait)."""
+
+    def __init__(self, head: RayHead, job: str, t0: float) -> None:
+        self.head, self.job, self.t0 = head, job, t0
+        self.seen: list[tuple[float, str]] = []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.is_set():
+            with contextlib.suppress(Exception):  # a poll that fails: the next one catches up
+                lines = self.head.jobs_api(f"{self.job}/logs")["logs"].splitlines()
+                now = time.monotonic() - self.t0
+                self.seen += [(now, ln) for ln in lines[len(self.seen) :]]
+            self.done.wait(0.5)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+    def lines(self, keys: tuple[str, ...]) -> list[str]:
+        return [f"{t:6.1f} {ln.strip()}" for t, ln in self.seen if any(k in ln for k in keys)]
 
 
 @pytest.fixture(scope="module")
@@ -543,7 +577,8 @@ def test_a_ray_run_that_loses_its_second_node_goes_on_with_one_worker(
     """Invariant: a 2-worker job (one worker per node) with dist.min_workers=1 and the global
     batch stated, whose second node is stopped after a complete checkpoint, is restarted by
     Ray's elastic policy with the one worker the head still has room for (its cluster view
-    refreshed on the failure: fne_dist.distributed.ray_elastic; should that view still count
+    refreshed on the failure, which the controller's warning in the job log says:
+    fne_dist.distributed.ray_elastic; should that view still count
     the lost node, the restart times out and the next try fits: ray_launcher.start_retries);
     that worker resumes the 2-rank checkpoint on 1 rank × 16 (the global batch kept) and
     trains to the end: the job succeeds, every step is logged once, and no sample of the epoch
@@ -559,6 +594,7 @@ def test_a_ray_run_that_loses_its_second_node_goes_on_with_one_worker(
     args += ["dist.worker_start_timeout_s=22", "dist.max_failures=2"]
     t0 = time.monotonic()
     job = ray_head.start("elastic", *args)
+    clock = JobLogClock(ray_head, job, t0)
     assert _until(lambda: _complete_steps(run_dir), JOB_TIMEOUT_S), ray_head.ray(
         "job", "logs", job
     )[-3000:]
@@ -566,15 +602,20 @@ def test_a_ray_run_that_loses_its_second_node_goes_on_with_one_worker(
     t_stop = time.monotonic()
     _stop(second_node)  # every process of the second node: its raylet and its worker
     status, logs = ray_head.ended(job)
+    clock.stop()
     print(f"\nnode loss: job {status}, {t_stop - t0:.1f} s to the stop, "
           f"{time.monotonic() - t_stop:.1f} s after it")  # fmt: skip
     assert status == "SUCCEEDED", logs[-5000:]
+    # the controller's refresh (ray_elastic) ran on the failure and said so in the job log
+    assert "[fne] cluster view re-read after a failure" in logs, logs[-5000:]
     lines = [ln for ln in logs.splitlines() if "a checkpoint of 2 rank(s) × 8" in ln]
     assert lines and "resuming on 1 rank(s) × 16" in lines[0], logs[-5000:]
     print(f"before the stop: {logged} steps logged, checkpoint of step {before} complete")
     keys = ("Detected ready resources", "FailurePolicy", "Source:", "resum", "Error count",
-            "startup timed out", "cluster view re-read")  # fmt: skip
-    print("\n".join(ln.strip() for ln in logs.splitlines() if any(k in ln for k in keys)))
+            "startup timed out", "cluster view re-read", "worker group of size", "step 1/",
+            "Deciding NOT")  # fmt: skip
+    print(f"the job log's key lines, s since the submission (the stop at {t_stop - t0:.1f} s):")
+    print("\n".join(clock.lines(keys)))
     _, last = find_resumable("latest", run_dir / "checkpoints", print, None)
     assert last["world_size"] == 1 and last["step"] > before, (last, before)
     assert _steps(run_dir) == list(range(1, last["step"] + 1))

@@ -1,5 +1,6 @@
-"""A checkpoint of 2 ranks resumed on 1 and on 3 (torchrun, `python -m fne_dist.train`), with
-the global batch kept by ``train.global_batch_size``, under ZeRO-0, ZeRO-2 and ZeRO-3.
+"""A checkpoint of 2 ranks resumed on 1 (`python -m fne_dist.train`) and on 3 (torchrun), with
+the global batch kept by ``train.global_batch_size``, under ZeRO-0, ZeRO-2 and ZeRO-3 (the
+2-rank references: two plain processes with torchrun's variables, no agent process).
 
 One 2-rank run per engine is resumed from its step-4 checkpoint on 1 and on 3 ranks; the tests
 share the nine runs (module-scoped). The three engines' 2-rank runs go at once, then the six
@@ -56,24 +57,15 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _train(tmp: Path, ranks: int, name: str, *overrides: str) -> subprocess.Popen:
-    """Start one run (1 rank: python -m fne_dist.train; more: torchrun); its output goes to
-    ``tmp/name.log``."""
+def _train(tmp: Path, ranks: int, name: str, *overrides: str) -> list[subprocess.Popen]:
+    """Start one run; its output goes to ``tmp/name.log``. 1 rank: ``python -m
+    fne_dist.train``; 3 ranks (a resume on another world size): torchrun; 2 ranks (the
+    uninterrupted references): two plain processes with the variables torchrun would set,
+    which saves a torchrun agent (a Python process importing torch) per reference run."""
     from fne_dist.distributed.launch import free_port
 
     data = f"{tmp / 'data'}/*.tar"
-    launch = (
-        [sys.executable, "-m", "fne_dist.train"]
-        if ranks == 1
-        else [
-            str(Path(sys.executable).parent / "torchrun"),
-            f"--nproc_per_node={ranks}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            "-m",
-            "fne_dist.train",
-        ]
-    )
+    train = [sys.executable, "-m", "fne_dist.train"]
     args = [
         "--config",
         str(TINY),
@@ -96,21 +88,36 @@ def _train(tmp: Path, ranks: int, name: str, *overrides: str) -> subprocess.Pope
         "checkpoint.keep_last=0",
         *overrides,
     ]
+    port = str(free_port())
+    if ranks == 3:
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        launches = [[torchrun, "--nproc_per_node=3", "--master_addr=127.0.0.1",
+                     f"--master_port={port}", "-m", "fne_dist.train"]]  # fmt: skip
+        envs = [_env()]
+    else:
+        launches = [train] * ranks
+        envs = [
+            {**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
+             "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+            for r in range(ranks)
+        ] if ranks > 1 else [_env()]  # fmt: skip
     with (tmp / f"{name}.log").open("w") as log:
-        return subprocess.Popen(
-            launch + args, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT
-        )
+        return [
+            subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            for cmd, env in zip(launches, envs, strict=True)
+        ]
 
 
-def _ok(tmp: Path, name: str, run: subprocess.Popen) -> str:
-    """Wait for ``run``; its output (the test fails with its tail if it failed)."""
+def _ok(tmp: Path, name: str, run: list[subprocess.Popen]) -> str:
+    """Wait for ``run``'s processes; its output (the test fails with its tail if one failed)."""
     try:
-        code = run.wait(timeout=400)
+        codes = [p.wait(timeout=400) for p in run]
     finally:
-        if run.poll() is None:
-            run.kill()
+        for p in run:
+            if p.poll() is None:
+                p.kill()
     out = (tmp / f"{name}.log").read_text()
-    assert code == 0, out[-3000:]
+    assert codes == [0] * len(run), out[-3000:]
     return out
 
 
@@ -136,8 +143,9 @@ def all_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         }
     finally:
         for run in started.values():  # the others, when one failed
-            if run.poll() is None:
-                run.kill()
+            for p in run:
+                if p.poll() is None:
+                    p.kill()
     t2 = time.monotonic()
     print(f"\nthe 2-rank runs {t1 - t0:.1f} s, the resumes on 1 and 3 {t2 - t1:.1f} s")
     return {
