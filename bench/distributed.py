@@ -251,17 +251,19 @@ def scaling(args: argparse.Namespace) -> None:
     print(f"{'samples/s':24s}" + "".join(f"{sps[n]:20.1f}" for n in layouts))
     base = sps["1 rank x 1 thread"]
     print(f"{'÷ 1 rank x 1 thread':24s}" + "".join(f"{sps[n] / base:19.2f}x" for n in layouts))
+    # our collectives: the gather (with the next step's data vote where it rides), the
+    # statistics' reduce, and at ZeRO >= 1 or with accumulation the non-finite flag's
     share = {
         n: med(
             n,
             lambda m: (
-                (m["phase_seconds"].get("gather", 0.0) + m["phase_seconds"].get("reduce", 0.0))
+                sum(m["phase_seconds"].get(p, 0.0) for p in ("gather", "reduce", "finite_check"))
                 / m["loop_time_s"]
             ),
         )
         for n in layouts
     }
-    print(f"{'gather+reduce % loop':24s}" + "".join(f"{100 * share[n]:19.2f}%" for n in layouts))
+    print(f"{'collectives % loop':24s}" + "".join(f"{100 * share[n]:19.2f}%" for n in layouts))
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
