@@ -2,7 +2,7 @@
 
     python bench/distributed.py [--epochs 2] [--config configs/default.yaml]
     python bench/distributed.py --scaling [--finetune] [--epochs 0.2] [--repeats 3] [--ddp]
-        [--zero] [--no-1x2] [--baseline CHECKOUT]
+        [--zero] [--no-1x2] [--baseline CHECKOUT [--baseline-2x1-only]]
 
 Runs, one after the other in this process's lifetime (this machine is shared and noisy, so
 compare within one run): 1 rank and 2 ranks under torchrun (DeepSpeed engine), 2 Ray Train
@@ -20,7 +20,8 @@ backward) beside DeepSpeed's ZeRO-0 (one reduction after backward); ``--zero`` a
 1 thread at ZeRO-1 and ZeRO-2, each with DeepSpeed's ``overlap_comm`` on and off (passed through
 ``engine.deepspeed_config``; the plain rows are ZeRO-0, where DeepSpeed has no overlap);
 ``--no-1x2`` leaves out 1 rank × 2 threads; ``--baseline`` adds another checkout's 2 × 1 and
-1 × 2 runs (before/after a change, interleaved with this tree's).
+1 × 2 runs (before/after a change, interleaved with this tree's; ``--baseline-2x1-only``: its
+2 × 1 alone, for a change a single rank never reaches).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
         "--zero", action="store_true", help="--scaling: add 2x1 at ZeRO-1/2, overlap_comm on/off"
     )
     ap.add_argument("--no-1x2", action="store_true", help="--scaling: leave out 1 rank x 2 threads")
+    ap.add_argument("--baseline-2x1-only", action="store_true", help="no 1x2 baseline run")
     ap.add_argument(
         "--baseline", help="a checkout (git worktree add --detach) whose 2x1 and 1x2 runs are added"
     )
@@ -208,7 +210,7 @@ def scaling(args: argparse.Namespace) -> None:
             layouts[label] = shape
             checkouts[label] = Path(args.baseline).resolve()
             overrides[label] = []
-        if args.no_1x2:
+        if args.no_1x2 or args.baseline_2x1_only:
             del layouts["1x2 baseline"]
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
