@@ -80,6 +80,7 @@ def main() -> None:
     )
     ap.add_argument("--no-1x2", action="store_true", help="--scaling: leave out 1 rank x 2 threads")
     ap.add_argument("--baseline-2x1-only", action="store_true", help="no 1x2 baseline run")
+    ap.add_argument("--only", help="--scaling: comma-separated layout labels to keep (a short run)")
     ap.add_argument(
         "--baseline", help="a checkout (git worktree add --detach) whose 2x1 and 1x2 runs are added"
     )
@@ -212,6 +213,12 @@ def scaling(args: argparse.Namespace) -> None:
             overrides[label] = []
         if args.no_1x2 or args.baseline_2x1_only:
             del layouts["1x2 baseline"]
+    if args.only:  # e.g. "2 ranks x 1 thread,1 rank x 1 thread,2x1 zero1 overlap"
+        keep = [label.strip() for label in args.only.split(",")]
+        unknown = [label for label in keep if label not in layouts]
+        if unknown or "1 rank x 1 thread" not in keep:
+            sys.exit(f"--only: unknown {unknown} or no '1 rank x 1 thread'; have {list(layouts)}")
+        layouts = {label: layouts[label] for label in keep}
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
