@@ -2,7 +2,7 @@
 
     python bench/distributed.py [--epochs 2] [--config configs/default.yaml]
     python bench/distributed.py --scaling [--finetune] [--epochs 0.2] [--repeats 3] [--ddp]
-        [--zero] [--no-1x2] [--baseline CHECKOUT [--baseline-2x1-only]]
+        [--zero] [--no-1x2] [--baseline CHECKOUT [--baseline-2x1-only]] [--only LABEL,...]
 
 Runs, one after the other in this process's lifetime (this machine is shared and noisy, so
 compare within one run): 1 rank and 2 ranks under torchrun (DeepSpeed engine), 2 Ray Train
@@ -21,7 +21,8 @@ backward) beside DeepSpeed's ZeRO-0 (one reduction after backward); ``--zero`` a
 ``engine.deepspeed_config``; the plain rows are ZeRO-0, where DeepSpeed has no overlap);
 ``--no-1x2`` leaves out 1 rank × 2 threads; ``--baseline`` adds another checkout's 2 × 1 and
 1 × 2 runs (before/after a change, interleaved with this tree's; ``--baseline-2x1-only``: its
-2 × 1 alone, for a change a single rank never reaches).
+2 × 1 alone, for a change a single rank never reaches); ``--only`` keeps the layouts named
+(their labels, comma-separated; 1 rank × 1 thread among them).
 """
 
 from __future__ import annotations
