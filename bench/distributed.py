@@ -2,7 +2,7 @@
 
     python bench/distributed.py [--epochs 2] [--config configs/default.yaml]
     python bench/distributed.py --scaling [--finetune] [--epochs 0.2] [--repeats 3] [--ddp]
-        [--baseline CHECKOUT]
+        [--zero] [--no-1x2] [--baseline CHECKOUT [--baseline-2x1-only]] [--only LABEL,...]
 
 Runs, one after the other in this process's lifetime (this machine is shared and noisy, so
 compare within one run): 1 rank and 2 ranks under torchrun (DeepSpeed engine), 2 Ray Train
@@ -16,8 +16,13 @@ torchrun, interleaved ``--repeats`` times (medians): 2 ranks × 1 thread, 1 rank
 1 rank × 1 thread. ``--finetune`` trains both towers (EfficientNet-Lite0 + MiniLM from the raw
 shards, ``model.*.frozen=false``), where a step is the encoders' work rather than the heads'.
 ``--ddp`` adds 2 ranks × 1 thread under torch DDP (the gradient all-reduce in buckets during
-backward) beside DeepSpeed's ZeRO-0 (one reduction after backward); ``--baseline`` adds another
-checkout's 2 × 1 and 1 × 2 runs (before/after a change, interleaved with this tree's).
+backward) beside DeepSpeed's ZeRO-0 (one reduction after backward); ``--zero`` adds 2 ranks ×
+1 thread at ZeRO-1 and ZeRO-2, each with DeepSpeed's ``overlap_comm`` on and off (passed through
+``engine.deepspeed_config``; the plain rows are ZeRO-0, where DeepSpeed has no overlap);
+``--no-1x2`` leaves out 1 rank × 2 threads; ``--baseline`` adds another checkout's 2 × 1 and
+1 × 2 runs (before/after a change, interleaved with this tree's; ``--baseline-2x1-only``: its
+2 × 1 alone, for a change a single rank never reaches); ``--only`` keeps the layouts named
+(their labels, comma-separated; 1 rank × 1 thread among them).
 """
 
 from __future__ import annotations
@@ -71,6 +76,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=96, help="--finetune's image size")
     ap.add_argument("--ddp", action="store_true", help="--scaling: add 2 ranks x 1 thread, DDP")
+    ap.add_argument(
+        "--zero", action="store_true", help="--scaling: add 2x1 at ZeRO-1/2, overlap_comm on/off"
+    )
+    ap.add_argument("--no-1x2", action="store_true", help="--scaling: leave out 1 rank x 2 threads")
+    ap.add_argument("--baseline-2x1-only", action="store_true", help="no 1x2 baseline run")
+    ap.add_argument("--only", help="--scaling: comma-separated layout labels to keep (a short run)")
     ap.add_argument(
         "--baseline", help="a checkout (git worktree add --detach) whose 2x1 and 1x2 runs are added"
     )
@@ -178,8 +189,20 @@ def scaling(args: argparse.Namespace) -> None:
         "1 rank x 2 threads": (1, 2),
         "1 rank x 1 thread": (1, 1),
     }
+    if args.no_1x2:
+        del layouts["1 rank x 2 threads"]
     checkouts = {label: ROOT for label in layouts}
     overrides: dict[str, list[str]] = {label: [] for label in layouts}
+    tmp_configs = tempfile.TemporaryDirectory()
+    if args.zero:  # DeepSpeed reduces in backward hooks (overlap_comm) only at ZeRO >= 1
+        for stage in (1, 2):
+            for overlap in (True, False):
+                label = f"2x1 zero{stage} {'overlap' if overlap else 'no-overlap'}"
+                path = Path(tmp_configs.name) / f"{label.replace(' ', '_')}.json"
+                path.write_text(json.dumps({"zero_optimization": {"overlap_comm": overlap}}))
+                layouts[label] = (2, 1)
+                checkouts[label] = ROOT
+                overrides[label] = [f"engine.zero_stage={stage}", f"engine.deepspeed_config={path}"]
     if args.ddp:  # torch DDP: the gradient all-reduce in buckets, overlapping backward
         layouts["2x1 ddp"] = (2, 1)
         checkouts["2x1 ddp"] = ROOT
@@ -189,6 +212,14 @@ def scaling(args: argparse.Namespace) -> None:
             layouts[label] = shape
             checkouts[label] = Path(args.baseline).resolve()
             overrides[label] = []
+        if args.no_1x2 or args.baseline_2x1_only:
+            del layouts["1x2 baseline"]
+    if args.only:  # e.g. "2 ranks x 1 thread,1 rank x 1 thread,2x1 zero1 overlap"
+        keep = [label.strip() for label in args.only.split(",")]
+        unknown = [label for label in keep if label not in layouts]
+        if unknown or "1 rank x 1 thread" not in keep:
+            sys.exit(f"--only: unknown {unknown} or no '1 rank x 1 thread'; have {list(layouts)}")
+        layouts = {label: layouts[label] for label in keep}
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -213,8 +244,10 @@ def scaling(args: argparse.Namespace) -> None:
                     f"load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
+    tmp_configs.cleanup()
     what = "fine-tuning both towers" if args.finetune else Path(args.config).name
     print(f"{what}, global batch 32, {args.epochs} epochs, median of {args.repeats} interleaved")
+    print("DeepSpeed ZeRO-0 unless the label names a stage; 'ddp': torch DDP's buckets")
     print(f"{'ms/step':24s}" + "".join(f"{n:>20s}" for n in layouts))
 
     def med(label: str, fn) -> float:
@@ -228,17 +261,19 @@ def scaling(args: argparse.Namespace) -> None:
     print(f"{'samples/s':24s}" + "".join(f"{sps[n]:20.1f}" for n in layouts))
     base = sps["1 rank x 1 thread"]
     print(f"{'÷ 1 rank x 1 thread':24s}" + "".join(f"{sps[n] / base:19.2f}x" for n in layouts))
+    # our collectives: the gather (with the next step's data vote where it rides), the
+    # statistics' reduce, and at ZeRO >= 1 or with accumulation the non-finite flag's
     share = {
         n: med(
             n,
             lambda m: (
-                (m["phase_seconds"].get("gather", 0.0) + m["phase_seconds"].get("reduce", 0.0))
+                sum(m["phase_seconds"].get(p, 0.0) for p in ("gather", "reduce", "finite_check"))
                 / m["loop_time_s"]
             ),
         )
         for n in layouts
     }
-    print(f"{'gather+reduce % loop':24s}" + "".join(f"{100 * share[n]:19.2f}%" for n in layouts))
+    print(f"{'collectives % loop':24s}" + "".join(f"{100 * share[n]:19.2f}%" for n in layouts))
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

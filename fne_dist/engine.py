@@ -280,6 +280,24 @@ def gathered_parameters(engine, trained_only: bool = False):
     return contextlib.nullcontext()
 
 
+def ddp_unused_parameters(model: nn.Module, cfg: Config) -> tuple[bool, list[str]]:
+    """(``find_unused_parameters``, parameter names DDP leaves out) for ``model`` under ``cfg``.
+
+    Every trained parameter gets a gradient at every step except infonce's temperature: the
+    other losses never read it (so it never trains, and DDP must not wait for its gradient:
+    it is left out), and infonce reads it only after the in-batch warm-up (DDP then has to
+    find it unused during the warm-up: ``find_unused_parameters``, one walk over the autograd
+    graph per step, only in that case). DDP compares the names in two spellings: the
+    constructor with ``named_parameters()``'s (``temperature``), the reducer with
+    ``f"{module_name}.{param_name}"``, which is ``.temperature`` for a parameter of the top
+    module; both are listed, so it is left out of both."""
+    if not any(name == "temperature" for name, _ in model.named_parameters()):
+        return False, []
+    if cfg.fne.loss == "infonce":
+        return cfg.train.warmup_steps > 0, []
+    return False, ["temperature", ".temperature"]
+
+
 class DDPEngine:
     """Plain torch DDP behind the small part of DeepSpeed's engine interface the loop uses
     (call, ``module``, ``backward``, ``step``, ``get_lr``, ``zero_optimization_stage``,
@@ -297,12 +315,13 @@ class DDPEngine:
 
         self.module = model
         active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        # find_unused_parameters: the temperature only gets a gradient from infonce (never in
-        # the warm-up), and DDP otherwise waits forever for its gradient. Gradients are views
-        # of the all-reduce buckets (no copy of them after the reduction).
+        find_unused, ignored = ddp_unused_parameters(model, cfg)
+        if active and ignored:
+            model._ddp_params_and_buffers_to_ignore = ignored  # read by DDP's constructor
+        # Gradients are views of the all-reduce buckets (no copy of them after the reduction).
         self.wrapped = (
             DistributedDataParallel(
-                model, find_unused_parameters=True, gradient_as_bucket_view=True
+                model, find_unused_parameters=find_unused, gradient_as_bucket_view=True
             )
             if active
             else model

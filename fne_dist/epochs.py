@@ -6,15 +6,22 @@ error on one rank must not leave the others blocked in a collective. So before e
 ranks all-reduce (MIN) one integer (2 = "I have a batch", 1 = "my epoch is over", 0 = "a signal
 asks me to stop", −1 = "my data failed"): on 1 every rank ends the epoch there (the batches
 others held are counted as dropped), on 0 every rank stops before this step (``interrupt``: a
-signal may reach only some ranks), on −1 every rank stops with an error. One 8-byte all-reduce
-per step; the identity at world size 1, and on the host (a gloo group under NCCL), so it never
-waits for the GPU.
+signal may reach only some ranks), on −1 every rank stops with an error.
+
+On the host (gloo, a CPU training device) the next step's vote rides on this step's gather
+(``Lookahead``): the loop reads the next batch at the start of a step, its status travels with
+the gathered embeddings, and the next step starts on the agreed minimum without a collective of
+its own; only an epoch's first step agrees alone (an all-reduce of its own). Elsewhere (a GPU:
+the gather is a device collective, and reading the vote back would wait for the device) it is
+one 8-byte all-reduce per step on a gloo group, which never waits for the GPU. The identity at
+world size 1.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -94,24 +101,36 @@ def agreed_batches(
     timer: PhaseTimer | NullTimer,
     resume: RankPosition | None = None,
     stop: StopRequest | None = None,
+    ahead: Lookahead | None = None,
 ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """(micro step, epoch, batch) until ``total_micro`` micro steps have been planned; micro =
     epoch · S + step, so a step's number (and its sampler uniforms) never depends on how
     earlier epochs ended. ``resume`` continues inside its epoch. When any rank's ``stop`` was
-    requested, every rank ends here with ``stop.agreed`` set."""
+    requested, every rank ends here with ``stop.agreed`` set. ``ahead``: where a step votes
+    for the next one (``Lookahead``); without votes every step agrees by itself."""
     steps = stream.steps_per_epoch
     epoch = resume.epoch if resume else 0
     first = True
+    ahead = ahead or Lookahead()
     while epoch * steps < total_micro:
         data_log.epoch_started(epoch, first)
         start = resume if resume is not None and epoch == resume.epoch else None
         step = start.step if start else 0
         batches = stream.epoch(epoch, start)
+
+        def read_ahead(batches=batches) -> int:
+            with timer.phase("data"):
+                ahead.read = _next_batch(batches, stop)
+            return ahead.read[0]
+
         try:
             while step < steps and epoch * steps + step < total_micro:
-                with timer.phase("data"):
-                    status, batch, position, error = _next_batch(batches, stop)
-                    agreed = dist_ops.all_min_int(status)
+                if ahead.read is not None:  # read during the last step, its vote agreed there
+                    (status, batch, position, error), agreed = ahead.take()
+                else:
+                    with timer.phase("data"):
+                        status, batch, position, error = _next_batch(batches, stop)
+                        agreed = dist_ops.all_min_int(status)
                 if agreed < 0:
                     raise error or DataError(
                         "a data error on another rank stopped the run (see that rank's log)"
@@ -122,9 +141,15 @@ def agreed_batches(
                 if agreed == EPOCH_OVER:
                     break
                 data_log.position = position
+                # the next step reads ahead only inside this epoch (an epoch's end closes its
+                # stream: the next epoch's first step agrees alone)
+                more = step + 1 < steps and epoch * steps + step + 1 < total_micro
+                ahead.reader = read_ahead if more else None
                 yield epoch * steps + step, epoch, batch
+                ahead.reader = None
                 step += 1
         finally:
+            ahead.reader = None
             batches.close()
         data_log.epoch_done(epoch, step, min(steps, total_micro - epoch * steps))
         epoch += 1
@@ -132,6 +157,34 @@ def agreed_batches(
 
 
 BATCH, EPOCH_OVER, STOP, FAILED = 2, 1, 0, -1  # all-reduced with MIN: the lowest wins
+
+
+@dataclass
+class Lookahead:
+    """The next step's data agreement, voted during this step so that it can ride on one of
+    its collectives. ``vote()`` reads this rank's next batch now and returns its status (None
+    when the next step is not in this epoch: it then agrees alone); the step's collective
+    hands back every rank's minimum (``agreed``), which ``agreed_batches`` takes instead of an
+    all-reduce of its own. Every rank must vote at the same steps (the loop's choice depends
+    only on the world size and the device type). A stop signal that arrives after the vote
+    acts one step later than it would otherwise."""
+
+    reader: Callable[[], int] | None = None  # set by agreed_batches while a step runs
+    read: tuple | None = None  # (status, batch, position, error) of the batch read ahead
+    value: int | None = None  # the agreed minimum, once the step's collective returned it
+
+    def vote(self) -> int | None:
+        return self.reader() if self.reader is not None else None
+
+    def agreed(self, value: int) -> None:
+        self.value = value
+
+    def take(self) -> tuple[tuple, int]:
+        """The batch read ahead and the agreed status (agreed alone if no step carried it)."""
+        read, value = self.read, self.value
+        self.read, self.value = None, None
+        assert read is not None
+        return read, dist_ops.all_min_int(read[0]) if value is None else value
 
 
 def _next_batch(batches, stop: StopRequest | None):

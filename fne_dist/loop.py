@@ -4,7 +4,8 @@ Legend: B local batch, G = W·B global batch, K memory, D embedding dim, W world
 
 One step, in phases (only 3 and 4 communicate; both are identities at W = 1):
   1. online embeddings (DeepSpeed engine)      2. momentum embeddings (no grad)
-  3. all-gather momentum embeddings + ids        4. local statistics → all-reduce (6 float64)
+  3. all-gather momentum embeddings + ids (+ the next step's data vote, on the host)
+  4. local statistics → all-reduce (6 float64)
   5. loss: warm-up in-batch vse_pp, then the configured loss over [gathered batch ; memory]
   6. backward + optimizer step (DeepSpeed: clipping, schedule, ZeRO)
   7. EMA of the momentum model (every optimizer step)
@@ -21,7 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ from .distributed.device import backend_for, select_device, threads_per_rank
 from .distributed.launch import Timeouts, init_process_group, rank_env
 from .encoders import check_available
 from .engine import build_engine, full_weights, gathered_parameters, partitioned_optimizer
-from .epochs import DataLog, agreed_batches
+from .epochs import DataLog, Lookahead, agreed_batches
 from .export import write_sidecar
 from .fne import SimilarityStats
 from .interrupt import Interrupted, StopRequest, handle_signals
@@ -169,7 +170,13 @@ def _train(
     t_loop = time.perf_counter()
     stop = hooks.stop
     batches = agreed_batches(
-        run.stream, run.total_micro, run.data_log, run.timer, resume=state.position, stop=stop
+        run.stream,
+        run.total_micro,
+        run.data_log,
+        run.timer,
+        resume=state.position,
+        stop=stop,
+        ahead=run.ahead,
     )
     for micro, epoch, batch in batches:
         boundary = train_step(run, state, micro, epoch, batch)
@@ -223,10 +230,19 @@ class Run:
     data_log: DataLog
     pictures: RunPictures  # rank 0's (plots/); a null object elsewhere
     encoders: SharedPrefix | OnlineMemory  # the step's online and momentum forwards
+    # the next step's data agreement, voted during a step (``epochs.Lookahead``)
+    ahead: Lookahead = field(default_factory=Lookahead)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def vote_rides(self) -> bool:
+        """Whether the next step's data vote rides on a step's gather: with ranks to agree,
+        and on the host, where reading the agreed value back waits for nothing (a device's
+        gather would have to finish first: there the vote is a gloo all-reduce of its own)."""
+        return self.world > 1 and self.device.type == "cpu"
 
     @property
     def global_batch(self) -> int:
@@ -424,6 +440,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
     ids = batch["ids"]  # the loader's CPU tensor
     batch = {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
     state.warm = state.opt_step < cfg.train.warmup_steps
+    vote = run.ahead.vote() if run.vote_rides else None  # reads the next batch now
     # phases 1-5 compute; the statistics' sums and the batch-norm running statistics they
     # saw are applied only by commit_step, once the step is known finite
     with deferred_running_stats(engine.module, run.parts.momentum) as running:
@@ -434,9 +451,11 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
             run.parts.memory,
             run.parts.stats,
             cfg.fne,
-            StepPosition(cfg.run.seed, micro, state.warm),
+            StepPosition(cfg.run.seed, micro, state.warm, vote),
             timer,
         )
+    if out.agreed is not None:
+        run.ahead.agreed(out.agreed)
     if cfg.train.log_sample_ids:
         log_sample_ids(run, micro, epoch, ids, out.loss)
     if micro + 1 == cfg.debug.nan_at_step:  # fault injection (tests): a non-finite loss

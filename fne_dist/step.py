@@ -4,9 +4,11 @@ multi-rank tests.
 Legend: B local batch, G = W·B global batch, K memory, D embedding dim.
 
 Only the two calls into ``distributed`` communicate (all_gather, all_reduce); at world size 1
-both are identities. The step changes no state: the caller does backward/optimizer step, and
-commits the step's statistic sums (``stats.add_step(out.stat_sums, cfg.mixture_decay)``), the
-EMA and ``memory.enqueue`` together once it knows the step is finite.
+both are identities. The gather also carries the next step's data-agreement vote when the loop
+gives one (``StepPosition.vote``, ``epochs.Lookahead``). The step changes no state: the caller
+does backward/optimizer step, and commits the step's statistic sums
+(``stats.add_step(out.stat_sums, cfg.mixture_decay)``), the EMA and ``memory.enqueue``
+together once it knows the step is finite.
 """
 
 from __future__ import annotations
@@ -51,16 +53,20 @@ class StepOutput:
     staleness: Tensor  # (sum of cosines, count) of this rank's anchors found in the memory
     stat_sums: Tensor  # the step's all-reduced statistic sums and the posterior's next state,
     # for the caller to commit (``SimilarityStats.add_step``)
+    agreed: int | None = None  # every rank's minimum of StepPosition.vote (None: no vote)
 
 
 @dataclass(frozen=True)
 class StepPosition:
     """Where a micro step sits in the run: the run's seed and the micro step's index (together
-    the key of the step's random draws), and whether it is a warm-up step."""
+    the key of the step's random draws), and whether it is a warm-up step. ``vote``: this
+    rank's data-agreement status for the next step, to ride on the step's gather (None: none
+    rides)."""
 
     seed: int
     step: int
     warmup: bool
+    vote: int | None = None
 
 
 def forward_step(
@@ -91,10 +97,14 @@ def forward_step(
         # for a backward, and with a sharded memory these rows are candidates of the loss
         m_img_BD, m_txt_BD = m_out[0].clone(), m_out[1].clone()
     with t.phase("gather"):  # 3. gather momentum embeddings, ids and groups, in rank order,
-        # in one collective (one gather per tensor cost four latencies)
-        g_img, g_txt, g_ids, g_groups = dist_ops.all_gather_rows(
-            m_img_BD.float(), m_txt_BD.float(), ids_B, groups_B
-        )
+        # in one collective (one gather per tensor cost four latencies), and with them the next
+        # step's vote (a column of B copies): min over ranks, read on the host (the loop gives
+        # a vote only where the gather's tensors are host tensors: no device sync)
+        rows = [m_img_BD.float(), m_txt_BD.float(), ids_B, groups_B]
+        if at.vote is not None:
+            rows.append(torch.full((B, 1), at.vote, dtype=torch.int64, device=device))
+        g_img, g_txt, g_ids, g_groups, *votes = dist_ops.all_gather_rows(*rows)
+        agreed = int(votes[0].min()) if votes else None
         gathered = Candidates(g_img, g_txt, g_ids, B * dist_ops.world_size(), g_groups)
     G = gathered.n_batch
     sharded = memory.sharded  # each rank holds K/W slots (docs/sharded-memory.md)
@@ -150,7 +160,7 @@ def forward_step(
                 step_uniforms(at.seed, at.step, G, cfg.negatives, rank, B),
                 temperature=temperature,
             )
-    return StepOutput(out.loss, out.diagnostics, gathered, stale, stat_sums)
+    return StepOutput(out.loss, out.diagnostics, gathered, stale, stat_sums, agreed)
 
 
 @dataclass

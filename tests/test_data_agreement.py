@@ -38,7 +38,7 @@ def _shards(root: Path) -> str:
     return str(root / "part-*.tar")
 
 
-def _run(spec: str, frac: float | str, out: Path) -> list[dict]:
+def _run(spec: str, frac: float | str, out: Path, vote: bool = False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     procs = []
@@ -50,6 +50,7 @@ def _run(spec: str, frac: float | str, out: Path) -> list[dict]:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             OMP_NUM_THREADS="1",
+            VOTE="1" if vote else "0",
             PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
         )
         procs.append(
@@ -78,22 +79,29 @@ def _run(spec: str, frac: float | str, out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_a_rank_out_of_samples_ends_the_epoch_for_all(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vote", [False, True], ids=["alone", "riding"])
+def test_a_rank_out_of_samples_ends_the_epoch_for_all(tmp_path: Path, vote: bool) -> None:
     """Invariant: when bad samples leave one rank with 3 full batches and the other with 4,
     both ranks train exactly 3 steps (no rank waits in a collective for a batch that never
-    comes), the epoch is counted as cut short on both, and no sample is seen twice."""
-    ranks = _run(_shards(tmp_path / "shards"), 1.0, tmp_path / "out")
+    comes), the epoch is counted as cut short on both, and no sample is seen twice; the same
+    when each step's vote for the next rides on the step's gather (``epochs.Lookahead``), and
+    then only the epoch's first step agrees by an all-reduce of its own (one, against one
+    per step and one for the epoch's end)."""
+    ranks = _run(_shards(tmp_path / "shards"), 1.0, tmp_path / "out", vote)
     assert [len(r["batches"]) for r in ranks] == [3, 3]
     assert [r["cut_short"] for r in ranks] == [1, 1]
     assert all(r["error"] is None for r in ranks)
     ids = [i for r in ranks for b in r["batches"] for i in b]
     assert len(ids) == len(set(ids)) == 24
+    assert [r["all_reduces"] for r in ranks] == ([1, 1] if vote else [4, 4])
 
 
-def test_a_data_error_on_one_rank_stops_both(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vote", [False, True], ids=["alone", "riding"])
+def test_a_data_error_on_one_rank_stops_both(tmp_path: Path, vote: bool) -> None:
     """Invariant: when one rank's shard exceeds data.max_bad_fraction, that rank stops with the
-    error naming the shard and the other stops too (told that another rank failed), promptly."""
-    ranks = _run(_shards(tmp_path / "shards"), 0.1, tmp_path / "out")
+    error naming the shard and the other stops too (told that another rank failed), promptly;
+    also when the failure is read ahead and its vote rides on a step's gather."""
+    ranks = _run(_shards(tmp_path / "shards"), 0.1, tmp_path / "out", vote)
     errors = sorted(r["error"] or "" for r in ranks)
     assert "another rank" in errors[0] and "part-000001.tar" in errors[1], errors
     assert "max_bad_fraction=0.1" in errors[1]

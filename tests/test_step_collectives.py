@@ -66,18 +66,19 @@ def _run(out: Path, *overrides: str, nan_rank: int | None = None) -> list[list[d
 def test_a_ddp_step_makes_one_gather_and_one_all_reduce(tmp_path: Path) -> None:
     """Invariants (2 ranks, DDP, grad_accum 1, gloo): a finite step's own collectives are the
     packed gather and the statistics' all-reduce (the non-finite flag rides on DDP's gradient
-    all-reduce, which is not counted here); between two steps there is only the data
-    agreement, and after a log window its one all-reduce (the global loss): none per step; a
-    NaN loss on one rank only is still skipped on both ranks (the NaN reaches the other
-    through the gradient all-reduce; one extra all-reduce on that skip path only), and the
-    weights stay finite."""
+    all-reduce, which is not counted here; the next step's data agreement rides on the
+    gather); between two steps of an epoch there is nothing, and after a log window its one
+    all-reduce (the global loss); a NaN loss on one rank only is still skipped on both ranks
+    (the NaN reaches the other through the gradient all-reduce; one extra all-reduce on that
+    skip path only), and the weights stay finite. Any further collective fails it."""
     ranks = _run(tmp_path, nan_rank=1)
     assert [s["weights"] for s in ranks[0]] == [s["weights"] for s in ranks[1]]
     for steps in ranks:
         assert len(steps) >= NAN_STEP + 3, len(steps)
+        assert steps[0]["between"][-1:] == ["all_reduce"], steps[0]  # the first step agrees alone
         for s in steps[1:]:  # the first step's "between" holds the run's start-up
             logged = s["micro"] % LOG_EVERY == 0  # the step before it closed a log window
-            assert s["between"] == ["all_reduce"] * (2 if logged else 1), s
+            assert s["between"] == ["all_reduce"] * (1 if logged else 0), s
         for s in steps:
             assert s["weights_finite"], s
             if s["micro"] + 1 == NAN_STEP:
@@ -100,6 +101,32 @@ def test_ddp_with_infonce_trains_the_temperature_after_the_warm_up(tmp_path: Pat
     temperature = [s["temperature"] for s in ranks[0]]  # after each step; 3 warm-up steps
     start = float(torch.tensor([0.07]))  # the model's initial value, in float32
     assert temperature[:3] == [start] * 3 and temperature[-1] != start, temperature
+
+
+def test_ddp_waits_only_for_gradients_that_come() -> None:
+    """Invariant (``engine.ddp_unused_parameters``): the temperature is the only parameter a
+    step can leave without a gradient: under every loss but infonce (which never reads it) DDP
+    leaves it out, in both spellings DDP compares (``temperature``, ``.temperature``), and
+    does not search for unused parameters; infonce searches only when a warm-up can leave it
+    without one; a model without a temperature needs neither."""
+    from fne_dist.config import load_config
+    from fne_dist.engine import ddp_unused_parameters
+
+    class WithTemperature(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(2, 2)
+            self.temperature = torch.nn.Parameter(torch.tensor([0.07]))
+
+    model = WithTemperature()
+    ignored = ["temperature", ".temperature"]
+    for loss in ("fne", "vse_pp", "vse0"):
+        cfg = load_config(TINY, [f"fne.loss={loss}"])
+        assert ddp_unused_parameters(model, cfg) == (False, ignored), loss
+    for warmup, search in ((3, True), (0, False)):
+        cfg = load_config(TINY, ["fne.loss=infonce", f"train.warmup_steps={warmup}"])
+        assert ddp_unused_parameters(model, cfg) == (search, [])
+    assert ddp_unused_parameters(torch.nn.Linear(2, 2), load_config(TINY)) == (False, [])
 
 
 def test_a_poisoned_loss_keeps_finite_gradients_bit_for_bit_and_spreads_nan() -> None:

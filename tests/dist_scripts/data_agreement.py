@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fne_dist import distributed as dist_ops
 from fne_dist.data import DataError, StreamOptions, TrainStream, shard_list
 from fne_dist.data.batching import PairCollate
-from fne_dist.epochs import DataLog, agreed_batches
+from fne_dist.epochs import DataLog, Lookahead, agreed_batches
 from fne_dist.reporters import Reporter
 from fne_dist.timing import NullTimer
 
@@ -73,14 +74,30 @@ def main() -> None:
     )
     batches, error = [], None
     log = DataLog(stream, Reporter())
+    # VOTE=1: each step votes for the next as the loop does, the vote riding on a gather of the
+    # step's ids (as on the step's gather); every all-reduce is counted
+    ahead = Lookahead() if os.environ.get("VOTE") == "1" else None
+    reduces, all_reduce = [0], dist.all_reduce
+
+    def counted(*args, **kwargs):
+        reduces[0] += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
     try:
-        for _, _, batch in agreed_batches(stream, stream.steps_per_epoch, log, NullTimer()):
+        steps = stream.steps_per_epoch
+        for _, _, batch in agreed_batches(stream, steps, log, NullTimer(), ahead=ahead):
             batches.append(batch["ids"].tolist())
+            vote = ahead.vote() if ahead is not None else None
+            if vote is not None:
+                ids = batch["ids"]
+                column = torch.full((ids.shape[0], 1), vote, dtype=torch.int64)
+                _, votes = dist_ops.all_gather_rows(ids, column)
+                ahead.agreed(int(votes.min()))
     except DataError as err:
         error = str(err)
-    (out / f"rank{rank}.json").write_text(
-        json.dumps({"batches": batches, "error": error, "cut_short": log.epochs_cut_short})
-    )
+    doc = {"batches": batches, "error": error, "cut_short": log.epochs_cut_short}
+    (out / f"rank{rank}.json").write_text(json.dumps({**doc, "all_reduces": reduces[0]}))
     dist.destroy_process_group()
 
 
