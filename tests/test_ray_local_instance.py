@@ -74,3 +74,32 @@ def test_a_given_cluster_keeps_its_own_settings(
     assert seen["kwargs"]["address"] == "127.0.0.1:6379"
     for key in ray_launcher.local_instance_env():
         assert key not in seen["env"], key
+
+
+def _callback_names(own_instance: bool, tmp_path: Path) -> list[str]:
+    from ray.train import RunConfig, ScalingConfig
+
+    trainer = ray_launcher.trainer_class(own_instance)(
+        lambda: None,
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(storage_path=str(tmp_path)),
+    )
+    return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+
+def test_a_run_owned_instance_drops_only_the_cleaner_and_the_datasets_callbacks(
+    tmp_path: Path,
+) -> None:
+    """Invariant: on an instance the run started, Ray Train's callbacks are its defaults less
+    the placement-group cleaner and the datasets manager (each one more actor process); the
+    process group, the metrics (Prometheus) and user callbacks stay. On a cluster the trainer
+    is Ray's own. Two trainers compared: ours against Ray's."""
+    own, theirs = _callback_names(True, tmp_path), _callback_names(False, tmp_path)
+    assert set(ray_launcher.NOT_ON_OWN_INSTANCE) <= set(theirs)  # they exist in this Ray
+    assert own == [name for name in theirs if name not in ray_launcher.NOT_ON_OWN_INSTANCE]
+    assert {"BackendSetupCallback", "ControllerMetricsCallback", "WorkerMetricsCallback"} <= set(
+        own
+    )
+    from ray.train.torch import TorchTrainer
+
+    assert ray_launcher.trainer_class(False) is TorchTrainer

@@ -190,6 +190,32 @@ def start_retries(cfg: Config) -> int:
     return cfg.dist.max_failures if isinstance(worker_range(cfg), tuple) else 0
 
 
+# Ray Train's default callbacks (class names, Ray 2.60's ray.train.v2) that buy nothing on an
+# instance this run starts for itself and that each start one more actor process on the run's
+# cores: the placement-group cleaner (removes the workers' placement group should the
+# controller die while the driver lives; here the driver's ray.shutdown() ends the whole
+# instance then; it also asks the dashboard's state API about the controller every second), and
+# the datasets manager (Ray Data's shards: this run passes no Ray Datasets).
+NOT_ON_OWN_INSTANCE = ("PlacementGroupCleanerCallback", "DatasetsCallback")
+
+
+def trainer_class(own_instance: bool) -> type:
+    """Ray Train's ``TorchTrainer``; on an instance this run started (``own_instance``) a
+    subclass without ``NOT_ON_OWN_INSTANCE``'s callbacks. A Ray whose trainer builds its
+    callbacks another way gets the plain trainer."""
+    from ray.train.torch import TorchTrainer
+
+    if not own_instance or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class OwnInstanceTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if type(c).__name__ not in NOT_ON_OWN_INSTANCE]
+
+    return OwnInstanceTorchTrainer
+
+
 def _elastic_callbacks(cfg: Config) -> list[Any]:
     """Ray Train callbacks for a worker range: the cluster view refreshed after a failure (see
     ray_elastic). A fixed group's restart does not look at that view: none."""
@@ -211,7 +237,7 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.worker_start_timeout_s)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized() and not address
@@ -231,7 +257,7 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
         if started_here:
             ray.shutdown()  # a local instance we started must not outlive the run
         raise ConfigError(_too_few_cpus(cfg, needed, available))
-    trainer = TorchTrainer(
+    trainer = trainer_class(started_here)(
         _worker,
         train_loop_config={"config": _absolute(cfg)},
         scaling_config=ScalingConfig(
