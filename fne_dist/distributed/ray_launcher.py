@@ -72,6 +72,29 @@ class RayCheckpoints(LauncherCheckpoints):
 
 # Read by Ray Train's controller (Ray 2.60: ray.train.v2 constants, propagated to the controller)
 PREEMPTION_WATCHER_VAR = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# Read by the raylet when it starts (Ray's RAY_<config name> convention)
+PRESTART_VAR = "RAY_prestart_worker_first_driver"
+
+
+def local_instance_env() -> dict[str, str]:
+    """Environment defaults for a Ray instance this run starts for itself (a user's own values
+    win), set before ``ray.init`` so the raylet and Ray Train's controller read them:
+
+    - every port on loopback;
+    - no preemption watcher: that actor (one more process, ~2 CPU seconds to start on the
+      default run's 2 cores) only logs node drains, which an autoscaler or ``ray drain-node``
+      start, and neither acts on an instance this run owns;
+    - no prestarted workers: the raylet starts one idle Python worker per CPU for the first
+      driver, but every process of the run has a runtime environment (Ray Train's controller
+      passes env vars to itself and to the actors it starts: the workers, the placement-group
+      cleaner), so none of them can take a prestarted worker, which only imports Ray on the
+      cores the starting run needs (~2-3 CPU seconds each on the default run's 2 cores)."""
+    return {
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        PREEMPTION_WATCHER_VAR: "0",
+        PRESTART_VAR: "0",
+    }
+
 
 # Ray Train's INFO lines per ray.train.report that our own console already covers: the whole
 # metrics dict (~1,500 characters per log window and rank), and the path of each checkpoint it
@@ -167,6 +190,32 @@ def start_retries(cfg: Config) -> int:
     return cfg.dist.max_failures if isinstance(worker_range(cfg), tuple) else 0
 
 
+# Ray Train's default callbacks (class names, Ray 2.60's ray.train.v2) that buy nothing on an
+# instance this run starts for itself and that each start one more actor process on the run's
+# cores: the placement-group cleaner (removes the workers' placement group should the
+# controller die while the driver lives; here the driver's ray.shutdown() ends the whole
+# instance then; it also asks the dashboard's state API about the controller every second), and
+# the datasets manager (Ray Data's shards: this run passes no Ray Datasets).
+NOT_ON_OWN_INSTANCE = ("PlacementGroupCleanerCallback", "DatasetsCallback")
+
+
+def trainer_class(own_instance: bool) -> type:
+    """Ray Train's ``TorchTrainer``; on an instance this run started (``own_instance``) a
+    subclass without ``NOT_ON_OWN_INSTANCE``'s callbacks. A Ray whose trainer builds its
+    callbacks another way gets the plain trainer."""
+    from ray.train.torch import TorchTrainer
+
+    if not own_instance or not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class OwnInstanceTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if type(c).__name__ not in NOT_ON_OWN_INSTANCE]
+
+    return OwnInstanceTorchTrainer
+
+
 def _elastic_callbacks(cfg: Config) -> list[Any]:
     """Ray Train callbacks for a worker range: the cluster view refreshed after a failure (see
     ray_elastic). A fixed group's restart does not look at that view: none."""
@@ -188,7 +237,7 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.dist.worker_start_timeout_s)
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     address = cfg.dist.ray_address or os.environ.get("RAY_ADDRESS")
     started_here = not ray.is_initialized() and not address
@@ -200,18 +249,15 @@ def run_with_ray(cfg: Config) -> dict[str, Any]:
             if address:
                 ray.init(address=address, log_to_driver=True)
             else:  # a local Ray instance for this run, on loopback
-                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-                # Ray Train's preemption watcher (one more actor process: ~2 CPU seconds to
-                # start on the default run's 2 cores) only logs node drains, which an
-                # autoscaler or `ray drain-node` start: none on an instance this run owns
-                os.environ.setdefault(PREEMPTION_WATCHER_VAR, "0")
+                for key, value in local_instance_env().items():
+                    os.environ.setdefault(key, value)
                 ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     available = ray.cluster_resources().get("CPU", 0.0)
     if not address and needed > available:
         if started_here:
             ray.shutdown()  # a local instance we started must not outlive the run
         raise ConfigError(_too_few_cpus(cfg, needed, available))
-    trainer = TorchTrainer(
+    trainer = trainer_class(started_here)(
         _worker,
         train_loop_config={"config": _absolute(cfg)},
         scaling_config=ScalingConfig(
