@@ -403,7 +403,7 @@ def test_loss_with_the_pair_signal_equals_the_loss_with_every_pairs_log_odds(
     from fne_dist.fne import loss as loss_module
     from fne_dist.fne.posteriors.intra_mixture import IntraFit
 
-    sim, ids, cand_ids, pos_col, g_b, g_n, img_a, img_c, fit = _intra_problem(5)
+    _, ids, cand_ids, pos_col, _, _, img_a, img_c, fit = _intra_problem(5)
     gen = torch.Generator().manual_seed(8)
     unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 8, generator=gen), dim=1)  # noqa: E731
     anchors = Anchors(img_a, unit(B), ids, pos_col)
