@@ -41,7 +41,7 @@ from .detection import (
 from .groups import same_group
 from .params import FneConfig
 from .posterior import fn_log_odds_threshold, quadratic_log_odds
-from .posteriors import fit_of, quadratic_fit_of
+from .posteriors import PosteriorFit, fit_of, quadratic_fit_of
 from .rules import Rule
 from .sampling import Draw, draw_negatives, hardest_violator, listed_draw
 from .stats import Gaussians
@@ -265,7 +265,27 @@ def _listed_odds(
         ).long()
     )
     x_E = x_bN.reshape(-1)
-    return ListedOdds(lambda flat_W: fit.signal_log_odds(x_E.take(flat_W), dtype), n_fn_b)
+    return ListedOdds(lambda W: _flag_exact_odds(x_E.take(W), fit, cfg.eps, dtype), n_fn_b)
+
+
+def _flag_exact_odds(x_W: Tensor, fit: PosteriorFit, eps: float, dtype: torch.dtype) -> Tensor:
+    """Log-odds of the pairs whose signal is x_W, as the window's weights read them: the
+    float64 formula's values (``signal_log_odds``) wherever P_fn > ε may hold, the float32
+    quadratic elsewhere (below logit(ε) by more than its rounding, so those pairs take the
+    kernel weight either way; uncut_weight reads their log-odds no further). Host reads:
+    the CPU form."""
+    coefficients = fit.signal_coefficients()
+    odds_W = quadratic_log_odds(x_W, coefficients, pooled=False).to(dtype)
+    threshold = fn_log_odds_threshold(eps)
+    # float32 Horner rounding is a few ulps of |α|x² + |β||x| + |γ|: 2^-16 of it (and of the
+    # threshold, for its own rounding) leaves a margin of hundreds of ulps
+    alpha, beta, gamma = (abs(float(c)) for c in coefficients)
+    top = float(x_W.abs().max()) if x_W.numel() else 0.0
+    slack = 2.0**-16 * (alpha * top * top + beta * top + gamma + abs(threshold) + 1.0)
+    maybe_W = (odds_W > threshold - slack).nonzero().squeeze(1)
+    if maybe_W.numel():
+        odds_W[maybe_W] = fit.signal_log_odds(x_W[maybe_W], dtype)
+    return odds_W
 
 
 def _signal_log_odds(

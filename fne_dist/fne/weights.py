@@ -264,8 +264,9 @@ class WindowEntries(NamedTuple):
 class ListedOdds(NamedTuple):
     """A posterior's log-odds evaluated only where they are read (a posterior of a pair
     signal other than s, ``fne.posteriors``): ``at(flat positions)`` gives those pairs'
-    log-odds in sim's dtype, the same values as the whole B × N log-odds there; n_fn_B: per
-    row, the unmasked pairs with P_fn > ε, counted by the caller (once for both directions)."""
+    log-odds in sim's dtype, with the whole B × N log-odds' P_fn > ε flags and their values
+    where a flag is set (elsewhere only the kernel weight is read); n_fn_B: per row, the
+    unmasked pairs with P_fn > ε, counted by the caller (once for both directions)."""
 
     at: Callable[[Tensor], Tensor]
     n_fn_B: Tensor
@@ -357,7 +358,11 @@ def window_entries(
             n_fn_B = _row_sums(is_fn_W, starts_B1)
         else:
             n_fn_B = _count_fn_listed(sim_BN, masked_entries, fit, cfg.eps, cfg.chunk_rows)
-    w_W = uncut_weight(sim_W, pos_W, log_odds_W, is_fn_W, g, cfg)
+    if bool(g.gate_open) and bool(is_fn_W.any()):
+        w_W = uncut_weight(sim_W, pos_W, log_odds_W, is_fn_W, g, cfg)
+    else:  # no FN weight applies: uncut_weight's kernel weight, without its sigmoid and where
+        exponent_W = sim_W - pos_W
+        w_W = exponent_W.mul_(exponent_W).mul_(-cfg.tau_kernel).exp_()
     return WindowEntries(w_W, flat_W, starts_B1, n_fn_B)
 
 
