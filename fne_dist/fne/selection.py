@@ -12,8 +12,13 @@ Two selectors with the same picks (``tests/test_sampler.py`` holds both equal to
   the sorted ids, and the weights are computed in the hard-cut window only, which holds
   ~0.1-2 % of the candidates in our runs (``frac_in_window``); a wide window (no hard cut, or
   more than ``WINDOW_MAX_FRACTION`` of the candidates) takes the weights of every candidate
-  with the listed mask (``weights.listed_mask_weights``). Given log-odds of every pair (the
-  default posterior), it reads them inside the window and counts P_fn > ε over them all; the
+  with the listed mask (``weights.listed_mask_weights``). Given log-odds of every pair, it
+  reads them inside the window and counts P_fn > ε over them all; given instead the pair
+  signal of a posterior quadratic in it (the default's image-image similarity,
+  ``Rows.signal_bN``), it evaluates the float64 log-odds only where they are read (the
+  window's pairs that may have P_fn > ε, the rows that fall back) and takes the P_fn > ε
+  count from the float32 quadratic, once per block for both directions (``signal_fn_count``).
+  One draw per anchor reads the window's entries as a list (``sampling.listed_draw``); the
   fallback violator is sought only in rows whose weights sum to 0.
 
 rule (``fne.rules``): the hardest violator (VSE++: the most similar unmasked candidate), or a
