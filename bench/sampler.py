@@ -88,6 +88,11 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (accelerators: the dense form)")
     ap.add_argument(
+        "--goal-rows",
+        action="store_true",
+        help="time only the issue's three goal rows (window 10 %%, no hard cut, default posterior)",
+    )
+    ap.add_argument(
         "--baseline",
         default=None,
         help="a checkout (e.g. of main) whose fne_dist/fne is timed beside this tree's",
@@ -201,6 +206,8 @@ def main() -> None:
     )
     goals, base_rows = [], []
     for name, (g, fne_settings, goal) in scenarios.items():
+        if args.goal_rows and not goal:
+            continue
         hard_cut = fne_settings.get("hard_cut", True)
         losses = {
             "vse_pp": loss_of(FneConfig(loss="vse_pp"), g),
