@@ -27,15 +27,22 @@ The sampler's cost depends on how many candidates lie in the hard-cut window s >
 
 The issue's goal (#24 item 5): fne ÷ vse_pp ≤ 1.5 at the 10 % window, with ``hard_cut: false``
 and with the default posterior; the ``goal`` column marks those three rows.
+
+``--baseline DIR``: also time another checkout's sampler (its ``fne_dist/fne``, loaded as a
+package of its own) in the same process, interleaved with this tree's, on the same inputs; a
+second table gives its ratios and a last column this tree's fne ÷ the baseline's.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -81,9 +88,20 @@ def main() -> None:
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda (accelerators: the dense form)")
     ap.add_argument(
+        "--goal-rows",
+        action="store_true",
+        help="time only the issue's three goal rows (window 10 %%, no hard cut, default posterior)",
+    )
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="a checkout (e.g. of main) whose fne_dist/fne is timed beside this tree's",
+    )
+    ap.add_argument(
         "--compile", action="store_true", help="fne.compile: the dense form under torch.compile"
     )
     args = ap.parse_args()
+    base = None if args.baseline is None else load_baseline(args.baseline)
     torch.set_num_threads(args.threads)
     B, K, D = args.batch, args.memory, args.dim
     gen = torch.Generator().manual_seed(0)
@@ -158,9 +176,12 @@ def main() -> None:
         sync()
         return clock() - t0
 
-    def loss_of(cfg: FneConfig, g) -> Callable[[], torch.Tensor]:
+    def loss_of(cfg: FneConfig, g, pkg=None) -> Callable[[], torch.Tensor]:
         cfg.chunk_rows, cfg.window_chunk_rows = args.chunk_rows, args.window_chunk_rows
         cfg.compile = args.compile
+        if pkg is not None:  # the baseline's own config class and loss, on the same inputs
+            cfg = pkg.FneConfig(**{f.name: getattr(cfg, f.name) for f in fields(pkg.FneConfig)})
+            return lambda: pkg.retrieval_loss(anchors, cands, cfg, g, u).loss
         return lambda: retrieval_loss(anchors, cands, cfg, g, u).loss
 
     g10 = gaussians(mu_for_window(0.10))
@@ -183,14 +204,19 @@ def main() -> None:
         "scenario                 window  P>ε  vse_pp ms  fne ms  window ms   fne÷vse  window÷vse"
         "  goal"
     )
-    goals = []
+    goals, base_rows = [], []
     for name, (g, fne_settings, goal) in scenarios.items():
+        if args.goal_rows and not goal:
+            continue
         hard_cut = fne_settings.get("hard_cut", True)
         losses = {
             "vse_pp": loss_of(FneConfig(loss="vse_pp"), g),
             "fne": loss_of(FneConfig(**fne_settings), g),
             "window": loss_of(FneConfig(loss="window", hard_cut=hard_cut), g),
         }
+        if base is not None:
+            losses["vse_pp base"] = loss_of(FneConfig(loss="vse_pp"), g, base)
+            losses["fne base"] = loss_of(FneConfig(**fne_settings), g, base)
         out = retrieval_loss(anchors, cands, FneConfig(**fne_settings), g, u)
         for loss in losses.values():  # warm-up
             run(loss)
@@ -211,7 +237,18 @@ def main() -> None:
             f"{med['fne'] * 1e3:7.1f} {med['window'] * 1e3:9.1f}   "
             f"{ratio:6.2f}x  {med['window'] / med['vse_pp']:6.2f}x  {mark}"
         )
+        if base is not None:
+            base_ratio = med["fne base"] / med["vse_pp base"]
+            base_rows.append(
+                f"{name:23s} {med['vse_pp base'] * 1e3:9.1f} {med['fne base'] * 1e3:7.1f}   "
+                f"{base_ratio:6.2f}x   {med['fne'] / med['fne base']:6.2f}x"
+                f"   {med['vse_pp'] / med['vse_pp base']:6.2f}x"
+            )
     print("goal fne ÷ vse_pp ≤ 1.5: " + "; ".join(goals))
+    if base is not None:
+        print(f"baseline {args.baseline}, timed interleaved with the rows above:")
+        print("scenario                 vse_pp ms  fne ms   fne÷vse   fne÷base fne  vse÷base vse")
+        print("\n".join(base_rows))
     # Apart from the scenarios: the textbook's B×N autograd buffers disturb what runs next.
     ours = loss_of(FneConfig(loss="vse_pp"), scenarios["issue (μ⁺ = 0.5)"][0])
     times = {"ours": [], "textbook": []}
@@ -272,6 +309,22 @@ def forms(args, img, cands, anchors, u, g) -> None:
             f"selection of one direction, {size}: "
             + ", ".join(f"{form} {sec * 1e3:.2f} ms" for form, sec in by_form.items())
         )
+
+
+def load_baseline(root: str):
+    """``root``/fne_dist/fne imported as the package ``baseline_fne`` (its modules import
+    each other relatively, so it runs beside this tree's ``fne_dist.fne``)."""
+    init = Path(root) / "fne_dist" / "fne" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline {root}: no fne_dist/fne/__init__.py there")
+    spec = importlib.util.spec_from_file_location(
+        "baseline_fne", init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_fne"] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def timed(fn, repeats: int) -> float:

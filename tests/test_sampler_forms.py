@@ -249,3 +249,175 @@ def test_listed_form_with_given_log_odds_picks_what_the_dense_form_picks(
                 assert torch.equal(getattr(dense, field), getattr(listed, field)), (field, seed)
             assert int(dense.count("fallback").sum()) > 0 or hard_cut is False
             assert int(dense.count("fn").sum()) > 0
+
+
+def test_listed_draw_equals_the_reference() -> None:
+    """Invariant: one draw per anchor from weights listed row by row (the window's entries)
+    is the reference's inverse-CDF draw over the dense row and the dense form's draw: zero
+    weights in runs, empty rows (the fallback column, or no violator), a row of one tiny
+    weight, uniforms next to 0 and 1, N not a multiple of the block."""
+    from fne_dist.fne.sampling import draw_negatives, listed_draw
+
+    gen = torch.Generator().manual_seed(21)
+    w = torch.rand(40, N, generator=gen)
+    w[w < 0.8] = 0.0
+    w[1] = 0.0  # an empty row: its fallback
+    w[2] = 0.0  # an empty row without a violator
+    w[3, :] = 0.0
+    w[3, 700] = 2.0**-30  # one tiny weight, in the last partial block
+    flat = w.view(-1).nonzero().squeeze(1)
+    starts = torch.searchsorted(flat, torch.arange(41) * N)
+    hardest = torch.arange(40) + 5
+    violates = torch.ones(40, dtype=torch.bool)
+    violates[2] = False
+    for u_value in (None, 0.0, 1.0 - 1e-12):
+        u = (
+            torch.rand(40, generator=gen, dtype=torch.float64)
+            if u_value is None
+            else torch.full((40,), u_value, dtype=torch.float64)
+        )
+        got = listed_draw(w.view(-1)[flat], flat, starts, N, u, hardest, violates)
+        dense = draw_negatives(w, u[:, None], hardest, violates)
+        for field in got._fields:
+            assert torch.equal(getattr(got, field), getattr(dense, field)), (field, u_value)
+        for i in range(40):
+            j = ref.draw(w[i].double().tolist(), [0.0] * N, float(u[i]))
+            assert int(got.index_Bk[i, 0]) == (int(hardest[i]) if j is None else j), i
+        assert got.no_violator_B.tolist()[:3] == [False, False, True]
+
+
+def _intra_problem(seed: int):
+    """Anchor and candidate images whose image-image similarity x spans [-0.9, 0.9], a fit whose
+    P_fn > ε region is x > ~0.55 (about 10 % of the pairs), and the cross-modal rows of
+    ``_problem``."""
+    from fne_dist.fne.mixture import Mixture
+    from fne_dist.fne.posteriors.intra_mixture import IntraFit
+
+    sim, ids, cand_ids, pos_col, g_b, g_n = _problem(seed, groups=True)
+    gen = torch.Generator().manual_seed(seed + 100)
+    img_a = torch.nn.functional.normalize(torch.randn(B, 8, generator=gen), dim=1)
+    img_c = torch.nn.functional.normalize(torch.randn(N, 8, generator=gen), dim=1)
+    img_c[:40] = img_a[torch.arange(40) % B] + 0.2 * torch.randn(40, 8, generator=gen)
+    img_c = torch.nn.functional.normalize(img_c, dim=1)
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    fit = IntraFit(Mixture(t(0.05), t(0.8), t(0.02), t(0.0), t(0.1)))
+    return sim, ids, cand_ids, pos_col, g_b, g_n, img_a, img_c, fit
+
+
+@pytest.mark.parametrize("hard_cut", [True, False])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("fallback", ["hardest", "unflagged"])
+def test_listed_form_with_a_pair_signal_picks_what_the_dense_form_picks(
+    hard_cut: bool, k: int, fallback: str
+) -> None:
+    """Invariant: given the image-image signal x instead of every pair's log-odds (the
+    default posterior, ``signal_quadratic``), the listed form draws what the dense form draws
+    from the float64 log-odds, with the same fallbacks, window and unmasked counts, detection
+    and expected shares; its P_fn > ε count (float32 quadratic) differs only by pairs whose
+    float64 log-odds lie within ``SIGNAL_BAND`` of logit(ε)."""
+    from dataclasses import replace
+
+    from fne_dist.fne.posteriors import PairSims
+    from fne_dist.fne.selection import signal_fn_count
+
+    sim, ids, cand_ids, pos_col, g_b, g_n, img_a, img_c, fit = _intra_problem(4)
+    sim[:3] *= 0.5  # three rows with an empty window: they fall back
+    g = replace(_gaussians(0.75, 0.05, 0.05, 400), posterior=fit)
+    x = fit.pair_signal(img_a, img_c)
+    log_odds = fit.log_odds(PairSims(sim, img_a, img_c))
+    gen = torch.Generator().manual_seed(7)
+    u = torch.rand(B, k, generator=gen, dtype=torch.float64)
+    for reduction, detect in (("sample", None), ("expected", None), ("sample", g_b)):
+        cfg = FneConfig(negatives=k, hard_cut=hard_cut, eps=0.5, tau_fn=4.0,
+                        fallback=fallback, reduction=reduction)  # fmt: skip
+        fn_all = signal_fn_count(x, g, cfg, chunk_rows=3)
+        dense_rows = Rows(sim, pos_col, ids, u, None, detect, log_odds, fallback_cols=200)
+        signal_rows = dense_rows._replace(log_odds_bN=None, signal_bN=x, fn_all_b=fn_all)
+        labels = CandidateLabels(cand_ids, g_n)
+        dense = select_dense(dense_rows, labels, g, cfg, RULES["fne"])
+        listed = select_listed(signal_rows, labels, g, cfg, RULES["fne"])
+        valid = dense.valid_bk
+        assert torch.equal(valid, listed.valid_bk)
+        for field in ("index_bk", "sim_bk", "zero_hinge_bk"):
+            assert torch.equal(getattr(dense, field)[valid], getattr(listed, field)[valid])
+        for field in ("prob_bN", "detect_bF"):
+            assert torch.equal(getattr(dense, field), getattr(listed, field)), field
+        assert torch.equal(dense.counts_bC[:, :2], listed.counts_bC[:, :2])  # fallbacks
+        assert torch.equal(dense.counts_bC[:, 3:], listed.counts_bC[:, 3:])  # unmasked, window
+        near = _within_signal_band(x, fit, cfg.eps).sum(1).double()
+        assert ((dense.count("fn") - listed.count("fn")).abs() <= near).all()
+        assert int(dense.count("fn").sum()) > 0
+        assert int(dense.count("fallback").sum()) > 0 or not hard_cut
+
+
+SIGNAL_BAND = 1e-6
+"""How far from logit(ε), relative to |α|x² + |β||x| + |γ| + 1, the float64 log-odds of a pair
+whose float32 P_fn > ε flag differs may lie (a few float32 rounding steps)."""
+
+
+def _within_signal_band(x: torch.Tensor, fit, eps: float) -> torch.Tensor:
+    alpha, beta, gamma = (float(c) for c in fit.signal_coefficients())
+    x64 = x.double()
+    scale = abs(alpha) * x64.square() + abs(beta) * x64.abs() + abs(gamma) + 1.0
+    exact = fit.signal_log_odds(x, torch.float64)
+    return (exact - fn_log_odds_threshold(eps)).abs() <= SIGNAL_BAND * scale
+
+
+def test_signal_fn_count_differs_from_the_float64_flags_only_within_the_band() -> None:
+    """Invariant: the float32 quadratic's P_fn > ε count over a row equals the count of the
+    float64 formula's flags (rounded to float32, as the dense form reads them), except for
+    pairs whose float64 log-odds lie within ``SIGNAL_BAND`` of logit(ε): x swept densely
+    through both roots of L = logit(ε)."""
+    from dataclasses import replace
+
+    from fne_dist.fne.selection import signal_fn_count
+
+    *_, fit = _intra_problem(0)
+    g = replace(_gaussians(0.75, 0.05, 0.05, 400), posterior=fit)
+    cfg = FneConfig(eps=0.5)
+    alpha, beta, gamma = (float(c) for c in fit.signal_coefficients())
+    disc = math.sqrt(beta * beta - 4 * alpha * (gamma - fn_log_odds_threshold(cfg.eps)))
+    roots = [(-beta + s * disc) / (2 * alpha) for s in (-1.0, 1.0)]
+    sweep = [torch.linspace(r - 1e-5, r + 1e-5, 20_000, dtype=torch.float32) for r in roots]
+    x = torch.cat([*sweep, torch.linspace(-1, 1, 20_000)]).reshape(6, -1)
+    exact = fit.signal_log_odds(x, torch.float32) > fn_log_odds_threshold(cfg.eps)
+    got = signal_fn_count(x, g, cfg, chunk_rows=4)
+    near = _within_signal_band(x, fit, cfg.eps)
+    assert ((got - exact.sum(1)).abs() <= near.sum(1)).all()
+    far_exact = (exact & ~near).sum(1)
+    assert (got >= far_exact).all() and (got <= far_exact + near.sum(1)).all()
+    assert int(near.sum()) > 0  # the sweep does reach the band
+
+
+@pytest.mark.parametrize("hard_cut", [True, False])
+def test_loss_with_the_pair_signal_equals_the_loss_with_every_pairs_log_odds(
+    monkeypatch: pytest.MonkeyPatch, hard_cut: bool
+) -> None:
+    """Invariant: the CPU step with the default posterior, taking the image-image signal (one
+    product for t2i's similarities and the signal, the P_fn > ε count once per block of
+    anchors for both directions), gives the loss, draws and diagnostics of the same step
+    with every pair's float64 log-odds; 2 blocks of anchors, rows in several chunks."""
+    from dataclasses import replace
+
+    from fne_dist.fne import Anchors, Candidates, retrieval_loss
+    from fne_dist.fne import loss as loss_module
+    from fne_dist.fne.posteriors.intra_mixture import IntraFit
+
+    _, ids, cand_ids, pos_col, _, _, img_a, img_c, fit = _intra_problem(5)
+    gen = torch.Generator().manual_seed(8)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 8, generator=gen), dim=1)  # noqa: E731
+    anchors = Anchors(img_a, unit(B), ids, pos_col)
+    cands = Candidates(img_c, unit(N), cand_ids, n_batch=50)
+    g = replace(_gaussians(0.3, 0.05, 0.05, 400), posterior=fit)
+    cfg = FneConfig(posterior="intra_mixture", fallback="unflagged", eps=0.5, tau_fn=4.0,
+                    hard_cut=hard_cut, block_rows=6, window_chunk_rows=4, chunk_rows=4)  # fmt: skip
+    u = torch.rand(2, B, 1, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(loss_module, "DENSE_CHUNK_ELEMENTS", 0)  # the listed form, as at scale
+    new = retrieval_loss(anchors, cands, cfg, g, u)
+    monkeypatch.setattr(IntraFit, "signal_quadratic", False)
+    old = retrieval_loss(anchors, cands, cfg, g, u)
+    torch.testing.assert_close(new.loss, old.loss, rtol=1e-6, atol=0)
+    assert new.diagnostics.keys() == old.diagnostics.keys()
+    for key, value in old.diagnostics.items():
+        torch.testing.assert_close(new.diagnostics[key], value, rtol=1e-6, atol=0, msg=key)
+    assert float(old.diagnostics["frac_pfn_gt_eps"]) > 0

@@ -54,6 +54,7 @@ from .selection import (
     negative_mask,
     select_dense,
     select_listed,
+    signal_fn_count,
 )
 from .stats import Gaussians
 from .summed import SumSide, summed_diagnostics, weighted_sum_of_hinges
@@ -266,29 +267,49 @@ def _select(
     measure = a.groups_B is not None and c.groups_N is not None and rule.draws
     fallback_cols = c.n_batch if cfg.fallback_scope == "batch" and rule.draws else None
     cands = CandidateLabels(c.ids_N, c.groups_N)
+    # The listed form with a posterior quadratic in a pair signal (the default's image-image
+    # similarity) takes the signal instead of every pair's float64 log-odds: it evaluates them
+    # only where read, and the P_fn > ε count (the same for both directions) once per block.
+    listed = c.img_ND.device.type == "cpu" and select is not select_dense
+    signal = every_pair and listed and not measure
+    signal = signal and fit.signal_quadratic and fit.direction_free  # type: ignore[union-attr]
     directions = ((a.img_BD, c.txt_ND.detach(), u[0]), (a.txt_BD, c.img_ND.detach(), u[1]))
     picks: tuple[list[Picks], list[Picks]] = ([], [])
     with torch.no_grad():
         for b0 in range(0, a.img_BD.shape[0], cfg.block_rows):
             block = slice(b0, b0 + cfg.block_rows)
-            odds_bN = None
+            odds_bN = x_bN = fn_all_b = t2i_bN = None
+            if signal:
+                assert g is not None and fit is not None
+                # one product gives t2i's similarities and the signal: both read the
+                # candidates' images (measured: 256 rows cost 18 % less than 2 × 128)
+                nb = a.txt_BD[block].shape[0]
+                both = torch.cat([a.txt_BD[block], a.img_BD[block]]).detach() @ c.img_ND.T.detach()
+                t2i_bN, x_bN = both[:nb], both[nb:]
+                fn_all_b = signal_fn_count(x_bN, g, cfg, cfg.chunk_rows)
             for parts, (anchor_BD, cand_ND, u_Bk) in zip(picks, directions, strict=True):
-                sim_bN = anchor_BD[block].detach() @ cand_ND.T
-                if every_pair and (odds_bN is None or not fit.direction_free):  # type: ignore[union-attr]
+                if t2i_bN is not None and anchor_BD is a.txt_BD:
+                    sim_bN = t2i_bN
+                else:
+                    sim_bN = anchor_BD[block].detach() @ cand_ND.T
+                if every_pair and not signal and (odds_bN is None or not fit.direction_free):  # type: ignore[union-attr]
                     assert fit is not None
                     pairs = PairSims(sim_bN, a.img_BD[block], c.img_ND)
                     odds_bN = fit.log_odds(pairs).to(sim_bN.dtype)
                 for r0 in range(0, sim_bN.shape[0], chunk):
                     rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
+                    local = slice(r0, r0 + chunk)
                     chunk_rows = Rows(
-                        sim_bN[r0 : r0 + chunk],
+                        sim_bN[local],
                         a.pos_col_B[rows],
                         a.ids_B[rows],
                         u_bk=None if u_Bk is None else u_Bk[rows],
                         mask_groups_b=None if groups_B is None else groups_B[rows],
                         detect_groups_b=a.groups_B[rows] if measure else None,  # type: ignore[index]
-                        log_odds_bN=None if odds_bN is None else odds_bN[r0 : r0 + chunk],
+                        log_odds_bN=None if odds_bN is None else odds_bN[local],
                         fallback_cols=fallback_cols,
+                        signal_bN=None if x_bN is None else x_bN[local],
+                        fn_all_b=None if fn_all_b is None else fn_all_b[local],
                     )
                     parts.append(select(chunk_rows, cands, g, cfg, rule))
     return tuple(  # type: ignore[return-value]

@@ -228,3 +228,41 @@ def draw_negatives(
         fallback_B=empty_B & has_violator_B,
         no_violator_B=empty_B & ~has_violator_B,
     )
+
+
+def listed_draw(
+    w_W: Tensor,
+    flat_W: Tensor,
+    starts_B1: Tensor,
+    n: int,
+    u_B: Tensor,
+    hardest_B: Tensor,
+    has_violator_B: Tensor,
+) -> Draw:
+    """``draw_negatives`` with one draw per anchor, from weights listed row by row: w_W at the
+    sorted flat positions ``flat_W`` of a B × n matrix, row i's entries from ``starts_B1[i]``
+    to ``starts_B1[i + 1]`` (the hard-cut window's, ``weights.window_entries``).
+
+    The same negatives as the dense draw: one int64 running sum of the units over the list,
+    and each row's target searched in its segment, is the first column whose exact cdf exceeds
+    ⌊u·total⌋, as ``draw_in_units`` finds it; nothing is packed into B × m rows (measured:
+    packing cost more than the rest of the draw)."""
+    b = starts_B1.shape[0] - 1
+    zero = torch.zeros(1, dtype=torch.int64, device=w_W.device)
+    cdf_W1 = torch.cat([zero, float_units(w_W).to(torch.int64).cumsum(0)])
+    base_B = cdf_W1[starts_B1[:-1]]
+    total_B = cdf_W1[starts_B1[1:]] - base_B
+    target_B = draw_target(u_B, total_B)
+    # the first entry whose cdf exceeds base + target (an empty row: any, replaced below)
+    entry_B = torch.searchsorted(cdf_W1, base_B + target_B, right=True) - 1
+    entry_B = entry_B.clamp(0, max(flat_W.shape[0] - 1, 0))
+    row_start_B = torch.arange(b, device=w_W.device) * n
+    index_B = (flat_W.take(entry_B) - row_start_B) if flat_W.numel() else row_start_B * 0
+    empty_B = total_B <= 0
+    index_B = torch.where(empty_B, hardest_B, index_B)
+    return Draw(
+        index_Bk=index_B[:, None],
+        valid_Bk=(~empty_B | has_violator_B)[:, None],
+        fallback_B=empty_B & has_violator_B,
+        no_violator_B=empty_B & ~has_violator_B,
+    )

@@ -12,8 +12,13 @@ Two selectors with the same picks (``tests/test_sampler.py`` holds both equal to
   the sorted ids, and the weights are computed in the hard-cut window only, which holds
   ~0.1-2 % of the candidates in our runs (``frac_in_window``); a wide window (no hard cut, or
   more than ``WINDOW_MAX_FRACTION`` of the candidates) takes the weights of every candidate
-  with the listed mask (``weights.listed_mask_weights``). Given log-odds of every pair (the
-  default posterior), it reads them inside the window and counts P_fn > ε over them all; the
+  with the listed mask (``weights.listed_mask_weights``). Given log-odds of every pair, it
+  reads them inside the window and counts P_fn > ε over them all; given instead the pair
+  signal of a posterior quadratic in it (the default's image-image similarity,
+  ``Rows.signal_bN``), it evaluates the float64 log-odds only where they are read (the
+  window's pairs that may have P_fn > ε, the rows that fall back) and takes the P_fn > ε
+  count from the float32 quadratic, once per block for both directions (``signal_fn_count``).
+  One draw per anchor reads the window's entries as a list (``sampling.listed_draw``); the
   fallback violator is sought only in rows whose weights sum to 0.
 
 rule (``fne.rules``): the hardest violator (VSE++: the most similar unmasked candidate), or a
@@ -40,20 +45,25 @@ from .detection import (
 )
 from .groups import same_group
 from .params import FneConfig
-from .posteriors import quadratic_fit_of
+from .posterior import fn_log_odds_threshold, quadratic_log_odds
+from .posteriors import PosteriorFit, fit_of, quadratic_fit_of
 from .rules import Rule
-from .sampling import Draw, draw_negatives, hardest_violator
+from .sampling import Draw, draw_negatives, hardest_violator, listed_draw
 from .stats import Gaussians
 from .weights import (
     AnchorSims,
+    ListedOdds,
+    WindowEntries,
     WindowWeights,
+    count_greater,
     count_true,
     cut_threshold,
     fn_region_inside_window,
     is_false_negative,
     listed_mask_weights,
+    pack_window,
     sampling_weights,
-    window_weights,
+    window_entries,
 )
 
 # On the CPU, weights are computed on the hard-cut window alone while it holds at most this
@@ -73,6 +83,10 @@ class Rows(NamedTuple):
     detect_groups_b: Tensor | None = None  # score false-negative detection against these
     log_odds_bN: Tensor | None = None  # the posterior's log-odds of every pair, if given
     fallback_cols: int | None = None  # seek the fallback in the first this many columns
+    # instead of log_odds_bN (listed form): the pair signal x of a ``signal_quadratic``
+    # posterior, and per row the pairs with P_fn > ε over all columns (``signal_fn_count``)
+    signal_bN: Tensor | None = None
+    fn_all_b: Tensor | None = None
 
 
 class CandidateLabels(NamedTuple):
@@ -143,7 +157,7 @@ def select_dense(
             flagged_bN = is_false_negative(log_odds_bN, cfg.eps) & g.gate_open
         fallback_sim_bN = masked_sim_bN.masked_fill(flagged_bN, -math.inf)
     return _drawn_picks(
-        sims, fallback_sim_bN[:, :fallback_cols], cfg, u_bk, w.w_BN, None, counts, detect
+        sims, fallback_sim_bN[:, :fallback_cols], cfg, u_bk, DrawFrom(w.w_BN), counts, detect
     )
 
 
@@ -190,7 +204,7 @@ def select_listed(
     size on the host: for CPU tensors. ``rows`` as ``select_dense`` (without log-odds, the
     listed form computes the quadratic posterior itself)."""
     sim_bN, pos_col_b, ids_b, u_bk = rows.sim_bN, rows.pos_col_b, rows.ids_b, rows.u_bk
-    groups_b, log_odds_bN = rows.mask_groups_b, rows.log_odds_bN
+    groups_b = rows.mask_groups_b
     detect_groups = _detect_groups(rows, cands)
     b, n = sim_bN.shape
     if index is None:
@@ -205,15 +219,23 @@ def select_listed(
     # masked entries as a list, and the rows that fall back mask their own (few) copies.
     sims = AnchorSims(sim_bN, pos_sim_b, None, sim_bN)
     n_unmasked_b = n - torch.bincount(masked[0], minlength=b)
-    odds = log_odds_bN if rule.uses_posterior else None
-    ww = window_weights(sims, masked, g, cfg, rule, WINDOW_MAX_FRACTION, odds)
-    if ww is not None:
-        counts = (ww.n_fn_B, n_unmasked_b, ww.n_window_B)
-        w_bM, col_bM = ww.w_BM, ww.col_BM
+    odds = _listed_odds(rows, masked, g, cfg) if rule.uses_posterior else None
+    if isinstance(odds, ListedOdds) and detect_groups is not None:  # detection reads them all
+        odds = _signal_log_odds(rows.signal_bN, g, cfg, sim_bN.dtype)
+    entries = window_entries(sims, masked, g, cfg, rule, WINDOW_MAX_FRACTION, odds)
+    ww = None
+    if entries is not None:
+        counts = (entries.n_fn_B, n_unmasked_b, entries.n_window_B)
+        source = DrawFrom(None, entries=entries, n=n)
+        if u_bk.shape[1] > 1 or cfg.reduction == "expected" or detect_groups is not None:
+            ww = pack_window(entries, n)  # what those read: the window packed into rows
+            source = DrawFrom(ww.w_BM, ww.col_BM)
     else:  # A wide window: the weights of every candidate, with the listed mask.
+        if isinstance(odds, ListedOdds):  # ... and the log-odds of every pair
+            odds = _signal_log_odds(rows.signal_bN, g, cfg, sim_bN.dtype)
         w = listed_mask_weights(sims, masked, g, cfg, rule, odds)
         counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
-        w_bM, col_bM = w.w_BN, None
+        source = DrawFrom(w.w_BN)
     detect = empty_detection(b, sim_bN.device)
     if detect_groups is not None and ww is not None and odds is None:
         detect = _listed_detection(
@@ -222,9 +244,77 @@ def select_listed(
     elif detect_groups is not None:  # a wide window or a posterior of every pair: the dense
         # detection (which takes the log-odds)
         dense_sims = _with_dense_mask(sims, masked, dense=True)
-        detect = _dense_detection(dense_sims, detect_groups, g, cfg, rule, odds)
+        detect = _dense_detection(dense_sims, detect_groups, g, cfg, rule, odds)  # type: ignore[arg-type]
     fallback = partial(_listed_fallback, sims, masked, rows, g, cfg, rule)
-    return _drawn_picks(sims, fallback, cfg, u_bk, w_bM, col_bM, counts, detect)
+    return _drawn_picks(sims, fallback, cfg, u_bk, source, counts, detect)
+
+
+def _listed_odds(
+    rows: Rows, masked: tuple[Tensor, Tensor], g: Gaussians, cfg: FneConfig
+) -> Tensor | ListedOdds | None:
+    """The log-odds the listed form reads: every pair's (given), or, with a pair signal, a
+    ``ListedOdds`` that evaluates them where read, its P_fn > ε count less the masked pairs
+    (the same float32 quadratic as ``rows.fn_all_b``)."""
+    if rows.signal_bN is None:
+        return rows.log_odds_bN
+    assert rows.fn_all_b is not None
+    fit = fit_of(g, cfg.prior)
+    x_bN, dtype = rows.signal_bN, rows.sim_bN.dtype
+    flagged_M = is_false_negative(
+        quadratic_log_odds(x_bN[masked], fit.signal_coefficients(), pooled=False), cfg.eps
+    )
+    n_fn_b = (
+        rows.fn_all_b
+        - torch.bincount(
+            masked[0], weights=flagged_M.to(torch.float64), minlength=x_bN.shape[0]
+        ).long()
+    )
+    x_E = x_bN.reshape(-1)
+    return ListedOdds(lambda W: _flag_exact_odds(x_E.take(W), fit, cfg.eps, dtype), n_fn_b)
+
+
+def _flag_exact_odds(x_W: Tensor, fit: PosteriorFit, eps: float, dtype: torch.dtype) -> Tensor:
+    """Log-odds of the pairs whose signal is x_W, as the window's weights read them: the
+    float64 formula's values (``signal_log_odds``) wherever P_fn > ε may hold, the float32
+    quadratic elsewhere (below logit(ε) by more than its rounding, so those pairs take the
+    kernel weight either way; uncut_weight reads their log-odds no further). Host reads:
+    the CPU form."""
+    coefficients = fit.signal_coefficients()
+    odds_W = quadratic_log_odds(x_W, coefficients, pooled=False).to(dtype)
+    threshold = fn_log_odds_threshold(eps)
+    # float32 Horner rounding is a few ulps of |α|x² + |β||x| + |γ|: 2^-16 of it (and of the
+    # threshold, for its own rounding) leaves a margin of hundreds of ulps
+    alpha, beta, gamma = (abs(float(c)) for c in coefficients)
+    top = float(x_W.abs().max()) if x_W.numel() else 0.0
+    slack = 2.0**-16 * (alpha * top * top + beta * top + gamma + abs(threshold) + 1.0)
+    maybe_W = (odds_W > threshold - slack).nonzero().squeeze(1)
+    if maybe_W.numel():
+        odds_W[maybe_W] = fit.signal_log_odds(x_W[maybe_W], dtype)
+    return odds_W
+
+
+def _signal_log_odds(
+    x_bN: Tensor | None, g: Gaussians, cfg: FneConfig, dtype: torch.dtype
+) -> Tensor:
+    """Every pair's log-odds from the pair signal (what ``Rows.log_odds_bN`` would hold)."""
+    assert x_bN is not None
+    return fit_of(g, cfg.prior).signal_log_odds(x_bN, dtype)
+
+
+def signal_fn_count(x_bN: Tensor, g: Gaussians, cfg: FneConfig, chunk_rows: int) -> Tensor:
+    """Per row: pairs (masked ones included) with P_fn > ε over all columns, for a
+    ``signal_quadratic`` posterior: L = αx² + βx + γ evaluated in x's dtype, in cache-sized
+    slices of rows, instead of the float64 formula on every pair (the P_fn > ε diagnostic is
+    all that reads them outside the window). In float32 a flag differs from the float64
+    formula's only where L lies within float32 rounding of logit(ε) (tests/test_sampler_forms.py
+    states the band)."""
+    coefficients = fit_of(g, cfg.prior).signal_coefficients()
+    threshold = fn_log_odds_threshold(cfg.eps)
+    parts = [
+        count_greater(quadratic_log_odds(x_bN[r : r + chunk_rows], coefficients, False), threshold)
+        for r in range(0, x_bN.shape[0], chunk_rows)
+    ]
+    return torch.cat(parts)
 
 
 def _with_dense_mask(sims: AnchorSims, masked: tuple[Tensor, Tensor], dense: bool) -> AnchorSims:
@@ -268,9 +358,14 @@ def _listed_fallback(
     fallback_rN = sims.sim_BN[need_r].index_put_(
         (local_M[keep_M], masked[1][keep_M]), sims.sim_BN.new_full((), -math.inf)
     )[:, : rows.fallback_cols]
-    if cfg.fallback == "unflagged" and rows.log_odds_bN is not None and rule.uses_posterior:
+    given = rows.log_odds_bN is not None or rows.signal_bN is not None
+    if cfg.fallback == "unflagged" and given and rule.uses_posterior:
         # the same flags as the dense form's: P_fn > ε with the gate open
-        odds_rN = rows.log_odds_bN[need_r, : rows.fallback_cols]
+        if rows.log_odds_bN is not None:
+            odds_rN = rows.log_odds_bN[need_r, : rows.fallback_cols]
+        else:  # those rows' log-odds from their signal: the values the dense form reads
+            signal_rN = rows.signal_bN[need_r, : rows.fallback_cols]  # type: ignore[index]
+            odds_rN = _signal_log_odds(signal_rN, g, cfg, sims.sim_BN.dtype)
         fallback_rN = fallback_rN.masked_fill(is_false_negative(odds_rN, cfg.eps) & g.gate_open,
                                               -math.inf)  # fmt: skip
     h_r, violates_r = hardest_violator(fallback_rN, sims.pos_sim_B[need_r], cfg.margin)
@@ -312,38 +407,57 @@ def _hardest_picks(sims: AnchorSims, margin: float) -> Picks:
     )  # fmt: skip
 
 
+class DrawFrom(NamedTuple):
+    """The weights a draw reads: dense rows, or rows packed to the window (w_bM, with col_bM
+    their columns), or the window listed row by row (``entries``, one draw per anchor: n
+    columns per row)."""
+
+    w_bM: Tensor | None
+    col_bM: Tensor | None = None
+    entries: WindowEntries | None = None
+    n: int = 0
+
+
 def _drawn_picks(
     sims: AnchorSims,
     fallback: Tensor | Callable[[Tensor], tuple[Tensor, Tensor]],
     cfg: FneConfig,
     u_bk: Tensor,
-    w_bM: Tensor,
-    col_bM: Tensor | None,
+    source: DrawFrom,
     counts: tuple[Tensor, Tensor, Tensor],
     detect_bF: Tensor,
 ) -> Picks:
-    """k draws from the weights w_bM (col_bM: their columns when compacted to the window),
-    with the hardest violator as the fallback of a row whose weights sum to 0 (sought among
-    the columns of ``fallback``, masked similarities: a leading slice when the fallback's
-    scope is narrowed, flagged candidates masked too under the unflagged fallback; or a
-    function of the rows that need it giving (violator, violates): then the draw runs first
-    and the fallback is sought only if a row's weights sum to 0, which needs a host read:
-    the CPU form); with ``cfg.reduction`` expected, also the normalised weights as dense rows
-    (the draws are then diagnostics only)."""
+    """k draws from the weights of ``source``, with the hardest violator as the fallback of a
+    row whose weights sum to 0 (sought among the columns of ``fallback``, masked
+    similarities: a leading slice when the fallback's scope is narrowed, flagged candidates
+    masked too under the unflagged fallback; or a function of the rows that need it giving
+    (violator, violates): then the draw runs first and the fallback is sought only if a row's
+    weights sum to 0, which needs a host read: the CPU form); with ``cfg.reduction`` expected,
+    also the normalised weights as dense rows (the draws are then diagnostics only)."""
     sim_bN = sims.sim_BN
+    entries = source.entries
+
+    def draw(h_b: Tensor, has_violator_b: Tensor) -> Draw:
+        if entries is not None:
+            w_W, flat_W, starts_B1, _ = entries
+            return listed_draw(w_W, flat_W, starts_B1, source.n, u_bk[:, 0], h_b, has_violator_b)
+        assert source.w_bM is not None
+        return draw_negatives(source.w_bM, u_bk, h_b, has_violator_b, source.col_bM)
+
     if isinstance(fallback, Tensor):
         h_b, has_violator_b = hardest_violator(fallback, sims.pos_sim_B, cfg.margin)
-        d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+        d = draw(h_b, has_violator_b)
     else:  # no violator given: an empty row reads "no violator", so those are the empty rows
-        h_b = torch.zeros(w_bM.shape[0], dtype=torch.long, device=w_bM.device)
+        h_b = torch.zeros(sim_bN.shape[0], dtype=torch.long, device=sim_bN.device)
         has_violator_b = torch.zeros_like(h_b, dtype=torch.bool)
-        d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+        d = draw(h_b, has_violator_b)
         if bool(d.no_violator_B.any()):
             h_b, has_violator_b = fallback(d.no_violator_B)
-            d = draw_negatives(w_bM, u_bk, h_b, has_violator_b, col_bM)
+            d = draw(h_b, has_violator_b)
     prob_bN = sim_bN.new_zeros(len(h_b), 0)
     if cfg.reduction == "expected":
-        prob_bN = expected_shares(w_bM, col_bM, sim_bN.shape[1], h_b, has_violator_b)
+        assert source.w_bM is not None
+        prob_bN = expected_shares(source.w_bM, source.col_bM, sim_bN.shape[1], h_b, has_violator_b)
     return _picks(sims, cfg.margin, d, counts, detect_bF, prob_bN.to(sim_bN.dtype))
 
 

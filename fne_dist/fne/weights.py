@@ -16,6 +16,7 @@ the tests hold both forms here equal to it. Two forms with the same weights: ``s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -194,10 +195,11 @@ def listed_mask_weights(
         exponent_BN.mul_(exponent_BN).mul_(-cfg.tau_kernel)
         if bool(g.gate_open) and int(n_fn_B.sum()) + int(fn_masked_M.sum()) > 0:
             # uncut_weight's choice, as it makes it (measured: listing a few per cent of
-            # flagged candidates costs more than the dense sigmoid and where)
-            use_fn_BN = log_odds_BN > fn_threshold
+            # flagged candidates costs more than the dense sigmoid), taken with the 0/1 flags
+            # as floats: lerp(e, p, f) is exactly e at f = 0 and p at f = 1 (ATen's two-sided
+            # form), one pass where a boolean mask and where() cost ~8× that on our CPU
             p_fn_BN = log_odds_BN.clamp_min(fn_threshold - 1.0).sigmoid_().mul_(-cfg.tau_fn)
-            exponent_BN = torch.where(use_fn_BN, p_fn_BN, exponent_BN)
+            exponent_BN = torch.lerp(exponent_BN, p_fn_BN, is_fn_BN.to(p_fn_BN.dtype))
         w_BN = exponent_BN.exp_()
     if threshold is not None:
         w_BN.masked_fill_(sim_BN <= threshold, 0.0)
@@ -243,6 +245,32 @@ class WindowWeights(NamedTuple):
     n_window_B: Tensor
 
 
+class WindowEntries(NamedTuple):
+    """The window's weights listed row by row: w_W at the sorted flat (row-major) positions
+    flat_W of the B × n matrix, row i's from starts_B1[i] to starts_B1[i + 1]. What the
+    listed draw (``sampling.listed_draw``) reads, and ``WindowWeights`` is packed from."""
+
+    w_W: Tensor
+    flat_W: Tensor
+    starts_B1: Tensor
+    n_fn_B: Tensor
+
+    @property
+    def n_window_B(self) -> Tensor:
+        return self.starts_B1.diff()
+
+
+class ListedOdds(NamedTuple):
+    """A posterior's log-odds evaluated only where they are read (a posterior of a pair
+    signal other than s, ``fne.posteriors``): ``at(flat positions)`` gives those pairs'
+    log-odds in sim's dtype, with the whole B × N log-odds' P_fn > ε flags and their values
+    where a flag is set (elsewhere only the kernel weight is read); n_fn_B: per row, the
+    unmasked pairs with P_fn > ε, counted by the caller (once for both directions)."""
+
+    at: Callable[[Tensor], Tensor]
+    n_fn_B: Tensor
+
+
 def window_is_everything(g: Gaussians, cfg: FneConfig) -> bool:
     """No hard cut applies (it is off, or there is no μ⁺ yet): every unmasked candidate is in
     the window. Reads a host value (CPU form only)."""
@@ -256,8 +284,24 @@ def window_weights(
     cfg: FneConfig,
     rule: Rule,
     max_fraction: float,
-    log_odds_BN: Tensor | None = None,
+    log_odds_BN: Tensor | ListedOdds | None = None,
 ) -> WindowWeights | None:
+    """``window_entries`` packed left-aligned per row (B × M, with their columns), or None."""
+    entries = window_entries(rows, masked_entries, g, cfg, rule, max_fraction, log_odds_BN)
+    if entries is None:
+        return None
+    return pack_window(entries, rows.sim_BN.shape[1])
+
+
+def window_entries(
+    rows: AnchorSims,
+    masked_entries: tuple[Tensor, Tensor],
+    g: Gaussians,
+    cfg: FneConfig,
+    rule: Rule,
+    max_fraction: float,
+    log_odds_BN: Tensor | ListedOdds | None = None,
+) -> WindowEntries | None:
     """``sampling_weights`` evaluated only inside the hard-cut window, where weights can be > 0.
 
     The window (s > μ⁺ − margin, unmasked) is usually a small fraction of [batch ; memory]: the
@@ -266,11 +310,11 @@ def window_weights(
     rows: the anchors' similarities, s⁺ and masked similarities (−inf at the masked positions;
     the dense mask is not read); masked_entries: those positions as (rows, columns), each
     once. log_odds_BN: the posterior's log-odds of every pair when the caller has them (a
-    posterior that is not a quadratic in s: ``fne.posteriors``); the window's are then taken
-    from them and the P_fn > ε count reads them all. Needs the window's size on the host
-    (``nonzero``): meant for CPU tensors, where that costs no device sync. Returns None when
-    no hard cut applies or the window holds more than ``max_fraction`` of the candidates: the
-    dense form is then faster.
+    posterior that is not a quadratic in s: ``fne.posteriors``), or a ``ListedOdds`` that
+    evaluates them where read; the window's are then taken from them and the P_fn > ε count
+    reads them all (or is given). Needs the window's size on the host (``nonzero``): meant for
+    CPU tensors, where that costs no device sync. Returns None when no hard cut applies or the
+    window holds more than ``max_fraction`` of the candidates: the dense form is then faster.
     """
     if not rule.draws:
         raise ValueError(f"the {rule.name} rule draws nothing: it has no sampling weights")
@@ -288,29 +332,37 @@ def window_weights(
     flat_W = inside_BN.view(-1).nonzero().squeeze(1)
     if flat_W.numel() > max_fraction * b * n:
         return None
-    rows_W = flat_W // n
-    if rule.uses_posterior and log_odds_BN is not None:
+    starts_B1 = _row_starts(flat_W, b, n)
+    if not rule.uses_posterior:
+        n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
+        w_W = torch.ones(flat_W.shape, dtype=sim_BN.dtype, device=sim_BN.device)
+        return WindowEntries(w_W, flat_W, starts_B1, n_fn_B)
+    sim_W = sim_BN.reshape(-1).take(flat_W)
+    # s⁺ of each entry's row, repeated row by row (no per-entry row index is formed)
+    pos_W = pos_sim_B.repeat_interleave(starts_B1.diff(), output_size=flat_W.numel())
+    if isinstance(log_odds_BN, ListedOdds):
+        log_odds_W, n_fn_B = log_odds_BN.at(flat_W), log_odds_BN.n_fn_B
+        is_fn_W = is_false_negative(log_odds_W, cfg.eps)
+    elif log_odds_BN is not None:
         # the same float32 log-odds the dense form reads, element for element
         log_odds_W = log_odds_BN.reshape(-1).take(flat_W)
         is_fn_W = is_false_negative(log_odds_W, cfg.eps)
         n_fn_B = _count_fn_given(log_odds_BN, masked_entries, cfg.eps)
-        sim_W = sim_BN.reshape(-1).take(flat_W)
-        w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
-    elif rule.uses_posterior:
+    else:
         fit = quadratic_fit_of(g, cfg.prior)
-        sim_W = sim_BN.reshape(-1).take(flat_W)
         log_odds_W = fit.log_odds_sim(sim_W)
         is_fn_W = is_false_negative(log_odds_W, cfg.eps)
         if fn_region_inside_window(fit, cfg.eps, float(threshold)):
             # Every candidate with P_fn > ε is in the window: count it there.
-            n_fn_B = _row_sums(is_fn_W, flat_W, b, n)
+            n_fn_B = _row_sums(is_fn_W, starts_B1)
         else:
             n_fn_B = _count_fn_listed(sim_BN, masked_entries, fit, cfg.eps, cfg.chunk_rows)
-        w_W = uncut_weight(sim_W, pos_sim_B[rows_W], log_odds_W, is_fn_W, g, cfg)
-    else:
-        n_fn_B = torch.zeros(b, dtype=torch.long, device=sim_BN.device)
-        w_W = torch.ones(flat_W.shape, dtype=sim_BN.dtype, device=sim_BN.device)
-    return _left_aligned(w_W, flat_W, rows_W, n, n_fn_B)
+    if bool(g.gate_open) and bool(is_fn_W.any()):
+        w_W = uncut_weight(sim_W, pos_W, log_odds_W, is_fn_W, g, cfg)
+    else:  # no FN weight applies: uncut_weight's kernel weight, without its sigmoid and where
+        exponent_W = sim_W - pos_W
+        w_W = exponent_W.mul_(exponent_W).mul_(-cfg.tau_kernel).exp_()
+    return WindowEntries(w_W, flat_W, starts_B1, n_fn_B)
 
 
 def _count_fn_given(
@@ -353,23 +405,22 @@ def _row_starts(flat_W: Tensor, b: int, n: int) -> Tensor:
     return torch.searchsorted(flat_W, bounds)
 
 
-def _row_sums(flag_W: Tensor, flat_W: Tensor, b: int, n: int) -> Tensor:
-    """Per row: how many of the entries at the sorted flat positions ``flat_W`` are True
-    (int64): a running count read at the rows' starts (exact integers)."""
+def _row_sums(flag_W: Tensor, starts_B1: Tensor) -> Tensor:
+    """Per row: how many of the listed entries are True (int64; row i's from starts_B1[i] to
+    starts_B1[i + 1]): a running count read at the rows' starts (exact integers)."""
     running = torch.cat([flag_W.new_zeros(1, dtype=torch.long), flag_W.cumsum(0)])
-    return running[_row_starts(flat_W, b, n)].diff()
+    return running[starts_B1].diff()
 
 
-def _left_aligned(
-    w_W: Tensor, flat_W: Tensor, rows_W: Tensor, n: int, n_fn_B: Tensor
-) -> WindowWeights:
-    """The window's weights (flat row-major positions ``flat_W`` in a b × n matrix, rows_W
-    their rows) packed left-aligned into b × m rows, m the largest window (zero-padded), with
-    their columns."""
+def pack_window(entries: WindowEntries, n: int) -> WindowWeights:
+    """The window's listed weights packed left-aligned into b × m rows, m the largest window
+    (zero-padded), with their columns."""
+    w_W, flat_W, starts_B1, n_fn_B = entries
     b = n_fn_B.shape[0]
-    count_B = _row_starts(flat_W, b, n).diff()
+    count_B = starts_B1.diff()
     m = max(int(count_B.max()) if b else 0, 1)
-    start_B = count_B.cumsum(0) - count_B
+    rows_W = flat_W // n
+    start_B = starts_B1[:-1]
     # Slot of each window entry in its row of the b × m layout, flattened.
     slot_W = torch.arange(flat_W.numel(), device=w_W.device) + (rows_W * m - start_B[rows_W])
     w_BM = w_W.new_zeros(b, m)

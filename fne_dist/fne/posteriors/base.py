@@ -66,9 +66,28 @@ class PosteriorFit(ABC):
     # caller to commit with the step's sums; None: the posterior keeps none
     state: Tensor | None = None
 
+    # L is a quadratic in a pair signal x other than s (``pair_signal``, e.g. the image-image
+    # similarity): the CPU sampler then counts P_fn > ε from that quadratic in float32 and
+    # evaluates L itself (``signal_log_odds``) only where it is read (the window, the rows
+    # that fall back).
+    signal_quadratic: ClassVar[bool] = False
+
     @abstractmethod
     def log_odds(self, pairs: PairSims) -> Tensor:
         """L of every pair of ``pairs`` (b×N), in float64 or in ``sim_bN``'s dtype."""
+
+    def pair_signal(self, anchor_img_bD: Tensor, cand_img_ND: Tensor) -> Tensor:
+        """The signal x of every (anchor, candidate) pair (``signal_quadratic`` fits)."""
+        raise NotImplementedError(type(self).__name__)
+
+    def signal_log_odds(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """L of the pairs whose signal is x (any shape), in ``dtype``: the values ``log_odds``
+        gives those pairs (``signal_quadratic`` fits)."""
+        raise NotImplementedError(type(self).__name__)
+
+    def signal_coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(α, β, γ) of L = αx² + βx + γ, float64 0-dim (``signal_quadratic`` fits)."""
+        raise NotImplementedError(type(self).__name__)
 
     def diagnostics(self) -> dict[str, Tensor]:
         """The fitted parameters as 0-dim tensors, for the logs."""

@@ -30,6 +30,7 @@ from ..null_mixture import (
     null_diagnostics,
     null_log_odds,
 )
+from ..posterior import quadratic_coefficients
 from ..stats import Gaussians
 from .base import CandidateSample, PairSims, Posterior, PosteriorFit
 
@@ -60,23 +61,36 @@ same bits (each element's float64 operations are the same ones)."""
 
 class IntraFit(PosteriorFit):
     """L of the image-image similarity under a fitted mixture (computed in float64, returned in
-    the dtype of the pairs' cross-modal similarities)."""
+    the dtype of the pairs' cross-modal similarities). A quadratic in x
+    (``signal_quadratic``)."""
 
     direction_free = True
+    signal_quadratic = True
 
     def __init__(self, m: Mixture) -> None:
         self.mixture = m
 
     def log_odds(self, pairs: PairSims) -> Tensor:
-        intra_bN = pairs.anchor_img_bD.detach() @ pairs.cand_img_ND.T
+        x_bN = self.pair_signal(pairs.anchor_img_bD, pairs.cand_img_ND)
+        return self.signal_log_odds(x_bN, pairs.sim_bN.dtype)
+
+    def pair_signal(self, anchor_img_bD: Tensor, cand_img_ND: Tensor) -> Tensor:
+        return anchor_img_bD.detach() @ cand_img_ND.T
+
+    def signal_log_odds(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         m = self.mixture
         logit_prior = torch.log(m.prior) - torch.log1p(-m.prior)
-        odds_bN = torch.empty(intra_bN.shape, dtype=pairs.sim_bN.dtype, device=intra_bN.device)
-        intra_E, odds_E = intra_bN.reshape(-1), odds_bN.view(-1)
-        for e0 in range(0, intra_E.numel(), ODDS_SLICE):
+        odds = torch.empty(x.shape, dtype=dtype, device=x.device)
+        x_E, odds_E = x.reshape(-1), odds.view(-1)
+        for e0 in range(0, x_E.numel(), ODDS_SLICE):
             part = slice(e0, e0 + ODDS_SLICE)
-            odds_E[part] = log_likelihood_ratio(intra_E[part], m).add_(logit_prior)
-        return odds_bN
+            odds_E[part] = log_likelihood_ratio(x_E[part], m).add_(logit_prior)
+        return odds
+
+    def signal_coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
+        m = self.mixture
+        logit_prior = torch.log(m.prior) - torch.log1p(-m.prior)
+        return quadratic_coefficients(m.mu_fn, m.var_fn, m.mu_tn, m.var_tn, logit_prior, False)
 
     def diagnostics(self) -> dict[str, Tensor]:
         m = self.mixture
