@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
+from ..null_mixture import NullMixture, auto_null_fit, fit_null_mixture
 from ..posterior import quadratic_log_odds
 
 if TYPE_CHECKING:
@@ -132,3 +133,17 @@ class Posterior(ABC):
         ``state``: the carried state (``SimilarityStats.posterior_state``) of a posterior that
         keeps one across steps (``fne.mixture_null_latch``), the fit's ``state`` the next one;
         None (a caller that keeps no state): the posterior's stateless form."""
+
+    def null_fit(
+        self, totals: Tensor, state: Tensor | None
+    ) -> tuple[NullMixture, Tensor | None] | None:
+        """The J-component null fit a mixture posterior's config asks for, with the next carried
+        state (``fne.mixture_null_auto``'s latch; None otherwise), or None for J = 1 (the
+        caller's two-component refit)."""
+        cfg = self.cfg
+        j = cfg.mixture_null_components
+        if j <= 1:
+            return None
+        if cfg.mixture_null_auto:
+            return auto_null_fit(totals, j, cfg.var_floor, state, cfg.mixture_null_latch)
+        return fit_null_mixture(totals, j, var_floor=cfg.var_floor), None

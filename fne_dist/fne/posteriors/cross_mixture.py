@@ -16,8 +16,6 @@ from torch import Tensor
 from ..mixture import Mixture, histogram, refit
 from ..null_mixture import (
     NullMixture,
-    auto_null_fit,
-    fit_null_mixture,
     null_diagnostics,
     null_log_odds,
 )
@@ -66,13 +64,9 @@ class CrossMixturePosterior(Posterior):
         return histogram(sample.cross_S, sample.valid_S)
 
     def fit(self, g: Gaussians, totals: Tensor, state: Tensor | None = None) -> PosteriorFit:
-        j = self.cfg.mixture_null_components
-        if j > 1 and self.cfg.mixture_null_auto:
-            latch = self.cfg.mixture_null_latch
-            m, nxt = auto_null_fit(totals, j, self.cfg.var_floor, state, latch)
-            fit = CrossNullFit(m)
-            fit.state = nxt
-            return fit
-        if j > 1:
-            return CrossNullFit(fit_null_mixture(totals, j, var_floor=self.cfg.var_floor))
-        return MixtureFit(refit(totals, self.cfg.var_floor))
+        null = self.null_fit(totals, state)
+        if null is None:
+            return MixtureFit(refit(totals, self.cfg.var_floor))
+        fit = CrossNullFit(null[0])
+        fit.state = null[1]
+        return fit
