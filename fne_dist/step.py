@@ -123,13 +123,18 @@ def forward_step(
     # step will leave them; ``stats`` itself changes only when the caller commits the step
     with t.phase("posterior_fit"):  # the running Gaussians and the posterior's EM
         kept = stats.posterior_state
-        seen = stats.with_step(with_posterior_state(batch_stats, kept), cfg.mixture_decay)
-        gauss = seen.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
-        fit = posterior.fit(gauss, seen.posterior_totals, kept)
-        gauss = replace(gauss, posterior=fit)
+        gauss = None
         # the posterior's next state rides with the sums the caller commits; warm-up steps
-        # (in-batch vse_pp, the fit unused) leave it as it was: the latch counts training steps
-        next_state = kept if at.warmup or fit.state is None else fit.state
+        # leave it as it was (the latch counts training steps), and their in-batch vse_pp reads
+        # neither the Gaussians nor the fit: they compute neither (the fit's EM is most of a
+        # step's statistics work), and commit the same sums
+        next_state = kept
+        if not at.warmup:
+            seen = stats.with_step(with_posterior_state(batch_stats, kept), cfg.mixture_decay)
+            gauss = seen.gaussians(cfg.gate_size, cfg.var_floor, cfg.variance)
+            fit = posterior.fit(gauss, seen.posterior_totals, kept)
+            gauss = replace(gauss, posterior=fit)
+            next_state = kept if fit.state is None else fit.state
         stat_sums = with_posterior_state(batch_stats, next_state)
     stale = torch.zeros(2, dtype=torch.float64, device=device)
     with t.phase("fne_loss"):

@@ -214,3 +214,57 @@ def test_size_counting_matches_what_the_reader_yields(tmp_path: Path) -> None:
     batches, _ = run_epoch(stream)
     assert sorted(i for b in batches for i in b) == list(range(6))
     assert stream.counters.bad == {}
+
+
+def test_shard_memo_gives_the_epochs_of_reading_the_tars(tmp_path: Path) -> None:
+    """Invariant: a stream reading in-process keeps its local shards' samples between epochs
+    (``ShardMemo``) and yields, epoch after epoch and on every rank, the batches, positions and
+    bad-sample counts of a stream that parses the tars each time; a bad sample stays bad, a
+    truncated shard is read (and counted) as before, not kept; a shard rewritten on disk is
+    read again; a budget too small for a shard keeps nothing."""
+    import os
+
+    from fne_dist.data.plan import Piece
+    from fne_dist.data.stream import ShardMemo
+
+    write_dataset(tmp_path, [9, 14, 6])
+    broken = sample_members(999)
+    broken["png"] = b"not an image"
+    write_tar(
+        tmp_path / "part-000003.tar",
+        [("bad0", broken)] + [(f"ok{i:04d}", sample_members(500 + i)) for i in range(10)],
+    )
+    whole = write_dataset(tmp_path / "t", [12], sizes_json=False)[0]
+    cut = tmp_path / "part-000004.tar"
+    raw = whole.read_bytes()
+    cut.write_bytes(raw[: len(raw) // 2 + 777])  # inside a member: the tar reader raises
+    (tmp_path / "sizes.json").unlink()
+    spec = str(tmp_path / "part-*.tar")
+
+    def epochs(memo: bool, rank: int) -> list:
+        stream = make_stream(spec, rank=rank, world=2, max_bad_fraction=0.6)
+        if not memo:
+            stream.memo = None
+        out = []
+        for e in range(3):
+            batches, positions = run_epoch(stream, e)
+            out.append((batches, [p.to_dict() for p in positions], dict(stream.counters.bad)))
+        return out, stream.memo
+
+    for rank in (0, 1):
+        want, _ = epochs(False, rank)
+        got, memo = epochs(True, rank)
+        assert got == want, rank
+        print("DBG", rank, sorted(memo.kept), memo.refused)
+        assert any(bad for _, _, bad in want)  # the broken sample is met and counted
+    kept_url = sorted(memo.kept)[0]
+    before = memo.kept[kept_url][1]
+    os.utime(kept_url, ns=(1, 1))  # the same bytes, another modification time
+
+    list(memo.samples(kept_url, Piece(0, 0, 1)))
+    assert memo.kept[kept_url][1] is not before  # read again
+    small = ShardMemo(budget=10)
+    assert [s["__key__"] for s in small.samples(kept_url, Piece(0, 1, 3))] == [
+        s["__key__"] for s in before[1:3]
+    ]
+    assert not small.kept and kept_url in small.refused

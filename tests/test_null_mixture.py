@@ -238,3 +238,56 @@ def test_auto_null_posterior_and_config() -> None:
     assert "frac_tail" in cross.diagnostics()
     with pytest.raises(ValueError, match="mixture_null_auto"):
         FneConfig(posterior="intra_mixture", mixture_null_auto=True).check()
+
+
+def _reference_fit(hist: torch.Tensor, null_components: int) -> NullMixture:
+    """``fit_null_mixture`` as it was written first: ``NULL_FIT_ITERS`` calls of
+    ``null_em_step`` from ``null_start``, then the ordering and the prior's clamp."""
+    from fne_dist.fne.mixture import MIX_PRIOR_MAX, MIX_PRIOR_MIN
+    from fne_dist.fne.null_mixture import NULL_FIT_ITERS, NULL_MIN_VAR_SHARE
+
+    centres, counts = bin_centres(hist.shape[0]), hist.to(F64)
+    m = null_start(counts, null_components)
+    var_min = (NULL_MIN_VAR_SHARE * m.var_K[0]).clamp_min(1e-8)
+    for _ in range(NULL_FIT_ITERS):
+        m = null_em_step(centres, counts, m, var_min)
+    order = m.mu_K.argsort()
+    weights = m.weights_K[order]
+    prior = weights[-1].clamp(MIX_PRIOR_MIN, MIX_PRIOR_MAX)
+    null = weights[:-1] * (1.0 - prior) / weights[:-1].sum().clamp_min(1e-12)
+    return NullMixture(torch.cat([null, prior[None]]), m.mu_K[order], m.var_K[order])
+
+
+def test_fast_em_fit_has_the_bits_of_the_step_by_step_fit() -> None:
+    """Invariant: ``fit_null_mixture`` (its in-place EM loop, under TorchScript on the host, and
+    eagerly as an accelerator runs it) gives bit for bit the fit of ``null_em_step`` called
+    ``NULL_FIT_ITERS`` times, for J = 1 (``is_tail``'s fit), 2 and 3 on the emoji's and the
+    classes' shapes, decayed running histograms (fractional counts), a sparse and an empty one.
+    Why bits: the default run's printed results stay the same digits only if every step's P_fn
+    does."""
+    from fne_dist.fne import null_mixture
+
+    hists = []
+    for seed, shape in enumerate((_emoji_like, _class_like, _emoji_like)):
+        x, _ = shape(20_000, 20 + seed)
+        hists.append(histogram(x, torch.ones_like(x, dtype=torch.bool)))
+    hists.append(0.99 * hists[0] + 0.5 * hists[1])  # a running total: fractional counts
+    sparse = torch.zeros(200, dtype=F64)
+    sparse[[10, 90, 91, 185]] = torch.tensor([3.0, 40.0, 7.5, 0.25], dtype=F64)
+    hists += [sparse, torch.zeros(200, dtype=F64)]
+    for i, hist in enumerate(hists):
+        for j in (1, 2, 3):
+            want = _reference_fit(hist, j)
+            got = fit_null_mixture(hist, j)  # the host form (TorchScript where available)
+            m = null_start(hist, j)
+            floor = (null_mixture.NULL_MIN_VAR_SHARE * m.var_K[0]).clamp_min(1e-8)
+            eager = null_mixture.em_iterations(
+                bin_centres(200), hist, m.weights_K, m.mu_K, m.var_K, floor, 5
+            )
+            step = m
+            for _ in range(5):
+                step = null_em_step(bin_centres(200), hist, step, floor)
+            fast = (got.weights_K, got.mu_K, got.var_K, *eager)
+            ref = (want.weights_K, want.mu_K, want.var_K, step.weights_K, step.mu_K, step.var_K)
+            for a, b in zip(fast, ref, strict=True):
+                assert torch.equal(a, b), (i, j, a, b)

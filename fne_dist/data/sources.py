@@ -40,7 +40,7 @@ class DataError(ValueError):
     """A user-caused data problem (bad path, empty or unreadable shard); one line."""
 
 
-def _is_url(pattern: str) -> bool:
+def is_url(pattern: str) -> bool:
     return "://" in pattern
 
 
@@ -79,7 +79,7 @@ def resolve_source(pattern_spec: str, key: str, allow_pipe: bool = False) -> lis
         return list(braceexpand.braceexpand(pattern_spec))
     urls: list[str] = []
     for pattern in braceexpand.braceexpand(pattern_spec):
-        if _is_url(pattern):
+        if is_url(pattern):
             for url in _expand_url(pattern):
                 # a found object's name is data: fsspec would read '::' in it as a chain of
                 # file systems (another protocol, a cache) instead of one object
@@ -130,7 +130,7 @@ def open_shard(url: str | Path) -> IO[bytes]:
         import webdataset as wds
 
         return wds.gopen(url, "rb")
-    if _is_url(url):
+    if is_url(url):
         import fsspec
 
         return fsspec.open(url, "rb").open()
@@ -225,14 +225,14 @@ def _parse_sizes(raw: bytes, index: str) -> dict[str, int]:
 
 
 def _sizes_json_for(url: str) -> dict[str, int]:
-    directory = posixpath.dirname(url) if _is_url(url) else str(Path(url).parent)
+    directory = posixpath.dirname(url) if is_url(url) else str(Path(url).parent)
     index = (
         posixpath.join(directory, "sizes.json")
-        if _is_url(url)
+        if is_url(url)
         else str(Path(directory) / "sizes.json")
     )
     try:
-        if _is_url(index):
+        if is_url(index):
             import fsspec
 
             with fsspec.open(index, "rb") as f:
@@ -267,10 +267,10 @@ def shard_list(spec: str, key: str, allow_pipe: bool = False) -> ShardList:
         index = TaskProgress("shard_index", f"shard index {key}", len(part_urls), "shards")
         for url in part_urls:
             index.update()
-            directory = posixpath.dirname(url) if _is_url(url) else str(Path(url).parent)
+            directory = posixpath.dirname(url) if is_url(url) else str(Path(url).parent)
             if directory not in index_cache:
                 index_cache[directory] = {} if url.startswith("pipe:") else _sizes_json_for(url)
-            name = posixpath.basename(url) if _is_url(url) else Path(url).name
+            name = posixpath.basename(url) if is_url(url) else Path(url).name
             size = index_cache[directory].get(name)
             if size is None:
                 if url.startswith("pipe:"):
