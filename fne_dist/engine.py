@@ -204,6 +204,24 @@ def build_engine(model: nn.Module, cfg: Config, total_steps: int):
     return engine
 
 
+def time_gradient_reduction(engine, timer) -> None:
+    """Time DeepSpeed's gradient reduction as the ``grad_reduce`` part of the step
+    (``train.profile_phases``): ``allreduce_gradients``, which ``engine.backward`` calls after
+    autograd's backward (ZeRO-0: the one all-reduce of all gradients; ZeRO-1 without
+    ``overlap_comm``: its bucketed reduction; ZeRO-1 with it and ZeRO-2: the last bucket and
+    the wait for those reduced in backward hooks, which stay inside ``backward``). The DDP
+    twin reduces in its buckets' hooks only: nothing to time apart."""
+    reduce = getattr(engine, "allreduce_gradients", None)
+    if reduce is None:
+        return
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        with timer.part("grad_reduce"):
+            return reduce(*args, **kwargs)
+
+    engine.allreduce_gradients = timed
+
+
 def keep_grad_norm(engine) -> None:
     """Make ``engine.get_global_grad_norm()`` answer at ZeRO stage 0 in fp32 too.
 
