@@ -48,6 +48,7 @@ from .distributed.launch import Timeouts, init_process_group, rank_env
 from .encoders import check_available
 from .engine import (
     build_engine,
+    checked_grads_finite,
     full_weights,
     gathered_parameters,
     partitioned_optimizer,
@@ -68,7 +69,7 @@ from .loop_inputs import (
 from .memory import build_memory
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
-from .nonfinite import check_in_row, finite_everywhere, grads_finite, poisoned
+from .nonfinite import check_in_row, finite_everywhere, poisoned
 from .plot import NoPictures, RunPictures
 from .reporters import (
     ConsoleReporter,
@@ -480,7 +481,7 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
         with timer.part("backward"):  # with the gradient reduction (its own part, inside)
             engine.backward(loss)  # 6
         with timer.part("grad_check"):
-            finite_grads = cfg.engine.grad_accum > 1 or grads_finite(engine.module)
+            finite_grads = cfg.engine.grad_accum > 1 or checked_grads_finite(engine)
         if not finite_grads:  # skip the step
             engine.module.zero_grad(set_to_none=True)
             # the skip path only: whether a loss was the cause, for its log window
