@@ -19,10 +19,10 @@ shards, ``model.*.frozen=false``), where a step is the encoders' work rather tha
 backward) beside DeepSpeed's ZeRO-0 (one reduction after backward); ``--zero`` adds 2 ranks ×
 1 thread at ZeRO-1 and ZeRO-2, each with DeepSpeed's ``overlap_comm`` on and off (passed through
 ``engine.deepspeed_config``; the plain rows are ZeRO-0, where DeepSpeed has no overlap);
-``--no-1x2`` leaves out 1 rank × 2 threads; ``--baseline`` adds another checkout's 2 × 1 and
-1 × 2 runs (before/after a change, interleaved with this tree's; ``--baseline-2x1-only``: its
+``--no-1x2`` leaves out 1 rank × 2 threads; ``--baseline`` adds another checkout's 2 × 1, 1 × 2
+and 1 × 1 runs (before/after a change, interleaved with this tree's; ``--baseline-2x1-only``: its
 2 × 1 alone, for a change a single rank never reaches); ``--only`` keeps the layouts named
-(their labels, comma-separated; 1 rank × 1 thread among them). ``--zero-bucket N`` adds
+(their labels, comma-separated, in the order given). ``--zero-bucket N`` adds
 ZeRO-1/2 with ``overlap_comm`` and DeepSpeed's reduce and all-gather buckets of N elements
 (its default, 5e8, holds all of the fine-tuning model's gradients in one bucket: nothing is
 reduced before backward ends).
@@ -100,7 +100,8 @@ def main() -> None:
     ap.add_argument("--baseline-2x1-only", action="store_true", help="no 1x2 baseline run")
     ap.add_argument("--only", help="--scaling: comma-separated layout labels to keep (a short run)")
     ap.add_argument(
-        "--baseline", help="a checkout (git worktree add --detach) whose 2x1 and 1x2 runs are added"
+        "--baseline",
+        help="a checkout (git worktree add --detach) whose 2x1, 1x2 and 1x1 runs are added",
     )
     ap.add_argument(
         "--zero-bucket",
@@ -248,18 +249,24 @@ def scaling(args: argparse.Namespace) -> None:
         layouts["2x1 ddp"] = (2, 1)
         checkouts["2x1 ddp"] = ROOT
         overrides["2x1 ddp"] = ["engine.kind=ddp"]
-    if args.baseline:  # the layouts a change of ours can move (1 × 1 has no threads to share)
-        for label, shape in (("2x1 baseline", (2, 1)), ("1x2 baseline", (1, 2))):
+    if args.baseline:  # the other checkout's layouts
+        for label, shape in (
+            ("2x1 baseline", (2, 1)),
+            ("1x2 baseline", (1, 2)),
+            ("1x1 baseline", (1, 1)),
+        ):
             layouts[label] = shape
             checkouts[label] = Path(args.baseline).resolve()
             overrides[label] = []
         if args.no_1x2 or args.baseline_2x1_only:
             del layouts["1x2 baseline"]
+        if args.baseline_2x1_only:
+            del layouts["1x1 baseline"]
     if args.only:  # e.g. "2 ranks x 1 thread,1 rank x 1 thread,2x1 zero1 overlap"
         keep = [label.strip() for label in args.only.split(",")]
         unknown = [label for label in keep if label not in layouts]
-        if unknown or "1 rank x 1 thread" not in keep:
-            sys.exit(f"--only: unknown {unknown} or no '1 rank x 1 thread'; have {list(layouts)}")
+        if unknown:
+            sys.exit(f"--only: unknown {unknown}; have {list(layouts)}")
         layouts = {label: layouts[label] for label in keep}
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
@@ -327,9 +334,10 @@ def print_scaling(results: dict[str, list[dict]], what: str) -> None:
         print(f"{'  ' + name:24s}" + "".join(f"{v:26.2f}" for v in vals))
     sps = {n: med(n, lambda m: m["samples_per_s"]) for n in layouts}
     print(f"{'samples/s':24s}" + "".join(f"{sps[n]:26.1f}" for n in layouts))
-    if "1 rank x 1 thread" in sps:
-        base = sps["1 rank x 1 thread"]
-        print(f"{'÷ 1 rank x 1 thread':24s}" + "".join(f"{sps[n] / base:25.2f}x" for n in layouts))
+    for one in ("1 rank x 1 thread", "1x1 baseline"):
+        if one in sps:
+            ratios = "".join(f"{sps[n] / sps[one]:25.2f}x" for n in layouts)
+            print(f"{'÷ ' + one:24s}" + ratios)
 
     def share(names: tuple[str, ...]) -> dict[str, float]:
         def one(m: dict) -> float:
