@@ -70,6 +70,10 @@ PARTS = ("backward", "grad_reduce", "grad_check", "optimizer_step")
 OURS = ("gather", "reduce", "finite_check")  # our collectives (the data vote rides the gather)
 
 
+class RunFailed(Exception):
+    pass
+
+
 def run(name: str, cmd: list[str], out: Path, checkout: Path = ROOT) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RAY_ADDRESS")}
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -78,7 +82,7 @@ def run(name: str, cmd: list[str], out: Path, checkout: Path = ROOT) -> dict:
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RunFailed(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     metrics = json.loads((out / name / "metrics.json").read_text())
     metrics["process_wall_s"] = wall
     return metrics
@@ -177,7 +181,10 @@ def main() -> None:
                 "engine.kind=ddp",
             ],
         }
-        results = {name: run(name, cmd, out) for name, cmd in runs.items()}
+        try:
+            results = {name: run(name, cmd, out) for name, cmd in runs.items()}
+        except RunFailed as err:
+            sys.exit(str(err))
 
     steps = {n: r["steps"] for n, r in results.items()}
     print(f"config {Path(args.config).name}, {args.epochs} epochs, global batch 32, 1 thread/rank")
@@ -283,7 +290,11 @@ def scaling(args: argparse.Namespace) -> None:
                     "train.log_every=100000", "train.warmup_steps=3", "train.warmup_epochs=null",
                     "run.pictures=false", *extra, *overrides[label],
                 ]  # fmt: skip
-                m = run(name, cmd, out, checkouts[label])
+                try:
+                    m = run(name, cmd, out, checkouts[label])
+                except RunFailed as err:  # the other layouts still run (one lock use each)
+                    print(f"# {label} #{r}: {err}", flush=True)
+                    continue
                 m["layout"], m["repeat"] = label, r
                 results[label].append(m)
                 per_step = {p: 1e3 * m["phase_seconds"].get(p, 0.0) / m["steps"] for p in PHASES}
