@@ -363,14 +363,16 @@ def print_scaling(results: dict[str, list[dict]], what: str) -> None:
     ours, with_grads = share(OURS), share((*OURS, "grad_reduce"))
     print(f"{'ours % loop':24s}" + "".join(f"{ours[n]:25.2f}%" for n in layouts))
     print(f"{'+ grad_reduce % loop':24s}" + "".join(f"{with_grads[n]:25.2f}%" for n in layouts))
-    loss = {n: [m["diagnostics"].get("loss", float("nan")) for m in results[n]] for n in layouts}
-    print(f"{'loss (each run)':24s}" + "".join(f"{_runs(loss[n]):>26s}" for n in layouts))
+    # the training itself: the epoch's mean loss (over steps and ranks) and the test rsum
+    nan = float("nan")
+    for n in layouts:
+        runs = ", ".join(
+            f"{m['diagnostics'].get('loss', nan):.8f} ({m['test'].get('rsum', nan):.2f})"
+            for m in results[n]
+        )
+        print(f"loss (test rsum) per run, {n}: {runs}")
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-
-
-def _runs(values: list[float]) -> str:
-    return "/".join(f"{v:.5f}" for v in values)
 
 
 if __name__ == "__main__":
