@@ -364,6 +364,9 @@ def print_scaling(results: dict[str, list[dict]], what: str) -> None:
     print(f"{'ours % loop':24s}" + "".join(f"{ours[n]:25.2f}%" for n in layouts))
     print(f"{'+ grad_reduce % loop':24s}" + "".join(f"{with_grads[n]:25.2f}%" for n in layouts))
     # the training itself: the epoch's mean loss (over steps and ranks) and the test rsum
+    for n in layouts:  # a shared machine's load moves single runs more than most changes
+        runs = ", ".join(f"{m['samples_per_s']:.1f}" for m in results[n])
+        print(f"samples/s per run, {n}: {runs}")
     nan = float("nan")
     for n in layouts:
         runs = ", ".join(
