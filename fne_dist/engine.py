@@ -237,8 +237,8 @@ def keep_grad_norm(engine) -> None:
     scales them. Bit for bit DeepSpeed's clipped gradients at 1 and 2 ranks (its average
     may move the norm's last bit at other world sizes); no host sync (the loop reads the
     norm at log windows)."""
-    if not hasattr(engine, "clip_fp32_gradients"):
-        return
+    if not hasattr(engine, "clip_fp32_gradients") or getattr(engine, "mpu", None) is not None:
+        return  # (model parallelism, which this package never sets up, needs DeepSpeed's)
     engine.fne_checked_norm = None
 
     def clip_and_keep() -> None:
