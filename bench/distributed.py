@@ -19,10 +19,24 @@ shards, ``model.*.frozen=false``), where a step is the encoders' work rather tha
 backward) beside DeepSpeed's ZeRO-0 (one reduction after backward); ``--zero`` adds 2 ranks ×
 1 thread at ZeRO-1 and ZeRO-2, each with DeepSpeed's ``overlap_comm`` on and off (passed through
 ``engine.deepspeed_config``; the plain rows are ZeRO-0, where DeepSpeed has no overlap);
-``--no-1x2`` leaves out 1 rank × 2 threads; ``--baseline`` adds another checkout's 2 × 1 and
-1 × 2 runs (before/after a change, interleaved with this tree's; ``--baseline-2x1-only``: its
+``--no-1x2`` leaves out 1 rank × 2 threads; ``--baseline`` adds another checkout's 2 × 1, 1 × 2
+and 1 × 1 runs (before/after a change, interleaved with this tree's; ``--baseline-2x1-only``: its
 2 × 1 alone, for a change a single rank never reaches); ``--only`` keeps the layouts named
-(their labels, comma-separated; 1 rank × 1 thread among them).
+(their labels, comma-separated, in the order given). ``--zero-bucket N`` adds
+ZeRO-1/2 with ``overlap_comm`` and DeepSpeed's reduce and all-gather buckets of N elements
+(its default, 5e8, holds all of the fine-tuning model's gradients in one bucket: nothing is
+reduced before backward ends).
+
+The table splits ``backward_step`` into its parts (``PhaseTimer.part``): autograd's backward
+(with what DeepSpeed reduces in its hooks: ZeRO-2, ZeRO-1 with ``overlap_comm``, DDP's
+buckets), ``grad_reduce`` (DeepSpeed's ``allreduce_gradients`` after it), ``grad_check`` and
+``optimizer_step`` (at ZeRO >= 1 with the all-gather of the updated partitions). Each run's
+loss (the epoch's mean over steps and ranks) and test rsum are printed: the same seed and
+global batch give the same training at every ZeRO stage, up to the order of float additions.
+
+The lock rule here (<= 10 minutes a use) fits one repeat: ``--save FILE`` appends each run's
+metrics to FILE, and ``--combine FILE ...`` prints the medians table of several invocations'
+runs (interleaved: each invocation runs every layout once).
 """
 
 from __future__ import annotations
@@ -51,6 +65,13 @@ PHASES = (
     "enqueue",
     "finite_check",
 )
+# backward_step's parts (timed inside it); "backward" is shown without grad_reduce
+PARTS = ("backward", "grad_reduce", "grad_check", "optimizer_step")
+OURS = ("gather", "reduce", "finite_check")  # our collectives (the data vote rides the gather)
+
+
+class RunFailed(Exception):
+    pass
 
 
 def run(name: str, cmd: list[str], out: Path, checkout: Path = ROOT) -> dict:
@@ -61,7 +82,7 @@ def run(name: str, cmd: list[str], out: Path, checkout: Path = ROOT) -> dict:
     proc = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RunFailed(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     metrics = json.loads((out / name / "metrics.json").read_text())
     metrics["process_wall_s"] = wall
     return metrics
@@ -83,9 +104,24 @@ def main() -> None:
     ap.add_argument("--baseline-2x1-only", action="store_true", help="no 1x2 baseline run")
     ap.add_argument("--only", help="--scaling: comma-separated layout labels to keep (a short run)")
     ap.add_argument(
-        "--baseline", help="a checkout (git worktree add --detach) whose 2x1 and 1x2 runs are added"
+        "--baseline",
+        help="a checkout (git worktree add --detach) whose 2x1, 1x2 and 1x1 runs are added",
     )
+    ap.add_argument(
+        "--zero-bucket",
+        type=float,
+        help="--scaling: add 2x1 ZeRO-1/2 overlap with reduce/allgather buckets of N elements",
+    )
+    ap.add_argument("--save", help="--scaling: append each run's metrics to this JSON file")
+    ap.add_argument("--combine", nargs="+", help="print the medians of these --save files")
     args = ap.parse_args()
+    if args.combine:
+        combined: dict[str, list[dict]] = {}
+        for path in args.combine:
+            for label, runs in json.loads(Path(path).read_text())["results"].items():
+                combined.setdefault(label, []).extend(runs)
+        print_scaling(combined, f"combined {', '.join(args.combine)}")
+        return
     if args.scaling:
         scaling(args)
         return
@@ -145,7 +181,10 @@ def main() -> None:
                 "engine.kind=ddp",
             ],
         }
-        results = {name: run(name, cmd, out) for name, cmd in runs.items()}
+        try:
+            results = {name: run(name, cmd, out) for name, cmd in runs.items()}
+        except RunFailed as err:
+            sys.exit(str(err))
 
     steps = {n: r["steps"] for n, r in results.items()}
     print(f"config {Path(args.config).name}, {args.epochs} epochs, global batch 32, 1 thread/rank")
@@ -203,22 +242,38 @@ def scaling(args: argparse.Namespace) -> None:
                 layouts[label] = (2, 1)
                 checkouts[label] = ROOT
                 overrides[label] = [f"engine.zero_stage={stage}", f"engine.deepspeed_config={path}"]
+    if args.zero_bucket:  # buckets small enough to reduce during backward
+        n = int(args.zero_bucket)
+        for stage in (1, 2):
+            label = f"2x1 zero{stage} overlap b{args.zero_bucket:.0e}"
+            path = Path(tmp_configs.name) / f"{label.replace(' ', '_')}.json"
+            zero = {"overlap_comm": True, "reduce_bucket_size": n, "allgather_bucket_size": n}
+            path.write_text(json.dumps({"zero_optimization": zero}))
+            layouts[label] = (2, 1)
+            checkouts[label] = ROOT
+            overrides[label] = [f"engine.zero_stage={stage}", f"engine.deepspeed_config={path}"]
     if args.ddp:  # torch DDP: the gradient all-reduce in buckets, overlapping backward
         layouts["2x1 ddp"] = (2, 1)
         checkouts["2x1 ddp"] = ROOT
         overrides["2x1 ddp"] = ["engine.kind=ddp"]
-    if args.baseline:  # the layouts a change of ours can move (1 × 1 has no threads to share)
-        for label, shape in (("2x1 baseline", (2, 1)), ("1x2 baseline", (1, 2))):
+    if args.baseline:  # the other checkout's layouts
+        for label, shape in (
+            ("2x1 baseline", (2, 1)),
+            ("1x2 baseline", (1, 2)),
+            ("1x1 baseline", (1, 1)),
+        ):
             layouts[label] = shape
             checkouts[label] = Path(args.baseline).resolve()
             overrides[label] = []
         if args.no_1x2 or args.baseline_2x1_only:
             del layouts["1x2 baseline"]
+        if args.baseline_2x1_only:
+            del layouts["1x1 baseline"]
     if args.only:  # e.g. "2 ranks x 1 thread,1 rank x 1 thread,2x1 zero1 overlap"
         keep = [label.strip() for label in args.only.split(",")]
         unknown = [label for label in keep if label not in layouts]
-        if unknown or "1 rank x 1 thread" not in keep:
-            sys.exit(f"--only: unknown {unknown} or no '1 rank x 1 thread'; have {list(layouts)}")
+        if unknown:
+            sys.exit(f"--only: unknown {unknown}; have {list(layouts)}")
         layouts = {label: layouts[label] for label in keep}
     results: dict[str, list[dict]] = {name: [] for name in layouts}
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,45 +290,90 @@ def scaling(args: argparse.Namespace) -> None:
                     "train.log_every=100000", "train.warmup_steps=3", "train.warmup_epochs=null",
                     "run.pictures=false", *extra, *overrides[label],
                 ]  # fmt: skip
-                m = run(name, cmd, out, checkouts[label])
+                try:
+                    m = run(name, cmd, out, checkouts[label])
+                except RunFailed as err:  # the other layouts still run (one lock use each)
+                    print(f"# {label} #{r}: {err}", flush=True)
+                    continue
+                m["layout"], m["repeat"] = label, r
                 results[label].append(m)
                 per_step = {p: 1e3 * m["phase_seconds"].get(p, 0.0) / m["steps"] for p in PHASES}
                 shown = " ".join(f"{p} {v:.0f}" for p, v in per_step.items() if v >= 0.5)
+                parts = m.get("phase_part_seconds", {})
+                split = " ".join(f"{p} {1e3 * v / m['steps']:.0f}" for p, v in parts.items())
                 print(
                     f"# {label} #{r}: {m['samples_per_s']:.1f} samples/s; ms/step: {shown}; "
+                    f"[{split}]; loss {m['diagnostics'].get('loss', float('nan')):.6f}; "
+                    f"test rsum {m['test'].get('rsum', float('nan')):.2f}; "
                     f"load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
+                if args.save:  # after every run: a run cut off by the lock's limit keeps these
+                    saved = {"args": vars(args), "results": results}
+                    Path(args.save).write_text(json.dumps(saved, default=str))
     tmp_configs.cleanup()
     what = "fine-tuning both towers" if args.finetune else Path(args.config).name
-    print(f"{what}, global batch 32, {args.epochs} epochs, median of {args.repeats} interleaved")
+    print_scaling(results, f"{what}, global batch 32, {args.epochs} epochs")
+
+
+def print_scaling(results: dict[str, list[dict]], what: str) -> None:
+    """The medians table of ``results`` (layout → its runs' metrics.json)."""
+    layouts = [n for n in results if results[n]]
+    counts = sorted({len(results[n]) for n in layouts})
+    print(f"{what}, median of {'/'.join(map(str, counts))} interleaved runs per layout")
     print("DeepSpeed ZeRO-0 unless the label names a stage; 'ddp': torch DDP's buckets")
-    print(f"{'ms/step':24s}" + "".join(f"{n:>20s}" for n in layouts))
+    print(f"{'ms/step':24s}" + "".join(f"{n:>26s}" for n in layouts))
 
     def med(label: str, fn) -> float:
         return statistics.median(fn(m) for m in results[label])
 
+    def per_step(m: dict, key: str, name: str) -> float:
+        return 1e3 * m.get(key, {}).get(name, 0.0) / m["steps"]
+
     for phase in PHASES:
-        vals = [med(n, lambda m, p=phase: 1e3 * m["phase_seconds"].get(p, 0.0) / m["steps"])
-                for n in layouts]  # fmt: skip
-        print(f"{phase:24s}" + "".join(f"{v:20.2f}" for v in vals))
+        vals = [med(n, lambda m, p=phase: per_step(m, "phase_seconds", p)) for n in layouts]
+        print(f"{phase:24s}" + "".join(f"{v:26.2f}" for v in vals))
+
+    def part(m: dict, name: str) -> float:
+        value = per_step(m, "phase_part_seconds", name)
+        if name == "backward":  # DeepSpeed's reduction is timed inside engine.backward
+            value -= per_step(m, "phase_part_seconds", "grad_reduce")
+        return value
+
+    for name in PARTS:
+        vals = [med(n, lambda m, p=name: part(m, p)) for n in layouts]
+        print(f"{'  ' + name:24s}" + "".join(f"{v:26.2f}" for v in vals))
     sps = {n: med(n, lambda m: m["samples_per_s"]) for n in layouts}
-    print(f"{'samples/s':24s}" + "".join(f"{sps[n]:20.1f}" for n in layouts))
-    base = sps["1 rank x 1 thread"]
-    print(f"{'÷ 1 rank x 1 thread':24s}" + "".join(f"{sps[n] / base:19.2f}x" for n in layouts))
-    # our collectives: the gather (with the next step's data vote where it rides), the
-    # statistics' reduce, and at ZeRO >= 1 or with accumulation the non-finite flag's
-    share = {
-        n: med(
-            n,
-            lambda m: (
-                sum(m["phase_seconds"].get(p, 0.0) for p in ("gather", "reduce", "finite_check"))
-                / m["loop_time_s"]
-            ),
+    print(f"{'samples/s':24s}" + "".join(f"{sps[n]:26.1f}" for n in layouts))
+    for one in ("1 rank x 1 thread", "1x1 baseline"):
+        if one in sps:
+            ratios = "".join(f"{sps[n] / sps[one]:25.2f}x" for n in layouts)
+            print(f"{'÷ ' + one:24s}" + ratios)
+
+    def share(names: tuple[str, ...]) -> dict[str, float]:
+        def one(m: dict) -> float:
+            spent = sum(m["phase_seconds"].get(p, 0.0) for p in names if p in PHASES)
+            spent += sum(m.get("phase_part_seconds", {}).get(p, 0.0) for p in names)
+            return 100 * spent / m["loop_time_s"]
+
+        return {n: med(n, one) for n in layouts}
+
+    # ours: the gather (with the next step's data vote), the statistics' reduce, and at
+    # ZeRO >= 1 or with accumulation the non-finite flag's all-reduce
+    ours, with_grads = share(OURS), share((*OURS, "grad_reduce"))
+    print(f"{'ours % loop':24s}" + "".join(f"{ours[n]:25.2f}%" for n in layouts))
+    print(f"{'+ grad_reduce % loop':24s}" + "".join(f"{with_grads[n]:25.2f}%" for n in layouts))
+    # the training itself: the epoch's mean loss (over steps and ranks) and the test rsum
+    for n in layouts:  # a shared machine's load moves single runs more than most changes
+        runs = ", ".join(f"{m['samples_per_s']:.1f}" for m in results[n])
+        print(f"samples/s per run, {n}: {runs}")
+    nan = float("nan")
+    for n in layouts:
+        runs = ", ".join(
+            f"{m['diagnostics'].get('loss', nan):.8f} ({m['test'].get('rsum', nan):.2f})"
+            for m in results[n]
         )
-        for n in layouts
-    }
-    print(f"{'collectives % loop':24s}" + "".join(f"{100 * share[n]:19.2f}%" for n in layouts))
+        print(f"loss (test rsum) per run, {n}: {runs}")
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 

@@ -21,6 +21,7 @@ from torch import nn
 from .checkpoint.format import load_state, save_state
 from .config import Config, ConfigError, OptimConfig, deep_merge, parse_yaml
 from .distributed import rank, world_size
+from .nonfinite import grad_norm, grads_finite
 
 log = logging.getLogger("fne_dist")
 
@@ -204,24 +205,71 @@ def build_engine(model: nn.Module, cfg: Config, total_steps: int):
     return engine
 
 
-def keep_grad_norm(engine) -> None:
-    """Make ``engine.get_global_grad_norm()`` answer at ZeRO stage 0 in fp32 too.
-
-    There DeepSpeed clips through ``clip_fp32_gradients``, which computes the global norm (a
-    device tensor) and drops it; the ZeRO and bf16/fp16 optimizers keep theirs. The same call,
-    keeping its result: no extra work, no host sync (the loop reads it at log windows)."""
-    if not hasattr(engine, "clip_fp32_gradients"):
+def time_gradient_reduction(engine, timer) -> None:
+    """Time DeepSpeed's gradient reduction as the ``grad_reduce`` part of the step
+    (``train.profile_phases``): ``allreduce_gradients``, which ``engine.backward`` calls after
+    autograd's backward (ZeRO-0: the one all-reduce of all gradients; ZeRO-1 without
+    ``overlap_comm``: its bucketed reduction; ZeRO-1 with it and ZeRO-2: the last bucket and
+    the wait for those reduced in backward hooks, which stay inside ``backward``). The DDP
+    twin reduces in its buckets' hooks only: nothing to time apart."""
+    reduce = getattr(engine, "allreduce_gradients", None)
+    if reduce is None:
         return
-    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        with timer.part("grad_reduce"):
+            return reduce(*args, **kwargs)
+
+    engine.allreduce_gradients = timed
+
+
+def keep_grad_norm(engine) -> None:
+    """Make ``engine.get_global_grad_norm()`` answer at ZeRO stage 0 in fp32 too, and clip
+    there with no collective and one pass over the gradients.
+
+    There DeepSpeed clips through ``clip_fp32_gradients`` → ``clip_grad_norm_``, which drops
+    the global norm it computes, and averages that norm over the data-parallel group with an
+    all-reduce (for MoE parameters, whose gradients differ by rank): at ZeRO-0 every rank
+    holds the same all-reduced gradients, so that was one collective per step that changed
+    nothing (x·½ + x·½ = x at 2 ranks). The norm is DeepSpeed's (``nonfinite.grad_norm``),
+    taken from the loop's gradient check of this step when it made one
+    (``checked_grads_finite``), else computed here; the gradients are scaled as DeepSpeed
+    scales them. Bit for bit DeepSpeed's clipped gradients at 1 and 2 ranks (its average
+    may move the norm's last bit at other world sizes); no host sync (the loop reads the
+    norm at log windows)."""
+    if not hasattr(engine, "clip_fp32_gradients") or getattr(engine, "mpu", None) is not None:
+        return  # (model parallelism, which this package never sets up, needs DeepSpeed's)
+    engine.fne_checked_norm = None
 
     def clip_and_keep() -> None:
-        engine._global_grad_norm = clip_grad_norm_(
-            parameters=engine.module.parameters(),
-            max_norm=engine.gradient_clipping(),
-            mpu=engine.mpu,
-        )
+        norm, engine.fne_checked_norm = engine.fne_checked_norm, None
+        if norm is None:
+            norm = grad_norm(engine.module)
+        if norm is None:  # no gradients
+            return
+        max_norm = torch.tensor([float(engine.gradient_clipping())], device=norm.device)
+        coef = torch.min(torch.ones(1, device=norm.device), max_norm / (norm + 1e-6))
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if norm.device.type == "cpu":  # torch's CPU foreach has no fused kernel: no faster
+            for g in grads:
+                g.mul_(coef.reshape(()))
+        else:
+            torch._foreach_mul_(grads, coef.reshape(()))
+        engine._global_grad_norm = norm
 
     engine.clip_fp32_gradients = clip_and_keep
+
+
+def checked_grads_finite(engine) -> bool:
+    """``nonfinite.grads_finite`` of the gradients the coming ``engine.step()`` applies (at
+    ZeRO-0 / DDP they are the all-reduced ones); a finite norm is handed to that step's
+    clipping at DeepSpeed ZeRO-0 fp32 (``keep_grad_norm``): the check and the clip read the
+    gradients once, not twice."""
+    norm = grad_norm(engine.module)
+    finite = grads_finite(engine.module, norm)
+    if hasattr(engine, "fne_checked_norm"):
+        engine.fne_checked_norm = norm if finite else None
+    return finite
 
 
 def preload_jit_ops() -> None:

@@ -46,7 +46,14 @@ from .data.stream import TrainStream
 from .distributed.device import backend_for, select_device, threads_per_rank
 from .distributed.launch import Timeouts, init_process_group, rank_env
 from .encoders import check_available
-from .engine import build_engine, full_weights, gathered_parameters, partitioned_optimizer
+from .engine import (
+    build_engine,
+    checked_grads_finite,
+    full_weights,
+    gathered_parameters,
+    partitioned_optimizer,
+    time_gradient_reduction,
+)
 from .epochs import DataLog, Lookahead, agreed_batches
 from .export import write_sidecar
 from .fne import SimilarityStats
@@ -62,7 +69,7 @@ from .loop_inputs import (
 from .memory import build_memory
 from .momentum import ema_update, make_momentum_copy
 from .monitoring import build_monitor, last_grad_norm, process_launcher
-from .nonfinite import check_in_row, finite_everywhere, grads_finite, poisoned
+from .nonfinite import check_in_row, finite_everywhere, poisoned
 from .plot import NoPictures, RunPictures
 from .reporters import (
     ConsoleReporter,
@@ -298,6 +305,8 @@ def setup_run(
     for line in launch_warnings(cfg, stream.samples_per_epoch, stream.steps_per_epoch, total_steps):
         fan_out.message(line)
     timer = PhaseTimer(device) if cfg.train.profile_phases else NullTimer()
+    if cfg.train.profile_phases:
+        time_gradient_reduction(parts.engine, timer)
     layout = {  # a checkpoint resumes with the same values, or at another world size
         "world_size": world,
         "loader_workers": stream.opts.consumers,
@@ -469,13 +478,17 @@ def train_step(run: Run, state: TrainState, micro: int, epoch: int, batch: dict)
         if not finite:
             return skip_nonfinite(run, state, micro, out.loss)
     with timer.phase("backward_step"):
-        engine.backward(loss)  # 6
-        if cfg.engine.grad_accum == 1 and not grads_finite(engine.module):  # skip the step
+        with timer.part("backward"):  # with the gradient reduction (its own part, inside)
+            engine.backward(loss)  # 6
+        with timer.part("grad_check"):
+            finite_grads = cfg.engine.grad_accum > 1 or checked_grads_finite(engine)
+        if not finite_grads:  # skip the step
             engine.module.zero_grad(set_to_none=True)
             # the skip path only: whether a loss was the cause, for its log window
             shown = out.loss if loss is not out.loss and not finite_everywhere(out.loss) else None
             return skip_nonfinite(run, state, micro, shown)
-        engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
+        with timer.part("optimizer_step"):
+            engine.step()  # DeepSpeed steps the optimizer only at accumulation boundaries
     state.nonfinite_in_row = 0
     run.pictures.offer(out.gathered)  # a reference; sampled at log windows
     boundary = (micro + 1) % cfg.engine.grad_accum == 0
@@ -619,6 +632,7 @@ def finish(run: Run, state: TrainState, loop_time: float, timeline: Timeline) ->
             "loop_time_s": loop_time,
             "samples_per_s": state.n_micro * run.global_batch / max(loop_time, 1e-9),
             "phase_seconds": run.timer.totals(),
+            "phase_part_seconds": run.timer.part_totals(),  # inside phases (PhaseTimer)
             "data": data_counts,
             "world_size": run.world,
             "wall_time_s": timeline.elapsed(),

@@ -46,17 +46,26 @@ def poisoned(loss: Tensor) -> Tensor:
     return loss * factor
 
 
-def grads_finite(module: torch.nn.Module) -> bool:
+def grad_norm(module: torch.nn.Module) -> Tensor | None:
+    """The 2-norm of all gradients held in ``module`` (fp32, 0-dim; None without any), summed
+    as DeepSpeed's ``clip_grad_norm_`` sums it (per-tensor norms, squared, summed, square
+    root), so that clipping by it gives DeepSpeed's clipped gradients bit for bit."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    # one foreach kernel per dtype rather than one norm per tensor
+    norms = torch._foreach_norm([g.detach().float() for g in grads])
+    return torch.stack(norms).pow(2.0).sum().float().pow(0.5)
+
+
+def grads_finite(module: torch.nn.Module, norm: Tensor | None = None) -> bool:
     """Whether every gradient held in ``module`` is finite (its norm too: an overflowing norm
     would make clipping scale by 0 or NaN). Gradients are already averaged over ranks when
     this is asked (DDP, DeepSpeed ZeRO-0), so every rank answers alike; under ZeRO ≥ 1 the
-    partitions hold them and there is nothing here to check."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    if not grads:
-        return True
-    # one foreach kernel per dtype rather than one norm per tensor, then one host read
-    norms = torch._foreach_norm([g.detach().float() for g in grads])
-    return bool(torch.isfinite(torch.stack(norms)).all())
+    partitions hold them and there is nothing here to check. ``norm``: ``grad_norm(module)``
+    when the caller has it. One host read."""
+    norm = grad_norm(module) if norm is None else norm
+    return norm is None or bool(torch.isfinite(norm))
 
 
 def check_in_row(in_row: int, limit: int, micro: int, total: int) -> None:

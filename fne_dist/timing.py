@@ -19,19 +19,39 @@ class NullTimer:
     def phase(self, name: str) -> Iterator[None]:
         yield
 
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        yield
+
     def totals(self) -> dict[str, float]:
+        return {}
+
+    def part_totals(self) -> dict[str, float]:
         return {}
 
 
 class PhaseTimer(NullTimer):
-    """Accumulates seconds per phase name."""
+    """Accumulates seconds per phase name, and per part: a part is timed inside a phase
+    (backward_step's backward, gradient reduction and optimizer step) and kept apart from the
+    phases, so that the phases still add up to the step without counting a second twice."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
+        self.parts: dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        with self._timed(self.seconds, name):
+            yield
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        with self._timed(self.parts, name):
+            yield
+
+    @contextlib.contextmanager
+    def _timed(self, into: dict[str, float], name: str) -> Iterator[None]:
         if self.cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -40,10 +60,13 @@ class PhaseTimer(NullTimer):
         finally:
             if self.cuda:
                 torch.cuda.synchronize()
-            self.seconds[name] += time.perf_counter() - start
+            into[name] += time.perf_counter() - start
 
     def totals(self) -> dict[str, float]:
         return dict(self.seconds)
+
+    def part_totals(self) -> dict[str, float]:
+        return dict(self.parts)
 
 
 class Timeline:
