@@ -25,14 +25,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # What a DeepSpeed run of the tiny config imports beyond fne_dist.train: the loop, DeepSpeed,
-# torch._dynamo (AdamW's constructor and DeepSpeed's optimizer check import it) and the text
-# tower's transformers.
+# torch._dynamo (AdamW's constructor imports it), DeepSpeed's Muon module (its optimizer check
+# imports it, and it calls torch.compile at import: torch._inductor) and the text tower's
+# transformers. A name that does not import (another DeepSpeed) is skipped by the server.
 PRELOAD = [
     "tests.forked_runs",
     "fne_dist.train",
     "fne_dist.loop",
     "fne_dist.engine",
     "deepspeed",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
     "torch._dynamo",
     "transformers",
 ]
