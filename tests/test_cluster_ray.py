@@ -215,6 +215,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, ray_temp_root: Path) -> I
         # start (six starts in this module) on 2 busy cores. Read by the controller, which
         # inherits the raylet's environment.
         RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0",
+        # How often the Train controller polls its workers (Ray's default 2 s): a finished or
+        # failed worker group is seen up to 2 s later, once per job end and once per failure
+        # (a lost node, a killed worker). A poll is one small actor call per worker.
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
         GLOO_SOCKET_IFNAME="lo",
         DS_ACCELERATOR="cpu",
         **{MARKER: marker},

@@ -1,12 +1,14 @@
-"""A checkpoint of 2 ranks resumed on 1 (`python -m fne_dist.train`) and on 3 (torchrun), with
-the global batch kept by ``train.global_batch_size``, under ZeRO-0, ZeRO-2 and ZeRO-3 (the
-2-rank references: two plain processes with torchrun's variables, no agent process).
+"""A checkpoint of 2 ranks resumed on 1 and on 3 ranks, with the global batch kept by
+``train.global_batch_size``, under ZeRO-0, ZeRO-2 and ZeRO-3. Every rank is its own process
+with the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), forked from
+one process that imported torch, DeepSpeed and fne_dist once (tests/forked_runs.py: the
+imports were ~5 s of each rank's ~6 s of CPU; 18 ranks here). torchrun itself resuming on
+another world size: tests/test_multinode_torchrun.py's elastic test (2 nodes -> 1).
 
 One 2-rank run per engine is resumed from its step-4 checkpoint on 1 and on 3 ranks; the tests
 share the nine runs (module-scoped). The three engines' 2-rank runs go at once, then the six
 resumes (each engine's runs have their own directory; a resume only reads its checkpoint and
-feature cache): 63 s for all 18 tests on 2 cores at load 2, where one after the other took
-~80 s warm. Tiny synthetic shards (42 pairs: 7 steps of 6 per epoch),
+feature cache). Tiny synthetic shards (42 pairs: 7 steps of 6 per epoch),
 frozen towers (cached features: no batch norm over a rank's batch, which would tie the loss
 to the split), FNE statistics over the gathered batch (``fne.stats_scope=global``: the per-rank
 mutual-top-1 rule sees a rank's block, another block on another split).
@@ -16,15 +18,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from .forked_runs import ForkedRun, fork_server
 from .shard_factory import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,15 +60,12 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _train(tmp: Path, ranks: int, name: str, *overrides: str) -> list[subprocess.Popen]:
-    """Start one run; its output goes to ``tmp/name.log``. 1 rank: ``python -m
-    fne_dist.train``; 3 ranks (a resume on another world size): torchrun; 2 ranks (the
-    uninterrupted references): two plain processes with the variables torchrun would set,
-    which saves a torchrun agent (a Python process importing torch) per reference run."""
+def _train(start: Callable, tmp: Path, ranks: int, name: str, *overrides: str) -> list:
+    """Start one run of ``ranks`` processes (forked by ``start``: tests/forked_runs.py); its
+    output goes to ``tmp/name.log``."""
     from fne_dist.distributed.launch import free_port
 
     data = f"{tmp / 'data'}/*.tar"
-    train = [sys.executable, "-m", "fne_dist.train"]
     args = [
         "--config",
         str(TINY),
@@ -89,26 +89,15 @@ def _train(tmp: Path, ranks: int, name: str, *overrides: str) -> list[subprocess
         *overrides,
     ]
     port = str(free_port())
-    if ranks == 3:
-        torchrun = str(Path(sys.executable).parent / "torchrun")
-        launches = [[torchrun, "--nproc_per_node=3", "--master_addr=127.0.0.1",
-                     f"--master_port={port}", "-m", "fne_dist.train"]]  # fmt: skip
-        envs = [_env()]
-    else:
-        launches = [train] * ranks
-        envs = [
-            {**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
-             "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-            for r in range(ranks)
-        ] if ranks > 1 else [_env()]  # fmt: skip
-    with (tmp / f"{name}.log").open("w") as log:
-        return [
-            subprocess.Popen(cmd + args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            for cmd, env in zip(launches, envs, strict=True)
-        ]
+    envs = [
+        {**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
+         "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        for r in range(ranks)
+    ] if ranks > 1 else [_env()]  # fmt: skip
+    return [start(args, env, tmp / f"{name}.log") for env in envs]
 
 
-def _ok(tmp: Path, name: str, run: list[subprocess.Popen]) -> str:
+def _ok(tmp: Path, name: str, run: list[ForkedRun]) -> str:
     """Wait for ``run``'s processes; its output (the test fails with its tail if one failed)."""
     try:
         codes = [p.wait(timeout=400) for p in run]
@@ -128,8 +117,13 @@ def all_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmps = {e: tmp_path_factory.mktemp("elastic") for e in ENGINES}
     for tmp in tmps.values():
         write_dataset(tmp / "data", [17, 11, 14])  # 42 pairs: 7 global batches of 6
+    with fork_server(_env()) as start:
+        return _all_runs(start, tmps)
+
+
+def _all_runs(start: Callable, tmps: dict[str, Path]) -> dict:
     t0 = time.monotonic()
-    started = {(e, 2): _train(tmps[e], 2, "two", e) for e in ENGINES}
+    started = {(e, 2): _train(start, tmps[e], 2, "two", e) for e in ENGINES}
     try:
         for e in ENGINES:
             _ok(tmps[e], "two", started[e, 2])
@@ -137,7 +131,7 @@ def all_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for e in ENGINES:
             step4 = tmps[e] / "two" / "checkpoints" / "step-00000004"
             for n in (1, 3):
-                started[e, n] = _train(tmps[e], n, f"on{n}", e, f"checkpoint.resume={step4}")
+                started[e, n] = _train(start, tmps[e], n, f"on{n}", e, f"checkpoint.resume={step4}")
         logs = {
             key: _ok(tmps[key[0]], f"on{key[1]}", started[key]) for key in started if key[1] != 2
         }
