@@ -43,6 +43,7 @@ from torch import Tensor
 from .detection import COLUMNS as DETECTION_COLUMNS
 from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
+from .posterior import fn_log_odds_threshold
 from .posteriors import PairSims, fit_of
 from .rules import RULE_OF_LOSS, Rule
 from .selection import (
@@ -273,6 +274,11 @@ def _select(
     listed = c.img_ND.device.type == "cpu" and select is not select_dense
     signal = every_pair and listed and not measure
     signal = signal and fit.signal_quadratic and fit.direction_free  # type: ignore[union-attr]
+    # A fit whose log-odds stay below logit(ε) for every signal flags no pair: the signal's
+    # product (a third B×N×D matmul) and the P_fn > ε count are then skipped, same picks.
+    unflagged = signal and fit.max_signal_log_odds() < fn_log_odds_threshold(cfg.eps)  # type: ignore[union-attr]
+    signal = signal and not unflagged
+    given = every_pair and not (signal or unflagged)  # every pair's log-odds, computed here
     directions = ((a.img_BD, c.txt_ND.detach(), u[0]), (a.txt_BD, c.img_ND.detach(), u[1]))
     picks: tuple[list[Picks], list[Picks]] = ([], [])
     with torch.no_grad():
@@ -292,7 +298,7 @@ def _select(
                     sim_bN = t2i_bN
                 else:
                     sim_bN = anchor_BD[block].detach() @ cand_ND.T
-                if every_pair and not signal and (odds_bN is None or not fit.direction_free):  # type: ignore[union-attr]
+                if given and (odds_bN is None or not fit.direction_free):  # type: ignore[union-attr]
                     assert fit is not None
                     pairs = PairSims(sim_bN, a.img_BD[block], c.img_ND)
                     odds_bN = fit.log_odds(pairs).to(sim_bN.dtype)
@@ -310,6 +316,7 @@ def _select(
                         fallback_cols=fallback_cols,
                         signal_bN=None if x_bN is None else x_bN[local],
                         fn_all_b=None if fn_all_b is None else fn_all_b[local],
+                        unflagged=unflagged,
                     )
                     parts.append(select(chunk_rows, cands, g, cfg, rule))
     return tuple(  # type: ignore[return-value]
