@@ -90,6 +90,9 @@ class Rows(NamedTuple):
     # (listed form) the posterior flags no pair: its log-odds lie below logit(ε) whatever the
     # signal (``PosteriorFit.max_signal_log_odds``), so neither the signal nor log-odds are given
     unflagged: bool = False
+    # (listed form) the masked entries of these rows (``masked_positions``), if the caller
+    # listed them: both directions' rows share them
+    masked: tuple[Tensor, Tensor] | None = None
 
 
 class CandidateLabels(NamedTuple):
@@ -213,7 +216,9 @@ def select_listed(
     if index is None:
         index = candidate_index(cands.ids_N, None if groups_b is None else cands.groups_N)
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
-    masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
+    masked = rows.masked
+    if masked is None:
+        masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
     if not rule.draws:
         masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
         return _hardest_picks(AnchorSims(sim_bN, pos_sim_b, None, masked_sim_bN), cfg.margin)

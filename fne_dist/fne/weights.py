@@ -208,11 +208,13 @@ def listed_mask_weights(
 
 def _count_above(sim_BN: Tensor, threshold: Tensor | None) -> Tensor:
     """Per row: entries above ``threshold`` (None: above −inf). Without a threshold, in one
-    pass: a row whose sum is finite holds no NaN or −inf, so all n count; only the other rows
-    are compared."""
+    pass: a sum that is finite holds no NaN or −inf, so all n count; only the rows whose sum
+    is not are compared (the whole chunk's sum first: one host read when all are finite)."""
     if threshold is not None:
         return count_greater(sim_BN, threshold)
     n_B = torch.full((sim_BN.shape[0],), sim_BN.shape[1], dtype=torch.long, device=sim_BN.device)
+    if bool(sim_BN.sum().isfinite()):
+        return n_B
     odd_r = (~sim_BN.sum(dim=1).isfinite()).nonzero().squeeze(1)
     if odd_r.numel():
         n_B[odd_r] = count_greater(sim_BN[odd_r], -math.inf)
