@@ -80,7 +80,9 @@ def test_a_gpu_step_reads_nothing_on_the_host(
     default run's sampler (``fne`` of the packaged default.yaml: the intra_mixture posterior,
     all_pairs statistics, the unflagged fallback; a gate small enough to open here). The
     loop's only reads are at log windows (TrainState.take_window), outside this path."""
-    monkeypatch.setattr(loss_module, "_selector", lambda _d, _c, _g, cfg, *_: (select_dense, 64))
+    monkeypatch.setattr(
+        loss_module, "_selector", lambda _d, _c, _g, cfg, *_: (select_dense, 64, None)
+    )
     # detection's host-only shortcut for unlabelled anchors: on a GPU it answers False without
     # a read (tests/test_fn_detection.py), which is the path this test pins
     for module in (detection_module, selection_module):

@@ -84,3 +84,25 @@ def test_posterior_and_weights_are_finite(pos, neg, prior, variance) -> None:
         mask = torch.zeros_like(sim, dtype=torch.bool)
         w = sampling_weights(AnchorSims.of(sim, s[[0, 20, 40]], mask), g, cfg, FNE).w_BN
         assert torch.isfinite(w).all() and (w >= 0).all() and (w <= 1).all()
+
+
+def test_quadratic_log_odds_are_the_fused_addcmul_values() -> None:
+    """Invariant: ``quadratic_log_odds`` (the output filled with β, then α·s added in place)
+    gives bit for bit what ``torch.addcmul(β, s, α)`` (fused: one rounding) then ·s + γ gives,
+    and γ + β·s pooled: float32, float64 and bfloat16, strided inputs, ±inf and NaN."""
+    from fne_dist.fne.posterior import quadratic_log_odds
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for scale in (1e-3, 1.0, 30.0):
+            x = (torch.randn(5, 1031, generator=gen, dtype=torch.float64) * scale).to(dtype)
+            x[0, :3] = torch.tensor([math.nan, math.inf, -math.inf], dtype=dtype)
+            co = tuple(torch.randn((), generator=gen, dtype=torch.float64) * 40 for _ in "abc")
+            alpha, beta, gamma = (c.to(dtype) for c in co)
+            for s in (x, x[:, ::3], x.t()):
+                want = torch.addcmul(beta, s, alpha).mul_(s).add_(gamma)
+                torch.testing.assert_close(quadratic_log_odds(s, co, False), want, rtol=0,
+                                           atol=0, equal_nan=True)  # fmt: skip
+                want = torch.addcmul(gamma, s, beta)
+                torch.testing.assert_close(quadratic_log_odds(s, co, True), want, rtol=0,
+                                           atol=0, equal_nan=True)  # fmt: skip

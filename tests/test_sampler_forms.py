@@ -421,3 +421,88 @@ def test_loss_with_the_pair_signal_equals_the_loss_with_every_pairs_log_odds(
     for key, value in old.diagnostics.items():
         torch.testing.assert_close(new.diagnostics[key], value, rtol=1e-6, atol=0, msg=key)
     assert float(old.diagnostics["frac_pfn_gt_eps"]) > 0
+
+
+def _unflagging_fit(prior: float, var_fn: float = 0.02):
+    from fne_dist.fne.mixture import Mixture
+    from fne_dist.fne.posteriors.intra_mixture import IntraFit
+
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return IntraFit(Mixture(t(prior), t(0.6), t(var_fn), t(0.0), t(0.1)))
+
+
+@pytest.mark.parametrize("prior", [1e-6, 1e-3, 0.05, 0.5])
+def test_max_signal_log_odds_bounds_both_evaluations(prior: float) -> None:
+    """Invariant: ``max_signal_log_odds`` is never below the log-odds the sampler computes for
+    any signal x (the float32 quadratic of the P_fn > ε count and the float64 formula rounded
+    to float32), x swept densely around the vertex and out to the float32 extremes, and it is
+    within 0.01 of the exact supremum (tight enough to decide); +inf when the false negative
+    component is the wider one (L unbounded above)."""
+    from fne_dist.fne.posterior import quadratic_log_odds
+
+    fit = _unflagging_fit(prior)
+    alpha, beta, gamma = (float(c) for c in fit.signal_coefficients())
+    vertex = -beta / (2 * alpha)
+    sup = gamma - beta * beta / (4 * alpha)
+    bound = fit.max_signal_log_odds()
+    assert sup <= bound <= sup + 0.01
+    x = torch.cat([
+        torch.linspace(vertex - 1e-3, vertex + 1e-3, 100_001, dtype=torch.float32),
+        torch.linspace(-3.0, 3.0, 100_001), torch.tensor([-1e30, 1e30, 3e38, -3e38]),
+    ])  # fmt: skip
+    for odds in (quadratic_log_odds(x, fit.signal_coefficients(), False),
+                 fit.signal_log_odds(x, torch.float32)):  # fmt: skip
+        assert float(odds.max()) <= bound
+    assert _unflagging_fit(prior, var_fn=0.2).max_signal_log_odds() == math.inf
+
+
+@pytest.mark.parametrize("hard_cut", [True, False])
+def test_loss_of_a_fit_that_flags_nothing_skips_the_signal(
+    monkeypatch: pytest.MonkeyPatch, hard_cut: bool
+) -> None:
+    """Invariant: when the fit's log-odds stay below logit(ε) for every signal, the CPU step
+    computes no image-image signal and no P_fn > ε count, and gives bit for bit the loss,
+    gradients and diagnostics of the same step with every pair's float64 log-odds (rows that
+    fall back under ``unflagged`` included; without the hard cut, the wide-window form)."""
+    from dataclasses import replace
+
+    from fne_dist.fne import Anchors, Candidates, retrieval_loss
+    from fne_dist.fne import loss as loss_module
+    from fne_dist.fne.posteriors.intra_mixture import IntraFit
+
+    _, ids, cand_ids, pos_col, _, _, img_a, img_c, _ = _intra_problem(6)
+    fit = _unflagging_fit(1e-3)
+    cfg = FneConfig(posterior="intra_mixture", fallback="unflagged", eps=0.5, tau_fn=4.0,
+                    hard_cut=hard_cut, block_rows=6, window_chunk_rows=4, chunk_rows=4)  # fmt: skip
+    assert fit.max_signal_log_odds() < fn_log_odds_threshold(cfg.eps)
+    gen = torch.Generator().manual_seed(9)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 8, generator=gen), dim=1)  # noqa: E731
+    img_a.requires_grad_()
+    txt_a = unit(B).requires_grad_()
+    anchors = Anchors(img_a, txt_a, ids, pos_col)
+    cands = Candidates(img_c, unit(N), cand_ids, n_batch=50)
+    g = replace(_gaussians(1.05, 0.05, 0.05, 400), posterior=fit)  # some windows empty
+    u = torch.rand(2, B, 1, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(loss_module, "DENSE_CHUNK_ELEMENTS", 0)  # the listed form, as at scale
+
+    def step():
+        out = retrieval_loss(anchors, cands, cfg, g, u)
+        grads = torch.autograd.grad(out.loss, (img_a, txt_a))
+        return out, grads
+
+    def no_count(*args, **kwargs):
+        raise AssertionError("the P_fn > eps count ran for a fit that flags nothing")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loss_module, "signal_fn_count", no_count)
+        new, new_grads = step()
+    monkeypatch.setattr(IntraFit, "signal_quadratic", False)
+    old, old_grads = step()
+    assert torch.equal(new.loss, old.loss)
+    assert all(torch.equal(a, b) for a, b in zip(new_grads, old_grads, strict=True))
+    assert new.diagnostics.keys() == old.diagnostics.keys()
+    for key, value in old.diagnostics.items():
+        assert torch.equal(new.diagnostics[key], value), key
+    assert float(old.diagnostics["frac_pfn_gt_eps"]) == 0.0
+    assert float(old.diagnostics["fallback"]) > 0 or not hard_cut
+    assert float(old.diagnostics["frac_in_window"]) > 0

@@ -32,7 +32,7 @@ Diagnostics are returned as 0-dim tensors for the caller to log when it wants.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import NamedTuple
 
@@ -43,6 +43,7 @@ from torch import Tensor
 from .detection import COLUMNS as DETECTION_COLUMNS
 from .groups import labelled, same_group
 from .params import LOSSES, FneConfig
+from .posterior import fn_log_odds_threshold
 from .posteriors import PairSims, fit_of
 from .rules import RULE_OF_LOSS, Rule
 from .selection import (
@@ -51,6 +52,7 @@ from .selection import (
     Picks,
     Rows,
     candidate_index,
+    masked_positions,
     negative_mask,
     select_dense,
     select_listed,
@@ -252,8 +254,12 @@ def _select(
     block's rows, so no B×N temporary outlives a chunk. A posterior of the pair's images alone
     (``direction_free``) is evaluated once per block for both directions."""
     groups_B = a.groups_B if cfg.mask_groups else None
-    select, chunk = _selector(c.img_ND.device, c, groups_B, cfg, rule, g)
+    select, chunk, index = _selector(c.img_ND.device, c, groups_B, cfg, rule, g)
     fit = None if not rule.uses_posterior or g is None else fit_of(g, cfg.prior)
+    if fit is not None and g is not None and g.posterior is None:
+        # the paper's fit, formed once: every chunk's ``fit_of(g, prior)`` then reads it instead
+        # of deriving its coefficients again (a dozen 0-dim ops per chunk)
+        g = replace(g, posterior=fit)
     # A posterior that is not a function of s (or the fallback that skips flagged candidates)
     # needs the log-odds of every pair, computed here; both forms take them (the listed one
     # reads them inside the window, for its P_fn > ε count and for the rows that fall back).
@@ -261,7 +267,7 @@ def _select(
     if every_pair and a.img_BD.shape[0] * c.ids_N.shape[0] <= DENSE_CHUNK_ELEMENTS:
         # every row in one dense chunk: fewer, larger ops than the listed form's (measured
         # at the default run's 16 × 1,056: bench/fne_phase.py), the same picks
-        select, chunk = select_dense, cfg.chunk_rows
+        select, chunk, index = select_dense, cfg.chunk_rows, None
     if chunk == cfg.chunk_rows:  # short rows: more of them per chunk (fewer small ops)
         chunk = max(chunk, DENSE_CHUNK_ELEMENTS // max(1, c.ids_N.shape[0]))
     measure = a.groups_B is not None and c.groups_N is not None and rule.draws
@@ -273,12 +279,18 @@ def _select(
     listed = c.img_ND.device.type == "cpu" and select is not select_dense
     signal = every_pair and listed and not measure
     signal = signal and fit.signal_quadratic and fit.direction_free  # type: ignore[union-attr]
+    # A fit whose log-odds stay below logit(ε) for every signal flags no pair: the signal's
+    # product (a third B×N×D matmul) and the P_fn > ε count are then skipped, same picks.
+    unflagged = signal and fit.max_signal_log_odds() < fn_log_odds_threshold(cfg.eps)  # type: ignore[union-attr]
+    signal = signal and not unflagged
+    given = every_pair and not (signal or unflagged)  # every pair's log-odds, computed here
     directions = ((a.img_BD, c.txt_ND.detach(), u[0]), (a.txt_BD, c.img_ND.detach(), u[1]))
     picks: tuple[list[Picks], list[Picks]] = ([], [])
     with torch.no_grad():
         for b0 in range(0, a.img_BD.shape[0], cfg.block_rows):
             block = slice(b0, b0 + cfg.block_rows)
             odds_bN = x_bN = fn_all_b = t2i_bN = None
+            masked_of: dict[int, tuple[Tensor, Tensor]] = {}  # listed once for both directions
             if signal:
                 assert g is not None and fit is not None
                 # one product gives t2i's similarities and the signal: both read the
@@ -292,13 +304,18 @@ def _select(
                     sim_bN = t2i_bN
                 else:
                     sim_bN = anchor_BD[block].detach() @ cand_ND.T
-                if every_pair and not signal and (odds_bN is None or not fit.direction_free):  # type: ignore[union-attr]
+                if given and (odds_bN is None or not fit.direction_free):  # type: ignore[union-attr]
                     assert fit is not None
                     pairs = PairSims(sim_bN, a.img_BD[block], c.img_ND)
                     odds_bN = fit.log_odds(pairs).to(sim_bN.dtype)
                 for r0 in range(0, sim_bN.shape[0], chunk):
                     rows = slice(b0 + r0, b0 + min(sim_bN.shape[0], r0 + chunk))
                     local = slice(r0, r0 + chunk)
+                    if index is not None and r0 not in masked_of:
+                        masked_of[r0] = masked_positions(
+                            a.ids_B[rows], a.pos_col_B[rows], index, c.ids_N.shape[0],
+                            None if groups_B is None else groups_B[rows],
+                        )  # fmt: skip
                     chunk_rows = Rows(
                         sim_bN[local],
                         a.pos_col_B[rows],
@@ -310,6 +327,8 @@ def _select(
                         fallback_cols=fallback_cols,
                         signal_bN=None if x_bN is None else x_bN[local],
                         fn_all_b=None if fn_all_b is None else fn_all_b[local],
+                        unflagged=unflagged,
+                        masked=masked_of.get(r0),
                     )
                     parts.append(select(chunk_rows, cands, g, cfg, rule))
     return tuple(  # type: ignore[return-value]
@@ -325,7 +344,8 @@ def _selector(
     rule: Rule,
     g: Gaussians | None,
 ):
-    """(selector, rows per chunk) for this step.
+    """(selector, rows per chunk, the sorted candidate ids of the listed form or None) for
+    this step.
 
     CPU: ``select_listed`` (eager, it beats the compiled dense form there: bench/sampler.py),
     with the candidate ids sorted once for every chunk. It makes few passes over b×N, so it
@@ -334,13 +354,12 @@ def _selector(
     sync), fused by torch.compile when ``cfg.compile``, in chunks of ``chunk_rows``.
     """
     if device.type != "cpu":
-        return _compiled_dense() if cfg.compile else select_dense, cfg.chunk_rows
+        return _compiled_dense() if cfg.compile else select_dense, cfg.chunk_rows, None
     index = candidate_index(c.ids_N, None if groups_B is None else c.groups_N)
     assert not rule.draws or g is not None
     dense_weights = rule.draws and window_is_everything(g, cfg)  # type: ignore[arg-type]
-    return partial(select_listed, index=index), (
-        cfg.chunk_rows if dense_weights else cfg.window_chunk_rows
-    )
+    chunk = cfg.chunk_rows if dense_weights else cfg.window_chunk_rows
+    return partial(select_listed, index=index), chunk, index
 
 
 _compiled_select_dense = None

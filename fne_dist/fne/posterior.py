@@ -50,10 +50,13 @@ def quadratic_log_odds(
     """
     dt = sim.dtype
     alpha, beta, gamma = (t.to(dt) for t in coefficients)
+    # addcmul(c, s, a) = c + a·s, rounded once (fused). With two 0-dim operands ATen's CPU loop
+    # is the scalar one (~4× slower than the vector loop, measured at 8 × 65,664); filling the
+    # output with c and adding in place takes the vector loop, with the same fused values.
     if pooled:  # α = 0 exactly, so P_fn stays monotone under rounding
-        return torch.addcmul(gamma, sim, beta)
+        return torch.empty_like(sim).fill_(gamma).addcmul_(sim, beta)
     # Horner form (αs + β)s + γ with 0-dim tensor coefficients: no host sync.
-    out = torch.addcmul(beta, sim, alpha)
+    out = torch.empty_like(sim).fill_(beta).addcmul_(sim, alpha)
     return out.mul_(sim).add_(gamma)
 
 

@@ -87,6 +87,12 @@ class Rows(NamedTuple):
     # posterior, and per row the pairs with P_fn > ε over all columns (``signal_fn_count``)
     signal_bN: Tensor | None = None
     fn_all_b: Tensor | None = None
+    # (listed form) the posterior flags no pair: its log-odds lie below logit(ε) whatever the
+    # signal (``PosteriorFit.max_signal_log_odds``), so neither the signal nor log-odds are given
+    unflagged: bool = False
+    # (listed form) the masked entries of these rows (``masked_positions``), if the caller
+    # listed them: both directions' rows share them
+    masked: tuple[Tensor, Tensor] | None = None
 
 
 class CandidateLabels(NamedTuple):
@@ -210,7 +216,9 @@ def select_listed(
     if index is None:
         index = candidate_index(cands.ids_N, None if groups_b is None else cands.groups_N)
     pos_sim_b = sim_bN.gather(1, pos_col_b[:, None]).squeeze(1)
-    masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
+    masked = rows.masked
+    if masked is None:
+        masked = masked_positions(ids_b, pos_col_b, index, n, groups_b)
     if not rule.draws:
         masked_sim_bN = sim_bN.index_put(masked, sim_bN.new_full((), -math.inf))
         return _hardest_picks(AnchorSims(sim_bN, pos_sim_b, None, masked_sim_bN), cfg.margin)
@@ -221,7 +229,7 @@ def select_listed(
     n_unmasked_b = n - torch.bincount(masked[0], minlength=b)
     odds = _listed_odds(rows, masked, g, cfg) if rule.uses_posterior else None
     if isinstance(odds, ListedOdds) and detect_groups is not None:  # detection reads them all
-        odds = _signal_log_odds(rows.signal_bN, g, cfg, sim_bN.dtype)
+        odds = _signal_log_odds(rows, g, cfg)
     entries = window_entries(sims, masked, g, cfg, rule, WINDOW_MAX_FRACTION, odds)
     ww = None
     if entries is not None:
@@ -232,7 +240,7 @@ def select_listed(
             source = DrawFrom(ww.w_BM, ww.col_BM)
     else:  # A wide window: the weights of every candidate, with the listed mask.
         if isinstance(odds, ListedOdds):  # ... and the log-odds of every pair
-            odds = _signal_log_odds(rows.signal_bN, g, cfg, sim_bN.dtype)
+            odds = _signal_log_odds(rows, g, cfg)
         w = listed_mask_weights(sims, masked, g, cfg, rule, odds)
         counts = (w.n_fn_B, n_unmasked_b, w.n_window_B)
         source = DrawFrom(w.w_BN)
@@ -255,6 +263,10 @@ def _listed_odds(
     """The log-odds the listed form reads: every pair's (given), or, with a pair signal, a
     ``ListedOdds`` that evaluates them where read, its P_fn > ε count less the masked pairs
     (the same float32 quadratic as ``rows.fn_all_b``)."""
+    if rows.unflagged:  # no pair has P_fn > ε: the window reads nothing more than that
+        b, dtype = rows.sim_bN.shape[0], rows.sim_bN.dtype
+        no_fn_b = torch.zeros(b, dtype=torch.long, device=rows.sim_bN.device)
+        return ListedOdds(lambda W: W.new_full(W.shape, -math.inf, dtype=dtype), no_fn_b)
     if rows.signal_bN is None:
         return rows.log_odds_bN
     assert rows.fn_all_b is not None
@@ -293,12 +305,13 @@ def _flag_exact_odds(x_W: Tensor, fit: PosteriorFit, eps: float, dtype: torch.dt
     return odds_W
 
 
-def _signal_log_odds(
-    x_bN: Tensor | None, g: Gaussians, cfg: FneConfig, dtype: torch.dtype
-) -> Tensor:
-    """Every pair's log-odds from the pair signal (what ``Rows.log_odds_bN`` would hold)."""
-    assert x_bN is not None
-    return fit_of(g, cfg.prior).signal_log_odds(x_bN, dtype)
+def _signal_log_odds(rows: Rows, g: Gaussians, cfg: FneConfig) -> Tensor:
+    """Every pair's log-odds from the pair signal (what ``Rows.log_odds_bN`` would hold); for a
+    posterior that flags no pair, −inf (only their P_fn ≤ ε is read: no FN weight applies)."""
+    if rows.unflagged:
+        return torch.full_like(rows.sim_bN, -math.inf)
+    assert rows.signal_bN is not None
+    return fit_of(g, cfg.prior).signal_log_odds(rows.signal_bN, rows.sim_bN.dtype)
 
 
 def signal_fn_count(x_bN: Tensor, g: Gaussians, cfg: FneConfig, chunk_rows: int) -> Tensor:
@@ -365,7 +378,7 @@ def _listed_fallback(
             odds_rN = rows.log_odds_bN[need_r, : rows.fallback_cols]
         else:  # those rows' log-odds from their signal: the values the dense form reads
             signal_rN = rows.signal_bN[need_r, : rows.fallback_cols]  # type: ignore[index]
-            odds_rN = _signal_log_odds(signal_rN, g, cfg, sims.sim_BN.dtype)
+            odds_rN = fit_of(g, cfg.prior).signal_log_odds(signal_rN, sims.sim_BN.dtype)
         fallback_rN = fallback_rN.masked_fill(is_false_negative(odds_rN, cfg.eps) & g.gate_open,
                                               -math.inf)  # fmt: skip
     h_r, violates_r = hardest_violator(fallback_rN, sims.pos_sim_B[need_r], cfg.margin)

@@ -181,6 +181,7 @@ def listed_mask_weights(
     if not rule.uses_posterior:
         w_BN = torch.ones_like(sim_BN)
     else:
+        own = log_odds_BN is None  # computed here: clamped in place below
         if log_odds_BN is None:
             log_odds_BN = quadratic_fit_of(g, cfg.prior).log_odds_sim(sim_BN)
         # P_fn > ε as 0/1 of the log-odds' dtype: its row sums are the count (with the masked
@@ -197,9 +198,12 @@ def listed_mask_weights(
             # uncut_weight's choice, as it makes it (measured: listing a few per cent of
             # flagged candidates costs more than the dense sigmoid), taken with the 0/1 flags
             # as floats: lerp(e, p, f) is exactly e at f = 0 and p at f = 1 (ATen's two-sided
-            # form), one pass where a boolean mask and where() cost ~8× that on our CPU
-            p_fn_BN = log_odds_BN.clamp_min(fn_threshold - 1.0).sigmoid_().mul_(-cfg.tau_fn)
-            exponent_BN = torch.lerp(exponent_BN, p_fn_BN, is_fn_BN.to(p_fn_BN.dtype))
+            # form), one pass where a boolean mask and where() cost ~8× that on our CPU; in
+            # place where the buffers are ours (fewer b×N buffers in the cache, same values)
+            floor = fn_threshold - 1.0
+            clamped = log_odds_BN.clamp_min_(floor) if own else log_odds_BN.clamp_min(floor)
+            p_fn_BN = clamped.sigmoid_().mul_(-cfg.tau_fn)
+            exponent_BN.lerp_(p_fn_BN, is_fn_BN.to(p_fn_BN.dtype))
         w_BN = exponent_BN.exp_()
     if threshold is not None:
         w_BN.masked_fill_(sim_BN <= threshold, 0.0)
@@ -208,11 +212,13 @@ def listed_mask_weights(
 
 def _count_above(sim_BN: Tensor, threshold: Tensor | None) -> Tensor:
     """Per row: entries above ``threshold`` (None: above −inf). Without a threshold, in one
-    pass: a row whose sum is finite holds no NaN or −inf, so all n count; only the other rows
-    are compared."""
+    pass: a sum that is finite holds no NaN or −inf, so all n count; only the rows whose sum
+    is not are compared (the whole chunk's sum first: one host read when all are finite)."""
     if threshold is not None:
         return count_greater(sim_BN, threshold)
     n_B = torch.full((sim_BN.shape[0],), sim_BN.shape[1], dtype=torch.long, device=sim_BN.device)
+    if bool(sim_BN.sum().isfinite()):
+        return n_B
     odd_r = (~sim_BN.sum(dim=1).isfinite()).nonzero().squeeze(1)
     if odd_r.numel():
         n_B[odd_r] = count_greater(sim_BN[odd_r], -math.inf)

@@ -18,6 +18,7 @@ The sampler asks the fit for log-odds and ``quadratic``; it never compares a pos
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -89,6 +90,13 @@ class PosteriorFit(ABC):
     def signal_coefficients(self) -> tuple[Tensor, Tensor, Tensor]:
         """(α, β, γ) of L = αx² + βx + γ, float64 0-dim (``signal_quadratic`` fits)."""
         raise NotImplementedError(type(self).__name__)
+
+    def max_signal_log_odds(self) -> float:
+        """An upper bound on L over every pair signal x, as the sampler computes L (the float32
+        quadratic, the float64 formula, their rounding included), +inf where L is unbounded
+        above (``signal_quadratic`` fits; reads host values). Below logit(ε) it proves that no
+        pair has P_fn > ε: the CPU sampler then needs no signal at all."""
+        return math.inf
 
     def diagnostics(self) -> dict[str, Tensor]:
         """The fitted parameters as 0-dim tensors, for the logs."""

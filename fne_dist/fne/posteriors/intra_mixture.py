@@ -19,6 +19,8 @@ direction: the sampler computes it once per block of anchors for both directions
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -89,6 +91,30 @@ class IntraFit(PosteriorFit):
         m = self.mixture
         logit_prior = torch.log(m.prior) - torch.log1p(-m.prior)
         return quadratic_coefficients(m.mu_fn, m.var_fn, m.mu_tn, m.var_tn, logit_prior, False)
+
+    def max_signal_log_odds(self) -> float:
+        """sup over x of L(x) plus a bound on its rounding, for α < 0 (else +inf).
+
+        Both evaluations of L (``signal_fn_count``'s float32 quadratic, ``signal_log_odds``'s
+        float64 formula rounded to float32) lie within δ·(A x² + B |x| + C) of the exact L(x),
+        δ = 2^-16 far above their few-ulp rounding: A, B, C bound the magnitudes of their terms
+        (the expanded coefficients and the formula's (x − μ)²/2σ² ≤ (x² + μ²)/σ², logs and the
+        prior's logit). So L̂(x) ≤ (α + δA)x² + (|β| + δB)|x| + γ + δC, whose supremum over x
+        is γ + δC + (|β| + δB)² / 4|α + δA| when α + δA < 0."""
+        m = self.mixture
+        alpha, beta, gamma = (float(c) for c in self.signal_coefficients())
+        inv_f, inv_t = 1.0 / float(m.var_fn), 1.0 / float(m.var_tn)
+        mu_f, mu_t = float(m.mu_fn), float(m.mu_tn)
+        prior = float(m.prior)
+        logs = abs(math.log(float(m.var_fn))) + abs(math.log(float(m.var_tn)))
+        logit = abs(math.log(prior) - math.log1p(-prior))
+        delta = 2.0**-16
+        a = alpha + delta * (abs(alpha) + inv_f + inv_t)
+        b = abs(beta) + delta * (abs(beta) + abs(mu_f) * inv_f + abs(mu_t) * inv_t)
+        c = gamma + delta * (abs(gamma) + mu_f**2 * inv_f + mu_t**2 * inv_t + logs + logit + 1.0)
+        if not a < 0 or not math.isfinite(b) or not math.isfinite(c):
+            return math.inf
+        return c + b * b / (4.0 * -a)
 
     def diagnostics(self) -> dict[str, Tensor]:
         m = self.mixture
