@@ -437,3 +437,26 @@ def test_tiny_text_net_is_invariant_to_padding() -> None:
     8, 16 and 32 tokens give the same features (within 1e-5)."""
     txt = build_text_backbone(TextEncoderConfig(name_or_path="tiny", max_length=32, frozen=False))
     _assert_padding_invariant(txt, ["a dog on a beach", "x"], (8, 16, 32))
+
+
+def test_feature_cache_and_training_batches_pad_as_documented() -> None:
+    """Invariant: the frozen-feature cache tokenizes at max_length whatever ``pad_multiple``
+    says (caches stay bit-identical to those written before it), while the training collate
+    of a trained tower trims each batch to its longest caption rounded up to the multiple."""
+    from fne_dist.data.batching import PairCollate
+    from fne_dist.data.decode import Decoded
+    from fne_dist.data.feature_shards import _features
+
+    txt = build_text_backbone(TextEncoderConfig(name_or_path="tiny", max_length=32, frozen=True))
+    assert txt.tokenizer.pad_multiple == 8
+    widths: list[int] = []
+    txt.register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
+    sample = Decoded("k", None, None, ["a dog", "x"], None, 0, 0, -1, None)
+    _features([sample], None, txt)
+    assert widths == [32]
+    items = [{"ids": i, "groups": -1, "caption": c} for i, c in enumerate(CAPTIONS)]
+    batch = PairCollate(txt.tokenize)(items)
+    longest = int(txt.tokenize(CAPTIONS, fixed_length=True)["attention_mask"].sum(dim=1).max())
+    width = -(-longest // 8) * 8
+    assert width < 32
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, width)
