@@ -37,8 +37,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from finetune_model import finetune_model, synthetic_batch  # bench/ is on sys.path
+from finetune_model import caption_lengths, finetune_model, synthetic_batch  # bench/ on sys.path
 
+from fne_dist.encoders import trim_padding
 from fne_dist.fne import Anchors, Candidates, FneConfig, SimilarityStats, retrieval_loss
 from fne_dist.memory import MomentumMemory
 from fne_dist.momentum import ema_update, make_momentum_copy
@@ -88,6 +89,8 @@ class Variant:
     stats: SimilarityStats = field(default_factory=SimilarityStats)
     steps: list[dict[str, float]] = field(default_factory=list)
     encoders: str = "shared"  # shared (the loop's), unshared, online (no momentum encoder)
+    pad: int = 8  # model.text.pad_multiple: 0 every batch 32 tokens, else trimmed (encoders.py)
+    base: str = ""  # the in-batch variant of the same padding, the ratios' denominator
 
 
 class OnlineAsMomentum:
@@ -132,6 +135,21 @@ def main() -> None:
         help="label each pair with group id %% GROUPS (emoji-like data: FN detection is then "
         "measured every step); 0: no labels (Flickr/COCO-like, detection skipped on the CPU)",
     )
+    ap.add_argument(
+        "--captions",
+        choices=("emoji", "uniform"),
+        default="emoji",
+        help="caption lengths: the emoji captions' token counts (mean 4.5) or uniform 8..32",
+    )
+    ap.add_argument(
+        "--pad-multiple",
+        type=int,
+        nargs="+",
+        default=[8],
+        help="model.text.pad_multiple per variant group: 0 pads every caption to 32 tokens "
+        "(the loop before the setting), k trims each batch to its longest caption rounded up "
+        "to k; several values run every variant for each, interleaved",
+    )
     args = ap.parse_args()
     print("load average at the start {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     torch.set_num_threads(args.threads)
@@ -144,33 +162,10 @@ def main() -> None:
         model = model.to(memory_format=torch.channels_last)
     momentum = make_momentum_copy(model)
     opt = torch.optim.AdamW((p for p in model.parameters() if p.requires_grad), lr=2e-5)
-    dim = model.embed_dim
-    variants = [Variant("vse_pp in-batch", FneConfig(loss="vse_pp"), None)]
-    for k in args.memory:
-        for label, extra in (("paper", {}), ("default", DEFAULT_FNE)):
-            cfg = FneConfig(gate_size=args.batch, **extra)
-            memory = filled_memory(k, dim, device, args.groups)
-            variants.append(Variant(f"fne {label} K={k}", cfg, memory))
-    k0, cfg0 = args.memory[0], FneConfig(gate_size=args.batch, **DEFAULT_FNE)
-    if SharedPrefix(model, model, momentum).active:
-        variants.append(
-            Variant(
-                f"dflt K={k0} unshared",
-                cfg0,
-                filled_memory(k0, dim, device, args.groups),
-                encoders="unshared",
-            )
-        )
-    for k in args.memory:  # memory.encoder: online at every K (the ≤ 5 % candidate)
-        v_cfg = FneConfig(gate_size=args.batch, **DEFAULT_FNE)
-        variants.append(
-            Variant(
-                f"dflt K={k} online",
-                v_cfg,
-                filled_memory(k, dim, device, args.groups),
-                encoders="online",
-            )
-        )
+    variants = []
+    for pad in args.pad_multiple:
+        suffix = "" if len(args.pad_multiple) == 1 else f" p{pad or 32}"
+        variants += make_variants(args, model, momentum, device, pad, suffix)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
@@ -181,11 +176,17 @@ def main() -> None:
         f"threads {args.threads}, median of {args.repeats} interleaved steps "
         f"after {args.warmup} untimed; {'CPU' if args.cpu_time else 'wall'} time; "
         + (f"group labels id % {args.groups}" if args.groups else "no group labels")
+        + f"; {args.captions} caption lengths; p32: padded to 32 tokens, p8: to the batch's "
+        "longest caption rounded up to 8"
     )
     step = 0
     for r in range(args.warmup + args.repeats):
+        lengths_B = caption_lengths(args.batch, 10**6 + r, args.captions)  # same in a round
         for v in variants:
-            batch = synthetic_batch(args.batch, step, device, args.image_size)
+            batch = synthetic_batch(args.batch, step, device, args.image_size, lengths_B=lengths_B)
+            if v.pad:
+                ids, mask = trim_padding(batch["input_ids"], batch["attention_mask"], v.pad)
+                batch.update(input_ids=ids, attention_mask=mask)
             if args.groups:
                 batch["groups"] = batch["ids"] % args.groups
             if args.channels_last:
@@ -198,6 +199,29 @@ def main() -> None:
     report(variants)
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def make_variants(args, model, momentum, device, pad: int, suffix: str) -> list[Variant]:
+    """The in-batch baseline and every FNE variant at caption padding ``pad``."""
+    dim = model.embed_dim
+    base = "vse_pp in-batch" + suffix
+    variants = [Variant(base, FneConfig(loss="vse_pp"), None, pad=pad, base=base)]
+    for k in args.memory:
+        for label, extra in (("paper", {}), ("default", DEFAULT_FNE)):
+            cfg = FneConfig(gate_size=args.batch, **extra)
+            memory = filled_memory(k, dim, device, args.groups)
+            variants.append(Variant(f"fne {label} K={k}{suffix}", cfg, memory, pad=pad, base=base))
+    k0, cfg0 = args.memory[0], FneConfig(gate_size=args.batch, **DEFAULT_FNE)
+    if SharedPrefix(model, model, momentum).active:
+        memory = filled_memory(k0, dim, device, args.groups)
+        name = f"dflt K={k0} unshared{suffix}"
+        variants.append(Variant(name, cfg0, memory, encoders="unshared", pad=pad, base=base))
+    for k in args.memory:  # memory.encoder: online at every K (the ≤ 5 % candidate)
+        v_cfg = FneConfig(gate_size=args.batch, **DEFAULT_FNE)
+        memory = filled_memory(k, dim, device, args.groups)
+        name = f"dflt K={k} online{suffix}"
+        variants.append(Variant(name, v_cfg, memory, encoders="online", pad=pad, base=base))
+    return variants
 
 
 def filled_memory(k: int, dim: int, device: torch.device, groups: int = 0) -> MomentumMemory:
@@ -261,40 +285,45 @@ def one_step(v: Variant, parts, batch, step: int, autocast, device) -> dict[str,
 
 
 def report(variants: list[Variant]) -> None:
+    """Medians per phase; every ratio is over the in-batch step of the same caption padding
+    (and, with several paddings, the step over the first padding's in-batch step too)."""
     med = {
         v.name: {p: statistics.median(s.get(p, 0.0) for s in v.steps) for p in PHASES}
         for v in variants
     }
     total = {v.name: statistics.median(sum(s.values()) for s in v.steps) for v in variants}
-    base = total[variants[0].name]
-    print(f"{'ms per step':18s}" + "".join(f"{v.name:>21s}" for v in variants))
+    base = {v.name: total[v.base] for v in variants}
+    w = max(21, *(len(v.name) + 1 for v in variants))
+
+    def row(label: str, values: dict[str, float], fmt: str, unit: str = "") -> None:
+        cells = "".join(f"{format(values[v.name], fmt) + unit:>{w}s}" for v in variants)
+        print(f"{label:20s}" + cells)
+
+    print(f"{'ms per step':20s}" + "".join(f"{v.name:>{w}s}" for v in variants))
     for p in PHASES:
         if any(med[v.name][p] for v in variants):
-            print(f"{p:18s}" + "".join(f"{1e3 * med[v.name][p]:21.1f}" for v in variants))
-    print(f"{'step (median)':18s}" + "".join(f"{1e3 * total[v.name]:21.1f}" for v in variants))
-    print(f"{'÷ in-batch':18s}" + "".join(f"{total[v.name] / base:20.3f}x" for v in variants))
+            row(p, {n: 1e3 * med[n][p] for n in med}, ".1f")
+    row("step (median)", {n: 1e3 * total[n] for n in total}, ".1f")
+    row("÷ in-batch", {n: total[n] / base[n] for n in total}, ".3f", "x")
+    if len({v.base for v in variants}) > 1:
+        first = total[variants[0].name]
+        row("÷ 1st in-batch", {n: total[n] / first for n in total}, ".3f", "x")
     fne_part = {  # the step without the momentum encoder's forward and EMA
         v.name: statistics.median(
             sum(s.values()) - s.get("momentum_forward", 0.0) - s.get("ema", 0.0) for s in v.steps
         )
         for v in variants
     }
-    ratios = "".join(f"{fne_part[v.name] / base:20.3f}x" for v in variants)
-    print(f"{'FNE part ÷ in-b.':18s}" + ratios)
+    row("FNE part ÷ in-b.", {n: fne_part[n] / base[n] for n in total}, ".3f", "x")
     # what FNE itself adds: its phases (the in-batch loss subtracted) over the in-batch step,
     # each phase's median on its own: robust to a slow step elsewhere
     fne_only = ("gather", "reduce", "posterior_fit", "fne_loss", "enqueue", "other")
-    base_loss = med[variants[0].name]["fne_loss"]
-    added = {v.name: sum(med[v.name][p] for p in fne_only) - base_loss for v in variants}
-    print(
-        f"{'FNE phases ÷ in-b.':18s}"
-        + "".join(f"{100 * added[v.name] / base:20.1f}%" for v in variants)
-    )
-    mom = {v.name: med[v.name]["momentum_forward"] + med[v.name]["ema"] for v in variants}
-    print(
-        f"{'momentum enc ÷ in-b.':18s}"
-        + "".join(f"{100 * mom[v.name] / base:20.1f}%" for v in variants)
-    )
+    added = {
+        v.name: sum(med[v.name][p] for p in fne_only) - med[v.base]["fne_loss"] for v in variants
+    }
+    row("FNE phases ÷ in-b.", {n: 100 * added[n] / base[n] for n in total}, ".1f", "%")
+    mom = {n: med[n]["momentum_forward"] + med[n]["ema"] for n in total}
+    row("momentum enc ÷ in-b.", {n: 100 * mom[n] / base[n] for n in total}, ".1f", "%")
 
 
 if __name__ == "__main__":

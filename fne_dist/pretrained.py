@@ -193,8 +193,10 @@ def _load_text(cfg: ModelConfig, folder: Path) -> TextBackbone:
             max_length=text.max_length, frozen=text.frozen, tokenizer_dir=str(folder)
         )
         _load_state(backbone.model, folder / TRUNK_WEIGHTS)
-        return backbone
-    return build_hf_text_backbone(str(folder), text.max_length, text.frozen)
+    else:
+        backbone = build_hf_text_backbone(str(folder), text.max_length, text.frozen)
+    backbone.tokenizer.pad_multiple = text.pad_multiple
+    return backbone
 
 
 def _apply_preprocessing(backbone: ImageBackbone, spec: dict[str, Any], where: Path) -> None:

@@ -17,6 +17,7 @@ from fne_dist.encoders import (
     build_text_backbone,
     build_tiny_image_backbone,
     resolve_offline,
+    trim_padding,
 )
 from fne_dist.momentum import ema_update, make_momentum_copy
 
@@ -130,7 +131,7 @@ def test_trainable_lite0_gives_every_parameter_a_gradient() -> None:
 def test_minilm_masked_mean_pooling(minilm: TextBackbone) -> None:
     """Invariant: text features are the mean of the last hidden state over the real tokens only
     (attention mask 1), computed row by row here."""
-    tok = minilm.tokenize(["a dog", "a red heart with a ribbon on it", "x"])
+    tok = minilm.tokenize(["a dog", "a red heart with a ribbon on it", "x"], fixed_length=True)
     ids_BL, mask_BL = tok["input_ids"], tok["attention_mask"]
     assert ids_BL.shape == mask_BL.shape == (3, 32)
     with torch.no_grad():
@@ -161,6 +162,59 @@ def _assert_padding_invariant(net: TextBackbone, captions: list[str], lengths: t
         torch.testing.assert_close(feats[0], other, atol=1e-5, rtol=0)
 
 
+CAPTIONS = ["a dog", "a red heart with a ribbon on it", "x", "grinning face with big eyes"]
+
+
+def test_batch_padding_keeps_the_fixed_length_tokens(minilm: TextBackbone) -> None:
+    """Invariant: with ``pad_multiple`` a batch keeps exactly the first L columns of the
+    max_length batch, L = its longest caption rounded up to the multiple (at most
+    max_length); no real token is dropped; ``fixed_length`` and 0 give max_length columns."""
+    tok = minilm.tokenizer
+    assert tok.pad_multiple == 8  # the config default reaches the built tower
+    fixed = CaptionTokenizer(tok.tokenizer, 32)(CAPTIONS)
+    longest = int(fixed["attention_mask"].sum(dim=1).max())
+    for multiple, width in ((8, -(-longest // 8) * 8), (1, longest), (5, -(-longest // 5) * 5)):
+        got = CaptionTokenizer(tok.tokenizer, 32, multiple)(CAPTIONS)
+        assert got["input_ids"].shape == got["attention_mask"].shape == (4, width)
+        for key in got:
+            assert torch.equal(got[key], fixed[key][:, :width])
+        assert torch.equal(got["attention_mask"].sum(dim=1), fixed["attention_mask"].sum(dim=1))
+    assert minilm.tokenize(CAPTIONS, fixed_length=True)["input_ids"].shape == (4, 32)
+    long = minilm.tokenize(["word " * 100, "x"])  # a caption at max_length: nothing trimmed
+    assert long["input_ids"].shape == (2, 32)
+    assert longest < 16  # the trimming above did something
+
+
+def test_trim_padding_edge_cases() -> None:
+    """Invariant: a left-padded batch (its last column used) is never trimmed; the width is
+    never rounded past the input's; an all-padding batch keeps one multiple."""
+    ids = torch.arange(12).reshape(2, 6)
+    left = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+    assert trim_padding(ids, left, 4)[1].shape == (2, 6)
+    right = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]])
+    assert trim_padding(ids, right, 4)[1].shape == (2, 6)  # 5 → 8, capped at 6
+    assert torch.equal(trim_padding(ids, right, 2)[0], ids[:, :6])
+    assert trim_padding(ids, torch.zeros_like(right), 2)[0].shape == (2, 2)
+
+
+def test_minilm_batch_padding_gives_the_fixed_length_embeddings(minilm: TextBackbone) -> None:
+    """Invariant: a batch padded to its own length (rounded to 8) embeds as the same batch
+    padded to max_length (within 1e-5): padding is neither attended to nor pooled, so the
+    trimmed columns change nothing but the cost. Also the masked mean on the trimmed batch."""
+    fixed = minilm.tokenize(CAPTIONS, fixed_length=True)
+    short = minilm.tokenize(CAPTIONS)
+    assert short["input_ids"].shape[1] < fixed["input_ids"].shape[1]
+    with torch.no_grad():
+        a_BF = minilm(fixed["input_ids"], fixed["attention_mask"])
+        b_BF = minilm(short["input_ids"], short["attention_mask"])
+        ids_BL, mask_BL = short["input_ids"], short["attention_mask"]
+        hidden_BLF = minilm.model(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
+    torch.testing.assert_close(a_BF, b_BF, atol=1e-5, rtol=0)
+    for i in range(len(CAPTIONS)):
+        n = int(mask_BL[i].sum())
+        torch.testing.assert_close(b_BF[i], hidden_BLF[i, :n].mean(dim=0))
+
+
 def test_minilm_similarity_is_semantic(minilm: TextBackbone) -> None:
     """Invariant: the real pretrained weights are loaded (not a random init): a paraphrase is
     closer than an unrelated caption."""
@@ -175,9 +229,9 @@ def test_minilm_similarity_is_semantic(minilm: TextBackbone) -> None:
 
 
 def test_tokenize_fixed_length_and_truncation(minilm: TextBackbone) -> None:
-    """Invariant: every batch is B×max_length whatever the captions (so worker batches stack),
-    long captions are truncated, and a bare string is rejected rather than split into chars."""
-    tok = minilm.tokenize(["word " * 100, "short"])
+    """Invariant: a fixed-length batch is B×max_length whatever the captions, long captions
+    are truncated, and a bare string is rejected rather than split into chars."""
+    tok = minilm.tokenize(["word " * 100, "short"], fixed_length=True)
     assert tok["input_ids"].shape == (2, 32) and tok["input_ids"].dtype == torch.long
     assert tok["attention_mask"][0].all()
     assert set(tok) == {"input_ids", "attention_mask"}
@@ -383,3 +437,26 @@ def test_tiny_text_net_is_invariant_to_padding() -> None:
     8, 16 and 32 tokens give the same features (within 1e-5)."""
     txt = build_text_backbone(TextEncoderConfig(name_or_path="tiny", max_length=32, frozen=False))
     _assert_padding_invariant(txt, ["a dog on a beach", "x"], (8, 16, 32))
+
+
+def test_feature_cache_and_training_batches_pad_as_documented() -> None:
+    """Invariant: the frozen-feature cache tokenizes at max_length whatever ``pad_multiple``
+    says (caches stay bit-identical to those written before it), while the training collate
+    of a trained tower trims each batch to its longest caption rounded up to the multiple."""
+    from fne_dist.data.batching import PairCollate
+    from fne_dist.data.decode import Decoded
+    from fne_dist.data.feature_shards import _features
+
+    txt = build_text_backbone(TextEncoderConfig(name_or_path="tiny", max_length=32, frozen=True))
+    assert txt.tokenizer.pad_multiple == 8
+    widths: list[int] = []
+    txt.register_forward_pre_hook(lambda _m, args: widths.append(args[0].shape[1]))
+    sample = Decoded("k", None, None, ["a dog", "x"], None, 0, 0, -1, None)
+    _features([sample], None, txt)
+    assert widths == [32]
+    items = [{"ids": i, "groups": -1, "caption": c} for i, c in enumerate(CAPTIONS)]
+    batch = PairCollate(txt.tokenize)(items)
+    longest = int(txt.tokenize(CAPTIONS, fixed_length=True)["attention_mask"].sum(dim=1).max())
+    width = -(-longest // 8) * 8
+    assert width < 32
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, width)

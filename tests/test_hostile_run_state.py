@@ -419,7 +419,7 @@ class _TextTower(torch.nn.Module):
         super().__init__()
         self.calls = 0
 
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, captions: list[str], fixed_length: bool = False) -> dict[str, torch.Tensor]:
         ids = torch.ones(len(captions), 4, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": ids}
 

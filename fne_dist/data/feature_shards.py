@@ -79,7 +79,9 @@ def _features(
         img = [feats[i] for i in range(len(chunk))]
     if text_backbone is not None:
         captions = [c for d in chunk for c in d.captions]
-        tokens = text_backbone.tokenize(captions)
+        # max_length columns: the cache stays bit-identical to the caches written before
+        # model.text.pad_multiple (a frozen tower runs once per caption; its cost is paid once)
+        tokens = text_backbone.tokenize(captions, fixed_length=True)
         text_backbone.eval()
         feats = text_backbone(tokens["input_ids"], tokens["attention_mask"]).float().numpy()
         start = 0
