@@ -30,31 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fne_dist.data import StreamOptions, TrainStream, shard_list
 from fne_dist.data.batching import PairCollate, PairTransform
-from fne_dist.fne.mixture import MIX_PRIOR_MAX, MIX_PRIOR_MIN, bin_centres, histogram
+from fne_dist.fne.mixture import histogram
 from fne_dist.fne.null_mixture import (
     NULL_FIT_ITERS,
-    NULL_MIN_VAR_SHARE,
-    NullMixture,
     fit_null_mixture,
-    null_em_step,
-    null_start,
 )
 
+# the fit as first written (NULL_FIT_ITERS calls of null_em_step): the reference the tests hold
+# the in-place, TorchScript EM to, timed here against it
+from tests.test_null_mixture import _reference_fit as step_by_step_fit
+
 F64 = torch.float64
-
-
-def step_by_step_fit(hist: torch.Tensor, j: int) -> NullMixture:
-    """``fit_null_mixture`` before: ``NULL_FIT_ITERS`` calls of ``null_em_step``."""
-    centres, counts = bin_centres(hist.shape[0]), hist.to(F64)
-    m = null_start(counts, j)
-    var_min = (NULL_MIN_VAR_SHARE * m.var_K[0]).clamp_min(1e-8)
-    for _ in range(NULL_FIT_ITERS):
-        m = null_em_step(centres, counts, m, var_min)
-    order = m.mu_K.argsort()
-    weights = m.weights_K[order]
-    prior = weights[-1].clamp(MIX_PRIOR_MIN, MIX_PRIOR_MAX)
-    null = weights[:-1] * (1.0 - prior) / weights[:-1].sum().clamp_min(1e-12)
-    return NullMixture(torch.cat([null, prior[None]]), m.mu_K[order], m.var_K[order])
 
 
 def emoji_histograms(n: int) -> list[torch.Tensor]:
