@@ -2,8 +2,9 @@
 ``train.global_batch_size``, under ZeRO-0, ZeRO-2 and ZeRO-3. Every rank is its own process
 with the variables torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), forked from
 one process that imported torch, DeepSpeed and fne_dist once (tests/forked_runs.py: the
-imports were ~5 s of each rank's ~6 s of CPU; 18 ranks here). torchrun itself resuming on
-another world size: tests/test_multinode_torchrun.py's elastic test (2 nodes -> 1).
+imports were ~5 s of each rank's ~6 s of CPU; 18 ranks here), except the ZeRO-3 resume on 3
+ranks, which torchrun itself launches (``torchrun --standalone --nproc_per_node 3``). torchrun
+re-forming after a lost node: tests/test_multinode_torchrun.py's elastic test (2 nodes -> 1).
 
 One 2-rank run per engine is resumed from its step-4 checkpoint on 1 and on 3 ranks; the tests
 share the nine runs (module-scoped). The three engines' 2-rank runs go at once, then the six
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +48,9 @@ ENGINES = ["engine.zero_stage=0", "engine.zero_stage=2", "engine.zero_stage=3"]
 # engines). 1e-5 leaves 30× for Adam to carry that through the resumed steps and stays far
 # below what a wrong sample, a reset optimizer or a lost memory moves (≥ 1e-3 here).
 RTOL = 1e-5
+# The one resume that torchrun's agent launches (the others are forked with its variables):
+# the most re-partitioning engine, on more ranks than wrote it
+TORCHRUN = ("engine.zero_stage=3", 3)
 STEPS = 7  # one epoch: steps 5..7 continue the epoch the checkpoint interrupted
 
 
@@ -60,9 +65,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _train(start: Callable, tmp: Path, ranks: int, name: str, *overrides: str) -> list:
-    """Start one run of ``ranks`` processes (forked by ``start``: tests/forked_runs.py); its
-    output goes to ``tmp/name.log``."""
+def _train(start: Callable | None, tmp: Path, ranks: int, name: str, *overrides: str) -> list:
+    """Start one run of ``ranks`` processes (forked by ``start``: tests/forked_runs.py; with
+    ``start`` None, by torchrun itself: its agent starts the ranks); its output goes to
+    ``tmp/name.log``."""
     from fne_dist.distributed.launch import free_port
 
     data = f"{tmp / 'data'}/*.tar"
@@ -88,6 +94,12 @@ def _train(start: Callable, tmp: Path, ranks: int, name: str, *overrides: str) -
         "checkpoint.keep_last=0",
         *overrides,
     ]
+    if start is None:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        cmd = [*torchrun, f"--nproc_per_node={ranks}", "-m", "fne_dist.train", *args]
+        with (tmp / f"{name}.log").open("ab") as log:  # the agent and its ranks write there
+            agent = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=log, stderr=log)
+        return [agent]
     port = str(free_port())
     envs = [
         {**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
@@ -97,7 +109,7 @@ def _train(start: Callable, tmp: Path, ranks: int, name: str, *overrides: str) -
     return [start(args, env, tmp / f"{name}.log") for env in envs]
 
 
-def _ok(tmp: Path, name: str, run: list[ForkedRun]) -> str:
+def _ok(tmp: Path, name: str, run: list[ForkedRun | subprocess.Popen]) -> str:
     """Wait for ``run``'s processes; its output (the test fails with its tail if one failed)."""
     try:
         codes = [p.wait(timeout=400) for p in run]
@@ -131,7 +143,8 @@ def _all_runs(start: Callable, tmps: dict[str, Path]) -> dict:
         for e in ENGINES:
             step4 = tmps[e] / "two" / "checkpoints" / "step-00000004"
             for n in (1, 3):
-                started[e, n] = _train(start, tmps[e], n, f"on{n}", e, f"checkpoint.resume={step4}")
+                how = None if (e, n) == TORCHRUN else start
+                started[e, n] = _train(how, tmps[e], n, f"on{n}", e, f"checkpoint.resume={step4}")
         logs = {
             key: _ok(tmps[key[0]], f"on{key[1]}", started[key]) for key in started if key[1] != 2
         }
